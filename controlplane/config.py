@@ -1,0 +1,186 @@
+"""Configuration: one TOML file decoded into typed structs.
+
+Every section and key is checked: an unknown key, a wrong type or an unknown plugin name fails
+at startup with the exact path (``storage.backend: expected one of ['postgres', 'sqlite']``).
+Plugin sections (`storage`, `billing`, `[[ingest]]`, `legacy`) are decoded with the config
+struct of the plugin their `backend` names, found through :mod:`controlplane.registry`.
+Secrets may be read from the environment, see :mod:`controlplane.secrets`.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from controlplane import registry
+from controlplane.errors import ConfigError
+from controlplane.interfaces import PluginConfig
+from controlplane.meters import MeterConfig
+from controlplane.secrets import Secret
+
+Scope = Literal["ingest", "read", "admin", "parity"]
+SCOPES: tuple[Scope, ...] = ("ingest", "read", "admin", "parity")
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_batch_events: int = 10_000
+    migrate_on_start: bool = True
+
+
+class TokenConfig(_Section):
+    name: str
+    sha256: Secret  # hex sha256 of the token, never the token itself
+    scopes: list[Scope]
+
+
+class AuthConfig(_Section):
+    tokens: list[TokenConfig] = []
+
+
+class RollupConfig(_Section):
+    bucket_seconds: int = 3600
+    grace_seconds: int = 600
+    interval_seconds: float = 60.0
+    batch_buckets: int = 5000  # dirty buckets per transaction
+
+
+class SenderConfig(_Section):
+    interval_seconds: float = 30.0
+    batch_size: int = 500
+    concurrency: int = 8  # calls in flight across customers
+    ambiguous_after_seconds: int = 23 * 3600  # stop resending blind before the 24 h dedupe ends
+
+
+class FlagsConfig(_Section):
+    shadow: bool | None = None
+    bill_from: int | None = None
+    authority: str | None = None
+
+
+class LoggingConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+class Config(_Section):
+    server: ServerConfig = ServerConfig()
+    storage: PluginConfig = PluginConfig()  # replaced by the chosen plugin's config
+    auth: AuthConfig = AuthConfig()
+    rollup: RollupConfig = RollupConfig()
+    sender: SenderConfig = SenderConfig()
+    flags: FlagsConfig = FlagsConfig()
+    billing: PluginConfig | None = None
+    meters: list[MeterConfig] = []
+    logging: LoggingConfig = LoggingConfig()
+    source: str = ""  # the file it was read from
+
+    @property
+    def storage_backend(self) -> str:
+        return _backend_of(self.storage)
+
+
+PLUGIN_SECTIONS: dict[str, registry.Kind] = {"storage": "storage", "billing": "billing"}
+DEFAULTS: dict[str, dict[str, Any]] = {"storage": {"backend": "sqlite"}}
+
+_MSGSPEC_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_UNKNOWN = re.compile(r"Object contains unknown field `(?P<field>[^`]+)`")
+
+
+def _backend_of(plugin_config: PluginConfig) -> str:
+    info = msgspec.inspect.type_info(type(plugin_config))
+    tag = getattr(info, "tag", None)
+    return str(tag) if tag is not None else ""
+
+
+def _explain(exc: msgspec.ValidationError, prefix: str) -> ConfigError:
+    """`storage.path: Expected str, got int` from msgspec's message and path."""
+    match = _MSGSPEC_PATH.match(str(exc))
+    msg = match.group("msg") if match else str(exc)
+    path = prefix + ((match.group("path") or "") if match else "")
+    unknown = _UNKNOWN.match(msg)
+    if unknown:
+        path = f"{path}.{unknown.group('field')}" if path else unknown.group("field")
+        msg = "unknown setting"
+    path = path.replace("$", "").lstrip(".")
+    return ConfigError(f"{path}: {msg}" if path else msg)
+
+
+def _decode_plugin(section: str, raw: Any, kind: registry.Kind) -> PluginConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{section}: expected a table")
+    name = raw.get("backend")
+    if not isinstance(name, str):
+        known = sorted(registry.specs(kind))
+        raise ConfigError(f"{section}.backend: required, one of {known}")
+    spec = registry.spec_for(kind, name)
+    try:
+        decoded = msgspec.convert(raw, spec.config)
+    except msgspec.ValidationError as exc:
+        raise _explain(exc, section) from exc
+    if not isinstance(decoded, PluginConfig):
+        raise ConfigError(f"{section}: plugin {name!r} has no PluginConfig")
+    return decoded
+
+
+def parse(raw: dict[str, Any], source: str = "") -> Config:
+    """Decode a config mapping (as read from TOML)."""
+    raw = dict(raw)
+    plugins: dict[str, PluginConfig] = {}
+    for section, kind in PLUGIN_SECTIONS.items():
+        value = raw.pop(section, DEFAULTS.get(section))
+        if value is not None:
+            plugins[section] = _decode_plugin(section, value, kind)
+    try:
+        config = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise _explain(exc, "") from exc
+    config = msgspec.structs.replace(config, source=source, **plugins)
+    _check(config)
+    return config
+
+
+def _check(config: Config) -> None:
+    rollup = config.rollup
+    if rollup.bucket_seconds <= 0 or 86400 % rollup.bucket_seconds:
+        raise ConfigError("rollup.bucket_seconds: must divide a day (e.g. 60, 300, 3600)")
+    if rollup.grace_seconds < 0:
+        raise ConfigError("rollup.grace_seconds: must be >= 0")
+    names = [t.name for t in config.auth.tokens]
+    if len(set(names)) != len(names):
+        raise ConfigError("auth.tokens: token names must be unique")
+    from controlplane.meters import MeterSet
+
+    MeterSet(config.meters)  # compiles every expression: errors name the meter
+
+
+def default_path() -> Path:
+    """`./controlplane.toml` when present, else the shipped `config.example.toml`."""
+    local = Path("controlplane.toml")
+    if local.exists():
+        return local
+    return Path(__file__).resolve().parent.parent / "config.example.toml"
+
+
+def load(path: str | Path | None = None) -> Config:
+    """Read and check the config file; raises ConfigError naming the bad setting."""
+    file = Path(path) if path else default_path()
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {file}: {exc.strerror}") from exc
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: {exc}") from exc
+    return parse(raw, source=str(file))

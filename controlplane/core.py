@@ -1,0 +1,189 @@
+"""The control plane's core: plugins wired together, and the operations every shell calls.
+
+The HTTP app, the CLI and the scheduler are thin shells over :class:`ControlPlane`; none of
+them holds business logic of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import msgspec
+import structlog
+
+from controlplane import registry, rollup
+from controlplane.config import Config
+from controlplane.errors import ConfigError, InvalidInput, MigrationError, Problem
+from controlplane.events import Ingestor
+from controlplane.interfaces import AuditEntry, Billing, IngestResult, JobRun, Org, Storage
+from controlplane.meters import MeterSet
+from controlplane.sender import Sender, SendStats
+from flags import FlagChange, Snapshot, resolve, set_flags
+from flags.resolve import static_layers
+
+log = structlog.get_logger("core")
+T = TypeVar("T")
+
+
+class ControlPlane:
+    """Storage, billing, meters and flags for one config. Use as an async context manager."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        storage: Storage | None = None,
+        billing: Billing | None = None,
+        clock: Callable[[], float] = time.time,
+        migrate: bool = True,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.meters = MeterSet(config.meters)
+        self.static_flags = static_layers(config.flags)
+        self.storage: Storage = storage or registry.spec_for(
+            "storage", config.storage_backend
+        ).factory(config.storage)
+        if billing is None and config.billing is not None:
+            from controlplane.config import _backend_of
+
+            billing = registry.spec_for("billing", _backend_of(config.billing)).factory(config.billing)
+        self.billing = billing
+        self.ingestor = Ingestor(
+            self.storage, self.meters, config.rollup.bucket_seconds, config.server.max_batch_events
+        )
+        self._migrate = migrate
+        self._stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> ControlPlane:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        try:
+            await self.storage.start()
+            self._stack.push_async_callback(self.storage.close)
+            if self._migrate:
+                applied = await self.storage.migrate()
+                if applied:
+                    log.info("storage.migrated", applied=applied)
+            status = await self.storage.migration_status()
+            if not status.current:
+                raise MigrationError(
+                    f"pending migrations {status.pending}: run `controlplane migrate`"
+                )
+            await self.storage.pin_setting("bucket_seconds", str(self.config.rollup.bucket_seconds))
+            if self.billing is not None:
+                await self.billing.start()
+                self._stack.push_async_callback(self.billing.close)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+
+    def now(self) -> int:
+        return int(self.clock())
+
+    # ingest and reads ---------------------------------------------------------------------
+
+    async def ingest(self, items: Sequence[Any], source: str) -> IngestResult:
+        return await self.ingestor.ingest(items, source)
+
+    async def flags(self) -> Snapshot:
+        return resolve(self.static_flags, await self.storage.runtime_flags())
+
+    async def set_flags(
+        self, changes: Sequence[FlagChange], *, actor: str, reason: str, force: bool = False
+    ) -> Snapshot:
+        return await set_flags(
+            self.storage, self.static_flags, changes, actor=actor, reason=reason,
+            bucket_seconds=self.config.rollup.bucket_seconds, at=self.now(), force=force,
+        )
+
+    async def set_org(
+        self,
+        org_id: str,
+        *,
+        customer: str | None,
+        plan: str | None,
+        actor: str,
+        effective_from: int | None = None,
+        reason: str | None = None,
+    ) -> Org:
+        if customer is None and plan is None:
+            raise InvalidInput([Problem(field="", message="give customer and/or plan")])
+        if not org_id.strip():
+            raise InvalidInput([Problem(field="org", message="must not be empty")])
+        before = await self.storage.get_org(org_id)
+        at = self.now()
+        return await self.storage.set_org(
+            org_id, customer=customer, plan=plan,
+            effective_from=at if effective_from is None else effective_from, at=at,
+            audit=AuditEntry(
+                action="org.set", subject=org_id, actor=actor, reason=reason,
+                before=msgspec.to_builtins(before) if before else None,
+                after={"customer": customer, "plan": plan, "effective_from": effective_from or at},
+            ),
+        )
+
+    # jobs ---------------------------------------------------------------------------------
+
+    async def rollup(
+        self, *, until: int | None = None, org_id: str | None = None
+    ) -> rollup.RollupStats:
+        """Roll up closed dirty buckets; `until` overrides the watermark (ignores grace)."""
+        closed_before = (
+            until if until is not None
+            else rollup.watermark(self.clock(), self.config.rollup.grace_seconds)
+        )
+        return await rollup.run(
+            self.storage, bucket_seconds=self.config.rollup.bucket_seconds,
+            closed_before=closed_before, batch_buckets=self.config.rollup.batch_buckets,
+            org_id=org_id,
+        )
+
+    def sender(self) -> Sender:
+        if self.billing is None:
+            raise ConfigError("billing: no billing backend is configured; add a [billing] section")
+        s = self.config.sender
+        return Sender(
+            self.storage, self.billing, self.meters, batch_size=s.batch_size,
+            concurrency=s.concurrency, ambiguous_after_seconds=s.ambiguous_after_seconds,
+        )
+
+    async def send(self, *, org_id: str | None = None, until: int | None = None) -> SendStats:
+        flags = await self.flags()
+        if self.billing is None:
+            return SendStats(skipped="no billing backend configured")
+        return await self.sender().run(flags, now=self.clock(), org_id=org_id, until=until)
+
+    async def record(self, job: str, work: Callable[[], Awaitable[T]]) -> T:
+        """Run one job pass and record it (start, end, outcome, counts)."""
+        started = time.time()
+        try:
+            result = await work()
+        except Exception as exc:
+            await self.storage.record_job_run(
+                JobRun(job=job, started_at=started, ended_at=time.time(), outcome="error",
+                       error=f"{type(exc).__name__}: {exc}")
+            )
+            log.error("job.failed", job=job, error=str(exc))
+            raise
+        counts = {
+            k: v for k, v in msgspec.structs.asdict(result).items()  # type: ignore[arg-type]
+            if isinstance(v, int)
+        } if isinstance(result, msgspec.Struct) else {}
+        skipped = getattr(result, "skipped", None)
+        await self.storage.record_job_run(
+            JobRun(job=job, started_at=started, ended_at=time.time(),
+                   outcome="skipped" if skipped else "ok", counts=counts, error=skipped)
+        )
+        return result

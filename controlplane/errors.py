@@ -1,0 +1,99 @@
+"""The control plane's errors, all under one root.
+
+::
+
+    ControlPlaneError
+    ├── ConfigError (ValueError)          a setting is missing, misspelled or of the wrong type
+    │   └── MissingExtraError (ImportError-like)  a plugin's optional driver is not installed
+    ├── InvalidInput (ValueError)         a request or batch was refused; nothing was changed
+    ├── NotFound (LookupError)            the thing asked for does not exist
+    ├── FlagRefused (ValueError)          a flag change broke a rule; no flag was changed
+    ├── StorageError                      the storage plugin failed
+    │   ├── TransientStorageError         the same call may succeed when retried
+    │   └── MigrationError                the schema and the code disagree
+    └── BillingError                      the billing provider failed in a way the sender cannot classify
+
+Each error's docstring is its default message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgspec
+
+
+class ControlPlaneError(Exception):
+    """The control plane failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (type(self).__doc__ or "").strip())
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class ConfigError(ControlPlaneError, ValueError):
+    """The configuration is invalid."""
+
+
+class MissingExtraError(ConfigError):
+    """A plugin needs an optional dependency that is not installed."""
+
+    def __init__(self, plugin: str, module: str, extra: str) -> None:
+        super().__init__(
+            f"plugin {plugin!r} needs the {module!r} package: "
+            f"install it with `pip install 'controlplane[{extra}]'`"
+        )
+
+
+class Problem(msgspec.Struct, frozen=True):
+    """One thing wrong with an input: where (`field`, and `index` within a batch) and why."""
+
+    field: str
+    message: str
+    index: int | None = None
+
+
+class InvalidInput(ControlPlaneError, ValueError):
+    """The input is invalid; nothing was changed."""
+
+    def __init__(self, problems: Sequence[Problem] | str) -> None:
+        if isinstance(problems, str):
+            problems = [Problem(field="", message=problems)]
+        self.problems = list(problems)
+        first = self.problems[0]
+        where = (f"[{first.index}]" if first.index is not None else "") + (
+            f".{first.field}" if first.index is not None and first.field else first.field
+        )
+        more = f" (and {len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
+        super().__init__(f"{where}: {first.message}{more}" if where else first.message + more)
+
+
+class NotFound(ControlPlaneError, LookupError):
+    """Not found."""
+
+
+class FlagRefused(ControlPlaneError, ValueError):
+    """The flag change was refused; no flag was changed."""
+
+    def __init__(self, rule: str, message: str) -> None:
+        self.rule = rule
+        super().__init__(f"{rule}: {message}")
+
+
+class StorageError(ControlPlaneError):
+    """The storage backend failed."""
+
+
+class TransientStorageError(StorageError):
+    """The storage backend failed in a way that may pass on retry."""
+
+
+class MigrationError(StorageError):
+    """The database schema does not match this version of the control plane."""
+
+
+class BillingError(ControlPlaneError):
+    """The billing provider failed."""

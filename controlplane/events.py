@@ -1,0 +1,205 @@
+"""Usage events: the canonical (CloudEvents-compatible) form, validation and ingest.
+
+An event is ``{"id", "type", "subject" (the org), "source"?, "time" (RFC 3339) or "ts" (unix
+ms), "data"}``. A batch is validated whole; one bad event rejects the batch with every bad
+event's index and field, and nothing is stored. Numbers in `data` are decoded as `Decimal`, so
+meter values are exact from the wire on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any
+
+import msgspec
+
+from controlplane.errors import InvalidInput, Problem
+from controlplane.interfaces import IngestResult, Storage, StoredEvent
+from controlplane.meters import ExpressionError, MeterSet
+
+Text = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+
+class EventIn(msgspec.Struct, frozen=True):
+    """An event as it arrives. Unknown CloudEvents attributes are accepted and not stored."""
+
+    id: Text
+    type: Text
+    subject: Text
+    source: Text | None = None
+    time: str | None = None
+    ts: int | None = None
+    data: dict[str, Any] = {}
+
+
+_batch_decoder = msgspec.json.Decoder(list[EventIn], float_hook=Decimal)
+_one_decoder = msgspec.json.Decoder(EventIn, float_hook=Decimal)
+_any_decoder = msgspec.json.Decoder(float_hook=Decimal)
+_data_encoder = msgspec.json.Encoder(decimal_format="number")
+
+JSON_TYPES = ("application/json", "application/cloudevents+json", "application/cloudevents-batch+json")
+NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/ndjson")
+
+
+def _field_of(exc: msgspec.ValidationError) -> tuple[str, str]:
+    text = str(exc)
+    msg, _, at = text.partition(" - at `$")
+    field = at.rstrip("`").lstrip(".") if at else ""
+    if msg.startswith("Object missing required field"):
+        field = msg.split("`")[1]
+        msg = "required"
+    return field, msg
+
+
+def decode_body(body: bytes, content_type: str) -> list[Any]:
+    """The raw events of a request body: a JSON object, a JSON array, or NDJSON.
+
+    Returns EventIn objects where the fast path succeeds, plain objects otherwise (validated
+    one by one later, so every bad event is reported). Raises InvalidInput on malformed JSON.
+    """
+    media = content_type.split(";")[0].strip().lower()
+    if media in NDJSON_TYPES:
+        items: list[Any] = []
+        for n, line in enumerate(body.splitlines()):
+            if line.strip():
+                try:
+                    items.append(_any_decoder.decode(line))
+                except msgspec.DecodeError as exc:
+                    raise InvalidInput([Problem(field="", message=f"line {n + 1}: {exc}")]) from exc
+        return items
+    if media not in JSON_TYPES and media != "":
+        raise InvalidInput(
+            f"unsupported content type {media!r}; use application/json, "
+            "application/x-ndjson or application/cloudevents-batch+json"
+        )
+    stripped = body.lstrip()
+    try:
+        if stripped[:1] == b"[":
+            try:
+                return list(_batch_decoder.decode(body))
+            except msgspec.ValidationError:
+                value = _any_decoder.decode(body)
+                return list(value)
+        try:
+            return [_one_decoder.decode(body)]
+        except msgspec.ValidationError:
+            return [_any_decoder.decode(body)]
+    except msgspec.DecodeError as exc:
+        raise InvalidInput([Problem(field="", message=f"malformed JSON: {exc}")]) from exc
+
+
+def _time_ms(event: EventIn) -> int:
+    if event.time is not None and event.ts is not None:
+        raise ValueError("time: give either time (RFC 3339) or ts (unix ms), not both")
+    if event.ts is not None:
+        if event.ts < 0:
+            raise ValueError("ts: must be unix milliseconds >= 0")
+        return event.ts
+    if event.time is None:
+        raise ValueError("time: required (RFC 3339), or ts in unix milliseconds")
+    try:
+        parsed = datetime.fromisoformat(event.time)
+    except ValueError:
+        raise ValueError(f"time: not an RFC 3339 timestamp: {event.time!r}") from None
+    if parsed.tzinfo is None:
+        raise ValueError("time: must carry a UTC offset (e.g. 'Z')")
+    return int(parsed.timestamp() * 1000) if parsed.microsecond == 0 else (
+        int(parsed.timestamp()) * 1000 + parsed.microsecond // 1000
+    )
+
+
+class Ingestor:
+    """Validates batches and stores them; the one entry point every ingest plugin calls."""
+
+    def __init__(
+        self, storage: Storage, meters: MeterSet, bucket_seconds: int, max_events: int
+    ) -> None:
+        self.storage = storage
+        self.meters = meters
+        self.bucket_seconds = bucket_seconds
+        self.max_events = max_events
+
+    def prepare(self, items: Sequence[Any], default_source: str) -> tuple[list[StoredEvent], int]:
+        """Validate a whole batch. Returns the events to store and the in-batch duplicates.
+
+        Raises InvalidInput listing every bad event (index, field, why).
+        """
+        if len(items) > self.max_events:
+            raise InvalidInput(
+                f"batch has {len(items)} events; at most {self.max_events} are accepted at once"
+            )
+        problems: list[Problem] = []
+        out: list[StoredEvent] = []
+        seen: set[tuple[str, str]] = set()
+        duplicates = 0
+        encode = _data_encoder.encode
+        measure = self.meters.measure
+        for index, item in enumerate(items):
+            if isinstance(item, EventIn):
+                event = item
+            else:
+                try:
+                    event = msgspec.convert(item, EventIn)
+                except msgspec.ValidationError as exc:
+                    field, msg = _field_of(exc)
+                    problems.append(Problem(index=index, field=field, message=msg))
+                    continue
+            try:
+                time_ms = _time_ms(event)
+            except ValueError as exc:
+                field, _, msg = str(exc).partition(": ")
+                problems.append(Problem(index=index, field=field, message=msg))
+                continue
+            try:
+                values = measure(event.type, event.data)
+            except ExpressionError as exc:
+                problems.append(Problem(index=index, field="data", message=str(exc)))
+                continue
+            source = event.source or default_source
+            key = (source, event.id)
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+            out.append(
+                StoredEvent(
+                    source=source,
+                    event_id=event.id,
+                    type=event.type,
+                    org_id=event.subject,
+                    time_ms=time_ms,
+                    data=encode(event.data),
+                    values=values,
+                )
+            )
+        if problems:
+            raise InvalidInput(problems)
+        return out, duplicates
+
+    async def ingest(self, items: Sequence[Any], default_source: str) -> IngestResult:
+        """Validate and store one batch, all or nothing; returns only after commit."""
+        events, in_batch_duplicates = self.prepare(items, default_source)
+        if not events:
+            return IngestResult(accepted=0, duplicates=in_batch_duplicates)
+        stored = await self.storage.insert_events(events, self.bucket_seconds)
+        return IngestResult(
+            accepted=stored.accepted, duplicates=stored.duplicates + in_batch_duplicates
+        )
+
+
+def bucket_of(time_ms: int, bucket_seconds: int) -> int:
+    seconds = time_ms // 1000
+    return seconds - seconds % bucket_seconds
+
+
+def chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

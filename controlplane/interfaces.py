@@ -1,0 +1,404 @@
+"""Every plugin contract, in one file.
+
+Plugins are chosen by name in the config (``backend = "sqlite"``) and resolved through
+:mod:`controlplane.registry`. Each kind has an abstract base class here; a class that misses a
+method fails when it is instantiated, not in production. All plugins share one lifecycle:
+``await start()`` once before use, ``await close()`` once at shutdown.
+
+Kinds: :class:`Storage`, :class:`IngestSource`, :class:`Billing`.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ClassVar
+
+import msgspec
+
+from controlplane.ledger import LedgerRow, NewRow, RowState
+
+# ---------------------------------------------------------------------------------------------
+# Shared records
+
+
+class PluginConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """Base of every plugin's config section; the `backend` key names the plugin."""
+
+
+class StoredEvent(msgspec.Struct, frozen=True, array_like=True):
+    """A validated usage event, with the meter values it carries, ready to store."""
+
+    source: str
+    event_id: str
+    type: str
+    org_id: str
+    time_ms: int
+    data: bytes  # the event's `data` object as JSON
+    values: tuple[tuple[str, int], ...]  # (meter, micro-units) for each meter it feeds
+
+
+class IngestResult(msgspec.Struct, frozen=True):
+    accepted: int
+    duplicates: int
+
+
+class BucketKey(msgspec.Struct, frozen=True, array_like=True):
+    org_id: str
+    bucket_start: int
+
+
+class UsageTotal(msgspec.Struct, frozen=True):
+    org_id: str
+    meter: str
+    bucket_start: int
+    value_micros: int
+
+
+class PlanPeriod(msgspec.Struct, frozen=True):
+    plan: str
+    effective_from: int
+
+
+class Org(msgspec.Struct, frozen=True):
+    org_id: str
+    customer: str | None
+    plans: list[PlanPeriod]  # oldest first
+    updated_at: int
+
+    def plan_at(self, when: int) -> str | None:
+        """The plan in force at `when`, or None when no stored plan covers it."""
+        current: str | None = None
+        for period in self.plans:
+            if period.effective_from <= when:
+                current = period.plan
+        return current
+
+
+class Carry(msgspec.Struct, frozen=True):
+    """Per (org, meter): exact usage and whole units written to the ledger so far."""
+
+    org_id: str
+    meter: str
+    exact_micros: int
+    quantity: int
+
+
+class RollupBatch(msgspec.Struct, frozen=True):
+    """What one rollup step reads, inside its transaction."""
+
+    buckets: list[BucketKey]
+    totals: list[UsageTotal]  # from events
+    ledger_sums: list[UsageTotal]  # sum of ledger revisions written so far
+    revisions: dict[tuple[str, str, int], int]  # (org, meter, bucket) -> highest revision
+    carries: list[Carry]
+    orgs: dict[str, Org]
+
+
+class RollupPlan(msgspec.Struct, frozen=True):
+    """What one rollup step writes, in the same transaction."""
+
+    rows: list[NewRow]
+    carries: list[Carry]
+
+
+RollupPlanner = Callable[[RollupBatch], RollupPlan]
+
+
+class SendItem(msgspec.Struct, frozen=True):
+    """A ledger row the sender may deliver, with the org's provider customer at read time."""
+
+    row: LedgerRow
+    customer: str | None
+
+
+class Settlement(msgspec.Struct, frozen=True):
+    """The sender's decision for one row."""
+
+    row_id: int
+    identifier: str
+    state: RowState
+    reason: str | None = None
+    detail: str | None = None
+    provider_id: str | None = None
+    customer: str | None = None
+    quantity: int = 0
+
+
+class RuntimeFlag(msgspec.Struct, frozen=True):
+    name: str
+    value: Any  # JSON value
+    version: int
+    updated_at: int
+
+
+class FlagWrite(msgspec.Struct, frozen=True):
+    name: str
+    value: Any
+    expected_version: int  # 0 when the flag has no runtime value yet
+
+
+class AuditEntry(msgspec.Struct, frozen=True):
+    """One append-only audit record of a money-moving change."""
+
+    action: str  # e.g. "flag.set", "ledger.sent", "org.set"
+    subject: str
+    actor: str
+    reason: str | None = None
+    before: Any = None
+    after: Any = None
+    forced: bool = False
+    group_id: str | None = None
+
+
+class AuditRecord(msgspec.Struct, frozen=True):
+    id: int
+    at: int
+    action: str
+    subject: str
+    actor: str
+    reason: str | None
+    before: Any
+    after: Any
+    forced: bool
+    group_id: str | None
+    prev_hash: str
+    hash: str
+
+
+class JobRun(msgspec.Struct, frozen=True):
+    job: str
+    started_at: float
+    ended_at: float
+    outcome: str  # "ok" | "error" | "skipped"
+    counts: dict[str, int] = {}
+    error: str | None = None
+
+
+class MigrationStatus(msgspec.Struct, frozen=True):
+    applied: list[str]
+    pending: list[str]
+
+    @property
+    def current(self) -> bool:
+        return not self.pending
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage
+
+
+class Storage(abc.ABC):
+    """Durable state: events, dirty buckets, ledger, orgs, flags, audit, job runs."""
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Open connections. Does not migrate."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release every resource; safe to call twice."""
+
+    # schema -------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def migrate(self) -> list[str]:
+        """Apply pending migrations in order; return the names applied."""
+
+    @abc.abstractmethod
+    async def migration_status(self) -> MigrationStatus:
+        """Applied and pending migrations. Raises MigrationError when the two disagree."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise StorageError when the store cannot answer."""
+
+    @abc.abstractmethod
+    async def pin_setting(self, key: str, value: str) -> None:
+        """Record a setting that must never change once data depends on it (e.g. bucket size).
+
+        Raises ConfigError when a different value was pinned before.
+        """
+
+    # ingest and usage ---------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def insert_events(
+        self, events: Sequence[StoredEvent], bucket_seconds: int
+    ) -> IngestResult:
+        """Store a batch in one transaction, skipping (source, event_id) pairs already stored,
+        and mark every (org, bucket) it touched dirty. Returns after commit."""
+
+    @abc.abstractmethod
+    async def usage(
+        self, org_id: str | None, meter: str | None, start: int | None, end: int | None
+    ) -> list[UsageTotal]:
+        """Per-bucket totals computed from stored events (open and closed buckets)."""
+
+    # rollup and ledger --------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def rollup_step(
+        self, closed_before: int, bucket_seconds: int, limit: int, planner: RollupPlanner,
+        org_id: str | None = None,
+    ) -> tuple[int, list[NewRow]]:
+        """Take up to `limit` dirty buckets ending at or before `closed_before` (and of
+        `org_id` when given), let `planner` decide the revisions, write them and clear those
+        dirty marks in one transaction. Returns (buckets done, rows written)."""
+
+    @abc.abstractmethod
+    async def ledger(
+        self,
+        *,
+        org_id: str | None = None,
+        state: RowState | None = None,
+        start: int | None = None,
+        end: int | None = None,
+        limit: int = 1000,
+    ) -> list[LedgerRow]:
+        """Ledger rows, oldest first, filtered by org, state and bucket start in [start, end)."""
+
+    @abc.abstractmethod
+    async def sendable(
+        self, after_id: int, limit: int, org_id: str | None = None, until: int | None = None
+    ) -> list[SendItem]:
+        """Rows the sender may act on, by id: `pending`, and `held`/`no_customer` rows whose
+        org now has a customer. Optionally one org, and buckets starting before `until`."""
+
+    @abc.abstractmethod
+    async def record_attempts(self, row_ids: Sequence[int], at: int) -> None:
+        """Count a delivery attempt for each row before it is made, so that an ambiguous
+        outcome (timeout, dropped connection, crash) is known afterwards."""
+
+    @abc.abstractmethod
+    async def settle(self, settlements: Sequence[Settlement], at: int, actor: str) -> int:
+        """Apply sender decisions in one transaction: each row still `pending` (or `held`)
+        moves to its new state; every move to `sent` is audited. Returns rows moved."""
+
+    # orgs -----------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def get_org(self, org_id: str) -> Org | None: ...
+
+    @abc.abstractmethod
+    async def set_org(
+        self,
+        org_id: str,
+        *,
+        customer: str | None,
+        plan: str | None,
+        effective_from: int,
+        at: int,
+        audit: AuditEntry,
+    ) -> Org:
+        """Set the org's provider customer and/or start a plan period; audited."""
+
+    # flags and audit ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def runtime_flags(self) -> dict[str, RuntimeFlag]: ...
+
+    @abc.abstractmethod
+    async def write_flags(
+        self, writes: Sequence[FlagWrite], audit: Sequence[AuditEntry], at: int
+    ) -> dict[str, RuntimeFlag]:
+        """Write every flag and its audit rows in one transaction, or nothing.
+
+        Raises FlagRefused (rule `version`) when a flag changed since it was read."""
+
+    @abc.abstractmethod
+    async def append_audit(self, entries: Sequence[AuditEntry], at: int) -> None: ...
+
+    @abc.abstractmethod
+    async def audit_log(
+        self, *, action_prefix: str | None = None, limit: int = 100
+    ) -> list[AuditRecord]:
+        """Newest first."""
+
+    # jobs ---------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def record_job_run(self, run: JobRun) -> None: ...
+
+    @abc.abstractmethod
+    async def job_runs(self, job: str | None = None, limit: int = 50) -> list[JobRun]:
+        """Newest first."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Ingest
+
+EventSink = Callable[[Sequence[Any], str], Awaitable[IngestResult]]
+"""Hands a batch of raw event objects (and the default `source`) to the pipeline."""
+
+
+class IngestSource(abc.ABC):
+    """A source that pulls events from somewhere (a stream, a file) into the pipeline."""
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    async def start(self, sink: EventSink) -> None:
+        """Begin consuming; every batch goes through `sink`, which validates and stores it."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Billing
+
+
+class MeterEvent(msgspec.Struct, frozen=True):
+    """One ledger row as the provider receives it."""
+
+    identifier: str  # also the idempotency key
+    event_name: str
+    customer: str
+    value: int  # whole units
+    timestamp: int  # unix seconds, inside the row's bucket
+
+
+class Outcome(enum.StrEnum):
+    ACCEPTED = "accepted"  # the provider took it
+    DUPLICATE = "duplicate"  # the provider already had this identifier: delivered before
+    REJECTED = "rejected"  # permanent refusal; resending will not help
+    RETRY = "retry"  # transient (rate limit, 5xx); nothing was recorded, try later
+    AMBIGUOUS = "ambiguous"  # the call may or may not have been applied (timeout, drop)
+
+
+class Delivery(msgspec.Struct, frozen=True):
+    outcome: Outcome
+    message: str | None = None
+    provider_id: str | None = None
+    retry_after: float | None = None
+
+
+class Billing(abc.ABC):
+    """A billing provider that takes meter events."""
+
+    name: ClassVar[str]
+    max_event_age_seconds: ClassVar[int | None] = None
+    """Oldest event timestamp the provider accepts, relative to now (None: no limit)."""
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @property
+    @abc.abstractmethod
+    def rate_limit(self) -> float | None:
+        """Calls per second the sender may make (None: unlimited)."""
+
+    @abc.abstractmethod
+    async def send(self, event: MeterEvent) -> Delivery:
+        """Deliver one meter event, using `event.identifier` as the idempotency key."""
+
+    @abc.abstractmethod
+    async def cancel(self, event_name: str, identifier: str) -> Delivery:
+        """Cancel a delivered meter event by identifier (where the provider allows it)."""

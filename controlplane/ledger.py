@@ -1,0 +1,97 @@
+"""The ledger: the durable outbox of meter events, one row per (org, meter, bucket, revision).
+
+A row's state says where its usage is (DESIGN §2.1): still to deliver (`pending`), delivered
+(`sent`), parked with a reason (`held`), never billed here by rule (`excluded`) or handed back
+to the legacy biller by a rollback (`cancelled`).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+
+import msgspec
+
+from controlplane.units import format_micros
+
+MAX_IDENTIFIER_LENGTH = 100
+
+
+class RowState(enum.StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    HELD = "held"
+    EXCLUDED = "excluded"
+    CANCELLED = "cancelled"
+
+
+class Reason(enum.StrEnum):
+    """Why a row is not (or no longer) pending."""
+
+    NO_CUSTOMER = "no_customer"
+    PROVIDER_REJECTED = "provider_rejected"
+    AMBIGUOUS = "ambiguous"
+    BEFORE_BILL_FROM = "before_bill_from"
+    FREE_PLAN = "free_plan"
+    TOO_OLD = "too_old"
+    ROLLED_BACK = "rolled_back"
+
+
+def identifier(org_id: str, meter: str, bucket_start: int, revision: int) -> str:
+    """The row's deterministic identifier, also used as the provider's idempotency key.
+
+    `{org}:{meter}:{bucket_start}:{revision}`, or a stable hash of it when that is longer
+    than the provider accepts (100 characters).
+    """
+    plain = f"{org_id}:{meter}:{bucket_start}:{revision}"
+    if len(plain) <= MAX_IDENTIFIER_LENGTH:
+        return plain
+    return "h:" + hashlib.sha256(plain.encode()).hexdigest()
+
+
+class NewRow(msgspec.Struct, frozen=True):
+    """A revision the rollup appends to the ledger."""
+
+    org_id: str
+    meter: str
+    bucket_start: int
+    bucket_end: int
+    revision: int
+    value_micros: int
+    quantity: int
+    state: RowState
+    reason: str | None = None
+
+    @property
+    def identifier(self) -> str:
+        return identifier(self.org_id, self.meter, self.bucket_start, self.revision)
+
+
+class LedgerRow(msgspec.Struct, frozen=True):
+    """A stored ledger row."""
+
+    id: int
+    identifier: str
+    org_id: str
+    meter: str
+    bucket_start: int
+    bucket_end: int
+    revision: int
+    value_micros: int
+    quantity: int
+    state: RowState
+    reason: str | None
+    detail: str | None
+    attempts: int
+    first_attempt_at: int | None
+    provider_id: str | None
+    created_at: int
+    updated_at: int
+    sent_at: int | None = None
+
+    def to_api(self) -> dict[str, object]:
+        """The row as the API shows it: `value` as an exact decimal string."""
+        out = msgspec.structs.asdict(self)
+        del out["value_micros"]
+        out["value"] = format_micros(self.value_micros)
+        return out

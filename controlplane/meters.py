@@ -1,0 +1,233 @@
+"""Meters: named quantities computed from usage events with safe, exact expressions.
+
+A meter's `value` is arithmetic over the event's `data` fields (numbers, ``data.a.b``,
+``+ - * /``, parentheses); its optional `where` adds comparisons joined by ``and``/``or``/
+``not``. Expressions are parsed once, with Python's parser but never evaluated by it: only the
+node types above are accepted, and evaluation is over `Decimal`, never float.
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+from collections.abc import Callable, Mapping
+from decimal import Decimal, DivisionByZero, InvalidOperation
+from typing import Any, Literal
+
+import msgspec
+
+from controlplane.errors import ConfigError
+from controlplane.units import to_micros
+
+Evaluator = Callable[[Mapping[str, Any]], Any]
+
+
+class ExpressionError(ValueError):
+    """An expression could not be evaluated for one event (missing field, wrong type, ...)."""
+
+
+class MeterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """A meter as declared in config (`[[meters]]`)."""
+
+    name: str
+    event_type: str
+    aggregation: Literal["sum", "count"] = "sum"
+    value: str | None = None  # required for `sum`
+    where: str | None = None
+    unit: str = "unit"
+    event_name: str | None = None  # the provider's meter event name; defaults to `name`
+
+    @property
+    def provider_event_name(self) -> str:
+        return self.event_name or self.name
+
+
+_ARITH: dict[type[ast.operator], Callable[[Decimal, Decimal], Decimal]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+}
+_COMPARE: dict[type[ast.cmpop], Callable[[Any, Any], bool]] = {
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
+    ast.GtE: operator.ge,
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+}
+
+
+def _number(value: Any, path: str) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, int | Decimal):
+        if isinstance(value, float):  # only reachable when data was decoded without Decimals
+            return Decimal(repr(value))
+        kind = "missing" if value is None else f"a {type(value).__name__}, not a number"
+        raise ExpressionError(f"{path} is {kind}")
+    return Decimal(value)
+
+
+def _field(path: tuple[str, ...]) -> Evaluator:
+    dotted = "data." + ".".join(path)
+
+    def get(data: Mapping[str, Any]) -> Any:
+        value: Any = data
+        for key in path:
+            if not isinstance(value, Mapping) or key not in value:
+                raise ExpressionError(f"{dotted} is missing")
+            value = value[key]
+        return value
+
+    get.path = dotted  # type: ignore[attr-defined]
+    return get
+
+
+def _compile(node: ast.AST, source: str, boolean: bool) -> Evaluator:
+    """Compile one node; `boolean` allows comparisons and and/or/not (the `where` clause)."""
+    if isinstance(node, ast.Constant):
+        if isinstance(node.value, bool) or node.value is None:
+            raise ConfigError(f"unsupported constant {node.value!r}")
+        if isinstance(node.value, int | float):
+            exact = Decimal(ast.get_source_segment(source, node) or str(node.value))
+            return lambda data: exact
+        if isinstance(node.value, str) and boolean:
+            text = node.value
+            return lambda data: text
+        raise ConfigError(f"unsupported constant {node.value!r}")
+    if isinstance(node, ast.Attribute):
+        parts: list[str] = []
+        cur: ast.AST = node
+        while isinstance(cur, ast.Attribute):
+            parts.append(cur.attr)
+            cur = cur.value
+        if not (isinstance(cur, ast.Name) and cur.id == "data"):
+            raise ConfigError("fields must be written data.<name>")
+        return _field(tuple(reversed(parts)))
+    if isinstance(node, ast.Name):
+        raise ConfigError(f"unknown name {node.id!r}; fields are written data.{node.id}")
+    if isinstance(node, ast.BinOp) and type(node.op) in _ARITH:
+        op = _ARITH[type(node.op)]
+        left, right = _compile(node.left, source, False), _compile(node.right, source, False)
+        left_path = getattr(left, "path", "value")
+        right_path = getattr(right, "path", "value")
+
+        def arith(data: Mapping[str, Any]) -> Decimal:
+            a = _number(left(data), left_path)
+            b = _number(right(data), right_path)
+            try:
+                return op(a, b)
+            except (DivisionByZero, InvalidOperation, ZeroDivisionError) as exc:
+                raise ExpressionError(f"division by zero ({right_path} is 0)") from exc
+
+        return arith
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
+        inner = _compile(node.operand, source, False)
+        path = getattr(inner, "path", "value")
+        sign = -1 if isinstance(node.op, ast.USub) else 1
+        return lambda data: sign * _number(inner(data), path)
+    if boolean and isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        inner = _compile(node.operand, source, True)
+        return lambda data: not inner(data)
+    if boolean and isinstance(node, ast.BoolOp):
+        parts_ = [_compile(v, source, True) for v in node.values]
+        if isinstance(node.op, ast.And):
+            return lambda data: all(p(data) for p in parts_)
+        return lambda data: any(p(data) for p in parts_)
+    if boolean and isinstance(node, ast.Compare):
+        terms = [_compile(node.left, source, True)] + [
+            _compile(c, source, True) for c in node.comparators
+        ]
+        ops = [_COMPARE[type(o)] for o in node.ops if type(o) in _COMPARE]
+        if len(ops) != len(node.ops):
+            raise ConfigError("only < <= > >= == != comparisons are allowed")
+
+        def compare(data: Mapping[str, Any]) -> bool:
+            values = [_comparable(t(data), t) for t in terms]
+            try:
+                return all(op(values[i], values[i + 1]) for i, op in enumerate(ops))
+            except TypeError as exc:
+                raise ExpressionError(f"cannot compare {values[0]!r} with {values[1]!r}") from exc
+
+        return compare
+    raise ConfigError(f"unsupported syntax: {ast.dump(node)[:60]}")
+
+
+def _comparable(value: Any, term: Evaluator) -> Any:
+    if value is None:
+        raise ExpressionError(f"{getattr(term, 'path', 'value')} is missing")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+    return value
+
+
+def compile_expression(source: str, *, boolean: bool = False) -> Evaluator:
+    """Parse `source` once into an evaluator over an event's `data`. Raises ConfigError."""
+    try:
+        tree = ast.parse(source, mode="eval")
+    except SyntaxError as exc:
+        raise ConfigError(f"syntax error in {source!r}: {exc.msg}") from exc
+    return _compile(tree.body, source, boolean)
+
+
+class Meter:
+    """A compiled meter: decides whether an event feeds it and with how much."""
+
+    __slots__ = ("config", "_value", "_where")
+
+    def __init__(self, config: MeterConfig, index: int = 0) -> None:
+        where = f"meters[{index}] ({config.name})"
+        self.config = config
+        try:
+            if config.aggregation == "sum":
+                if not config.value:
+                    raise ConfigError("`value` is required when aggregation is 'sum'")
+                self._value: Evaluator | None = compile_expression(config.value)
+            else:
+                if config.value:
+                    raise ConfigError("`value` must be left out when aggregation is 'count'")
+                self._value = None
+            self._where = compile_expression(config.where, boolean=True) if config.where else None
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc.message}") from exc
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def measure(self, data: Mapping[str, Any]) -> int | None:
+        """Micro-units this event adds, or None when the `where` filter leaves it out.
+
+        Raises ExpressionError naming the meter and field when the event does not fit.
+        """
+        try:
+            if self._where is not None and not self._where(data):
+                return None
+            if self._value is None:
+                return to_micros(1)
+            return to_micros(_number(self._value(data), "value"))
+        except ExpressionError as exc:
+            raise ExpressionError(f"meter {self.config.name}: {exc}") from exc
+
+
+class MeterSet:
+    """All configured meters, indexed by the event type they read."""
+
+    def __init__(self, configs: list[MeterConfig]) -> None:
+        self.meters = [Meter(c, i) for i, c in enumerate(configs)]
+        names = [m.name for m in self.meters]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"meters: duplicate meter names {dupes}")
+        self.by_type: dict[str, list[Meter]] = {}
+        for meter in self.meters:
+            self.by_type.setdefault(meter.config.event_type, []).append(meter)
+        self.by_name = {m.name: m for m in self.meters}
+
+    def measure(self, event_type: str, data: Mapping[str, Any]) -> tuple[tuple[str, int], ...]:
+        """(meter, micro-units) for every meter this event feeds."""
+        out = []
+        for meter in self.by_type.get(event_type, ()):
+            micros = meter.measure(data)
+            if micros is not None:
+                out.append((meter.name, micros))
+        return tuple(out)

@@ -1,0 +1,61 @@
+"""Schema migrations: `migrations/<backend>/NNNN_name.sql`, applied in order, each recorded.
+
+Each file is applied in its own transaction and recorded with its SHA-256. The runner refuses
+to go on when the database has a migration this code does not know (a newer schema) or when an
+applied file has changed since.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import msgspec
+
+from controlplane.errors import MigrationError
+
+MIGRATIONS_ROOT = Path(__file__).resolve().parent.parent / "migrations"
+NAME_PATTERN = re.compile(r"^(?P<number>\d{4})_(?P<name>[a-z0-9_]+)\.sql$")
+
+
+class Migration(msgspec.Struct, frozen=True):
+    name: str  # file stem, e.g. "0001_initial"
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def available(backend: str) -> list[Migration]:
+    """The backend's migration files in order. Raises MigrationError on a misnamed file."""
+    folder = MIGRATIONS_ROOT / backend
+    found: list[Migration] = []
+    for path in sorted(folder.glob("*")):
+        if not NAME_PATTERN.match(path.name):
+            raise MigrationError(f"{path}: migration files are named NNNN_lower_snake.sql")
+        found.append(Migration(name=path.stem, sql=path.read_text()))
+    numbers = [int(m.name[:4]) for m in found]
+    if numbers != list(range(1, len(found) + 1)):
+        raise MigrationError(f"{folder}: migration numbers must run 0001, 0002, ... without gaps")
+    return found
+
+
+def pending(known: list[Migration], applied: dict[str, str]) -> list[Migration]:
+    """Migrations still to apply, after checking the applied ones against the files.
+
+    `applied` maps name -> checksum as recorded in the database.
+    """
+    names = {m.name for m in known}
+    unknown = sorted(set(applied) - names)
+    if unknown:
+        raise MigrationError(
+            f"the database has migrations this version does not know: {unknown}; "
+            "it was migrated by a newer control plane"
+        )
+    for migration in known:
+        recorded = applied.get(migration.name)
+        if recorded is not None and recorded != migration.checksum:
+            raise MigrationError(f"migration {migration.name} changed after it was applied")
+    return [m for m in known if m.name not in applied]

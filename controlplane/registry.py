@@ -1,0 +1,89 @@
+"""One registry for every plugin, built-in or third-party.
+
+A plugin is a :class:`PluginSpec`: its kind, its name (the `backend` value in config), its
+config struct and a factory. Built-in plugins are listed here by module path, so an optional
+driver is only imported when its plugin is chosen. Third-party packages add theirs through the
+entry-point group ``controlplane.plugins``, each entry point naming a PluginSpec::
+
+    [project.entry-points."controlplane.plugins"]
+    mydb = "mypackage.storage:spec"
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from functools import cache
+from importlib.metadata import entry_points
+from typing import Any, Literal
+
+import msgspec
+import structlog
+
+from controlplane.errors import ConfigError
+
+Kind = Literal["storage", "ingest", "billing", "legacy"]
+KINDS: tuple[Kind, ...] = ("storage", "ingest", "billing", "legacy")
+
+log = structlog.get_logger(__name__)
+
+
+class PluginSpec(msgspec.Struct, frozen=True):
+    kind: Kind
+    name: str
+    config: type[Any]  # a PluginConfig subclass tagged with `name` on field `backend`
+    factory: Callable[..., Any]  # called with the decoded config (and keyword context)
+
+
+# kind -> name -> "module:attribute" of its PluginSpec
+BUILTIN: dict[Kind, dict[str, str]] = {
+    "storage": {
+        "sqlite": "plugins.storage.sqlite:spec",
+    },
+    "ingest": {},
+    "billing": {
+        "fake": "plugins.billing.fake:spec",
+        "stripe": "plugins.billing.stripe:spec",
+    },
+    "legacy": {},
+}
+
+
+def _load(path: str) -> PluginSpec:
+    module_name, _, attr = path.partition(":")
+    spec = getattr(importlib.import_module(module_name), attr)
+    if not isinstance(spec, PluginSpec):
+        raise ConfigError(f"{path} is not a controlplane PluginSpec")
+    return spec
+
+
+@cache
+def specs(kind: Kind) -> dict[str, PluginSpec]:
+    """Every plugin of `kind`, by name: built-ins first, then entry points."""
+    found = {name: _load(path) for name, path in BUILTIN[kind].items()}
+    for ep in entry_points(group="controlplane.plugins"):
+        try:
+            spec = ep.load()
+        except Exception as exc:  # a broken third-party plugin must not stop the others
+            log.warning("plugin.load_failed", entry_point=ep.name, error=str(exc))
+            continue
+        if isinstance(spec, PluginSpec) and spec.kind == kind:
+            found.setdefault(spec.name, spec)
+    return found
+
+
+def spec_for(kind: Kind, name: str) -> PluginSpec:
+    known = specs(kind)
+    if name not in known:
+        raise ConfigError(f"{kind}.backend: expected one of {sorted(known)}, got {name!r}")
+    return known[name]
+
+
+def require(module: str, plugin: str, extra: str) -> Any:
+    """Import an optional driver, or fail naming the extra that installs it."""
+    from controlplane.errors import MissingExtraError
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtraError(plugin, module, extra) from exc

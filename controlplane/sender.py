@@ -1,0 +1,251 @@
+"""Sender: deliver pending ledger rows to the billing provider, at most once each.
+
+Runs only when the flags say the control plane bills (shadow off, authority `controlplane`)
+and a boundary T (`bill_from`) is set. Per row, in order of decision:
+
+- bucket before T                       -> `excluded` / `before_bill_from`
+- older than the provider accepts        -> `excluded` / `too_old` (no call)
+- org has no provider customer           -> `held` / `no_customer` (pending again once it has one)
+- attempted before, longer ago than the
+  provider remembers identifiers         -> `held` / `ambiguous` (never resent blind)
+- quantity 0 (usage below one unit,
+  carried to the next row)               -> `sent` without a call
+- otherwise delivered: the attempt is recorded first, then the provider is called with the
+  row identifier as identifier and idempotency key; accepted or "already exists" -> `sent`,
+  permanent refusal -> `held` / `provider_rejected`, transient or ambiguous -> stays pending.
+
+At most one call is in flight per (customer, meter), as Stripe requires, with concurrency
+across customers and a client-side rate limit. A held row never blocks newer rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+
+import msgspec
+import structlog
+
+from controlplane.interfaces import (
+    Billing,
+    MeterEvent,
+    Outcome,
+    SendItem,
+    Settlement,
+    Storage,
+)
+from controlplane.ledger import Reason, RowState
+from controlplane.meters import MeterSet
+from flags.resolve import Snapshot
+
+log = structlog.get_logger("sender")
+
+CLOCK_SKEW_MARGIN = 300  # do not send events within 5 minutes of the provider's age limit
+
+
+class SendStats(msgspec.Struct):
+    skipped: str | None = None
+    sent: int = 0
+    excluded: int = 0
+    held: int = 0
+    retry: int = 0
+    ambiguous: int = 0
+    calls: int = 0
+
+
+class RateLimiter:
+    """Spaces calls evenly so that no more than `rate` start in any second."""
+
+    def __init__(self, rate: float | None) -> None:
+        self.interval = 1.0 / rate if rate else 0.0
+        self._next = 0.0
+        self._lock = asyncio.Lock()
+
+    async def wait(self) -> None:
+        if not self.interval:
+            return
+        async with self._lock:
+            now = time.monotonic()
+            delay = self._next - now
+            self._next = max(now, self._next) + self.interval
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+class Sender:
+    def __init__(
+        self,
+        storage: Storage,
+        billing: Billing,
+        meters: MeterSet,
+        *,
+        batch_size: int = 500,
+        concurrency: int = 8,
+        ambiguous_after_seconds: int = 23 * 3600,
+        actor: str = "sender",
+    ) -> None:
+        self.storage = storage
+        self.billing = billing
+        self.meters = meters
+        self.batch_size = batch_size
+        self.concurrency = concurrency
+        self.ambiguous_after = ambiguous_after_seconds
+        self.actor = actor
+        self.limiter = RateLimiter(billing.rate_limit)
+
+    async def run(
+        self,
+        flags: Snapshot,
+        *,
+        now: float | None = None,
+        org_id: str | None = None,
+        until: int | None = None,
+    ) -> SendStats:
+        """One pass over everything sendable (optionally one org, buckets before `until`)."""
+        stats = SendStats()
+        if flags.shadow:
+            stats.skipped = "shadow is on"
+            return stats
+        if not flags.sending:
+            stats.skipped = f"authority is {flags.authority.value}"
+            return stats
+        bill_from = flags.bill_from
+        if bill_from is None:
+            stats.skipped = "bill_from is not set"
+            log.warning("sender.skipped", reason=stats.skipped)
+            return stats
+        after_id = 0
+        while True:
+            items = await self.storage.sendable(after_id, self.batch_size, org_id, until)
+            if not items:
+                break
+            after_id = items[-1].row.id
+            now_s = int(now if now is not None else time.time())
+            decided, deliver = self._triage(items, bill_from, now_s)
+            await self._settle(decided, stats)
+            if deliver:
+                await self._deliver(deliver, stats)
+        if stats.sent or stats.held or stats.excluded or stats.retry or stats.ambiguous:
+            log.info("sender.done", **{k: v for k, v in msgspec.structs.asdict(stats).items() if v})
+        return stats
+
+    def _triage(
+        self, items: Sequence[SendItem], bill_from: int, now: int
+    ) -> tuple[list[Settlement], list[SendItem]]:
+        decided: list[Settlement] = []
+        deliver: list[SendItem] = []
+        max_age = self.billing.max_event_age_seconds
+        for item in items:
+            row = item.row
+            if row.bucket_start < bill_from:
+                decided.append(_decide(item, RowState.EXCLUDED, Reason.BEFORE_BILL_FROM))
+            elif max_age is not None and row.bucket_start < now - max_age + CLOCK_SKEW_MARGIN:
+                decided.append(
+                    _decide(item, RowState.EXCLUDED, Reason.TOO_OLD,
+                            f"bucket is older than the provider accepts ({max_age // 86400} days)")
+                )
+            elif item.customer is None:
+                if row.state is not RowState.HELD:
+                    decided.append(_decide(item, RowState.HELD, Reason.NO_CUSTOMER))
+            elif (
+                row.attempts
+                and row.first_attempt_at is not None
+                and row.first_attempt_at < now - self.ambiguous_after
+            ):
+                decided.append(
+                    _decide(item, RowState.HELD, Reason.AMBIGUOUS,
+                            f"{row.attempts} attempts since {row.first_attempt_at} without a "
+                            "definite answer; the provider may have forgotten the identifier")
+                )
+            elif row.quantity == 0:
+                decided.append(
+                    _decide(item, RowState.SENT, None, "below one unit: nothing to deliver, carried")
+                )
+            else:
+                deliver.append(item)
+        return decided, deliver
+
+    async def _settle(self, decided: list[Settlement], stats: SendStats) -> None:
+        if not decided:
+            return
+        await self.storage.settle(decided, int(time.time()), self.actor)
+        for s in decided:
+            if s.state is RowState.SENT:
+                stats.sent += 1
+            elif s.state is RowState.EXCLUDED:
+                stats.excluded += 1
+            elif s.state is RowState.HELD:
+                stats.held += 1
+
+    async def _deliver(self, items: list[SendItem], stats: SendStats) -> None:
+        await self.storage.record_attempts([i.row.id for i in items], int(time.time()))
+        lanes: dict[tuple[str, str], list[SendItem]] = defaultdict(list)
+        for item in items:
+            lanes[(item.customer or "", item.row.meter)].append(item)
+        slots = asyncio.Semaphore(self.concurrency)
+        results: list[Settlement] = []
+
+        async def lane(queue: list[SendItem]) -> None:
+            # one call in flight per (customer, meter), in ledger order
+            for item in queue:
+                async with slots:
+                    await self.limiter.wait()
+                    delivery = await self.billing.send(self._meter_event(item))
+                stats.calls += 1
+                outcome = delivery.outcome
+                if outcome in (Outcome.ACCEPTED, Outcome.DUPLICATE):
+                    results.append(
+                        _decide(item, RowState.SENT, None,
+                                "provider already had this identifier"
+                                if outcome is Outcome.DUPLICATE else None,
+                                delivery.provider_id)
+                    )
+                elif outcome is Outcome.REJECTED:
+                    results.append(
+                        _decide(item, RowState.HELD, Reason.PROVIDER_REJECTED, delivery.message)
+                    )
+                else:
+                    if outcome is Outcome.RETRY:
+                        stats.retry += 1
+                    else:
+                        stats.ambiguous += 1
+                    log.warning(
+                        "sender.not_delivered", identifier=item.row.identifier,
+                        outcome=outcome.value, message=delivery.message,
+                    )
+                    return  # keep this lane's order: the rest waits for the next pass
+
+        await asyncio.gather(*(lane(q) for q in lanes.values()))
+        await self._settle(results, stats)
+
+    def _meter_event(self, item: SendItem) -> MeterEvent:
+        row = item.row
+        meter = self.meters.by_name.get(row.meter)
+        return MeterEvent(
+            identifier=row.identifier,
+            event_name=meter.config.provider_event_name if meter else row.meter,
+            customer=item.customer or "",
+            value=row.quantity,
+            timestamp=row.bucket_start,
+        )
+
+
+def _decide(
+    item: SendItem,
+    state: RowState,
+    reason: str | None,
+    detail: str | None = None,
+    provider_id: str | None = None,
+) -> Settlement:
+    return Settlement(
+        row_id=item.row.id,
+        identifier=item.row.identifier,
+        state=state,
+        reason=reason,
+        detail=detail,
+        provider_id=provider_id,
+        customer=item.customer,
+        quantity=item.row.quantity,
+    )

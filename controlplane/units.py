@@ -1,0 +1,37 @@
+"""Exact quantities: usage is carried as integer micro-units, never as binary floats.
+
+A meter value is quantized to six decimal places once, when its event is ingested; every sum
+after that is integer arithmetic, so totals, ledger values and rounding carries are exact.
+"""
+
+from __future__ import annotations
+
+from decimal import ROUND_HALF_EVEN, Decimal
+
+MICROS = 1_000_000
+_QUANTUM = Decimal("0.000001")
+
+
+def to_micros(value: Decimal | int) -> int:
+    """Quantize an exact value to integer micro-units (half-even at the sixth decimal)."""
+    if isinstance(value, int):
+        return value * MICROS
+    return int(value.quantize(_QUANTUM, rounding=ROUND_HALF_EVEN).scaleb(6))
+
+
+def from_micros(micros: int) -> Decimal:
+    """The exact decimal value of `micros` micro-units."""
+    return Decimal(micros).scaleb(-6)
+
+
+def format_micros(micros: int) -> str:
+    """`micros` as a plain decimal string without trailing zeros: 1500000 -> '1.5'."""
+    text = f"{from_micros(micros):f}"
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text or "0"
+
+
+def floor_units(micros: int) -> int:
+    """Whole billing units in `micros` micro-units, rounded toward minus infinity."""
+    return micros // MICROS

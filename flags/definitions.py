@@ -1,0 +1,99 @@
+"""Flag definitions: name, type, default, environment variables and value parsing."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+
+class Authority(enum.StrEnum):
+    LEGACY = "legacy"
+    CONTROLPLANE = "controlplane"
+
+
+AUTHORITY_ALIASES = {"cell": Authority.LEGACY, "edge": Authority.CONTROLPLANE}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def parse_bill_from(value: Any) -> int | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in {"", "null", "none"}):
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"expected unix seconds or null, got {value!r}")
+    if isinstance(value, int):
+        seconds = value
+    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        seconds = int(value.strip())
+    else:
+        raise ValueError(f"expected unix seconds or null, got {value!r}")
+    if seconds < 0:
+        raise ValueError("expected unix seconds >= 0")
+    return seconds
+
+
+def parse_authority(value: Any) -> Authority:
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in AUTHORITY_ALIASES:
+            return AUTHORITY_ALIASES[text]
+        try:
+            return Authority(text)
+        except ValueError:
+            pass
+    raise ValueError(
+        f"expected 'legacy' or 'controlplane' (aliases 'cell', 'edge'), got {value!r}"
+    )
+
+
+class FlagSpec(msgspec.Struct, frozen=True):
+    name: str
+    default: Any
+    env: tuple[str, ...]
+    parse: Callable[[Any], Any]
+    description: str
+
+
+FLAGS: dict[str, FlagSpec] = {
+    spec.name: spec
+    for spec in (
+        FlagSpec(
+            name="shadow",
+            default=True,
+            env=("SHADOW",),
+            parse=parse_bool,
+            description="compute everything, send nothing",
+        ),
+        FlagSpec(
+            name="bill_from",
+            default=None,
+            env=("BILL_FROM",),
+            parse=parse_bill_from,
+            description="the cutover boundary T (unix seconds): bill buckets starting at or after T",
+        ),
+        FlagSpec(
+            name="authority",
+            default=Authority.LEGACY,
+            env=("PRO_BILLING_AUTHORITY", "AUTHORITY"),
+            parse=parse_authority,
+            description="who bills: legacy or controlplane",
+        ),
+    )
+}
+
+
+def to_json(value: Any) -> Any:
+    """A flag value as stored and shown (enums as their string)."""
+    return value.value if isinstance(value, enum.Enum) else value

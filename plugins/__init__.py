@@ -1,0 +1,1 @@
+"""Swappable implementations of the contracts in :mod:`controlplane.interfaces`."""

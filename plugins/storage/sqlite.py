@@ -1,0 +1,503 @@
+"""SQLite storage: the embedded default. One file, WAL, one writer.
+
+Every write runs under one asyncio lock on one connection (``BEGIN IMMEDIATE`` ... ``COMMIT``);
+reads use a second connection, which WAL lets run alongside the writer. `synchronous = FULL`
+by default, so an acknowledged batch survives a crash of the process or the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import aiosqlite
+import msgspec
+
+from controlplane import audit as audit_chain
+from controlplane import migrations, sql
+from controlplane.errors import ConfigError, MigrationError, StorageError
+from controlplane.events import bucket_of
+from controlplane.interfaces import (
+    AuditEntry,
+    AuditRecord,
+    BucketKey,
+    Carry,
+    FlagWrite,
+    IngestResult,
+    JobRun,
+    MigrationStatus,
+    NewRow,
+    Org,
+    PlanPeriod,
+    PluginConfig,
+    RollupBatch,
+    RollupPlanner,
+    RuntimeFlag,
+    SendItem,
+    Settlement,
+    Storage,
+    StoredEvent,
+    UsageTotal,
+)
+from controlplane.ledger import LedgerRow, RowState
+from controlplane.registry import PluginSpec
+
+Q = sql.load(Path(__file__).with_suffix(".sql"))
+_json = msgspec.json.Encoder()
+_decode = msgspec.json.Decoder()
+
+
+class SQLiteStorageConfig(PluginConfig, tag="sqlite", tag_field="backend", frozen=True):
+    path: str = "controlplane.db"
+    synchronous: Literal["full", "normal"] = "full"
+    busy_timeout_ms: int = 10_000
+
+
+def _ledger_row(r: Sequence[Any]) -> LedgerRow:
+    return LedgerRow(
+        id=r[0], identifier=r[1], org_id=r[2], meter=r[3], bucket_start=r[4], bucket_end=r[5],
+        revision=r[6], value_micros=r[7], quantity=r[8], state=RowState(r[9]), reason=r[10],
+        detail=r[11], attempts=r[12], first_attempt_at=r[13], provider_id=r[14],
+        created_at=r[15], updated_at=r[16], sent_at=r[17],
+    )
+
+
+def _maybe_json(text: str | None) -> Any:
+    return None if text is None else _decode.decode(text)
+
+
+class SQLiteStorage(Storage):
+    name = "sqlite"
+
+    def __init__(self, config: SQLiteStorageConfig) -> None:
+        self.config = config
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._write_lock = asyncio.Lock()
+
+    # lifecycle ----------------------------------------------------------------------------
+
+    async def _connect(self) -> aiosqlite.Connection:
+        path = self.config.path
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        conn = await aiosqlite.connect(path, isolation_level=None)
+        await conn.execute(f"PRAGMA busy_timeout = {int(self.config.busy_timeout_ms)}")
+        await conn.execute("PRAGMA journal_mode = WAL")
+        await conn.execute(f"PRAGMA synchronous = {self.config.synchronous.upper()}")
+        await conn.execute("PRAGMA foreign_keys = ON")
+        return conn
+
+    async def start(self) -> None:
+        if self.config.path == ":memory:":
+            raise ConfigError("storage.path: ':memory:' cannot be shared by reader and writer")
+        try:
+            self._writer = await self._connect()
+            self._reader = await self._connect()
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open SQLite database {self.config.path}: {exc}") from exc
+
+    async def close(self) -> None:
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+        self._reader = self._writer = None
+
+    @property
+    def _w(self) -> aiosqlite.Connection:
+        if self._writer is None:
+            raise StorageError("storage is not started")
+        return self._writer
+
+    @property
+    def _r(self) -> aiosqlite.Connection:
+        if self._reader is None:
+            raise StorageError("storage is not started")
+        return self._reader
+
+    @contextlib.asynccontextmanager
+    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction: all of it commits, or none of it."""
+        async with self._write_lock:
+            conn = self._w
+            try:
+                await conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StorageError(f"cannot begin a write transaction: {exc}") from exc
+            try:
+                yield conn
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await conn.execute("ROLLBACK")
+                raise
+            try:
+                await conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(Exception):
+                    await conn.execute("ROLLBACK")
+                raise StorageError(f"commit failed: {exc}") from exc
+
+    async def _all(self, query: str, params: Any = ()) -> list[Any]:
+        try:
+            async with self._r.execute(query, params) as cur:
+                return list(await cur.fetchall())
+        except sqlite3.Error as exc:
+            raise StorageError(str(exc)) from exc
+
+    # schema -------------------------------------------------------------------------------
+
+    async def _applied(self, conn: aiosqlite.Connection) -> dict[str, str]:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " name TEXT PRIMARY KEY, checksum TEXT NOT NULL, applied_at INTEGER NOT NULL)"
+        )
+        async with conn.execute("SELECT name, checksum FROM schema_migrations") as cur:
+            return {name: checksum for name, checksum in await cur.fetchall()}
+
+    async def migrate(self) -> list[str]:
+        known = migrations.available("sqlite")
+        done: list[str] = []
+        async with self._write_lock:
+            conn = self._w
+            for migration in migrations.pending(known, await self._applied(conn)):
+                try:
+                    await conn.execute("BEGIN IMMEDIATE")
+                    for statement in _statements(migration.sql):
+                        await conn.execute(statement)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (name, checksum, applied_at) VALUES (?,?,?)",
+                        (migration.name, migration.checksum, int(time.time())),
+                    )
+                    await conn.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    await conn.execute("ROLLBACK")
+                    raise MigrationError(f"migration {migration.name} failed: {exc}") from exc
+                done.append(migration.name)
+        return done
+
+    async def migration_status(self) -> MigrationStatus:
+        known = migrations.available("sqlite")
+        async with self._write_lock:
+            applied = await self._applied(self._w)
+        todo = migrations.pending(known, applied)
+        return MigrationStatus(applied=sorted(applied), pending=[m.name for m in todo])
+
+    async def ping(self) -> None:
+        await self._all("SELECT 1")
+
+    async def pin_setting(self, key: str, value: str) -> None:
+        async with self._tx() as conn:
+            async with conn.execute(Q["get_setting"], (key,)) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                await conn.execute(Q["put_setting"], (key, value))
+            elif row[0] != value:
+                raise ConfigError(
+                    f"rollup.{key}: the data was written with {key} = {row[0]}; "
+                    f"it cannot change to {value}"
+                )
+
+    # ingest -------------------------------------------------------------------------------
+
+    async def insert_events(
+        self, events: Sequence[StoredEvent], bucket_seconds: int
+    ) -> IngestResult:
+        keys = _json.encode([[e.source, e.event_id] for e in events])
+        now = int(time.time())
+        try:
+            async with self._tx() as conn:
+                async with conn.execute(Q["existing_events"], (keys,)) as cur:
+                    existing = {(s, i) for s, i in await cur.fetchall()}
+                async with conn.execute(Q["max_event_pk"]) as cur:
+                    row = await cur.fetchone()
+                    next_pk = (row[0] if row else 0) + 1
+                event_rows = []
+                value_rows = []
+                dirty: set[tuple[str, int]] = set()
+                for e in events:
+                    if (e.source, e.event_id) in existing:
+                        continue
+                    bucket = bucket_of(e.time_ms, bucket_seconds)
+                    event_rows.append(
+                        (next_pk, e.source, e.event_id, e.type, e.org_id, e.time_ms,
+                         e.data.decode(), now)
+                    )
+                    for meter, micros in e.values:
+                        value_rows.append((next_pk, meter, e.org_id, bucket, micros))
+                    dirty.add((e.org_id, bucket))
+                    next_pk += 1
+                if event_rows:
+                    await conn.executemany(Q["insert_event"], event_rows)
+                    await conn.executemany(Q["insert_meter_value"], value_rows)
+                    await conn.executemany(Q["mark_dirty"], sorted(dirty))
+        except sqlite3.Error as exc:
+            raise StorageError(f"ingest failed: {exc}") from exc
+        return IngestResult(accepted=len(event_rows), duplicates=len(events) - len(event_rows))
+
+    async def usage(
+        self, org_id: str | None, meter: str | None, start: int | None, end: int | None
+    ) -> list[UsageTotal]:
+        rows = await self._all(
+            Q["usage"], {"org": org_id, "meter": meter, "start": start, "end": end}
+        )
+        return [UsageTotal(org_id=r[0], meter=r[1], bucket_start=r[2], value_micros=r[3]) for r in rows]
+
+    # rollup -------------------------------------------------------------------------------
+
+    async def rollup_step(
+        self, closed_before: int, bucket_seconds: int, limit: int, planner: RollupPlanner,
+        org_id: str | None = None,
+    ) -> tuple[int, list[NewRow]]:
+        last_start = closed_before - bucket_seconds
+        now = int(time.time())
+        try:
+            async with self._tx() as conn:
+                async with conn.execute(
+                    Q["closed_dirty"], {"last_start": last_start, "org": org_id, "limit": limit}
+                ) as cur:
+                    buckets = [BucketKey(org_id=o, bucket_start=b) for o, b in await cur.fetchall()]
+                if not buckets:
+                    return 0, []
+                await conn.execute(Q["create_batch"])
+                await conn.execute(Q["clear_batch"])
+                await conn.executemany(Q["fill_batch"], [(b.org_id, b.bucket_start) for b in buckets])
+                async with conn.execute(Q["batch_totals"]) as cur:
+                    totals = [UsageTotal(o, m, b, v) for o, m, b, v in await cur.fetchall()]
+                ledger_sums: list[UsageTotal] = []
+                revisions: dict[tuple[str, str, int], int] = {}
+                async with conn.execute(Q["batch_ledger"]) as cur:
+                    for o, m, b, v, rev in await cur.fetchall():
+                        ledger_sums.append(UsageTotal(o, m, b, v))
+                        revisions[(o, m, b)] = rev
+                async with conn.execute(Q["batch_carries"]) as cur:
+                    carries = [Carry(o, m, e, q) for o, m, e, q in await cur.fetchall()]
+                orgs = await self._orgs_in_batch(conn)
+                plan = planner(
+                    RollupBatch(
+                        buckets=buckets, totals=totals, ledger_sums=ledger_sums,
+                        revisions=revisions, carries=carries, orgs=orgs,
+                    )
+                )
+                await conn.executemany(
+                    Q["insert_row"],
+                    [
+                        (r.identifier, r.org_id, r.meter, r.bucket_start, r.bucket_end, r.revision,
+                         r.value_micros, r.quantity, r.state.value, r.reason, now, now)
+                        for r in plan.rows
+                    ],
+                )
+                await conn.executemany(
+                    Q["upsert_carry"],
+                    [(c.org_id, c.meter, c.exact_micros, c.quantity) for c in plan.carries],
+                )
+                await conn.execute(Q["clear_dirty"])
+        except sqlite3.Error as exc:
+            raise StorageError(f"rollup failed: {exc}") from exc
+        return len(buckets), plan.rows
+
+    async def _orgs_in_batch(self, conn: aiosqlite.Connection) -> dict[str, Org]:
+        found: dict[str, tuple[str | None, int, list[PlanPeriod]]] = {}
+        async with conn.execute(Q["batch_orgs"]) as cur:
+            for org_id, customer, updated_at, plan, effective_from in await cur.fetchall():
+                entry = found.setdefault(org_id, (customer, updated_at, []))
+                if plan is not None:
+                    entry[2].append(PlanPeriod(plan=plan, effective_from=effective_from))
+        return {
+            org_id: Org(org_id=org_id, customer=c, plans=p, updated_at=u)
+            for org_id, (c, u, p) in found.items()
+        }
+
+    # ledger -------------------------------------------------------------------------------
+
+    async def ledger(
+        self,
+        *,
+        org_id: str | None = None,
+        state: RowState | None = None,
+        start: int | None = None,
+        end: int | None = None,
+        limit: int = 1000,
+    ) -> list[LedgerRow]:
+        rows = await self._all(
+            Q["ledger"],
+            {"org": org_id, "state": state.value if state else None, "start": start,
+             "end": end, "limit": limit},
+        )
+        return [_ledger_row(r) for r in rows]
+
+    async def sendable(
+        self, after_id: int, limit: int, org_id: str | None = None, until: int | None = None
+    ) -> list[SendItem]:
+        rows = await self._all(
+            Q["sendable"], {"after": after_id, "limit": limit, "org": org_id, "until": until}
+        )
+        return [SendItem(row=_ledger_row(r), customer=r[18]) for r in rows]
+
+    async def record_attempts(self, row_ids: Sequence[int], at: int) -> None:
+        async with self._tx() as conn:
+            await conn.executemany(Q["record_attempt"], [(at, at, i) for i in row_ids])
+
+    async def settle(self, settlements: Sequence[Settlement], at: int, actor: str) -> int:
+        moved = 0
+        async with self._tx() as conn:
+            audits: list[AuditEntry] = []
+            for s in settlements:
+                cur = await conn.execute(
+                    Q["settle_row"],
+                    (s.state.value, s.reason, s.detail, s.provider_id,
+                     at if s.state is RowState.SENT else None, at, s.row_id),
+                )
+                if cur.rowcount:
+                    moved += 1
+                    if s.state is RowState.SENT:
+                        audits.append(
+                            AuditEntry(
+                                action="ledger.sent", subject=s.identifier, actor=actor,
+                                after={"quantity": s.quantity, "customer": s.customer,
+                                       "provider_id": s.provider_id},
+                            )
+                        )
+            await self._append_audit(conn, audits, at)
+        return moved
+
+    # orgs ---------------------------------------------------------------------------------
+
+    async def get_org(self, org_id: str) -> Org | None:
+        rows = await self._all(Q["get_org"], (org_id,))
+        if not rows:
+            return None
+        plans = await self._all(Q["org_plans"], (org_id,))
+        return Org(
+            org_id=rows[0][0], customer=rows[0][1], updated_at=rows[0][2],
+            plans=[PlanPeriod(plan=p, effective_from=f) for p, f in plans],
+        )
+
+    async def set_org(
+        self,
+        org_id: str,
+        *,
+        customer: str | None,
+        plan: str | None,
+        effective_from: int,
+        at: int,
+        audit: AuditEntry,
+    ) -> Org:
+        async with self._tx() as conn:
+            await conn.execute(Q["upsert_org"], (org_id, customer, at))
+            if plan is not None:
+                await conn.execute(Q["upsert_plan"], (org_id, effective_from, plan))
+            await self._append_audit(conn, [audit], at)
+        org = await self.get_org(org_id)
+        assert org is not None
+        return org
+
+    # flags and audit ----------------------------------------------------------------------
+
+    async def runtime_flags(self) -> dict[str, RuntimeFlag]:
+        rows = await self._all(Q["runtime_flags"])
+        return {
+            n: RuntimeFlag(name=n, value=_decode.decode(v), version=ver, updated_at=u)
+            for n, v, ver, u in rows
+        }
+
+    async def write_flags(
+        self, writes: Sequence[FlagWrite], audit: Sequence[AuditEntry], at: int
+    ) -> dict[str, RuntimeFlag]:
+        from controlplane.errors import FlagRefused
+
+        out: dict[str, RuntimeFlag] = {}
+        async with self._tx() as conn:
+            for w in writes:
+                async with conn.execute(Q["flag_version"], (w.name,)) as cur:
+                    row = await cur.fetchone()
+                version = row[0] if row else 0
+                if version != w.expected_version:
+                    raise FlagRefused(
+                        "version", f"{w.name} changed while this change was prepared; retry"
+                    )
+                await conn.execute(
+                    Q["upsert_flag"], (w.name, _json.encode(w.value).decode(), version + 1, at)
+                )
+                out[w.name] = RuntimeFlag(name=w.name, value=w.value, version=version + 1, updated_at=at)
+            await self._append_audit(conn, audit, at)
+        return out
+
+    async def _append_audit(
+        self, conn: aiosqlite.Connection, entries: Sequence[AuditEntry], at: int
+    ) -> None:
+        if not entries:
+            return
+        async with conn.execute(Q["last_audit_hash"]) as cur:
+            row = await cur.fetchone()
+        prev = row[0] if row else audit_chain.GENESIS
+        rows = []
+        for e in entries:
+            digest = audit_chain.record_hash(prev, at, e)
+            rows.append(
+                (at, e.action, e.subject, e.actor, e.reason,
+                 None if e.before is None else _json.encode(e.before).decode(),
+                 None if e.after is None else _json.encode(e.after).decode(),
+                 int(e.forced), e.group_id, prev, digest)
+            )
+            prev = digest
+        await conn.executemany(Q["insert_audit"], rows)
+
+    async def append_audit(self, entries: Sequence[AuditEntry], at: int) -> None:
+        async with self._tx() as conn:
+            await self._append_audit(conn, entries, at)
+
+    async def audit_log(
+        self, *, action_prefix: str | None = None, limit: int = 100
+    ) -> list[AuditRecord]:
+        rows = await self._all(Q["audit_log"], {"prefix": action_prefix, "limit": limit})
+        return [
+            AuditRecord(
+                id=r[0], at=r[1], action=r[2], subject=r[3], actor=r[4], reason=r[5],
+                before=_maybe_json(r[6]), after=_maybe_json(r[7]), forced=bool(r[8]),
+                group_id=r[9], prev_hash=r[10], hash=r[11],
+            )
+            for r in rows
+        ]
+
+    # jobs ---------------------------------------------------------------------------------
+
+    async def record_job_run(self, run: JobRun) -> None:
+        async with self._tx() as conn:
+            await conn.execute(
+                Q["insert_job_run"],
+                (run.job, run.started_at, run.ended_at, run.outcome,
+                 _json.encode(run.counts).decode(), run.error),
+            )
+
+    async def job_runs(self, job: str | None = None, limit: int = 50) -> list[JobRun]:
+        rows = await self._all(Q["job_runs"], {"job": job, "limit": limit})
+        return [
+            JobRun(job=j, started_at=s, ended_at=e, outcome=o, counts=_decode.decode(c), error=err)
+            for j, s, e, o, c, err in rows
+        ]
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration file into statements (complete per sqlite3.complete_statement)."""
+    out: list[str] = []
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        if not buf and line.strip().startswith("--"):
+            continue
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip():
+                out.append(buf.strip())
+            buf = ""
+    if buf.strip():
+        out.append(buf.strip())
+    return out
+
+
+spec = PluginSpec(kind="storage", name="sqlite", config=SQLiteStorageConfig, factory=SQLiteStorage)

@@ -1,0 +1,170 @@
+-- name: existing_events
+SELECT source, event_id FROM usage_events
+WHERE (source, event_id) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?));
+
+-- name: max_event_pk
+SELECT coalesce(max(id), 0) FROM usage_events;
+
+-- name: insert_event
+INSERT INTO usage_events (id, source, event_id, type, org_id, time_ms, data, received_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?);
+
+-- name: insert_meter_value
+INSERT INTO meter_values (event_pk, meter, org_id, bucket_start, micros) VALUES (?, ?, ?, ?, ?);
+
+-- name: mark_dirty
+INSERT OR IGNORE INTO dirty_buckets (org_id, bucket_start) VALUES (?, ?);
+
+-- name: usage
+SELECT org_id, meter, bucket_start, sum(micros)
+FROM meter_values
+WHERE (:org IS NULL OR org_id = :org)
+  AND (:meter IS NULL OR meter = :meter)
+  AND (:start IS NULL OR bucket_start >= :start)
+  AND (:end IS NULL OR bucket_start < :end)
+GROUP BY org_id, meter, bucket_start
+ORDER BY org_id, meter, bucket_start;
+
+-- name: closed_dirty
+SELECT org_id, bucket_start FROM dirty_buckets
+WHERE bucket_start <= :last_start AND (:org IS NULL OR org_id = :org)
+ORDER BY bucket_start, org_id
+LIMIT :limit;
+
+-- name: create_batch
+CREATE TEMP TABLE IF NOT EXISTS rollup_batch (
+    org_id TEXT NOT NULL, bucket_start INTEGER NOT NULL, PRIMARY KEY (org_id, bucket_start)
+) WITHOUT ROWID;
+
+-- name: clear_batch
+DELETE FROM temp.rollup_batch;
+
+-- name: fill_batch
+INSERT INTO temp.rollup_batch (org_id, bucket_start) VALUES (?, ?);
+
+-- name: batch_totals
+SELECT v.org_id, v.meter, v.bucket_start, sum(v.micros)
+FROM temp.rollup_batch b
+JOIN meter_values v ON v.org_id = b.org_id AND v.bucket_start = b.bucket_start
+GROUP BY v.org_id, v.bucket_start, v.meter;
+
+-- name: batch_ledger
+SELECT l.org_id, l.meter, l.bucket_start, sum(l.value_micros), max(l.revision)
+FROM temp.rollup_batch b
+JOIN ledger l ON l.org_id = b.org_id AND l.bucket_start = b.bucket_start
+GROUP BY l.org_id, l.bucket_start, l.meter;
+
+-- name: batch_carries
+SELECT c.org_id, c.meter, c.exact_micros, c.quantity
+FROM carries c WHERE c.org_id IN (SELECT DISTINCT org_id FROM temp.rollup_batch);
+
+-- name: batch_orgs
+SELECT o.org_id, o.customer, o.updated_at, p.plan, p.effective_from
+FROM orgs o LEFT JOIN org_plans p ON p.org_id = o.org_id
+WHERE o.org_id IN (SELECT DISTINCT org_id FROM temp.rollup_batch)
+ORDER BY o.org_id, p.effective_from;
+
+-- name: insert_row
+INSERT INTO ledger (identifier, org_id, meter, bucket_start, bucket_end, revision,
+                    value_micros, quantity, state, reason, created_at, updated_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
+
+-- name: upsert_carry
+INSERT INTO carries (org_id, meter, exact_micros, quantity) VALUES (?, ?, ?, ?)
+ON CONFLICT (org_id, meter) DO UPDATE SET exact_micros = excluded.exact_micros,
+                                          quantity = excluded.quantity;
+
+-- name: clear_dirty
+DELETE FROM dirty_buckets
+WHERE (org_id, bucket_start) IN (SELECT org_id, bucket_start FROM temp.rollup_batch);
+
+-- name: ledger
+SELECT id, identifier, org_id, meter, bucket_start, bucket_end, revision, value_micros,
+       quantity, state, reason, detail, attempts, first_attempt_at, provider_id,
+       created_at, updated_at, sent_at
+FROM ledger
+WHERE (:org IS NULL OR org_id = :org)
+  AND (:state IS NULL OR state = :state)
+  AND (:start IS NULL OR bucket_start >= :start)
+  AND (:end IS NULL OR bucket_start < :end)
+ORDER BY id
+LIMIT :limit;
+
+-- name: sendable
+SELECT l.id, l.identifier, l.org_id, l.meter, l.bucket_start, l.bucket_end, l.revision,
+       l.value_micros, l.quantity, l.state, l.reason, l.detail, l.attempts,
+       l.first_attempt_at, l.provider_id, l.created_at, l.updated_at, l.sent_at, o.customer
+FROM ledger l LEFT JOIN orgs o ON o.org_id = l.org_id
+WHERE l.id > :after
+  AND (l.state = 'pending'
+       OR (l.state = 'held' AND l.reason = 'no_customer' AND o.customer IS NOT NULL))
+  AND (:org IS NULL OR l.org_id = :org)
+  AND (:until IS NULL OR l.bucket_start < :until)
+ORDER BY l.id
+LIMIT :limit;
+
+-- name: record_attempt
+UPDATE ledger SET attempts = attempts + 1, first_attempt_at = coalesce(first_attempt_at, ?),
+                  updated_at = ?
+WHERE id = ?;
+
+-- name: settle_row
+UPDATE ledger SET state = ?, reason = ?, detail = ?, provider_id = coalesce(?, provider_id),
+                  sent_at = ?, updated_at = ?
+WHERE id = ? AND state IN ('pending', 'held');
+
+-- name: get_org
+SELECT org_id, customer, updated_at FROM orgs WHERE org_id = ?;
+
+-- name: org_plans
+SELECT plan, effective_from FROM org_plans WHERE org_id = ? ORDER BY effective_from;
+
+-- name: upsert_org
+INSERT INTO orgs (org_id, customer, updated_at) VALUES (?, ?, ?)
+ON CONFLICT (org_id) DO UPDATE SET customer = coalesce(excluded.customer, orgs.customer),
+                                   updated_at = excluded.updated_at;
+
+-- name: upsert_plan
+INSERT INTO org_plans (org_id, effective_from, plan) VALUES (?, ?, ?)
+ON CONFLICT (org_id, effective_from) DO UPDATE SET plan = excluded.plan;
+
+-- name: runtime_flags
+SELECT name, value, version, updated_at FROM flags;
+
+-- name: flag_version
+SELECT version FROM flags WHERE name = ?;
+
+-- name: upsert_flag
+INSERT INTO flags (name, value, version, updated_at) VALUES (?, ?, ?, ?)
+ON CONFLICT (name) DO UPDATE SET value = excluded.value, version = excluded.version,
+                                 updated_at = excluded.updated_at;
+
+-- name: last_audit_hash
+SELECT hash FROM audit_log ORDER BY id DESC LIMIT 1;
+
+-- name: insert_audit
+INSERT INTO audit_log (at, action, subject, actor, reason, before, after, forced, group_id,
+                       prev_hash, hash)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
+
+-- name: audit_log
+SELECT id, at, action, subject, actor, reason, before, after, forced, group_id, prev_hash, hash
+FROM audit_log
+WHERE (:prefix IS NULL OR action LIKE :prefix || '%')
+ORDER BY id DESC
+LIMIT :limit;
+
+-- name: insert_job_run
+INSERT INTO job_runs (job, started_at, ended_at, outcome, counts, error) VALUES (?, ?, ?, ?, ?, ?);
+
+-- name: job_runs
+SELECT job, started_at, ended_at, outcome, counts, error FROM job_runs
+WHERE (:job IS NULL OR job = :job)
+ORDER BY id DESC
+LIMIT :limit;
+
+-- name: get_setting
+SELECT value FROM settings WHERE key = ?;
+
+-- name: put_setting
+INSERT INTO settings (key, value) VALUES (?, ?);
