@@ -121,7 +121,7 @@ def _decode_plugin(section: str, raw: Any, kind: registry.Kind) -> PluginConfig:
         raise ConfigError(f"{section}: expected a table")
     name = raw.get("backend")
     if not isinstance(name, str):
-        known = sorted(registry.specs(kind))
+        known = registry.names(kind)
         raise ConfigError(f"{section}.backend: required, one of {known}")
     spec = registry.spec_for(kind, name)
     try:

@@ -24,6 +24,7 @@ from controlplane.errors import ConfigError
 
 Kind = Literal["storage", "ingest", "billing", "legacy"]
 KINDS: tuple[Kind, ...] = ("storage", "ingest", "billing", "legacy")
+ENTRY_POINT_GROUP = "controlplane.plugins"
 
 log = structlog.get_logger(__name__)
 
@@ -57,26 +58,24 @@ def _load(path: str) -> PluginSpec:
     return spec
 
 
+def names(kind: Kind) -> list[str]:
+    """Every plugin name of `kind`, built-in and from entry points, without importing them."""
+    found = set(BUILTIN[kind])
+    found.update(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+    return sorted(found)
+
+
 @cache
-def specs(kind: Kind) -> dict[str, PluginSpec]:
-    """Every plugin of `kind`, by name: built-ins first, then entry points."""
-    found = {name: _load(path) for name, path in BUILTIN[kind].items()}
-    for ep in entry_points(group="controlplane.plugins"):
-        try:
-            spec = ep.load()
-        except Exception as exc:  # a broken third-party plugin must not stop the others
-            log.warning("plugin.load_failed", entry_point=ep.name, error=str(exc))
-            continue
-        if isinstance(spec, PluginSpec) and spec.kind == kind:
-            found.setdefault(spec.name, spec)
-    return found
-
-
 def spec_for(kind: Kind, name: str) -> PluginSpec:
-    known = specs(kind)
-    if name not in known:
-        raise ConfigError(f"{kind}.backend: expected one of {sorted(known)}, got {name!r}")
-    return known[name]
+    """The plugin of `kind` called `name`; only that plugin's module is imported."""
+    if name in BUILTIN[kind]:
+        return _load(BUILTIN[kind][name])
+    for ep in entry_points(group=ENTRY_POINT_GROUP, name=name):
+        spec = ep.load()
+        if isinstance(spec, PluginSpec) and spec.kind == kind:
+            return spec
+        log.warning("plugin.ignored", entry_point=ep.name, reason=f"not a {kind} PluginSpec")
+    raise ConfigError(f"{kind}.backend: expected one of {names(kind)}, got {name!r}")
 
 
 def require(module: str, plugin: str, extra: str) -> Any:

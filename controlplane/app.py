@@ -1,0 +1,347 @@
+"""The HTTP API (litestar): a thin shell over :class:`controlplane.core.ControlPlane`.
+
+Errors are ``application/problem+json`` with `status`, `title`, `detail` and, for invalid
+input, `errors` listing each bad field (and event index). OpenAPI is served at ``/schema``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import msgspec
+import structlog
+from litestar import Litestar, Request, Response, get, post, put
+from litestar.connection import ASGIConnection
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.handlers.base import BaseRouteHandler
+from litestar.openapi import OpenAPIConfig
+from litestar.params import Parameter
+from litestar.types import ASGIApp, Receive, Scope, Send
+
+from controlplane import __version__
+from controlplane.auth import Forbidden, Principal, TokenStore, Unauthorized
+from controlplane.config import Config
+from controlplane.core import ControlPlane
+from controlplane.errors import (
+    ConfigError,
+    ControlPlaneError,
+    FlagRefused,
+    InvalidInput,
+    NotFound,
+    Problem,
+    StorageError,
+)
+from controlplane.events import decode_body
+from controlplane.ledger import RowState
+from controlplane.units import format_micros
+from flags import FLAGS, FlagChange
+
+log = structlog.get_logger("api")
+PROBLEM = "application/problem+json"
+
+
+# errors -----------------------------------------------------------------------------------
+
+
+def problem(status: int, title: str, detail: str, **extra: Any) -> Response[Any]:
+    return Response(
+        content={"type": "about:blank", "status": status, "title": title, "detail": detail, **extra},
+        status_code=status,
+        media_type=PROBLEM,
+        headers={"WWW-Authenticate": "Bearer"} if status == 401 else None,
+    )
+
+
+def _problems(problems: list[Problem]) -> list[dict[str, Any]]:
+    return [
+        {k: v for k, v in msgspec.structs.asdict(p).items() if v is not None} for p in problems
+    ]
+
+
+def _on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    if isinstance(exc, InvalidInput):
+        return problem(422, "Invalid input", exc.message, errors=_problems(exc.problems))
+    if isinstance(exc, Unauthorized):
+        return problem(401, "Unauthorized", str(exc))
+    if isinstance(exc, Forbidden):
+        return problem(403, "Forbidden", str(exc))
+    if isinstance(exc, NotFound):
+        return problem(404, "Not found", exc.message)
+    if isinstance(exc, FlagRefused):
+        return problem(409, "Refused", exc.message, rule=exc.rule)
+    if isinstance(exc, ValidationException):
+        errors = [
+            {"field": e.get("key", ""), "message": e.get("message", ""), "in": e.get("source", "")}
+            for e in (exc.extra if isinstance(exc.extra, list) else [])
+        ]
+        return problem(400, "Bad request", exc.detail, errors=errors)
+    if isinstance(exc, HTTPException):
+        return problem(exc.status_code, "Request refused", exc.detail)
+    if isinstance(exc, StorageError | ConfigError | ControlPlaneError):
+        log.error("api.error", error=str(exc), kind=type(exc).__name__)
+        return problem(503, "Unavailable", str(exc))
+    log.exception("api.unexpected", error=str(exc))
+    return problem(500, "Internal error", "unexpected error; see the server log")
+
+
+# auth -------------------------------------------------------------------------------------
+
+
+def require_scope(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    scope = handler.opt["scope"]
+    tokens: TokenStore = connection.app.state.tokens
+    connection.state.principal = tokens.authorize(connection.headers.get("authorization"), scope)
+
+
+def _actor(request: Request[Any, Any, Any]) -> str:
+    principal: Principal = request.state.principal
+    return principal.name
+
+
+async def _cp(state: State) -> ControlPlane:
+    cp: ControlPlane = state.cp
+    return cp
+
+
+# request id and access log ---------------------------------------------------------------
+
+
+def request_id_middleware(app: ASGIApp) -> ASGIApp:
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers", []))
+        rid = headers.get(b"x-request-id", b"").decode()[:64] or uuid.uuid4().hex
+        started = time.perf_counter()
+        status = 0
+
+        async def send_with_id(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        with structlog.contextvars.bound_contextvars(request_id=rid):
+            await app(scope, receive, send_with_id)
+            log.info(
+                "http.request", method=scope["method"], path=scope["path"], status=status,
+                ms=round((time.perf_counter() - started) * 1000, 1),
+            )
+
+    return middleware
+
+
+# handlers ---------------------------------------------------------------------------------
+
+Org = Annotated[str | None, Parameter(query="org", required=False)]
+From = Annotated[int | None, Parameter(query="from", required=False, ge=0)]
+To = Annotated[int | None, Parameter(query="to", required=False, ge=0)]
+
+
+@post("/v1/events", opt={"scope": "ingest"}, status_code=200, summary="Ingest usage events")
+async def ingest_events(request: Request[Any, Any, Any], cp: ControlPlane) -> dict[str, int]:
+    """Accepts a JSON object, a JSON array, NDJSON or a CloudEvents batch. All or nothing;
+    answers after commit with the accepted and duplicate counts."""
+    limit = cp.config.server.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(status_code=413, detail=f"body over {limit} bytes")
+    body = await request.body()
+    if len(body) > limit:
+        raise HTTPException(status_code=413, detail=f"body over {limit} bytes")
+    items = decode_body(body, request.headers.get("content-type", "application/json"))
+    if len(items) > cp.config.server.max_batch_events:
+        raise HTTPException(
+            status_code=413,
+            detail=f"{len(items)} events; at most {cp.config.server.max_batch_events} per batch",
+        )
+    result = await cp.ingest(items, "http")
+    return {"accepted": result.accepted, "duplicates": result.duplicates}
+
+
+@get("/v1/usage", opt={"scope": "read"}, summary="Usage totals per bucket, from events")
+async def usage(
+    cp: ControlPlane, org: Org = None, meter: str | None = None, start: From = None, end: To = None
+) -> dict[str, Any]:
+    rows = await cp.storage.usage(org, meter, start, end)
+    return {
+        "rows": [
+            {"org_id": r.org_id, "meter": r.meter, "bucket_start": r.bucket_start,
+             "value": format_micros(r.value_micros)}
+            for r in rows
+        ]
+    }
+
+
+@get("/v1/ledger", opt={"scope": "read"}, summary="Ledger rows")
+async def ledger(
+    cp: ControlPlane,
+    org: Org = None,
+    row_state: Annotated[RowState | None, Parameter(query="state", required=False)] = None,
+    start: From = None,
+    end: To = None,
+    limit: Annotated[int, Parameter(ge=1, le=10_000)] = 1000,
+) -> dict[str, Any]:
+    rows = await cp.storage.ledger(org_id=org, state=row_state, start=start, end=end, limit=limit)
+    return {"rows": [r.to_api() for r in rows]}
+
+
+@get("/v1/flags", opt={"scope": "read"}, summary="Flag values, their source layer and version")
+async def get_flags(cp: ControlPlane) -> dict[str, Any]:
+    return (await cp.flags()).to_api()
+
+
+class FlagPut(msgspec.Struct, forbid_unknown_fields=True):
+    value: Any
+    reason: str
+    force: bool = False
+
+
+@put("/v1/flags/{name:str}", opt={"scope": "admin"}, summary="Set a flag's runtime value")
+async def put_flag(
+    request: Request[Any, Any, Any], cp: ControlPlane, name: str, data: FlagPut
+) -> dict[str, Any]:
+    if name not in FLAGS:
+        raise NotFound(f"unknown flag {name!r}; known: {sorted(FLAGS)}")
+    snapshot = await cp.set_flags(
+        [FlagChange(name=name, value=data.value)], actor=_actor(request), reason=data.reason,
+        force=data.force,
+    )
+    return snapshot.to_api()
+
+
+@get("/v1/flags/audit", opt={"scope": "read"}, summary="Flag change history, newest first")
+async def flag_audit(
+    cp: ControlPlane, limit: Annotated[int, Parameter(ge=1, le=1000)] = 100
+) -> dict[str, Any]:
+    records = await cp.storage.audit_log(action_prefix="flag.", limit=limit)
+    return {
+        "entries": [
+            {"id": r.id, "at": r.at, "flag": r.subject, "before": r.before, "after": r.after,
+             "actor": r.actor, "reason": r.reason, "forced": r.forced, "group_id": r.group_id}
+            for r in records
+        ]
+    }
+
+
+class OrgPut(msgspec.Struct, forbid_unknown_fields=True):
+    customer: str | None = None
+    plan: str | None = None
+    effective_from: int | None = None
+    reason: str | None = None
+
+
+def _org_api(org: Any) -> dict[str, Any]:
+    return {
+        "org_id": org.org_id,
+        "customer": org.customer,
+        "plan": org.plans[-1].plan if org.plans else None,
+        "plans": [{"plan": p.plan, "effective_from": p.effective_from} for p in org.plans],
+        "updated_at": org.updated_at,
+    }
+
+
+@put("/v1/orgs/{org_id:str}", opt={"scope": "admin"}, summary="Set an org's customer or plan")
+async def put_org(
+    request: Request[Any, Any, Any], cp: ControlPlane, org_id: str, data: OrgPut
+) -> dict[str, Any]:
+    org = await cp.set_org(
+        org_id, customer=data.customer, plan=data.plan, actor=_actor(request),
+        effective_from=data.effective_from, reason=data.reason,
+    )
+    return _org_api(org)
+
+
+@get("/v1/orgs/{org_id:str}", opt={"scope": "read"}, summary="An org's customer and plan history")
+async def get_org(cp: ControlPlane, org_id: str) -> dict[str, Any]:
+    org = await cp.storage.get_org(org_id)
+    if org is None:
+        raise NotFound(f"no org {org_id!r}")
+    return _org_api(org)
+
+
+@get("/v1/jobs", opt={"scope": "read"}, summary="Recent job runs, newest first")
+async def job_runs(
+    cp: ControlPlane, job: str | None = None,
+    limit: Annotated[int, Parameter(ge=1, le=1000)] = 50,
+) -> dict[str, Any]:
+    return {"runs": [msgspec.to_builtins(r) for r in await cp.storage.job_runs(job, limit)]}
+
+
+@get("/healthz", summary="Liveness")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get("/readyz", summary="Readiness: storage reachable, migrations current")
+async def readyz(cp: ControlPlane) -> Response[dict[str, Any]]:
+    checks: dict[str, Any] = {}
+    ok = True
+    try:
+        await cp.storage.ping()
+        checks["storage"] = "ok"
+        status = await cp.storage.migration_status()
+        checks["migrations"] = "ok" if status.current else f"pending: {status.pending}"
+        ok = status.current
+    except ControlPlaneError as exc:
+        checks["storage"] = f"failed: {exc}"
+        ok = False
+    return Response({"status": "ready" if ok else "not ready", "checks": checks},
+                    status_code=200 if ok else 503)
+
+
+# app --------------------------------------------------------------------------------------
+
+
+def create_app(config: Config, *, cp: ControlPlane | None = None, scheduler: bool = False) -> Litestar:
+    """The litestar app. Starts (and closes) the control plane in its lifespan; with
+    `scheduler`, also runs the rollup and sender jobs on their intervals."""
+    plane = cp or ControlPlane(config, migrate=config.server.migrate_on_start)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        async with plane:
+            app.state.cp = plane
+            if scheduler:
+                from controlplane.scheduler import Jobs
+
+                jobs = Jobs(plane)
+                jobs.start()
+                try:
+                    yield
+                finally:
+                    jobs.stop()
+            else:
+                yield
+
+    return Litestar(
+        route_handlers=[
+            ingest_events, usage, ledger, get_flags, put_flag, flag_audit, put_org, get_org,
+            job_runs, healthz, readyz,
+        ],
+        dependencies={"cp": Provide(_cp)},
+        guards=[_guard],
+        lifespan=[lifespan],
+        exception_handlers={Exception: _on_error},
+        middleware=[request_id_middleware],
+        request_max_body_size=config.server.max_body_bytes,
+        state=State({"tokens": TokenStore(config.auth)}),
+        openapi_config=OpenAPIConfig(
+            title="Control plane", version=__version__, path="/schema",
+            description="Metering and billing control plane: ingest, ledger, flags, cutover.",
+        ),
+        debug=False,
+    )
+
+
+def _guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    if "scope" in handler.opt:
+        require_scope(connection, handler)

@@ -1,0 +1,332 @@
+"""`controlplane`: the command line, a thin shell over the core.
+
+Every command takes ``--config`` (default ``./controlplane.toml`` when present, else the
+shipped ``config.example.toml``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from controlplane import config as config_mod
+from controlplane.config import Config
+from controlplane.errors import ControlPlaneError, InvalidInput
+
+Handler = Callable[[argparse.Namespace, Config], Awaitable[int]]
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(msgspec.to_builtins(value), indent=2, default=str))
+
+
+def _core(config: Config, migrate: bool = True) -> Any:
+    from controlplane.core import ControlPlane
+
+    return ControlPlane(config, migrate=migrate)
+
+
+# serve / migrate ----------------------------------------------------------------------------
+
+
+def serve(args: argparse.Namespace, config: Config) -> int:
+    import uvicorn
+
+    from controlplane.app import create_app
+
+    if args.no_migrate:
+        config = msgspec.structs.replace(
+            config, server=msgspec.structs.replace(config.server, migrate_on_start=False)
+        )
+    host = args.host or config.server.host
+    port = args.port or config.server.port
+    app = create_app(config, scheduler=not args.no_scheduler)
+    print(f"control plane listening on http://{host}:{port} (config {config.source})",
+          file=sys.stderr)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
+    return 0
+
+
+async def migrate(args: argparse.Namespace, config: Config) -> int:
+    from controlplane.registry import spec_for
+
+    storage = spec_for("storage", config.storage_backend).factory(config.storage)
+    await storage.start()
+    try:
+        applied = await storage.migrate()
+        status = await storage.migration_status()
+    finally:
+        await storage.close()
+    print(f"applied: {', '.join(applied) or 'nothing'}; schema at {status.applied[-1]}")
+    return 0
+
+
+# ingest -----------------------------------------------------------------------------------
+
+
+class Progress:
+    """A one-line progress report on stderr, redrawn at most every 0.2 s."""
+
+    def __init__(self, total_bytes: int) -> None:
+        self.total = max(total_bytes, 1)
+        self.started = time.monotonic()
+        self.last = 0.0
+        self.tty = sys.stderr.isatty()
+        self.shown = -1
+
+    def update(self, done_bytes: int, events: int, final: bool = False) -> None:
+        now = time.monotonic()
+        if (not final and now - self.last < (0.2 if self.tty else 5.0)) or events == self.shown:
+            return
+        self.last, self.shown = now, events
+        pct = min(100.0, 100.0 * done_bytes / self.total)
+        rate = events / max(now - self.started, 1e-9)
+        width = 30
+        bar = "#" * int(width * pct / 100)
+        line = f"[{bar:<{width}}] {pct:5.1f}%  {events} events  {rate:,.0f}/s"
+        end = "\n" if final or not self.tty else ""
+        print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
+
+
+async def ingest(args: argparse.Namespace, config: Config) -> int:
+    from plugins.ingest.file import detect_format, read_lines
+
+    path = Path(args.file)
+    fmt = args.format or detect_format(path)
+    totals = {"accepted": 0, "duplicates": 0, "rejected": 0}
+    reasons: list[str] = []
+    progress = Progress(path.stat().st_size)
+
+    async with _core(config) as cp:
+        with path.open("rb") as stream:
+            batch: list[Any] = []
+            lines: list[int] = []
+
+            async def flush() -> None:
+                try:
+                    if args.dry_run:
+                        events, dupes = cp.ingestor.prepare(batch, args.source)
+                        totals["accepted"] += len(events)
+                        totals["duplicates"] += dupes
+                    else:
+                        result = await cp.ingest(batch, args.source)
+                        totals["accepted"] += result.accepted
+                        totals["duplicates"] += result.duplicates
+                except InvalidInput as exc:
+                    totals["rejected"] += len(batch)
+                    for p in exc.problems:
+                        where = f"line {lines[p.index]}" if p.index is not None else "batch"
+                        reasons.append(f"{where}: {p.field or 'event'}: {p.message}")
+                batch.clear()
+                lines.clear()
+                progress.update(stream.tell(), sum(totals.values()))
+
+            try:
+                for line in read_lines(stream, fmt):
+                    batch.append(line.event)
+                    lines.append(line.number)
+                    if len(batch) >= args.batch_size:
+                        await flush()
+                if batch:
+                    await flush()
+            except InvalidInput as exc:
+                reasons.append(exc.message)
+                totals["rejected"] += len(batch)
+        progress.update(progress.total, sum(totals.values()), final=True)
+    verb = "would accept" if args.dry_run else "accepted"
+    print(f"{verb} {totals['accepted']}, duplicates {totals['duplicates']}, "
+          f"rejected {totals['rejected']} (batches with an invalid event store nothing)")
+    for reason in reasons[:50]:
+        print(f"  {reason}")
+    if len(reasons) > 50:
+        print(f"  ... and {len(reasons) - 50} more")
+    return 1 if totals["rejected"] else 0
+
+
+# jobs -------------------------------------------------------------------------------------
+
+
+async def rollup(args: argparse.Namespace, config: Config) -> int:
+    async with _core(config) as cp:
+        stats = await cp.record("rollup", lambda: cp.rollup(until=args.until))
+    _print_json(stats)
+    return 0
+
+
+async def send(args: argparse.Namespace, config: Config) -> int:
+    async with _core(config) as cp:
+        stats = await cp.record("send", cp.send)
+    _print_json(stats)
+    return 0
+
+
+# orgs, flags, tokens ------------------------------------------------------------------------
+
+
+async def orgs(args: argparse.Namespace, config: Config) -> int:
+    async with _core(config) as cp:
+        if args.action == "set":
+            org = await cp.set_org(
+                args.org, customer=args.customer, plan=args.plan, actor=args.actor,
+                effective_from=args.effective_from, reason=args.reason,
+            )
+        else:
+            org = await cp.storage.get_org(args.org)
+            if org is None:
+                print(f"no org {args.org!r}", file=sys.stderr)
+                return 1
+    _print_json(org)
+    return 0
+
+
+async def flags(args: argparse.Namespace, config: Config) -> int:
+    from flags import FlagChange
+
+    async with _core(config) as cp:
+        if args.action == "set":
+            snapshot = await cp.set_flags(
+                [FlagChange(name=args.name, value=args.value)], actor=args.actor,
+                reason=args.reason, force=args.force,
+            )
+            _print_json(snapshot.to_api())
+        elif args.action == "audit":
+            records = await cp.storage.audit_log(action_prefix="flag.", limit=args.limit)
+            for r in records:
+                forced = " (forced)" if r.forced else ""
+                print(f"{r.at}  {r.subject}: {r.before!r} -> {r.after!r}  by {r.actor}{forced}: "
+                      f"{r.reason}")
+        else:
+            snapshot = await cp.flags()
+            for name, v in snapshot.values.items():
+                value = v.value.value if hasattr(v.value, "value") else v.value
+                print(f"{name:<10} {json.dumps(value):<14} source={v.source} version={v.version}")
+            print(f"legacy_bill_until {json.dumps(snapshot.legacy_bill_until)}")
+    return 0
+
+
+def token(args: argparse.Namespace, config: Config | None) -> int:
+    from controlplane.auth import create_token
+
+    secret, lines = create_token(args.name, [s.strip() for s in args.scopes.split(",") if s.strip()])
+    print(f"token (shown once, store it now): {secret}\n")
+    print("add to your config:\n")
+    print(lines)
+    return 0
+
+
+def stripe_emulator(args: argparse.Namespace, config: Config | None) -> int:
+    from controlplane.stripe_emulator import run
+
+    run(host=args.host, port=args.port, rate_limit=args.rate_limit, fail_rate=args.fail_rate,
+        drop_rate=args.drop_rate, latency_ms=args.latency_ms, seed=args.seed)
+    return 0
+
+
+# parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="controlplane", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="config file (default: ./controlplane.toml, else config.example.toml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", parents=[common], help="run the HTTP API and the scheduled jobs")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--no-migrate", action="store_true", help="do not apply pending migrations")
+    p.add_argument("--no-scheduler", action="store_true", help="do not run rollup and send jobs")
+    p.set_defaults(func=serve, sync=True)
+
+    p = sub.add_parser("migrate", parents=[common], help="apply pending schema migrations")
+    p.set_defaults(func=migrate)
+
+    p = sub.add_parser("ingest", parents=[common], help="backfill events from an NDJSON or CSV file")
+    p.add_argument("file")
+    p.add_argument("--format", choices=["ndjson", "csv"])
+    p.add_argument("--source", default="file", help="source for events that name none (default: file)")
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--dry-run", action="store_true", help="validate and report; store nothing")
+    p.set_defaults(func=ingest)
+
+    p = sub.add_parser("rollup", parents=[common], help="roll up closed buckets into the ledger")
+    p.add_argument("--until", type=int, help="treat buckets ending at or before T as closed")
+    p.set_defaults(func=rollup)
+
+    p = sub.add_parser("send", parents=[common], help="deliver pending ledger rows (when flags allow)")
+    p.set_defaults(func=send)
+
+    p = sub.add_parser("orgs", parents=[common], help="org customers and plans")
+    osub = p.add_subparsers(dest="action", required=True)
+    o = osub.add_parser("set", parents=[common])
+    o.add_argument("org")
+    o.add_argument("--customer")
+    o.add_argument("--plan")
+    o.add_argument("--effective-from", type=int, help="unix seconds (default: now)")
+    o.add_argument("--reason")
+    o.add_argument("--actor", default="cli")
+    o = osub.add_parser("show", parents=[common])
+    o.add_argument("org")
+    p.set_defaults(func=orgs)
+
+    p = sub.add_parser("flags", parents=[common], help="cutover flags")
+    fsub = p.add_subparsers(dest="action", required=True)
+    fsub.add_parser("list", parents=[common])
+    f = fsub.add_parser("set", parents=[common])
+    f.add_argument("name")
+    f.add_argument("value")
+    f.add_argument("--reason", required=True)
+    f.add_argument("--force", action="store_true")
+    f.add_argument("--actor", default="cli")
+    f = fsub.add_parser("audit", parents=[common])
+    f.add_argument("--limit", type=int, default=50)
+    p.set_defaults(func=flags)
+
+    p = sub.add_parser("token", parents=[common], help="API tokens")
+    tsub = p.add_subparsers(dest="action", required=True)
+    t = tsub.add_parser("create", parents=[common])
+    t.add_argument("--name", required=True)
+    t.add_argument("--scopes", default="ingest,read")
+    p.set_defaults(func=token, sync=True, no_config=True)
+
+    p = sub.add_parser("stripe-emulator", parents=[common], help="run the local Stripe emulator")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=12111)
+    p.add_argument("--rate-limit", type=float, default=None, help="requests per second")
+    p.add_argument("--fail-rate", type=float, default=0.0)
+    p.add_argument("--drop-rate", type=float, default=0.0)
+    p.add_argument("--latency-ms", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=stripe_emulator, sync=True, no_config=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if getattr(args, "no_config", False):
+            return int(args.func(args, None))
+        config = config_mod.load(args.config)
+        from controlplane.logs import configure
+
+        configure(config.logging)
+        if getattr(args, "sync", False):
+            return int(args.func(args, config))
+        return int(asyncio.run(args.func(args, config)))
+    except ControlPlaneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

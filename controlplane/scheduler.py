@@ -1,0 +1,42 @@
+"""The jobs `serve` runs on a schedule: rollup and send, each pass recorded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from controlplane.core import ControlPlane
+
+log = structlog.get_logger("scheduler")
+
+
+class Jobs:
+    def __init__(self, cp: ControlPlane) -> None:
+        self.cp = cp
+        self.scheduler = AsyncIOScheduler(timezone="UTC")
+        rollup = cp.config.rollup.interval_seconds
+        send = cp.config.sender.interval_seconds
+        common: dict[str, Any] = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
+        self.scheduler.add_job(self.rollup, "interval", seconds=rollup, id="rollup", **common)
+        self.scheduler.add_job(self.send, "interval", seconds=send, id="send", **common)
+
+    async def rollup(self) -> None:
+        try:
+            await self.cp.record("rollup", self.cp.rollup)
+        except Exception:  # recorded and logged by record(); the next run tries again
+            pass
+
+    async def send(self) -> None:
+        try:
+            await self.cp.record("send", self.cp.send)
+        except Exception:
+            pass
+
+    def start(self) -> None:
+        self.scheduler.start()
+        log.info("scheduler.started", jobs=[j.id for j in self.scheduler.get_jobs()])
+
+    def stop(self) -> None:
+        self.scheduler.shutdown(wait=False)
