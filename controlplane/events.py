@@ -9,7 +9,7 @@ meter values are exact from the wire on.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
@@ -38,6 +38,8 @@ _batch_decoder = msgspec.json.Decoder(list[EventIn], float_hook=Decimal)
 _one_decoder = msgspec.json.Decoder(EventIn, float_hook=Decimal)
 _any_decoder = msgspec.json.Decoder(float_hook=Decimal)
 _data_encoder = msgspec.json.Encoder(decimal_format="number")
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 JSON_TYPES = ("application/json", "application/cloudevents+json", "application/cloudevents-batch+json")
 NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/ndjson")
@@ -105,9 +107,8 @@ def _time_ms(event: EventIn) -> int:
         raise ValueError(f"time: not an RFC 3339 timestamp: {event.time!r}") from None
     if parsed.tzinfo is None:
         raise ValueError("time: must carry a UTC offset (e.g. 'Z')")
-    return int(parsed.timestamp() * 1000) if parsed.microsecond == 0 else (
-        int(parsed.timestamp()) * 1000 + parsed.microsecond // 1000
-    )
+    delta = parsed - _EPOCH  # integer arithmetic: no float rounding of the instant
+    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
 
 
 class Ingestor:

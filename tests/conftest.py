@@ -1,0 +1,85 @@
+"""Shared fixtures: configs on a temporary SQLite file, a started ControlPlane, free ports."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controlplane import config as config_mod
+from controlplane.config import Config
+from controlplane.core import ControlPlane
+from plugins.billing.fake import FakeBilling
+
+TOKEN = "cp_test_token"
+READ_TOKEN = "cp_test_read_only"
+HOUR = 3600
+T0 = 1_767_225_600  # 2026-01-01T00:00:00Z, a bucket boundary
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def raw_config(db: Path, **sections: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "storage": {"backend": "sqlite", "path": str(db), "synchronous": "normal"},
+        "auth": {
+            "tokens": [
+                {"name": "tester", "sha256": token_hash(TOKEN),
+                 "scopes": ["ingest", "read", "admin", "parity"]},
+                {"name": "reader", "sha256": token_hash(READ_TOKEN), "scopes": ["read"]},
+            ]
+        },
+        "rollup": {"bucket_seconds": HOUR, "grace_seconds": 600},
+        "meters": [
+            {"name": "gbs", "event_type": "tick", "value": "data.mb * data.s / 1024",
+             "where": "data.mb > 0", "event_name": "memory_gb_seconds"},
+            {"name": "calls", "event_type": "call", "aggregation": "count"},
+        ],
+    }
+    raw.update(sections)
+    return raw
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> Callable[..., Config]:
+    def make(**sections: Any) -> Config:
+        return config_mod.parse(raw_config(tmp_path / "cp.db", **sections))
+
+    return make
+
+
+@pytest.fixture
+def clock() -> list[float]:
+    """A settable clock: `clock[0] = t` moves time for the ControlPlane built by `cp`."""
+    return [float(T0 + 10 * HOUR)]
+
+
+@pytest.fixture
+def fake_billing() -> FakeBilling:
+    return FakeBilling()
+
+
+@pytest.fixture
+async def cp(
+    make_config: Callable[..., Config], clock: list[float], fake_billing: FakeBilling
+) -> AsyncIterator[ControlPlane]:
+    async with ControlPlane(make_config(), billing=fake_billing, clock=lambda: clock[0]) as plane:
+        yield plane
+
+
+def tick(event_id: str, org: str, at: int, mb: int = 1024, s: int = 20, **extra: Any) -> dict[str, Any]:
+    """A usage tick worth mb*s/1024 GB-seconds at unix second `at`."""
+    return {"id": event_id, "type": "tick", "subject": org, "ts": at * 1000,
+            "data": {"mb": mb, "s": s}, **extra}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from controlplane import config as config_mod
+from controlplane.config import Config
+from controlplane.errors import ConfigError
+from controlplane.secrets import EnvSecret, reveal
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "config.example.toml"
+
+
+def test_example_config_decodes() -> None:
+    config = config_mod.load(EXAMPLE)
+    assert config.storage_backend == "sqlite"
+    assert config.server.port == 8080
+    assert config.flags.shadow is True
+    assert [m.name for m in config.meters] == ["memory_gb_seconds"]
+    assert config.auth.tokens[0].scopes == ["ingest", "read", "admin", "parity"]
+
+
+def _documented_keys() -> set[str]:
+    """Every `section.key` the example writes, including commented-out settings."""
+    keys: set[str] = set()
+    section = ""
+    for line in EXAMPLE.read_text().splitlines():
+        stripped = line.strip().lstrip("#").strip()
+        head = re.match(r"^\[\[?([\w.]+)\]\]?", stripped)
+        if head:
+            section = head.group(1)
+            continue
+        kv = re.match(r"^(\w+)\s*=", stripped)
+        if kv and section:
+            keys.add(f"{section}.{kv.group(1)}")
+    return keys
+
+
+def _struct_keys(struct: type, prefix: str) -> set[str]:
+    out: set[str] = set()
+    info = msgspec.inspect.type_info(struct)
+    for field in getattr(info, "fields", ()):
+        out.add(f"{prefix}.{field.name}")
+    return out
+
+
+def test_every_setting_is_documented_in_the_example() -> None:
+    from controlplane.config import (
+        AuthConfig, FlagsConfig, LoggingConfig, RollupConfig, SenderConfig, ServerConfig,
+        TokenConfig,
+    )
+    from controlplane.meters import MeterConfig
+    from plugins.storage.sqlite import SQLiteStorageConfig
+
+    expected = (
+        _struct_keys(ServerConfig, "server")
+        | _struct_keys(RollupConfig, "rollup")
+        | _struct_keys(SenderConfig, "sender")
+        | _struct_keys(FlagsConfig, "flags")
+        | _struct_keys(LoggingConfig, "logging")
+        | _struct_keys(TokenConfig, "auth.tokens")
+        | _struct_keys(MeterConfig, "meters")
+        | _struct_keys(SQLiteStorageConfig, "storage")
+    )
+    expected -= {"auth.tokens"}  # the section itself
+    missing = sorted(expected - _documented_keys())
+    assert not missing, f"settings missing from config.example.toml: {missing}"
+    assert {f.name for f in msgspec.inspect.type_info(AuthConfig).fields} == {"tokens"}  # type: ignore[attr-defined]
+    top = {f.name for f in msgspec.inspect.type_info(Config).fields} - {"source"}  # type: ignore[attr-defined]
+    example_sections = set(tomllib.loads(EXAMPLE.read_text()))
+    assert top <= example_sections | {"billing"}, top - example_sections
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"storage": {"backend": "mysql"}}, "storage.backend: expected one of ['sqlite'"),
+        ({"storage": {"backend": "sqlite", "pth": "x"}}, "storage.pth: unknown setting"),
+        ({"server": {"port": "80"}}, "server.port: Expected `int`, got `str`"),
+        ({"server": {"prot": 80}}, "server.prot: unknown setting"),
+        ({"rollup": {"bucket_seconds": 7000}}, "rollup.bucket_seconds: must divide a day"),
+        ({"storage": {"path": "x"}}, "storage.backend: required"),
+        ({"meters": [{"name": "m", "event_type": "t"}]}, "meters[0] (m): `value` is required"),
+        ({"meters": [{"name": "m", "event_type": "t", "value": "open('x')"}]}, "meters[0] (m): unsupported syntax"),
+        ({"auth": {"tokens": [{"name": "a", "sha256": "x", "scopes": ["root"]}]}}, "auth.tokens[0].scopes[0]"),
+        ({"billing": {"backend": "fake", "rate": 1}}, "billing.rate: unknown setting"),
+    ],
+)
+def test_bad_config_names_the_setting(raw: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        config_mod.parse(raw)
+    assert message in str(err.value)
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config"):
+        config_mod.load(tmp_path / "nope.toml")
+
+
+def test_secret_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CP_TEST_SECRET", "s3cret")
+    assert reveal(EnvSecret(env="CP_TEST_SECRET"), "x") == "s3cret"
+    monkeypatch.delenv("CP_TEST_SECRET")
+    with pytest.raises(ConfigError) as err:
+        reveal(EnvSecret(env="CP_TEST_SECRET"), "billing.api_key")
+    assert "billing.api_key: environment variable CP_TEST_SECRET is not set" == str(err.value)
+
+
+def test_token_hash_may_come_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from controlplane.auth import TokenStore, digest
+
+    monkeypatch.setenv("CP_TOKEN_SHA", digest("abc"))
+    config = config_mod.parse(
+        {"auth": {"tokens": [{"name": "ops", "sha256": {"env": "CP_TOKEN_SHA"}, "scopes": ["read"]}]}}
+    )
+    assert TokenStore(config.auth).authenticate("Bearer abc").name == "ops"
