@@ -17,11 +17,11 @@ import structlog
 from litestar import Litestar, Request, Response, get, post, put
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from controlplane import __version__
@@ -43,6 +43,7 @@ from controlplane.units import format_micros
 from flags import FLAGS, FlagChange
 
 log = structlog.get_logger("api")
+CP = NamedDependency[ControlPlane]
 PROBLEM = "application/problem+json"
 
 
@@ -141,13 +142,14 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
 
 # handlers ---------------------------------------------------------------------------------
 
-Org = Annotated[str | None, Parameter(query="org", required=False)]
-From = Annotated[int | None, Parameter(query="from", required=False, ge=0)]
-To = Annotated[int | None, Parameter(query="to", required=False, ge=0)]
+Org = FromQuery[str | None]
+From = Annotated[int | None, QueryParameter(name="from", ge=0)]
+To = Annotated[int | None, QueryParameter(name="to", ge=0)]
+Limit = Annotated[int, QueryParameter(ge=1, le=10_000)]
 
 
 @post("/v1/events", opt={"scope": "ingest"}, status_code=200, summary="Ingest usage events")
-async def ingest_events(request: Request[Any, Any, Any], cp: ControlPlane) -> dict[str, int]:
+async def ingest_events(request: Request[Any, Any, Any], cp: CP) -> dict[str, int]:
     """Accepts a JSON object, a JSON array, NDJSON or a CloudEvents batch. All or nothing;
     answers after commit with the accepted and duplicate counts."""
     limit = cp.config.server.max_body_bytes
@@ -169,7 +171,8 @@ async def ingest_events(request: Request[Any, Any, Any], cp: ControlPlane) -> di
 
 @get("/v1/usage", opt={"scope": "read"}, summary="Usage totals per bucket, from events")
 async def usage(
-    cp: ControlPlane, org: Org = None, meter: str | None = None, start: From = None, end: To = None
+    cp: CP, org: Org = None, meter: FromQuery[str | None] = None, start: From = None,
+    end: To = None,
 ) -> dict[str, Any]:
     rows = await cp.storage.usage(org, meter, start, end)
     return {
@@ -183,19 +186,19 @@ async def usage(
 
 @get("/v1/ledger", opt={"scope": "read"}, summary="Ledger rows")
 async def ledger(
-    cp: ControlPlane,
+    cp: CP,
     org: Org = None,
-    row_state: Annotated[RowState | None, Parameter(query="state", required=False)] = None,
+    row_state: Annotated[RowState | None, QueryParameter(name="state")] = None,
     start: From = None,
     end: To = None,
-    limit: Annotated[int, Parameter(ge=1, le=10_000)] = 1000,
+    limit: Limit = 1000,
 ) -> dict[str, Any]:
     rows = await cp.storage.ledger(org_id=org, state=row_state, start=start, end=end, limit=limit)
     return {"rows": [r.to_api() for r in rows]}
 
 
 @get("/v1/flags", opt={"scope": "read"}, summary="Flag values, their source layer and version")
-async def get_flags(cp: ControlPlane) -> dict[str, Any]:
+async def get_flags(cp: CP) -> dict[str, Any]:
     return (await cp.flags()).to_api()
 
 
@@ -207,7 +210,7 @@ class FlagPut(msgspec.Struct, forbid_unknown_fields=True):
 
 @put("/v1/flags/{name:str}", opt={"scope": "admin"}, summary="Set a flag's runtime value")
 async def put_flag(
-    request: Request[Any, Any, Any], cp: ControlPlane, name: str, data: FlagPut
+    request: Request[Any, Any, Any], cp: CP, name: FromPath[str], data: JSONBody[FlagPut]
 ) -> dict[str, Any]:
     if name not in FLAGS:
         raise NotFound(f"unknown flag {name!r}; known: {sorted(FLAGS)}")
@@ -220,7 +223,7 @@ async def put_flag(
 
 @get("/v1/flags/audit", opt={"scope": "read"}, summary="Flag change history, newest first")
 async def flag_audit(
-    cp: ControlPlane, limit: Annotated[int, Parameter(ge=1, le=1000)] = 100
+    cp: CP, limit: Limit = 100
 ) -> dict[str, Any]:
     records = await cp.storage.audit_log(action_prefix="flag.", limit=limit)
     return {
@@ -251,7 +254,7 @@ def _org_api(org: Any) -> dict[str, Any]:
 
 @put("/v1/orgs/{org_id:str}", opt={"scope": "admin"}, summary="Set an org's customer or plan")
 async def put_org(
-    request: Request[Any, Any, Any], cp: ControlPlane, org_id: str, data: OrgPut
+    request: Request[Any, Any, Any], cp: CP, org_id: FromPath[str], data: JSONBody[OrgPut]
 ) -> dict[str, Any]:
     org = await cp.set_org(
         org_id, customer=data.customer, plan=data.plan, actor=_actor(request),
@@ -261,7 +264,7 @@ async def put_org(
 
 
 @get("/v1/orgs/{org_id:str}", opt={"scope": "read"}, summary="An org's customer and plan history")
-async def get_org(cp: ControlPlane, org_id: str) -> dict[str, Any]:
+async def get_org(cp: CP, org_id: FromPath[str]) -> dict[str, Any]:
     org = await cp.storage.get_org(org_id)
     if org is None:
         raise NotFound(f"no org {org_id!r}")
@@ -270,8 +273,7 @@ async def get_org(cp: ControlPlane, org_id: str) -> dict[str, Any]:
 
 @get("/v1/jobs", opt={"scope": "read"}, summary="Recent job runs, newest first")
 async def job_runs(
-    cp: ControlPlane, job: str | None = None,
-    limit: Annotated[int, Parameter(ge=1, le=1000)] = 50,
+    cp: CP, job: FromQuery[str | None] = None, limit: Limit = 50,
 ) -> dict[str, Any]:
     return {"runs": [msgspec.to_builtins(r) for r in await cp.storage.job_runs(job, limit)]}
 
@@ -282,7 +284,7 @@ async def healthz() -> dict[str, str]:
 
 
 @get("/readyz", summary="Readiness: storage reachable, migrations current")
-async def readyz(cp: ControlPlane) -> Response[dict[str, Any]]:
+async def readyz(cp: CP) -> Response[dict[str, Any]]:
     checks: dict[str, Any] = {}
     ok = True
     try:

@@ -1,0 +1,264 @@
+"""Ingest throughput: the real server over HTTP against plain sqlite3 inserts of the same rows.
+
+    python -m bench.ingest [--events 200000] [--clients 4] [--batch 1000] [--storage sqlite]
+
+1. Server: `controlplane serve --no-scheduler` in a subprocess on a temporary SQLite file;
+   `--clients` httpx.AsyncClient tasks post pre-encoded JSON arrays of `--batch` events to
+   /v1/events until all are sent. Timed from the first request to the last response; every
+   response must be 200 with `accepted` equal to the batch size.
+2. Raw: a fresh SQLite file with the same migrations and PRAGMAs (WAL, synchronous FULL);
+   the same usage_events, meter_values and dirty_buckets rows, one `BEGIN IMMEDIATE` ...
+   `COMMIT` per batch with `executemany`.
+
+Both databases must end up with identical content (checked by hash, ignoring primary keys
+and commit order). Prints both rates and the ratio server/raw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import secrets
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+
+from bench._common import (
+    METER_TOML,
+    Stopwatch,
+    Workload,
+    apply_migrations,
+    batches,
+    connect,
+    digest,
+    machine,
+    process_cpu_seconds,
+    ratio_line,
+    rows_for,
+)
+
+TARGET = 0.5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _config(db: Path, port: int, token: str) -> str:
+    return f"""
+[server]
+host = "127.0.0.1"
+port = {port}
+
+[storage]
+backend = "sqlite"
+path = "{db}"
+synchronous = "full"
+
+[[auth.tokens]]
+name = "bench"
+sha256 = "{hashlib.sha256(token.encode()).hexdigest()}"
+scopes = ["ingest", "read"]
+
+[logging]
+level = "info"
+format = "json"
+{METER_TOML}"""
+
+
+class ServerRun(msgspec.Struct):
+    seconds: float
+    accepted: int
+    duplicates: int
+    latencies: list[float]
+    cpu_seconds: float | None
+
+
+async def _post_all(base: str, token: str, bodies: list[bytes], sizes: list[int],
+                    clients: int) -> tuple[int, int, list[float]]:
+    queue = iter(range(len(bodies)))
+    accepted = duplicates = 0
+    latencies: list[float] = []
+
+    async def client() -> None:
+        nonlocal accepted, duplicates
+        headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
+        async with httpx.AsyncClient(base_url=base, headers=headers, timeout=120) as http:
+            for n in queue:
+                started = time.perf_counter()
+                resp = await http.post("/v1/events", content=bodies[n])
+                latencies.append(time.perf_counter() - started)
+                if resp.status_code != 200:
+                    raise RuntimeError(f"batch {n}: HTTP {resp.status_code}: {resp.text[:300]}")
+                body = resp.json()
+                if body["accepted"] != sizes[n]:
+                    raise RuntimeError(f"batch {n}: accepted {body} of {sizes[n]}")
+                accepted += body["accepted"]
+                duplicates += body["duplicates"]
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return accepted, duplicates, latencies
+
+
+def run_server(work: Path, bodies: list[bytes], sizes: list[int], clients: int) -> ServerRun:
+    token = "cp_bench_" + secrets.token_urlsafe(16)
+    port = _free_port()
+    config = work / "server.toml"
+    config.write_text(_config(work / "server.db", port, token))
+    log = (work / "server.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "controlplane", "serve", "--config", str(config),
+         "--host", "127.0.0.1", "--port", str(port), "--no-scheduler"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(proc, base, work / "server.log")
+        cpu_before = process_cpu_seconds(proc.pid)
+        with Stopwatch() as sw:
+            accepted, duplicates, latencies = asyncio.run(
+                _post_all(base, token, bodies, sizes, clients)
+            )
+        cpu_after = process_cpu_seconds(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+    cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
+    return ServerRun(sw.seconds, accepted, duplicates, latencies, cpu)
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], base: str, log: Path) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                ready = httpx.get(f"{base}/readyz", timeout=5)  # storage opened, migrated
+                if ready.status_code == 200:
+                    return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"server not ready after 60 s:\n{log.read_text()[-2000:]}")
+
+
+def run_raw(db: Path, events: list[dict[str, Any]], batch: int) -> float:
+    conn = connect(db)
+    apply_migrations(conn)
+    received_at = int(time.time())
+    prepared = []
+    pk = 1
+    for r in batches(len(events), batch):
+        prepared.append(rows_for(events[r.start:r.stop], pk, received_at))
+        pk += len(r)
+    insert_event = (
+        "INSERT INTO usage_events (id, source, event_id, type, org_id, time_ms, data, received_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    )
+    insert_value = (
+        "INSERT INTO meter_values (event_pk, meter, org_id, bucket_start, micros)"
+        " VALUES (?, ?, ?, ?, ?)"
+    )
+    mark_dirty = "INSERT OR IGNORE INTO dirty_buckets (org_id, bucket_start) VALUES (?, ?)"
+    with Stopwatch() as sw:
+        for event_rows, value_rows, dirty in prepared:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(insert_event, event_rows)
+            conn.executemany(insert_value, value_rows)
+            conn.executemany(mark_dirty, dirty)
+            conn.execute("COMMIT")
+    conn.close()
+    return sw.seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__.splitlines()[0])
+    parser.add_argument("--storage", choices=["sqlite"], default="sqlite")
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--batch", type=int, default=1000, help="events per request")
+    parser.add_argument("--clients", type=int, default=4, help="concurrent HTTP clients")
+    parser.add_argument("--orgs", type=int, default=1000)
+    parser.add_argument("--buckets", type=int, default=24, help="hourly buckets spanned")
+    parser.add_argument("--dir", help="where to put the temporary databases (default: system temp)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = parser.parse_args(argv)
+
+    wl = Workload(events=args.events, orgs=args.orgs, buckets=args.buckets)
+    print(f"ingest benchmark ({args.storage}, synchronous=full) on {machine()}")
+    print(f"  {wl.events:,} events, batches of {args.batch:,}, {args.clients} clients, "
+          f"{wl.orgs:,} orgs over {wl.buckets} hourly buckets, 1 meter")
+
+    events = [wl.event(i) for i in range(wl.events)]
+    encode = msgspec.json.Encoder().encode
+    bodies = [encode(events[r.start:r.stop]) for r in batches(wl.events, args.batch)]
+    sizes = [len(r) for r in batches(wl.events, args.batch)]
+    print(f"  {len(bodies)} requests, {sum(map(len, bodies)) / len(bodies) / 1024:,.0f} KiB each")
+
+    tmp = tempfile.mkdtemp(prefix="cp-bench-ingest-", dir=args.dir)
+    work = Path(tmp)
+    try:
+        raw_seconds = run_raw(work / "raw.db", events, args.batch)
+        raw_rate = wl.events / raw_seconds
+        print(f"\n  raw sqlite3 executemany   {raw_seconds:8.2f} s  {raw_rate:>10,.0f} events/s  "
+              f"({raw_seconds / len(bodies) * 1000:.1f} ms per 1 batch transaction)")
+
+        server = run_server(work, bodies, sizes, args.clients)
+        server_rate = server.accepted / server.seconds
+        lat = sorted(server.latencies)
+        p95 = lat[min(len(lat) - 1, int(len(lat) * 0.95))]
+        cpu = (f", server CPU {server.cpu_seconds:.1f} s "
+               f"({server.cpu_seconds / server.seconds:.0%} of one core)"
+               if server.cpu_seconds is not None else "")
+        print(f"  server HTTP end to end    {server.seconds:8.2f} s  {server_rate:>10,.0f} events/s  "
+              f"(request p50 {statistics.median(lat) * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms{cpu})")
+
+        problems = []
+        if server.accepted != wl.events or server.duplicates:
+            problems.append(f"accepted {server.accepted:,} (duplicates {server.duplicates}) "
+                            f"of {wl.events:,} sent")
+        raw_db = connect(work / "raw.db")
+        server_db = connect(work / "server.db")
+        want, got = digest(raw_db), digest(server_db)
+        raw_db.close()
+        server_db.close()
+        if want != got:
+            problems.append(f"stored rows differ: server {got} vs raw {want}")
+        print()
+        if problems:
+            for p in problems:
+                print(f"  VERIFY FAILED: {p}")
+        else:
+            print(f"  verified: accepted {server.accepted:,} = sent; both databases hold "
+                  f"{got['usage_events']:,} events, {got['meter_values']:,} meter values, "
+                  f"{got['dirty_buckets']:,} dirty buckets (content hash {got['sha256']})")
+        print(ratio_line("server/raw events per second", server_rate / raw_rate, TARGET))
+        return 1 if problems else 0
+    finally:
+        if args.keep:
+            print(f"  kept {work}")
+        else:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
