@@ -1,0 +1,92 @@
+"""Real processes for end-to-end tests: `controlplane serve` and friends on loopback ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+class Process:
+    """A child process whose output goes to a log file (shown when a test fails)."""
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.log_path = log
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            self.args, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=self.env
+        )
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hooks, no flush, as in a crash."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if hasattr(self, "_log"):
+            self._log.close()
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+
+class Server(Process):
+    """`controlplane serve` on a free loopback port."""
+
+    def __init__(self, config: Path, log: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(
+            [sys.executable, "-m", "controlplane", "serve", "--config", str(config),
+             "--port", str(self.port), *extra],
+            log, env,
+        )
+
+    def start(self, timeout: float = 20.0) -> None:
+        super().start()
+        wait_http(f"{self.url}/healthz", timeout, self)
+
+
+def wait_http(url: str, timeout: float, proc: Process | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc and proc.proc and proc.proc.poll() is not None:
+            raise RuntimeError(f"process exited early:\n{proc.output()}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} not up after {timeout}s" + (f":\n{proc.output()}" if proc else ""))
+
+
+def bearer(token: str) -> dict[str, Any]:
+    return {"Authorization": f"Bearer {token}"}
