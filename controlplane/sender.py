@@ -21,6 +21,7 @@ across customers and a client-side rate limit. A held row never blocks newer row
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -56,22 +57,27 @@ class SendStats(msgspec.Struct):
 
 
 class RateLimiter:
-    """Spaces calls evenly so that no more than `rate` start in any second."""
+    """At most `rate` call starts in any sliding one-second window (with a small margin for
+    network jitter, so the provider's own window never sees more)."""
+
+    MARGIN = 1.05
 
     def __init__(self, rate: float | None) -> None:
-        self.interval = 1.0 / rate if rate else 0.0
-        self._next = 0.0
+        self.capacity = max(1, int(rate)) if rate else 0
+        self.window = self.capacity / rate * self.MARGIN if rate else 0.0
+        self._starts: collections.deque[float] = collections.deque()
         self._lock = asyncio.Lock()
 
     async def wait(self) -> None:
-        if not self.interval:
+        if not self.capacity:
             return
         async with self._lock:
-            now = time.monotonic()
-            delay = self._next - now
-            self._next = max(now, self._next) + self.interval
-        if delay > 0:
-            await asyncio.sleep(delay)
+            while len(self._starts) >= self.capacity:
+                wait = self._starts[0] + self.window - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                self._starts.popleft()
+            self._starts.append(time.monotonic())
 
 
 class Sender:
@@ -180,6 +186,13 @@ class Sender:
                 stats.held += 1
 
     async def _deliver(self, items: list[SendItem], stats: SendStats) -> None:
+        # Small groups: each group's attempts are recorded just before its calls, and its
+        # outcomes settled right after, so a crash leaves little to resend.
+        group = max(self.concurrency * 4, 32)
+        for start in range(0, len(items), group):
+            await self._deliver_group(items[start : start + group], stats)
+
+    async def _deliver_group(self, items: list[SendItem], stats: SendStats) -> None:
         await self.storage.record_attempts([i.row.id for i in items], int(time.time()))
         lanes: dict[tuple[str, str], list[SendItem]] = defaultdict(list)
         for item in items:
@@ -196,12 +209,8 @@ class Sender:
                 stats.calls += 1
                 outcome = delivery.outcome
                 if outcome in (Outcome.ACCEPTED, Outcome.DUPLICATE):
-                    results.append(
-                        _decide(item, RowState.SENT, None,
-                                "provider already had this identifier"
-                                if outcome is Outcome.DUPLICATE else None,
-                                delivery.provider_id)
-                    )
+                    detail = "provider already had this identifier" if outcome is Outcome.DUPLICATE else None
+                    results.append(_decide(item, RowState.SENT, None, detail, delivery.provider_id))
                 elif outcome is Outcome.REJECTED:
                     results.append(
                         _decide(item, RowState.HELD, Reason.PROVIDER_REJECTED, delivery.message)
@@ -215,7 +224,7 @@ class Sender:
                         "sender.not_delivered", identifier=item.row.identifier,
                         outcome=outcome.value, message=delivery.message,
                     )
-                    return  # keep this lane's order: the rest waits for the next pass
+                    return  # the rest of this lane waits for the next pass
 
         await asyncio.gather(*(lane(q) for q in lanes.values()))
         await self._settle(results, stats)
