@@ -239,9 +239,7 @@ def _invalid(param: str, message: str, code: str = "parameter_invalid") -> Emula
 
 
 def _no_such(kind: str, ident: str, param: str, status: int = 400) -> EmulatedError:
-    return EmulatedError(
-        status, f"No such {kind}: '{ident}'", param=param, code="resource_missing"
-    )
+    return EmulatedError(status, f"No such {kind}: '{ident}'", param=param, code="resource_missing")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -635,7 +633,9 @@ class StripeEmulator:
             reply = self._hook(method, path, query, body)
         else:
             reply = await self._api(method, path, query, headers, body)
-        await send({"type": "http.response.start", "status": reply.status, "headers": reply.headers})
+        await send(
+            {"type": "http.response.start", "status": reply.status, "headers": reply.headers}
+        )
         if reply.drop:
             # headers promised a body that never comes; returning closes the connection
             await send({"type": "http.response.body", "body": reply.body[:1], "more_body": True})
@@ -798,9 +798,7 @@ class StripeEmulator:
         params = request.params
         _only(params, _METER_FIELDS)
         display_name = _string(params, "display_name", required=True, max_length=250)
-        event_name = _string(
-            params, "event_name", required=True, max_length=MAX_EVENT_NAME_LENGTH
-        )
+        event_name = _string(params, "event_name", required=True, max_length=MAX_EVENT_NAME_LENGTH)
         aggregation = _object(params, "default_aggregation")
         formula = aggregation.get("formula")
         if not formula:
@@ -843,9 +841,7 @@ class StripeEmulator:
     def create_meter_event(self, request: ApiRequest) -> Json:
         params = request.params
         _only(params, _METER_EVENT_FIELDS)
-        event_name = _string(
-            params, "event_name", required=True, max_length=MAX_EVENT_NAME_LENGTH
-        )
+        event_name = _string(params, "event_name", required=True, max_length=MAX_EVENT_NAME_LENGTH)
         if "payload" not in params:
             raise _missing("payload")
         payload = _object(params, "payload")
@@ -917,9 +913,7 @@ class StripeEmulator:
     def create_meter_event_adjustment(self, request: ApiRequest) -> Json:
         params = request.params
         _only(params, _ADJUSTMENT_FIELDS)
-        event_name = _string(
-            params, "event_name", required=True, max_length=MAX_EVENT_NAME_LENGTH
-        )
+        event_name = _string(params, "event_name", required=True, max_length=MAX_EVENT_NAME_LENGTH)
         kind = _string(params, "type", required=True)
         if kind != "cancel":
             raise _invalid("type", f"Invalid type: must be cancel, got '{kind}'.")
@@ -961,7 +955,9 @@ class StripeEmulator:
 
     def list_event_summaries(self, request: ApiRequest) -> Json:
         params = request.params
-        _only(params, _LIST_FIELDS | {"customer", "start_time", "end_time", "value_grouping_window"})
+        _only(
+            params, _LIST_FIELDS | {"customer", "start_time", "end_time", "value_grouping_window"}
+        )
         meter = self._meter(request.args["id"])
         customer = _string(params, "customer", required=True)
         if customer not in self.customers:
@@ -1136,7 +1132,9 @@ _ADJUSTMENT_FIELDS = frozenset({"event_name", "type", "cancel"})
 
 ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/billing/meter_events", StripeEmulator.create_meter_event, meter_event=True),
-    Route("POST", "/v1/billing/meter_event_adjustments", StripeEmulator.create_meter_event_adjustment),
+    Route(
+        "POST", "/v1/billing/meter_event_adjustments", StripeEmulator.create_meter_event_adjustment
+    ),
     Route("GET", "/v1/billing/meters/{id}/event_summaries", StripeEmulator.list_event_summaries),
     Route("POST", "/v1/billing/meters", StripeEmulator.create_meter),
     Route("GET", "/v1/billing/meters", StripeEmulator.list_meters),
@@ -1320,9 +1318,18 @@ async def _lifespan(receive: Receive, send: Send) -> None:
 
 _MAX_HEAD = 64 * 1024
 _MAX_BODY = 16 * 1024 * 1024
-_REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found",
-            409: b"Conflict", 413: b"Content Too Large", 429: b"Too Many Requests", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
-            501: b"Not Implemented"}
+_REASONS = {
+    200: b"OK",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    404: b"Not Found",
+    409: b"Conflict",
+    413: b"Content Too Large",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+}
 
 
 class _Connection(asyncio.Protocol):
@@ -1619,7 +1626,7 @@ def run(
     async def serve() -> None:
         async with serve_emulator(emulator, host=host, port=port) as url:
             print(
-                f"[stripe-emulator] listening on {url}  (billing: api_base = \"{url}\", any "
+                f'[stripe-emulator] listening on {url}  (billing: api_base = "{url}", any '
                 f"api_key starting with sk_){'  faults: ' + faults if faults else ''}",
                 flush=True,
             )
