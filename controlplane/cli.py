@@ -222,14 +222,6 @@ def token(args: argparse.Namespace, config: Config | None) -> int:
     return 0
 
 
-def stripe_emulator(args: argparse.Namespace, config: Config | None) -> int:
-    from controlplane.stripe_emulator import run
-
-    run(host=args.host, port=args.port, rate_limit=args.rate_limit, fail_rate=args.fail_rate,
-        drop_rate=args.drop_rate, latency_ms=args.latency_ms, seed=args.seed)
-    return 0
-
-
 # parser -----------------------------------------------------------------------------------
 
 
@@ -297,19 +289,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--scopes", default="ingest,read")
     p.set_defaults(func=token, sync=True, no_config=True)
 
-    p = sub.add_parser("stripe-emulator", parents=[common], help="run the local Stripe emulator")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=12111)
-    p.add_argument("--rate-limit", type=float, default=None, help="requests per second")
-    p.add_argument("--fail-rate", type=float, default=0.0)
-    p.add_argument("--drop-rate", type=float, default=0.0)
-    p.add_argument("--latency-ms", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.set_defaults(func=stripe_emulator, sync=True, no_config=True)
+    # handled by controlplane.stripe_emulator.main, which owns its options (see main below)
+    sub.add_parser("stripe-emulator", help="run the local Stripe emulator (--help for options)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["stripe-emulator"]:
+        from controlplane import stripe_emulator
+
+        return stripe_emulator.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "no_config", False):

@@ -1,6 +1,7 @@
 """A stateful Stripe emulator: a test double of Stripe for the endpoints the control plane uses.
 
-It is an ASGI app, served by a small built-in HTTP/1.1 server, that the real ``stripe`` SDK talks to over HTTP::
+It is an ASGI app, served by a small built-in HTTP/1.1 server, that the real ``stripe`` SDK
+talks to over HTTP::
 
     client = stripe.StripeClient("sk_test_x", base_addresses={"api": "http://127.0.0.1:12111"})
 
@@ -102,6 +103,7 @@ __all__ = [
     "Faults",
     "StripeEmulator",
     "main",
+    "parse_form",
     "run",
     "serve_emulator",
     "serve_emulator_in_thread",
@@ -206,7 +208,7 @@ class EmulatedError(Exception):
         status: int,
         message: str,
         *,
-        type: str = "invalid_request_error",  # noqa: A002 - Stripe's own field name
+        type: str = "invalid_request_error",  # Stripe's own field name
         param: str | None = None,
         code: str | None = None,
         headers: Sequence[tuple[str, str]] = (),
@@ -552,7 +554,7 @@ class StripeEmulator:
             state["accepted_by_identifier"] = dict(self._acceptances)
         return state
 
-    def add_customer(self, id: str | None = None, **fields: Any) -> Json:  # noqa: A002
+    def add_customer(self, id: str | None = None, **fields: Any) -> Json:
         """Create a customer directly (no HTTP), optionally with a chosen id."""
         customer = copy.deepcopy(CUSTOMER_SHAPE)
         customer.update(
@@ -572,7 +574,7 @@ class StripeEmulator:
         formula: str = "sum",
         customer_key: str = "stripe_customer_id",
         value_key: str = "value",
-        id: str | None = None,  # noqa: A002
+        id: str | None = None,
     ) -> Json:
         """Create a meter directly (no HTTP); same rules as ``POST /v1/billing/meters``."""
         if event_name in self._meters_by_event:
@@ -653,7 +655,7 @@ class StripeEmulator:
         try:
             _authenticate(headers.get("authorization"))
             route, args = _route(method, path)
-            params = parse_form(body.decode() if method == "POST" else query)
+            params = parse_form(body.decode("utf-8", "replace") if method == "POST" else query)
             if not self._take_token():
                 self.counters.rate_limited += 1
                 raise EmulatedError(
@@ -845,6 +847,11 @@ class StripeEmulator:
         if "payload" not in params:
             raise _missing("payload")
         payload = _object(params, "payload")
+        for key, value in payload.items():
+            if not isinstance(value, str):
+                raise _invalid(
+                    f"payload[{key}]", f"Invalid payload: payload[{key}] must be a string."
+                )
         meter = self._meters_by_event.get(event_name)
         if meter is None or not meter.active:
             raise EmulatedError(
@@ -920,8 +927,12 @@ class StripeEmulator:
         identifier = _object(params, "cancel").get("identifier")
         if not identifier:
             raise _missing("cancel[identifier]")
+        if not isinstance(identifier, str):
+            raise _invalid("cancel[identifier]", "Invalid string: cancel[identifier].")
         self._forget_expired()
         event = self._identifiers.get(identifier)
+        if event is not None and self.now() - event.received_at >= CANCEL_WINDOW_SECONDS:
+            event = None
         if event is None or event.event_name != event_name:
             if identifier in self._acceptances and event is None:
                 message = (

@@ -139,7 +139,7 @@ class StripeBilling(Billing):
     async def close(self) -> None:
         http, self._http, self._client = self._http, None, None
         if http is not None:
-            await http.close_async()
+            await http.close_async()  # type: ignore[no-untyped-call]
 
     @property
     def rate_limit(self) -> float | None:
@@ -211,6 +211,7 @@ class StripeBilling(Billing):
             raise BillingError(
                 f"Stripe meter event summaries: {failure.message}"
             ) from failure.error
+        assert page is not None
         total = Decimal(0)
         async for summary in page.auto_paging_iter():
             total += Decimal(str(summary.aggregated_value))
@@ -230,6 +231,7 @@ class StripeBilling(Billing):
             )
             if failure is not None:
                 raise BillingError(f"Stripe meters: {failure.message}") from failure.error
+            assert page is not None
             async for meter in page.auto_paging_iter():
                 self._meter_ids.setdefault(meter.event_name, meter.id)
         try:
@@ -264,8 +266,13 @@ class StripeBilling(Billing):
                 error=failure.message,
             )
             await self._sleep(delay)
-        if ambiguous and failure.outcome in (Outcome.RETRY, Outcome.AMBIGUOUS):
-            failure = dataclasses.replace(failure, outcome=Outcome.AMBIGUOUS)
+        if ambiguous and failure.outcome is Outcome.RETRY:
+            failure = dataclasses.replace(
+                failure,
+                outcome=Outcome.AMBIGUOUS,
+                message="an earlier attempt got no complete answer and may have been applied; "
+                f"last answer: {failure.message}",
+            )
         return None, failure
 
     def _delay(self, retry: int, retry_after: float | None) -> float | None:

@@ -90,3 +90,26 @@ def wait_http(url: str, timeout: float, proc: Process | None = None) -> None:
 
 def bearer(token: str) -> dict[str, Any]:
     return {"Authorization": f"Bearer {token}"}
+
+
+class Emulator(Process):
+    """`controlplane stripe-emulator` on a free loopback port."""
+
+    def __init__(self, log: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(
+            [sys.executable, "-m", "controlplane", "stripe-emulator", "--port", str(self.port),
+             "--quiet", *extra],
+            log,
+        )
+
+    def start(self, timeout: float = 20.0) -> None:
+        super().start()
+        wait_http(f"{self.url}/_emulator/state", timeout, self)
+
+    def state(self) -> dict[str, Any]:
+        return httpx.get(f"{self.url}/_emulator/state", timeout=5).json()  # type: ignore[no-any-return]
+
+    def faults(self, **faults: Any) -> None:
+        httpx.post(f"{self.url}/_emulator/faults", json=faults, timeout=5).raise_for_status()
