@@ -168,6 +168,14 @@ async def send(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+async def demo(args: argparse.Namespace, config: Config) -> int:
+    from controlplane import demo as demo_mod
+
+    async with _core(config) as cp:
+        await demo_mod.run(cp, hours=args.hours, cutover=args.cutover)
+    return 0
+
+
 # orgs, flags, tokens ------------------------------------------------------------------------
 
 
@@ -288,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--name", required=True)
     t.add_argument("--scopes", default="ingest,read")
     p.set_defaults(func=token, sync=True, no_config=True)
+
+    p = sub.add_parser("demo", parents=[common], help="a guided first run against the Stripe emulator")
+    p.add_argument("--hours", type=int, default=3, help="hours of sample usage (default 3)")
+    p.add_argument("--cutover", action="store_true", help="flip the flags and send")
+    p.set_defaults(func=demo)
 
     # handled by controlplane.stripe_emulator.main, which owns its options (see main below)
     sub.add_parser("stripe-emulator", help="run the local Stripe emulator (--help for options)")

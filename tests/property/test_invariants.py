@@ -1,0 +1,522 @@
+"""DESIGN §2 invariants under random schedules, checked after every step (hypothesis stateful).
+
+One control plane on a fresh SQLite file per example, driven through its real entry points
+(ingest, rollup, send, set_org, set_flags) with an injected clock, over several orgs and both
+meters. The schedule mixes duplicate and late events (for buckets already rolled up or sent),
+plan changes, customers that arrive late, clock jumps, rollups, sends with random provider
+answers (accepted, retry, rejected, ambiguous) and flag flips. The provider double remembers an
+identifier for 24 h only, like Stripe, and logs every event it applied, so a resend after it
+forgot shows up as a double bill.
+
+Checked after every step:
+- conservation (§2.1): usage stored == the model of what was ingested; per (org, meter, bucket)
+  the ledger holds exactly the stored usage unless the bucket is dirty (open); per (org, meter)
+  Σ values == carry.exact and Σ quantities == carry.quantity == floor(Σ values), for every
+  prefix of the ledger;
+- ledger shape: deterministic identifiers, consecutive revisions, state/reason pairs, and only
+  the state moves DESIGN §4 allows (rows are never rewritten, only settled by the sender);
+- no double billing (§2.2): no identifier applied twice by the provider; every applied event is
+  a row that is `sent` (or whose applying call answered AMBIGUOUS) with the row's quantity,
+  customer, meter and bucket start; every `sent` row of quantity > 0 was applied, quantity-0
+  rows never reach the provider;
+- sends: no call and no row settled while shadow is on or the legacy biller is the authority;
+  nothing before bill_from delivered; each row's new state explained by the flags, the org's
+  customer, its age, and the provider's answer in that pass.
+And the `drain` rule (give every org a customer, stop all failures, cut over, roll up and send
+everything) checks what the customer is finally billed (§2.3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sqlite3
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Awaitable
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+import controlplane.config
+from controlplane.core import ControlPlane
+from controlplane.errors import FlagRefused, InvalidInput
+from controlplane.interfaces import Delivery, MeterEvent, Outcome
+from controlplane.ledger import LedgerRow, Reason, RowState
+from controlplane.units import MICROS
+from flags import FlagChange
+from plugins.billing.fake import FakeBilling
+
+T = TypeVar("T")
+
+HOUR = 3600
+DAY = 24 * HOUR
+GRACE = 600
+ORGS = ("o1", "o2", "o3")
+MAX_AGE = FakeBilling.max_event_age_seconds or 0
+CLOCK_SKEW_MARGIN = 300
+
+ALLOWED_REASONS: dict[RowState, set[str | None]] = {
+    RowState.PENDING: {None},
+    RowState.SENT: {None},
+    RowState.HELD: {Reason.NO_CUSTOMER, Reason.PROVIDER_REJECTED, Reason.AMBIGUOUS},
+    RowState.EXCLUDED: {Reason.BEFORE_BILL_FROM, Reason.FREE_PLAN, Reason.TOO_OLD},
+}
+# DESIGN §4: pending -> sent | held | excluded; held -> pending again (or straight on) when the
+# cause is fixed; sent -> cancelled only by a rollback (not exercised here); excluded is final.
+ALLOWED_MOVES: dict[RowState, set[RowState]] = {
+    RowState.PENDING: {RowState.PENDING, RowState.SENT, RowState.HELD, RowState.EXCLUDED},
+    RowState.HELD: {RowState.HELD, RowState.PENDING, RowState.SENT, RowState.EXCLUDED},
+    RowState.SENT: {RowState.SENT},
+    RowState.EXCLUDED: {RowState.EXCLUDED},
+}
+
+
+class StripeLikeBilling(FakeBilling):
+    """FakeBilling that forgets an identifier 24 h after applying it and logs every call."""
+
+    def __init__(self, clock: list[int]) -> None:
+        super().__init__()
+        self.clock = clock
+        self.log: list[tuple[MeterEvent, Outcome, bool]] = []  # (event, answer, applied?)
+        self.applied: list[MeterEvent] = []
+        self._applied_at: dict[str, int] = {}
+
+    async def send(self, event: MeterEvent) -> Delivery:
+        for ident, at in list(self._applied_at.items()):
+            if at < self.clock[0] - DAY:
+                self.events.pop(ident, None)
+                del self._applied_at[ident]
+        had = event.identifier in self.events
+        delivery = await super().send(event)
+        applied = not had and event.identifier in self.events
+        if applied:
+            self.applied.append(event)
+            self._applied_at[event.identifier] = self.clock[0]
+        self.log.append((event, delivery.outcome, applied))
+        return delivery
+
+
+def gbs_micros(mb: int, s: int) -> int:
+    """`data.mb * data.s / 1024` in micro-units, half-even at the sixth decimal."""
+    return round(Fraction(mb * s * MICROS, 1024))
+
+
+EVENT = st.tuples(
+    st.integers(0, 30),  # id number: a small pool, so ids repeat (duplicates)
+    st.sampled_from(ORGS),
+    st.sampled_from(("tick", "call")),
+    st.one_of(st.integers(0, 8), st.just(-1)),  # buckets back from now; -1: 40 days back
+    st.integers(0, HOUR - 1),  # second inside the bucket
+    st.integers(0, 2000),  # mb
+    st.integers(0, 5),  # s
+)
+
+
+class Pipeline:
+    """A control plane on a fresh SQLite file, its provider double, its clock and a model."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="cp-invariants-"))
+        self.db = self.dir / "cp.db"
+        # ahead of the wall clock: the sender stamps attempts with time.time(), see
+        # test_ambiguous_hold_follows_the_injected_clock_not_the_wall_clock
+        self.clock = [(int(time.time()) // HOUR + 2) * HOUR]
+        self.fake = StripeLikeBilling(self.clock)
+        config = controlplane.config.parse(
+            {
+                "storage": {"backend": "sqlite", "path": str(self.db), "synchronous": "normal"},
+                "rollup": {"bucket_seconds": HOUR, "grace_seconds": GRACE},
+                "sender": {"batch_size": 7, "concurrency": 3},
+                "meters": [
+                    {"name": "gbs", "event_type": "tick", "value": "data.mb * data.s / 1024"},
+                    {"name": "calls", "event_type": "call", "aggregation": "count"},
+                ],
+            }
+        )
+        self.loop = asyncio.new_event_loop()
+        self.cp = ControlPlane(config, billing=self.fake, clock=lambda: self.clock[0])
+        self.run(self.cp.start())
+        # the model
+        self.ingested: dict[str, tuple[str, str, int, int]] = {}  # id -> (org, meter, bucket, µ)
+        self.customers: dict[str, str] = {}
+        self.plans: dict[str, dict[int, str]] = defaultdict(dict)
+        self.rows: dict[int, LedgerRow] = {}
+        self.ambiguous_applied: set[str] = set()
+
+    def run(self, aw: Awaitable[T]) -> T:
+        return self.loop.run_until_complete(aw)
+
+    def close(self) -> None:
+        try:
+            self.run(self.cp.close())
+        finally:
+            self.loop.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    # helpers ----------------------------------------------------------------------------------
+
+    @property
+    def bucket_now(self) -> int:
+        return self.clock[0] // HOUR * HOUR
+
+    def plan_at(self, org: str, when: int) -> str:
+        current = "free"
+        for effective_from, plan in sorted(self.plans.get(org, {}).items()):
+            if effective_from <= when:
+                current = plan
+        return current
+
+    def ledger(self) -> list[LedgerRow]:
+        return self.run(self.cp.storage.ledger(limit=1_000_000))
+
+    def query(self, sql: str) -> list[Any]:
+        with sqlite3.connect(self.db) as conn:
+            return conn.execute(sql).fetchall()
+
+    def settle_snapshot(self, expect_unchanged: bool) -> dict[int, LedgerRow]:
+        """Check the rows against the previous step and remember them."""
+        now = {r.id: r for r in self.ledger()}
+        for row_id, before in self.rows.items():
+            after = now.get(row_id)
+            assert after is not None, f"ledger row {before.identifier} disappeared"
+            for field in ("identifier", "org_id", "meter", "bucket_start", "revision",
+                          "value_micros", "quantity"):
+                assert getattr(after, field) == getattr(before, field), (field, before, after)
+            assert after.state in ALLOWED_MOVES[before.state], (before, after)
+            if expect_unchanged:
+                assert (after.state, after.reason, after.attempts) == (
+                    before.state, before.reason, before.attempts
+                ), f"{after.identifier} changed outside a send: {before} -> {after}"
+        previous, self.rows = self.rows, now
+        return previous
+
+    # rules ----------------------------------------------------------------------------------
+
+    def start(self, orgs: list[tuple[str | None, bool]], cutover: int | None) -> None:
+        for org, (plan, customer) in zip(ORGS, orgs, strict=True):
+            if plan is not None or customer:
+                self.set_org(org, customer, plan, None, False)
+        if cutover is not None:
+            self.cutover(cutover)
+
+    def cutover(self, bill_from: int) -> None:
+        """What `cutover execute` does: all three flags in one change."""
+        self.set_flags(False, "controlplane", bill_from)
+
+    def rollback(self) -> None:
+        self.set_flags(True, "legacy", "keep")
+
+    def ingest(self, batch: list[tuple[int, str, str, int, int, int, int]]) -> None:
+        items = []
+        accepted = duplicates = 0
+        seen: set[str] = set()
+        for n, org, kind, back, second, mb, s in batch:
+            bucket = self.bucket_now - (40 * DAY if back < 0 else back * HOUR)
+            ident = f"e{n}"
+            event: dict[str, Any] = {
+                "id": ident, "type": kind, "subject": org, "ts": (bucket + second) * 1000,
+            }
+            if kind == "tick":
+                event["data"] = {"mb": mb, "s": s}
+            items.append(event)
+            if ident in self.ingested or ident in seen:
+                duplicates += 1
+                continue
+            seen.add(ident)
+            accepted += 1
+            meter, micros = ("gbs", gbs_micros(mb, s)) if kind == "tick" else ("calls", MICROS)
+            self.ingested[ident] = (org, meter, bucket, micros)
+        result = self.run(self.cp.ingest(items, "http"))
+        assert (result.accepted, result.duplicates) == (accepted, duplicates)
+        self.settle_snapshot(expect_unchanged=True)
+
+    def ingest_bad_batch(self, n: int, org: str) -> None:
+        good = {"id": f"e{n}", "type": "tick", "subject": org, "ts": self.clock[0] * 1000,
+                "data": {"mb": 1024, "s": 1}}
+        bad = {"id": f"e{n + 1}", "type": "tick", "subject": org, "ts": self.clock[0] * 1000,
+               "data": {"mb": 1024}}
+        with pytest.raises(InvalidInput):
+            self.run(self.cp.ingest([good, bad], "http"))
+        self.settle_snapshot(expect_unchanged=True)  # and the usage check: nothing stored
+
+    def advance(self, seconds: int) -> None:
+        self.clock[0] += seconds
+
+    def rollup(self, until: int | None) -> None:
+        closed_before = (
+            self.clock[0] - GRACE if until is None else self.bucket_now + until * HOUR
+        )
+        self.run(self.cp.rollup(until=None if until is None else closed_before))
+        previous = self.settle_snapshot(expect_unchanged=True)
+        for row in self.rows.values():
+            if row.id in previous:
+                continue
+            assert row.bucket_end <= closed_before, f"open bucket rolled up: {row}"
+            free = self.plan_at(row.org_id, row.bucket_start) != "pro"
+            expected = (
+                (RowState.EXCLUDED, Reason.FREE_PLAN) if free else (RowState.PENDING, None)
+            )
+            assert (row.state, row.reason) == expected, row
+        left = self.query(f"SELECT count(*) FROM dirty_buckets WHERE bucket_start + {HOUR} <= "
+                          f"{closed_before}")
+        assert left == [(0,)], "a closed dirty bucket was left behind"
+
+    def set_org(
+        self, org: str, customer: bool, plan: str | None, effective: int | None, half: bool
+    ) -> None:
+        if not customer and plan is None:
+            with pytest.raises(InvalidInput):
+                self.run(self.cp.set_org(org, customer=None, plan=None, actor="prop"))
+            return
+        effective_from = (
+            0 if effective is None else self.bucket_now + effective * HOUR + (1800 if half else 0)
+        )
+        self.run(
+            self.cp.set_org(
+                org, customer=f"cus_{org}" if customer else None, plan=plan, actor="prop",
+                effective_from=effective_from,
+            )
+        )
+        if customer:
+            self.customers[org] = f"cus_{org}"
+        if plan is not None:
+            self.plans[org][effective_from] = plan
+        self.settle_snapshot(expect_unchanged=True)
+
+    def set_flags(self, shadow: bool | None, authority: str | None, bill_from: Any) -> None:
+        changes = []
+        if shadow is not None:
+            changes.append(FlagChange("shadow", shadow))
+        if authority is not None:
+            changes.append(FlagChange("authority", authority))
+        if bill_from != "keep":
+            value = (
+                None if bill_from is None
+                else self.bucket_now - (41 * DAY if bill_from < 0 else bill_from * HOUR)
+            )
+            changes.append(FlagChange("bill_from", value))
+        if not changes:
+            return
+        before = self.run(self.cp.flags())
+        try:
+            self.run(self.cp.set_flags(changes, actor="prop", reason="property test"))
+        except FlagRefused:
+            after = self.run(self.cp.flags())
+            assert after.values == before.values, "a refused flip changed a flag"
+        self.settle_snapshot(expect_unchanged=True)
+
+    def send(self, answers: list[Outcome], reject: str | None) -> None:
+        script = list(answers)
+        rejected = f"cus_{reject}" if reject else None
+
+        def decide(event: MeterEvent) -> Outcome | None:
+            if event.customer == rejected:
+                return Outcome.REJECTED
+            return script.pop(0) if script else None
+
+        self.fake.decide = decide
+        try:
+            self.check_send(lambda: self.run(self.cp.send()))
+        finally:
+            self.fake.decide = None
+
+    def check_send(self, send: Any) -> None:
+        flags = self.run(self.cp.flags())
+        calls_before = len(self.fake.log)
+        send()
+        calls = self.fake.log[calls_before:]
+        sending = flags.sending and flags.bill_from is not None
+        self.dbg = getattr(self, "dbg", Counter()); self.dbg[f"send sending={sending}"] += 1
+        previous = self.settle_snapshot(expect_unchanged=not sending)
+        if not sending:
+            assert calls == [], "the provider was called while shadow or legacy"
+            return
+        bill_from = flags.bill_from
+        assert bill_from is not None
+        now = self.clock[0]
+        by_ident = {r.identifier: r for r in self.rows.values()}
+        answers: dict[str, list[Outcome]] = defaultdict(list)
+        for event, outcome, applied in calls:
+            row = by_ident[event.identifier]
+            before = previous[row.id]
+            assert before.state is RowState.PENDING or (
+                before.state is RowState.HELD and before.reason == Reason.NO_CUSTOMER
+            ), f"called for a {before.state}/{before.reason} row {row.identifier}"
+            assert row.bucket_start >= bill_from, f"delivered before bill_from: {row}"
+            assert row.bucket_start >= now - MAX_AGE, f"delivered too old a bucket: {row}"
+            assert event == MeterEvent(
+                identifier=row.identifier, event_name=row.meter,
+                customer=self.customers[row.org_id], value=row.quantity,
+                timestamp=row.bucket_start,
+            )
+            assert event.value != 0, "a quantity-0 row reached the provider"
+            answers[row.identifier].append(outcome)
+            if applied and outcome is Outcome.AMBIGUOUS:
+                self.ambiguous_applied.add(row.identifier)
+        for row in self.rows.values():
+            before = previous.get(row.id)
+            if before is None or (before.state, before.reason) == (row.state, row.reason):
+                if before is not None and row.identifier in answers:
+                    assert answers[row.identifier][-1] in (Outcome.RETRY, Outcome.AMBIGUOUS)
+                continue
+            got = answers.get(row.identifier, [])
+            move = (row.state, row.reason)
+            if move == (RowState.EXCLUDED, Reason.BEFORE_BILL_FROM):
+                assert row.bucket_start < bill_from and not got
+            elif move == (RowState.EXCLUDED, Reason.TOO_OLD):
+                assert row.bucket_start < now - MAX_AGE + CLOCK_SKEW_MARGIN and not got
+            elif move == (RowState.HELD, Reason.NO_CUSTOMER):
+                assert row.org_id not in self.customers and not got
+            elif move == (RowState.HELD, Reason.AMBIGUOUS):
+                assert row.attempts > 0 and not got
+            elif move == (RowState.HELD, Reason.PROVIDER_REJECTED):
+                assert got and got[-1] is Outcome.REJECTED
+            elif move == (RowState.SENT, None):
+                assert row.bucket_start >= bill_from
+                if row.quantity == 0:
+                    assert not got
+                else:
+                    assert got and got[-1] in (Outcome.ACCEPTED, Outcome.DUPLICATE)
+            else:
+                raise AssertionError(f"unexpected move {before} -> {row}")
+
+    def drain(self) -> None:
+        """Every org gets a customer, failures stop, cut over, roll up and send everything."""
+        for org in ORGS:
+            self.run(self.cp.set_org(org, customer=f"cus_{org}", plan=None, actor="prop"))
+            self.customers[org] = f"cus_{org}"
+        self.settle_snapshot(expect_unchanged=True)
+        flags = self.run(self.cp.flags())
+        bill_from = flags.bill_from if flags.bill_from is not None else self.bucket_now - 8 * HOUR
+        self.run(
+            self.cp.set_flags(
+                [FlagChange("authority", "controlplane"), FlagChange("bill_from", bill_from),
+                 FlagChange("shadow", False)],
+                actor="prop", reason="drain", force=True,
+            )
+        )
+        self.run(self.cp.rollup(until=self.bucket_now + HOUR))
+        self.settle_snapshot(expect_unchanged=True)
+        assert self.query("SELECT count(*) FROM dirty_buckets") == [(0,)]
+        self.check_send(lambda: self.run(self.cp.send()))
+        left = Counter((r.state, r.reason) for r in self.rows.values())
+        assert left[(RowState.PENDING, None)] == 0, left
+        assert left[(RowState.HELD, Reason.NO_CUSTOMER)] == 0, left
+        calls = len(self.fake.log)
+        self.check_send(lambda: self.run(self.cp.send()))
+        assert len(self.fake.log) == calls, "a second pass found more to send"
+
+        applied = {e.identifier for e in self.fake.applied}
+        usage: Counter[tuple[str, str]] = Counter()
+        for org, meter, _bucket, micros in self.ingested.values():
+            usage[(org, meter)] += micros
+        for org in ORGS:
+            for meter in ("gbs", "calls"):
+                rows = [r for r in self.rows.values() if (r.org_id, r.meter) == (org, meter)]
+                quantity: Counter[str] = Counter()
+                for r in rows:
+                    key = "applied-held" if r.state is RowState.HELD and r.identifier in applied \
+                        else r.state.value
+                    quantity[key] += r.quantity
+                got = sum(e.value for e in self.fake.applied
+                          if (e.customer, e.event_name) == (f"cus_{org}", meter))
+                # what the customer is billed is exactly what the ledger says was sent (plus
+                # rows whose delivery the provider applied but never confirmed) ...
+                assert got == quantity["sent"] + quantity["applied-held"]
+                # ... and the rest of floor(usage) is accounted for by excluded and held rows
+                assert got == (
+                    usage[(org, meter)] // MICROS - quantity["excluded"] - quantity["held"]
+                ), (org, meter, quantity)
+
+    # invariants -----------------------------------------------------------------------------
+
+    def check(self) -> None:
+        rows = self.ledger()
+        self.usage_is_conserved(rows)
+        self.rounding_carry_holds(rows)
+        self.ledger_rows_are_well_formed(rows)
+        self.nothing_is_billed_twice(rows)
+
+    def usage_is_conserved(self, rows: list[LedgerRow]) -> None:
+        expected: Counter[tuple[str, str, int]] = Counter()
+        for org, meter, bucket, micros in self.ingested.values():
+            expected[(org, meter, bucket)] += micros
+        stored = {
+            (o, m, b): v
+            for o, m, b, v in self.query(
+                "SELECT org_id, meter, bucket_start, sum(micros) FROM meter_values "
+                "GROUP BY 1, 2, 3"
+            )
+        }
+        assert stored == dict(expected), "stored usage differs from what was ingested"
+        assert self.query("SELECT count(*) FROM usage_events") == [(len(self.ingested),)]
+
+        dirty = set(self.query("SELECT org_id, bucket_start FROM dirty_buckets"))
+        ledger: Counter[tuple[str, str, int]] = Counter()
+        for r in rows:
+            ledger[(r.org_id, r.meter, r.bucket_start)] += r.value_micros
+        open_usage: Counter[tuple[str, str]] = Counter()
+        for key in stored.keys() | ledger.keys():
+            org, meter, bucket = key
+            if (org, bucket) in dirty:
+                open_usage[(org, meter)] += stored.get(key, 0) - ledger[key]
+            else:
+                assert stored.get(key, 0) == ledger[key], f"closed bucket {key} not in ledger"
+        totals: Counter[tuple[str, str]] = Counter()
+        folded: Counter[tuple[str, str]] = Counter()
+        for (org, meter, _b), v in stored.items():
+            totals[(org, meter)] += v
+        for (org, meter, _b), v in ledger.items():
+            folded[(org, meter)] += v
+        for key in totals.keys() | folded.keys():
+            assert totals[key] == open_usage[key] + folded[key], key
+
+    def rounding_carry_holds(self, rows: list[LedgerRow]) -> None:
+        carries = {(o, m): (e, q) for o, m, e, q in self.query(
+            "SELECT org_id, meter, exact_micros, quantity FROM carries")}
+        seen: dict[tuple[str, str], tuple[int, int]] = {}
+        for r in rows:  # oldest first: every prefix keeps floor(Σ exact)
+            exact, whole = seen.get((r.org_id, r.meter), (0, 0))
+            exact, whole = exact + r.value_micros, whole + r.quantity
+            assert r.value_micros > 0 and r.quantity >= 0, r
+            assert whole == exact // MICROS, f"carry broken at {r.identifier}"
+            seen[(r.org_id, r.meter)] = (exact, whole)
+        assert carries == seen
+
+    def ledger_rows_are_well_formed(self, rows: list[LedgerRow]) -> None:
+        revisions: dict[tuple[str, str, int], list[int]] = defaultdict(list)
+        for r in rows:
+            assert r.identifier == f"{r.org_id}:{r.meter}:{r.bucket_start}:{r.revision}"
+            assert r.bucket_start % HOUR == 0 and r.bucket_end == r.bucket_start + HOUR
+            assert r.reason in ALLOWED_REASONS[r.state], r
+            assert (r.sent_at is not None) == (r.state is RowState.SENT), r
+            revisions[(r.org_id, r.meter, r.bucket_start)].append(r.revision)
+        for key, revs in revisions.items():
+            assert revs == list(range(1, len(revs) + 1)), (key, revs)
+
+    def nothing_is_billed_twice(self, rows: list[LedgerRow]) -> None:
+        applied = [e.identifier for e in self.fake.applied]
+        assert len(applied) == len(set(applied)), "an identifier was applied twice"
+        by_ident = {r.identifier: r for r in rows}
+        for event in self.fake.applied:
+            row = by_ident[event.identifier]
+            assert event.value == row.quantity and event.timestamp == row.bucket_start
+            assert row.state is RowState.SENT or (
+                event.identifier in self.ambiguous_applied
+                and row.state in (RowState.PENDING, RowState.HELD)
+            ), f"provider has {row.identifier} but the ledger says {row.state}/{row.reason}"
+        applied_set = set(applied)
+        called = {e.identifier for e, _o, _a in self.fake.log}
+        for r in rows:
+            if r.state is RowState.SENT and r.quantity:
+                assert r.identifier in applied_set, f"sent but never delivered: {r}"
+            if r.quantity == 0:
+                assert r.identifier not in called
+
+
