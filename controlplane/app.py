@@ -18,6 +18,7 @@ from litestar import Litestar, Request, Response, get, post, put
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
+from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
@@ -52,7 +53,13 @@ PROBLEM = "application/problem+json"
 
 def problem(status: int, title: str, detail: str, **extra: Any) -> Response[Any]:
     return Response(
-        content={"type": "about:blank", "status": status, "title": title, "detail": detail, **extra},
+        content={
+            "type": "about:blank",
+            "status": status,
+            "title": title,
+            "detail": detail,
+            **extra,
+        },
         status_code=status,
         media_type=PROBLEM,
         headers={"WWW-Authenticate": "Bearer"} if status == 401 else None,
@@ -60,9 +67,7 @@ def problem(status: int, title: str, detail: str, **extra: Any) -> Response[Any]
 
 
 def _problems(problems: list[Problem]) -> list[dict[str, Any]]:
-    return [
-        {k: v for k, v in msgspec.structs.asdict(p).items() if v is not None} for p in problems
-    ]
+    return [{k: v for k, v in msgspec.structs.asdict(p).items() if v is not None} for p in problems]
 
 
 def _on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
@@ -94,7 +99,9 @@ def _on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
 # auth -------------------------------------------------------------------------------------
 
 
-def require_scope(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+def require_scope(
+    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+) -> None:
     scope = handler.opt["scope"]
     tokens: TokenStore = connection.app.state.tokens
     connection.state.principal = tokens.authorize(connection.headers.get("authorization"), scope)
@@ -115,7 +122,7 @@ async def _cp(state: State) -> ControlPlane:
 
 def request_id_middleware(app: ASGIApp) -> ASGIApp:
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != ScopeType.HTTP:
             await app(scope, receive, send)
             return
         headers = dict(scope.get("headers", []))
@@ -133,7 +140,10 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
         with structlog.contextvars.bound_contextvars(request_id=rid):
             await app(scope, receive, send_with_id)
             log.info(
-                "http.request", method=scope["method"], path=scope["path"], status=status,
+                "http.request",
+                method=scope.get("method"),
+                path=scope["path"],
+                status=status,
                 ms=round((time.perf_counter() - started) * 1000, 1),
             )
 
@@ -171,14 +181,21 @@ async def ingest_events(request: Request[Any, Any, Any], cp: CP) -> dict[str, in
 
 @get("/v1/usage", opt={"scope": "read"}, summary="Usage totals per bucket, from events")
 async def usage(
-    cp: CP, org: Org = None, meter: FromQuery[str | None] = None, start: From = None,
+    cp: CP,
+    org: Org = None,
+    meter: FromQuery[str | None] = None,
+    start: From = None,
     end: To = None,
 ) -> dict[str, Any]:
     rows = await cp.storage.usage(org, meter, start, end)
     return {
         "rows": [
-            {"org_id": r.org_id, "meter": r.meter, "bucket_start": r.bucket_start,
-             "value": format_micros(r.value_micros)}
+            {
+                "org_id": r.org_id,
+                "meter": r.meter,
+                "bucket_start": r.bucket_start,
+                "value": format_micros(r.value_micros),
+            }
             for r in rows
         ]
     }
@@ -215,21 +232,30 @@ async def put_flag(
     if name not in FLAGS:
         raise NotFound(f"unknown flag {name!r}; known: {sorted(FLAGS)}")
     snapshot = await cp.set_flags(
-        [FlagChange(name=name, value=data.value)], actor=_actor(request), reason=data.reason,
+        [FlagChange(name=name, value=data.value)],
+        actor=_actor(request),
+        reason=data.reason,
         force=data.force,
     )
     return snapshot.to_api()
 
 
 @get("/v1/flags/audit", opt={"scope": "read"}, summary="Flag change history, newest first")
-async def flag_audit(
-    cp: CP, limit: Limit = 100
-) -> dict[str, Any]:
+async def flag_audit(cp: CP, limit: Limit = 100) -> dict[str, Any]:
     records = await cp.storage.audit_log(action_prefix="flag.", limit=limit)
     return {
         "entries": [
-            {"id": r.id, "at": r.at, "flag": r.subject, "before": r.before, "after": r.after,
-             "actor": r.actor, "reason": r.reason, "forced": r.forced, "group_id": r.group_id}
+            {
+                "id": r.id,
+                "at": r.at,
+                "flag": r.subject,
+                "before": r.before,
+                "after": r.after,
+                "actor": r.actor,
+                "reason": r.reason,
+                "forced": r.forced,
+                "group_id": r.group_id,
+            }
             for r in records
         ]
     }
@@ -257,8 +283,12 @@ async def put_org(
     request: Request[Any, Any, Any], cp: CP, org_id: FromPath[str], data: JSONBody[OrgPut]
 ) -> dict[str, Any]:
     org = await cp.set_org(
-        org_id, customer=data.customer, plan=data.plan, actor=_actor(request),
-        effective_from=data.effective_from, reason=data.reason,
+        org_id,
+        customer=data.customer,
+        plan=data.plan,
+        actor=_actor(request),
+        effective_from=data.effective_from,
+        reason=data.reason,
     )
     return _org_api(org)
 
@@ -273,7 +303,9 @@ async def get_org(cp: CP, org_id: FromPath[str]) -> dict[str, Any]:
 
 @get("/v1/jobs", opt={"scope": "read"}, summary="Recent job runs, newest first")
 async def job_runs(
-    cp: CP, job: FromQuery[str | None] = None, limit: Limit = 50,
+    cp: CP,
+    job: FromQuery[str | None] = None,
+    limit: Limit = 50,
 ) -> dict[str, Any]:
     return {"runs": [msgspec.to_builtins(r) for r in await cp.storage.job_runs(job, limit)]}
 
@@ -296,14 +328,17 @@ async def readyz(cp: CP) -> Response[dict[str, Any]]:
     except ControlPlaneError as exc:
         checks["storage"] = f"failed: {exc}"
         ok = False
-    return Response({"status": "ready" if ok else "not ready", "checks": checks},
-                    status_code=200 if ok else 503)
+    return Response(
+        {"status": "ready" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503
+    )
 
 
 # app --------------------------------------------------------------------------------------
 
 
-def create_app(config: Config, *, cp: ControlPlane | None = None, scheduler: bool = False) -> Litestar:
+def create_app(
+    config: Config, *, cp: ControlPlane | None = None, scheduler: bool = False
+) -> Litestar:
     """The litestar app. Starts (and closes) the control plane in its lifespan; with
     `scheduler`, also runs the rollup and sender jobs on their intervals."""
     plane = cp or ControlPlane(config, migrate=config.server.migrate_on_start)
@@ -326,8 +361,17 @@ def create_app(config: Config, *, cp: ControlPlane | None = None, scheduler: boo
 
     return Litestar(
         route_handlers=[
-            ingest_events, usage, ledger, get_flags, put_flag, flag_audit, put_org, get_org,
-            job_runs, healthz, readyz,
+            ingest_events,
+            usage,
+            ledger,
+            get_flags,
+            put_flag,
+            flag_audit,
+            put_org,
+            get_org,
+            job_runs,
+            healthz,
+            readyz,
         ],
         dependencies={"cp": Provide(_cp)},
         guards=[_guard],
@@ -337,7 +381,9 @@ def create_app(config: Config, *, cp: ControlPlane | None = None, scheduler: boo
         request_max_body_size=config.server.max_body_bytes,
         state=State({"tokens": TokenStore(config.auth)}),
         openapi_config=OpenAPIConfig(
-            title="Control plane", version=__version__, path="/schema",
+            title="Control plane",
+            version=__version__,
+            path="/schema",
             description="Metering and billing control plane: ingest, ledger, flags, cutover.",
         ),
         debug=False,

@@ -35,7 +35,11 @@ def digest(token: str) -> str:
 class TokenStore:
     def __init__(self, config: AuthConfig) -> None:
         self._tokens = [
-            (reveal(t.sha256, f"auth.tokens[{i}].sha256").strip().lower(), t.name, frozenset(t.scopes))
+            (
+                reveal(t.sha256, f"auth.tokens[{i}].sha256").strip().lower(),
+                t.name,
+                frozenset(t.scopes),
+            )
             for i, t in enumerate(config.tokens)
         ]
 
@@ -62,13 +66,12 @@ def create_token(name: str, scopes: list[str]) -> tuple[str, str]:
     """A new random token and the config lines that accept it (only its hash is stored)."""
     unknown = sorted(set(scopes) - set(SCOPES))
     if unknown:
-        raise InvalidInput([Problem(field="scopes", message=f"unknown {unknown}; known: {list(SCOPES)}")])
+        raise InvalidInput(
+            [Problem(field="scopes", message=f"unknown {unknown}; known: {list(SCOPES)}")]
+        )
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     scope_list = ", ".join(f'"{s}"' for s in scopes)
     lines = (
-        "[[auth.tokens]]\n"
-        f'name = "{name}"\n'
-        f'sha256 = "{digest(token)}"\n'
-        f"scopes = [{scope_list}]\n"
+        f'[[auth.tokens]]\nname = "{name}"\nsha256 = "{digest(token)}"\nscopes = [{scope_list}]\n'
     )
     return token, lines

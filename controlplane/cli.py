@@ -49,8 +49,9 @@ def serve(args: argparse.Namespace, config: Config) -> int:
     host = args.host or config.server.host
     port = args.port or config.server.port
     app = create_app(config, scheduler=not args.no_scheduler)
-    print(f"control plane listening on http://{host}:{port} (config {config.source})",
-          file=sys.stderr)
+    print(
+        f"control plane listening on http://{host}:{port} (config {config.source})", file=sys.stderr
+    )
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
     return 0
 
@@ -103,10 +104,10 @@ async def ingest(args: argparse.Namespace, config: Config) -> int:
     fmt = args.format or detect_format(path)
     totals = {"accepted": 0, "duplicates": 0, "rejected": 0}
     reasons: list[str] = []
-    progress = Progress(path.stat().st_size)
+    progress = Progress(path.stat().st_size)  # noqa: ASYNC240 - a one-shot CLI read
 
     async with _core(config) as cp:
-        with path.open("rb") as stream:
+        with path.open("rb") as stream:  # noqa: ASYNC230 - lines are read between awaits
             batch: list[Any] = []
             lines: list[int] = []
 
@@ -142,8 +143,10 @@ async def ingest(args: argparse.Namespace, config: Config) -> int:
                 totals["rejected"] += len(batch)
         progress.update(progress.total, sum(totals.values()), final=True)
     verb = "would accept" if args.dry_run else "accepted"
-    print(f"{verb} {totals['accepted']}, duplicates {totals['duplicates']}, "
-          f"rejected {totals['rejected']} (batches with an invalid event store nothing)")
+    print(
+        f"{verb} {totals['accepted']}, duplicates {totals['duplicates']}, "
+        f"rejected {totals['rejected']} (batches with an invalid event store nothing)"
+    )
     for reason in reasons[:50]:
         print(f"  {reason}")
     if len(reasons) > 50:
@@ -183,8 +186,12 @@ async def orgs(args: argparse.Namespace, config: Config) -> int:
     async with _core(config) as cp:
         if args.action == "set":
             org = await cp.set_org(
-                args.org, customer=args.customer, plan=args.plan, actor=args.actor,
-                effective_from=args.effective_from, reason=args.reason,
+                args.org,
+                customer=args.customer,
+                plan=args.plan,
+                actor=args.actor,
+                effective_from=args.effective_from,
+                reason=args.reason,
             )
         else:
             org = await cp.storage.get_org(args.org)
@@ -201,16 +208,20 @@ async def flags(args: argparse.Namespace, config: Config) -> int:
     async with _core(config) as cp:
         if args.action == "set":
             snapshot = await cp.set_flags(
-                [FlagChange(name=args.name, value=args.value)], actor=args.actor,
-                reason=args.reason, force=args.force,
+                [FlagChange(name=args.name, value=args.value)],
+                actor=args.actor,
+                reason=args.reason,
+                force=args.force,
             )
             _print_json(snapshot.to_api())
         elif args.action == "audit":
             records = await cp.storage.audit_log(action_prefix="flag.", limit=args.limit)
             for r in records:
                 forced = " (forced)" if r.forced else ""
-                print(f"{r.at}  {r.subject}: {r.before!r} -> {r.after!r}  by {r.actor}{forced}: "
-                      f"{r.reason}")
+                print(
+                    f"{r.at}  {r.subject}: {r.before!r} -> {r.after!r}  by {r.actor}{forced}: "
+                    f"{r.reason}"
+                )
         else:
             snapshot = await cp.flags()
             for name, v in snapshot.values.items():
@@ -223,7 +234,9 @@ async def flags(args: argparse.Namespace, config: Config) -> int:
 def token(args: argparse.Namespace, config: Config | None) -> int:
     from controlplane.auth import create_token
 
-    secret, lines = create_token(args.name, [s.strip() for s in args.scopes.split(",") if s.strip()])
+    secret, lines = create_token(
+        args.name, [s.strip() for s in args.scopes.split(",") if s.strip()]
+    )
     print(f"token (shown once, store it now): {secret}\n")
     print("add to your config:\n")
     print(lines)
@@ -236,7 +249,9 @@ def token(args: argparse.Namespace, config: Config | None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="controlplane", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="config file (default: ./controlplane.toml, else config.example.toml)")
+    common.add_argument(
+        "--config", help="config file (default: ./controlplane.toml, else config.example.toml)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", parents=[common], help="run the HTTP API and the scheduled jobs")
@@ -249,10 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrate", parents=[common], help="apply pending schema migrations")
     p.set_defaults(func=migrate)
 
-    p = sub.add_parser("ingest", parents=[common], help="backfill events from an NDJSON or CSV file")
+    p = sub.add_parser(
+        "ingest", parents=[common], help="backfill events from an NDJSON or CSV file"
+    )
     p.add_argument("file")
     p.add_argument("--format", choices=["ndjson", "csv"])
-    p.add_argument("--source", default="file", help="source for events that name none (default: file)")
+    p.add_argument(
+        "--source", default="file", help="source for events that name none (default: file)"
+    )
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--dry-run", action="store_true", help="validate and report; store nothing")
     p.set_defaults(func=ingest)
@@ -261,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", type=int, help="treat buckets ending at or before T as closed")
     p.set_defaults(func=rollup)
 
-    p = sub.add_parser("send", parents=[common], help="deliver pending ledger rows (when flags allow)")
+    p = sub.add_parser(
+        "send", parents=[common], help="deliver pending ledger rows (when flags allow)"
+    )
     p.set_defaults(func=send)
 
     p = sub.add_parser("orgs", parents=[common], help="org customers and plans")
@@ -297,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--scopes", default="ingest,read")
     p.set_defaults(func=token, sync=True, no_config=True)
 
-    p = sub.add_parser("demo", parents=[common], help="a guided first run against the Stripe emulator")
+    p = sub.add_parser(
+        "demo", parents=[common], help="a guided first run against the Stripe emulator"
+    )
     p.add_argument("--hours", type=int, default=3, help="hours of sample usage (default 3)")
     p.add_argument("--cutover", action="store_true", help="flip the flags and send")
     p.set_defaults(func=demo)

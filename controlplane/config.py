@@ -30,7 +30,7 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     pass
 
 
-class ServerConfig(_Section):
+class ServerConfig(_Section, frozen=True):
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 10 * 1024 * 1024
@@ -38,42 +38,42 @@ class ServerConfig(_Section):
     migrate_on_start: bool = True
 
 
-class TokenConfig(_Section):
+class TokenConfig(_Section, frozen=True):
     name: str
     sha256: Secret  # hex sha256 of the token, never the token itself
     scopes: list[Scope]
 
 
-class AuthConfig(_Section):
+class AuthConfig(_Section, frozen=True):
     tokens: list[TokenConfig] = []
 
 
-class RollupConfig(_Section):
+class RollupConfig(_Section, frozen=True):
     bucket_seconds: int = 3600
     grace_seconds: int = 600
     interval_seconds: float = 60.0
     batch_buckets: int = 5000  # dirty buckets per transaction
 
 
-class SenderConfig(_Section):
+class SenderConfig(_Section, frozen=True):
     interval_seconds: float = 30.0
     batch_size: int = 500
     concurrency: int = 8  # calls in flight across customers
     ambiguous_after_seconds: int = 23 * 3600  # stop resending blind before the 24 h dedupe ends
 
 
-class FlagsConfig(_Section):
+class FlagsConfig(_Section, frozen=True):
     shadow: bool | None = None
     bill_from: int | None = None
     authority: str | None = None
 
 
-class LoggingConfig(_Section):
+class LoggingConfig(_Section, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
 
 
-class Config(_Section):
+class Config(_Section, frozen=True):
     server: ServerConfig = ServerConfig()
     storage: PluginConfig = PluginConfig()  # replaced by the chosen plugin's config
     auth: AuthConfig = AuthConfig()

@@ -50,7 +50,9 @@ class ControlPlane:
         if billing is None and config.billing is not None:
             from controlplane.config import _backend_of
 
-            billing = registry.spec_for("billing", _backend_of(config.billing)).factory(config.billing)
+            billing = registry.spec_for("billing", _backend_of(config.billing)).factory(
+                config.billing
+            )
         self.billing = billing
         self.ingestor = Ingestor(
             self.storage, self.meters, config.rollup.bucket_seconds, config.server.max_batch_events
@@ -104,8 +106,14 @@ class ControlPlane:
         self, changes: Sequence[FlagChange], *, actor: str, reason: str, force: bool = False
     ) -> Snapshot:
         return await set_flags(
-            self.storage, self.static_flags, changes, actor=actor, reason=reason,
-            bucket_seconds=self.config.rollup.bucket_seconds, at=self.now(), force=force,
+            self.storage,
+            self.static_flags,
+            changes,
+            actor=actor,
+            reason=reason,
+            bucket_seconds=self.config.rollup.bucket_seconds,
+            at=self.now(),
+            force=force,
         )
 
     async def set_org(
@@ -125,10 +133,16 @@ class ControlPlane:
         before = await self.storage.get_org(org_id)
         at = self.now()
         return await self.storage.set_org(
-            org_id, customer=customer, plan=plan,
-            effective_from=at if effective_from is None else effective_from, at=at,
+            org_id,
+            customer=customer,
+            plan=plan,
+            effective_from=at if effective_from is None else effective_from,
+            at=at,
             audit=AuditEntry(
-                action="org.set", subject=org_id, actor=actor, reason=reason,
+                action="org.set",
+                subject=org_id,
+                actor=actor,
+                reason=reason,
                 before=msgspec.to_builtins(before) if before else None,
                 after={"customer": customer, "plan": plan, "effective_from": effective_from or at},
             ),
@@ -141,12 +155,15 @@ class ControlPlane:
     ) -> rollup.RollupStats:
         """Roll up closed dirty buckets; `until` overrides the watermark (ignores grace)."""
         closed_before = (
-            until if until is not None
+            until
+            if until is not None
             else rollup.watermark(self.clock(), self.config.rollup.grace_seconds)
         )
         return await rollup.run(
-            self.storage, bucket_seconds=self.config.rollup.bucket_seconds,
-            closed_before=closed_before, batch_buckets=self.config.rollup.batch_buckets,
+            self.storage,
+            bucket_seconds=self.config.rollup.bucket_seconds,
+            closed_before=closed_before,
+            batch_buckets=self.config.rollup.batch_buckets,
             org_id=org_id,
         )
 
@@ -155,8 +172,12 @@ class ControlPlane:
             raise ConfigError("billing: no billing backend is configured; add a [billing] section")
         s = self.config.sender
         return Sender(
-            self.storage, self.billing, self.meters, batch_size=s.batch_size,
-            concurrency=s.concurrency, ambiguous_after_seconds=s.ambiguous_after_seconds,
+            self.storage,
+            self.billing,
+            self.meters,
+            batch_size=s.batch_size,
+            concurrency=s.concurrency,
+            ambiguous_after_seconds=s.ambiguous_after_seconds,
         )
 
     async def send(self, *, org_id: str | None = None, until: int | None = None) -> SendStats:
@@ -172,18 +193,30 @@ class ControlPlane:
             result = await work()
         except Exception as exc:
             await self.storage.record_job_run(
-                JobRun(job=job, started_at=started, ended_at=time.time(), outcome="error",
-                       error=f"{type(exc).__name__}: {exc}")
+                JobRun(
+                    job=job,
+                    started_at=started,
+                    ended_at=time.time(),
+                    outcome="error",
+                    error=f"{type(exc).__name__}: {exc}",
+                )
             )
             log.error("job.failed", job=job, error=str(exc))
             raise
-        counts = {
-            k: v for k, v in msgspec.structs.asdict(result).items()  # type: ignore[arg-type]
-            if isinstance(v, int)
-        } if isinstance(result, msgspec.Struct) else {}
+        counts = (
+            {k: v for k, v in msgspec.structs.asdict(result).items() if isinstance(v, int)}
+            if isinstance(result, msgspec.Struct)
+            else {}
+        )
         skipped = getattr(result, "skipped", None)
         await self.storage.record_job_run(
-            JobRun(job=job, started_at=started, ended_at=time.time(),
-                   outcome="skipped" if skipped else "ok", counts=counts, error=skipped)
+            JobRun(
+                job=job,
+                started_at=started,
+                ended_at=time.time(),
+                outcome="skipped" if skipped else "ok",
+                counts=counts,
+                error=skipped,
+            )
         )
         return result

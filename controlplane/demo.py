@@ -24,15 +24,20 @@ async def ensure_stripe(cp: ControlPlane, orgs: tuple[str, ...]) -> dict[str, st
     """The meter for each configured meter, and a customer per org; returns org -> customer."""
     client: Any = getattr(cp.billing, "client", None)
     if client is None:
-        raise ConfigError("billing: the demo needs backend = \"stripe\" (real test mode or the emulator)")
+        raise ConfigError(
+            'billing: the demo needs backend = "stripe" (real test mode or the emulator)'
+        )
     meters = await client.v1.billing.meters.list_async(params={"limit": 100})
     existing = {m.event_name for m in meters.data}
     for meter in cp.meters.meters:
         name = meter.config.provider_event_name
         if name not in existing:
             await client.v1.billing.meters.create_async(
-                params={"display_name": meter.name, "event_name": name,
-                        "default_aggregation": {"formula": "sum"}}
+                params={
+                    "display_name": meter.name,
+                    "event_name": name,
+                    "default_aggregation": {"formula": "sum"},
+                }
             )
             print(f"stripe: created meter {name}")
     customers: dict[str, str] = {}
@@ -41,7 +46,9 @@ async def ensure_stripe(cp: ControlPlane, orgs: tuple[str, ...]) -> dict[str, st
         if found and found.customer:
             customers[org] = found.customer
             continue
-        customer = await client.v1.customers.create_async(params={"name": org, "metadata": {"org_id": org}})
+        customer = await client.v1.customers.create_async(
+            params={"name": org, "metadata": {"org_id": org}}
+        )
         customers[org] = customer.id
         print(f"stripe: created customer {customer.id} for org {org}")
     return customers
@@ -52,11 +59,15 @@ def sample_events(orgs: tuple[str, ...], start: int, hours: int, run: str) -> li
     events: list[dict[str, Any]] = []
     for n, org in enumerate(orgs):
         for i in range(hours * HOUR // 20):
-            events.append({
-                "id": f"demo-{run}-{org}-{i}", "type": "usage_tick", "subject": org,
-                "ts": (start + i * 20) * 1000,
-                "data": {"memory_mb": 512 * (n + 1) + 100, "interval_s": 20},
-            })
+            events.append(
+                {
+                    "id": f"demo-{run}-{org}-{i}",
+                    "type": "usage_tick",
+                    "subject": org,
+                    "ts": (start + i * 20) * 1000,
+                    "data": {"memory_mb": 512 * (n + 1) + 100, "interval_s": 20},
+                }
+            )
     return events
 
 
@@ -66,8 +77,9 @@ async def run(cp: ControlPlane, *, hours: int = 3, cutover: bool = False) -> Non
     start = this_hour - hours * HOUR
     customers = await ensure_stripe(cp, ORGS)
     for org, customer in customers.items():
-        await cp.set_org(org, customer=customer, plan="pro", actor="demo", effective_from=0,
-                         reason="demo org")
+        await cp.set_org(
+            org, customer=customer, plan="pro", actor="demo", effective_from=0, reason="demo org"
+        )
     events = sample_events(ORGS, start, hours, run=str(start))
     accepted = duplicates = 0
     for i in range(0, len(events), 1000):
@@ -78,11 +90,17 @@ async def run(cp: ControlPlane, *, hours: int = 3, cutover: bool = False) -> Non
     stats = await cp.rollup(until=this_hour)
     print(f"rolled up {stats.buckets} buckets into {stats.rows} ledger rows")
     for row in await cp.storage.ledger(start=start, limit=100):
-        print(f"  {row.identifier:<40} {format_micros(row.value_micros):>14} -> {row.quantity:>8} units  {row.state}")
+        print(
+            f"  {row.identifier:<40} {format_micros(row.value_micros):>14}"
+            f" -> {row.quantity:>8} units  {row.state}"
+        )
     flags = await cp.flags()
     if cutover:
-        changes = [FlagChange("authority", "controlplane"), FlagChange("bill_from", start),
-                   FlagChange("shadow", False)]
+        changes = [
+            FlagChange("authority", "controlplane"),
+            FlagChange("bill_from", start),
+            FlagChange("shadow", False),
+        ]
         flags = await cp.set_flags(changes, actor="demo", reason="demo cutover")
         print(f"flags: authority=controlplane, bill_from={start}, shadow=false")
     if flags.sending:

@@ -11,7 +11,7 @@
     ├── StorageError                      the storage plugin failed
     │   ├── TransientStorageError         the same call may succeed when retried
     │   └── MigrationError                the schema and the code disagree
-    └── BillingError                      the billing provider failed in a way the sender cannot classify
+    └── BillingError                      the billing provider failed unclassifiably
 
 Each error's docstring is its default message.
 """

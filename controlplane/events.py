@@ -41,7 +41,11 @@ _data_encoder = msgspec.json.Encoder(decimal_format="number")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
-JSON_TYPES = ("application/json", "application/cloudevents+json", "application/cloudevents-batch+json")
+JSON_TYPES = (
+    "application/json",
+    "application/cloudevents+json",
+    "application/cloudevents-batch+json",
+)
 NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/ndjson")
 
 

@@ -242,7 +242,11 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def rollup_step(
-        self, closed_before: int, bucket_seconds: int, limit: int, planner: RollupPlanner,
+        self,
+        closed_before: int,
+        bucket_seconds: int,
+        limit: int,
+        planner: RollupPlanner,
         org_id: str | None = None,
     ) -> tuple[int, list[NewRow]]:
         """Take up to `limit` dirty buckets ending at or before `closed_before` (and of

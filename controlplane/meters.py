@@ -172,7 +172,7 @@ def compile_expression(source: str, *, boolean: bool = False) -> Evaluator:
 class Meter:
     """A compiled meter: decides whether an event feeds it and with how much."""
 
-    __slots__ = ("config", "_value", "_where")
+    __slots__ = ("_value", "_where", "config")
 
     def __init__(self, config: MeterConfig, index: int = 0) -> None:
         where = f"meters[{index}] ({config.name})"

@@ -94,8 +94,12 @@ async def run(
         stats.excluded += sum(1 for r in rows if r.state is RowState.EXCLUDED)
     if stats.buckets:
         log.info(
-            "rollup.done", buckets=stats.buckets, rows=stats.rows, pending=stats.pending,
-            excluded=stats.excluded, seconds=round(time.monotonic() - started, 3),
+            "rollup.done",
+            buckets=stats.buckets,
+            rows=stats.rows,
+            pending=stats.pending,
+            excluded=stats.excluded,
+            seconds=round(time.monotonic() - started, 3),
         )
     return stats
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import structlog
@@ -22,17 +23,15 @@ class Jobs:
         self.scheduler.add_job(self.rollup, "interval", seconds=rollup, id="rollup", **common)
         self.scheduler.add_job(self.send, "interval", seconds=send, id="send", **common)
 
+    # A failed pass is recorded and logged by record(); the next run tries again.
+
     async def rollup(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             await self.cp.record("rollup", self.cp.rollup)
-        except Exception:  # recorded and logged by record(); the next run tries again
-            pass
 
     async def send(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             await self.cp.record("send", self.cp.send)
-        except Exception:
-            pass
 
     def start(self) -> None:
         self.scheduler.start()

@@ -149,8 +149,12 @@ class Sender:
                 decided.append(_decide(item, RowState.EXCLUDED, Reason.BEFORE_BILL_FROM))
             elif max_age is not None and row.bucket_start < now - max_age + CLOCK_SKEW_MARGIN:
                 decided.append(
-                    _decide(item, RowState.EXCLUDED, Reason.TOO_OLD,
-                            f"bucket is older than the provider accepts ({max_age // 86400} days)")
+                    _decide(
+                        item,
+                        RowState.EXCLUDED,
+                        Reason.TOO_OLD,
+                        f"bucket is older than the provider accepts ({max_age // 86400} days)",
+                    )
                 )
             elif item.customer is None:
                 if row.state is not RowState.HELD:
@@ -161,13 +165,19 @@ class Sender:
                 and row.first_attempt_at < now - self.ambiguous_after
             ):
                 decided.append(
-                    _decide(item, RowState.HELD, Reason.AMBIGUOUS,
-                            f"{row.attempts} attempts since {row.first_attempt_at} without a "
-                            "definite answer; the provider may have forgotten the identifier")
+                    _decide(
+                        item,
+                        RowState.HELD,
+                        Reason.AMBIGUOUS,
+                        f"{row.attempts} attempts since {row.first_attempt_at} without a "
+                        "definite answer; the provider may have forgotten the identifier",
+                    )
                 )
             elif row.quantity == 0:
                 decided.append(
-                    _decide(item, RowState.SENT, None, "below one unit: nothing to deliver, carried")
+                    _decide(
+                        item, RowState.SENT, None, "below one unit: nothing to deliver, carried"
+                    )
                 )
             else:
                 deliver.append(item)
@@ -209,7 +219,11 @@ class Sender:
                 stats.calls += 1
                 outcome = delivery.outcome
                 if outcome in (Outcome.ACCEPTED, Outcome.DUPLICATE):
-                    detail = "provider already had this identifier" if outcome is Outcome.DUPLICATE else None
+                    detail = (
+                        "provider already had this identifier"
+                        if outcome is Outcome.DUPLICATE
+                        else None
+                    )
                     results.append(_decide(item, RowState.SENT, None, detail, delivery.provider_id))
                 elif outcome is Outcome.REJECTED:
                     results.append(
@@ -221,8 +235,10 @@ class Sender:
                     else:
                         stats.ambiguous += 1
                     log.warning(
-                        "sender.not_delivered", identifier=item.row.identifier,
-                        outcome=outcome.value, message=delivery.message,
+                        "sender.not_delivered",
+                        identifier=item.row.identifier,
+                        outcome=outcome.value,
+                        message=delivery.message,
                     )
                     return  # the rest of this lane waits for the next pass
 

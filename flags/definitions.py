@@ -53,9 +53,7 @@ def parse_authority(value: Any) -> Authority:
             return Authority(text)
         except ValueError:
             pass
-    raise ValueError(
-        f"expected 'legacy' or 'controlplane' (aliases 'cell', 'edge'), got {value!r}"
-    )
+    raise ValueError(f"expected 'legacy' or 'controlplane' (aliases 'cell', 'edge'), got {value!r}")
 
 
 class FlagSpec(msgspec.Struct, frozen=True):
@@ -81,7 +79,7 @@ FLAGS: dict[str, FlagSpec] = {
             default=None,
             env=("BILL_FROM",),
             parse=parse_bill_from,
-            description="the cutover boundary T (unix seconds): bill buckets starting at or after T",
+            description="the boundary T (unix seconds): bill buckets starting at or after T",
         ),
         FlagSpec(
             name="authority",

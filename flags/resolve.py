@@ -60,7 +60,9 @@ class Snapshot(msgspec.Struct, frozen=True):
         }
 
 
-def static_layers(config: FlagsConfig, environ: Mapping[str, str] | None = None) -> dict[str, FlagValue]:
+def static_layers(
+    config: FlagsConfig, environ: Mapping[str, str] | None = None
+) -> dict[str, FlagValue]:
     """Default, config and environment layers. Raises ConfigError naming a bad value."""
     environ = os.environ if environ is None else environ
     out: dict[str, FlagValue] = {}
@@ -88,7 +90,9 @@ def resolve(static: Mapping[str, FlagValue], runtime: Mapping[str, RuntimeFlag])
     for name, stored in runtime.items():
         spec = FLAGS.get(name)
         if spec is not None:
-            values[name] = FlagValue(value=spec.parse(stored.value), source="runtime", version=stored.version)
+            values[name] = FlagValue(
+                value=spec.parse(stored.value), source="runtime", version=stored.version
+            )
     return Snapshot(values=values)
 
 

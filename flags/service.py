@@ -53,7 +53,12 @@ async def set_flags(
         spec = FLAGS.get(change.name)
         if spec is None:
             raise InvalidInput(
-                [Problem(field="name", message=f"unknown flag {change.name!r}; known: {sorted(FLAGS)}")]
+                [
+                    Problem(
+                        field="name",
+                        message=f"unknown flag {change.name!r}; known: {sorted(FLAGS)}",
+                    )
+                ]
             )
         try:
             parsed[change.name] = spec.parse(change.value)
@@ -65,7 +70,9 @@ async def set_flags(
         values={
             **current.values,
             **{
-                name: FlagValue(value=value, source="runtime", version=current.values[name].version + 1)
+                name: FlagValue(
+                    value=value, source="runtime", version=current.values[name].version + 1
+                )
                 for name, value in parsed.items()
             },
         }
@@ -97,7 +104,11 @@ async def set_flags(
     stored = await storage.write_flags(writes, audit, at)
     for name, value in parsed.items():
         log.info(
-            "flags.changed", flag=name, before=to_json(current.values[name].value),
-            after=to_json(value), actor=actor, forced=force,
+            "flags.changed",
+            flag=name,
+            before=to_json(current.values[name].value),
+            after=to_json(value),
+            actor=actor,
+            forced=force,
         )
     return resolve(static, {**runtime, **stored})

@@ -30,15 +30,23 @@ def raw_config(db: Path, **sections: Any) -> dict[str, Any]:
         "storage": {"backend": "sqlite", "path": str(db), "synchronous": "normal"},
         "auth": {
             "tokens": [
-                {"name": "tester", "sha256": token_hash(TOKEN),
-                 "scopes": ["ingest", "read", "admin", "parity"]},
+                {
+                    "name": "tester",
+                    "sha256": token_hash(TOKEN),
+                    "scopes": ["ingest", "read", "admin", "parity"],
+                },
                 {"name": "reader", "sha256": token_hash(READ_TOKEN), "scopes": ["read"]},
             ]
         },
         "rollup": {"bucket_seconds": HOUR, "grace_seconds": 600},
         "meters": [
-            {"name": "gbs", "event_type": "tick", "value": "data.mb * data.s / 1024",
-             "where": "data.mb > 0", "event_name": "memory_gb_seconds"},
+            {
+                "name": "gbs",
+                "event_type": "tick",
+                "value": "data.mb * data.s / 1024",
+                "where": "data.mb > 0",
+                "event_name": "memory_gb_seconds",
+            },
             {"name": "calls", "event_type": "call", "aggregation": "count"},
         ],
     }
@@ -73,10 +81,18 @@ async def cp(
         yield plane
 
 
-def tick(event_id: str, org: str, at: int, mb: int = 1024, s: int = 20, **extra: Any) -> dict[str, Any]:
+def tick(
+    event_id: str, org: str, at: int, mb: int = 1024, s: int = 20, **extra: Any
+) -> dict[str, Any]:
     """A usage tick worth mb*s/1024 GB-seconds at unix second `at`."""
-    return {"id": event_id, "type": "tick", "subject": org, "ts": at * 1000,
-            "data": {"mb": mb, "s": s}, **extra}
+    return {
+        "id": event_id,
+        "type": "tick",
+        "subject": org,
+        "ts": at * 1000,
+        "data": {"mb": mb, "s": s},
+        **extra,
+    }
 
 
 def free_port() -> int:

@@ -31,7 +31,6 @@ from controlplane.interfaces import (
     IngestResult,
     JobRun,
     MigrationStatus,
-    NewRow,
     Org,
     PlanPeriod,
     PluginConfig,
@@ -44,7 +43,7 @@ from controlplane.interfaces import (
     StoredEvent,
     UsageTotal,
 )
-from controlplane.ledger import LedgerRow, RowState
+from controlplane.ledger import LedgerRow, NewRow, RowState
 from controlplane.registry import PluginSpec
 
 Q = sql.load(Path(__file__).with_suffix(".sql"))
@@ -60,10 +59,24 @@ class SQLiteStorageConfig(PluginConfig, tag="sqlite", tag_field="backend", froze
 
 def _ledger_row(r: Sequence[Any]) -> LedgerRow:
     return LedgerRow(
-        id=r[0], identifier=r[1], org_id=r[2], meter=r[3], bucket_start=r[4], bucket_end=r[5],
-        revision=r[6], value_micros=r[7], quantity=r[8], state=RowState(r[9]), reason=r[10],
-        detail=r[11], attempts=r[12], first_attempt_at=r[13], provider_id=r[14],
-        created_at=r[15], updated_at=r[16], sent_at=r[17],
+        id=r[0],
+        identifier=r[1],
+        org_id=r[2],
+        meter=r[3],
+        bucket_start=r[4],
+        bucket_end=r[5],
+        revision=r[6],
+        value_micros=r[7],
+        quantity=r[8],
+        state=RowState(r[9]),
+        reason=r[10],
+        detail=r[11],
+        attempts=r[12],
+        first_attempt_at=r[13],
+        provider_id=r[14],
+        created_at=r[15],
+        updated_at=r[16],
+        sent_at=r[17],
     )
 
 
@@ -225,8 +238,16 @@ class SQLiteStorage(Storage):
                         continue
                     bucket = bucket_of(e.time_ms, bucket_seconds)
                     event_rows.append(
-                        (next_pk, e.source, e.event_id, e.type, e.org_id, e.time_ms,
-                         e.data.decode(), now)
+                        (
+                            next_pk,
+                            e.source,
+                            e.event_id,
+                            e.type,
+                            e.org_id,
+                            e.time_ms,
+                            e.data.decode(),
+                            now,
+                        )
                     )
                     for meter, micros in e.values:
                         value_rows.append((next_pk, meter, e.org_id, bucket, micros))
@@ -246,12 +267,18 @@ class SQLiteStorage(Storage):
         rows = await self._all(
             Q["usage"], {"org": org_id, "meter": meter, "start": start, "end": end}
         )
-        return [UsageTotal(org_id=r[0], meter=r[1], bucket_start=r[2], value_micros=r[3]) for r in rows]
+        return [
+            UsageTotal(org_id=r[0], meter=r[1], bucket_start=r[2], value_micros=r[3]) for r in rows
+        ]
 
     # rollup -------------------------------------------------------------------------------
 
     async def rollup_step(
-        self, closed_before: int, bucket_seconds: int, limit: int, planner: RollupPlanner,
+        self,
+        closed_before: int,
+        bucket_seconds: int,
+        limit: int,
+        planner: RollupPlanner,
         org_id: str | None = None,
     ) -> tuple[int, list[NewRow]]:
         last_start = closed_before - bucket_seconds
@@ -266,7 +293,9 @@ class SQLiteStorage(Storage):
                     return 0, []
                 await conn.execute(Q["create_batch"])
                 await conn.execute(Q["clear_batch"])
-                await conn.executemany(Q["fill_batch"], [(b.org_id, b.bucket_start) for b in buckets])
+                await conn.executemany(
+                    Q["fill_batch"], [(b.org_id, b.bucket_start) for b in buckets]
+                )
                 async with conn.execute(Q["batch_totals"]) as cur:
                     totals = [UsageTotal(o, m, b, v) for o, m, b, v in await cur.fetchall()]
                 ledger_sums: list[UsageTotal] = []
@@ -280,15 +309,31 @@ class SQLiteStorage(Storage):
                 orgs = await self._orgs_in_batch(conn)
                 plan = planner(
                     RollupBatch(
-                        buckets=buckets, totals=totals, ledger_sums=ledger_sums,
-                        revisions=revisions, carries=carries, orgs=orgs,
+                        buckets=buckets,
+                        totals=totals,
+                        ledger_sums=ledger_sums,
+                        revisions=revisions,
+                        carries=carries,
+                        orgs=orgs,
                     )
                 )
                 await conn.executemany(
                     Q["insert_row"],
                     [
-                        (r.identifier, r.org_id, r.meter, r.bucket_start, r.bucket_end, r.revision,
-                         r.value_micros, r.quantity, r.state.value, r.reason, now, now)
+                        (
+                            r.identifier,
+                            r.org_id,
+                            r.meter,
+                            r.bucket_start,
+                            r.bucket_end,
+                            r.revision,
+                            r.value_micros,
+                            r.quantity,
+                            r.state.value,
+                            r.reason,
+                            now,
+                            now,
+                        )
                         for r in plan.rows
                     ],
                 )
@@ -326,8 +371,13 @@ class SQLiteStorage(Storage):
     ) -> list[LedgerRow]:
         rows = await self._all(
             Q["ledger"],
-            {"org": org_id, "state": state.value if state else None, "start": start,
-             "end": end, "limit": limit},
+            {
+                "org": org_id,
+                "state": state.value if state else None,
+                "start": start,
+                "end": end,
+                "limit": limit,
+            },
         )
         return [_ledger_row(r) for r in rows]
 
@@ -350,17 +400,29 @@ class SQLiteStorage(Storage):
             for s in settlements:
                 cur = await conn.execute(
                     Q["settle_row"],
-                    (s.state.value, s.reason, s.detail, s.provider_id,
-                     at if s.state is RowState.SENT else None, at, s.row_id),
+                    (
+                        s.state.value,
+                        s.reason,
+                        s.detail,
+                        s.provider_id,
+                        at if s.state is RowState.SENT else None,
+                        at,
+                        s.row_id,
+                    ),
                 )
                 if cur.rowcount:
                     moved += 1
                     if s.state is RowState.SENT:
                         audits.append(
                             AuditEntry(
-                                action="ledger.sent", subject=s.identifier, actor=actor,
-                                after={"quantity": s.quantity, "customer": s.customer,
-                                       "provider_id": s.provider_id},
+                                action="ledger.sent",
+                                subject=s.identifier,
+                                actor=actor,
+                                after={
+                                    "quantity": s.quantity,
+                                    "customer": s.customer,
+                                    "provider_id": s.provider_id,
+                                },
                             )
                         )
             await self._append_audit(conn, audits, at)
@@ -374,7 +436,9 @@ class SQLiteStorage(Storage):
             return None
         plans = await self._all(Q["org_plans"], (org_id,))
         return Org(
-            org_id=rows[0][0], customer=rows[0][1], updated_at=rows[0][2],
+            org_id=rows[0][0],
+            customer=rows[0][1],
+            updated_at=rows[0][2],
             plans=[PlanPeriod(plan=p, effective_from=f) for p, f in plans],
         )
 
@@ -424,7 +488,9 @@ class SQLiteStorage(Storage):
                 await conn.execute(
                     Q["upsert_flag"], (w.name, _json.encode(w.value).decode(), version + 1, at)
                 )
-                out[w.name] = RuntimeFlag(name=w.name, value=w.value, version=version + 1, updated_at=at)
+                out[w.name] = RuntimeFlag(
+                    name=w.name, value=w.value, version=version + 1, updated_at=at
+                )
             await self._append_audit(conn, audit, at)
         return out
 
@@ -440,10 +506,19 @@ class SQLiteStorage(Storage):
         for e in entries:
             digest = audit_chain.record_hash(prev, at, e)
             rows.append(
-                (at, e.action, e.subject, e.actor, e.reason,
-                 None if e.before is None else _json.encode(e.before).decode(),
-                 None if e.after is None else _json.encode(e.after).decode(),
-                 int(e.forced), e.group_id, prev, digest)
+                (
+                    at,
+                    e.action,
+                    e.subject,
+                    e.actor,
+                    e.reason,
+                    None if e.before is None else _json.encode(e.before).decode(),
+                    None if e.after is None else _json.encode(e.after).decode(),
+                    int(e.forced),
+                    e.group_id,
+                    prev,
+                    digest,
+                )
             )
             prev = digest
         await conn.executemany(Q["insert_audit"], rows)
@@ -458,9 +533,18 @@ class SQLiteStorage(Storage):
         rows = await self._all(Q["audit_log"], {"prefix": action_prefix, "limit": limit})
         return [
             AuditRecord(
-                id=r[0], at=r[1], action=r[2], subject=r[3], actor=r[4], reason=r[5],
-                before=_maybe_json(r[6]), after=_maybe_json(r[7]), forced=bool(r[8]),
-                group_id=r[9], prev_hash=r[10], hash=r[11],
+                id=r[0],
+                at=r[1],
+                action=r[2],
+                subject=r[3],
+                actor=r[4],
+                reason=r[5],
+                before=_maybe_json(r[6]),
+                after=_maybe_json(r[7]),
+                forced=bool(r[8]),
+                group_id=r[9],
+                prev_hash=r[10],
+                hash=r[11],
             )
             for r in rows
         ]
@@ -471,8 +555,14 @@ class SQLiteStorage(Storage):
         async with self._tx() as conn:
             await conn.execute(
                 Q["insert_job_run"],
-                (run.job, run.started_at, run.ended_at, run.outcome,
-                 _json.encode(run.counts).decode(), run.error),
+                (
+                    run.job,
+                    run.started_at,
+                    run.ended_at,
+                    run.outcome,
+                    _json.encode(run.counts).decode(),
+                    run.error,
+                ),
             )
 
     async def job_runs(self, job: str | None = None, limit: int = 50) -> list[JobRun]:

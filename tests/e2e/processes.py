@@ -60,13 +60,25 @@ class Process:
 class Server(Process):
     """`controlplane serve` on a free loopback port."""
 
-    def __init__(self, config: Path, log: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config: Path, log: Path, *extra: str, env: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         super().__init__(
-            [sys.executable, "-m", "controlplane", "serve", "--config", str(config),
-             "--port", str(self.port), *extra],
-            log, env,
+            [
+                sys.executable,
+                "-m",
+                "controlplane",
+                "serve",
+                "--config",
+                str(config),
+                "--port",
+                str(self.port),
+                *extra,
+            ],
+            log,
+            env,
         )
 
     def start(self, timeout: float = 20.0) -> None:
@@ -99,8 +111,16 @@ class Emulator(Process):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         super().__init__(
-            [sys.executable, "-m", "controlplane", "stripe-emulator", "--port", str(self.port),
-             "--quiet", *extra],
+            [
+                sys.executable,
+                "-m",
+                "controlplane",
+                "stripe-emulator",
+                "--port",
+                str(self.port),
+                "--quiet",
+                *extra,
+            ],
             log,
         )
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from decimal import Decimal
 import sqlite3
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -39,8 +39,13 @@ value = "data.mb * data.s / 1024"
 
 def batch(n: int, size: int = 200) -> list[dict[str, object]]:
     return [
-        {"id": f"b{n}-{i}", "type": "tick", "subject": f"org{i % 7}", "ts": (T0 + n * 60 + i) * 1000,
-         "data": {"mb": 512, "s": 20}}
+        {
+            "id": f"b{n}-{i}",
+            "type": "tick",
+            "subject": f"org{i % 7}",
+            "ts": (T0 + n * 60 + i) * 1000,
+            "data": {"mb": 512, "s": 20},
+        }
         for i in range(size)
     ]
 

@@ -79,8 +79,11 @@ def sdk(emulator: Emulator) -> stripe.StripeClient:
 def setup_stripe(emulator: Emulator, orgs: list[str]) -> tuple[str, dict[str, str]]:
     client = sdk(emulator)
     meter = client.v1.billing.meters.create(
-        params={"display_name": "Memory", "event_name": "memory_gb_seconds",
-                "default_aggregation": {"formula": "sum"}}
+        params={
+            "display_name": "Memory",
+            "event_name": "memory_gb_seconds",
+            "default_aggregation": {"formula": "sum"},
+        }
     )
     customers = {org: client.v1.customers.create(params={"name": org}).id for org in orgs}
     return meter.id, customers
@@ -88,10 +91,25 @@ def setup_stripe(emulator: Emulator, orgs: list[str]) -> tuple[str, dict[str, st
 
 def ticks(org: str, bucket: int, n: int, prefix: str = "") -> list[dict[str, Any]]:
     """`n` ticks worth 512*20/1024 = 10 GB-seconds each, plus an odd 1.95... to force carries."""
-    out = [{"id": f"{prefix}{org}-{bucket}-{i}", "type": "tick", "subject": org,
-            "ts": (bucket + i * 20) * 1000, "data": {"mb": 512, "s": 20}} for i in range(n)]
-    out.append({"id": f"{prefix}{org}-{bucket}-odd", "type": "tick", "subject": org,
-                "ts": (bucket + 7) * 1000, "data": {"mb": 100, "s": 20}})
+    out = [
+        {
+            "id": f"{prefix}{org}-{bucket}-{i}",
+            "type": "tick",
+            "subject": org,
+            "ts": (bucket + i * 20) * 1000,
+            "data": {"mb": 512, "s": 20},
+        }
+        for i in range(n)
+    ]
+    out.append(
+        {
+            "id": f"{prefix}{org}-{bucket}-odd",
+            "type": "tick",
+            "subject": org,
+            "ts": (bucket + 7) * 1000,
+            "data": {"mb": 100, "s": 20},
+        }
+    )
     return out
 
 
@@ -126,7 +144,9 @@ def emulator(tmp_path: Path) -> Iterator[Emulator]:
     emu.stop()
 
 
-def test_shadow_sends_nothing_then_cutover_delivers_exact_totals(tmp_path: Path, emulator: Emulator) -> None:
+def test_shadow_sends_nothing_then_cutover_delivers_exact_totals(
+    tmp_path: Path, emulator: Emulator
+) -> None:
     orgs = ["acme", "globex", "initech"]
     meter_id, customers = setup_stripe(emulator, orgs)
     config = tmp_path / "cp.toml"
@@ -135,20 +155,41 @@ def test_shadow_sends_nothing_then_cutover_delivers_exact_totals(tmp_path: Path,
     server.start()
     try:
         with httpx.Client(base_url=server.url, headers=bearer(TOKEN), timeout=10) as api:
-            events = [e for org in orgs + ["hooli"] for h in range(4) for e in ticks(org, START + h * HOUR, 30)]
+            events = [
+                e
+                for org in [*orgs, "hooli"]
+                for h in range(4)
+                for e in ticks(org, START + h * HOUR, 30)
+            ]
             for i in range(0, len(events), 200):
                 assert api.post("/v1/events", json=events[i : i + 200]).status_code == 200
             for org in orgs:
-                api.put(f"/v1/orgs/{org}", json={"customer": customers[org], "plan": "pro", "effective_from": 0})
+                api.put(
+                    f"/v1/orgs/{org}",
+                    json={"customer": customers[org], "plan": "pro", "effective_from": 0},
+                )
             api.put("/v1/orgs/hooli", json={"plan": "pro", "effective_from": 0})  # no customer yet
 
-            rows = wait_for(lambda: len(ledger(api)) == 16 and ledger(api), 20, "rollup of 16 buckets")
+            rows = wait_for(
+                lambda: len(ledger(api)) == 16 and ledger(api), 20, "rollup of 16 buckets"
+            )
             assert {r["state"] for r in rows} == {"pending"}
-            wait_for(lambda: any(r["outcome"] == "skipped" for r in api.get("/v1/jobs", params={"job": "send"}).json()["runs"]), 10, "a send pass")
+            wait_for(
+                lambda: any(
+                    r["outcome"] == "skipped"
+                    for r in api.get("/v1/jobs", params={"job": "send"}).json()["runs"]
+                ),
+                10,
+                "a send pass",
+            )
             assert emulator.state()["meter_events_accepted"] == 0  # shadow: nothing reaches Stripe
 
             bill_from = START + HOUR
-            for name, value in (("authority", "controlplane"), ("bill_from", bill_from), ("shadow", False)):
+            for name, value in (
+                ("authority", "controlplane"),
+                ("bill_from", bill_from),
+                ("shadow", False),
+            ):
                 r = api.put(f"/v1/flags/{name}", json={"value": value, "reason": "e2e cutover"})
                 assert r.status_code == 200, r.text
             wait_for(lambda: not ledger(api, state="pending"), 30, "every row decided")
@@ -157,9 +198,15 @@ def test_shadow_sends_nothing_then_cutover_delivers_exact_totals(tmp_path: Path,
             by_state: dict[tuple[str, str | None], int] = defaultdict(int)
             for r in rows:
                 by_state[(r["state"], r["reason"])] += 1
-            assert by_state == {("excluded", "before_bill_from"): 4, ("sent", None): 9, ("held", "no_customer"): 3}
+            assert by_state == {
+                ("excluded", "before_bill_from"): 4,
+                ("sent", None): 9,
+                ("held", "no_customer"): 3,
+            }
             for org in orgs:
-                sent = sum(r["quantity"] for r in rows if r["org_id"] == org and r["state"] == "sent")
+                sent = sum(
+                    r["quantity"] for r in rows if r["org_id"] == org and r["state"] == "sent"
+                )
                 assert sent > 0
                 assert summaries(emulator, meter_id, customers[org], START, NOW_HOUR) == sent
             state = emulator.state()
@@ -169,7 +216,9 @@ def test_shadow_sends_nothing_then_cutover_delivers_exact_totals(tmp_path: Path,
         server.stop()
 
 
-def test_crashes_faults_and_dropped_connections_never_double_count(tmp_path: Path, emulator: Emulator) -> None:
+def test_crashes_faults_and_dropped_connections_never_double_count(
+    tmp_path: Path, emulator: Emulator
+) -> None:
     orgs = [f"org{i}" for i in range(8)]
     meter_id, customers = setup_stripe(emulator, orgs)
     emulator.faults(fail_rate=0.1, drop_rate=0.15, latency_ms=5)
@@ -184,7 +233,10 @@ def test_crashes_faults_and_dropped_connections_never_double_count(tmp_path: Pat
             server.start()
             if iteration == 0:
                 for org in orgs:
-                    http.put(f"{server.url}/v1/orgs/{org}", json={"customer": customers[org], "plan": "pro", "effective_from": 0})
+                    http.put(
+                        f"{server.url}/v1/orgs/{org}",
+                        json={"customer": customers[org], "plan": "pro", "effective_from": 0},
+                    )
             # fresh usage each round, and late events for buckets that may already be sent
             bucket = START + rng.randrange(0, 28) * HOUR
             events = [e for org in orgs for e in ticks(org, bucket, 5, prefix=f"r{iteration}-")]
@@ -198,7 +250,9 @@ def test_crashes_faults_and_dropped_connections_never_double_count(tmp_path: Pat
         server.start()
         try:
             http.base_url = httpx.URL(server.url)
-            wait_for(lambda: not ledger(http, state="pending") and ledger(http), 60, "everything sent")
+            wait_for(
+                lambda: not ledger(http, state="pending") and ledger(http), 60, "everything sent"
+            )
             rows = ledger(http)
             usage = http.get("/v1/usage", params={"meter": "gbs"}).json()["rows"]
         finally:
@@ -228,7 +282,7 @@ def test_client_rate_limit_keeps_under_the_emulators_limit(tmp_path: Path) -> No
     emulator.start()
     try:
         orgs = [f"org{i}" for i in range(10)]
-        meter_id, customers = setup_stripe(emulator, orgs)
+        _, customers = setup_stripe(emulator, orgs)
         time.sleep(1.1)  # let the setup calls leave the emulator's window
         flags = f'shadow = false\nauthority = "controlplane"\nbill_from = {START}'
         config = tmp_path / "cp.toml"
@@ -238,8 +292,13 @@ def test_client_rate_limit_keeps_under_the_emulators_limit(tmp_path: Path) -> No
         try:
             with httpx.Client(base_url=server.url, headers=bearer(TOKEN), timeout=10) as api:
                 for org in orgs:
-                    api.put(f"/v1/orgs/{org}", json={"customer": customers[org], "plan": "pro", "effective_from": 0})
-                events = [e for org in orgs for h in range(8) for e in ticks(org, START + h * HOUR, 3)]
+                    api.put(
+                        f"/v1/orgs/{org}",
+                        json={"customer": customers[org], "plan": "pro", "effective_from": 0},
+                    )
+                events = [
+                    e for org in orgs for h in range(8) for e in ticks(org, START + h * HOUR, 3)
+                ]
                 assert api.post("/v1/events", json=events).status_code == 200
                 wait_for(lambda: len(ledger(api, state="sent")) == 80, 60, "80 rows sent")
         finally:

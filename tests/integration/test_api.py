@@ -39,13 +39,18 @@ async def test_ingest_json_object_array_ndjson_and_cloudevents_batch(client: Any
     one = tick("a", "acme", T0)
     r = await client.post("/v1/events", json=one, headers=AUTH)
     assert r.status_code == 200 and r.json() == {"accepted": 1, "duplicates": 0}
-    r = await client.post("/v1/events", json=[tick("b", "acme", T0), tick("c", "acme", T0)], headers=AUTH)
+    r = await client.post(
+        "/v1/events", json=[tick("b", "acme", T0), tick("c", "acme", T0)], headers=AUTH
+    )
     assert r.json() == {"accepted": 2, "duplicates": 0}
     nd = "\n".join(json.dumps(tick(i, "acme", T0)) for i in ("d", "e")) + "\n"
-    r = await client.post("/v1/events", content=nd, headers={**AUTH, "Content-Type": "application/x-ndjson"})
+    r = await client.post(
+        "/v1/events", content=nd, headers={**AUTH, "Content-Type": "application/x-ndjson"}
+    )
     assert r.json() == {"accepted": 2, "duplicates": 0}
     r = await client.post(
-        "/v1/events", content=json.dumps([{**tick("f", "acme", T0), "specversion": "1.0"}]),
+        "/v1/events",
+        content=json.dumps([{**tick("f", "acme", T0), "specversion": "1.0"}]),
         headers={**AUTH, "Content-Type": "application/cloudevents-batch+json"},
     )
     assert r.json() == {"accepted": 1, "duplicates": 0}
@@ -54,16 +59,25 @@ async def test_ingest_json_object_array_ndjson_and_cloudevents_batch(client: Any
 
 async def test_duplicates_are_counted_never_stored_twice(client: Any) -> None:
     batch = [tick(str(i), "acme", T0 + i) for i in range(10)]
-    assert (await client.post("/v1/events", json=batch, headers=AUTH)).json() == {"accepted": 10, "duplicates": 0}
-    r = await client.post("/v1/events", json=batch + [tick("new", "acme", T0)], headers=AUTH)
+    assert (await client.post("/v1/events", json=batch, headers=AUTH)).json() == {
+        "accepted": 10,
+        "duplicates": 0,
+    }
+    r = await client.post("/v1/events", json=[*batch, tick("new", "acme", T0)], headers=AUTH)
     assert r.json() == {"accepted": 1, "duplicates": 10}
     other_source = [{**tick("0", "acme", T0), "source": "backfill"}]
-    assert (await client.post("/v1/events", json=other_source, headers=AUTH)).json()["accepted"] == 1
+    assert (await client.post("/v1/events", json=other_source, headers=AUTH)).json()[
+        "accepted"
+    ] == 1
     assert stored(client) == 12
 
 
 async def test_invalid_batch_stores_nothing_and_lists_each_bad_event(client: Any) -> None:
-    batch = [tick("ok", "acme", T0), {"id": "x", "type": "tick", "ts": 1}, tick("bad", "acme", T0, mb="lots")]  # type: ignore[arg-type]
+    batch = [
+        tick("ok", "acme", T0),
+        {"id": "x", "type": "tick", "ts": 1},
+        tick("bad", "acme", T0, mb="lots"),
+    ]  # type: ignore[arg-type]
     r = await client.post("/v1/events", json=batch, headers=AUTH)
     assert r.status_code == 422
     assert r.headers["content-type"].startswith("application/problem+json")
@@ -76,12 +90,18 @@ async def test_invalid_batch_stores_nothing_and_lists_each_bad_event(client: Any
 async def test_auth_and_scopes(client: Any) -> None:
     r = await client.post("/v1/events", json=tick("a", "acme", T0))
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
-    assert (await client.post("/v1/events", json=tick("a", "acme", T0), headers={"Authorization": "Bearer nope"})).status_code == 401
+    assert (
+        await client.post(
+            "/v1/events", json=tick("a", "acme", T0), headers={"Authorization": "Bearer nope"}
+        )
+    ).status_code == 401
     r = await client.post("/v1/events", json=tick("a", "acme", T0), headers=READ)
     assert r.status_code == 403 and "ingest" in r.json()["detail"]
     assert stored(client) == 0
     assert (await client.get("/v1/usage", headers=READ)).status_code == 200
-    assert (await client.put("/v1/flags/shadow", json={"value": False, "reason": "x"}, headers=READ)).status_code == 403
+    assert (
+        await client.put("/v1/flags/shadow", json={"value": False, "reason": "x"}, headers=READ)
+    ).status_code == 403
 
 
 async def test_limits_answer_413(client: Any) -> None:
@@ -101,9 +121,15 @@ async def test_usage_and_ledger(client: Any, clock: list[float]) -> None:
     await client.post("/v1/events", json=events[100:150], headers=AUTH)
     await client.post("/v1/events", json=events[150:], headers=AUTH)
     r = await client.get("/v1/usage", params={"org": "acme", "meter": "gbs"}, headers=READ)
-    assert r.json() == {"rows": [{"org_id": "acme", "meter": "gbs", "bucket_start": T0, "value": "351.5625"}]}
+    assert r.json() == {
+        "rows": [{"org_id": "acme", "meter": "gbs", "bucket_start": T0, "value": "351.5625"}]
+    }
 
-    r = await client.put("/v1/orgs/acme", json={"customer": "cus_1", "plan": "pro", "effective_from": 0}, headers=AUTH)
+    r = await client.put(
+        "/v1/orgs/acme",
+        json={"customer": "cus_1", "plan": "pro", "effective_from": 0},
+        headers=AUTH,
+    )
     assert r.status_code == 200 and r.json()["plan"] == "pro"
     plane: ControlPlane = client.app.state.cp
     await plane.rollup()
@@ -112,7 +138,9 @@ async def test_usage_and_ledger(client: Any, clock: list[float]) -> None:
     assert row["identifier"] == f"acme:gbs:{T0}:1"
     assert (row["value"], row["quantity"], row["state"]) == ("351.5625", 351, "pending")
     assert row["bucket_end"] == T0 + HOUR
-    assert (await client.get("/v1/ledger", params={"state": "sent"}, headers=READ)).json() == {"rows": []}
+    assert (await client.get("/v1/ledger", params={"state": "sent"}, headers=READ)).json() == {
+        "rows": []
+    }
     r = await client.get("/v1/ledger", params={"state": "bogus"}, headers=READ)
     assert r.status_code == 400 and r.headers["content-type"].startswith("application/problem+json")
 
@@ -123,20 +151,32 @@ async def test_flags_put_and_audit(client: Any) -> None:
     assert body["flags"]["shadow"] == {"value": True, "source": "default", "version": 0}
     assert body["legacy_bill_until"] is None
 
-    r = await client.put("/v1/flags/bill_from", json={"value": T0 + 1, "reason": "plan"}, headers=AUTH)
+    r = await client.put(
+        "/v1/flags/bill_from", json={"value": T0 + 1, "reason": "plan"}, headers=AUTH
+    )
     assert r.status_code == 409 and r.json()["rule"] == "bill_from.aligned"
     r = await client.put("/v1/flags/bill_from", json={"value": T0}, headers=AUTH)
     assert r.status_code == 400 and r.json()["errors"][0]["message"].endswith("`reason`")
     r = await client.put("/v1/flags/bogus", json={"value": 1, "reason": "x"}, headers=AUTH)
     assert r.status_code == 404
-    r = await client.put("/v1/flags/authority", json={"value": "stripe", "reason": "x"}, headers=AUTH)
+    r = await client.put(
+        "/v1/flags/authority", json={"value": "stripe", "reason": "x"}, headers=AUTH
+    )
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "value"
 
-    r = await client.put("/v1/flags/bill_from", json={"value": T0, "reason": "cutover plan"}, headers=AUTH)
+    r = await client.put(
+        "/v1/flags/bill_from", json={"value": T0, "reason": "cutover plan"}, headers=AUTH
+    )
     assert r.status_code == 200
-    r = await client.put("/v1/flags/authority", json={"value": "edge", "reason": "cutover"}, headers=AUTH)
+    r = await client.put(
+        "/v1/flags/authority", json={"value": "edge", "reason": "cutover"}, headers=AUTH
+    )
     body = r.json()
-    assert body["flags"]["authority"] == {"value": "controlplane", "source": "runtime", "version": 1}
+    assert body["flags"]["authority"] == {
+        "value": "controlplane",
+        "source": "runtime",
+        "version": 1,
+    }
     assert body["legacy_bill_until"] == T0
 
     entries = (await client.get("/v1/flags/audit", headers=READ)).json()["entries"]

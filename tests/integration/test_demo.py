@@ -11,13 +11,20 @@ from controlplane.ledger import RowState
 from controlplane.stripe_emulator import StripeEmulator, serve_emulator
 
 
-async def test_demo_shadow_then_cutover_delivers_the_ledger(make_config: Callable[..., Config]) -> None:
+async def test_demo_shadow_then_cutover_delivers_the_ledger(
+    make_config: Callable[..., Config],
+) -> None:
     emulator = StripeEmulator()
     async with serve_emulator(emulator) as url:
         config = make_config(
             billing={"backend": "stripe", "api_key": "sk_test_demo", "api_base": url},
-            meters=[{"name": "memory_gb_seconds", "event_type": "usage_tick",
-                     "value": "data.memory_mb * data.interval_s / 1024"}],
+            meters=[
+                {
+                    "name": "memory_gb_seconds",
+                    "event_type": "usage_tick",
+                    "value": "data.memory_mb * data.interval_s / 1024",
+                }
+            ],
         )
         async with ControlPlane(config) as cp:
             await demo.run(cp, hours=2)

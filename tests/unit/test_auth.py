@@ -8,10 +8,14 @@ from controlplane.errors import InvalidInput
 
 
 def store() -> TokenStore:
-    return TokenStore(AuthConfig(tokens=[
-        TokenConfig(name="ingester", sha256=digest("a"), scopes=["ingest"]),
-        TokenConfig(name="admin", sha256=digest("b").upper(), scopes=["admin", "read"]),
-    ]))
+    return TokenStore(
+        AuthConfig(
+            tokens=[
+                TokenConfig(name="ingester", sha256=digest("a"), scopes=["ingest"]),
+                TokenConfig(name="admin", sha256=digest("b").upper(), scopes=["admin", "read"]),
+            ]
+        )
+    )
 
 
 def test_scopes() -> None:

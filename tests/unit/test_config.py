@@ -51,7 +51,12 @@ def _struct_keys(struct: type, prefix: str) -> set[str]:
 
 def test_every_setting_is_documented_in_the_example() -> None:
     from controlplane.config import (
-        AuthConfig, FlagsConfig, LoggingConfig, RollupConfig, SenderConfig, ServerConfig,
+        AuthConfig,
+        FlagsConfig,
+        LoggingConfig,
+        RollupConfig,
+        SenderConfig,
+        ServerConfig,
         TokenConfig,
     )
     from controlplane.meters import MeterConfig
@@ -86,8 +91,14 @@ def test_every_setting_is_documented_in_the_example() -> None:
         ({"rollup": {"bucket_seconds": 7000}}, "rollup.bucket_seconds: must divide a day"),
         ({"storage": {"path": "x"}}, "storage.backend: required"),
         ({"meters": [{"name": "m", "event_type": "t"}]}, "meters[0] (m): `value` is required"),
-        ({"meters": [{"name": "m", "event_type": "t", "value": "open('x')"}]}, "meters[0] (m): unsupported syntax"),
-        ({"auth": {"tokens": [{"name": "a", "sha256": "x", "scopes": ["root"]}]}}, "auth.tokens[0].scopes[0]"),
+        (
+            {"meters": [{"name": "m", "event_type": "t", "value": "open('x')"}]},
+            "meters[0] (m): unsupported syntax",
+        ),
+        (
+            {"auth": {"tokens": [{"name": "a", "sha256": "x", "scopes": ["root"]}]}},
+            "auth.tokens[0].scopes[0]",
+        ),
         ({"billing": {"backend": "fake", "rate": 1}}, "billing.rate: unknown setting"),
     ],
 )
@@ -108,7 +119,7 @@ def test_secret_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CP_TEST_SECRET")
     with pytest.raises(ConfigError) as err:
         reveal(EnvSecret(env="CP_TEST_SECRET"), "billing.api_key")
-    assert "billing.api_key: environment variable CP_TEST_SECRET is not set" == str(err.value)
+    assert str(err.value) == "billing.api_key: environment variable CP_TEST_SECRET is not set"
 
 
 def test_token_hash_may_come_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -116,6 +127,10 @@ def test_token_hash_may_come_from_environment(monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setenv("CP_TOKEN_SHA", digest("abc"))
     config = config_mod.parse(
-        {"auth": {"tokens": [{"name": "ops", "sha256": {"env": "CP_TOKEN_SHA"}, "scopes": ["read"]}]}}
+        {
+            "auth": {
+                "tokens": [{"name": "ops", "sha256": {"env": "CP_TOKEN_SHA"}, "scopes": ["read"]}]
+            }
+        }
     )
     assert TokenStore(config.auth).authenticate("Bearer abc").name == "ops"

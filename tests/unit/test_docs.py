@@ -44,7 +44,9 @@ def _plugin_configs() -> dict[str, type]:
 def test_every_setting_has_a_row_in_the_configuration_reference(section: str) -> None:
     text = (DOCS / "reference" / "configuration.md").read_text()
     missing = [f for f in _fields(SECTIONS[section]) if f"| `{f}` |" not in text]
-    assert not missing, f"[{section}] settings missing from docs/reference/configuration.md: {missing}"
+    assert not missing, (
+        f"[{section}] settings missing from docs/reference/configuration.md: {missing}"
+    )
 
 
 def test_every_plugin_setting_is_documented() -> None:
@@ -69,4 +71,6 @@ def test_every_cli_command_is_documented() -> None:
         nested = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
         commands = [f"{name} {n}" for n in nested[0].choices] if nested else [name]
         for command in commands:
-            assert f"`{command}" in text, f"`controlplane {command}` is not in docs/reference/cli.md"
+            assert f"`{command}" in text, (
+                f"`controlplane {command}` is not in docs/reference/cli.md"
+            )

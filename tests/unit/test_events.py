@@ -17,7 +17,9 @@ def ingestor(max_events: int = 100) -> Ingestor:
 def test_decode_object_array_ndjson_and_cloudevents_batch() -> None:
     one = b'{"id":"1","type":"tick","subject":"o","ts":1,"data":{"mb":1.5}}'
     assert len(decode_body(one, "application/json")) == 1
-    assert len(decode_body(b"[" + one + b"," + one + b"]", "application/cloudevents-batch+json")) == 2
+    assert (
+        len(decode_body(b"[" + one + b"," + one + b"]", "application/cloudevents-batch+json")) == 2
+    )
     assert len(decode_body(one + b"\n\n" + one + b"\n", "application/x-ndjson")) == 2
     event = decode_body(one, "application/json")[0]
     assert isinstance(event, EventIn)
@@ -63,7 +65,9 @@ def test_time_and_ts_are_equivalent() -> None:
 
 def test_both_time_and_ts_is_an_error() -> None:
     with pytest.raises(InvalidInput, match="not both"):
-        ingestor().prepare([{"id": "a", "type": "t", "subject": "o", "ts": 1, "time": "2026-01-01T00:00:00Z"}], "x")
+        ingestor().prepare(
+            [{"id": "a", "type": "t", "subject": "o", "ts": 1, "time": "2026-01-01T00:00:00Z"}], "x"
+        )
 
 
 def test_duplicates_inside_a_batch_are_counted_once() -> None:

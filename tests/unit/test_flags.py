@@ -16,7 +16,9 @@ def test_layers_default_config_env_runtime() -> None:
     assert (snap.shadow, snap.bill_from, snap.authority) == (True, None, Authority.LEGACY)
     assert {v.source for v in snap.values.values()} == {"default"}
 
-    static = static_layers(FlagsConfig(shadow=False, authority="edge"), environ={"BILL_FROM": "7200"})
+    static = static_layers(
+        FlagsConfig(shadow=False, authority="edge"), environ={"BILL_FROM": "7200"}
+    )
     snap = resolve(static, {})
     assert snap.values["shadow"].source == "config" and snap.shadow is False
     assert snap.values["authority"].source == "config" and snap.authority is Authority.CONTROLPLANE

@@ -8,12 +8,16 @@ from controlplane.errors import ConfigError
 from controlplane.meters import ExpressionError, Meter, MeterConfig, MeterSet, compile_expression
 
 
-def meter(value: str | None = "data.mb * data.s / 1024", where: str | None = None, agg: str = "sum") -> Meter:
+def meter(
+    value: str | None = "data.mb * data.s / 1024", where: str | None = None, agg: str = "sum"
+) -> Meter:
     return Meter(MeterConfig(name="m", event_type="t", value=value, where=where, aggregation=agg))  # type: ignore[arg-type]
 
 
 def test_arithmetic_is_exact_decimal() -> None:
-    assert compile_expression("data.a + data.b")({"a": Decimal("0.1"), "b": Decimal("0.2")}) == Decimal("0.3")
+    assert compile_expression("data.a + data.b")(
+        {"a": Decimal("0.1"), "b": Decimal("0.2")}
+    ) == Decimal("0.3")
     assert compile_expression("(data.a - 1) * 2 / 4")({"a": 3}) == Decimal(1)
     assert compile_expression("-data.a + 0.5")({"a": 1}) == Decimal("-0.5")
     assert compile_expression("data.x.y * 2")({"x": {"y": 21}}) == 42
@@ -58,8 +62,17 @@ def test_division_by_zero_is_an_error() -> None:
 
 @pytest.mark.parametrize(
     "source",
-    ["__import__('os')", "data.a ** 2", "x + 1", "data.a if data.b else 1", "data['a']",
-     "lambda: 1", "data.a // 2", "[1]", "True"],
+    [
+        "__import__('os')",
+        "data.a ** 2",
+        "x + 1",
+        "data.a if data.b else 1",
+        "data['a']",
+        "lambda: 1",
+        "data.a // 2",
+        "[1]",
+        "True",
+    ],
 )
 def test_unsafe_or_unsupported_syntax_is_refused(source: str) -> None:
     with pytest.raises(ConfigError):
@@ -73,11 +86,13 @@ def test_comparisons_only_in_where() -> None:
 
 
 def test_meter_set_routes_by_event_type_and_refuses_duplicates() -> None:
-    ms = MeterSet([
-        MeterConfig(name="a", event_type="t", value="data.v"),
-        MeterConfig(name="b", event_type="t", aggregation="count"),
-        MeterConfig(name="c", event_type="u", value="data.v"),
-    ])
+    ms = MeterSet(
+        [
+            MeterConfig(name="a", event_type="t", value="data.v"),
+            MeterConfig(name="b", event_type="t", aggregation="count"),
+            MeterConfig(name="c", event_type="u", value="data.v"),
+        ]
+    )
     assert ms.measure("t", {"v": 2}) == (("a", 2_000_000), ("b", 1_000_000))
     assert ms.measure("other", {"v": 2}) == ()
     with pytest.raises(ConfigError, match="duplicate meter names"):

@@ -10,8 +10,12 @@ from controlplane.units import MICROS
 PRO = {"o": Org(org_id="o", customer="cus", plans=[PlanPeriod("pro", 0)], updated_at=0)}
 
 
-def batch(totals: dict[int, int], written: dict[int, int] | None = None,
-          carry: Carry | None = None, orgs: dict[str, Org] | None = None) -> RollupBatch:
+def batch(
+    totals: dict[int, int],
+    written: dict[int, int] | None = None,
+    carry: Carry | None = None,
+    orgs: dict[str, Org] | None = None,
+) -> RollupBatch:
     written = written or {}
     return RollupBatch(
         buckets=[],
@@ -26,7 +30,12 @@ def batch(totals: dict[int, int], written: dict[int, int] | None = None,
 def test_new_bucket_gets_revision_one_with_floor_quantity() -> None:
     plan = plan_revisions(batch({0: 2_500_000}), 3600)
     (row,) = plan.rows
-    assert (row.revision, row.value_micros, row.quantity, row.state) == (1, 2_500_000, 2, RowState.PENDING)
+    assert (row.revision, row.value_micros, row.quantity, row.state) == (
+        1,
+        2_500_000,
+        2,
+        RowState.PENDING,
+    )
     assert plan.carries == [Carry("o", "m", 2_500_000, 2)]
 
 
@@ -54,7 +63,8 @@ def test_free_or_unknown_org_rows_are_excluded() -> None:
     free = {"o": Org("o", None, [PlanPeriod("pro", 0), PlanPeriod("free", 3600)], 0)}
     plan = plan_revisions(batch({0: MICROS, 3600: MICROS}, orgs=free), 3600)
     assert [(r.state, r.reason) for r in plan.rows] == [
-        (RowState.PENDING, None), (RowState.EXCLUDED, Reason.FREE_PLAN)
+        (RowState.PENDING, None),
+        (RowState.EXCLUDED, Reason.FREE_PLAN),
     ]
     plan = plan_revisions(batch({0: MICROS}, orgs={}), 3600)
     assert plan.rows[0].reason == Reason.FREE_PLAN
