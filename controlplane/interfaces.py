@@ -77,10 +77,13 @@ class Org(msgspec.Struct, frozen=True):
 
 
 class Carry(msgspec.Struct, frozen=True):
-    """Per (org, meter): exact usage and whole units written to the ledger so far."""
+    """Per (org, meter, segment): exact usage and whole units written to the ledger so far.
+
+    Segments (see :func:`controlplane.ledger.segment`) keep billed and excluded usage apart."""
 
     org_id: str
     meter: str
+    segment: str
     exact_micros: int
     quantity: int
 
@@ -104,6 +107,15 @@ class RollupPlan(msgspec.Struct, frozen=True):
 
 
 RollupPlanner = Callable[[RollupBatch], RollupPlan]
+
+
+class ChainRow(msgspec.Struct, frozen=True, array_like=True):
+    """One ledger row of a rounding chain, as re-quantification sees it."""
+
+    id: int
+    value_micros: int
+    quantity: int
+    frozen: bool  # attempted, sent or otherwise decided: its quantity can no longer change
 
 
 class SendItem(msgspec.Struct, frozen=True):
@@ -273,9 +285,17 @@ class Storage(abc.ABC):
         org now has a customer. Optionally one org, and buckets starting before `until`."""
 
     @abc.abstractmethod
+    async def sent_from(self, bucket_start: int) -> int:
+        """How many `sent` rows have a bucket starting at or after `bucket_start`."""
+
+    @abc.abstractmethod
     async def record_attempts(self, row_ids: Sequence[int], at: int) -> None:
         """Count a delivery attempt for each row before it is made, so that an ambiguous
         outcome (timeout, dropped connection, crash) is known afterwards."""
+
+    @abc.abstractmethod
+    async def release_attempts(self, row_ids: Sequence[int]) -> None:
+        """Take back attempts recorded by `record_attempts` for calls that were not made."""
 
     @abc.abstractmethod
     async def settle(self, settlements: Sequence[Settlement], at: int, actor: str) -> int:

@@ -37,6 +37,16 @@ class Reason(enum.StrEnum):
     ROLLED_BACK = "rolled_back"
 
 
+BILLABLE = "billable"
+EXCLUDING = (Reason.FREE_PLAN, Reason.BEFORE_BILL_FROM, Reason.TOO_OLD)
+
+
+def segment(reason: str | None) -> str:
+    """The rounding chain a row belongs to: rows billed here never share a carry with rows
+    excluded by rule, so no fraction of a unit moves between billed and unbilled usage."""
+    return reason if reason in EXCLUDING else BILLABLE
+
+
 def identifier(org_id: str, meter: str, bucket_start: int, revision: int) -> str:
     """The row's deterministic identifier, also used as the provider's idempotency key.
 

@@ -16,8 +16,8 @@ import time
 import msgspec
 import structlog
 
-from controlplane.interfaces import Carry, RollupBatch, RollupPlan, Storage
-from controlplane.ledger import NewRow, Reason, RowState
+from controlplane.interfaces import Carry, ChainRow, RollupBatch, RollupPlan, Storage
+from controlplane.ledger import NewRow, Reason, RowState, segment
 from controlplane.units import floor_units
 
 log = structlog.get_logger("rollup")
@@ -33,23 +33,31 @@ class RollupStats(msgspec.Struct):
 
 
 def plan_revisions(batch: RollupBatch, bucket_seconds: int) -> RollupPlan:
-    """Decide the revisions for one batch of closed dirty buckets (pure)."""
+    """Decide the revisions for one batch of closed dirty buckets (pure).
+
+    The org's plan at the bucket's start decides the row's segment: `free` rows are excluded
+    at once, with a rounding carry of their own. The boundary T is left to the sender: it may
+    still move until rows are sent, and an excluded row is final.
+    """
     totals = {(t.org_id, t.meter, t.bucket_start): t.value_micros for t in batch.totals}
     written = {(t.org_id, t.meter, t.bucket_start): t.value_micros for t in batch.ledger_sums}
-    carries = {(c.org_id, c.meter): c for c in batch.carries}
+    carries = {(c.org_id, c.meter, c.segment): c for c in batch.carries}
     rows: list[NewRow] = []
+    touched: set[tuple[str, str, str]] = set()
     for key in sorted(totals.keys() | written.keys()):
         diff = totals.get(key, 0) - written.get(key, 0)
         if diff == 0:
             continue
         org_id, meter, bucket_start = key
-        carry = carries.get((org_id, meter)) or Carry(org_id, meter, 0, 0)
-        exact = carry.exact_micros + diff
-        whole = floor_units(exact)
-        carries[(org_id, meter)] = Carry(org_id, meter, exact, whole)
         org = batch.orgs.get(org_id)
         plan = (org.plan_at(bucket_start) if org else None) or FREE_PLAN
-        free = plan == FREE_PLAN
+        reason = Reason.FREE_PLAN if plan == FREE_PLAN else None
+        chain = (org_id, meter, segment(reason))
+        carry = carries.get(chain) or Carry(org_id, meter, chain[2], 0, 0)
+        exact = carry.exact_micros + diff
+        whole = floor_units(exact)
+        carries[chain] = Carry(org_id, meter, chain[2], exact, whole)
+        touched.add(chain)
         rows.append(
             NewRow(
                 org_id=org_id,
@@ -59,12 +67,32 @@ def plan_revisions(batch: RollupBatch, bucket_seconds: int) -> RollupPlan:
                 revision=batch.revisions.get(key, 0) + 1,
                 value_micros=diff,
                 quantity=whole - carry.quantity,
-                state=RowState.EXCLUDED if free else RowState.PENDING,
-                reason=Reason.FREE_PLAN if free else None,
+                state=RowState.EXCLUDED if reason else RowState.PENDING,
+                reason=reason,
             )
         )
-    touched = {(r.org_id, r.meter) for r in rows}
     return RollupPlan(rows=rows, carries=[c for k, c in carries.items() if k in touched])
+
+
+def requantify(chain: list[ChainRow]) -> tuple[dict[int, int], int, int]:
+    """Re-derive the quantities of one rounding chain (rows of one segment, oldest first).
+
+    Frozen rows keep theirs; each other row gets floor(exact so far) minus the units before
+    it, so the chain again sums to floor(its exact total). Returns (changed quantities by row
+    id, exact micros, whole units) — the chain's new carry.
+    """
+    exact = whole = 0
+    changed: dict[int, int] = {}
+    for row in chain:
+        exact += row.value_micros
+        if row.frozen:
+            whole += row.quantity
+            continue
+        quantity = floor_units(exact) - whole
+        whole += quantity
+        if quantity != row.quantity:
+            changed[row.id] = quantity
+    return changed, exact, whole
 
 
 async def run(

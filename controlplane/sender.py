@@ -127,12 +127,18 @@ class Sender:
             items = await self.storage.sendable(after_id, self.batch_size, org_id, until)
             if not items:
                 break
+            at = int(now if now is not None else time.time())
+            decided, deliver = self._triage(items, bill_from, at)
+            exclusions = [s for s in decided if s.state is RowState.EXCLUDED]
+            if exclusions:
+                # An exclusion re-derives the quantities left in its rounding chain: settle
+                # exclusions alone, then read the rows again before deciding anything else.
+                await self._settle(exclusions, stats, at)
+                continue
+            await self._settle(decided, stats, at)
             after_id = items[-1].row.id
-            now_s = int(now if now is not None else time.time())
-            decided, deliver = self._triage(items, bill_from, now_s)
-            await self._settle(decided, stats)
             if deliver:
-                await self._deliver(deliver, stats)
+                await self._deliver(deliver, stats, at)
         if stats.sent or stats.held or stats.excluded or stats.retry or stats.ambiguous:
             log.info("sender.done", **{k: v for k, v in msgspec.structs.asdict(stats).items() if v})
         return stats
@@ -183,10 +189,10 @@ class Sender:
                 deliver.append(item)
         return decided, deliver
 
-    async def _settle(self, decided: list[Settlement], stats: SendStats) -> None:
+    async def _settle(self, decided: list[Settlement], stats: SendStats, at: int) -> None:
         if not decided:
             return
-        await self.storage.settle(decided, int(time.time()), self.actor)
+        await self.storage.settle(decided, at, self.actor)
         for s in decided:
             if s.state is RowState.SENT:
                 stats.sent += 1
@@ -195,15 +201,16 @@ class Sender:
             elif s.state is RowState.HELD:
                 stats.held += 1
 
-    async def _deliver(self, items: list[SendItem], stats: SendStats) -> None:
+    async def _deliver(self, items: list[SendItem], stats: SendStats, at: int) -> None:
         # Small groups: each group's attempts are recorded just before its calls, and its
         # outcomes settled right after, so a crash leaves little to resend.
         group = max(self.concurrency * 4, 32)
         for start in range(0, len(items), group):
-            await self._deliver_group(items[start : start + group], stats)
+            await self._deliver_group(items[start : start + group], stats, at)
 
-    async def _deliver_group(self, items: list[SendItem], stats: SendStats) -> None:
-        await self.storage.record_attempts([i.row.id for i in items], int(time.time()))
+    async def _deliver_group(self, items: list[SendItem], stats: SendStats, at: int) -> None:
+        await self.storage.record_attempts([i.row.id for i in items], at)
+        called: set[int] = set()
         lanes: dict[tuple[str, str], list[SendItem]] = defaultdict(list)
         for item in items:
             lanes[(item.customer or "", item.row.meter)].append(item)
@@ -215,6 +222,7 @@ class Sender:
             for item in queue:
                 async with slots:
                     await self.limiter.wait()
+                    called.add(item.row.id)
                     delivery = await self.billing.send(self._meter_event(item))
                 stats.calls += 1
                 outcome = delivery.outcome
@@ -243,7 +251,10 @@ class Sender:
                     return  # the rest of this lane waits for the next pass
 
         await asyncio.gather(*(lane(q) for q in lanes.values()))
-        await self._settle(results, stats)
+        await self._settle(results, stats, at)
+        skipped = [i.row.id for i in items if i.row.id not in called]
+        if skipped:  # recorded above, never made: they must not count toward `ambiguous`
+            await self.storage.release_attempts(skipped)
 
     def _meter_event(self, item: SendItem) -> MeterEvent:
         row = item.row

@@ -34,6 +34,22 @@ def check(candidate: Snapshot, bucket_seconds: int) -> None:
         )
 
 
+async def check_bill_from_frozen(storage: Storage, current: Snapshot, candidate: Snapshot) -> None:
+    """`bill_from` cannot move once rows at or after it were sent: the buckets between the old
+    and the new T would be billed twice (T later) or by the control plane only after the
+    legacy biller billed them (T earlier)."""
+    old, new = current.bill_from, candidate.bill_from
+    if old is None or old == new:
+        return
+    sent = await storage.sent_from(old)
+    if sent:
+        raise FlagRefused(
+            "bill_from.frozen",
+            f"{sent} rows at or after bill_from {old} were already sent; moving it would bill "
+            "buckets twice. Roll back first, or force with a reason",
+        )
+
+
 async def set_flags(
     storage: Storage,
     static: Mapping[str, FlagValue],
@@ -79,6 +95,7 @@ async def set_flags(
     )
     if not force:
         check(candidate, bucket_seconds)
+        await check_bill_from_frozen(storage, current, candidate)
     group = uuid.uuid4().hex if len(parsed) > 1 else None
     writes = [
         FlagWrite(

@@ -62,13 +62,15 @@ CREATE TABLE ledger (
 CREATE INDEX ledger_by_state ON ledger (state, id);
 CREATE INDEX ledger_by_org ON ledger (org_id, bucket_start);
 
--- Per (org, meter): exact usage and whole units written to the ledger, for the rounding carry.
+-- Per (org, meter, segment): exact usage and whole units written to the ledger, for the
+-- rounding carry. Billed rows ('billable') and rows excluded by rule never share a segment.
 CREATE TABLE carries (
     org_id       TEXT    NOT NULL,
     meter        TEXT    NOT NULL,
+    segment      TEXT    NOT NULL,
     exact_micros INTEGER NOT NULL,
     quantity     INTEGER NOT NULL,
-    PRIMARY KEY (org_id, meter)
+    PRIMARY KEY (org_id, meter, segment)
 ) WITHOUT ROWID;
 
 CREATE TABLE orgs (

@@ -27,6 +27,7 @@ from controlplane.interfaces import (
     AuditRecord,
     BucketKey,
     Carry,
+    ChainRow,
     FlagWrite,
     IngestResult,
     JobRun,
@@ -43,7 +44,8 @@ from controlplane.interfaces import (
     StoredEvent,
     UsageTotal,
 )
-from controlplane.ledger import LedgerRow, NewRow, RowState
+from controlplane.ledger import BILLABLE, LedgerRow, NewRow, RowState, segment
+from controlplane.rollup import requantify
 from controlplane.registry import PluginSpec
 
 Q = sql.load(Path(__file__).with_suffix(".sql"))
@@ -305,7 +307,7 @@ class SQLiteStorage(Storage):
                         ledger_sums.append(UsageTotal(o, m, b, v))
                         revisions[(o, m, b)] = rev
                 async with conn.execute(Q["batch_carries"]) as cur:
-                    carries = [Carry(o, m, e, q) for o, m, e, q in await cur.fetchall()]
+                    carries = [Carry(*row) for row in await cur.fetchall()]
                 orgs = await self._orgs_in_batch(conn)
                 plan = planner(
                     RollupBatch(
@@ -339,7 +341,7 @@ class SQLiteStorage(Storage):
                 )
                 await conn.executemany(
                     Q["upsert_carry"],
-                    [(c.org_id, c.meter, c.exact_micros, c.quantity) for c in plan.carries],
+                    [(c.org_id, c.meter, c.segment, c.exact_micros, c.quantity) for c in plan.carries],
                 )
                 await conn.execute(Q["clear_dirty"])
         except sqlite3.Error as exc:
@@ -389,14 +391,23 @@ class SQLiteStorage(Storage):
         )
         return [SendItem(row=_ledger_row(r), customer=r[18]) for r in rows]
 
+    async def sent_from(self, bucket_start: int) -> int:
+        rows = await self._all(Q["sent_from"], (bucket_start,))
+        return int(rows[0][0])
+
     async def record_attempts(self, row_ids: Sequence[int], at: int) -> None:
         async with self._tx() as conn:
             await conn.executemany(Q["record_attempt"], [(at, at, i) for i in row_ids])
+
+    async def release_attempts(self, row_ids: Sequence[int]) -> None:
+        async with self._tx() as conn:
+            await conn.executemany(Q["release_attempt"], [(i,) for i in row_ids])
 
     async def settle(self, settlements: Sequence[Settlement], at: int, actor: str) -> int:
         moved = 0
         async with self._tx() as conn:
             audits: list[AuditEntry] = []
+            excluded: list[int] = []
             for s in settlements:
                 cur = await conn.execute(
                     Q["settle_row"],
@@ -412,6 +423,8 @@ class SQLiteStorage(Storage):
                 )
                 if cur.rowcount:
                     moved += 1
+                    if s.state is RowState.EXCLUDED:
+                        excluded.append(s.row_id)
                     if s.state is RowState.SENT:
                         audits.append(
                             AuditEntry(
@@ -426,7 +439,31 @@ class SQLiteStorage(Storage):
                             )
                         )
             await self._append_audit(conn, audits, at)
+            if excluded:
+                await self._requantify(conn, excluded, at)
         return moved
+
+    async def _requantify(self, conn: aiosqlite.Connection, row_ids: list[int], at: int) -> None:
+        """Rows just excluded left the billable rounding chain: re-derive the quantities of
+        every chain of their (org, meter) and store the carries."""
+        async with conn.execute(Q["row_chains"], (_json.encode(row_ids),)) as cur:
+            pairs = list(await cur.fetchall())
+        for org_id, meter in pairs:
+            chains: dict[str, list[ChainRow]] = {BILLABLE: []}  # reset even when emptied
+            async with conn.execute(Q["chain_rows"], (org_id, meter)) as cur:
+                for row_id, value, quantity, state, reason, attempts in await cur.fetchall():
+                    frozen = state != RowState.PENDING.value or attempts > 0
+                    if state == RowState.EXCLUDED.value:
+                        frozen = False  # excluded rows are never sent: their units may move
+                    chains.setdefault(segment(reason), []).append(
+                        ChainRow(row_id, value, quantity, frozen)
+                    )
+            for name, chain in chains.items():
+                changed, exact, whole = requantify(chain)
+                await conn.executemany(
+                    Q["set_quantity"], [(q, at, row_id) for row_id, q in changed.items()]
+                )
+                await conn.execute(Q["upsert_carry"], (org_id, meter, name, exact, whole))
 
     # orgs ---------------------------------------------------------------------------------
 

@@ -55,7 +55,7 @@ JOIN ledger l ON l.org_id = b.org_id AND l.bucket_start = b.bucket_start
 GROUP BY l.org_id, l.bucket_start, l.meter;
 
 -- name: batch_carries
-SELECT c.org_id, c.meter, c.exact_micros, c.quantity
+SELECT c.org_id, c.meter, c.segment, c.exact_micros, c.quantity
 FROM carries c WHERE c.org_id IN (SELECT DISTINCT org_id FROM temp.rollup_batch);
 
 -- name: batch_orgs
@@ -70,8 +70,8 @@ INSERT INTO ledger (identifier, org_id, meter, bucket_start, bucket_end, revisio
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
 
 -- name: upsert_carry
-INSERT INTO carries (org_id, meter, exact_micros, quantity) VALUES (?, ?, ?, ?)
-ON CONFLICT (org_id, meter) DO UPDATE SET exact_micros = excluded.exact_micros,
+INSERT INTO carries (org_id, meter, segment, exact_micros, quantity) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (org_id, meter, segment) DO UPDATE SET exact_micros = excluded.exact_micros,
                                           quantity = excluded.quantity;
 
 -- name: clear_dirty
@@ -103,15 +103,34 @@ WHERE l.id > :after
 ORDER BY l.id
 LIMIT :limit;
 
+-- name: sent_from
+SELECT count(*) FROM ledger WHERE state = 'sent' AND bucket_start >= ?;
+
 -- name: record_attempt
 UPDATE ledger SET attempts = attempts + 1, first_attempt_at = coalesce(first_attempt_at, ?),
                   updated_at = ?
 WHERE id = ?;
 
+-- name: release_attempt
+UPDATE ledger SET attempts = attempts - 1,
+                  first_attempt_at = CASE WHEN attempts = 1 THEN NULL ELSE first_attempt_at END
+WHERE id = ? AND attempts > 0 AND state = 'pending';
+
 -- name: settle_row
 UPDATE ledger SET state = ?, reason = ?, detail = ?, provider_id = coalesce(?, provider_id),
                   sent_at = ?, updated_at = ?
 WHERE id = ? AND state IN ('pending', 'held');
+
+-- name: row_chains
+SELECT DISTINCT org_id, meter FROM ledger WHERE id IN (SELECT value FROM json_each(?));
+
+-- name: chain_rows
+SELECT id, value_micros, quantity, state, reason, attempts FROM ledger
+WHERE org_id = ? AND meter = ?
+ORDER BY id;
+
+-- name: set_quantity
+UPDATE ledger SET quantity = ?, updated_at = ? WHERE id = ?;
 
 -- name: get_org
 SELECT org_id, customer, updated_at FROM orgs WHERE org_id = ?;

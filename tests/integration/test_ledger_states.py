@@ -536,6 +536,47 @@ async def test_carry_does_not_move_units_between_excluded_and_billed_rows(env: E
     )
 
 
+async def test_delivered_value_is_the_ledger_quantity_and_owes_nothing_to_excluded_rows(
+    env: Env,
+) -> None:
+    """A bucket before T (0.6 units, excluded when sent) rolled up before a bucket after T
+    (0.6 units): the billed bucket must be delivered as floor(0.6) = 0, and whatever is
+    delivered must be the quantity the ledger records for it."""
+    await env.pro("o1", "cus_1")
+    t = env.now - 4 * HOUR
+    await env.cutover(t)
+    await env.cp.ingest([tick("before", "o1", t - HOUR, Decimal("0.6"))], "http")
+    await env.cp.rollup()
+    await env.cp.ingest([tick("after", "o1", t, Decimal("0.6"))], "http")
+    await env.cp.rollup()
+    await env.cp.send()
+    rows = {r.identifier: r for r in await env.rows()}
+    for event in env.fake.calls:
+        assert event.value == rows[event.identifier].quantity, (
+            f"delivered {event.value} for {event.identifier}, ledger says "
+            f"{rows[event.identifier].quantity}"
+        )
+    assert env.fake.totals().get(("cus_1", "gbs"), 0) == 0, [
+        (r.identifier, r.quantity, r.state.value) for r in rows.values()
+    ]
+
+
+async def test_usage_excluded_before_bill_from_lends_no_units_to_later_rows(env: Env) -> None:
+    """0.5 units before T are excluded first; 0.6 units after T arrive later. Billed: 0."""
+    await env.pro("o1", "cus_1")
+    t = env.now - 4 * HOUR
+    await env.cutover(t)
+    await env.cp.ingest([tick("before", "o1", t - HOUR, Decimal("0.5"))], "http")
+    await env.cp.rollup()
+    await env.cp.send()
+    await env.cp.ingest([tick("after", "o1", t, Decimal("0.6"))], "http")
+    await env.cp.rollup()
+    await env.cp.send()
+    assert env.fake.totals().get(("cus_1", "gbs"), 0) == 0, [
+        (r.identifier, r.quantity, r.state.value) for r in await env.rows()
+    ]
+
+
 async def test_carry_from_a_free_period_is_not_billed_in_the_pro_period(env: Env) -> None:
     """Same bug, other direction: usage while free leaves a remainder that the first pro bucket
     then bills (0.6 units of pro usage delivered as 1 unit)."""

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from controlplane.interfaces import Carry, Org, PlanPeriod, RollupBatch, UsageTotal
+from controlplane.interfaces import Carry, ChainRow, Org, PlanPeriod, RollupBatch, UsageTotal
 from controlplane.ledger import Reason, RowState, identifier
-from controlplane.rollup import plan_revisions
+from controlplane.rollup import plan_revisions, requantify
 from controlplane.units import MICROS
 
 PRO = {"o": Org(org_id="o", customer="cus", plans=[PlanPeriod("pro", 0)], updated_at=0)}
@@ -36,7 +36,7 @@ def test_new_bucket_gets_revision_one_with_floor_quantity() -> None:
         2,
         RowState.PENDING,
     )
-    assert plan.carries == [Carry("o", "m", 2_500_000, 2)]
+    assert plan.carries == [Carry("o", "m", "billable", 2_500_000, 2)]
 
 
 def test_remainder_is_carried_into_later_rows() -> None:
@@ -47,7 +47,10 @@ def test_remainder_is_carried_into_later_rows() -> None:
 
 def test_late_events_make_a_correction_revision_with_the_difference() -> None:
     plan = plan_revisions(
-        batch({0: 3_700_000}, written={0: 2_500_000}, carry=Carry("o", "m", 2_500_000, 2)), 3600
+        batch(
+            {0: 3_700_000}, written={0: 2_500_000}, carry=Carry("o", "m", "billable", 2_500_000, 2)
+        ),
+        3600,
     )
     (row,) = plan.rows
     assert (row.revision, row.value_micros, row.quantity) == (2, 1_200_000, 1)
@@ -55,7 +58,9 @@ def test_late_events_make_a_correction_revision_with_the_difference() -> None:
 
 
 def test_unchanged_bucket_writes_nothing() -> None:
-    plan = plan_revisions(batch({0: 5}, written={0: 5}, carry=Carry("o", "m", 5, 0)), 3600)
+    plan = plan_revisions(
+        batch({0: 5}, written={0: 5}, carry=Carry("o", "m", "billable", 5, 0)), 3600
+    )
     assert plan.rows == [] and plan.carries == []
 
 
@@ -75,3 +80,39 @@ def test_identifier_is_deterministic_and_bounded() -> None:
     long = identifier("o" * 120, "gbs", 3600, 1)
     assert len(long) <= 100 and long == identifier("o" * 120, "gbs", 3600, 1)
     assert long != identifier("o" * 120, "gbs", 3600, 2)
+
+
+def test_free_rows_have_a_carry_of_their_own() -> None:
+    half_free = {"o": Org("o", None, [PlanPeriod("free", 0), PlanPeriod("pro", 3600)], 0)}
+    plan = plan_revisions(batch({0: 600_000, 3600: 600_000}, orgs=half_free), 3600)
+    assert [(r.reason, r.quantity) for r in plan.rows] == [(Reason.FREE_PLAN, 0), (None, 0)]
+    assert sorted((c.segment, c.exact_micros, c.quantity) for c in plan.carries) == [
+        ("billable", 600_000, 0),
+        ("free_plan", 600_000, 0),
+    ]
+
+
+def test_requantify_keeps_frozen_rows_and_restores_the_floor() -> None:
+    # 0.5 + 0.5 units: once the first is gone from the chain, the second owns its own half
+    chain = [ChainRow(1, 500_000, 0, True), ChainRow(2, 500_000, 1, False)]
+    assert requantify(chain) == ({}, 1_000_000, 1)
+    changed, exact, whole = requantify([ChainRow(2, 500_000, 1, False)])
+    assert (changed, exact, whole) == ({2: 0}, 500_000, 0)
+    # a frozen row that took more than its share is absorbed by the next free row
+    chain = [
+        ChainRow(1, 600_000, 1, True),
+        ChainRow(2, 600_000, 1, False),
+        ChainRow(3, 900_000, 0, False),
+    ]
+    changed, exact, whole = requantify(chain)
+    assert changed == {2: 0, 3: 1} and (exact, whole) == (2_100_000, 2)
+
+
+def test_alternating_fractions_never_move_units_out_of_the_billed_chain() -> None:
+    """Billed and excluded rows alternating at 0.5 unit each: every whole unit stays on its side."""
+    billed = [ChainRow(i, 500_000, 0, False) for i in range(0, 10, 2)]
+    excluded = [ChainRow(i, 500_000, 0, False) for i in range(1, 10, 2)]
+    b_changed, b_exact, b_whole = requantify(billed)
+    e_changed, e_exact, e_whole = requantify(excluded)
+    assert b_whole == b_exact // MICROS == 2 and e_whole == e_exact // MICROS == 2
+    assert sum(b_changed.values()) == 2 and sum(e_changed.values()) == 2
