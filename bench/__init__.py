@@ -1,4 +1,4 @@
-"""Benchmarks: each measures the product against a raw SQLite baseline in the same run.
+"""Benchmarks: each measures the product against a raw baseline measured in the same run.
 
     python -m bench.ingest    # HTTP ingest, end to end, vs plain sqlite3 executemany
     python -m bench.rollup    # the rollup job vs a plain GROUP BY over the same rows

@@ -90,8 +90,16 @@ def rows_for(
     for e in events:
         bucket = e["ts"] // 1000 - (e["ts"] // 1000) % BUCKET_SECONDS
         event_rows.append(
-            (pk, e["source"], e["id"], e["type"], e["subject"], e["ts"],
-             _encode(e["data"]).decode(), received_at)
+            (
+                pk,
+                e["source"],
+                e["id"],
+                e["type"],
+                e["subject"],
+                e["ts"],
+                _encode(e["data"]).decode(),
+                received_at,
+            )
         )
         value_rows.append((pk, METER, e["subject"], bucket, micros_of(e["data"])))
         dirty.add((e["subject"], bucket))
@@ -131,7 +139,9 @@ def digest(conn: sqlite3.Connection) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for table in ("usage_events", "meter_values", "dirty_buckets"):
         out[table] = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-    out["sum_micros"] = conn.execute("SELECT coalesce(sum(micros), 0) FROM meter_values").fetchone()[0]
+    out["sum_micros"] = conn.execute(
+        "SELECT coalesce(sum(micros), 0) FROM meter_values"
+    ).fetchone()[0]
     h = hashlib.sha256()
     for row in conn.execute(
         "SELECT e.source, e.event_id, e.type, e.org_id, e.time_ms, e.data,"

@@ -35,7 +35,6 @@ CREATE TABLE dirty_buckets (
     bucket_start INTEGER NOT NULL,
     PRIMARY KEY (org_id, bucket_start)
 ) WITHOUT ROWID;
-CREATE INDEX dirty_buckets_by_start ON dirty_buckets (bucket_start);
 
 CREATE TABLE ledger (
     id               INTEGER PRIMARY KEY,
@@ -60,7 +59,6 @@ CREATE TABLE ledger (
     CHECK (state = 'pending' OR state = 'sent' OR reason IS NOT NULL)
 );
 CREATE INDEX ledger_by_state ON ledger (state, id);
-CREATE INDEX ledger_by_org ON ledger (org_id, bucket_start);
 
 -- Per (org, meter, segment): exact usage and whole units written to the ledger, for the
 -- rounding carry. Billed rows ('billable') and rows excluded by rule never share a segment.

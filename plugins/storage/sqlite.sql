@@ -28,7 +28,7 @@ ORDER BY org_id, meter, bucket_start;
 -- name: closed_dirty
 SELECT org_id, bucket_start FROM dirty_buckets
 WHERE bucket_start <= :last_start AND (:org IS NULL OR org_id = :org)
-ORDER BY bucket_start, org_id
+ORDER BY org_id, bucket_start
 LIMIT :limit;
 
 -- name: create_batch
@@ -43,15 +43,17 @@ DELETE FROM temp.rollup_batch;
 INSERT INTO temp.rollup_batch (org_id, bucket_start) VALUES (?, ?);
 
 -- name: batch_totals
+-- CROSS JOIN fixes the join order: the batch drives, each bucket is one index lookup
+-- (left to itself the planner scans all of meter_values and probes the batch per row).
 SELECT v.org_id, v.meter, v.bucket_start, sum(v.micros)
 FROM temp.rollup_batch b
-JOIN meter_values v ON v.org_id = b.org_id AND v.bucket_start = b.bucket_start
+CROSS JOIN meter_values v ON v.org_id = b.org_id AND v.bucket_start = b.bucket_start
 GROUP BY v.org_id, v.bucket_start, v.meter;
 
 -- name: batch_ledger
 SELECT l.org_id, l.meter, l.bucket_start, sum(l.value_micros), max(l.revision)
 FROM temp.rollup_batch b
-JOIN ledger l ON l.org_id = b.org_id AND l.bucket_start = b.bucket_start
+CROSS JOIN ledger l ON l.org_id = b.org_id AND l.bucket_start = b.bucket_start
 GROUP BY l.org_id, l.bucket_start, l.meter;
 
 -- name: batch_carries
