@@ -2,23 +2,26 @@
 emulator's raw intake through the same Stripe SDK, measured in the same run.
 
     python -m bench.send [--orgs 200] [--buckets 20] [--concurrency 8] [--rounds 2]
+                         [--latency-ms 0]
 
 The emulator runs in its own process (``controlplane stripe-emulator --quiet``, no rate limit,
 no faults), so it does not share this process's event loop or core; every run starts from
 ``POST /_emulator/reset`` and creates one meter and ``--orgs`` customers through the official
-``stripe`` SDK. Each round runs:
+``stripe`` SDK. ``--latency-ms`` makes the emulator wait before each API request, as the
+network to Stripe does; at 0 both sides are bound by this process's CPU. Each round runs:
 
 1. Raw (the baseline): one ``stripe.StripeClient`` on ``stripe.HTTPXClient``, no SDK retries,
    ``--concurrency`` workers each awaiting ``meter_events.create_async`` with an idempotency
-   key, one event per (org, hour), hour by hour. The SDK, not the emulator, is the ceiling
-   (a few hundred calls/s per process), so this is what any SDK-based sender could reach.
+   key, one event per (org, hour), hour by hour, so calls in flight never share a customer.
+   The SDK, not the emulator, is the ceiling (a few hundred calls/s per process), so this is
+   what any SDK-based sender could reach.
 2. Product: a fresh SQLite control plane with ``[billing] backend = "stripe"`` pointed at the
    emulator (client rate limit out of the way), orgs on plan ``pro`` mapped to the customers,
    flags set to send from the first bucket; events ingested and rolled up into ``--orgs`` x
    ``--buckets`` pending rows ending an hour ago. Timed: ``ControlPlane.send()`` passes until
-   none makes a call. The storage calls (``sendable``, ``record_attempts``, ``settle``) are
-   timed by wrapping them on the instance; the sender awaits them between its call phases,
-   so the rest of the time is calls.
+   one makes no call. Every storage call (``sendable``, ``record_attempts``, ``settle``...) and
+   provider call is wrapped on the instance to note its start and end, which splits the wall
+   time into: some call in flight; storage busy and no call in flight; neither.
 
 The best raw and the best product run count (the machine may be shared; alternating rounds
 expose both to the same neighbours). Then, for information only, the same events by plain
@@ -72,6 +75,7 @@ from controlplane.logs import configure
 from controlplane.sender import SendStats
 from controlplane.units import MICROS
 from flags import FlagChange
+from plugins.billing.stripe import StripeBilling
 
 T = TypeVar("T")
 
@@ -162,7 +166,8 @@ def raw_events(wl: Workload, customers: Sequence[str], tag: str) -> list[RawEven
 class Emulator:
     """`controlplane stripe-emulator` in a subprocess, and its test hooks."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, latency_ms: float = 0.0) -> None:
+        self.latency_ms = latency_ms
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = work / "emulator.log"
@@ -201,9 +206,15 @@ class Emulator:
         return dict(resp.json())
 
     def reset(self) -> None:
+        """Forget everything; no faults, except `latency_ms` before each API request if set."""
         httpx.post(f"{self.url}/_emulator/reset", timeout=10).raise_for_status()
+        if self.latency_ms:
+            resp = httpx.post(
+                f"{self.url}/_emulator/faults", json={"latency_ms": self.latency_ms}, timeout=10
+            )
+            resp.raise_for_status()
         faults = self.state()["faults"]
-        if faults["rate_limit"] or any(v for k, v in faults.items() if k != "rate_limit"):
+        if faults["rate_limit"] or any(v for k, v in faults.items() if k != "latency_ms"):
             raise RuntimeError(f"emulator has faults set: {faults}")
 
     def cpu_seconds(self) -> float:
@@ -252,19 +263,20 @@ async def fresh_account(emulator: Emulator, orgs: int, concurrency: int) -> list
             customer = await client.v1.customers.create_async(params={"name": f"org-{o:05d}"})
             return str(customer.id)
 
-        return await _bounded([lambda o=o: create(o) for o in range(orgs)], concurrency)
+        return await _bounded(create, orgs, concurrency)
     finally:
         await http.close_async()  # type: ignore[no-untyped-call]
 
 
-async def _bounded(calls: Sequence[Callable[[], Awaitable[T]]], limit: int) -> list[T]:
+async def _bounded(call: Callable[[int], Awaitable[T]], n: int, limit: int) -> list[T]:
+    """`call(0)` ... `call(n - 1)`, at most `limit` at a time; results in order."""
     slots = asyncio.Semaphore(limit)
 
-    async def one(call: Callable[[], Awaitable[T]]) -> T:
+    async def one(i: int) -> T:
         async with slots:
-            return await call()
+            return await call(i)
 
-    return list(await asyncio.gather(*(one(c) for c in calls)))
+    return list(await asyncio.gather(*(one(i) for i in range(n))))
 
 
 # raw baselines ----------------------------------------------------------------------------
@@ -377,7 +389,7 @@ def _expect_accepted(emulator: Emulator, count: int, what: str) -> None:
 # the product ------------------------------------------------------------------------------
 
 
-STORAGE_METHODS = ("sendable", "record_attempts", "settle")
+STORAGE_METHODS = ("sendable", "record_attempts", "settle", "release_attempts")
 CALLS, STORAGE, NEITHER = "calls in flight", "storage, no call in flight", "neither"
 
 
@@ -456,6 +468,7 @@ def _config(db: Path, url: str, concurrency: int) -> config_mod.Config:
 
 
 async def product(emulator: Emulator, wl: Workload, db: Path, concurrency: int) -> ProductRun:
+    """Set up a control plane with `wl.rows` pending rows, time sending them all, check."""
     customers = await fresh_account(emulator, wl.orgs, concurrency)
     async with ControlPlane(_config(db, emulator.url, concurrency)) as cp:
         for o, customer in enumerate(customers):
@@ -511,8 +524,8 @@ async def _compare_totals(
     cp: ControlPlane, wl: Workload, customers: Sequence[str], concurrency: int
 ) -> list[str]:
     """Customers whose emulator meter total differs from their ledger quantities."""
-    assert cp.billing is not None
     billing = cp.billing
+    assert isinstance(billing, StripeBilling)
     rows = await cp.storage.ledger(limit=wl.rows + 1)
     want: dict[str, int] = defaultdict(int)
     for row in rows:
@@ -521,7 +534,7 @@ async def _compare_totals(
     async def total(o: int) -> int:
         return await billing.meter_totals(customers[o], METER, wl.first_bucket, wl.until)
 
-    got = await _bounded([lambda o=o: total(o) for o in range(wl.orgs)], concurrency)
+    got = await _bounded(total, wl.orgs, concurrency)
     return [
         f"{wl.org(o)}: emulator {got[o]}, ledger {want[wl.org(o)]}"
         for o in range(wl.orgs)
@@ -538,6 +551,10 @@ def _latency(latencies: list[float]) -> str:
     ordered = sorted(latencies)
     p95 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
     return f"call p50 {statistics.median(ordered) * 1000:.1f} ms, p95 {p95 * 1000:.1f} ms"
+
+
+def _best_of(rounds: int) -> str:
+    return "one round each" if rounds == 1 else f"best of {rounds} rounds each"
 
 
 def _line(label: str, t: Timing, unit: str) -> str:
@@ -591,11 +608,12 @@ def report(
             )
         print(f"    {what:<28}{seconds:7.2f} s  {seconds / prod.seconds:6.1%}{note}")
     for name, durations in best.storage.items():
-        took = sum(durations)
-        print(
-            f"      storage.{name:<18}{took:7.2f} s in {len(durations):,} calls "
-            f"({took / max(len(durations), 1) * 1000:.1f} ms each, overlapping calls or not)"
-        )
+        if durations:
+            took = sum(durations)
+            print(
+                f"      storage.{name:<18}{took:7.2f} s in {len(durations):,} calls "
+                f"({took / len(durations) * 1000:.1f} ms each, overlapping calls or not)"
+            )
 
     problems = [f"round {n}: {p}" for n, run in enumerate(runs, 1) for p in verify(run, wl)]
     print()
@@ -610,7 +628,7 @@ def report(
         )
     print(
         f"  rows {wl.rows:,}   product {prod.rate:,.0f} rows/s   raw {raw.rate:,.0f} events/s "
-        f"(official Stripe SDK; best of {len(runs)} rounds each)"
+        f"(official Stripe SDK; {_best_of(len(runs))})"
     )
     print(ratio_line("product/raw rows per second", prod.rate / raw.rate, TARGET))
     return 1 if problems else 0
@@ -648,6 +666,12 @@ def main(argv: list[str] | None = None) -> int:
         help="raw and product runs, alternating; the best of each counts",
     )
     parser.add_argument(
+        "--latency-ms",
+        type=float,
+        default=0.0,
+        help="emulator delay before each API request, as a network to Stripe adds (default 0)",
+    )
+    parser.add_argument(
         "--no-httpx", action="store_true", help="skip the informational plain-httpx run"
     )
     parser.add_argument("--dir", help="where to put the temporary database (default: system temp)")
@@ -657,6 +681,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--buckets must be 1..720, so every bucket is within the last 30 days")
     if min(args.orgs, args.concurrency, args.rounds) < 1:
         parser.error("--orgs, --concurrency and --rounds must be positive")
+    if args.latency_ms < 0:
+        parser.error("--latency-ms must not be negative")
 
     configure(config_mod.LoggingConfig(level="warning"))
     wl = Workload.ending_now(args.orgs, args.buckets)
@@ -667,14 +693,14 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"  {wl.rows:,} ledger rows = {wl.orgs:,} orgs x {wl.buckets} hourly buckets, 1 meter, "
         f"concurrency {args.concurrency}; raw baseline = the official stripe SDK "
-        f"(async, HTTPXClient, no retries)"
+        f"(async, HTTPXClient, no retries); emulator latency {args.latency_ms:g} ms per request"
     )
     print(
         f"  load average at start {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores "
         "(other processes compete with both sides; raw and product alternate)\n"
     )
     work = Path(tempfile.mkdtemp(prefix="cp-bench-send-", dir=args.dir))
-    emulator = Emulator(work)
+    emulator = Emulator(work, args.latency_ms)
     try:
         emulator.wait_ready()
         return asyncio.run(

@@ -138,6 +138,11 @@ class Settlement(msgspec.Struct, frozen=True):
     quantity: int = 0
 
 
+class SeamRows(msgspec.Struct, frozen=True):
+    reached: int  # sent, or attempted: the provider may have them
+    excluded_before_bill_from: int
+
+
 class RuntimeFlag(msgspec.Struct, frozen=True):
     name: str
     value: Any  # JSON value
@@ -285,8 +290,10 @@ class Storage(abc.ABC):
         org now has a customer. Optionally one org, and buckets starting before `until`."""
 
     @abc.abstractmethod
-    async def sent_from(self, bucket_start: int) -> int:
-        """How many `sent` rows have a bucket starting at or after `bucket_start`."""
+    async def seam(self, bucket_start: int) -> SeamRows:
+        """What the ledger holds for buckets starting at or after `bucket_start`, for the
+        rules that keep the cutover seam: rows the provider may have, rows excluded as
+        before `bill_from`."""
 
     @abc.abstractmethod
     async def record_attempts(self, row_ids: Sequence[int], at: int) -> None:

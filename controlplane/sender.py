@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -123,6 +124,7 @@ class Sender:
             log.warning("sender.skipped", reason=stats.skipped)
             return stats
         after_id = 0
+        blocked: set[Lane] = set()  # lanes with a transient failure: they wait for next pass
         while True:
             items = await self.storage.sendable(after_id, self.batch_size, org_id, until)
             if not items:
@@ -138,7 +140,7 @@ class Sender:
             await self._settle(decided, stats, at)
             after_id = items[-1].row.id
             if deliver:
-                await self._deliver(deliver, stats, at)
+                await self._deliver(deliver, stats, at, blocked)
         if stats.sent or stats.held or stats.excluded or stats.retry or stats.ambiguous:
             log.info("sender.done", **{k: v for k, v in msgspec.structs.asdict(stats).items() if v})
         return stats
@@ -151,17 +153,19 @@ class Sender:
         max_age = self.billing.max_event_age_seconds
         for item in items:
             row = item.row
+            unbillable: tuple[Reason, str | None] | None = None
             if row.bucket_start < bill_from:
-                decided.append(_decide(item, RowState.EXCLUDED, Reason.BEFORE_BILL_FROM))
+                unbillable = (Reason.BEFORE_BILL_FROM, None)
             elif max_age is not None and row.bucket_start < now - max_age + CLOCK_SKEW_MARGIN:
-                decided.append(
-                    _decide(
-                        item,
-                        RowState.EXCLUDED,
-                        Reason.TOO_OLD,
-                        f"bucket is older than the provider accepts ({max_age // 86400} days)",
-                    )
-                )
+                days = max_age // 86400
+                unbillable = (Reason.TOO_OLD, f"older than the provider accepts ({days} days)")
+            if unbillable and row.attempts:
+                # The provider may already have it: "never billed here" would be a guess.
+                reason, why = unbillable
+                detail = f"attempted before it became unbillable ({reason.value}); settle by hand"
+                decided.append(_decide(item, RowState.HELD, Reason.AMBIGUOUS, detail))
+            elif unbillable:
+                decided.append(_decide(item, RowState.EXCLUDED, *unbillable))
             elif item.customer is None:
                 if row.state is not RowState.HELD:
                     decided.append(_decide(item, RowState.HELD, Reason.NO_CUSTOMER))
@@ -201,19 +205,28 @@ class Sender:
             elif s.state is RowState.HELD:
                 stats.held += 1
 
-    async def _deliver(self, items: list[SendItem], stats: SendStats, at: int) -> None:
+    async def _deliver(
+        self, items: list[SendItem], stats: SendStats, at: int, blocked: set[Lane]
+    ) -> None:
         # Small groups: each group's attempts are recorded just before its calls, and its
-        # outcomes settled right after, so a crash leaves little to resend.
+        # outcomes settled right after, so a crash leaves little to resend. Rows are taken
+        # round-robin across lanes, so a group keeps many customers busy even when a backlog
+        # arrives org by org.
         group = max(self.concurrency * 4, 32)
-        for start in range(0, len(items), group):
-            await self._deliver_group(items[start : start + group], stats, at)
+        ordered = _interleave(items)
+        for start in range(0, len(ordered), group):
+            chunk = [i for i in ordered[start : start + group] if _lane(i) not in blocked]
+            if chunk:
+                await self._deliver_group(chunk, stats, at, blocked)
 
-    async def _deliver_group(self, items: list[SendItem], stats: SendStats, at: int) -> None:
+    async def _deliver_group(
+        self, items: list[SendItem], stats: SendStats, at: int, blocked: set[Lane]
+    ) -> None:
         await self.storage.record_attempts([i.row.id for i in items], at)
         called: set[int] = set()
-        lanes: dict[tuple[str, str], list[SendItem]] = defaultdict(list)
+        lanes: dict[Lane, list[SendItem]] = defaultdict(list)
         for item in items:
-            lanes[(item.customer or "", item.row.meter)].append(item)
+            lanes[_lane(item)].append(item)
         slots = asyncio.Semaphore(self.concurrency)
         results: list[Settlement] = []
 
@@ -248,6 +261,7 @@ class Sender:
                         outcome=outcome.value,
                         message=delivery.message,
                     )
+                    blocked.add(_lane(item))
                     return  # the rest of this lane waits for the next pass
 
         await asyncio.gather(*(lane(q) for q in lanes.values()))
@@ -266,6 +280,22 @@ class Sender:
             value=row.quantity,
             timestamp=row.bucket_start,
         )
+
+
+Lane = tuple[str, str]  # (customer, meter): one call in flight at a time
+
+
+def _lane(item: SendItem) -> Lane:
+    return (item.customer or "", item.row.meter)
+
+
+def _interleave(items: Sequence[SendItem]) -> list[SendItem]:
+    """Round-robin over lanes, each lane in ledger order."""
+    lanes: dict[Lane, list[SendItem]] = defaultdict(list)
+    for item in items:
+        lanes[_lane(item)].append(item)
+    waves = itertools.zip_longest(*lanes.values())
+    return [item for wave in waves for item in wave if item is not None]
 
 
 def _decide(

@@ -34,20 +34,31 @@ def check(candidate: Snapshot, bucket_seconds: int) -> None:
         )
 
 
-async def check_bill_from_frozen(storage: Storage, current: Snapshot, candidate: Snapshot) -> None:
-    """`bill_from` cannot move once rows at or after it were sent: the buckets between the old
-    and the new T would be billed twice (T later) or by the control plane only after the
-    legacy biller billed them (T earlier)."""
+async def check_seam(storage: Storage, current: Snapshot, candidate: Snapshot) -> None:
+    """`bill_from` keeps the seam between the two billers:
+
+    - it cannot move once rows at or after it were sent or attempted: buckets between the old
+      and the new T would be billed by both;
+    - it cannot move earlier over buckets already excluded as before T: they would be billed
+      by neither.
+    """
     old, new = current.bill_from, candidate.bill_from
     if old is None or old == new:
         return
-    sent = await storage.sent_from(old)
-    if sent:
+    if (await storage.seam(old)).reached:
         raise FlagRefused(
             "bill_from.frozen",
-            f"{sent} rows at or after bill_from {old} were already sent; moving it would bill "
-            "buckets twice. Roll back first, or force with a reason",
+            f"rows at or after bill_from {old} were already sent or attempted; moving it "
+            "would bill buckets twice. Roll back first, or force with a reason",
         )
+    if new is not None and new < old:
+        excluded = (await storage.seam(new)).excluded_before_bill_from
+        if excluded:
+            raise FlagRefused(
+                "bill_from.excluded",
+                f"{excluded} rows from {new} on were already excluded as before bill_from "
+                f"{old}; moving it earlier would leave them billed by neither side",
+            )
 
 
 async def set_flags(
@@ -95,7 +106,7 @@ async def set_flags(
     )
     if not force:
         check(candidate, bucket_seconds)
-        await check_bill_from_frozen(storage, current, candidate)
+        await check_seam(storage, current, candidate)
     group = uuid.uuid4().hex if len(parsed) > 1 else None
     writes = [
         FlagWrite(

@@ -38,6 +38,7 @@ from controlplane.interfaces import (
     RollupBatch,
     RollupPlanner,
     RuntimeFlag,
+    SeamRows,
     SendItem,
     Settlement,
     Storage,
@@ -391,9 +392,9 @@ class SQLiteStorage(Storage):
         )
         return [SendItem(row=_ledger_row(r), customer=r[18]) for r in rows]
 
-    async def sent_from(self, bucket_start: int) -> int:
-        rows = await self._all(Q["sent_from"], (bucket_start,))
-        return int(rows[0][0])
+    async def seam(self, bucket_start: int) -> SeamRows:
+        ((reached, excluded),) = await self._all(Q["seam"], (bucket_start,))
+        return SeamRows(reached=int(reached), excluded_before_bill_from=int(excluded))
 
     async def record_attempts(self, row_ids: Sequence[int], at: int) -> None:
         async with self._tx() as conn:
@@ -404,13 +405,14 @@ class SQLiteStorage(Storage):
             await conn.executemany(Q["release_attempt"], [(i,) for i in row_ids])
 
     async def settle(self, settlements: Sequence[Settlement], at: int, actor: str) -> int:
-        moved = 0
         async with self._tx() as conn:
-            audits: list[AuditEntry] = []
-            excluded: list[int] = []
-            for s in settlements:
-                cur = await conn.execute(
-                    Q["settle_row"],
+            ids = _json.encode([s.row_id for s in settlements])
+            async with conn.execute(Q["settleable"], (ids,)) as cur:
+                open_ids = {r[0] for r in await cur.fetchall()}
+            moving = [s for s in settlements if s.row_id in open_ids]
+            await conn.executemany(
+                Q["settle_row"],
+                [
                     (
                         s.state.value,
                         s.reason,
@@ -419,29 +421,29 @@ class SQLiteStorage(Storage):
                         at if s.state is RowState.SENT else None,
                         at,
                         s.row_id,
-                    ),
+                    )
+                    for s in moving
+                ],
+            )
+            sent = [
+                AuditEntry(
+                    action="ledger.sent",
+                    subject=s.identifier,
+                    actor=actor,
+                    after={
+                        "quantity": s.quantity,
+                        "customer": s.customer,
+                        "provider_id": s.provider_id,
+                    },
                 )
-                if cur.rowcount:
-                    moved += 1
-                    if s.state is RowState.EXCLUDED:
-                        excluded.append(s.row_id)
-                    if s.state is RowState.SENT:
-                        audits.append(
-                            AuditEntry(
-                                action="ledger.sent",
-                                subject=s.identifier,
-                                actor=actor,
-                                after={
-                                    "quantity": s.quantity,
-                                    "customer": s.customer,
-                                    "provider_id": s.provider_id,
-                                },
-                            )
-                        )
-            await self._append_audit(conn, audits, at)
+                for s in moving
+                if s.state is RowState.SENT
+            ]
+            await self._append_audit(conn, sent, at)
+            excluded = [s.row_id for s in moving if s.state is RowState.EXCLUDED]
             if excluded:
                 await self._requantify(conn, excluded, at)
-        return moved
+        return len(moving)
 
     async def _requantify(self, conn: aiosqlite.Connection, row_ids: list[int], at: int) -> None:
         """Rows just excluded left the billable rounding chain: re-derive the quantities of

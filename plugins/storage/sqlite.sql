@@ -105,8 +105,10 @@ WHERE l.id > :after
 ORDER BY l.id
 LIMIT :limit;
 
--- name: sent_from
-SELECT count(*) FROM ledger WHERE state = 'sent' AND bucket_start >= ?;
+-- name: seam
+SELECT coalesce(sum(state = 'sent' OR attempts > 0), 0),
+       coalesce(sum(state = 'excluded' AND reason = 'before_bill_from'), 0)
+FROM ledger WHERE bucket_start >= ?;
 
 -- name: record_attempt
 UPDATE ledger SET attempts = attempts + 1, first_attempt_at = coalesce(first_attempt_at, ?),
@@ -117,6 +119,10 @@ WHERE id = ?;
 UPDATE ledger SET attempts = attempts - 1,
                   first_attempt_at = CASE WHEN attempts = 1 THEN NULL ELSE first_attempt_at END
 WHERE id = ? AND attempts > 0 AND state = 'pending';
+
+-- name: settleable
+SELECT id FROM ledger
+WHERE id IN (SELECT value FROM json_each(?)) AND state IN ('pending', 'held');
 
 -- name: settle_row
 UPDATE ledger SET state = ?, reason = ?, detail = ?, provider_id = coalesce(?, provider_id),
