@@ -5,8 +5,10 @@ talks to over HTTP::
 
     client = stripe.StripeClient("sk_test_x", base_addresses={"api": "http://127.0.0.1:12111"})
 
-Run it with ``controlplane stripe-emulator --port 12111`` (see :func:`run`), or in-process from a
-test with ``async with serve_emulator(StripeEmulator()) as url: ...``.
+Run it with ``controlplane stripe-emulator --port 12111`` (see :func:`run`; ``--webhook-url URL
+[--webhook-secret whsec_...]`` registers an endpoint receiving every event,
+``--invoice-finalize-delay S`` sets when drafts finalize), or in-process from a test with
+``async with serve_emulator(StripeEmulator()) as url: ...``.
 
 Emulated endpoints (form-encoded bodies exactly as the SDK sends them, ``a[b][c]=v`` and
 ``items[0][price]=p``; query strings on GET):
@@ -17,10 +19,29 @@ Emulated endpoints (form-encoded bodies exactly as the SDK sends them, ``a[b][c]
 - ``POST /v1/billing/meter_events``
 - ``POST /v1/billing/meter_event_adjustments`` (``type=cancel``)
 - ``GET /v1/billing/meters/{id}/event_summaries``
+- ``POST /v1/products``, ``GET /v1/products`` (``active``, ``ids[]``), ``GET`` and ``POST``
+  ``/v1/products/{id}``
+- ``POST /v1/prices``, ``GET /v1/prices`` (``lookup_keys[]``, ``active``, ``product``,
+  ``currency``, ``type``, ``recurring[...]``), ``GET /v1/prices/{id}``, ``POST /v1/prices/{id}``
+  (``active``, ``lookup_key`` + ``transfer_lookup_key``, ``nickname``, ``metadata``)
+- ``POST /v1/subscriptions``, ``GET /v1/subscriptions`` (``customer``, ``price``, ``status``),
+  ``GET /v1/subscriptions/{id}``, ``DELETE /v1/subscriptions/{id}`` (cancel; ``invoice_now``)
+- ``GET /v1/invoices`` (``customer``, ``subscription``, ``status``), ``GET /v1/invoices/{id}``,
+  ``POST /v1/invoices/{id}/finalize``
+- ``POST /v1/billing/credit_grants``, ``GET /v1/billing/credit_grants`` (``customer``),
+  ``GET /v1/billing/credit_grants/{id}``, ``POST .../{id}/void`` and ``/expire``,
+  ``GET /v1/billing/credit_balance_summary``
+- ``POST /v1/checkout/sessions`` (``mode=setup`` only), ``GET /v1/checkout/sessions/{id}``,
+  ``POST /v1/checkout/sessions/{id}/expire``; ``GET /v1/setup_intents/{id}``
+- ``POST /v1/webhook_endpoints``, ``GET /v1/webhook_endpoints``, ``GET``, ``POST`` (update,
+  ``disabled``) and ``DELETE`` ``/v1/webhook_endpoints/{id}``
+- ``GET /v1/events`` (``type`` with ``*`` wildcards, ``types[]``, ``delivery_success``,
+  ``created``), ``GET /v1/events/{id}``
 
 Stripe rules it enforces:
 
-- ``Authorization: Bearer sk_...`` (or ``rk_...``) on every ``/v1`` call, else 401.
+- ``Authorization: Bearer sk_...`` (or ``rk_...``; or Basic with the key as user name, as
+  ``curl -u sk_test_...:`` sends) on every ``/v1`` call, else 401.
 - Unknown parameters are refused (``parameter_unknown``), as Stripe does.
 - A meter's ``event_name`` is unique among meters; formula ``sum``, ``count`` or ``last``.
 - Meter events: ``event_name`` must name an active meter; the payload must carry the meter's
@@ -50,6 +71,80 @@ Stripe rules it enforces:
   (4xx), were rate-limited (429) or hit an injected pre-write 500, so those are safe to retry.
   The same key with other parameters or another endpoint gets 400 ``idempotency_error``. Keys
   are forgotten after 24 hours (emulator clock).
+- Prices: ``product`` (existing) or ``product_data``; exactly one of ``unit_amount`` and
+  ``unit_amount_decimal`` (at most 12 decimals), ``billing_scheme=per_unit`` only; amounts can
+  never be edited (not an update parameter). ``recurring[interval]`` day/week/month/year, at most
+  three years; ``usage_type=metered`` needs ``recurring[meter]`` naming a meter (since basil:
+  ``... metered prices must be backed by meters.``) and only metered prices take one. A lookup
+  key (at most 200 characters) belongs to one price in the account, active or not: another
+  price asking for it gets 400 ``A price (`price_...`) already uses that lookup key.``, unless
+  ``transfer_lookup_key=true``, which atomically clears it from the holder (still active; it
+  gets ``price.updated`` with ``previous_attributes.lookup_key``) and gives it to this price.
+  ``lookup_keys[]`` takes at most 10 keys.
+- Subscriptions: an existing customer and at least one item; each item an active recurring
+  price, at most once, all of one currency and interval; ``quantity`` (default 1) only on
+  licensed prices: on a metered one it is refused with ``You cannot set the quantity for
+  metered plans.``, and metered items carry no ``quantity``. The billing period is on the items
+  (``current_period_start``/``_end``, the basil shape); months keep the anchor's day, clamped
+  to the month's end. New subscriptions are ``active`` (payments are not emulated, and no
+  ``subscription_create`` invoice is made). The list leaves canceled ones out unless
+  ``status=canceled``/``ended``/``all``. Cancelling sets ``canceled``; a canceled subscription
+  cannot be canceled again.
+- Invoices: when a period ends (the emulator clock passes its end; see
+  :meth:`StripeEmulator.close_period`) a draft invoice is created (``billing_reason=
+  subscription_cycle``, ``period_start``/``period_end`` the closed period,
+  ``parent.subscription_details.subscription``) with one line per item: metered items bill the
+  closed period in arrears, quantity = the meter's aggregate of that customer's non-cancelled
+  events with timestamp in ``[period_start, period_end)`` (negative totals bill 0); licensed
+  items bill the next period in advance. Amount = quantity x ``unit_amount_decimal``, rounded
+  half up. A draft keeps counting usage reported late for its period (Stripe's grace period,
+  which is what a true-up relies on) until it is finalized: by ``POST
+  /v1/invoices/{id}/finalize`` or automatically ``invoice_finalize_delay`` seconds (emulator
+  clock; default 3600, ``None`` never, then ``auto_advance`` is false) after creation, as
+  ``automatically_finalizes_at`` says. Finalizing sets ``open``, a ``number``, applies billing
+  credits and freezes the invoice: later usage or cancellations no longer change it. A
+  cancellation with ``invoice_now=true`` bills the usage so far on a last invoice
+  (``billing_reason=subscription_update``). Invoices are never paid.
+- Billing credits: ``amount[type]=monetary`` with a currency and a positive integer value;
+  ``applicability_config[scope]`` is ``price_type=metered`` or ``prices[]`` (at most 20), not
+  both; ``category`` paid/promotional; ``priority`` 0-100 (default 50). At finalization they
+  reduce metered lines only (``pretax_credit_amounts``), by priority, soonest expiry,
+  promotional before paid, oldest first.
+- Checkout Sessions: ``mode=setup`` only; ``currency`` required unless
+  ``allowed_payment_method_types``; ``customer`` excludes ``customer_creation`` and
+  ``customer_email``; ``expires_at`` 30 minutes to 24 hours ahead (default 24 hours; they then
+  expire with ``checkout.session.expired``). Completing one (a test hook, or visiting its
+  ``url``) creates a customer only if none was given and ``customer_creation=always`` (setup
+  mode creates none otherwise), a succeeded SetupIntent with a new payment method, and sets
+  ``status=complete``, ``payment_status=no_payment_required``.
+- Events: each of these changes is recorded as a v1 ``event`` (``evt_...``, ``api_version``
+  ``2026-10-28.endive``, ``data.object`` a snapshot, ``data.previous_attributes`` on
+  ``*.updated``, ``request.id``/``request.idempotency_key`` of the API call behind it, null for
+  test hooks and time passing, ``pending_webhooks`` = endpoints not yet answering 2xx),
+  listed newest first and kept 30 days: ``customer.created``, ``product.created/updated``,
+  ``price.created/updated``, ``customer.subscription.created/updated/deleted`` (``updated`` at
+  each renewal), ``invoice.created``, ``invoice.finalized``, ``billing.credit_grant.created/
+  updated``, ``setup_intent.created/succeeded``, ``checkout.session.completed/expired``.
+- Webhook endpoints: ``url`` (http or https; loopback allowed, unlike Stripe) and
+  ``enabled_events[]`` (types, or ``*``); the ``whsec_...`` ``secret`` is in the create
+  response only. Each event is POSTed, as its exact JSON, to every enabled endpoint subscribed
+  to its type, by a background task on the serving loop, with ``Content-Type:
+  application/json; charset=utf-8`` and ``Stripe-Signature: t=<unix>,v1=<hex>``, the
+  HMAC-SHA256 of ``"{t}.{body}"`` keyed with the secret, computed per attempt (see
+  :func:`signature_header`; ``t`` is the emulator clock, so after ``advance`` it is in the
+  future, which ``stripe.Webhook.construct_event`` accepts). A non-2xx answer, a timeout or a
+  connection error is retried with backoff, up to ``max_attempts``; each attempt is logged in
+  :attr:`StripeEmulator.deliveries`. Attempts go one at a time, first attempts in event order
+  (a slow endpoint delays the others by at most its ``timeout``).
+
+Webhook settings, at construction (``webhooks=WebhookSettings(...)``) or at run time
+(:meth:`StripeEmulator.set_webhooks`, ``POST /_emulator/webhooks``): ``max_attempts`` (4),
+``retry_base`` (0.05 s of real time, doubling per retry) and ``retry_max`` (2 s), ``timeout``
+(5 s per attempt), ``duplicate_rate`` / ``duplicate_next`` (deliver a fraction of events, or
+the next N, twice: same event id, separately signed), ``hold`` (queue first attempts instead of
+sending them; :meth:`StripeEmulator.release_webhooks` or ``POST /_emulator/webhooks/release``
+``{"order": "reverse"|"shuffle"|"fifo"}`` sends what is held, out of order if asked; turning
+``hold`` off releases in order).
 
 Faults, set at construction or at run time (:meth:`StripeEmulator.set_faults`,
 ``POST /_emulator/faults``), drawn from one seedable ``random.Random``:
@@ -66,19 +161,43 @@ Faults, set at construction or at run time (:meth:`StripeEmulator.set_faults`,
   error although a fresh write was applied.
 - ``latency_ms``: sleep before processing each ``/v1`` request.
 
-Test hooks, without auth: ``GET /_emulator/state`` (counters, see :meth:`StripeEmulator.state`;
-``?identifiers=1`` adds every identifier's acceptance count), ``POST /_emulator/clock``
-(``{"advance": seconds}``), ``POST /_emulator/faults``, ``POST /_emulator/reset``.
+Test hooks, without auth (JSON bodies; errors are ``{"error": {...}}`` with a 4xx):
+
+- ``GET /_emulator/state``: counters, see :meth:`StripeEmulator.state`; ``?identifiers=1`` adds
+  every identifier's acceptance count.
+- ``POST /_emulator/clock`` ``{"advance": seconds}``: what falls due on the way happens
+  (period ends, automatic finalizations, session expiries).
+- ``POST /_emulator/faults``, ``POST /_emulator/reset``.
+- ``POST /_emulator/checkout/{id}/complete`` ``{"email"?, "name"?}``: the customer finishes the
+  session; answers the session. ``GET /_emulator/checkout/{id}`` (the session's ``url``) does
+  the same and redirects (303) to ``success_url`` with ``{CHECKOUT_SESSION_ID}`` filled in.
+- ``POST /_emulator/subscriptions/{id}/advance`` ``{"at": "period_end"|"now"}``: close the
+  current period, by moving the clock to its end (default) or by ending it now and restarting
+  the cycle there; answers ``{"invoice", "subscription", "now"}``.
+- ``POST /_emulator/invoices/{id}/finalize``; ``POST /_emulator/billing``
+  ``{"invoice_finalize_delay": seconds|null}``.
+- ``GET``/``POST /_emulator/webhooks`` (settings), ``POST /_emulator/webhooks/release``,
+  ``POST /_emulator/webhooks/flush`` ``{"timeout": s}`` (wait until nothing is queued or in
+  flight; answers ``{"idle", "pending"}``), ``POST /_emulator/events/{id}/redeliver``
+  ``{"endpoint"?}``, ``GET /_emulator/deliveries?event=&endpoint=&type=`` (the attempt log:
+  ``event``, ``type``, ``endpoint``, ``url``, ``attempt``, ``status``, ``error``, ``ok``,
+  ``will_retry``, ``duplicate``, ``redelivery``, ``signed_at``, ``at``, ``response``; plus
+  ``pending`` and ``held``), ``POST /_emulator/webhook_endpoints`` ``{"url", "enabled_events",
+  "secret"?}`` (register with a chosen secret, e.g. the one in a config file).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import calendar
 import contextlib
 import copy
 import dataclasses
 import hashlib
+import heapq
+import hmac
 import math
 import random
 import re
@@ -91,9 +210,11 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl, unquote, urlsplit
 
+import httpx
 import msgspec
 import structlog
 
@@ -102,11 +223,13 @@ __all__ = [
     "EmulatorServer",
     "Faults",
     "StripeEmulator",
+    "WebhookSettings",
     "main",
     "parse_form",
     "run",
     "serve_emulator",
     "serve_emulator_in_thread",
+    "signature_header",
 ]
 
 DEFAULT_PORT = 12111  # the port stripe-mock uses, so tools pointed at it find this one
@@ -120,6 +243,16 @@ MAX_IDENTIFIER_LENGTH = 100
 MAX_EVENT_NAME_LENGTH = 100
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 MAX_VALUE_DIGITS = 15
+API_VERSION = "2026-10-28.endive"  # the stripe SDK 16.1.0 pin, carried by every event
+EVENT_RETENTION_SECONDS = 30 * DAY
+MAX_LOOKUP_KEY_LENGTH = 200
+MAX_LOOKUP_KEYS = 10
+MAX_EVENT_TYPES = 20
+MAX_CREDIT_GRANT_PRICES = 20
+CHECKOUT_LIFETIME_SECONDS = DAY
+DEFAULT_INVOICE_FINALIZE_DELAY = 3600.0  # Stripe waits an hour after invoice.created
+INTERVALS = ("day", "week", "month", "year")
+MAX_INTERVAL_COUNT = {"day": 3 * 365, "week": 3 * 52, "month": 36, "year": 3}
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -174,6 +307,279 @@ METER_SHAPE: Json = {
     "status_transitions": {"deactivated_at": None},
     "updated": 0,
     "value_settings": {"event_payload_key": "value"},
+}
+
+PRODUCT_SHAPE: Json = {
+    "id": "prod_",
+    "object": "product",
+    "active": True,
+    "created": 0,
+    "default_price": None,
+    "description": None,
+    "images": [],
+    "livemode": False,
+    "marketing_features": [],
+    "metadata": {},
+    "name": "",
+    "package_dimensions": None,
+    "shippable": None,
+    "statement_descriptor": None,
+    "tax_code": None,
+    "type": "service",
+    "unit_label": None,
+    "updated": 0,
+    "url": None,
+}
+
+PRICE_SHAPE: Json = {
+    "id": "price_",
+    "object": "price",
+    "active": True,
+    "billing_scheme": "per_unit",
+    "created": 0,
+    "currency": "usd",
+    "custom_unit_amount": None,
+    "livemode": False,
+    "lookup_key": None,
+    "metadata": {},
+    "nickname": None,
+    "product": "",
+    "recurring": None,
+    "tax_behavior": "unspecified",
+    "tiers_mode": None,
+    "transform_quantity": None,
+    "type": "one_time",
+    "unit_amount": None,
+    "unit_amount_decimal": None,
+}
+
+SUBSCRIPTION_SHAPE: Json = {
+    "id": "sub_",
+    "object": "subscription",
+    "application": None,
+    "application_fee_percent": None,
+    "automatic_tax": {"disabled_reason": None, "enabled": False, "liability": None},
+    "billing_cycle_anchor": 0,
+    "billing_cycle_anchor_config": None,
+    "billing_mode": {"flexible": None, "type": "classic"},
+    "billing_thresholds": None,
+    "cancel_at": None,
+    "cancel_at_period_end": False,
+    "canceled_at": None,
+    "cancellation_details": {"comment": None, "feedback": None, "reason": None},
+    "collection_method": "charge_automatically",
+    "created": 0,
+    "currency": "usd",
+    "customer": "",
+    "customer_account": None,
+    "days_until_due": None,
+    "default_payment_method": None,
+    "default_source": None,
+    "default_tax_rates": [],
+    "description": None,
+    "discounts": [],
+    "ended_at": None,
+    "invoice_settings": {"account_tax_ids": None, "issuer": {"type": "self"}},
+    "items": {"object": "list", "data": [], "has_more": False, "total_count": 0, "url": ""},
+    "latest_invoice": None,
+    "livemode": False,
+    "metadata": {},
+    "next_pending_invoice_item_invoice": None,
+    "on_behalf_of": None,
+    "pause_collection": None,
+    "payment_settings": {
+        "payment_method_options": None,
+        "payment_method_types": None,
+        "save_default_payment_method": "off",
+    },
+    "pending_invoice_item_interval": None,
+    "pending_setup_intent": None,
+    "pending_update": None,
+    "schedule": None,
+    "start_date": 0,
+    "status": "active",
+    "test_clock": None,
+    "transfer_data": None,
+    "trial_end": None,
+    "trial_settings": {"end_behavior": {"missing_payment_method": "create_invoice"}},
+    "trial_start": None,
+}
+
+INVOICE_SHAPE: Json = {
+    "id": "in_",
+    "object": "invoice",
+    "account_country": "US",
+    "account_name": None,
+    "account_tax_ids": None,
+    "amount_due": 0,
+    "amount_overpaid": 0,
+    "amount_paid": 0,
+    "amount_remaining": 0,
+    "amount_shipping": 0,
+    "application": None,
+    "attempt_count": 0,
+    "attempted": False,
+    "auto_advance": True,
+    "automatic_tax": {
+        "disabled_reason": None,
+        "enabled": False,
+        "liability": None,
+        "provider": None,
+        "status": None,
+    },
+    "automatically_finalizes_at": None,
+    "billing_reason": "subscription_cycle",
+    "collection_method": "charge_automatically",
+    "created": 0,
+    "currency": "usd",
+    "custom_fields": None,
+    "customer": "",
+    "customer_account": None,
+    "customer_address": None,
+    "customer_email": None,
+    "customer_name": None,
+    "customer_phone": None,
+    "customer_shipping": None,
+    "customer_tax_exempt": "none",
+    "customer_tax_ids": [],
+    "default_payment_method": None,
+    "default_source": None,
+    "default_tax_rates": [],
+    "description": None,
+    "discounts": [],
+    "due_date": None,
+    "effective_at": None,
+    "ending_balance": None,
+    "footer": None,
+    "from_invoice": None,
+    "hosted_invoice_url": None,
+    "invoice_pdf": None,
+    "issuer": {"type": "self"},
+    "last_finalization_error": None,
+    "latest_revision": None,
+    "lines": {"object": "list", "data": [], "has_more": False, "url": ""},
+    "livemode": False,
+    "metadata": {},
+    "next_payment_attempt": None,
+    "number": None,
+    "on_behalf_of": None,
+    "parent": None,
+    "period_end": 0,
+    "period_start": 0,
+    "post_payment_credit_notes_amount": 0,
+    "pre_payment_credit_notes_amount": 0,
+    "receipt_number": None,
+    "starting_balance": 0,
+    "statement_descriptor": None,
+    "status": "draft",
+    "status_transitions": {
+        "finalized_at": None,
+        "marked_uncollectible_at": None,
+        "paid_at": None,
+        "voided_at": None,
+    },
+    "subtotal": 0,
+    "subtotal_excluding_tax": 0,
+    "test_clock": None,
+    "total": 0,
+    "total_discount_amounts": [],
+    "total_excluding_tax": 0,
+    "total_pretax_credit_amounts": [],
+    "total_taxes": [],
+    "webhooks_delivered_at": None,
+}
+
+CHECKOUT_SESSION_SHAPE: Json = {
+    "id": "cs_test_",
+    "object": "checkout.session",
+    "adaptive_pricing": None,
+    "after_expiration": None,
+    "allow_promotion_codes": None,
+    "amount_subtotal": None,
+    "amount_total": None,
+    "automatic_tax": {"enabled": False, "liability": None, "provider": None, "status": None},
+    "billing_address_collection": None,
+    "cancel_url": None,
+    "client_reference_id": None,
+    "client_secret": None,
+    "collected_information": None,
+    "consent": None,
+    "consent_collection": None,
+    "created": 0,
+    "currency": None,
+    "currency_conversion": None,
+    "custom_fields": [],
+    "custom_text": {
+        "after_submit": None,
+        "shipping_address": None,
+        "submit": None,
+        "terms_of_service_acceptance": None,
+    },
+    "customer": None,
+    "customer_account": None,
+    "customer_creation": None,
+    "customer_details": None,
+    "customer_email": None,
+    "discounts": None,
+    "expires_at": 0,
+    "invoice": None,
+    "invoice_creation": None,
+    "livemode": False,
+    "locale": None,
+    "metadata": {},
+    "mode": "setup",
+    "origin_context": None,
+    "payment_intent": None,
+    "payment_link": None,
+    "payment_method_collection": "always",
+    "payment_method_configuration_details": None,
+    "payment_method_options": {},
+    "payment_method_types": ["card"],
+    "payment_status": "no_payment_required",
+    "permissions": None,
+    "phone_number_collection": {"enabled": False},
+    "recovered_from": None,
+    "saved_payment_method_options": None,
+    "setup_intent": None,
+    "shipping_address_collection": None,
+    "shipping_cost": None,
+    "shipping_options": [],
+    "status": "open",
+    "submit_type": None,
+    "subscription": None,
+    "success_url": None,
+    "total_details": None,
+    "ui_mode": "hosted_page",
+    "url": None,
+    "wallet_options": None,
+}
+
+SETUP_INTENT_SHAPE: Json = {
+    "id": "seti_",
+    "object": "setup_intent",
+    "application": None,
+    "automatic_payment_methods": None,
+    "cancellation_reason": None,
+    "client_secret": "",
+    "created": 0,
+    "customer": None,
+    "customer_account": None,
+    "description": None,
+    "flow_directions": None,
+    "last_setup_error": None,
+    "latest_attempt": None,
+    "livemode": False,
+    "mandate": None,
+    "metadata": {},
+    "next_action": None,
+    "on_behalf_of": None,
+    "payment_method": None,
+    "payment_method_configuration_details": None,
+    "payment_method_options": {},
+    "payment_method_types": ["card"],
+    "single_use_mandate": None,
+    "status": "succeeded",
+    "usage": "off_session",
 }
 
 MESSAGE_UNKNOWN_ERROR = (
@@ -301,6 +707,7 @@ class ApiRequest:
     params: Json
     headers: dict[str, str]
     args: dict[str, str]  # path parameters, e.g. {"id": "mtr_..."}
+    request_id: str = ""  # carried by the events the request emits
 
 
 def _string(params: Json, name: str, *, required: bool = False, max_length: int = 5000) -> str:
@@ -346,6 +753,75 @@ def _object(params: Json, name: str) -> Json:
     return value
 
 
+def _boolean(params: Json, name: str) -> bool | None:
+    value = params.get(name)
+    if value is None or value == "":
+        return None
+    if value not in ("true", "false"):
+        raise _invalid(name, f"Invalid boolean: {value}", code="parameter_invalid_boolean")
+    return bool(value == "true")
+
+
+def _strings(params: Json, name: str, *, max_items: int | None = None) -> list[str] | None:
+    """An array of strings (``a[0]=x&a[1]=y`` or ``a[]=x``); None when absent."""
+    value = params.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _invalid(name, f"Invalid array: {name} must be an array of strings.")
+    if max_items is not None and len(value) > max_items:
+        raise _invalid(name, f"Invalid {name}: you can specify up to {max_items} values.")
+    return value
+
+
+def _currency(params: Json, name: str, *, required: bool = False) -> str:
+    value = _string(params, name, required=required).lower()
+    if value and not re.fullmatch(r"[a-z]{3}", value):
+        raise _invalid(name, f"Invalid currency: {value}.")
+    return value
+
+
+def _metadata(params: Json, current: Json | None = None) -> Json | None:
+    """Stripe's metadata rules; None when absent. On update an empty value unsets its key and
+    an empty ``metadata`` unsets them all."""
+    if "metadata" not in params:
+        return None
+    raw = params["metadata"]
+    if raw == "":
+        return {}
+    if not isinstance(raw, dict):
+        raise _invalid("metadata", "Invalid object: metadata must be an object.")
+    merged = dict(current or {})
+    for key, value in raw.items():
+        param = f"metadata[{key}]"
+        if not isinstance(value, str):
+            raise _invalid(param, f"Invalid string: {param} must be a string.")
+        if len(key) > 40:
+            raise _invalid(param, "Metadata keys can be at most 40 characters long.")
+        if len(value) > 500:
+            raise _invalid(param, "Metadata values can be at most 500 characters long.")
+        if value:
+            merged[key] = value
+        else:
+            merged.pop(key, None)
+    if len(merged) > 50:
+        raise _invalid("metadata", "Metadata can have at most 50 keys.")
+    return merged
+
+
+def _only_keys(value: Json, allowed: frozenset[str], prefix: str) -> None:
+    for name in value:
+        if name not in allowed:
+            param = f"{prefix}[{name}]"
+            raise EmulatedError(
+                400, f"Received unknown parameter: {param}", param=param, code="parameter_unknown"
+            )
+
+
+def _one_of(*names: str) -> EmulatedError:
+    return _invalid(names[0], f"You may only specify one of these parameters: {', '.join(names)}.")
+
+
 # ---------------------------------------------------------------------------------------------
 # State
 
@@ -370,6 +846,63 @@ class Faults:
                 raise ValueError(f"{name} must be between 0 and 1")
         if self.latency_ms < 0 or self.fail_next < 0 or self.drop_next < 0:
             raise ValueError("latency_ms, fail_next and drop_next must not be negative")
+
+
+@dataclasses.dataclass(slots=True)
+class WebhookSettings:
+    """Webhook delivery; see the module docstring for what each setting does."""
+
+    max_attempts: int = 4
+    retry_base: float = 0.05  # seconds (real time) before the first retry, doubling each time
+    retry_max: float = 2.0
+    timeout: float = 5.0
+    duplicate_rate: float = 0.0
+    duplicate_next: int = 0
+    hold: bool = False
+
+    def check(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if self.retry_base < 0 or self.retry_max < 0 or not self.timeout > 0:
+            raise ValueError("retry_base and retry_max must not be negative, timeout positive")
+        if not 0.0 <= self.duplicate_rate <= 1.0:
+            raise ValueError("duplicate_rate must be between 0 and 1")
+        if self.duplicate_next < 0:
+            raise ValueError("duplicate_next must not be negative")
+
+
+@dataclasses.dataclass(slots=True)
+class Delivery:
+    """One event queued for one webhook endpoint; ``body`` is the exact JSON that is signed."""
+
+    event: str
+    endpoint: str
+    body: bytes
+    attempts: int = 0
+    duplicate: bool = False
+    redelivery: bool = False
+
+
+@dataclasses.dataclass(slots=True)
+class SubscriptionState:
+    """A subscription and its billing cycle: period k is [anchor + k, anchor + k + 1) intervals."""
+
+    obj: Json
+    anchor: int
+    interval: str
+    interval_count: int
+    period: int = 0
+
+    def bounds(self) -> tuple[int, int]:
+        step = self.interval_count
+        return (
+            _add_interval(self.anchor, self.interval, self.period * step),
+            _add_interval(self.anchor, self.interval, (self.period + 1) * step),
+        )
+
+    @property
+    def active(self) -> bool:
+        return bool(self.obj["status"] != "canceled")
 
 
 @dataclasses.dataclass(slots=True)
@@ -430,6 +963,12 @@ class Counters:
     failures_after_write: int = 0
     dropped_connections: int = 0
     accepted_again_within_memory: int = 0  # must stay 0: Stripe's own guarantee
+    events_emitted: int = 0
+    webhook_attempts: int = 0
+    webhooks_delivered: int = 0  # attempts answered 2xx
+    webhook_failures: int = 0  # attempts answered otherwise or not at all
+    webhooks_abandoned: int = 0  # deliveries that used up max_attempts
+    webhook_duplicates: int = 0  # extra deliveries injected by duplicate_rate/_next
 
 
 Handler = Callable[["StripeEmulator", ApiRequest], Json]
@@ -451,7 +990,10 @@ class StripeEmulator:
 
     ``app`` is the ASGI application. Everything else is for tests: :meth:`advance` the clock,
     :meth:`set_faults`, read :meth:`state`, :meth:`reset`, seed objects with
-    :meth:`add_customer` / :meth:`add_meter`, read :meth:`meter_total`.
+    :meth:`add_customer` / :meth:`add_meter` / :meth:`add_webhook_endpoint`, read
+    :meth:`meter_total`; billing: :meth:`complete_checkout`, :meth:`close_period`,
+    :meth:`finalize_invoice`; webhooks: :meth:`set_webhooks`, :meth:`release_webhooks`,
+    :meth:`redeliver`, :meth:`wait_for_webhooks` and the :attr:`deliveries` log.
     """
 
     def __init__(
@@ -465,7 +1007,20 @@ class StripeEmulator:
         seed: int | None = None,
         log_events: bool = False,
         clock: Callable[[], float] = time.time,
+        webhooks: WebhookSettings | None = None,
+        invoice_finalize_delay: float | None = DEFAULT_INVOICE_FINALIZE_DELAY,
     ) -> None:
+        self._initial_webhooks = dataclasses.replace(webhooks or WebhookSettings())
+        self._initial_webhooks.check()
+        if invoice_finalize_delay is not None and invoice_finalize_delay < 0:
+            raise ValueError("invoice_finalize_delay must not be negative (or None: never)")
+        self._initial_finalize_delay = invoice_finalize_delay
+        # webhook delivery runs on the event loop serving the app (see _kick)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._due_timer: asyncio.TimerHandle | None = None
+        self._sending = 0  # attempts in flight (kept across reset: they still finish)
         self._initial_faults = Faults(
             rate_limit=rate_limit,
             fail_rate=fail_rate,
@@ -502,16 +1057,47 @@ class StripeEmulator:
         self._tokens_at = time.monotonic()
         self._window: deque[float] = deque()
         self._max_per_second = 0
+        # billing objects
+        self.invoice_finalize_delay = self._initial_finalize_delay
+        self.products: dict[str, Json] = {}
+        self.prices: dict[str, Json] = {}
+        self._lookup_keys: dict[str, str] = {}  # lookup key -> price id
+        self.subscriptions: dict[str, SubscriptionState] = {}
+        self.invoices: dict[str, Json] = {}
+        self._auto_finalize: dict[str, int] = {}  # draft invoice id -> when it finalizes
+        self.credit_grants: dict[str, Json] = {}
+        self._grant_balance: dict[str, int] = {}  # credit grant id -> what is left of it
+        self.checkout_sessions: dict[str, Json] = {}
+        self._setup_data: dict[str, Json] = {}  # session id -> its setup_intent_data
+        self.setup_intents: dict[str, Json] = {}
+        self._due_at = math.inf  # the next period end, auto-finalization or session expiry
+        # events and webhooks
+        self.webhook_settings = dataclasses.replace(self._initial_webhooks)
+        self._webhook_rng = random.Random(None if self._seed is None else self._seed + 2)
+        self.webhook_endpoints: dict[str, Json] = {}  # without their secrets
+        self._endpoint_secrets: dict[str, str] = {}
+        self.stripe_events: dict[str, Json] = {}  # oldest first
+        self._undelivered: dict[str, set[str]] = {}  # event id -> endpoints not yet answering 2xx
+        self.deliveries: list[Json] = []  # every delivery attempt, in order
+        self._outbox: list[tuple[float, int, Delivery]] = []  # heap by due time (monotonic)
+        self._held: list[Delivery] = []
+        self._sequence = 0
 
     def now(self) -> float:
         """The emulator clock: real time plus the offset tests advance."""
         return self._clock() + self._offset
 
     def advance(self, seconds: float) -> float:
-        """Move the emulator clock forward; returns the new time."""
+        """Move the emulator clock forward; returns the new time.
+
+        As with a Stripe test clock, what falls due on the way happens: subscription periods
+        that end are closed (one draft invoice each), drafts whose ``automatically_finalizes_at``
+        passes are finalized and open Checkout Sessions past ``expires_at`` expire.
+        """
         if seconds < 0:
             raise ValueError("the emulator clock only moves forward")
         self._offset += seconds
+        self._run_due()
         return self.now()
 
     def set_faults(self, **changes: Any) -> Faults:
@@ -549,6 +1135,18 @@ class StripeEmulator:
             identifiers_accepted_more_than_once=len(reaccepted),
             reaccepted_identifiers=reaccepted,
             faults=dataclasses.asdict(self.faults),
+            products=len(self.products),
+            prices=len(self.prices),
+            subscriptions=len(self.subscriptions),
+            invoices=len(self.invoices),
+            credit_grants=len(self.credit_grants),
+            checkout_sessions=len(self.checkout_sessions),
+            stripe_events=len(self.stripe_events),
+            webhook_endpoints=len(self.webhook_endpoints),
+            webhooks_pending=len(self._outbox) + self._sending,
+            webhooks_held=len(self._held),
+            webhooks=dataclasses.asdict(self.webhook_settings),
+            invoice_finalize_delay=self.invoice_finalize_delay,
         )
         if identifiers:
             state["accepted_by_identifier"] = dict(self._acceptances)
@@ -632,7 +1230,7 @@ class StripeEmulator:
         method: str = scope["method"]
         query = scope.get("query_string", b"").decode("latin-1")
         if path.startswith("/_emulator/"):
-            reply = self._hook(method, path, query, body)
+            reply = await self._hook(method, path, query, body)
         else:
             reply = await self._api(method, path, query, headers, body)
         await send(
@@ -663,7 +1261,9 @@ class StripeEmulator:
                 )
         except EmulatedError as exc:
             return _error_reply(exc, request_id)
-        request = ApiRequest(method, path, params, headers, args)
+        request = ApiRequest(method, path, params, headers, args, request_id)
+        if not route.meter_event and self._due_at <= self.now():
+            self._run_due()  # periods that ended, drafts due to finalize, sessions expired
         lane = self._lane(route, params)
         if lane is not None:
             if lane in self._in_flight:
@@ -778,7 +1378,9 @@ class StripeEmulator:
         metadata = _object(params, "metadata")
         if metadata:
             fields["metadata"] = metadata
-        return self.add_customer(**fields)
+        customer = self.add_customer(**fields)
+        self._emit("customer.created", customer, request)
+        return customer
 
     def retrieve_customer(self, request: ApiRequest) -> Json:
         ident = request.args["id"]
@@ -1004,6 +1606,1591 @@ class StripeEmulator:
         ]
         return _page(items, params, f"/v1/billing/meters/{meter.id}/event_summaries")
 
+    # -- products and prices ----------------------------------------------------------------
+
+    def create_product(self, request: ApiRequest) -> Json:
+        params = request.params
+        _only(params, _PRODUCT_FIELDS)
+        name = _string(params, "name", required=True, max_length=250)
+        ident = _string(params, "id", max_length=255)
+        if ident in self.products:
+            raise EmulatedError(
+                400, "Product already exists.", param="id", code="resource_already_exists"
+            )
+        product = self._new_product(name, params, ident or None)
+        self._emit("product.created", product, request)
+        return product
+
+    def _new_product(self, name: str, params: Json, ident: str | None = None) -> Json:
+        """Validates `params` (the product fields besides name and id), then creates."""
+        fields: Json = {}
+        for field in ("description", "statement_descriptor", "tax_code", "unit_label", "url"):
+            value = _string(params, field, max_length=5000)
+            if value:
+                fields[field] = value
+        active = _boolean(params, "active")
+        metadata = _metadata(params) or {}
+        now = int(self.now())
+        product = copy.deepcopy(PRODUCT_SHAPE)
+        product.update(
+            fields,
+            id=ident or self._new_id("prod", 14),
+            name=name,
+            created=now,
+            updated=now,
+            active=True if active is None else active,
+            metadata=metadata,
+        )
+        self.products[product["id"]] = product
+        return product
+
+    def update_product(self, request: ApiRequest) -> Json:
+        params = request.params
+        _only(params, _PRODUCT_FIELDS - {"id"})
+        product = self._product(request.args["id"])
+        changes: Json = {}
+        for field in ("name", "description", "statement_descriptor", "tax_code", "unit_label"):
+            if field in params:
+                changes[field] = _string(params, field, max_length=5000) or None
+        if "url" in params:
+            changes["url"] = _string(params, "url") or None
+        active = _boolean(params, "active")
+        if active is not None:
+            changes["active"] = active
+        metadata = _metadata(params, product["metadata"])
+        if metadata is not None:
+            changes["metadata"] = metadata
+        if "name" in changes and not changes["name"]:
+            raise _invalid("name", "A product's name cannot be empty.")
+        return self._update(product, changes, "product.updated", request)
+
+    def retrieve_product(self, request: ApiRequest) -> Json:
+        return self._product(request.args["id"])
+
+    def list_products(self, request: ApiRequest) -> Json:
+        params = request.params
+        _only(params, _LIST_FIELDS | {"active", "ids"})
+        items = list(reversed(self.products.values()))
+        active = _boolean(params, "active")
+        if active is not None:
+            items = [p for p in items if p["active"] is active]
+        ids = _strings(params, "ids")
+        if ids is not None:
+            items = [p for p in items if p["id"] in ids]
+        return _page(items, params, "/v1/products")
+
+    def create_price(self, request: ApiRequest) -> Json:
+        params = request.params
+        _only(params, _PRICE_FIELDS)
+        currency = _currency(params, "currency", required=True)
+        product_id = _string(params, "product")
+        product_data = _object(params, "product_data")
+        if product_id and product_data:
+            raise _one_of("product", "product_data")
+        if not product_id and not product_data:
+            raise EmulatedError(
+                400,
+                "You must specify either `product` or `product_data` when creating a price.",
+                param="product",
+            )
+        if product_id and product_id not in self.products:
+            raise _no_such("product", product_id, "product")
+        product_name = ""
+        if product_data:
+            _only_keys(product_data, _PRODUCT_DATA_FIELDS, "product_data")
+            product_name = _string(product_data, "name", max_length=250)
+            if not product_name:
+                raise _missing("product_data[name]")
+        scheme = _string(params, "billing_scheme") or "per_unit"
+        if scheme != "per_unit":
+            raise _invalid(
+                "billing_scheme",
+                "The Stripe emulator supports only billing_scheme=per_unit prices.",
+            )
+        unit_amount, unit_amount_decimal = _unit_amount(params)
+        recurring = self._recurring(_object(params, "recurring"))
+        lookup_key = _string(params, "lookup_key", max_length=MAX_LOOKUP_KEY_LENGTH)
+        transfer = bool(_boolean(params, "transfer_lookup_key"))
+        holder = self._lookup_key_holder(lookup_key, None, transfer)
+        tax_behavior = _string(params, "tax_behavior") or "unspecified"
+        if tax_behavior not in ("inclusive", "exclusive", "unspecified"):
+            raise _invalid(
+                "tax_behavior",
+                f"Invalid tax_behavior: must be one of inclusive, exclusive or unspecified, "
+                f"got '{tax_behavior}'.",
+            )
+        nickname = _string(params, "nickname", max_length=5000) or None
+        active = _boolean(params, "active")
+        metadata = _metadata(params) or {}
+        # all validated: from here on nothing fails, so the whole create is atomic
+        if product_data:
+            product = self._new_product(product_name, product_data)
+            product_id = product["id"]
+            self._emit("product.created", product, request)
+        if holder is not None:
+            self._update(holder, {"lookup_key": None}, "price.updated", request)
+        price = copy.deepcopy(PRICE_SHAPE)
+        price.update(
+            id=self._new_id("price", 24),
+            active=True if active is None else active,
+            created=int(self.now()),
+            currency=currency,
+            lookup_key=lookup_key or None,
+            metadata=metadata,
+            nickname=nickname,
+            product=product_id,
+            recurring=recurring,
+            tax_behavior=tax_behavior,
+            type="recurring" if recurring else "one_time",
+            unit_amount=unit_amount,
+            unit_amount_decimal=unit_amount_decimal,
+        )
+        self.prices[price["id"]] = price
+        if lookup_key:
+            self._lookup_keys[lookup_key] = price["id"]
+        self._emit("price.created", price, request)
+        return price
+
+    def _recurring(self, raw: Json) -> Json | None:
+        if not raw:
+            return None
+        _only_keys(raw, _RECURRING_FIELDS, "recurring")
+        interval = _string(raw, "interval")
+        if not interval:
+            raise _missing("recurring[interval]")
+        if interval not in INTERVALS:
+            raise _invalid(
+                "recurring[interval]",
+                f"Invalid recurring[interval]: must be one of day, week, month or year, got "
+                f"'{interval}'.",
+            )
+        count = _integer(raw, "interval_count")
+        count = 1 if count is None else count
+        if not 1 <= count <= MAX_INTERVAL_COUNT[interval]:
+            raise _invalid(
+                "recurring[interval_count]",
+                "The maximum billing frequency is three years (3 years, 36 months, or 156 weeks).",
+            )
+        usage_type = _string(raw, "usage_type") or "licensed"
+        if usage_type not in ("licensed", "metered"):
+            raise _invalid(
+                "recurring[usage_type]",
+                f"Invalid recurring[usage_type]: must be licensed or metered, got '{usage_type}'.",
+            )
+        meter = _string(raw, "meter")
+        if usage_type == "metered" and not meter:
+            raise EmulatedError(
+                400,
+                "Starting with Stripe version `2025-03-31.basil`, metered prices must be backed "
+                "by meters.",
+                param="recurring[meter]",
+            )
+        if meter and usage_type != "metered":
+            raise _invalid(
+                "recurring[meter]",
+                "A meter can only be set on prices with `recurring[usage_type]=metered`.",
+            )
+        if meter and meter not in self.meters:
+            raise _no_such("billing meter", meter, "recurring[meter]")
+        return {
+            "interval": interval,
+            "interval_count": count,
+            "meter": meter or None,
+            "trial_period_days": None,
+            "usage_type": usage_type,
+        }
+
+    def _lookup_key_holder(self, key: str, owner: str | None, transfer: bool) -> Json | None:
+        """The other price holding `key`, if `transfer` allows taking it; else a 400."""
+        holder_id = self._lookup_keys.get(key) if key else None
+        if holder_id is None or holder_id == owner:
+            return None
+        if not transfer:
+            raise EmulatedError(
+                400, f"A price (`{holder_id}`) already uses that lookup key.", param="lookup_key"
+            )
+        return self.prices[holder_id]
+
+    def update_price(self, request: ApiRequest) -> Json:
+        params = request.params
+        _only(params, _PRICE_UPDATE_FIELDS)
+        price = self._price(request.args["id"])
+        lookup_key = _string(params, "lookup_key", max_length=MAX_LOOKUP_KEY_LENGTH)
+        transfer = bool(_boolean(params, "transfer_lookup_key"))
+        holder = self._lookup_key_holder(lookup_key, price["id"], transfer)
+        changes: Json = {}
+        active = _boolean(params, "active")
+        if active is not None:
+            changes["active"] = active
+        if "nickname" in params:
+            changes["nickname"] = _string(params, "nickname", max_length=5000) or None
+        metadata = _metadata(params, price["metadata"])
+        if metadata is not None:
+            changes["metadata"] = metadata
+        if lookup_key and lookup_key != price["lookup_key"]:
+            changes["lookup_key"] = lookup_key
+            if holder is not None:
+                self._update(holder, {"lookup_key": None}, "price.updated", request)
+            if price["lookup_key"]:
+                self._lookup_keys.pop(price["lookup_key"], None)
+            self._lookup_keys[lookup_key] = price["id"]
+        return self._update(price, changes, "price.updated", request)
+
+    def retrieve_price(self, request: ApiRequest) -> Json:
+        return self._price(request.args["id"])
+
+    def list_prices(self, request: ApiRequest) -> Json:
+        params = request.params
+        _only(
+            params,
+            _LIST_FIELDS | {"active", "currency", "product", "type", "lookup_keys", "recurring"},
+        )
+        lookup_keys = _strings(params, "lookup_keys", max_items=MAX_LOOKUP_KEYS)
+        items = list(reversed(self.prices.values()))
+        if lookup_keys is not None:
+            wanted = set(lookup_keys)
+            items = [p for p in items if p["lookup_key"] in wanted]
+        active = _boolean(params, "active")
+        if active is not None:
+            items = [p for p in items if p["active"] is active]
+        currency = _currency(params, "currency")
+        if currency:
+            items = [p for p in items if p["currency"] == currency]
+        product = _string(params, "product")
+        if product:
+            if product not in self.products:
+                raise _no_such("product", product, "product")
+            items = [p for p in items if p["product"] == product]
+        kind = _string(params, "type")
+        if kind:
+            items = [p for p in items if p["type"] == kind]
+        recurring = _object(params, "recurring")
+        _only_keys(recurring, frozenset({"interval", "meter", "usage_type"}), "recurring")
+        for key, wanted in recurring.items():
+            items = [p for p in items if p["recurring"] and p["recurring"][key] == wanted]
+        return _page(items, params, "/v1/prices")
+
+    # -- subscriptions ----------------------------------------------------------------------
+
+    def create_subscription(self, request: ApiRequest) -> Json:
+        params = request.params
+        _only(params, _SUBSCRIPTION_FIELDS)
+        customer = _string(params, "customer", required=True)
+        if customer not in self.customers:
+            raise _no_such("customer", customer, "customer")
+        raw_items = params.get("items")
+        if not raw_items:
+            raise _missing("items")
+        if not isinstance(raw_items, list):
+            raise _invalid("items", "Invalid array: items must be an array of objects.")
+        chosen: list[tuple[Json, int | None, Json]] = []
+        for index, raw in enumerate(raw_items):
+            prefix = f"items[{index}]"
+            if not isinstance(raw, dict):
+                raise _invalid(prefix, f"Invalid object: {prefix} must be an object.")
+            _only_keys(raw, frozenset({"price", "quantity", "metadata"}), prefix)
+            price_id = _string(raw, "price")
+            if not price_id:
+                raise _missing(f"{prefix}[price]")
+            price = self.prices.get(price_id)
+            if price is None:
+                raise _no_such("price", price_id, f"{prefix}[price]")
+            if not price["active"]:
+                raise _invalid(
+                    f"{prefix}[price]",
+                    "The price specified is inactive. This field only accepts active prices.",
+                )
+            recurring = price["recurring"]
+            if recurring is None:
+                raise _invalid(
+                    f"{prefix}[price]",
+                    "The price specified is set to `type=one_time` but this field only accepts "
+                    "prices with `type=recurring`.",
+                )
+            metered = recurring["usage_type"] == "metered"
+            quantity = _integer(raw, "quantity")
+            if quantity is not None and metered:
+                raise EmulatedError(
+                    400,
+                    "You cannot set the quantity for metered plans.",
+                    param=f"{prefix}[quantity]",
+                )
+            if quantity is not None and quantity < 0:
+                raise _invalid(f"{prefix}[quantity]", "Quantity must be at least 0.")
+            if not metered and quantity is None:
+                quantity = 1
+            if any(other["id"] == price_id for other, _, _ in chosen):
+                raise _invalid(
+                    f"{prefix}[price]",
+                    f"The price `{price_id}` is already used by another item of this "
+                    "subscription. Each price can only appear once.",
+                )
+            if chosen:
+                first = chosen[0][0]
+                for field, value, expected in (
+                    ("currency", price["currency"], first["currency"]),
+                    ("interval", recurring["interval"], first["recurring"]["interval"]),
+                    (
+                        "interval",
+                        recurring["interval_count"],
+                        first["recurring"]["interval_count"],
+                    ),
+                ):
+                    if value != expected:
+                        raise _invalid(
+                            f"{prefix}[price]",
+                            "Currency and interval fields must match across all plans on this "
+                            f"subscription. Found mismatch in {field} field.",
+                        )
+            chosen.append((price, quantity, _metadata(raw) or {}))
+        metadata = _metadata(params) or {}
+        description = _string(params, "description", max_length=500) or None
+        collection = _string(params, "collection_method") or "charge_automatically"
+        if collection not in ("charge_automatically", "send_invoice"):
+            raise _invalid(
+                "collection_method",
+                "Invalid collection_method: must be charge_automatically or send_invoice.",
+            )
+        days_until_due = _integer(params, "days_until_due")
+        behavior = _string(params, "payment_behavior")
+        if behavior and behavior not in _PAYMENT_BEHAVIORS:
+            raise _invalid("payment_behavior", f"Invalid payment_behavior: '{behavior}'.")
+        _string(params, "proration_behavior")
+        _boolean(params, "off_session")
+        # all validated
+        now = int(self.now())
+        first = chosen[0][0]["recurring"]
+        state = SubscriptionState(
+            copy.deepcopy(SUBSCRIPTION_SHAPE),
+            anchor=now,
+            interval=first["interval"],
+            interval_count=first["interval_count"],
+        )
+        start, end = state.bounds()
+        sub = state.obj
+        sub_id = self._new_id("sub", 24)
+        items = [
+            self._subscription_item(sub_id, price, quantity, item_metadata, start, end)
+            for price, quantity, item_metadata in chosen
+        ]
+        sub.update(
+            id=sub_id,
+            billing_cycle_anchor=now,
+            collection_method=collection,
+            created=now,
+            currency=chosen[0][0]["currency"],
+            customer=customer,
+            days_until_due=days_until_due,
+            default_payment_method=_string(params, "default_payment_method") or None,
+            description=description,
+            metadata=metadata,
+            start_date=now,
+        )
+        sub["items"] = {
+            "object": "list",
+            "data": items,
+            "has_more": False,
+            "total_count": len(items),
+            "url": f"/v1/subscription_items?subscription={sub_id}",
+        }
+        self.subscriptions[sub_id] = state
+        self._reschedule()
+        self._emit("customer.subscription.created", sub, request)
+        return sub
+
+    def _subscription_item(
+        self,
+        subscription: str,
+        price: Json,
+        quantity: int | None,
+        metadata: Json,
+        start: int,
+        end: int,
+    ) -> Json:
+        recurring = price["recurring"]
+        item: Json = {
+            "id": self._new_id("si", 14),
+            "object": "subscription_item",
+            "billing_thresholds": None,
+            "created": start,
+            "current_period_end": end,
+            "current_period_start": start,
+            "discounts": [],
+            "metadata": metadata,
+            "plan": {
+                "id": price["id"],
+                "object": "plan",
+                "active": price["active"],
+                "amount": price["unit_amount"],
+                "amount_decimal": price["unit_amount_decimal"],
+                "billing_scheme": price["billing_scheme"],
+                "created": price["created"],
+                "currency": price["currency"],
+                "interval": recurring["interval"],
+                "interval_count": recurring["interval_count"],
+                "livemode": False,
+                "metadata": {},
+                "meter": recurring["meter"],
+                "nickname": price["nickname"],
+                "product": price["product"],
+                "tiers_mode": None,
+                "transform_usage": None,
+                "trial_period_days": None,
+                "usage_type": recurring["usage_type"],
+            },
+            "price": price,  # the price itself, so its later updates show
+            "subscription": subscription,
+            "tax_rates": [],
+        }
+        if quantity is not None:  # Stripe leaves it out on metered items
+            item["quantity"] = quantity
+        return item
+
+    def retrieve_subscription(self, request: ApiRequest) -> Json:
+        return self._subscription(request.args["id"]).obj
+
+    def list_subscriptions(self, request: ApiRequest) -> Json:
+        params = request.params
+        _only(params, _LIST_FIELDS | {"customer", "price", "status"})
+        items = [s.obj for s in reversed(self.subscriptions.values())]
+        customer = _string(params, "customer")
+        if customer:
+            items = [s for s in items if s["customer"] == customer]
+        price = _string(params, "price")
+        if price:
+            items = [s for s in items if any(i["price"]["id"] == price for i in s["items"]["data"])]
+        status = _string(params, "status")
+        if status == "ended":
+            items = [s for s in items if s["status"] in ("canceled", "incomplete_expired")]
+        elif status and status != "all":
+            items = [s for s in items if s["status"] == status]
+        elif not status:  # Stripe's default leaves canceled subscriptions out
+            items = [s for s in items if s["status"] != "canceled"]
+        return _page(items, params, "/v1/subscriptions")
+
+    def cancel_subscription(self, request: ApiRequest) -> Json:
+        params = request.params
+        _only(params, frozenset({"invoice_now", "prorate", "cancellation_details"}))
+        state = self._subscription(request.args["id"])
+        if not state.active:
+            raise _invalid(
+                "subscription",
+                f"This subscription ({state.obj['id']}) is already canceled; a canceled "
+                "subscription cannot be canceled again.",
+            )
+        invoice_now = bool(_boolean(params, "invoice_now"))
+        _boolean(params, "prorate")  # no prorations are emulated
+        details = _object(params, "cancellation_details")
+        _only_keys(details, frozenset({"comment", "feedback"}), "cancellation_details")
+        now = int(self.now())
+        if invoice_now:
+            self._close_period(state, end=now, final=True, request=request)
+        sub = state.obj
+        sub.update(status="canceled", canceled_at=now, ended_at=now)
+        sub["cancellation_details"] = {
+            "comment": details.get("comment") or None,
+            "feedback": details.get("feedback") or None,
+            "reason": "cancellation_requested",
+        }
+        self._reschedule()
+        self._emit("customer.subscription.deleted", sub, request)
+        return sub
+
+    # -- invoices -----------------------------------------------------------------------------
+
+    def retrieve_invoice(self, request: ApiRequest) -> Json:
+        invoice = self._invoice(request.args["id"])
+        if invoice["status"] == "draft":
+            self._refresh_usage(invoice)  # a draft shows the usage reported so far
+        return invoice
+
+    def list_invoices(self, request: ApiRequest) -> Json:
+        params = request.params
+        _only(params, _LIST_FIELDS | {"customer", "subscription", "status"})
+        items = list(reversed(self.invoices.values()))
+        customer = _string(params, "customer")
+        if customer:
+            items = [i for i in items if i["customer"] == customer]
+        subscription = _string(params, "subscription")
+        if subscription:
+            items = [i for i in items if _invoice_subscription(i) == subscription]
+        status = _string(params, "status")
+        if status:
+            items = [i for i in items if i["status"] == status]
+        for invoice in items:
+            if invoice["status"] == "draft":
+                self._refresh_usage(invoice)
+        return _page(items, params, "/v1/invoices")
+
+    def finalize_invoice_request(self, request: ApiRequest) -> Json:
+        _only(request.params, frozenset({"auto_advance"}))
+        _boolean(request.params, "auto_advance")
+        return self.finalize_invoice(request.args["id"], request)
+
+    def finalize_invoice(self, invoice_id: str, request: ApiRequest | None = None) -> Json:
+        """Finalize a draft (``draft`` -> ``open``): usage is counted a last time, billing
+        credits are applied to metered lines, a number is assigned, ``invoice.finalized`` sent."""
+        invoice = self._invoice(invoice_id)
+        if invoice["status"] != "draft":
+            raise _invalid(
+                "invoice",
+                "This invoice is already finalized, you can't re-finalize a non-draft invoice.",
+            )
+        self._refresh_usage(invoice)
+        self._apply_credits(invoice)
+        now = int(self.now())
+        customer = self.customers.get(invoice["customer"])
+        if customer is not None:
+            sequence = customer["next_invoice_sequence"]
+            customer["next_invoice_sequence"] = sequence + 1
+            invoice["number"] = f"{customer['invoice_prefix']}-{sequence:04d}"
+        invoice.update(status="open", effective_at=now, automatically_finalizes_at=None)
+        invoice["status_transitions"]["finalized_at"] = now
+        self._auto_finalize.pop(invoice_id, None)
+        self._reschedule()
+        self._emit("invoice.finalized", invoice, request)
+        return invoice
+
+    def _close_period(
+        self,
+        state: SubscriptionState,
+        *,
+        end: int | None = None,
+        final: bool = False,
+        request: ApiRequest | None = None,
+    ) -> Json:
+        """Bill the current period and start the next: one draft invoice with, for each item,
+        metered usage over the closed period (arrears) and licensed quantity over the next one
+        (advance). `end` closes the period early, at that time, and re-anchors the cycle there;
+        `final` (a cancellation with ``invoice_now``) bills usage only and starts nothing."""
+        sub = state.obj
+        start, scheduled_end = state.bounds()
+        at_period_end = end is None
+        end = scheduled_end if end is None else end
+        previous: Json = {
+            "items": copy.deepcopy(sub["items"]),
+            "latest_invoice": sub["latest_invoice"],
+        }
+        if not final:
+            if at_period_end:
+                state.period += 1
+            else:
+                state.anchor, state.period = end, 0
+                sub["billing_cycle_anchor"] = end
+        next_start, next_end = state.bounds()
+        lines: list[Json] = []
+        for item in sub["items"]["data"]:
+            if item["price"]["recurring"]["usage_type"] == "metered":
+                lines.append(self._line(item, start, end, 0))
+            elif not final:
+                lines.append(self._line(item, next_start, next_end, int(item["quantity"])))
+            if not final:
+                item["current_period_start"], item["current_period_end"] = next_start, next_end
+        created = end if at_period_end else int(self.now())
+        reason = "subscription_update" if final else "subscription_cycle"
+        invoice = self._new_invoice(sub, start, end, lines, reason, created)
+        sub["latest_invoice"] = invoice["id"]
+        if not final:
+            self._emit("customer.subscription.updated", sub, request, previous=previous)
+        self._emit("invoice.created", invoice, request)
+        return invoice
+
+    def _line(self, item: Json, start: int, end: int, quantity: int) -> Json:
+        price = item["price"]
+        return {
+            "id": self._new_id("il", 24),
+            "object": "line_item",
+            "amount": 0,
+            "currency": price["currency"],
+            "description": None,
+            "discount_amounts": [],
+            "discountable": True,
+            "discounts": [],
+            "invoice": None,
+            "livemode": False,
+            "metadata": {},
+            "parent": {
+                "invoice_item_details": None,
+                "subscription_item_details": {
+                    "invoice_item": None,
+                    "proration": False,
+                    "proration_details": {"credited_items": None},
+                    "subscription": item["subscription"],
+                    "subscription_item": item["id"],
+                },
+                "type": "subscription_item_details",
+            },
+            "period": {"end": end, "start": start},
+            "pretax_credit_amounts": [],
+            "pricing": {
+                "price_details": {"price": price["id"], "product": price["product"]},
+                "type": "price_details",
+                "unit_amount_decimal": price["unit_amount_decimal"],
+            },
+            "quantity": quantity,
+            "subscription": item["subscription"],
+            "subtotal": 0,
+            "taxes": [],
+        }
+
+    def _new_invoice(
+        self, sub: Json, start: int, end: int, lines: list[Json], reason: str, created: int
+    ) -> Json:
+        invoice_id = self._new_id("in", 24)
+        customer = self.customers.get(sub["customer"], {})
+        delay = self.invoice_finalize_delay
+        finalizes_at = None if delay is None else int(created + delay)
+        invoice = copy.deepcopy(INVOICE_SHAPE)
+        invoice.update(
+            id=invoice_id,
+            auto_advance=delay is not None,
+            automatically_finalizes_at=finalizes_at,
+            billing_reason=reason,
+            collection_method=sub["collection_method"],
+            created=created,
+            currency=sub["currency"],
+            customer=sub["customer"],
+            customer_email=customer.get("email"),
+            customer_name=customer.get("name"),
+            period_end=end,
+            period_start=start,
+        )
+        invoice["parent"] = {
+            "quote_details": None,
+            "subscription_details": {
+                "metadata": dict(sub["metadata"]),
+                "subscription": sub["id"],
+            },
+            "type": "subscription_details",
+        }
+        for line in lines:
+            line["invoice"] = invoice_id
+        invoice["lines"] = {
+            "object": "list",
+            "data": lines,
+            "has_more": False,
+            "url": f"/v1/invoices/{invoice_id}/lines",
+        }
+        self.invoices[invoice_id] = invoice
+        self._refresh_usage(invoice)
+        if finalizes_at is not None:
+            self._auto_finalize[invoice_id] = finalizes_at
+        self._reschedule()
+        return invoice
+
+    def _refresh_usage(self, invoice: Json) -> None:
+        """Recount metered lines from the meter events (a draft keeps taking late usage, as
+        Stripe's grace period allows) and recompute amounts and totals."""
+        customer = invoice["customer"]
+        for line in invoice["lines"]["data"]:
+            price = self.prices[line["pricing"]["price_details"]["price"]]
+            recurring = price["recurring"]
+            if recurring["usage_type"] == "metered":
+                meter = self.meters.get(recurring["meter"])
+                period = line["period"]
+                usage = (
+                    self._aggregate(meter, customer, period["start"], period["end"])
+                    if meter is not None
+                    else 0
+                )
+                line["quantity"] = max(0, usage)  # negative usage bills as 0, as Stripe does
+            unit = Decimal(price["unit_amount_decimal"])
+            amount = int((unit * line["quantity"]).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+            line["amount"] = line["subtotal"] = amount
+            product = self.products.get(price["product"], {})
+            name = product.get("name", price["product"])
+            line["description"] = f"{line['quantity']} \u00d7 {name}"
+        _invoice_totals(invoice)
+
+    def _apply_credits(self, invoice: Json) -> None:
+        """Billing credits, at finalization, on meter-backed lines only: grants by priority,
+        then soonest expiry, promotional before paid, oldest first."""
+        now = self.now()
+        grants = [
+            g
+            for g in self.credit_grants.values()
+            if g["customer"] == invoice["customer"]
+            and g["amount"]["monetary"]["currency"] == invoice["currency"]
+            and self._grant_usable(g, now)
+        ]
+        grants.sort(
+            key=lambda g: (
+                g["priority"],
+                g["expires_at"] is None,
+                g["expires_at"] or 0,
+                g["category"] != "promotional",
+                g["created"],
+            )
+        )
+        for line in invoice["lines"]["data"]:
+            price = self.prices[line["pricing"]["price_details"]["price"]]
+            remaining = line["amount"]
+            applied: list[Json] = []
+            for grant in grants:
+                if remaining <= 0:
+                    break
+                if not _grant_applies(grant, price):
+                    continue
+                take = min(remaining, self._grant_balance[grant["id"]])
+                if take <= 0:
+                    continue
+                self._grant_balance[grant["id"]] -= take
+                remaining -= take
+                applied.append(
+                    {
+                        "amount": take,
+                        "credit_balance_transaction": self._new_id("cbtxn", 24),
+                        "discount": None,
+                        "type": "credit_balance_transaction",
+                    }
+                )
+            line["pretax_credit_amounts"] = applied
+        _invoice_totals(invoice)
+
+    def _grant_usable(self, grant: Json, now: float) -> bool:
+        return (
+            grant["voided_at"] is None
+            and self._grant_balance.get(grant["id"], 0) > 0
+            and (grant["effective_at"] or 0) <= now
+            and (grant["expires_at"] is None or grant["expires_at"] > now)
+        )
+
+    # -- billing credits --------------------------------------------------------------------
+
+    def create_credit_grant(self, request: ApiRequest) -> Json:
+        params = request.params
+        _only(params, _CREDIT_GRANT_FIELDS)
+        customer = _string(params, "customer", required=True)
+        if customer not in self.customers:
+            raise _no_such("customer", customer, "customer")
+        if "amount" not in params:
+            raise _missing("amount")
+        amount = _object(params, "amount")
+        _only_keys(amount, frozenset({"type", "monetary"}), "amount")
+        kind = _string(amount, "type")
+        if not kind:
+            raise _missing("amount[type]")
+        if kind != "monetary":
+            raise _invalid("amount[type]", f"Invalid amount[type]: must be monetary, got '{kind}'.")
+        monetary = amount.get("monetary")
+        if not isinstance(monetary, dict):
+            raise _missing("amount[monetary]")
+        _only_keys(monetary, frozenset({"currency", "value"}), "amount[monetary]")
+        currency = str(monetary.get("currency") or "").lower()
+        if not currency:
+            raise _missing("amount[monetary][currency]")
+        if not re.fullmatch(r"[a-z]{3}", currency):
+            raise _invalid("amount[monetary][currency]", f"Invalid currency: {currency}.")
+        raw_value = monetary.get("value")
+        if raw_value is None or raw_value == "":
+            raise _missing("amount[monetary][value]")
+        if not isinstance(raw_value, str) or not re.fullmatch(r"\d+", raw_value):
+            raise _invalid(
+                "amount[monetary][value]",
+                f"Invalid integer: {raw_value}",
+                code="parameter_invalid_integer",
+            )
+        value = int(raw_value)
+        if value <= 0:
+            raise _invalid(
+                "amount[monetary][value]", "amount[monetary][value] must be a positive integer."
+            )
+        if "applicability_config" not in params:
+            raise _missing("applicability_config")
+        config = _object(params, "applicability_config")
+        _only_keys(config, frozenset({"scope"}), "applicability_config")
+        scope = config.get("scope")
+        if not isinstance(scope, dict):
+            raise _missing("applicability_config[scope]")
+        _only_keys(scope, frozenset({"price_type", "prices"}), "applicability_config[scope]")
+        price_type = scope.get("price_type") or None
+        prices = scope.get("prices") or None
+        if price_type and prices:
+            raise _invalid(
+                "applicability_config[scope]",
+                "You may only specify one of these parameters: price_type, prices.",
+            )
+        if not price_type and not prices:
+            raise _missing("applicability_config[scope][price_type]")
+        if price_type and price_type != "metered":
+            raise _invalid(
+                "applicability_config[scope][price_type]",
+                f"Invalid applicability_config[scope][price_type]: must be metered, got "
+                f"'{price_type}'.",
+            )
+        price_ids: list[str] = []
+        if prices:
+            param = "applicability_config[scope][prices]"
+            if not isinstance(prices, list) or len(prices) > MAX_CREDIT_GRANT_PRICES:
+                raise _invalid(
+                    param, f"Invalid {param}: an array of at most {MAX_CREDIT_GRANT_PRICES}."
+                )
+            for index, entry in enumerate(prices):
+                ident = entry.get("id") if isinstance(entry, dict) else None
+                if not ident:
+                    raise _missing(f"{param}[{index}][id]")
+                if ident not in self.prices:
+                    raise _no_such("price", str(ident), f"{param}[{index}][id]")
+                price_ids.append(str(ident))
+        category = _string(params, "category") or "paid"
+        if category not in ("paid", "promotional"):
+            raise _invalid(
+                "category", f"Invalid category: must be paid or promotional, got '{category}'."
+            )
+        now = int(self.now())
+        effective_at = _integer(params, "effective_at")
+        expires_at = _integer(params, "expires_at")
+        if expires_at is not None and expires_at <= (effective_at or now):
+            raise _invalid("expires_at", "expires_at must be after effective_at (or now).")
+        priority = _integer(params, "priority")
+        priority = 50 if priority is None else priority
+        if not 0 <= priority <= 100:
+            raise _invalid("priority", "priority must be between 0 and 100.")
+        name = _string(params, "name", max_length=100) or None
+        metadata = _metadata(params) or {}
+        grant: Json = {
+            "id": self._new_id("credgr_test", 24),
+            "object": "billing.credit_grant",
+            "amount": {"monetary": {"currency": currency, "value": value}, "type": "monetary"},
+            "applicability_config": {
+                "scope": {
+                    "price_type": price_type,
+                    "prices": [{"id": p} for p in price_ids] if price_ids else None,
+                }
+            },
+            "category": category,
+            "created": now,
+            "customer": customer,
+            "customer_account": None,
+            "effective_at": now if effective_at is None else effective_at,
+            "expires_at": expires_at,
+            "livemode": False,
+            "metadata": metadata,
+            "name": name,
+            "priority": priority,
+            "test_clock": None,
+            "updated": now,
+            "voided_at": None,
+        }
+        self.credit_grants[grant["id"]] = grant
+        self._grant_balance[grant["id"]] = value
+        self._emit("billing.credit_grant.created", grant, request)
+        return grant
+
+    def retrieve_credit_grant(self, request: ApiRequest) -> Json:
+        return self._credit_grant(request.args["id"])
+
+    def list_credit_grants(self, request: ApiRequest) -> Json:
+        params = request.params
+        _only(params, _LIST_FIELDS | {"customer"})
+        items = list(reversed(self.credit_grants.values()))
+        customer = _string(params, "customer")
+        if customer:
+            items = [g for g in items if g["customer"] == customer]
+        return _page(items, params, "/v1/billing/credit_grants")
+
+    def void_credit_grant(self, request: ApiRequest) -> Json:
+        grant = self._credit_grant(request.args["id"])
+        if grant["voided_at"] is not None:
+            raise _invalid("id", "This credit grant has already been voided.")
+        now = int(self.now())
+        return self._update(
+            grant, {"voided_at": now, "updated": now}, "billing.credit_grant.updated", request
+        )
+
+    def expire_credit_grant(self, request: ApiRequest) -> Json:
+        grant = self._credit_grant(request.args["id"])
+        now = int(self.now())
+        if grant["expires_at"] is not None and grant["expires_at"] <= now:
+            raise _invalid("id", "This credit grant has already expired.")
+        return self._update(
+            grant, {"expires_at": now, "updated": now}, "billing.credit_grant.updated", request
+        )
+
+    def credit_balance_summary(self, request: ApiRequest) -> Json:
+        params = request.params
+        _only(params, frozenset({"customer", "filter"}))
+        customer = _string(params, "customer", required=True)
+        if customer not in self.customers:
+            raise _no_such("customer", customer, "customer")
+        if "filter" not in params:
+            raise _missing("filter")
+        wanted = _object(params, "filter")
+        kind = wanted.get("type")
+        now = self.now()
+        grants = [
+            g
+            for g in self.credit_grants.values()
+            if g["customer"] == customer and self._grant_usable(g, now)
+        ]
+        if kind == "credit_grant":
+            ident = wanted.get("credit_grant")
+            if not ident:
+                raise _missing("filter[credit_grant]")
+            grants = [g for g in grants if g["id"] == ident]
+        elif kind == "applicability_scope":
+            scope = wanted.get("applicability_scope")
+            if not isinstance(scope, dict):
+                raise _missing("filter[applicability_scope]")
+            if scope.get("price_type") == "metered":
+                grants = [g for g in grants if g["applicability_config"]["scope"]["price_type"]]
+            else:
+                ids = {p.get("id") for p in scope.get("prices") or [] if isinstance(p, dict)}
+                grants = [
+                    g
+                    for g in grants
+                    if {p["id"] for p in g["applicability_config"]["scope"]["prices"] or []} & ids
+                ]
+        else:
+            raise _invalid(
+                "filter[type]", "Invalid filter[type]: must be applicability_scope or credit_grant."
+            )
+        totals: dict[str, int] = {}
+        for grant in grants:
+            currency = grant["amount"]["monetary"]["currency"]
+            totals[currency] = totals.get(currency, 0) + self._grant_balance[grant["id"]]
+        balances = [
+            {
+                "available_balance": _monetary(currency, value),
+                "ledger_balance": _monetary(currency, value),
+            }
+            for currency, value in sorted(totals.items())
+        ]
+        return {
+            "object": "billing.credit_balance_summary",
+            "balances": balances,
+            "customer": customer,
+            "customer_account": None,
+            "livemode": False,
+        }
+
+    # -- checkout (setup mode) ----------------------------------------------------------------
+
+    def create_checkout_session(self, request: ApiRequest) -> Json:
+        params = request.params
+        _only(params, _CHECKOUT_FIELDS)
+        mode = _string(params, "mode", required=True)
+        if mode != "setup":
+            raise _invalid(
+                "mode",
+                f"The Stripe emulator supports only mode=setup Checkout Sessions, got '{mode}'.",
+            )
+        customer = _string(params, "customer")
+        creation = _string(params, "customer_creation")
+        email = _string(params, "customer_email", max_length=800)
+        if customer and creation:
+            raise _one_of("customer", "customer_creation")
+        if customer and email:
+            raise _one_of("customer", "customer_email")
+        if customer and customer not in self.customers:
+            raise _no_such("customer", customer, "customer")
+        if creation and creation not in ("always", "if_required"):
+            raise _invalid(
+                "customer_creation",
+                f"Invalid customer_creation: must be always or if_required, got '{creation}'.",
+            )
+        methods = _strings(params, "allowed_payment_method_types")
+        currency = _currency(params, "currency")
+        if not currency and not methods:
+            raise EmulatedError(
+                400,
+                "Missing required param: currency. In `setup` mode it is required when "
+                "`allowed_payment_method_types` is not set.",
+                param="currency",
+                code="parameter_missing",
+            )
+        now = int(self.now())
+        expires_at = _integer(params, "expires_at")
+        if expires_at is None:
+            expires_at = now + CHECKOUT_LIFETIME_SECONDS
+        elif not now + 1800 <= expires_at <= now + CHECKOUT_LIFETIME_SECONDS:
+            raise _invalid(
+                "expires_at",
+                "The `expires_at` timestamp must be between 30 minutes and 24 hours from now.",
+            )
+        setup_data = _object(params, "setup_intent_data")
+        _only_keys(setup_data, frozenset({"description", "metadata"}), "setup_intent_data")
+        setup_metadata = _metadata(setup_data) or {}
+        session = copy.deepcopy(CHECKOUT_SESSION_SHAPE)
+        session_id = "cs_test_" + self._random_chars(58)
+        session.update(
+            id=session_id,
+            cancel_url=_string(params, "cancel_url") or None,
+            client_reference_id=_string(params, "client_reference_id", max_length=200) or None,
+            created=now,
+            currency=currency or None,
+            customer=customer or None,
+            customer_creation=creation or None,
+            customer_email=email or None,
+            expires_at=expires_at,
+            metadata=_metadata(params) or {},
+            payment_method_types=methods or ["card"],
+            success_url=_string(params, "success_url") or None,
+            url=(
+                f"{self.base_url}/_emulator/checkout/{session_id}"
+                if self.base_url
+                else f"https://checkout.stripe.com/c/pay/{session_id}"
+            ),
+        )
+        self.checkout_sessions[session_id] = session
+        self._setup_data[session_id] = {
+            "description": _string(setup_data, "description") or None,
+            "metadata": setup_metadata,
+        }
+        self._reschedule()
+        return session
+
+    def retrieve_checkout_session(self, request: ApiRequest) -> Json:
+        return self._checkout_session(request.args["id"])
+
+    def expire_checkout_session(self, request: ApiRequest) -> Json:
+        session = self._checkout_session(request.args["id"])
+        if session["status"] != "open":
+            raise _invalid(
+                "session", "Only Checkout Sessions with a status of `open` can be expired."
+            )
+        return self._expire_session(session, request)
+
+    def _expire_session(self, session: Json, request: ApiRequest | None = None) -> Json:
+        session.update(status="expired", url=None)
+        self._reschedule()
+        self._emit("checkout.session.expired", session, request)
+        return session
+
+    def complete_checkout(
+        self, session_id: str, *, email: str | None = None, name: str | None = None
+    ) -> Json:
+        """What a customer finishing the hosted page does: for a setup session, a customer is
+        created if ``customer_creation=always`` and none was given (Stripe creates none for
+        ``if_required`` in setup mode), a SetupIntent succeeds with a new payment method and
+        the session becomes ``complete``. Emits ``customer.created`` (when created),
+        ``setup_intent.created``, ``setup_intent.succeeded``, ``checkout.session.completed``."""
+        session = self._checkout_session(session_id)
+        if session["status"] != "open":
+            raise _invalid(
+                "session", f"Checkout Session {session_id} is {session['status']}, not open."
+            )
+        customer_id = session["customer"]
+        if customer_id is None and session["customer_creation"] == "always":
+            fields: Json = {"email": email or session["customer_email"] or "customer@example.com"}
+            if name:
+                fields["name"] = name
+            customer = self.add_customer(**fields)
+            customer_id = customer["id"]
+            self._emit("customer.created", customer)
+        known = self.customers.get(customer_id) if customer_id else None
+        email = email or (known or {}).get("email") or session["customer_email"]
+        now = int(self.now())
+        setup = copy.deepcopy(SETUP_INTENT_SHAPE)
+        setup_id = self._new_id("seti", 24)
+        setup.update(self._setup_data.get(session_id, {}))
+        setup.update(
+            id=setup_id,
+            client_secret=f"{setup_id}_secret_{self._random_chars(32)}",
+            created=now,
+            customer=customer_id,
+            latest_attempt=self._new_id("setatt", 24),
+            payment_method=self._new_id("pm", 24),
+            payment_method_types=list(session["payment_method_types"]),
+        )
+        self.setup_intents[setup_id] = setup
+        self._emit("setup_intent.created", setup)
+        self._emit("setup_intent.succeeded", setup)
+        session.update(
+            status="complete",
+            customer=customer_id,
+            setup_intent=setup_id,
+            url=None,
+            customer_details={
+                "address": None,
+                "business_name": None,
+                "email": email,
+                "individual_name": None,
+                "name": name or (known or {}).get("name"),
+                "phone": None,
+                "tax_exempt": "none",
+                "tax_ids": [],
+            },
+        )
+        self._reschedule()
+        self._emit("checkout.session.completed", session)
+        return session
+
+    def retrieve_setup_intent(self, request: ApiRequest) -> Json:
+        ident = request.args["id"]
+        setup = self.setup_intents.get(ident)
+        if setup is None:
+            raise _no_such("setupintent", ident, "intent", status=404)
+        return setup
+
+    # -- webhook endpoints and events -------------------------------------------------------
+
+    def create_webhook_endpoint(self, request: ApiRequest) -> Json:
+        params = request.params
+        _only(params, _WEBHOOK_ENDPOINT_FIELDS)
+        url = _webhook_url(_string(params, "url", required=True))
+        events = _strings(params, "enabled_events")
+        if not events:
+            raise _missing("enabled_events")
+        _check_event_types(events)
+        if _boolean(params, "connect"):
+            raise _invalid("connect", "The Stripe emulator has no Connect accounts.")
+        endpoint = self.add_webhook_endpoint(
+            url,
+            events,
+            description=_string(params, "description") or None,
+            metadata=_metadata(params) or {},
+            api_version=_string(params, "api_version") or None,
+        )
+        return endpoint
+
+    def add_webhook_endpoint(
+        self,
+        url: str,
+        enabled_events: Sequence[str] = ("*",),
+        *,
+        secret: str | None = None,
+        description: str | None = None,
+        metadata: Json | None = None,
+        api_version: str | None = None,
+    ) -> Json:
+        """Register an endpoint directly (no HTTP), optionally with a chosen signing secret;
+        returns it with its ``secret``, which, as on Stripe, no later read shows."""
+        _webhook_url(url)
+        _check_event_types(list(enabled_events))
+        endpoint: Json = {
+            "id": self._new_id("we", 24),
+            "object": "webhook_endpoint",
+            "api_version": api_version,
+            "application": None,
+            "created": int(self.now()),
+            "description": description,
+            "enabled_events": list(enabled_events),
+            "livemode": False,
+            "metadata": metadata or {},
+            "status": "enabled",
+            "url": url,
+        }
+        self.webhook_endpoints[endpoint["id"]] = endpoint
+        self._endpoint_secrets[endpoint["id"]] = secret or "whsec_" + self._random_chars(32)
+        return {**endpoint, "secret": self._endpoint_secrets[endpoint["id"]]}
+
+    def update_webhook_endpoint(self, request: ApiRequest) -> Json:
+        params = request.params
+        _only(params, frozenset({"url", "enabled_events", "description", "metadata", "disabled"}))
+        endpoint = self._webhook_endpoint(request.args["id"])
+        changes: Json = {}
+        if "url" in params:
+            changes["url"] = _webhook_url(_string(params, "url", required=True))
+        events = _strings(params, "enabled_events")
+        if events is not None:
+            _check_event_types(events)
+            changes["enabled_events"] = events
+        if "description" in params:
+            changes["description"] = _string(params, "description") or None
+        metadata = _metadata(params, endpoint["metadata"])
+        if metadata is not None:
+            changes["metadata"] = metadata
+        disabled = _boolean(params, "disabled")
+        if disabled is not None:
+            changes["status"] = "disabled" if disabled else "enabled"
+        endpoint.update(changes)
+        return endpoint
+
+    def retrieve_webhook_endpoint(self, request: ApiRequest) -> Json:
+        return self._webhook_endpoint(request.args["id"])
+
+    def list_webhook_endpoints(self, request: ApiRequest) -> Json:
+        _only(request.params, _LIST_FIELDS)
+        items = list(reversed(self.webhook_endpoints.values()))
+        return _page(items, request.params, "/v1/webhook_endpoints")
+
+    def delete_webhook_endpoint(self, request: ApiRequest) -> Json:
+        endpoint = self._webhook_endpoint(request.args["id"])
+        del self.webhook_endpoints[endpoint["id"]]
+        del self._endpoint_secrets[endpoint["id"]]
+        for event_id, pending in self._undelivered.items():
+            if endpoint["id"] in pending:
+                pending.discard(endpoint["id"])
+                self.stripe_events[event_id]["pending_webhooks"] = len(pending)
+        return {"id": endpoint["id"], "object": "webhook_endpoint", "deleted": True}
+
+    def retrieve_event(self, request: ApiRequest) -> Json:
+        ident = request.args["id"]
+        event = self.stripe_events.get(ident)
+        if event is None or event["created"] < self.now() - EVENT_RETENTION_SECONDS:
+            raise _no_such("event", ident, "id", status=404)
+        return event
+
+    def list_events(self, request: ApiRequest) -> Json:
+        params = request.params
+        _only(params, _LIST_FIELDS | {"type", "types", "delivery_success", "created"})
+        oldest = self.now() - EVENT_RETENTION_SECONDS
+        items = [e for e in reversed(self.stripe_events.values()) if e["created"] >= oldest]
+        kind = _string(params, "type")
+        types = _strings(params, "types", max_items=MAX_EVENT_TYPES)
+        if kind and types:
+            raise _one_of("type", "types")
+        if kind:
+            items = [e for e in items if _type_matches(kind, e["type"])]
+        if types:
+            items = [e for e in items if any(_type_matches(t, e["type"]) for t in types)]
+        success = _boolean(params, "delivery_success")
+        if success is not None:
+            items = [e for e in items if (e["pending_webhooks"] == 0) is success]
+        items = _created_filter(items, params)
+        return _page(items, params, "/v1/events")
+
+    # -- events and webhook delivery --------------------------------------------------------
+
+    def _update(
+        self, obj: Json, changes: Json, event_type: str, request: ApiRequest | None
+    ) -> Json:
+        """Apply `changes` to `obj`; if anything changed, emit `event_type` with the previous
+        values as ``previous_attributes``."""
+        previous = {k: copy.deepcopy(obj.get(k)) for k, v in changes.items() if obj.get(k) != v}
+        if not previous:
+            return obj
+        obj.update(changes)
+        if "updated" in obj and "updated" not in changes:
+            obj["updated"] = int(self.now())
+        self._emit(event_type, obj, request, previous=previous)
+        return obj
+
+    def _emit(
+        self,
+        event_type: str,
+        obj: Json,
+        request: ApiRequest | None = None,
+        *,
+        previous: Json | None = None,
+    ) -> Json:
+        """Record a Stripe ``event`` (a snapshot of `obj`) and queue it for every enabled
+        endpoint subscribed to its type."""
+        data: Json = {"object": copy.deepcopy(obj)}
+        if previous is not None:
+            data["previous_attributes"] = copy.deepcopy(previous)
+        endpoints = [
+            e["id"]
+            for e in self.webhook_endpoints.values()
+            if e["status"] == "enabled" and _subscribed(e["enabled_events"], event_type)
+        ]
+        event: Json = {
+            "id": self._new_id("evt", 24),
+            "object": "event",
+            "api_version": API_VERSION,
+            "created": int(self.now()),
+            "data": data,
+            "livemode": False,
+            "pending_webhooks": len(endpoints),
+            "request": {
+                "id": request.request_id if request else None,
+                "idempotency_key": request.headers.get("idempotency-key") if request else None,
+            },
+            "type": event_type,
+        }
+        self.stripe_events[event["id"]] = event
+        self.counters.events_emitted += 1
+        if endpoints:
+            self._undelivered[event["id"]] = set(endpoints)
+            body = msgspec.json.encode(event)
+            for endpoint in endpoints:
+                self._enqueue(Delivery(event["id"], endpoint, body))
+                if self._draw_duplicate():
+                    self.counters.webhook_duplicates += 1
+                    self._enqueue(Delivery(event["id"], endpoint, body, duplicate=True))
+        return event
+
+    def set_webhooks(self, **changes: Any) -> WebhookSettings:
+        """Change webhook settings (the fields of :class:`WebhookSettings`). Turning ``hold``
+        off releases what it held, in order."""
+        known = {f.name for f in dataclasses.fields(WebhookSettings)}
+        unknown = set(changes) - known
+        if unknown:
+            raise ValueError(f"unknown webhook settings: {sorted(unknown)}; known: {sorted(known)}")
+        settings = dataclasses.replace(self.webhook_settings, **changes)
+        settings.check()
+        self.webhook_settings = settings
+        if not settings.hold and self._held:
+            self.release_webhooks("fifo")
+        return settings
+
+    def release_webhooks(self, order: str = "reverse") -> int:
+        """Send the held deliveries now, in ``reverse``, ``shuffle`` or ``fifo`` order; returns
+        how many. ``hold`` stays as it is."""
+        if order not in ("reverse", "shuffle", "fifo"):
+            raise ValueError("order must be reverse, shuffle or fifo")
+        held, self._held = self._held, []
+        if order == "reverse":
+            held.reverse()
+        elif order == "shuffle":
+            self._webhook_rng.shuffle(held)
+        due = time.monotonic()
+        for delivery in held:
+            self._sequence += 1
+            heapq.heappush(self._outbox, (due, self._sequence, delivery))
+        self._kick()
+        return len(held)
+
+    def redeliver(self, event_id: str, endpoint: str | None = None) -> int:
+        """Send an event again (to `endpoint`, else to every enabled endpoint subscribed to its
+        type), as the Dashboard's "Resend" does; returns how many deliveries were queued."""
+        event = self.stripe_events.get(event_id)
+        if event is None:
+            raise _no_such("event", event_id, "id", status=404)
+        if endpoint is not None:
+            self._webhook_endpoint(endpoint)
+            targets = [endpoint]
+        else:
+            targets = [
+                e["id"]
+                for e in self.webhook_endpoints.values()
+                if e["status"] == "enabled" and _subscribed(e["enabled_events"], event["type"])
+            ]
+        body = msgspec.json.encode(event)
+        for target in targets:
+            self._enqueue(Delivery(event_id, target, body, redelivery=True))
+        return len(targets)
+
+    async def wait_for_webhooks(self, max_wait: float = 5.0) -> bool:
+        """Wait until no delivery is queued, retrying or in flight (held ones aside); False if
+        `max_wait` seconds pass first. Call it on the loop serving the emulator."""
+        deadline = time.monotonic() + max_wait
+        while self._outbox or self._sending:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.005)
+        return True
+
+    def _enqueue(self, delivery: Delivery, delay: float = 0.0) -> None:
+        if self.webhook_settings.hold and delivery.attempts == 0:
+            self._held.append(delivery)
+            return
+        self._sequence += 1
+        heapq.heappush(self._outbox, (time.monotonic() + delay, self._sequence, delivery))
+        self._kick()
+
+    def _draw_duplicate(self) -> bool:
+        settings = self.webhook_settings
+        if settings.duplicate_next:
+            settings.duplicate_next -= 1
+            return True
+        return bool(settings.duplicate_rate) and (
+            self._webhook_rng.random() < settings.duplicate_rate
+        )
+
+    def _kick(self) -> None:
+        """Make sure the dispatcher runs on the loop serving the app, from any thread."""
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if self._loop is None or self._loop.is_closed():
+            if running is None:
+                return  # not served yet: delivered once it is
+            self._loop = running  # served by something else (uvicorn): adopt its loop
+        if running is self._loop:
+            self._ensure_dispatcher()
+        else:
+            self._loop.call_soon_threadsafe(self._ensure_dispatcher)
+
+    def _ensure_dispatcher(self) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        if self._dispatcher is None or self._dispatcher.done():
+            self._dispatcher = loop.create_task(self._dispatch())
+        self._wake.set()
+
+    async def _attach(self) -> None:
+        """Called by serve_emulator once serving: deliveries run on this loop from now on."""
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._dispatcher = None
+        if self._outbox:
+            self._ensure_dispatcher()
+        self._reschedule()
+
+    async def _detach(self) -> None:
+        """Stop delivering (what is queued stays queued) and stop the due-time timer."""
+        task, self._dispatcher = self._dispatcher, None
+        if self._due_timer is not None:
+            self._due_timer.cancel()
+            self._due_timer = None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._loop = None
+
+    async def _dispatch(self) -> None:
+        """Deliver queued attempts in due order, one at a time (a slow endpoint delays the
+        others by at most its timeout); failed attempts are queued again with backoff."""
+        async with httpx.AsyncClient(trust_env=False) as http:
+            while True:
+                wake = self._wake
+                assert wake is not None
+                wake.clear()
+                if not self._outbox:
+                    await wake.wait()
+                    continue
+                due, _, delivery = self._outbox[0]
+                delay = due - time.monotonic()
+                if delay > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), delay)
+                    continue
+                heapq.heappop(self._outbox)
+                self._sending += 1
+                try:
+                    await self._attempt(http, delivery)
+                finally:
+                    self._sending -= 1
+
+    async def _attempt(self, http: httpx.AsyncClient, delivery: Delivery) -> None:
+        endpoint = self.webhook_endpoints.get(delivery.endpoint)
+        secret = self._endpoint_secrets.get(delivery.endpoint)
+        if endpoint is None or secret is None or endpoint["status"] != "enabled":
+            return  # deleted or disabled since
+        settings = self.webhook_settings
+        delivery.attempts += 1
+        signed_at = int(self.now())
+        event = self.stripe_events.get(delivery.event, {})
+        record: Json = {
+            "event": delivery.event,
+            "type": event.get("type"),
+            "endpoint": delivery.endpoint,
+            "url": endpoint["url"],
+            "attempt": delivery.attempts,
+            "duplicate": delivery.duplicate,
+            "redelivery": delivery.redelivery,
+            "signed_at": signed_at,
+            "at": self.now(),
+            "status": None,
+            "error": None,
+            "response": None,
+            "ok": False,
+            "will_retry": False,
+        }
+        self.counters.webhook_attempts += 1
+        try:
+            response = await http.post(
+                endpoint["url"],
+                content=delivery.body,
+                headers={
+                    "Content-Type": "application/json; charset=utf-8",
+                    "User-Agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)",
+                    "Cache-Control": "no-cache",
+                    "Stripe-Signature": signature_header(delivery.body, secret, signed_at),
+                },
+                timeout=settings.timeout,
+            )
+            record["status"] = response.status_code
+            record["response"] = response.text[:500]
+            record["ok"] = 200 <= response.status_code < 300
+        except Exception as exc:  # refused, timed out, bad URL...: a failed attempt
+            record["error"] = f"{type(exc).__name__}: {exc}"
+        if record["ok"]:
+            self.counters.webhooks_delivered += 1
+            pending = self._undelivered.get(delivery.event)
+            if pending is not None and delivery.endpoint in pending:
+                pending.discard(delivery.endpoint)
+                event["pending_webhooks"] = len(pending)
+        else:
+            self.counters.webhook_failures += 1
+            if delivery.attempts < settings.max_attempts:
+                record["will_retry"] = True
+                backoff = settings.retry_base * 2 ** (delivery.attempts - 1)
+                self._enqueue(delivery, min(settings.retry_max, backoff))
+            else:
+                self.counters.webhooks_abandoned += 1
+        self.deliveries.append(record)
+
+    # -- time: period ends, automatic finalization, session expiry -------------------------
+
+    def close_period(self, subscription_id: str, *, at: str = "period_end") -> Json:
+        """Close a subscription's current period and return its (draft) invoice.
+
+        ``at="period_end"`` moves the emulator clock to the period's end, as a Stripe test
+        clock would (everything else due by then happens too); ``at="now"`` ends the period at
+        the current emulator time instead and restarts the billing cycle there.
+        """
+        state = self._subscription(subscription_id)
+        if not state.active:
+            raise _invalid("subscription", f"Subscription {subscription_id} is canceled.")
+        start, end = state.bounds()
+        if at == "now":
+            now = int(self.now())
+            if now <= start:
+                raise _invalid(
+                    "at", "The current period started this second: nothing to close yet."
+                )
+            invoice = self._close_period(state, end=now)
+            self._run_due()
+            return invoice
+        if at != "period_end":
+            raise _invalid("at", "at must be period_end or now")
+        self.advance(max(0.0, end - self.now()) + 0.001)  # a margin over float rounding
+        for invoice in self.invoices.values():
+            if _invoice_subscription(invoice) == subscription_id and (
+                invoice["period_start"],
+                invoice["period_end"],
+            ) == (start, end):
+                return invoice
+        raise RuntimeError(f"closing {subscription_id} produced no invoice")  # pragma: no cover
+
+    def _run_due(self) -> None:
+        now = self.now()
+        if now < self._due_at:
+            return
+        for state in list(self.subscriptions.values()):
+            while state.active and state.bounds()[1] <= now:
+                self._close_period(state)
+        for invoice_id, when in sorted(self._auto_finalize.items(), key=lambda kv: kv[1]):
+            if when <= now and self.invoices[invoice_id]["status"] == "draft":
+                self.finalize_invoice(invoice_id)
+        for session in list(self.checkout_sessions.values()):
+            if session["status"] == "open" and session["expires_at"] <= now:
+                self._expire_session(session)
+        self._reschedule()
+
+    def _reschedule(self) -> None:
+        """Note when something next falls due, and wake up then (a timer on the loop)."""
+        due = min(
+            (
+                *(s.bounds()[1] for s in self.subscriptions.values() if s.active),
+                *self._auto_finalize.values(),
+                *(
+                    s["expires_at"]
+                    for s in self.checkout_sessions.values()
+                    if s["status"] == "open"
+                ),
+            ),
+            default=math.inf,
+        )
+        self._due_at = due
+        if self._due_timer is not None:
+            self._due_timer.cancel()
+            self._due_timer = None
+        if due == math.inf or self._loop is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if running is self._loop:
+            wait = min(max(0.0, due - self.now()), float(DAY))
+            self._due_timer = running.call_later(wait, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._due_timer = None
+        if self._due_at <= self.now():
+            self._run_due()
+        else:
+            self._reschedule()  # woke early (a capped wait, or a clock that is not real time)
+
     # -- helpers --------------------------------------------------------------------------------
 
     def _meter(self, ident: str) -> Meter:
@@ -1011,6 +3198,48 @@ class StripeEmulator:
         if meter is None:
             raise _no_such("billing meter", ident, "id", status=404)
         return meter
+
+    def _product(self, ident: str) -> Json:
+        product = self.products.get(ident)
+        if product is None:
+            raise _no_such("product", ident, "id", status=404)
+        return product
+
+    def _price(self, ident: str) -> Json:
+        price = self.prices.get(ident)
+        if price is None:
+            raise _no_such("price", ident, "price", status=404)
+        return price
+
+    def _subscription(self, ident: str) -> SubscriptionState:
+        state = self.subscriptions.get(ident)
+        if state is None:
+            raise _no_such("subscription", ident, "id", status=404)
+        return state
+
+    def _invoice(self, ident: str) -> Json:
+        invoice = self.invoices.get(ident)
+        if invoice is None:
+            raise _no_such("invoice", ident, "invoice", status=404)
+        return invoice
+
+    def _credit_grant(self, ident: str) -> Json:
+        grant = self.credit_grants.get(ident)
+        if grant is None:
+            raise _no_such("credit grant", ident, "id", status=404)
+        return grant
+
+    def _checkout_session(self, ident: str) -> Json:
+        session = self.checkout_sessions.get(ident)
+        if session is None:
+            raise _no_such("checkout.session", ident, "session", status=404)
+        return session
+
+    def _webhook_endpoint(self, ident: str) -> Json:
+        endpoint = self.webhook_endpoints.get(ident)
+        if endpoint is None:
+            raise _no_such("webhook endpoint", ident, "id", status=404)
+        return endpoint
 
     def _aggregate(self, meter: Meter, customer: str, start: int, end: int) -> int:
         events = [
@@ -1096,11 +3325,13 @@ class StripeEmulator:
 
     # -- test hooks -----------------------------------------------------------------------------
 
-    def _hook(self, method: str, path: str, query: str, body: bytes) -> Reply:
+    async def _hook(self, method: str, path: str, query: str, body: bytes) -> Reply:
         try:
             data: Json = msgspec.json.decode(body) if body.strip() else {}
             if not isinstance(data, dict):
                 raise ValueError("expected a JSON object")
+            if self._due_at <= self.now():
+                self._run_due()
             if (method, path) == ("GET", "/_emulator/state"):
                 flags = dict(parse_qsl(query))
                 wanted = flags.get("identifiers", "").lower() in ("1", "true", "yes")
@@ -1114,11 +3345,92 @@ class StripeEmulator:
             if (method, path) == ("POST", "/_emulator/reset"):
                 self.reset()
                 return _json_reply(200, {"reset": True}, "")
-        except (ValueError, TypeError, msgspec.DecodeError) as exc:
+            if (method, path) == ("GET", "/_emulator/webhooks"):
+                return _json_reply(200, dataclasses.asdict(self.webhook_settings), "")
+            if (method, path) == ("POST", "/_emulator/webhooks"):
+                settings = self.set_webhooks(**data)
+                return _json_reply(200, dataclasses.asdict(settings), "")
+            if (method, path) == ("POST", "/_emulator/webhooks/release"):
+                released = self.release_webhooks(str(data.get("order", "reverse")))
+                return _json_reply(200, {"released": released}, "")
+            if (method, path) == ("POST", "/_emulator/webhooks/flush"):
+                idle = await self.wait_for_webhooks(float(data.get("timeout", 5.0)))
+                pending = len(self._outbox) + self._sending
+                return _json_reply(200, {"idle": idle, "pending": pending}, "")
+            if (method, path) == ("POST", "/_emulator/webhook_endpoints"):
+                events = data.get("enabled_events", ["*"])
+                if not isinstance(events, list):
+                    raise ValueError("enabled_events must be a list of event types")
+                endpoint = self.add_webhook_endpoint(
+                    str(data["url"]), [str(e) for e in events], secret=data.get("secret")
+                )
+                return _json_reply(200, endpoint, "")
+            if (method, path) == ("GET", "/_emulator/deliveries"):
+                flags = dict(parse_qsl(query))
+                records = [
+                    r
+                    for r in self.deliveries
+                    if all(str(r.get(k)) == v for k, v in flags.items() if k in _DELIVERY_FILTERS)
+                ]
+                return _json_reply(
+                    200,
+                    {
+                        "data": records,
+                        "pending": len(self._outbox) + self._sending,
+                        "held": len(self._held),
+                    },
+                    "",
+                )
+            if (method, path) == ("POST", "/_emulator/billing"):
+                if "invoice_finalize_delay" in data:
+                    delay = data["invoice_finalize_delay"]
+                    if delay is not None and float(delay) < 0:
+                        raise ValueError("invoice_finalize_delay must not be negative")
+                    self.invoice_finalize_delay = None if delay is None else float(delay)
+                return _json_reply(200, {"invoice_finalize_delay": self.invoice_finalize_delay}, "")
+            match = _HOOK_PATH.match(path)
+            if match is not None:
+                kind, ident, action = match.group("kind", "id", "action")
+                if (method, kind, action) == ("POST", "checkout", "complete"):
+                    session = self.complete_checkout(
+                        ident, email=data.get("email"), name=data.get("name")
+                    )
+                    return _json_reply(200, session, "")
+                if (method, kind, action) == ("GET", "checkout", None):
+                    return self._checkout_page(ident)
+                if (method, kind, action) == ("POST", "subscriptions", "advance"):
+                    invoice = self.close_period(ident, at=str(data.get("at", "period_end")))
+                    subscription = self.subscriptions[ident].obj
+                    return _json_reply(
+                        200,
+                        {"invoice": invoice, "subscription": subscription, "now": self.now()},
+                        "",
+                    )
+                if (method, kind, action) == ("POST", "invoices", "finalize"):
+                    return _json_reply(200, self.finalize_invoice(ident), "")
+                if (method, kind, action) == ("POST", "events", "redeliver"):
+                    target = data.get("endpoint")
+                    queued = self.redeliver(ident, None if target is None else str(target))
+                    return _json_reply(200, {"queued": queued}, "")
+        except EmulatedError as exc:
+            return _json_reply(exc.status, exc.body(), "")
+        except (ValueError, TypeError, KeyError, msgspec.DecodeError) as exc:
             return _json_reply(400, {"error": {"type": "emulator_error", "message": str(exc)}}, "")
         return _json_reply(
             404, {"error": {"type": "emulator_error", "message": f"no hook {method} {path}"}}, ""
         )
+
+    def _checkout_page(self, session_id: str) -> Reply:
+        """The session's ``url``: visiting it completes the session, as a customer would, then
+        redirects to ``success_url`` (``{CHECKOUT_SESSION_ID}`` filled in) if there is one."""
+        session = self._checkout_session(session_id)
+        if session["status"] == "open":
+            self.complete_checkout(session_id)
+        target = session["success_url"]
+        if not target:
+            return _json_reply(200, session, "")
+        location = target.replace("{CHECKOUT_SESSION_ID}", session_id).encode()
+        return Reply(303, b"", [(b"location", location), (b"content-length", b"0")])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1140,6 +3452,99 @@ _METER_FIELDS = frozenset(
 )
 _METER_EVENT_FIELDS = frozenset({"event_name", "payload", "identifier", "timestamp"})
 _ADJUSTMENT_FIELDS = frozenset({"event_name", "type", "cancel"})
+_PRODUCT_FIELDS = frozenset(
+    {
+        "active",
+        "description",
+        "id",
+        "metadata",
+        "name",
+        "statement_descriptor",
+        "tax_code",
+        "unit_label",
+        "url",
+    }
+)
+_PRODUCT_DATA_FIELDS = frozenset(
+    {"active", "metadata", "name", "statement_descriptor", "tax_code", "unit_label"}
+)
+_PRICE_FIELDS = frozenset(
+    {
+        "active",
+        "billing_scheme",
+        "currency",
+        "lookup_key",
+        "metadata",
+        "nickname",
+        "product",
+        "product_data",
+        "recurring",
+        "tax_behavior",
+        "transfer_lookup_key",
+        "unit_amount",
+        "unit_amount_decimal",
+    }
+)
+_PRICE_UPDATE_FIELDS = frozenset(
+    {"active", "lookup_key", "metadata", "nickname", "transfer_lookup_key"}
+)
+_RECURRING_FIELDS = frozenset(
+    {"interval", "interval_count", "meter", "trial_period_days", "usage_type"}
+)
+_SUBSCRIPTION_FIELDS = frozenset(
+    {
+        "collection_method",
+        "customer",
+        "days_until_due",
+        "default_payment_method",
+        "description",
+        "items",
+        "metadata",
+        "off_session",
+        "payment_behavior",
+        "proration_behavior",
+    }
+)
+_PAYMENT_BEHAVIORS = frozenset(
+    {"allow_incomplete", "default_incomplete", "error_if_incomplete", "pending_if_incomplete"}
+)
+_CREDIT_GRANT_FIELDS = frozenset(
+    {
+        "amount",
+        "applicability_config",
+        "category",
+        "customer",
+        "effective_at",
+        "expires_at",
+        "metadata",
+        "name",
+        "priority",
+    }
+)
+_CHECKOUT_FIELDS = frozenset(
+    {
+        "allowed_payment_method_types",
+        "cancel_url",
+        "client_reference_id",
+        "currency",
+        "customer",
+        "customer_creation",
+        "customer_email",
+        "expires_at",
+        "metadata",
+        "mode",
+        "setup_intent_data",
+        "success_url",
+    }
+)
+_WEBHOOK_ENDPOINT_FIELDS = frozenset(
+    {"api_version", "connect", "description", "enabled_events", "metadata", "url"}
+)
+_DELIVERY_FILTERS = frozenset({"event", "endpoint", "type", "ok"})
+_HOOK_PATH = re.compile(
+    r"^/_emulator/(?P<kind>checkout|subscriptions|invoices|events)/(?P<id>[^/]+)"
+    r"(?:/(?P<action>[a-z_]+))?$"
+)
 
 ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/billing/meter_events", StripeEmulator.create_meter_event, meter_event=True),
@@ -1155,6 +3560,38 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/customers", StripeEmulator.create_customer),
     Route("GET", "/v1/customers", StripeEmulator.list_customers),
     Route("GET", "/v1/customers/{id}", StripeEmulator.retrieve_customer),
+    Route("POST", "/v1/products", StripeEmulator.create_product),
+    Route("GET", "/v1/products", StripeEmulator.list_products),
+    Route("GET", "/v1/products/{id}", StripeEmulator.retrieve_product),
+    Route("POST", "/v1/products/{id}", StripeEmulator.update_product),
+    Route("POST", "/v1/prices", StripeEmulator.create_price),
+    Route("GET", "/v1/prices", StripeEmulator.list_prices),
+    Route("GET", "/v1/prices/{id}", StripeEmulator.retrieve_price),
+    Route("POST", "/v1/prices/{id}", StripeEmulator.update_price),
+    Route("POST", "/v1/subscriptions", StripeEmulator.create_subscription),
+    Route("GET", "/v1/subscriptions", StripeEmulator.list_subscriptions),
+    Route("GET", "/v1/subscriptions/{id}", StripeEmulator.retrieve_subscription),
+    Route("DELETE", "/v1/subscriptions/{id}", StripeEmulator.cancel_subscription),
+    Route("GET", "/v1/invoices", StripeEmulator.list_invoices),
+    Route("GET", "/v1/invoices/{id}", StripeEmulator.retrieve_invoice),
+    Route("POST", "/v1/invoices/{id}/finalize", StripeEmulator.finalize_invoice_request),
+    Route("POST", "/v1/billing/credit_grants", StripeEmulator.create_credit_grant),
+    Route("GET", "/v1/billing/credit_grants", StripeEmulator.list_credit_grants),
+    Route("GET", "/v1/billing/credit_grants/{id}", StripeEmulator.retrieve_credit_grant),
+    Route("POST", "/v1/billing/credit_grants/{id}/void", StripeEmulator.void_credit_grant),
+    Route("POST", "/v1/billing/credit_grants/{id}/expire", StripeEmulator.expire_credit_grant),
+    Route("GET", "/v1/billing/credit_balance_summary", StripeEmulator.credit_balance_summary),
+    Route("POST", "/v1/checkout/sessions", StripeEmulator.create_checkout_session),
+    Route("GET", "/v1/checkout/sessions/{id}", StripeEmulator.retrieve_checkout_session),
+    Route("POST", "/v1/checkout/sessions/{id}/expire", StripeEmulator.expire_checkout_session),
+    Route("GET", "/v1/setup_intents/{id}", StripeEmulator.retrieve_setup_intent),
+    Route("POST", "/v1/webhook_endpoints", StripeEmulator.create_webhook_endpoint),
+    Route("GET", "/v1/webhook_endpoints", StripeEmulator.list_webhook_endpoints),
+    Route("GET", "/v1/webhook_endpoints/{id}", StripeEmulator.retrieve_webhook_endpoint),
+    Route("POST", "/v1/webhook_endpoints/{id}", StripeEmulator.update_webhook_endpoint),
+    Route("DELETE", "/v1/webhook_endpoints/{id}", StripeEmulator.delete_webhook_endpoint),
+    Route("GET", "/v1/events", StripeEmulator.list_events),
+    Route("GET", "/v1/events/{id}", StripeEmulator.retrieve_event),
 )
 
 _EXACT: dict[tuple[str, str], Route] = {
@@ -1190,6 +3627,10 @@ def _authenticate(authorization: str | None) -> None:
         raise EmulatedError(401, MESSAGE_NO_API_KEY)
     scheme, _, key = authorization.partition(" ")
     key = key.strip()
+    if scheme.lower() == "basic":  # curl -u sk_test_...: (the key as the user name)
+        with contextlib.suppress(ValueError):
+            key = base64.b64decode(key, validate=True).decode("latin-1").partition(":")[0]
+        scheme = "bearer"
     if scheme.lower() != "bearer" or not key.startswith(("sk_", "rk_")):
         raise EmulatedError(401, f"Invalid API Key provided: {_mask(key)}")
 
@@ -1255,6 +3696,147 @@ def _check_timestamp(timestamp: int, now: float) -> None:
 def _summary_id(meter: str, customer: str, start: int, end: int) -> str:
     digest = hashlib.blake2b(f"{meter}|{customer}|{start}|{end}".encode(), digest_size=12)
     return "mtrusg_" + digest.hexdigest()
+
+
+def signature_header(payload: bytes, secret: str, timestamp: int) -> str:
+    """Stripe's ``Stripe-Signature`` value: ``t=<unix>,v1=<hex HMAC-SHA256 of "{t}.{body}">``,
+    keyed with the endpoint's ``whsec_...`` secret (what ``stripe.Webhook.construct_event``
+    checks)."""
+    signed = str(timestamp).encode() + b"." + payload
+    digest = hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={digest}"
+
+
+def _add_interval(ts: int, interval: str, count: int) -> int:
+    """`ts` plus `count` intervals; months and years keep the day of month, clamped to the
+    month's last day (Jan 31 + 1 month = Feb 28), as Stripe's billing cycles do."""
+    if interval == "day":
+        return ts + count * DAY
+    if interval == "week":
+        return ts + count * 7 * DAY
+    months = count * (12 if interval == "year" else 1)
+    start = datetime.fromtimestamp(ts, UTC)
+    index = start.month - 1 + months
+    year, month = start.year + index // 12, index % 12 + 1
+    day = min(start.day, calendar.monthrange(year, month)[1])
+    return int(start.replace(year=year, month=month, day=day).timestamp())
+
+
+def _unit_amount(params: Json) -> tuple[int | None, str]:
+    """(unit_amount, unit_amount_decimal) of a new price: exactly one of them is given."""
+    unit_amount = _integer(params, "unit_amount")
+    decimal = _string(params, "unit_amount_decimal")
+    if unit_amount is not None and decimal:
+        raise _one_of("unit_amount", "unit_amount_decimal")
+    if unit_amount is None and not decimal:
+        raise EmulatedError(
+            400,
+            "Prices require an `unit_amount` or `unit_amount_decimal` parameter to be set.",
+            param="unit_amount",
+        )
+    if unit_amount is not None:
+        if unit_amount < 0:
+            raise _invalid("unit_amount", "Invalid unit_amount: must be at least 0.")
+        return unit_amount, str(unit_amount)
+    if not re.fullmatch(r"\d+(\.\d{1,12})?", decimal):
+        raise _invalid(
+            "unit_amount_decimal",
+            f"Invalid decimal: {decimal}. unit_amount_decimal takes at most 12 decimal places.",
+        )
+    try:
+        Decimal(decimal)
+    except InvalidOperation as exc:  # pragma: no cover - the pattern above rules it out
+        raise _invalid("unit_amount_decimal", f"Invalid decimal: {decimal}.") from exc
+    return None, decimal
+
+
+def _invoice_subscription(invoice: Json) -> str | None:
+    parent = invoice.get("parent") or {}
+    details = parent.get("subscription_details") or {}
+    subscription = details.get("subscription")
+    return str(subscription) if subscription else None
+
+
+def _invoice_totals(invoice: Json) -> None:
+    lines = invoice["lines"]["data"]
+    subtotal = sum(int(line["amount"]) for line in lines)
+    credits = [c for line in lines for c in line["pretax_credit_amounts"]]
+    total = subtotal - sum(int(c["amount"]) for c in credits)
+    invoice.update(
+        subtotal=subtotal,
+        subtotal_excluding_tax=subtotal,
+        total=total,
+        total_excluding_tax=total,
+        total_pretax_credit_amounts=credits,
+        amount_due=total,
+        amount_remaining=total - int(invoice["amount_paid"]),
+    )
+
+
+def _grant_applies(grant: Json, price: Json) -> bool:
+    scope = grant["applicability_config"]["scope"]
+    if scope["price_type"] == "metered":
+        recurring = price["recurring"]
+        return bool(recurring and recurring["usage_type"] == "metered")
+    return any(p["id"] == price["id"] for p in scope["prices"] or ())
+
+
+def _monetary(currency: str, value: int) -> Json:
+    return {"monetary": {"currency": currency, "value": value}, "type": "monetary"}
+
+
+def _webhook_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _invalid("url", f"Invalid URL: {url}. An endpoint's URL must be http(s)://host/...")
+    return url
+
+
+_EVENT_TYPE = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_]+)+$")
+
+
+def _check_event_types(types: list[str]) -> None:
+    for index, value in enumerate(types):
+        if value != "*" and not _EVENT_TYPE.match(value):
+            raise _invalid(
+                f"enabled_events[{index}]",
+                f"Invalid enabled_events[{index}]: '{value}' is not an event type.",
+            )
+
+
+def _subscribed(enabled: list[str], event_type: str) -> bool:
+    return "*" in enabled or event_type in enabled
+
+
+def _type_matches(pattern: str, event_type: str) -> bool:
+    """A ``type`` filter of the events list: exact, or with ``*`` wildcards (``invoice.*``)."""
+    if "*" not in pattern:
+        return pattern == event_type
+    regex = "^" + ".*".join(re.escape(part) for part in pattern.split("*")) + "$"
+    return re.match(regex, event_type) is not None
+
+
+def _created_filter(items: list[Json], params: Json) -> list[Json]:
+    created = params.get("created")
+    if created is None or created == "":
+        return items
+    if isinstance(created, str):
+        exact = _integer(params, "created")
+        return [i for i in items if i["created"] == exact]
+    if not isinstance(created, dict):
+        raise _invalid("created", "Invalid created: an integer or a range.")
+    _only_keys(created, frozenset({"gt", "gte", "lt", "lte"}), "created")
+    tests: dict[str, Callable[[int, int], bool]] = {
+        "gt": lambda a, b: a > b,
+        "gte": lambda a, b: a >= b,
+        "lt": lambda a, b: a < b,
+        "lte": lambda a, b: a <= b,
+    }
+    for key in created:
+        bound = _integer(created, key)
+        assert bound is not None
+        items = [i for i in items if tests[key](int(i["created"]), bound)]
+    return items
 
 
 def _page(items: list[Json], params: Json, url: str) -> Json:
@@ -1331,6 +3913,7 @@ _MAX_HEAD = 64 * 1024
 _MAX_BODY = 16 * 1024 * 1024
 _REASONS = {
     200: b"OK",
+    303: b"See Other",
     400: b"Bad Request",
     401: b"Unauthorized",
     404: b"Not Found",
@@ -1559,8 +4142,10 @@ async def serve_emulator(
     try:
         await server.start(sock)
         emulator.base_url = _url(host, sock)
+        await emulator._attach()
         yield emulator.base_url
     finally:
+        await emulator._detach()
         await server.stop()
         sock.close()
         emulator.base_url = None
@@ -1620,8 +4205,14 @@ def run(
     seed: int | None = None,
     *,
     log_events: bool = True,
+    webhook_url: str | None = None,
+    webhook_secret: str | None = None,
+    invoice_finalize_delay: float | None = DEFAULT_INVOICE_FINALIZE_DELAY,
 ) -> None:
-    """Serve an emulator until interrupted, printing each accepted meter event to stdout."""
+    """Serve an emulator until interrupted, printing each accepted meter event to stdout.
+
+    With `webhook_url`, every event is delivered there, signed with `webhook_secret` (or a
+    generated one, printed)."""
     emulator = StripeEmulator(
         rate_limit=rate_limit,
         fail_rate=fail_rate,
@@ -1629,7 +4220,15 @@ def run(
         latency_ms=latency_ms,
         seed=seed,
         log_events=log_events,
+        invoice_finalize_delay=invoice_finalize_delay,
     )
+    if webhook_url:
+        registered = emulator.add_webhook_endpoint(webhook_url, secret=webhook_secret)
+        print(
+            f"[stripe-emulator] webhooks -> {webhook_url}  (endpoint {registered['id']}, "
+            f"secret {registered['secret']})",
+            flush=True,
+        )
     faults = ", ".join(
         f"{k}={v}" for k, v in dataclasses.asdict(emulator.faults).items() if v not in (None, 0)
     )
@@ -1663,6 +4262,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--quiet", action="store_true", help="do not print each meter event")
+    parser.add_argument("--webhook-url", default=None, help="deliver every event to this URL")
+    parser.add_argument(
+        "--webhook-secret", default=None, help="whsec_... to sign with (default: generated)"
+    )
+    parser.add_argument(
+        "--invoice-finalize-delay",
+        type=float,
+        default=DEFAULT_INVOICE_FINALIZE_DELAY,
+        help="seconds from invoice.created to automatic finalization (negative: never)",
+    )
     args = parser.parse_args(argv)
     try:
         run(
@@ -1674,6 +4283,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.latency_ms,
             args.seed,
             log_events=not args.quiet,
+            webhook_url=args.webhook_url,
+            webhook_secret=args.webhook_secret,
+            invoice_finalize_delay=(
+                None if args.invoice_finalize_delay < 0 else args.invoice_finalize_delay
+            ),
         )
     except (ValueError, OSError) as exc:
         print(f"stripe-emulator: {exc}", file=sys.stderr)
