@@ -40,6 +40,15 @@ from controlplane.errors import (
 )
 from controlplane.events import decode_body
 from controlplane.ledger import RowState
+from controlplane.parity import (
+    CleanSince,
+    comparison_api,
+    drift_api,
+    run_api,
+    verify_signature,
+    window_problems,
+)
+from controlplane.secrets import reveal
 from controlplane.units import format_micros
 from flags import FLAGS, FlagChange
 
@@ -275,6 +284,8 @@ def _org_api(org: Any) -> dict[str, Any]:
         "plan": org.plans[-1].plan if org.plans else None,
         "plans": [{"plan": p.plan, "effective_from": p.effective_from} for p in org.plans],
         "updated_at": org.updated_at,
+        "subscription": org.subscription,
+        "subscription_status": org.subscription_status,
     }
 
 
@@ -333,6 +344,167 @@ async def readyz(cp: CP) -> Response[dict[str, Any]]:
     )
 
 
+# parity -----------------------------------------------------------------------------------
+
+
+def parity_auth(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    """A bearer token with the `parity` scope, or a request signed with `parity.hmac_secret`
+    (X-Timestamp, X-Signature; see :mod:`controlplane.parity`)."""
+    headers = connection.headers
+    if "x-signature" not in headers and "x-timestamp" not in headers:
+        tokens: TokenStore = connection.app.state.tokens
+        connection.state.principal = tokens.authorize(headers.get("authorization"), "parity")
+        return
+    cp: ControlPlane = connection.app.state.cp
+    secret = cp.config.parity.hmac_secret
+    if secret is None:
+        raise Unauthorized("signed requests are not enabled (parity.hmac_secret); use a token")
+    verify_signature(
+        reveal(secret, "parity.hmac_secret"),
+        headers.get("x-timestamp"),
+        headers.get("x-signature"),
+        connection.scope["path"],
+        connection.scope.get("query_string", b"").decode("latin-1"),
+        cp.clock(),
+    )
+    connection.state.principal = Principal(name="hmac", scopes=frozenset({"parity"}))
+
+
+def any_scope(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    """A bearer token with at least one of the handler's `opt["scopes"]`."""
+    tokens: TokenStore = connection.app.state.tokens
+    principal = tokens.authenticate(connection.headers.get("authorization"))
+    scopes: tuple[str, ...] = handler.opt["scopes"]
+    if not principal.scopes & set(scopes):
+        raise Forbidden(f"token {principal.name!r} needs one of the scopes {list(scopes)}")
+    connection.state.principal = principal
+
+
+PARITY_READ = {"scopes": ("read", "parity")}
+
+
+@get(
+    "/internal/usage-parity",
+    guards=[parity_auth],
+    summary="Per-org usage of the parity meter: control plane (from events) against legacy",
+)
+async def usage_parity(
+    cp: CP,
+    start_text: Annotated[str | None, QueryParameter(name="from")] = None,
+    end_text: Annotated[str | None, QueryParameter(name="to")] = None,
+    mismatches_only: FromQuery[bool] = False,
+) -> dict[str, Any]:
+    """`from` and `to` are unix seconds on bucket boundaries. Auth: a bearer token with the
+    `parity` scope, or X-Timestamp and X-Signature (HMAC-SHA256)."""
+    start, end = _seconds(start_text), _seconds(end_text)
+    problems = [
+        Problem(field=name, message=f"{text!r} is not unix seconds")
+        for name, text, value in (("from", start_text, start), ("to", end_text, end))
+        if text is not None and value is None
+    ] or window_problems(start, end, cp.config.rollup.bucket_seconds)
+    if problems or start is None or end is None:
+        raise ValidationException(
+            detail="; ".join(f"{p.field}: {p.message}" for p in problems),
+            extra=[{"key": p.field, "message": p.message, "source": "query"} for p in problems],
+        )
+    comparison = await cp.parity(start, end)
+    return comparison_api(comparison, mismatches_only=mismatches_only)
+
+
+def _seconds(text: str | None) -> int | None:
+    if text is None or not text.strip().lstrip("-").isdigit():
+        return None
+    return int(text)
+
+
+def _clean_api(clean: CleanSince) -> dict[str, Any]:
+    return {
+        "since": clean.since,
+        "until": clean.until,
+        "buckets": clean.buckets,
+        "seconds": clean.seconds,
+    }
+
+
+@get(
+    "/v1/parity/runs",
+    guards=[any_scope],
+    opt=PARITY_READ,
+    summary="The parity checker's runs, newest bucket first, and since when parity is clean",
+)
+async def parity_runs(
+    cp: CP, start: From = None, end: To = None, limit: Limit = 100
+) -> dict[str, Any]:
+    meter = cp.config.parity.meter
+    runs = await cp.storage.parity_runs(meter, limit=limit, start=start, end=end)
+    return {
+        "meter": meter,
+        "clean": _clean_api(await cp.parity_clean_since()),
+        "runs": [run_api(r) for r in runs],
+    }
+
+
+@get(
+    "/v1/parity/runs/{run_id:int}",
+    guards=[any_scope],
+    opt=PARITY_READ,
+    summary="One parity run with the orgs that did not match",
+)
+async def parity_run(cp: CP, run_id: FromPath[int]) -> dict[str, Any]:
+    found = await cp.storage.parity_run(run_id)
+    if found is None:
+        raise NotFound(f"no parity run {run_id}")
+    run, drifts = found
+    return {**run_api(run), "mismatching_orgs": [drift_api(d) for d in drifts]}
+
+
+@get(
+    "/v1/parity/clean-since",
+    guards=[any_scope],
+    opt=PARITY_READ,
+    summary="Since when the checker has found parity clean, without a break",
+)
+async def parity_clean_since(cp: CP) -> dict[str, Any]:
+    return {"meter": cp.config.parity.meter, **_clean_api(await cp.parity_clean_since())}
+
+
+# catalog and Stripe webhooks --------------------------------------------------------------
+
+
+@get("/v1/catalog", opt={"scope": "read"}, summary="The newest published price catalog")
+async def get_catalog(cp: CP, version: FromQuery[int | None] = None) -> dict[str, Any]:
+    from controlplane.catalog import catalog_api
+
+    found = await cp.storage.catalog_version(version)
+    if found is None and version is not None:
+        raise NotFound(f"no catalog version {version}")
+    return catalog_api(found)
+
+
+@post("/webhooks/stripe", status_code=200, summary="Stripe webhook events (signed)")
+async def stripe_webhook(request: Request[Any, Any, Any], cp: CP) -> Response[Any]:
+    """Authenticated by the `Stripe-Signature` header (HMAC-SHA256 over the raw body with
+    `stripe.webhook_secret`, 300 s tolerance): 400 when it does not verify, nothing done."""
+    from controlplane.webhooks import WebhookRejected
+
+    body = await request.body()
+    try:
+        result = await cp.stripe_webhook(body, request.headers.get("stripe-signature"))
+    except WebhookRejected as exc:
+        log.warning("webhook.rejected", error=exc.message)
+        return problem(400, "Bad signature", exc.message)
+    return Response(
+        {
+            "received": True,
+            "event": result.event_id,
+            "type": result.type,
+            "duplicate": result.duplicate,
+            "outcome": result.outcome,
+        },
+        status_code=200,
+    )
+
+
 # app --------------------------------------------------------------------------------------
 
 
@@ -372,6 +544,12 @@ def create_app(
             job_runs,
             healthz,
             readyz,
+            usage_parity,
+            parity_runs,
+            parity_run,
+            parity_clean_since,
+            get_catalog,
+            stripe_webhook,
         ],
         dependencies={"cp": Provide(_cp)},
         guards=[_guard],

@@ -243,6 +243,117 @@ def token(args: argparse.Namespace, config: Config | None) -> int:
     return 0
 
 
+# parity -----------------------------------------------------------------------------------
+
+
+def _unix(text: str) -> int:
+    """Unix seconds, or an RFC 3339 time with an offset (`2026-01-01T00:00:00Z`)."""
+    import datetime as dt
+
+    if text.lstrip("-").isdigit():
+        return int(text)
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected unix seconds or RFC 3339") from None
+    if when.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: give an offset, e.g. Z")
+    return int(when.timestamp())
+
+
+def _table(rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(
+                cell.ljust(w) if i == 0 else cell.rjust(w)
+                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            ).rstrip()
+        )
+
+
+async def parity(args: argparse.Namespace, config: Config) -> int:
+    from controlplane.parity import comparison_api, run_api
+
+    async with _core(config) as cp:
+        if args.action == "checker":
+            stats = await cp.record("parity", cp.parity_check)
+            _print_json(stats)
+            return 0
+        if args.action == "runs":
+            runs = await cp.storage.parity_runs(config.parity.meter, limit=args.limit)
+            clean = await cp.parity_clean_since()
+            print(f"clean since: {clean.since} (buckets {clean.buckets}, up to {clean.until})")
+            for run in runs:
+                r = run_api(run)
+                print(
+                    f"{r['bucket_start']}  {r['status']:<8}  orgs {r['orgs']}  mismatches "
+                    f"{r['mismatches']}  alarming {str(r['alarming']).lower()}  totals "
+                    f"{r['totals']['controlplane']} vs {r['totals']['legacy']}"
+                )
+            return 0
+        comparison = await cp.parity(args.start, args.end)
+    report = comparison_api(comparison, mismatches_only=not args.all)
+    summary = report["summary"]
+    rows = [["org", "controlplane", "legacy", "drift", "relative", "ok"]]
+    for org in report["orgs"]:
+        ok = org["within_tolerance"]
+        rows.append(
+            [
+                org["org_id"],
+                org["controlplane"] or "-",
+                org["legacy"] or "-",
+                org["drift"] or "-",
+                org["relative_drift"] or ("-" if org["legacy"] is None else "inf"),
+                "-" if ok is None else ("yes" if ok else "NO"),
+            ]
+        )
+    if len(rows) > 1:
+        _table(rows)
+        print()
+    totals = summary["totals"]
+    worst = summary["worst"]
+    print(
+        f"{comparison.meter} [{comparison.start}, {comparison.end}): {summary['orgs']} orgs, "
+        f"{summary['mismatches']} mismatches (tolerance {report['tolerance']}); totals: "
+        f"control plane {totals['controlplane']}, legacy {totals['legacy'] or '-'}"
+        + (f"; worst {worst['org_id']} ({worst['relative_drift'] or 'inf'})" if worst else "")
+    )
+    status = summary["status"]
+    print(f"status: {status}")
+    if status == "no_legacy":
+        print("no legacy source is configured ([legacy]): nothing was compared", file=sys.stderr)
+        return 3
+    return 1 if status == "mismatch" else 0
+
+
+# catalog ----------------------------------------------------------------------------------
+
+
+async def catalog(args: argparse.Namespace, config: Config) -> int:
+    from controlplane.catalog import catalog_api
+
+    async with _core(config) as cp:
+        if args.action == "show":
+            found = await cp.storage.catalog_version(args.version)
+            if found is None:
+                print("no catalog version is published", file=sys.stderr)
+                return 1
+            _print_json(catalog_api(found))
+            return 0
+        result = await cp.catalog_publish(actor=args.actor, dry_run=args.dry_run)
+    for action in result.actions:
+        print(f"{action.kind:<10} {action.what:<8} {action.key:<24} {action.detail}".rstrip())
+    version = result.version.version if result.version else None
+    if result.dry_run:
+        print(f"dry run: nothing changed at Stripe or in storage (current version {version})")
+    elif result.changed:
+        print(f"published catalog version {version}")
+    else:
+        print(f"unchanged: catalog version {version} is current")
+    return 0
+
+
 # parser -----------------------------------------------------------------------------------
 
 
@@ -324,6 +435,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hours", type=int, default=3, help="hours of sample usage (default 3)")
     p.add_argument("--cutover", action="store_true", help="flip the flags and send")
     p.set_defaults(func=demo)
+
+    p = sub.add_parser("parity", parents=[common], help="usage parity with the legacy biller")
+    psub = p.add_subparsers(dest="action", required=True)
+    c = psub.add_parser("check", parents=[common], help="compare a window; exit 1 on mismatch")
+    c.add_argument("--from", dest="start", type=_unix, required=True, help="unix seconds")
+    c.add_argument("--to", dest="end", type=_unix, required=True, help="unix seconds")
+    c.add_argument("--all", action="store_true", help="list every org, not only mismatches")
+    psub.add_parser("checker", parents=[common], help="one pass of the scheduled checker")
+    r = psub.add_parser("runs", parents=[common], help="the checker's runs and clean-since")
+    r.add_argument("--limit", type=int, default=24)
+    p.set_defaults(func=parity)
+
+    p = sub.add_parser("catalog", parents=[common], help="the price catalog at Stripe")
+    csub = p.add_subparsers(dest="action", required=True)
+    c = csub.add_parser("publish", parents=[common], help="make Stripe match [catalog]")
+    c.add_argument(
+        "--dry-run", action="store_true", help="read Stripe, print the plan, change nothing"
+    )
+    c.add_argument("--actor", default="cli")
+    c = csub.add_parser("show", parents=[common], help="a published catalog version")
+    c.add_argument("--version", type=int, help="default: the newest")
+    p.set_defaults(func=catalog)
 
     # handled by controlplane.stripe_emulator.main, which owns its options (see main below)
     sub.add_parser("stripe-emulator", help="run the local Stripe emulator (--help for options)")

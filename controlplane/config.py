@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,6 +74,72 @@ class LoggingConfig(_Section, frozen=True):
     format: Literal["json", "console"] = "json"
 
 
+class ParityAlertConfig(_Section, frozen=True):
+    """When the checker alerts: material drift (> `relative` and >= `min_units`) on at least
+    `min_orgs` orgs, or on the total, for `consecutive_buckets` buckets in a row."""
+
+    relative: Decimal = Decimal("0.10")
+    min_units: Decimal = Decimal("100")
+    min_orgs: int = 3
+    consecutive_buckets: int = 2
+    webhook_url: Secret | None = None  # Slack-compatible: POST {"text", "dedup_key"}
+    suppress_seconds: int = 21600
+    timeout_seconds: float = 10.0
+
+
+class ParityConfig(_Section, frozen=True):
+    meter: str = "memory_gb_seconds"
+    tolerance: Decimal = Decimal("0.02")  # per-org relative drift still counted as agreeing
+    hmac_secret: Secret | None = None  # for X-Timestamp / X-Signature requests
+    settle_seconds: int = 7200  # a bucket is checked once it ended this long ago
+    interval_seconds: float = 300.0  # how often `serve` runs the checker
+    backfill_buckets: int = 24  # on its first pass, the checker starts this many buckets back
+    alert: ParityAlertConfig = ParityAlertConfig()
+
+
+class CatalogProductConfig(_Section, frozen=True):
+    """A provider product (`[[catalog.products]]`); its Stripe id is ``prod_cp_<key>``."""
+
+    key: str
+    name: str
+
+
+class CatalogPriceConfig(_Section, frozen=True):
+    """A provider price (`[[catalog.prices]]`): metered when `meter` names a configured meter,
+    else a licensed (flat, per-period) fee. `unit_amount` is in the currency's major unit
+    ("0.0004" dollars), as a decimal string: never a float."""
+
+    key: str
+    product: str
+    lookup_key: str
+    unit_amount: Decimal
+    currency: str = "usd"
+    interval: Literal["day", "week", "month", "year"] = "month"
+    meter: str | None = None
+
+
+class WelcomeCreditConfig(_Section, frozen=True):
+    """The billing credit every newly provisioned org receives once (`[catalog.welcome_credit]`)."""
+
+    amount: Decimal  # major units, e.g. "10.00"
+    currency: str = "usd"
+    name: str = "Welcome credit"
+    expires_after_days: int | None = None
+
+
+class CatalogConfig(_Section, frozen=True):
+    products: list[CatalogProductConfig] = []
+    prices: list[CatalogPriceConfig] = []
+    welcome_credit: WelcomeCreditConfig | None = None
+
+
+class StripeConfig(_Section, frozen=True):
+    """Stripe webhooks (`POST /webhooks/stripe`)."""
+
+    webhook_secret: Secret | None = None  # the endpoint's whsec_... signing secret
+    webhook_tolerance_seconds: int = 300
+
+
 class Config(_Section, frozen=True):
     server: ServerConfig = ServerConfig()
     storage: PluginConfig = PluginConfig()  # replaced by the chosen plugin's config
@@ -83,6 +150,10 @@ class Config(_Section, frozen=True):
     billing: PluginConfig | None = None
     meters: list[MeterConfig] = []
     logging: LoggingConfig = LoggingConfig()
+    legacy: PluginConfig | None = None
+    parity: ParityConfig = ParityConfig()
+    catalog: CatalogConfig = CatalogConfig()
+    stripe: StripeConfig = StripeConfig()
     source: str = ""  # the file it was read from
 
     @property
@@ -90,7 +161,11 @@ class Config(_Section, frozen=True):
         return _backend_of(self.storage)
 
 
-PLUGIN_SECTIONS: dict[str, registry.Kind] = {"storage": "storage", "billing": "billing"}
+PLUGIN_SECTIONS: dict[str, registry.Kind] = {
+    "storage": "storage",
+    "billing": "billing",
+    "legacy": "legacy",
+}
 DEFAULTS: dict[str, dict[str, Any]] = {"storage": {"backend": "sqlite"}}
 
 _MSGSPEC_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
@@ -162,6 +237,65 @@ def _check(config: Config) -> None:
     from controlplane.meters import MeterSet
 
     MeterSet(config.meters)  # compiles every expression: errors name the meter
+    _check_parity(config)
+    _check_catalog(config)
+
+
+def _check_parity(config: Config) -> None:
+    parity = config.parity
+    if parity.tolerance < 0:
+        raise ConfigError("parity.tolerance: must be >= 0 (0.02 is 2 %)")
+    for key in ("settle_seconds", "backfill_buckets"):
+        if getattr(parity, key) < 0:
+            raise ConfigError(f"parity.{key}: must be >= 0")
+    if parity.interval_seconds <= 0:
+        raise ConfigError("parity.interval_seconds: must be > 0")
+    alert = parity.alert
+    if alert.relative < 0 or alert.min_units < 0:
+        raise ConfigError("parity.alert: relative and min_units must be >= 0")
+    for key in ("min_orgs", "consecutive_buckets"):
+        if getattr(alert, key) < 1:
+            raise ConfigError(f"parity.alert.{key}: must be >= 1")
+    if alert.suppress_seconds < 0 or alert.timeout_seconds <= 0:
+        raise ConfigError("parity.alert: suppress_seconds >= 0 and timeout_seconds > 0")
+    if config.legacy is not None and parity.meter not in {m.name for m in config.meters}:
+        raise ConfigError(
+            f"parity.meter: no meter named {parity.meter!r}; "
+            f"known: {sorted(m.name for m in config.meters)}"
+        )
+
+
+def _check_catalog(config: Config) -> None:
+    catalog = config.catalog
+    meters = {m.name for m in config.meters}
+    for what, keys in (
+        ("products", [p.key for p in catalog.products]),
+        ("prices", [p.key for p in catalog.prices]),
+        ("prices.lookup_key", [p.lookup_key for p in catalog.prices]),
+    ):
+        if len(set(keys)) != len(keys):
+            raise ConfigError(f"catalog.{what}: keys must be unique")
+    products = {p.key for p in catalog.products}
+    for i, price in enumerate(catalog.prices):
+        where = f"catalog.prices[{i}]"
+        if price.product not in products:
+            raise ConfigError(f"{where}.product: no product with key {price.product!r}")
+        if price.meter is not None and price.meter not in meters:
+            raise ConfigError(
+                f"{where}.meter: no meter named {price.meter!r}; known: {sorted(meters)}"
+            )
+        if price.unit_amount < 0 or not price.unit_amount.is_finite():
+            raise ConfigError(f"{where}.unit_amount: must be a decimal >= 0")
+        if not 0 < len(price.lookup_key) <= 200:
+            raise ConfigError(f"{where}.lookup_key: 1 to 200 characters")
+    credit = catalog.welcome_credit
+    if credit is not None:
+        if not credit.amount.is_finite() or credit.amount <= 0:
+            raise ConfigError("catalog.welcome_credit.amount: must be a decimal > 0")
+        if credit.expires_after_days is not None and credit.expires_after_days <= 0:
+            raise ConfigError("catalog.welcome_credit.expires_after_days: must be > 0")
+    if config.stripe.webhook_tolerance_seconds <= 0:
+        raise ConfigError("stripe.webhook_tolerance_seconds: must be > 0")
 
 
 def default_path() -> Path:

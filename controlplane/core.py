@@ -6,10 +6,11 @@ them holds business logic of its own.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 import structlog
@@ -18,11 +19,32 @@ from controlplane import registry, rollup
 from controlplane.config import Config
 from controlplane.errors import ConfigError, InvalidInput, MigrationError, Problem
 from controlplane.events import Ingestor
-from controlplane.interfaces import AuditEntry, Billing, IngestResult, JobRun, Org, Storage
+from controlplane.interfaces import (
+    AuditEntry,
+    Billing,
+    IngestResult,
+    JobRun,
+    LegacySource,
+    Org,
+    Storage,
+)
 from controlplane.meters import MeterSet
+from controlplane.parity import (
+    CleanSince,
+    Comparison,
+    Policy,
+    clean_since,
+    compare,
+    window_problems,
+)
+from controlplane.parity_checker import CheckerStats
 from controlplane.sender import Sender, SendStats
 from flags import FlagChange, Snapshot, resolve, set_flags
 from flags.resolve import static_layers
+
+if TYPE_CHECKING:
+    from controlplane.catalog import PublishResult
+    from controlplane.webhooks import WebhookResult
 
 log = structlog.get_logger("core")
 T = TypeVar("T")
@@ -37,6 +59,7 @@ class ControlPlane:
         *,
         storage: Storage | None = None,
         billing: Billing | None = None,
+        legacy: LegacySource | None = None,
         clock: Callable[[], float] = time.time,
         migrate: bool = True,
     ) -> None:
@@ -54,6 +77,11 @@ class ControlPlane:
                 config.billing
             )
         self.billing = billing
+        if legacy is None and config.legacy is not None:
+            from controlplane.config import _backend_of
+
+            legacy = registry.spec_for("legacy", _backend_of(config.legacy)).factory(config.legacy)
+        self.legacy = legacy
         self.ingestor = Ingestor(
             self.storage, self.meters, config.rollup.bucket_seconds, config.server.max_batch_events
         )
@@ -84,6 +112,9 @@ class ControlPlane:
             if self.billing is not None:
                 await self.billing.start()
                 self._stack.push_async_callback(self.billing.close)
+            if self.legacy is not None:
+                await self.legacy.start()
+                self._stack.push_async_callback(self.legacy.close)
         except BaseException:
             await self._stack.aclose()
             raise
@@ -144,7 +175,11 @@ class ControlPlane:
                 actor=actor,
                 reason=reason,
                 before=msgspec.to_builtins(before) if before else None,
-                after={"customer": customer, "plan": plan, "effective_from": effective_from or at},
+                after={
+                    "customer": customer,
+                    "plan": plan,
+                    "effective_from": at if effective_from is None else effective_from,
+                },
             ),
         )
 
@@ -220,3 +255,67 @@ class ControlPlane:
             )
         )
         return result
+
+    # parity -------------------------------------------------------------------------------
+
+    def parity_policy(self) -> Policy:
+        alert = self.config.parity.alert
+        return Policy.of(alert.relative, alert.min_units, alert.min_orgs, alert.consecutive_buckets)
+
+    def _parity_meter(self) -> str:
+        meter = self.config.parity.meter
+        if meter not in self.meters.by_name:
+            raise ConfigError(
+                f"parity.meter: no meter named {meter!r}; known: {sorted(self.meters.by_name)}"
+            )
+        return meter
+
+    async def parity(self, start: int, end: int) -> Comparison:
+        """Compare the control plane's usage of the parity meter (from events) with the
+        legacy biller's, per org, for buckets in [start, end) (bucket-aligned)."""
+        problems = window_problems(start, end, self.config.rollup.bucket_seconds)
+        if problems:
+            raise InvalidInput(problems)
+        meter = self._parity_meter()
+        if self.legacy is None:
+            ours = await self.storage.usage_by_org(meter, start, end)
+            theirs = None
+        else:
+            ours, theirs = await asyncio.gather(
+                self.storage.usage_by_org(meter, start, end), self.legacy.usage(start, end)
+            )
+        return compare(
+            meter, start, end, ours, theirs, self.config.parity.tolerance, self.parity_policy()
+        )
+
+    async def parity_check(self) -> CheckerStats:
+        """One pass of the scheduled checker (see :mod:`controlplane.parity_checker`)."""
+        from controlplane import parity_checker
+
+        return await parity_checker.run(self)
+
+    async def parity_clean_since(self) -> CleanSince:
+        """Since when the checker has found parity clean without a break, up to the newest
+        checked bucket (for cutover preflight)."""
+        meter = self.config.parity.meter
+        newest = await self.storage.parity_runs(meter, limit=1)
+        tail = await self.storage.parity_clean_tail(meter)
+        return clean_since(
+            tail, newest[0].bucket_start if newest else None, self.config.rollup.bucket_seconds
+        )
+
+    # catalog and webhooks -----------------------------------------------------------------
+
+    async def catalog_publish(self, *, actor: str, dry_run: bool = False) -> PublishResult:
+        """Make the provider match `[catalog]` and store the resolved ids as a new version
+        (see :mod:`controlplane.catalog`). Returns a PublishResult."""
+        from controlplane import catalog
+
+        return await catalog.publish(self, actor=actor, dry_run=dry_run)
+
+    async def stripe_webhook(self, body: bytes, signature: str | None) -> WebhookResult:
+        """Verify and process one Stripe webhook delivery (see :mod:`controlplane.webhooks`).
+        Returns a WebhookResult; raises WebhookRejected for a bad signature."""
+        from controlplane import webhooks
+
+        return await webhooks.handle(self, body, signature)

@@ -5,7 +5,7 @@ Plugins are chosen by name in the config (``backend = "sqlite"``) and resolved t
 method fails when it is instantiated, not in production. All plugins share one lifecycle:
 ``await start()`` once before use, ``await close()`` once at shutdown.
 
-Kinds: :class:`Storage`, :class:`IngestSource`, :class:`Billing`.
+Kinds: :class:`Storage`, :class:`IngestSource`, :class:`Billing`, :class:`LegacySource`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ from __future__ import annotations
 import abc
 import enum
 from collections.abc import Awaitable, Callable, Sequence
+from decimal import Decimal
 from typing import Any, ClassVar
 
 import msgspec
 
+from controlplane.errors import ControlPlaneError
 from controlplane.ledger import LedgerRow, NewRow, RowState
 
 # ---------------------------------------------------------------------------------------------
@@ -66,6 +68,8 @@ class Org(msgspec.Struct, frozen=True):
     customer: str | None
     plans: list[PlanPeriod]  # oldest first
     updated_at: int
+    subscription: str | None = None  # the provider subscription provisioned for it
+    subscription_status: str | None = None  # "active" | "canceled"
 
     def plan_at(self, when: int) -> str | None:
         """The plan in force at `when`, or None when no stored plan covers it."""
@@ -200,6 +204,92 @@ class MigrationStatus(msgspec.Struct, frozen=True):
     @property
     def current(self) -> bool:
         return not self.pending
+
+
+class OrgDrift(msgspec.Struct, frozen=True):
+    """One org's usage on both sides of a parity comparison, in micro-units.
+
+    None means the org is absent on that side (which is itself a mismatch)."""
+
+    org_id: str
+    controlplane_micros: int | None
+    legacy_micros: int | None
+
+
+class ParityRun(msgspec.Struct, frozen=True):
+    """The scheduled checker's comparison of one settled bucket, as stored."""
+
+    meter: str
+    bucket_start: int
+    bucket_end: int
+    checked_at: int
+    orgs: int  # in the union of both sides
+    mismatches: int  # orgs outside tolerance or on one side only
+    material: int  # orgs whose drift is material by the alert policy
+    controlplane_micros: int
+    legacy_micros: int
+    worst_org: str | None
+    worst_drift_micros: int  # that org's absolute drift
+    worst_relative: str | None  # its relative drift as a decimal string; None: not finite
+    clean: bool  # no mismatches
+    alarming: bool  # material drift on enough orgs, or on the total
+    alarm_since: int | None  # first bucket of the unbroken alarming streak this run is in
+    id: int = 0
+
+
+class ParityAlert(msgspec.Struct, frozen=True):
+    """An alert raised by the checker: delivered, waiting to be, or suppressed."""
+
+    meter: str
+    bucket_start: int  # the bucket whose check raised it
+    dedup_key: str
+    text: str
+    state: str  # "pending" | "sent" | "logged" | "suppressed"
+    created_at: int
+    id: int = 0
+    attempts: int = 0
+    sent_at: int | None = None
+    error: str | None = None
+
+
+class CatalogVersion(msgspec.Struct, frozen=True):
+    """A published price catalog: what the provider was made to match, with resolved ids."""
+
+    version: int
+    published_at: int
+    actor: str
+    digest: str  # of `catalog`; equal digests mean nothing changed
+    catalog: dict[str, Any]  # see controlplane.catalog.Resolved
+
+
+class WebhookRecord(msgspec.Struct, frozen=True):
+    """A provider webhook event processed to the end."""
+
+    event_id: str
+    type: str
+    created: int | None
+    outcome: str  # what was done, e.g. "provisioned", "ignored: ...", "duplicate"
+
+
+class ClosedPeriod(msgspec.Struct, frozen=True):
+    """A billing period whose invoice is finalized (keyed by invoice id)."""
+
+    invoice_id: str
+    org_id: str
+    period_start: int
+    period_end: int
+    finalized_at: int
+
+
+class OrgChange(msgspec.Struct, frozen=True):
+    """What a webhook changes on an org, applied with the event's record in one transaction."""
+
+    org_id: str
+    customer: str | None = None  # None: keep
+    subscription: str | None = None  # None: keep
+    subscription_status: str | None = None  # None: keep
+    plan: str | None = None  # None: no new plan period
+    effective_from: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,6 +448,94 @@ class Storage(abc.ABC):
     async def job_runs(self, job: str | None = None, limit: int = 50) -> list[JobRun]:
         """Newest first."""
 
+    # parity -------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def usage_by_org(self, meter: str, start: int, end: int) -> dict[str, int]:
+        """Per org, the exact sum (micro-units) of `meter` over buckets starting in
+        [start, end), computed from stored events (never from the ledger). Orgs without
+        events for the meter in the window are absent."""
+
+    @abc.abstractmethod
+    async def record_parity_run(
+        self, run: ParityRun, drifts: Sequence[OrgDrift], alert: ParityAlert | None
+    ) -> int | None:
+        """Store a checked bucket with its mismatching orgs and the alert it raised, in one
+        transaction. Returns the run's id, or None when that bucket was already checked
+        (nothing is written then)."""
+
+    @abc.abstractmethod
+    async def parity_runs(
+        self, meter: str, *, limit: int = 100, start: int | None = None, end: int | None = None
+    ) -> list[ParityRun]:
+        """Stored runs of `meter` with bucket_start in [start, end), newest bucket first."""
+
+    @abc.abstractmethod
+    async def parity_run(self, run_id: int) -> tuple[ParityRun, list[OrgDrift]] | None:
+        """One stored run and its mismatching orgs."""
+
+    @abc.abstractmethod
+    async def parity_clean_tail(self, meter: str) -> list[int]:
+        """Bucket starts of the clean runs of `meter` newer than its newest unclean run,
+        newest first (all clean runs when none is unclean)."""
+
+    @abc.abstractmethod
+    async def parity_alerts(
+        self,
+        meter: str,
+        *,
+        since: int | None = None,
+        states: Sequence[str] | None = None,
+        limit: int = 100,
+    ) -> list[ParityAlert]:
+        """Alerts of `meter` created at or after `since`, in `states`, newest first."""
+
+    @abc.abstractmethod
+    async def update_parity_alert(
+        self, alert_id: int, *, state: str, attempts: int, sent_at: int | None, error: str | None
+    ) -> None:
+        """Record a delivery attempt's outcome."""
+
+    # catalog and webhooks -----------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def catalog_version(self, version: int | None = None) -> CatalogVersion | None:
+        """A published catalog version (the newest when `version` is None)."""
+
+    @abc.abstractmethod
+    async def publish_catalog(
+        self, catalog: dict[str, Any], digest: str, actor: str, at: int, audit: AuditEntry
+    ) -> CatalogVersion:
+        """Store `catalog` as the next version with its audit record, in one transaction."""
+
+    @abc.abstractmethod
+    async def webhook_outcome(self, event_id: str) -> str | None:
+        """The recorded outcome of a processed webhook event, or None if not processed."""
+
+    @abc.abstractmethod
+    async def record_webhook(
+        self,
+        record: WebhookRecord,
+        at: int,
+        *,
+        org: OrgChange | None = None,
+        closed: ClosedPeriod | None = None,
+        audit: Sequence[AuditEntry] = (),
+    ) -> bool:
+        """Apply a webhook's storage changes and mark its event processed, in one transaction.
+        Returns False (and changes nothing) when the event was already recorded."""
+
+    @abc.abstractmethod
+    async def org_for_billing(
+        self, *, subscription: str | None, customer: str | None
+    ) -> str | None:
+        """The org whose current subscription is `subscription`, else whose customer is
+        `customer`."""
+
+    @abc.abstractmethod
+    async def closed_periods(self, org_ids: Sequence[str]) -> list[ClosedPeriod]:
+        """Finalized billing periods of these orgs, oldest first."""
+
 
 # ---------------------------------------------------------------------------------------------
 # Ingest
@@ -433,3 +611,62 @@ class Billing(abc.ABC):
     @abc.abstractmethod
     async def cancel(self, event_name: str, identifier: str) -> Delivery:
         """Cancel a delivered meter event by identifier (where the provider allows it)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Legacy biller
+
+
+class LegacyError(ControlPlaneError):
+    """The legacy biller's source failed."""
+
+
+class CapabilityUnavailable(LegacyError, NotImplementedError):
+    """The legacy plugin cannot answer this question (it is not configured to)."""
+
+    def __init__(self, plugin: str, capability: str, how: str = "") -> None:
+        self.capability = capability
+        super().__init__(
+            f"legacy plugin {plugin!r} cannot tell {capability}" + (f": {how}" if how else "")
+        )
+
+
+class LegacyCapability(enum.StrEnum):
+    BILLED_UNTIL = "billed_until"
+    PLAN = "plan"
+
+
+class LegacySource(abc.ABC):
+    """The legacy biller, as the control plane reads it: what it billed per org and window.
+
+    `usage` is required. `billed_until` and `plan` are optional capabilities: a plugin lists
+    the ones it can answer in :meth:`capabilities`, and the others raise
+    :class:`CapabilityUnavailable`, never a made-up answer.
+    """
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Prepare to query; must not fail only because the legacy system is down."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def usage(self, start: int, end: int) -> dict[str, Decimal]:
+        """Per org, the exact usage the legacy biller counts for the parity meter in the
+        window [start, end) (unix seconds). Orgs without usage may be absent. Raises
+        LegacyError when the source fails or answers something that is not exact."""
+
+    def capabilities(self) -> frozenset[LegacyCapability]:
+        """The optional questions this plugin, as configured, can answer."""
+        return frozenset()
+
+    async def billed_until(self) -> int | None:
+        """Unix seconds up to which the legacy biller has billed (None: nothing yet)."""
+        raise CapabilityUnavailable(self.name, LegacyCapability.BILLED_UNTIL)
+
+    async def plan(self, org_id: str) -> str | None:
+        """The org's plan according to the legacy biller (None: it does not know the org)."""
+        raise CapabilityUnavailable(self.name, LegacyCapability.PLAN)

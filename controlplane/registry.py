@@ -46,7 +46,10 @@ BUILTIN: dict[Kind, dict[str, str]] = {
         "fake": "plugins.billing.fake:spec",
         "stripe": "plugins.billing.stripe:spec",
     },
-    "legacy": {},
+    "legacy": {
+        "sql": "plugins.legacy.sql:spec",
+        "http": "plugins.legacy.http:spec",
+    },
 }
 
 

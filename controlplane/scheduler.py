@@ -1,4 +1,5 @@
-"""The jobs `serve` runs on a schedule: rollup and send, each pass recorded."""
+"""The jobs `serve` runs on a schedule: rollup, send and (with a legacy source) the parity
+checker, each pass recorded."""
 
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ class Jobs:
         common: dict[str, Any] = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
         self.scheduler.add_job(self.rollup, "interval", seconds=rollup, id="rollup", **common)
         self.scheduler.add_job(self.send, "interval", seconds=send, id="send", **common)
+        if cp.legacy is not None:
+            every = cp.config.parity.interval_seconds
+            self.scheduler.add_job(self.parity, "interval", seconds=every, id="parity", **common)
 
     # A failed pass is recorded and logged by record(); the next run tries again.
 
@@ -32,6 +36,10 @@ class Jobs:
     async def send(self) -> None:
         with contextlib.suppress(Exception):
             await self.cp.record("send", self.cp.send)
+
+    async def parity(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.cp.record("parity", self.cp.parity_check)
 
     def start(self) -> None:
         self.scheduler.start()

@@ -32,6 +32,7 @@ import structlog
 
 from controlplane.interfaces import (
     Billing,
+    ClosedPeriod,
     MeterEvent,
     Outcome,
     SendItem,
@@ -222,6 +223,7 @@ class Sender:
     async def _deliver_group(
         self, items: list[SendItem], stats: SendStats, at: int, blocked: set[Lane]
     ) -> None:
+        stamps = await self._stamps(items, at)
         await self.storage.record_attempts([i.row.id for i in items], at)
         called: set[int] = set()
         lanes: dict[Lane, list[SendItem]] = defaultdict(list)
@@ -236,7 +238,8 @@ class Sender:
                 async with slots:
                     await self.limiter.wait()
                     called.add(item.row.id)
-                    delivery = await self.billing.send(self._meter_event(item))
+                    stamp = stamps.get(item.row.id)
+                    delivery = await self.billing.send(self._meter_event(item, stamp))
                 stats.calls += 1
                 outcome = delivery.outcome
                 if outcome in (Outcome.ACCEPTED, Outcome.DUPLICATE):
@@ -245,6 +248,8 @@ class Sender:
                         if outcome is Outcome.DUPLICATE
                         else None
                     )
+                    if stamp is not None:
+                        detail = stamp[1] + (f"; {detail}" if detail else "")
                     results.append(_decide(item, RowState.SENT, None, detail, delivery.provider_id))
                 elif outcome is Outcome.REJECTED:
                     results.append(
@@ -270,7 +275,7 @@ class Sender:
         if skipped:  # recorded above, never made: they must not count toward `ambiguous`
             await self.storage.release_attempts(skipped)
 
-    def _meter_event(self, item: SendItem) -> MeterEvent:
+    def _meter_event(self, item: SendItem, stamp: tuple[int, str] | None = None) -> MeterEvent:
         row = item.row
         meter = self.meters.by_name.get(row.meter)
         return MeterEvent(
@@ -278,8 +283,34 @@ class Sender:
             event_name=meter.config.provider_event_name if meter else row.meter,
             customer=item.customer or "",
             value=row.quantity,
-            timestamp=row.bucket_start,
+            timestamp=stamp[0] if stamp is not None else row.bucket_start,
         )
+
+    async def _stamps(self, items: Sequence[SendItem], at: int) -> dict[int, tuple[int, str]]:
+        """Rows whose bucket lies in a billing period whose invoice is already finalized: the
+        timestamp to send instead (the current period: now, or the end of the org's newest
+        closed period if that is later) and the ledger detail that says so. A row attempted
+        before keeps its bucket timestamp: a retry must repeat the same parameters."""
+        periods = await self.storage.closed_periods(sorted({i.row.org_id for i in items}))
+        by_org: dict[str, list[ClosedPeriod]] = defaultdict(list)
+        for period in periods:
+            by_org[period.org_id].append(period)
+        out: dict[int, tuple[int, str]] = {}
+        for item in items:
+            row = item.row
+            closed = by_org.get(row.org_id)
+            if not closed or row.attempts:
+                continue
+            for period in closed:
+                if period.period_start <= row.bucket_start < period.period_end:
+                    current = max(at, max(p.period_end for p in closed))
+                    out[row.id] = (
+                        current,
+                        f"correction for finalized invoice {period.invoice_id}: "
+                        f"stamped into the current period (timestamp {current})",
+                    )
+                    break
+        return out
 
 
 Lane = tuple[str, str]  # (customer, meter): one call in flight at a time

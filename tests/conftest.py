@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +100,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn() -> Iterator[str]:
+    """A real PostgreSQL server on loopback for the session (see tests/harness.py).
+
+    Locally, tests that need it are skipped with the reason when PostgreSQL cannot start; in
+    CI (CI=true) they fail: a green CI must mean they ran."""
+    from tests.harness import PostgresServer, PostgresUnavailable
+
+    in_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    try:
+        import asyncpg  # noqa: F401
+    except ImportError:
+        reason = "asyncpg is not installed: pip install -e '.[dev,postgres]'"
+        if in_ci:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    server = PostgresServer()
+    try:
+        dsn = server.start()
+    except PostgresUnavailable as exc:
+        if in_ci:
+            pytest.fail(f"PostgreSQL is required in CI and did not start: {exc}")
+        pytest.skip(f"PostgreSQL unavailable: {exc}")
+    try:
+        yield dsn
+    finally:
+        server.stop()

@@ -26,13 +26,19 @@ from controlplane.interfaces import (
     AuditEntry,
     AuditRecord,
     BucketKey,
+    CatalogVersion,
     Carry,
     ChainRow,
+    ClosedPeriod,
     FlagWrite,
     IngestResult,
     JobRun,
     MigrationStatus,
     Org,
+    OrgChange,
+    OrgDrift,
+    ParityAlert,
+    ParityRun,
     PlanPeriod,
     PluginConfig,
     RollupBatch,
@@ -44,6 +50,7 @@ from controlplane.interfaces import (
     Storage,
     StoredEvent,
     UsageTotal,
+    WebhookRecord,
 )
 from controlplane.ledger import BILLABLE, LedgerRow, NewRow, RowState, segment
 from controlplane.rollup import requantify
@@ -52,6 +59,7 @@ from controlplane.registry import PluginSpec
 Q = sql.load(Path(__file__).with_suffix(".sql"))
 _json = msgspec.json.Encoder()
 _decode = msgspec.json.Decoder()
+_org_totals = msgspec.json.Decoder(dict[str, int])
 
 
 class SQLiteStorageConfig(PluginConfig, tag="sqlite", tag_field="backend", frozen=True):
@@ -342,7 +350,10 @@ class SQLiteStorage(Storage):
                 )
                 await conn.executemany(
                     Q["upsert_carry"],
-                    [(c.org_id, c.meter, c.segment, c.exact_micros, c.quantity) for c in plan.carries],
+                    [
+                        (c.org_id, c.meter, c.segment, c.exact_micros, c.quantity)
+                        for c in plan.carries
+                    ],
                 )
                 await conn.execute(Q["clear_dirty"])
         except sqlite3.Error as exc:
@@ -474,11 +485,14 @@ class SQLiteStorage(Storage):
         if not rows:
             return None
         plans = await self._all(Q["org_plans"], (org_id,))
+        ((subscription, status),) = await self._all(Q["org_subscription"], (org_id,))
         return Org(
             org_id=rows[0][0],
             customer=rows[0][1],
             updated_at=rows[0][2],
             plans=[PlanPeriod(plan=p, effective_from=f) for p, f in plans],
+            subscription=subscription,
+            subscription_status=status,
         )
 
     async def set_org(
@@ -610,6 +624,261 @@ class SQLiteStorage(Storage):
             JobRun(job=j, started_at=s, ended_at=e, outcome=o, counts=_decode.decode(c), error=err)
             for j, s, e, o, c, err in rows
         ]
+
+    # parity -------------------------------------------------------------------------------
+
+    async def usage_by_org(self, meter: str, start: int, end: int) -> dict[str, int]:
+        ((first, last),) = await self._all(Q["bucket_span"], (meter,))
+        if first is None or end <= first or start > last:
+            return {}
+        # Read the window's rows through the bucket index when it covers at most an eighth of
+        # the meter's history (the checker's single bucket), else scan the history in key
+        # order: each costs about the same at that ratio (see docs/benchmarks.md).
+        narrow = (min(end, last + 1) - max(start, first)) * 8 <= last - first
+        query = Q["usage_by_org_narrow" if narrow else "usage_by_org"]
+        rows = await self._all(query, {"meter": meter, "start": start, "end": end})
+        return _org_totals.decode(rows[0][0]) if rows and rows[0][0] else {}
+
+    async def record_parity_run(
+        self, run: ParityRun, drifts: Sequence[OrgDrift], alert: ParityAlert | None
+    ) -> int | None:
+        try:
+            async with self._tx() as conn:
+                cur = await conn.execute(
+                    Q["insert_parity_run"],
+                    (
+                        run.meter,
+                        run.bucket_start,
+                        run.bucket_end,
+                        run.checked_at,
+                        run.orgs,
+                        run.mismatches,
+                        run.material,
+                        run.controlplane_micros,
+                        run.legacy_micros,
+                        run.worst_org,
+                        run.worst_drift_micros,
+                        run.worst_relative,
+                        int(run.clean),
+                        int(run.alarming),
+                        run.alarm_since,
+                    ),
+                )
+                if not cur.rowcount:
+                    return None  # that bucket was checked already
+                run_id = cur.lastrowid
+                await conn.executemany(
+                    Q["insert_parity_mismatch"],
+                    [(run_id, d.org_id, d.controlplane_micros, d.legacy_micros) for d in drifts],
+                )
+                if alert is not None:
+                    await conn.execute(
+                        Q["insert_parity_alert"],
+                        (
+                            alert.meter,
+                            alert.bucket_start,
+                            alert.dedup_key,
+                            alert.text,
+                            alert.state,
+                            alert.created_at,
+                        ),
+                    )
+        except sqlite3.Error as exc:
+            raise StorageError(f"recording a parity run failed: {exc}") from exc
+        return run_id
+
+    async def parity_runs(
+        self, meter: str, *, limit: int = 100, start: int | None = None, end: int | None = None
+    ) -> list[ParityRun]:
+        rows = await self._all(
+            Q["parity_runs"], {"meter": meter, "start": start, "end": end, "limit": limit}
+        )
+        return [_parity_run(r) for r in rows]
+
+    async def parity_run(self, run_id: int) -> tuple[ParityRun, list[OrgDrift]] | None:
+        rows = await self._all(Q["parity_run"], (run_id,))
+        if not rows:
+            return None
+        drifts = await self._all(Q["parity_run_mismatches"], (run_id,))
+        return _parity_run(rows[0]), [OrgDrift(o, c, lg) for o, c, lg in drifts]
+
+    async def parity_clean_tail(self, meter: str) -> list[int]:
+        return [r[0] for r in await self._all(Q["parity_clean_tail"], {"meter": meter})]
+
+    async def parity_alerts(
+        self,
+        meter: str,
+        *,
+        since: int | None = None,
+        states: Sequence[str] | None = None,
+        limit: int = 100,
+    ) -> list[ParityAlert]:
+        rows = await self._all(
+            Q["parity_alerts"],
+            {
+                "meter": meter,
+                "since": since,
+                "states": None if states is None else _json.encode(list(states)).decode(),
+                "limit": limit,
+            },
+        )
+        return [
+            ParityAlert(
+                id=r[0],
+                meter=r[1],
+                bucket_start=r[2],
+                dedup_key=r[3],
+                text=r[4],
+                state=r[5],
+                created_at=r[6],
+                attempts=r[7],
+                sent_at=r[8],
+                error=r[9],
+            )
+            for r in rows
+        ]
+
+    async def update_parity_alert(
+        self, alert_id: int, *, state: str, attempts: int, sent_at: int | None, error: str | None
+    ) -> None:
+        async with self._tx() as conn:
+            await conn.execute(
+                Q["update_parity_alert"], (state, attempts, sent_at, error, alert_id)
+            )
+
+    # catalog and webhooks -----------------------------------------------------------------
+
+    async def catalog_version(self, version: int | None = None) -> CatalogVersion | None:
+        if version is None:
+            rows = await self._all(Q["latest_catalog"])
+        else:
+            rows = await self._all(Q["catalog_version"], (version,))
+        if not rows:
+            return None
+        v, published_at, actor, digest, catalog = rows[0]
+        return CatalogVersion(
+            version=v,
+            published_at=published_at,
+            actor=actor,
+            digest=digest,
+            catalog=_decode.decode(catalog),
+        )
+
+    async def publish_catalog(
+        self, catalog: dict[str, Any], digest: str, actor: str, at: int, audit: AuditEntry
+    ) -> CatalogVersion:
+        try:
+            async with self._tx() as conn:
+                async with conn.execute(
+                    Q["insert_catalog"], (at, actor, digest, _json.encode(catalog).decode())
+                ) as cur:
+                    row = await cur.fetchone()
+                assert row is not None
+                version = int(row[0])
+                after = dict(audit.after) if isinstance(audit.after, dict) else {}
+                await self._append_audit(
+                    conn,
+                    [msgspec.structs.replace(audit, after={**after, "version": version})],
+                    at,
+                )
+        except sqlite3.Error as exc:
+            raise StorageError(f"publishing the catalog failed: {exc}") from exc
+        return CatalogVersion(
+            version=version, published_at=at, actor=actor, digest=digest, catalog=catalog
+        )
+
+    async def webhook_outcome(self, event_id: str) -> str | None:
+        rows = await self._all(Q["webhook_event"], (event_id,))
+        return str(rows[0][0]) if rows else None
+
+    async def record_webhook(
+        self,
+        record: WebhookRecord,
+        at: int,
+        *,
+        org: OrgChange | None = None,
+        closed: ClosedPeriod | None = None,
+        audit: Sequence[AuditEntry] = (),
+    ) -> bool:
+        try:
+            async with self._tx() as conn:
+                cur = await conn.execute(
+                    Q["insert_webhook_event"],
+                    (record.event_id, record.type, record.created, at, record.outcome),
+                )
+                if not cur.rowcount:
+                    return False
+                if org is not None:
+                    await conn.execute(Q["upsert_org"], (org.org_id, org.customer, at))
+                    async with conn.execute(Q["org_subscription"], (org.org_id,)) as c:
+                        row = await c.fetchone()
+                    subscription, status = row if row else (None, None)
+                    await conn.execute(
+                        Q["set_org_subscription"],
+                        (
+                            org.subscription or subscription,
+                            org.subscription_status or status,
+                            at,
+                            org.org_id,
+                        ),
+                    )
+                    if org.plan is not None:
+                        await conn.execute(
+                            Q["upsert_plan"], (org.org_id, org.effective_from, org.plan)
+                        )
+                if closed is not None:
+                    await conn.execute(
+                        Q["insert_closed_period"],
+                        (
+                            closed.invoice_id,
+                            closed.org_id,
+                            closed.period_start,
+                            closed.period_end,
+                            closed.finalized_at,
+                        ),
+                    )
+                await self._append_audit(conn, audit, at)
+        except sqlite3.Error as exc:
+            raise StorageError(f"recording webhook {record.event_id} failed: {exc}") from exc
+        return True
+
+    async def org_for_billing(
+        self, *, subscription: str | None, customer: str | None
+    ) -> str | None:
+        if subscription:
+            rows = await self._all(Q["org_by_subscription"], (subscription,))
+            if rows:
+                return str(rows[0][0])
+        if customer:
+            rows = await self._all(Q["org_by_customer"], (customer,))
+            if rows:
+                return str(rows[0][0])
+        return None
+
+    async def closed_periods(self, org_ids: Sequence[str]) -> list[ClosedPeriod]:
+        rows = await self._all(Q["closed_periods"], (_json.encode(list(org_ids)).decode(),))
+        return [ClosedPeriod(*r) for r in rows]
+
+
+def _parity_run(r: Sequence[Any]) -> ParityRun:
+    return ParityRun(
+        id=r[0],
+        meter=r[1],
+        bucket_start=r[2],
+        bucket_end=r[3],
+        checked_at=r[4],
+        orgs=r[5],
+        mismatches=r[6],
+        material=r[7],
+        controlplane_micros=r[8],
+        legacy_micros=r[9],
+        worst_org=r[10],
+        worst_drift_micros=r[11],
+        worst_relative=r[12],
+        clean=bool(r[13]),
+        alarming=bool(r[14]),
+        alarm_since=r[15],
+    )
 
 
 def _statements(script: str) -> list[str]:

@@ -195,3 +195,123 @@ SELECT value FROM settings WHERE key = ?;
 
 -- name: put_setting
 INSERT INTO settings (key, value) VALUES (?, ?);
+
+-- name: bucket_span
+SELECT min(bucket_start), max(bucket_start) FROM bucket_totals WHERE meter = ?;
+
+-- name: usage_by_org
+-- For a window covering much of the meter's history: one pass over its (org, bucket) totals
+-- in primary-key order (NOT INDEXED: the table's own key), so groups arrive in org order and
+-- nothing is sorted; bucket_totals is kept from meter_values by triggers (0002_parity.sql).
+-- The answer is one JSON object {org: micros}: the whole aggregation runs in one step inside
+-- SQLite (without Python's lock) instead of handing 10,000 rows to Python one by one.
+SELECT json_group_object(org_id, total) FROM (
+    SELECT org_id, sum(micros) AS total FROM bucket_totals NOT INDEXED
+    WHERE meter = :meter AND bucket_start >= :start AND bucket_start < :end
+    GROUP BY org_id
+);
+
+-- name: usage_by_org_narrow
+-- For a window much narrower than the history: only the window's rows, through the bucket
+-- index, then a small sort.
+SELECT json_group_object(org_id, total) FROM (
+    SELECT org_id, sum(micros) AS total FROM bucket_totals INDEXED BY bucket_totals_by_bucket
+    WHERE meter = :meter AND bucket_start >= :start AND bucket_start < :end
+    GROUP BY org_id
+);
+
+-- name: insert_parity_run
+INSERT INTO parity_runs (meter, bucket_start, bucket_end, checked_at, orgs, mismatches, material,
+                         controlplane_micros, legacy_micros, worst_org, worst_drift_micros,
+                         worst_relative, clean, alarming, alarm_since)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (meter, bucket_start) DO NOTHING;
+
+-- name: insert_parity_mismatch
+INSERT INTO parity_mismatches (run_id, org_id, controlplane_micros, legacy_micros)
+VALUES (?, ?, ?, ?);
+
+-- name: insert_parity_alert
+INSERT INTO parity_alerts (meter, bucket_start, dedup_key, text, state, created_at)
+VALUES (?, ?, ?, ?, ?, ?);
+
+-- name: parity_runs
+SELECT id, meter, bucket_start, bucket_end, checked_at, orgs, mismatches, material,
+       controlplane_micros, legacy_micros, worst_org, worst_drift_micros, worst_relative,
+       clean, alarming, alarm_since
+FROM parity_runs
+WHERE meter = :meter
+  AND (:start IS NULL OR bucket_start >= :start)
+  AND (:end IS NULL OR bucket_start < :end)
+ORDER BY bucket_start DESC
+LIMIT :limit;
+
+-- name: parity_run
+SELECT id, meter, bucket_start, bucket_end, checked_at, orgs, mismatches, material,
+       controlplane_micros, legacy_micros, worst_org, worst_drift_micros, worst_relative,
+       clean, alarming, alarm_since
+FROM parity_runs WHERE id = ?;
+
+-- name: parity_run_mismatches
+SELECT org_id, controlplane_micros, legacy_micros FROM parity_mismatches
+WHERE run_id = ? ORDER BY org_id;
+
+-- name: parity_clean_tail
+SELECT bucket_start FROM parity_runs
+WHERE meter = :meter AND clean = 1
+  AND bucket_start > coalesce(
+        (SELECT max(bucket_start) FROM parity_runs WHERE meter = :meter AND clean = 0), -1)
+ORDER BY bucket_start DESC;
+
+-- name: parity_alerts
+SELECT id, meter, bucket_start, dedup_key, text, state, created_at, attempts, sent_at, error
+FROM parity_alerts
+WHERE meter = :meter
+  AND (:since IS NULL OR created_at >= :since)
+  AND (:states IS NULL OR state IN (SELECT value FROM json_each(:states)))
+ORDER BY id DESC
+LIMIT :limit;
+
+-- name: update_parity_alert
+UPDATE parity_alerts SET state = ?, attempts = ?, sent_at = ?, error = ? WHERE id = ?;
+
+-- name: org_subscription
+SELECT subscription, subscription_status FROM orgs WHERE org_id = ?;
+
+-- name: org_by_subscription
+SELECT org_id FROM orgs WHERE subscription = ? LIMIT 1;
+
+-- name: org_by_customer
+SELECT org_id FROM orgs WHERE customer = ? ORDER BY updated_at DESC LIMIT 1;
+
+-- name: set_org_subscription
+UPDATE orgs SET subscription = ?, subscription_status = ?, updated_at = ? WHERE org_id = ?;
+
+-- name: latest_catalog
+SELECT version, published_at, actor, digest, catalog FROM catalog_versions
+ORDER BY version DESC LIMIT 1;
+
+-- name: catalog_version
+SELECT version, published_at, actor, digest, catalog FROM catalog_versions WHERE version = ?;
+
+-- name: insert_catalog
+INSERT INTO catalog_versions (version, published_at, actor, digest, catalog)
+VALUES ((SELECT coalesce(max(version), 0) + 1 FROM catalog_versions), ?, ?, ?, ?)
+RETURNING version;
+
+-- name: webhook_event
+SELECT outcome FROM webhook_events WHERE event_id = ?;
+
+-- name: insert_webhook_event
+INSERT INTO webhook_events (event_id, type, created, processed_at, outcome) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (event_id) DO NOTHING;
+
+-- name: insert_closed_period
+INSERT INTO closed_periods (invoice_id, org_id, period_start, period_end, finalized_at)
+VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (invoice_id) DO NOTHING;
+
+-- name: closed_periods
+SELECT invoice_id, org_id, period_start, period_end, finalized_at FROM closed_periods
+WHERE org_id IN (SELECT value FROM json_each(?))
+ORDER BY org_id, period_start;

@@ -54,12 +54,16 @@ def test_every_setting_is_documented_in_the_example() -> None:
         AuthConfig,
         FlagsConfig,
         LoggingConfig,
+        ParityAlertConfig,
+        ParityConfig,
         RollupConfig,
         SenderConfig,
         ServerConfig,
         TokenConfig,
     )
     from controlplane.meters import MeterConfig
+    from plugins.legacy.http import HTTPLegacyConfig
+    from plugins.legacy.sql import SQLLegacyConfig
     from plugins.storage.sqlite import SQLiteStorageConfig
 
     expected = (
@@ -71,14 +75,18 @@ def test_every_setting_is_documented_in_the_example() -> None:
         | _struct_keys(TokenConfig, "auth.tokens")
         | _struct_keys(MeterConfig, "meters")
         | _struct_keys(SQLiteStorageConfig, "storage")
+        | _struct_keys(ParityConfig, "parity")
+        | _struct_keys(ParityAlertConfig, "parity.alert")
+        | _struct_keys(SQLLegacyConfig, "legacy")
+        | _struct_keys(HTTPLegacyConfig, "legacy")
     )
-    expected -= {"auth.tokens"}  # the section itself
+    expected -= {"auth.tokens", "parity.alert"}  # the sections themselves
     missing = sorted(expected - _documented_keys())
     assert not missing, f"settings missing from config.example.toml: {missing}"
     assert {f.name for f in msgspec.inspect.type_info(AuthConfig).fields} == {"tokens"}  # type: ignore[attr-defined]
     top = {f.name for f in msgspec.inspect.type_info(Config).fields} - {"source"}  # type: ignore[attr-defined]
     example_sections = set(tomllib.loads(EXAMPLE.read_text()))
-    assert top <= example_sections | {"billing"}, top - example_sections
+    assert top <= example_sections | {"billing", "legacy"}, top - example_sections
 
 
 @pytest.mark.parametrize(

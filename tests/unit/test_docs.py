@@ -27,6 +27,13 @@ SECTIONS = {
     "flags": config_mod.FlagsConfig,
     "logging": config_mod.LoggingConfig,
     "meters": config_mod.MeterConfig,
+    "parity": config_mod.ParityConfig,
+    "parity.alert": config_mod.ParityAlertConfig,
+    "catalog": config_mod.CatalogConfig,
+    "catalog.products": config_mod.CatalogProductConfig,
+    "catalog.prices": config_mod.CatalogPriceConfig,
+    "catalog.welcome_credit": config_mod.WelcomeCreditConfig,
+    "stripe": config_mod.StripeConfig,
 }
 
 
@@ -34,7 +41,7 @@ def _plugin_configs() -> dict[str, type]:
     from controlplane.registry import BUILTIN, spec_for
 
     out: dict[str, type] = {}
-    for kind in ("storage", "billing"):
+    for kind in ("storage", "billing", "legacy"):
         for name in BUILTIN[kind]:  # type: ignore[literal-required]
             out[f"{kind}.{name}"] = spec_for(kind, name).config  # type: ignore[arg-type]
     return out
