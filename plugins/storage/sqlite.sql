@@ -197,7 +197,9 @@ SELECT value FROM settings WHERE key = ?;
 INSERT INTO settings (key, value) VALUES (?, ?);
 
 -- name: bucket_span
-SELECT min(bucket_start), max(bucket_start) FROM bucket_totals WHERE meter = ?;
+-- Two subqueries: each is one index lookup; min() and max() in one SELECT scan every row.
+SELECT (SELECT min(bucket_start) FROM bucket_totals WHERE meter = ?1),
+       (SELECT max(bucket_start) FROM bucket_totals WHERE meter = ?1);
 
 -- name: usage_by_org
 -- For a window covering much of the meter's history: one pass over its (org, bucket) totals
@@ -315,3 +317,19 @@ ON CONFLICT (invoice_id) DO NOTHING;
 SELECT invoice_id, org_id, period_start, period_end, finalized_at FROM closed_periods
 WHERE org_id IN (SELECT value FROM json_each(?))
 ORDER BY org_id, period_start;
+
+-- name: cancellable
+SELECT id, identifier, quantity, value_micros FROM ledger
+WHERE id IN (SELECT value FROM json_each(?)) AND state = 'sent';
+
+-- name: cancel_row
+UPDATE ledger SET state = 'cancelled', reason = ?, detail = ?, updated_at = ?
+WHERE id = ? AND state = 'sent';
+
+-- name: plan_orgs_without_customer
+-- Orgs whose plan in force at :at is :plan and that have no provider customer.
+SELECT o.org_id FROM orgs o
+WHERE o.customer IS NULL
+  AND (SELECT p.plan FROM org_plans p WHERE p.org_id = o.org_id AND p.effective_from <= :at
+       ORDER BY p.effective_from DESC LIMIT 1) = :plan
+ORDER BY o.org_id;
