@@ -505,6 +505,132 @@ async def stripe_webhook(request: Request[Any, Any, Any], cp: CP) -> Response[An
     )
 
 
+# cutover ----------------------------------------------------------------------------------
+
+
+class CutoverPlanBody(msgspec.Struct, forbid_unknown_fields=True):
+    at: int
+
+
+class CutoverPreflightBody(msgspec.Struct, forbid_unknown_fields=True):
+    at: int | None = None
+
+
+class CutoverExecuteBody(msgspec.Struct, forbid_unknown_fields=True):
+    reason: str
+    at: int | None = None
+    force: bool = False
+
+
+class CutoverRollbackBody(msgspec.Struct, forbid_unknown_fields=True):
+    reason: str
+    cancel_sent: bool = False
+
+
+@get("/v1/cutover", opt={"scope": "read"}, summary="Cutover stage and history")
+async def cutover_status(cp: CP) -> dict[str, Any]:
+    from controlplane import cutover
+
+    return msgspec.to_builtins(await cutover.status(cp))  # type: ignore[no-any-return]
+
+
+@post(
+    "/v1/cutover/plan",
+    opt={"scope": "admin"},
+    status_code=200,
+    summary="Who bills which buckets before and after a cutover at T; changes nothing",
+)
+async def cutover_plan(cp: CP, data: JSONBody[CutoverPlanBody]) -> dict[str, Any]:
+    from controlplane import cutover
+
+    return msgspec.to_builtins(await cutover.plan(cp, data.at))  # type: ignore[no-any-return]
+
+
+@post(
+    "/v1/cutover/preflight",
+    opt={"scope": "admin"},
+    status_code=200,
+    summary="Every cutover precondition with pass/fail and detail",
+)
+async def cutover_preflight(cp: CP, data: JSONBody[CutoverPreflightBody]) -> dict[str, Any]:
+    from controlplane import cutover
+
+    report = await cutover.preflight(cp, data.at)
+    return msgspec.to_builtins(report)  # type: ignore[no-any-return]
+
+
+@post(
+    "/v1/cutover/execute",
+    opt={"scope": "admin"},
+    status_code=200,
+    summary="Re-run preflight, then set authority, bill_from and shadow in one transaction",
+)
+async def cutover_execute(
+    request: Request[Any, Any, Any], cp: CP, data: JSONBody[CutoverExecuteBody]
+) -> dict[str, Any]:
+    from controlplane import cutover
+
+    report, snapshot = await cutover.execute(
+        cp, data.at, actor=_actor(request), reason=data.reason, force=data.force
+    )
+    return {"preflight": msgspec.to_builtins(report), **snapshot.to_api()}
+
+
+@post(
+    "/v1/cutover/rollback",
+    opt={"scope": "admin"},
+    status_code=200,
+    summary="Authority back to legacy, shadow on; optionally cancel recent sends",
+)
+async def cutover_rollback(
+    request: Request[Any, Any, Any], cp: CP, data: JSONBody[CutoverRollbackBody]
+) -> dict[str, Any]:
+    from controlplane import cutover
+
+    result = await cutover.rollback(
+        cp, actor=_actor(request), reason=data.reason, cancel_sent=data.cancel_sent
+    )
+    return msgspec.to_builtins(result)  # type: ignore[no-any-return]
+
+
+# OpenFeature remote evaluation (OFREP) ----------------------------------------------------
+
+
+@post(
+    "/ofrep/v1/evaluate/flags/{key:str}",
+    opt={"scope": "read"},
+    status_code=200,
+    summary="OFREP: evaluate one flag",
+)
+async def ofrep_flag(request: Request[Any, Any, Any], cp: CP, key: FromPath[str]) -> Response[Any]:
+    from controlplane import ofrep
+
+    try:
+        ofrep.check_request(await request.body(), key)
+        return Response(ofrep.evaluate(await cp.flags(), key), status_code=200)
+    except ofrep.OfrepError as exc:
+        return Response(exc.body, status_code=exc.status)
+
+
+@post(
+    "/ofrep/v1/evaluate/flags",
+    opt={"scope": "read"},
+    status_code=200,
+    summary="OFREP: evaluate every flag (ETag, If-None-Match)",
+)
+async def ofrep_flags(request: Request[Any, Any, Any], cp: CP) -> Response[Any]:
+    from controlplane import ofrep
+
+    try:
+        ofrep.check_request(await request.body())
+    except ofrep.OfrepError as exc:
+        return Response(exc.body, status_code=exc.status)
+    body, etag = ofrep.bulk(await cp.flags())
+    if request.headers.get("if-none-match") == etag:
+        return Response(None, status_code=304, headers={"ETag": etag})
+    return Response(body, status_code=200, headers={"ETag": etag})
+
+
 # app --------------------------------------------------------------------------------------
 
 
@@ -550,6 +676,13 @@ def create_app(
             parity_clean_since,
             get_catalog,
             stripe_webhook,
+            cutover_status,
+            cutover_plan,
+            cutover_preflight,
+            cutover_execute,
+            cutover_rollback,
+            ofrep_flag,
+            ofrep_flags,
         ],
         dependencies={"cp": Provide(_cp)},
         guards=[_guard],

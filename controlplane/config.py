@@ -133,6 +133,13 @@ class CatalogConfig(_Section, frozen=True):
     welcome_credit: WelcomeCreditConfig | None = None
 
 
+class CutoverConfig(_Section, frozen=True):
+    """Cutover preflight (`[cutover]`)."""
+
+    parity_clean_hours: int = 24  # parity must have been clean this long, up to now
+    cancel_window_seconds: int = 86400  # rollback cancels rows sent less than this long ago
+
+
 class StripeConfig(_Section, frozen=True):
     """Stripe webhooks (`POST /webhooks/stripe`)."""
 
@@ -154,6 +161,7 @@ class Config(_Section, frozen=True):
     parity: ParityConfig = ParityConfig()
     catalog: CatalogConfig = CatalogConfig()
     stripe: StripeConfig = StripeConfig()
+    cutover: CutoverConfig = CutoverConfig()
     source: str = ""  # the file it was read from
 
     @property

@@ -17,7 +17,7 @@ import structlog
 
 from controlplane import registry, rollup
 from controlplane.config import Config
-from controlplane.errors import ConfigError, InvalidInput, MigrationError, Problem
+from controlplane.errors import ConfigError, FlagRefused, InvalidInput, MigrationError, Problem
 from controlplane.events import Ingestor
 from controlplane.interfaces import (
     AuditEntry,
@@ -41,6 +41,8 @@ from controlplane.parity_checker import CheckerStats
 from controlplane.sender import Sender, SendStats
 from flags import FlagChange, Snapshot, resolve, set_flags
 from flags.resolve import static_layers
+from flags.service import DEFAULT_MAX_EVENT_AGE_SECONDS
+from flags.service import check as check_flags
 
 if TYPE_CHECKING:
     from controlplane.catalog import PublishResult
@@ -67,6 +69,12 @@ class ControlPlane:
         self.clock = clock
         self.meters = MeterSet(config.meters)
         self.static_flags = static_layers(config.flags)
+        try:
+            check_flags(resolve(self.static_flags, {}), config.rollup.bucket_seconds)
+        except FlagRefused as exc:
+            raise ConfigError(
+                f"flags (config file or environment) refused by rule {exc.message}"
+            ) from exc
         self.storage: Storage = storage or registry.spec_for(
             "storage", config.storage_backend
         ).factory(config.storage)
@@ -134,7 +142,15 @@ class ControlPlane:
         return resolve(self.static_flags, await self.storage.runtime_flags())
 
     async def set_flags(
-        self, changes: Sequence[FlagChange], *, actor: str, reason: str, force: bool = False
+        self,
+        changes: Sequence[FlagChange],
+        *,
+        actor: str,
+        reason: str,
+        force: bool = False,
+        via: str | None = None,
+        group_id: str | None = None,
+        extra_audit: Sequence[AuditEntry] = (),
     ) -> Snapshot:
         return await set_flags(
             self.storage,
@@ -145,7 +161,16 @@ class ControlPlane:
             bucket_seconds=self.config.rollup.bucket_seconds,
             at=self.now(),
             force=force,
+            max_age_seconds=self.max_event_age_seconds(),
+            via=via,
+            group_id=group_id,
+            extra_audit=extra_audit,
         )
+
+    def max_event_age_seconds(self) -> int:
+        """The oldest event the billing provider accepts, relative to now (default 35 days)."""
+        age = self.billing.max_event_age_seconds if self.billing is not None else None
+        return DEFAULT_MAX_EVENT_AGE_SECONDS if age is None else age
 
     async def set_org(
         self,

@@ -399,6 +399,13 @@ class Storage(abc.ABC):
         """Apply sender decisions in one transaction: each row still `pending` (or `held`)
         moves to its new state; every move to `sent` is audited. Returns rows moved."""
 
+    @abc.abstractmethod
+    async def cancel_rows(
+        self, row_ids: Sequence[int], at: int, actor: str, reason: str, detail: str | None = None
+    ) -> int:
+        """Move `sent` rows the provider has cancelled to `cancelled` with `reason`, each
+        audited as ``ledger.cancelled``, in one transaction. Returns rows moved."""
+
     # orgs -----------------------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -416,6 +423,11 @@ class Storage(abc.ABC):
         audit: AuditEntry,
     ) -> Org:
         """Set the org's provider customer and/or start a plan period; audited."""
+
+    @abc.abstractmethod
+    async def orgs_without_customer(self, plan: str, at: int) -> list[str]:
+        """Stored orgs on `plan` at `at` that have no provider customer (for cutover
+        preflight)."""
 
     # flags and audit ------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import structlog
 
 from controlplane.errors import FlagRefused, InvalidInput, Problem
 from controlplane.interfaces import AuditEntry, FlagWrite, Storage
-from flags.definitions import FLAGS, to_json
+from flags.definitions import FLAGS, Authority, to_json
 from flags.resolve import FlagValue, Snapshot, resolve
 
 log = structlog.get_logger("flags")
@@ -22,8 +22,18 @@ class FlagChange(msgspec.Struct, frozen=True):
     value: Any
 
 
+DEFAULT_MAX_EVENT_AGE_SECONDS = 35 * 86400
+"""The provider's window when the billing plugin names none: Stripe refuses older events."""
+
+
 def check(candidate: Snapshot, bucket_seconds: int) -> None:
-    """The rules every flag state must keep. Raises FlagRefused naming the rule."""
+    """The rules every flag state must keep, static config included. Raises FlagRefused
+    naming the rule:
+
+    - ``bill_from.aligned``: T is a bucket boundary;
+    - ``shadow.off_requires``: shadow off needs bill_from set and authority controlplane
+      (otherwise both billers run, or nobody knows where the seam is).
+    """
     bill_from = candidate.bill_from
     if bill_from is not None and bill_from % bucket_seconds:
         raise FlagRefused(
@@ -31,6 +41,37 @@ def check(candidate: Snapshot, bucket_seconds: int) -> None:
             f"bill_from {bill_from} is not a multiple of the bucket size ({bucket_seconds} s); "
             f"nearest boundaries: {bill_from - bill_from % bucket_seconds} and "
             f"{bill_from - bill_from % bucket_seconds + bucket_seconds}",
+        )
+    if not candidate.shadow:
+        missing = []
+        if bill_from is None:
+            missing.append("bill_from is not set")
+        if candidate.authority is not Authority.CONTROLPLANE:
+            missing.append(f"authority is {candidate.authority.value}")
+        if missing:
+            raise FlagRefused(
+                "shadow.off_requires",
+                "shadow = false requires bill_from set and authority = controlplane, but "
+                + " and ".join(missing)
+                + "; set them in the same change (or run `controlplane cutover execute`)",
+            )
+
+
+def check_window(
+    current: Snapshot, candidate: Snapshot, now: int, max_age_seconds: int | None
+) -> None:
+    """A new bill_from must not be older than the provider accepts (``bill_from.window``):
+    buckets before its window could never be sent."""
+    new = candidate.bill_from
+    if new is None or new == current.bill_from:
+        return
+    max_age = DEFAULT_MAX_EVENT_AGE_SECONDS if max_age_seconds is None else max_age_seconds
+    if new < now - max_age:
+        raise FlagRefused(
+            "bill_from.window",
+            f"bill_from {new} is {(now - new) // 86400} days before now; the billing provider "
+            f"accepts events at most {max_age // 86400} days ({max_age} s) old, so the buckets "
+            f"from {new} to {now - max_age} could never be sent",
         )
 
 
@@ -61,6 +102,27 @@ async def check_seam(storage: Storage, current: Snapshot, candidate: Snapshot) -
             )
 
 
+async def check_authority(
+    storage: Storage, current: Snapshot, candidate: Snapshot, via: str | None
+) -> None:
+    """``authority.legacy_via_rollback``: handing authority back to the legacy biller while
+    rows were sent (or attempted) goes through `controlplane cutover rollback`, which decides
+    what happens to them (cancel at the provider, or list them for credit notes)."""
+    if (
+        current.authority is Authority.CONTROLPLANE
+        and candidate.authority is Authority.LEGACY
+        and via != "rollback"
+    ):
+        sent = (await storage.seam(current.bill_from or 0)).reached
+        if sent:
+            raise FlagRefused(
+                "authority.legacy_via_rollback",
+                f"{sent} rows were already sent or attempted by the control plane; return "
+                "authority to legacy with `controlplane cutover rollback` (optionally "
+                "--cancel-sent), or force with a reason",
+            )
+
+
 async def set_flags(
     storage: Storage,
     static: Mapping[str, FlagValue],
@@ -71,8 +133,17 @@ async def set_flags(
     bucket_seconds: int,
     at: int,
     force: bool = False,
+    max_age_seconds: int | None = None,
+    via: str | None = None,
+    group_id: str | None = None,
+    extra_audit: Sequence[AuditEntry] = (),
 ) -> Snapshot:
-    """Apply `changes` together: all are written with their audit rows, or none is."""
+    """Apply `changes` together: all are written with their audit rows, or none is.
+
+    The rules are checked on the candidate state after every change of the call. `via` names
+    the internal path making the change (``"execute"``, ``"rollback"``: the cutover), recorded
+    in the audit; `extra_audit` entries are written in the same transaction, under the same
+    group id (`group_id`, or a new one when several rows are written)."""
     if not reason or not reason.strip():
         raise InvalidInput([Problem(field="reason", message="required: say why the flag changes")])
     parsed: dict[str, Any] = {}
@@ -106,8 +177,12 @@ async def set_flags(
     )
     if not force:
         check(candidate, bucket_seconds)
+        check_window(current, candidate, at, max_age_seconds)
         await check_seam(storage, current, candidate)
-    group = uuid.uuid4().hex if len(parsed) > 1 else None
+        await check_authority(storage, current, candidate, via)
+    group = group_id or (uuid.uuid4().hex if len(parsed) + len(extra_audit) > 1 else None)
+    if via:
+        reason = f"{reason} [via {via}]"
     writes = [
         FlagWrite(
             name=name,
@@ -129,6 +204,7 @@ async def set_flags(
         )
         for name, value in parsed.items()
     ]
+    audit += [msgspec.structs.replace(e, group_id=group) for e in extra_audit]
     stored = await storage.write_flags(writes, audit, at)
     for name, value in parsed.items():
         log.info(

@@ -456,6 +456,30 @@ class SQLiteStorage(Storage):
                 await self._requantify(conn, excluded, at)
         return len(moving)
 
+    async def cancel_rows(
+        self, row_ids: Sequence[int], at: int, actor: str, reason: str, detail: str | None = None
+    ) -> int:
+        async with self._tx() as conn:
+            async with conn.execute(Q["cancellable"], (_json.encode(list(row_ids)),)) as cur:
+                found = list(await cur.fetchall())
+            await conn.executemany(Q["cancel_row"], [(reason, detail, at, r[0]) for r in found])
+            await self._append_audit(
+                conn,
+                [
+                    AuditEntry(
+                        action="ledger.cancelled",
+                        subject=identifier,
+                        actor=actor,
+                        reason=reason,
+                        before={"state": "sent"},
+                        after={"state": "cancelled", "quantity": quantity},
+                    )
+                    for _, identifier, quantity, _ in found
+                ],
+                at,
+            )
+        return len(found)
+
     async def _requantify(self, conn: aiosqlite.Connection, row_ids: list[int], at: int) -> None:
         """Rows just excluded left the billable rounding chain: re-derive the quantities of
         every chain of their (org, meter) and store the carries."""
@@ -515,6 +539,10 @@ class SQLiteStorage(Storage):
         return org
 
     # flags and audit ----------------------------------------------------------------------
+
+    async def orgs_without_customer(self, plan: str, at: int) -> list[str]:
+        rows = await self._all(Q["plan_orgs_without_customer"], {"plan": plan, "at": at})
+        return [r[0] for r in rows]
 
     async def runtime_flags(self) -> dict[str, RuntimeFlag]:
         rows = await self._all(Q["runtime_flags"])

@@ -34,6 +34,7 @@ SECTIONS = {
     "catalog.prices": config_mod.CatalogPriceConfig,
     "catalog.welcome_credit": config_mod.WelcomeCreditConfig,
     "stripe": config_mod.StripeConfig,
+    "cutover": config_mod.CutoverConfig,
 }
 
 

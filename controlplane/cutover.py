@@ -1,0 +1,437 @@
+"""Cutover: a small state machine over the flags (DESIGN §6).
+
+- :func:`plan` explains, for a boundary T, who bills which buckets now and after, and what
+  would change; it changes nothing.
+- :func:`preflight` runs every precondition and reports each as pass, fail, warn (cannot tell)
+  or not applicable.
+- :func:`execute` re-runs preflight, then sets ``authority = controlplane``, ``bill_from = T``
+  and ``shadow = false`` in one transaction, with one audit group that also holds the
+  ``cutover.execute`` record.
+- :func:`rollback` sets ``authority = legacy`` and ``shadow = true`` (one transaction, audited
+  ``cutover.rollback``) and, with ``cancel_sent``, cancels at the provider the rows sent less
+  than ``[cutover] cancel_window_seconds`` ago, listing the others for manual credit notes.
+- :func:`status` derives the stage (``shadow``, ``armed``, ``live``, ``rolled_back``) from the
+  flags and the audit history.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
+import structlog
+
+from controlplane.errors import FlagRefused, InvalidInput, Problem
+from controlplane.interfaces import (
+    AuditEntry,
+    AuditRecord,
+    CapabilityUnavailable,
+    LegacyCapability,
+    LegacyError,
+    Outcome,
+)
+from controlplane.ledger import Reason, RowState
+from controlplane.parity_checker import settled_end
+from controlplane.units import format_micros
+from flags import Authority, FlagChange, Snapshot
+from flags.definitions import to_json
+from flags.resolve import FlagValue
+from flags.service import check, check_seam, check_window
+
+if TYPE_CHECKING:
+    from controlplane.core import ControlPlane
+
+log = structlog.get_logger("cutover")
+
+PRO_PLAN = "pro"
+MAX_ROWS = 1_000_000
+Status = Literal["pass", "fail", "warn", "n/a"]
+Stage = Literal["shadow", "armed", "live", "rolled_back"]
+
+
+class Check(msgspec.Struct, frozen=True):
+    """One precondition: `status` is pass, fail, warn (passes, but could not be verified)
+    or n/a (does not apply to this configuration)."""
+
+    name: str
+    status: Status
+    detail: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "fail"
+
+
+class Preflight(msgspec.Struct, frozen=True):
+    at: int
+    checked_at: int
+    ok: bool
+    checks: list[Check]
+
+
+class FlagDiff(msgspec.Struct, frozen=True):
+    flag: str
+    before: Any
+    after: Any
+
+
+class Plan(msgspec.Struct, frozen=True):
+    at: int
+    now: int
+    before: list[str]  # who bills what now
+    after: list[str]  # who bills what after execute
+    changes: list[FlagDiff]
+    pending_from_t: int  # pending rows at or after T: sent once execute has run
+    pending_before_t: int  # pending rows before T: excluded (the legacy biller bills them)
+    problems: list[dict[str, str]]  # guard refusals execute would meet now
+
+
+class RowNote(msgspec.Struct, frozen=True):
+    identifier: str
+    org_id: str
+    meter: str
+    bucket_start: int
+    quantity: int
+    value: str
+    sent_at: int | None
+    note: str | None = None
+
+
+class RollbackResult(msgspec.Struct, frozen=True):
+    flags: dict[str, Any]
+    cancelled: list[RowNote]
+    not_cancelled: list[RowNote]  # for manual credit notes
+
+
+class CutoverStatus(msgspec.Struct, frozen=True):
+    stage: Stage
+    flags: dict[str, Any]
+    history: list[dict[str, Any]]  # cutover.* audit entries, newest first
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _who(snapshot: Snapshot) -> list[str]:
+    t = snapshot.bill_from
+    if snapshot.sending and t is not None:
+        return [
+            f"legacy biller: buckets starting before {t}",
+            f"control plane: buckets starting at or after {t} (sending)",
+        ]
+    shadow = "computes in shadow, sends nothing" if snapshot.shadow else "does not send"
+    return ["legacy biller: every bucket", f"control plane: {shadow}"]
+
+
+def _candidate(current: Snapshot, values: dict[str, Any]) -> Snapshot:
+    return Snapshot(
+        values={
+            **current.values,
+            **{
+                name: FlagValue(value=v, source="runtime", version=current.values[name].version)
+                for name, v in values.items()
+            },
+        }
+    )
+
+
+def _live_values(at: int) -> dict[str, Any]:
+    return {"authority": Authority.CONTROLPLANE, "bill_from": at, "shadow": False}
+
+
+def _at(current: Snapshot, at: int | None) -> int:
+    if at is not None:
+        return at
+    if current.bill_from is None:
+        raise InvalidInput([Problem(field="at", message="required: bill_from is not set")])
+    return current.bill_from
+
+
+async def _guard_problems(cp: ControlPlane, current: Snapshot, at: int) -> list[dict[str, str]]:
+    candidate = _candidate(current, _live_values(at))
+    problems: list[dict[str, str]] = []
+    try:
+        check(candidate, cp.config.rollup.bucket_seconds)
+        check_window(current, candidate, cp.now(), cp.max_event_age_seconds())
+        await check_seam(cp.storage, current, candidate)
+    except FlagRefused as exc:
+        problems.append({"rule": exc.rule, "message": exc.message})
+    return problems
+
+
+async def plan(cp: ControlPlane, at: int) -> Plan:
+    """What `execute` at T would do, from the current state. Changes nothing."""
+    current = await cp.flags()
+    after = _candidate(current, _live_values(at))
+    changes = [
+        FlagDiff(name, to_json(current.values[name].value), to_json(value))
+        for name, value in _live_values(at).items()
+        if current.values[name].value != value
+    ]
+    pending = await cp.storage.ledger(state=RowState.PENDING, limit=MAX_ROWS)
+    return Plan(
+        at=at,
+        now=cp.now(),
+        before=_who(current),
+        after=_who(after),
+        changes=changes,
+        pending_from_t=sum(1 for r in pending if r.bucket_start >= at),
+        pending_before_t=sum(1 for r in pending if r.bucket_start < at),
+        problems=await _guard_problems(cp, current, at),
+    )
+
+
+# preflight ------------------------------------------------------------------------------------
+
+
+async def _check_t(cp: ControlPlane, current: Snapshot, at: int) -> Check:
+    problems = await _guard_problems(cp, current, at)
+    if problems:
+        return Check("t_valid", "fail", "; ".join(p["message"] for p in problems))
+    return Check(
+        "t_valid",
+        "pass",
+        f"{at} is a bucket boundary ({cp.config.rollup.bucket_seconds} s) inside the "
+        f"provider's window ({cp.max_event_age_seconds()} s)",
+    )
+
+
+async def _check_customers(cp: ControlPlane) -> Check:
+    missing = await cp.storage.orgs_without_customer(PRO_PLAN, cp.now())
+    if missing:
+        shown = ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else "")
+        return Check(
+            "pro_orgs_have_customer",
+            "fail",
+            f"{len(missing)} pro orgs have no provider customer: {shown}",
+        )
+    return Check("pro_orgs_have_customer", "pass", "every pro org has a provider customer")
+
+
+async def _check_parity(cp: ControlPlane) -> Check:
+    hours = cp.config.cutover.parity_clean_hours
+    if cp.legacy is None:
+        return Check(
+            "parity_clean",
+            "fail",
+            "parity history unavailable: no [legacy] source is configured, so the checker "
+            "never compared the two billers",
+        )
+    clean = await cp.parity_clean_since()
+    bucket = cp.config.rollup.bucket_seconds
+    horizon = settled_end(
+        cp.now(), cp.config.rollup.grace_seconds, cp.config.parity.settle_seconds, bucket
+    )
+    if clean.until is None:
+        return Check("parity_clean", "fail", "parity history unavailable: no checked bucket yet")
+    if clean.until < horizon:
+        return Check(
+            "parity_clean",
+            "fail",
+            f"the checker is behind: the newest checked bucket ends at {clean.until}, settled "
+            f"buckets end at {horizon}; run `controlplane parity checker`",
+        )
+    if clean.since is None or clean.seconds < hours * 3600:
+        return Check(
+            "parity_clean",
+            "fail",
+            f"parity clean for {clean.seconds // 3600} h ({clean.buckets} buckets) up to "
+            f"{clean.until}; {hours} h required ([cutover] parity_clean_hours)",
+        )
+    return Check(
+        "parity_clean",
+        "pass",
+        f"parity clean since {clean.since} ({clean.seconds // 3600} h, {clean.buckets} buckets) "
+        f"up to {clean.until}; {hours} h required",
+    )
+
+
+async def _check_legacy(cp: ControlPlane, at: int) -> Check:
+    name = "legacy_not_billed_from_t"
+    if cp.legacy is None:
+        return Check(name, "warn", "cannot tell: no [legacy] source is configured")
+    if LegacyCapability.BILLED_UNTIL not in cp.legacy.capabilities():
+        return Check(name, "warn", f"cannot tell: legacy plugin {cp.legacy.name!r} cannot")
+    try:
+        until = await cp.legacy.billed_until()
+    except CapabilityUnavailable as exc:
+        return Check(name, "warn", f"cannot tell: {exc}")
+    except LegacyError as exc:
+        return Check(name, "fail", f"the legacy source failed: {exc}")
+    if until is None:
+        return Check(name, "pass", "the legacy biller has billed nothing yet")
+    if until <= at:
+        return Check(name, "pass", f"the legacy biller billed up to {until} (<= T {at})")
+    return Check(
+        name, "fail", f"the legacy biller already billed up to {until}, past T {at}: pick a later T"
+    )
+
+
+async def _check_catalog(cp: ControlPlane) -> Check:
+    catalog = cp.config.catalog
+    if not catalog.prices and not catalog.products:
+        return Check("catalog_published", "n/a", "no [catalog] is configured")
+    version = await cp.storage.catalog_version()
+    if version is None:
+        return Check(
+            "catalog_published", "fail", "no catalog version: run `controlplane catalog publish`"
+        )
+    return Check(
+        "catalog_published",
+        "pass",
+        f"catalog version {version.version} published at {version.published_at}",
+    )
+
+
+async def preflight(cp: ControlPlane, at: int | None = None) -> Preflight:
+    """Every precondition of a cutover at T (default: the current bill_from)."""
+    current = await cp.flags()
+    t = _at(current, at)
+    checks = [
+        await _check_t(cp, current, t),
+        await _check_customers(cp),
+        await _check_parity(cp),
+        await _check_legacy(cp, t),
+        await _check_catalog(cp),
+    ]
+    return Preflight(at=t, checked_at=cp.now(), ok=all(c.ok for c in checks), checks=checks)
+
+
+# execute and rollback -------------------------------------------------------------------------
+
+
+async def execute(
+    cp: ControlPlane, at: int | None, *, actor: str, reason: str, force: bool = False
+) -> tuple[Preflight, Snapshot]:
+    """Re-run preflight, then flip the three flags in one transaction and one audit group.
+
+    Raises FlagRefused (rule ``cutover.preflight``) when a check fails, unless forced."""
+    before = await cp.flags()
+    report = await preflight(cp, at)
+    if not report.ok and not force:
+        failed = [f"{c.name}: {c.detail}" for c in report.checks if not c.ok]
+        raise FlagRefused("cutover.preflight", "preflight failed: " + "; ".join(failed))
+    entry = AuditEntry(
+        action="cutover.execute",
+        subject=str(report.at),
+        actor=actor,
+        reason=reason,
+        before=before.to_api(),
+        after={"preflight": msgspec.to_builtins(report.checks), "at": report.at},
+        forced=force,
+    )
+    snapshot = await cp.set_flags(
+        [FlagChange(name, to_json(v)) for name, v in _live_values(report.at).items()],
+        actor=actor,
+        reason=reason,
+        force=force,
+        via="execute",
+        group_id=uuid.uuid4().hex,
+        extra_audit=[entry],
+    )
+    log.info("cutover.executed", at=report.at, actor=actor, forced=force)
+    return report, snapshot
+
+
+def _note(row: Any, note: str | None) -> RowNote:
+    return RowNote(
+        identifier=row.identifier,
+        org_id=row.org_id,
+        meter=row.meter,
+        bucket_start=row.bucket_start,
+        quantity=row.quantity,
+        value=format_micros(row.value_micros),
+        sent_at=row.sent_at,
+        note=note,
+    )
+
+
+async def rollback(
+    cp: ControlPlane, *, actor: str, reason: str, cancel_sent: bool = False
+) -> RollbackResult:
+    """Authority back to legacy and shadow on; with `cancel_sent`, cancel recent sends."""
+    before = await cp.flags()
+    entry = AuditEntry(
+        action="cutover.rollback",
+        subject=str(before.bill_from),
+        actor=actor,
+        reason=reason,
+        before=before.to_api(),
+        after={"cancel_sent": cancel_sent},
+    )
+    snapshot = await cp.set_flags(
+        [FlagChange("authority", Authority.LEGACY.value), FlagChange("shadow", True)],
+        actor=actor,
+        reason=reason,
+        via="rollback",
+        group_id=uuid.uuid4().hex,
+        extra_audit=[entry],
+    )
+    log.info("cutover.rolled_back", actor=actor, cancel_sent=cancel_sent)
+    cancelled: list[RowNote] = []
+    kept: list[RowNote] = []
+    if not cancel_sent:
+        return RollbackResult(snapshot.to_api(), cancelled, kept)
+    sent = await cp.storage.ledger(state=RowState.SENT, limit=MAX_ROWS)
+    window = cp.config.cutover.cancel_window_seconds
+    now = cp.now()
+    for row in sent:
+        if cp.billing is None:
+            kept.append(_note(row, "no billing backend configured"))
+            continue
+        if row.sent_at is None or row.sent_at <= now - window:
+            kept.append(_note(row, f"sent more than {window} s ago: the provider cannot cancel"))
+            continue
+        meter = cp.meters.by_name.get(row.meter)
+        event_name = meter.config.provider_event_name if meter else row.meter
+        delivery = await cp.billing.cancel(event_name, row.identifier)
+        if delivery.outcome in (Outcome.ACCEPTED, Outcome.DUPLICATE):
+            moved = await cp.storage.cancel_rows(
+                [row.id], cp.now(), actor, Reason.ROLLED_BACK.value, "cancelled at the provider"
+            )
+            if moved:
+                cancelled.append(_note(row, None))
+                continue
+        kept.append(
+            _note(row, f"provider {delivery.outcome.value}: {delivery.message or 'no detail'}")
+        )
+    log.info("cutover.cancelled", cancelled=len(cancelled), not_cancelled=len(kept))
+    return RollbackResult(snapshot.to_api(), cancelled, kept)
+
+
+# status ---------------------------------------------------------------------------------------
+
+
+def stage_of(snapshot: Snapshot, history: list[AuditRecord]) -> Stage:
+    """live: the control plane bills (authority controlplane, shadow off); rolled_back: the
+    latest cutover step was a rollback; armed: bill_from is set but not live; shadow: else."""
+    if snapshot.authority is Authority.CONTROLPLANE and not snapshot.shadow:
+        return "live"
+    if history and history[0].action == "cutover.rollback":
+        return "rolled_back"
+    if snapshot.bill_from is not None:
+        return "armed"
+    return "shadow"
+
+
+async def status(cp: ControlPlane, limit: int = 50) -> CutoverStatus:
+    snapshot = await cp.flags()
+    history = await cp.storage.audit_log(action_prefix="cutover.", limit=limit)
+    return CutoverStatus(
+        stage=stage_of(snapshot, history),
+        flags=snapshot.to_api(),
+        history=[
+            {
+                "id": r.id,
+                "at": r.at,
+                "step": r.action.removeprefix("cutover."),
+                "t": r.subject,
+                "actor": r.actor,
+                "reason": r.reason,
+                "forced": r.forced,
+                "group_id": r.group_id,
+            }
+            for r in history
+        ],
+    )

@@ -1,0 +1,336 @@
+"""Cutover: plan, each preflight check failing and passing, atomic execute, rollback, stages."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from controlplane import cutover
+from controlplane.config import Config
+from controlplane.core import ControlPlane
+from controlplane.errors import FlagRefused, StorageError
+from controlplane.interfaces import (
+    AuditEntry,
+    LegacyCapability,
+    LegacySource,
+    ParityRun,
+)
+from controlplane.ledger import RowState
+from flags import FlagChange
+from plugins.billing.fake import FakeBilling
+from tests.conftest import HOUR, T0, tick
+
+# the clock fixture reads T0 + 10 h: settled buckets (settle 2 h) end at T0 + 8 h
+T = T0 + 9 * HOUR
+CATALOG = {
+    "products": [{"key": "pro", "name": "Pro"}],
+    "prices": [
+        {"key": "m", "product": "pro", "lookup_key": "m", "meter": "gbs", "unit_amount": "0.1"}
+    ],
+}
+
+
+class Legacy(LegacySource):
+    name = "test"
+
+    def __init__(self, billed_until: int | None = None, can_tell: bool = True) -> None:
+        self._until = billed_until
+        self._can = can_tell
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def usage(self, start: int, end: int) -> dict[str, Decimal]:
+        return {}
+
+    def capabilities(self) -> frozenset[LegacyCapability]:
+        return frozenset({LegacyCapability.BILLED_UNTIL}) if self._can else frozenset()
+
+    async def billed_until(self) -> int | None:
+        if not self._can:
+            return await super().billed_until()
+        return self._until
+
+
+@pytest.fixture
+def build(
+    make_config: Callable[..., Config], clock: list[float], fake_billing: FakeBilling
+) -> Callable[..., Any]:
+    def make(legacy: LegacySource | None = None, **sections: Any) -> ControlPlane:
+        sections.setdefault("parity", {"meter": "gbs"})
+        sections.setdefault("cutover", {"parity_clean_hours": 3})
+        return ControlPlane(
+            make_config(**sections), billing=fake_billing, legacy=legacy, clock=lambda: clock[0]
+        )
+
+    return make
+
+
+@pytest.fixture
+async def ready(build: Callable[..., ControlPlane]) -> AsyncIterator[ControlPlane]:
+    """Every precondition met for T: clean parity for 4 h up to the settled horizon, the
+    catalog published, the pro org with a customer, the legacy biller billed up to T."""
+    async with build(Legacy(billed_until=T), catalog=CATALOG) as cp:
+        await clean_runs(cp, T0 + 4 * HOUR, T0 + 8 * HOUR)
+        await publish(cp)
+        await cp.set_org("o1", customer="cus_1", plan="pro", actor="t", effective_from=0)
+        yield cp
+
+
+async def clean_runs(cp: ControlPlane, start: int, end: int, dirty: int | None = None) -> None:
+    for b in range(start, end, HOUR):
+        clean = b != dirty
+        run = ParityRun(
+            meter="gbs",
+            bucket_start=b,
+            bucket_end=b + HOUR,
+            checked_at=cp.now(),
+            orgs=1,
+            mismatches=0 if clean else 1,
+            material=0,
+            controlplane_micros=1,
+            legacy_micros=1,
+            worst_org=None,
+            worst_drift_micros=0,
+            worst_relative=None,
+            clean=clean,
+            alarming=False,
+            alarm_since=None,
+        )
+        await cp.storage.record_parity_run(run, [], None)
+
+
+async def publish(cp: ControlPlane) -> None:
+    await cp.storage.publish_catalog(
+        {"prices": {}},
+        "d1",
+        "t",
+        cp.now(),
+        AuditEntry(action="catalog.publish", subject="1", actor="t"),
+    )
+
+
+def by_name(report: cutover.Preflight) -> dict[str, cutover.Check]:
+    return {c.name: c for c in report.checks}
+
+
+# plan -----------------------------------------------------------------------------------------
+
+
+async def test_plan_explains_who_bills_what_and_changes_nothing(ready: ControlPlane) -> None:
+    await ready.ingest([tick("a", "o1", T - HOUR + 5), tick("b", "o1", T + 5)], "http")
+    await ready.rollup(until=T + HOUR)
+    before = await ready.flags()
+    plan = await cutover.plan(ready, T)
+    assert plan.before == [
+        "legacy biller: every bucket",
+        "control plane: computes in shadow, sends nothing",
+    ]
+    assert plan.after == [
+        f"legacy biller: buckets starting before {T}",
+        f"control plane: buckets starting at or after {T} (sending)",
+    ]
+    assert [(c.flag, c.before, c.after) for c in plan.changes] == [
+        ("authority", "legacy", "controlplane"),
+        ("bill_from", None, T),
+        ("shadow", True, False),
+    ]
+    assert (plan.pending_from_t, plan.pending_before_t) == (1, 1)
+    assert plan.problems == []
+    assert await ready.flags() == before
+
+
+async def test_plan_names_the_rules_execute_would_meet(ready: ControlPlane) -> None:
+    plan = await cutover.plan(ready, T + 1)
+    assert [p["rule"] for p in plan.problems] == ["bill_from.aligned"]
+
+
+# preflight ------------------------------------------------------------------------------------
+
+
+async def test_preflight_passes_when_every_precondition_holds(ready: ControlPlane) -> None:
+    report = await cutover.preflight(ready, T)
+    assert report.ok, report
+    assert {c.name: c.status for c in report.checks} == {
+        "t_valid": "pass",
+        "pro_orgs_have_customer": "pass",
+        "parity_clean": "pass",
+        "legacy_not_billed_from_t": "pass",
+        "catalog_published": "pass",
+    }
+
+
+async def test_preflight_fails_on_a_misaligned_or_too_old_t(ready: ControlPlane) -> None:
+    assert by_name(await cutover.preflight(ready, T + 7))["t_valid"].status == "fail"
+    old = await cutover.preflight(ready, T - 40 * 86400)
+    assert not old.ok and "days" in by_name(old)["t_valid"].detail
+
+
+async def test_preflight_fails_when_a_pro_org_has_no_customer(ready: ControlPlane) -> None:
+    await ready.set_org("o2", customer=None, plan="pro", actor="t", effective_from=0)
+    await ready.set_org("o3", customer=None, plan="free", actor="t", effective_from=0)
+    check = by_name(await cutover.preflight(ready, T))["pro_orgs_have_customer"]
+    assert check.status == "fail" and "o2" in check.detail and "o3" not in check.detail
+
+
+async def test_preflight_fails_when_parity_is_not_clean_long_enough(
+    build: Callable[..., ControlPlane],
+) -> None:
+    async with build(Legacy(), cutover={"parity_clean_hours": 3}) as cp:
+        check = by_name(await cutover.preflight(cp, T))["parity_clean"]
+        assert check.status == "fail" and "unavailable" in check.detail
+        await clean_runs(cp, T0 + 3 * HOUR, T0 + 8 * HOUR, dirty=T0 + 6 * HOUR)
+        check = by_name(await cutover.preflight(cp, T))["parity_clean"]
+        assert check.status == "fail" and "clean for 1 h" in check.detail
+
+
+async def test_preflight_fails_when_the_checker_lags_behind_now(
+    build: Callable[..., ControlPlane],
+) -> None:
+    async with build(Legacy()) as cp:
+        await clean_runs(cp, T0, T0 + 6 * HOUR)  # 6 h clean, but ends 2 h before the horizon
+        check = by_name(await cutover.preflight(cp, T))["parity_clean"]
+        assert check.status == "fail" and "behind" in check.detail
+
+
+async def test_preflight_without_legacy_source_reports_parity_unavailable(
+    build: Callable[..., ControlPlane],
+) -> None:
+    async with build() as cp:
+        report = by_name(await cutover.preflight(cp, T))
+        assert report["parity_clean"].status == "fail"
+        assert "parity history unavailable" in report["parity_clean"].detail
+        assert report["legacy_not_billed_from_t"].status == "warn"
+
+
+async def test_preflight_legacy_billed_until(build: Callable[..., ControlPlane]) -> None:
+    async with build(Legacy(billed_until=T + HOUR)) as cp:
+        check = by_name(await cutover.preflight(cp, T))["legacy_not_billed_from_t"]
+        assert check.status == "fail" and str(T + HOUR) in check.detail
+    async with build(Legacy(billed_until=None)) as cp:
+        check = by_name(await cutover.preflight(cp, T))["legacy_not_billed_from_t"]
+        assert check.status == "pass"
+    async with build(Legacy(can_tell=False)) as cp:
+        check = by_name(await cutover.preflight(cp, T))["legacy_not_billed_from_t"]
+        assert check.status == "warn" and check.ok and "cannot tell" in check.detail
+
+
+async def test_preflight_catalog(build: Callable[..., ControlPlane]) -> None:
+    async with build(catalog=CATALOG) as cp:
+        check = by_name(await cutover.preflight(cp, T))["catalog_published"]
+        assert check.status == "fail" and "catalog publish" in check.detail
+        await publish(cp)
+        assert by_name(await cutover.preflight(cp, T))["catalog_published"].status == "pass"
+    async with build() as cp:
+        assert by_name(await cutover.preflight(cp, T))["catalog_published"].status == "n/a"
+
+
+# execute --------------------------------------------------------------------------------------
+
+
+async def test_execute_sets_the_three_flags_with_one_audit_group(ready: ControlPlane) -> None:
+    report, flags = await cutover.execute(ready, T, actor="ops", reason="go live")
+    assert report.ok and flags.sending and flags.legacy_bill_until == T
+    entries = await ready.storage.audit_log(limit=10)
+    group = entries[0].group_id
+    assert group is not None
+    assert sorted(e.action + ":" + e.subject for e in entries if e.group_id == group) == [
+        f"cutover.execute:{T}",
+        "flag.set:authority",
+        "flag.set:bill_from",
+        "flag.set:shadow",
+    ]
+    assert (await cutover.status(ready)).stage == "live"
+
+
+async def test_execute_refuses_when_preflight_fails_and_changes_nothing(
+    ready: ControlPlane,
+) -> None:
+    await ready.set_org("o2", customer=None, plan="pro", actor="t", effective_from=0)
+    before = await ready.flags()
+    with pytest.raises(FlagRefused) as info:
+        await cutover.execute(ready, T, actor="ops", reason="go")
+    assert info.value.rule == "cutover.preflight" and "pro_orgs_have_customer" in str(info.value)
+    assert await ready.flags() == before
+    assert await ready.storage.audit_log(action_prefix="cutover.") == []
+    _, flags = await cutover.execute(ready, T, actor="ops", reason="go anyway", force=True)
+    assert flags.sending
+    assert (await ready.storage.audit_log(action_prefix="cutover."))[0].forced
+
+
+async def test_execute_failing_midway_changes_nothing(
+    ready: ControlPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage: Any = ready.storage
+    before = await ready.flags()
+    original = storage._append_audit
+
+    async def boom(conn: Any, entries: Any, at: int) -> None:
+        raise StorageError("disk full")  # after the flag rows were written in the transaction
+
+    monkeypatch.setattr(storage, "_append_audit", boom)
+    with pytest.raises(StorageError):
+        await cutover.execute(ready, T, actor="ops", reason="go")
+    monkeypatch.setattr(storage, "_append_audit", original)
+    assert await ready.flags() == before
+    assert not [
+        e for e in await ready.storage.audit_log() if e.action.startswith(("flag.", "cutover."))
+    ]
+
+
+# rollback and status ---------------------------------------------------------------------------
+
+
+async def test_rollback_cancels_recent_sends_and_lists_the_rest(
+    ready: ControlPlane, clock: list[float], fake_billing: FakeBilling
+) -> None:
+    await ready.ingest([tick("a", "o1", T + 5), tick("b", "o1", T + HOUR + 5, mb=2048)], "http")
+    await ready.rollup(until=T + 2 * HOUR)
+    await cutover.execute(ready, T, actor="ops", reason="go")
+    first = await ready.send(until=T + HOUR)
+    assert first.sent == 1
+    clock[0] += 25 * HOUR  # the first row is now too old to cancel
+    assert (await ready.send()).sent == 1
+    assert (await cutover.status(ready)).stage == "live"
+
+    result = await cutover.rollback(ready, actor="ops", reason="bad invoice", cancel_sent=True)
+    assert result.flags["flags"]["authority"]["value"] == "legacy"
+    assert [r.identifier for r in result.cancelled] == [f"o1:gbs:{T + HOUR}:1"]
+    (kept,) = result.not_cancelled
+    assert kept.identifier == f"o1:gbs:{T}:1" and kept.quantity == 20 and kept.value == "20"
+    assert "more than" in (kept.note or "")
+    assert fake_billing.cancelled == {f"o1:gbs:{T + HOUR}:1"}
+    (row,) = await ready.storage.ledger(state=RowState.CANCELLED)
+    assert (row.reason, row.bucket_start) == ("rolled_back", T + HOUR)
+    audit = await ready.storage.audit_log(action_prefix="ledger.cancelled")
+    assert [a.subject for a in audit] == [row.identifier]
+
+    status = await cutover.status(ready)
+    assert status.stage == "rolled_back"
+    assert [h["step"] for h in status.history] == ["rollback", "execute"]
+    # after the rollback, the legacy biller bills everything again
+    assert (await ready.flags()).legacy_bill_until is None
+
+
+async def test_rollback_without_cancel_keeps_sent_rows(ready: ControlPlane) -> None:
+    await ready.ingest([tick("a", "o1", T + 5)], "http")
+    await ready.rollup(until=T + HOUR)
+    await cutover.execute(ready, T, actor="ops", reason="go")
+    await ready.send()
+    result = await cutover.rollback(ready, actor="ops", reason="pause")
+    assert result.cancelled == [] and result.not_cancelled == []
+    assert len(await ready.storage.ledger(state=RowState.SENT)) == 1
+
+
+async def test_stages(ready: ControlPlane) -> None:
+    assert (await cutover.status(ready)).stage == "shadow"
+    await ready.set_flags([FlagChange("bill_from", T)], actor="t", reason="arm")
+    assert (await cutover.status(ready)).stage == "armed"
+    await cutover.execute(ready, None, actor="t", reason="go")  # T from bill_from
+    assert (await cutover.status(ready)).stage == "live"
+    await cutover.rollback(ready, actor="t", reason="back")
+    assert (await cutover.status(ready)).stage == "rolled_back"
