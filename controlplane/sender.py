@@ -163,7 +163,10 @@ class Sender:
             if unbillable and row.attempts:
                 # The provider may already have it: "never billed here" would be a guess.
                 reason, why = unbillable
-                detail = f"attempted before it became unbillable ({reason.value}); settle by hand"
+                detail = (
+                    f"attempted before it became unbillable ({reason.value}"
+                    f"{': ' + why if why else ''}); settle by hand"
+                )
                 decided.append(_decide(item, RowState.HELD, Reason.AMBIGUOUS, detail))
             elif unbillable:
                 decided.append(_decide(item, RowState.EXCLUDED, *unbillable))

@@ -26,8 +26,8 @@ from controlplane.interfaces import (
     AuditEntry,
     AuditRecord,
     BucketKey,
-    CatalogVersion,
     Carry,
+    CatalogVersion,
     ChainRow,
     ClosedPeriod,
     FlagWrite,
@@ -53,8 +53,8 @@ from controlplane.interfaces import (
     WebhookRecord,
 )
 from controlplane.ledger import BILLABLE, LedgerRow, NewRow, RowState, segment
-from controlplane.rollup import requantify
 from controlplane.registry import PluginSpec
+from controlplane.rollup import requantify
 
 Q = sql.load(Path(__file__).with_suffix(".sql"))
 _json = msgspec.json.Encoder()
