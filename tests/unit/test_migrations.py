@@ -27,7 +27,7 @@ def test_misnamed_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     (tmp_path / "sqlite").mkdir()
     (tmp_path / "sqlite" / "0001_Initial.sql").write_text("SELECT 1;")
     monkeypatch.setattr(migrations, "MIGRATIONS_ROOT", tmp_path)
-    with pytest.raises(MigrationError, match="NNNN_lower_snake.sql"):
+    with pytest.raises(MigrationError, match=r"NNNN_lower_snake\.sql"):
         migrations.available("sqlite")
 
 
