@@ -226,7 +226,7 @@ class Sender:
     async def _deliver_group(
         self, items: list[SendItem], stats: SendStats, at: int, blocked: set[Lane]
     ) -> None:
-        stamps = await self._stamps(items, at)
+        stamps = await self._stamps(items)
         await self.storage.record_attempts([i.row.id for i in items], at)
         called: set[int] = set()
         lanes: dict[Lane, list[SendItem]] = defaultdict(list)
@@ -289,11 +289,12 @@ class Sender:
             timestamp=stamp[0] if stamp is not None else row.bucket_start,
         )
 
-    async def _stamps(self, items: Sequence[SendItem], at: int) -> dict[int, tuple[int, str]]:
+    async def _stamps(self, items: Sequence[SendItem]) -> dict[int, tuple[int, str]]:
         """Rows whose bucket lies in a billing period whose invoice is already finalized: the
-        timestamp to send instead (the current period: now, or the end of the org's newest
-        closed period if that is later) and the ledger detail that says so. A row attempted
-        before keeps its bucket timestamp: a retry must repeat the same parameters."""
+        timestamp to send instead and the ledger detail that says so. The timestamp is the end
+        of the org's newest closed period, the first second of the current one: the same on
+        every attempt, so a retry repeats the parameters its idempotency key was first used
+        with."""
         periods = await self.storage.closed_periods(sorted({i.row.org_id for i in items}))
         by_org: dict[str, list[ClosedPeriod]] = defaultdict(list)
         for period in periods:
@@ -302,11 +303,11 @@ class Sender:
         for item in items:
             row = item.row
             closed = by_org.get(row.org_id)
-            if not closed or row.attempts:
+            if not closed:
                 continue
             for period in closed:
                 if period.period_start <= row.bucket_start < period.period_end:
-                    current = max(at, max(p.period_end for p in closed))
+                    current = max(p.period_end for p in closed)
                     out[row.id] = (
                         current,
                         f"correction for finalized invoice {period.invoice_id}: "
