@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import operator
+import re
 from collections.abc import Callable, Mapping
 from decimal import Decimal, DivisionByZero, InvalidOperation
 from typing import Any, Literal
@@ -20,6 +21,7 @@ from controlplane.errors import ConfigError
 from controlplane.units import to_micros
 
 Evaluator = Callable[[Mapping[str, Any]], Any]
+METER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class ExpressionError(ValueError):
@@ -213,6 +215,13 @@ class MeterSet:
     """All configured meters, indexed by the event type they read."""
 
     def __init__(self, configs: list[MeterConfig]) -> None:
+        for i, c in enumerate(configs):
+            if not METER_NAME.fullmatch(c.name):
+                # ledger identifiers are `{org}:{meter}:{bucket}:{revision}`: a meter name
+                # without ':' keeps them unambiguous (read from the right)
+                raise ConfigError(
+                    f"meters[{i}].name: {c.name!r} must be letters, digits, '_', '.' or '-'"
+                )
         self.meters = [Meter(c, i) for i, c in enumerate(configs)]
         names = [m.name for m in self.meters]
         dupes = sorted({n for n in names if names.count(n) > 1})

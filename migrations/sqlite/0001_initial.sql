@@ -38,7 +38,7 @@ CREATE TABLE dirty_buckets (
 
 CREATE TABLE ledger (
     id               INTEGER PRIMARY KEY,
-    identifier       TEXT    NOT NULL UNIQUE,
+    identifier       TEXT    NOT NULL,  -- a function of the unique key below (meters.METER_NAME)
     org_id           TEXT    NOT NULL,
     meter            TEXT    NOT NULL,
     bucket_start     INTEGER NOT NULL,

@@ -85,6 +85,12 @@ def test_comparisons_only_in_where() -> None:
     assert compile_expression("data.a > 1", boolean=True)({"a": 2}) is True
 
 
+@pytest.mark.parametrize("name", ["gb:s", "", "a b", "x" * 65])
+def test_meter_names_keep_ledger_identifiers_unambiguous(name: str) -> None:
+    with pytest.raises(ConfigError, match=r"meters\[0\]\.name"):
+        MeterSet([MeterConfig(name=name, event_type="t", value="1")])
+
+
 def test_meter_set_routes_by_event_type_and_refuses_duplicates() -> None:
     ms = MeterSet(
         [
