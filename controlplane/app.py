@@ -25,8 +25,9 @@ from litestar.openapi import OpenAPIConfig
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from controlplane import __version__
+from controlplane import __version__, cutover, ofrep
 from controlplane.auth import Forbidden, Principal, TokenStore, Unauthorized
+from controlplane.catalog import catalog_api
 from controlplane.config import Config
 from controlplane.core import ControlPlane
 from controlplane.errors import (
@@ -50,6 +51,7 @@ from controlplane.parity import (
 )
 from controlplane.secrets import reveal
 from controlplane.units import format_micros
+from controlplane.webhooks import WebhookRejected
 from flags import FLAGS, FlagChange
 
 log = structlog.get_logger("api")
@@ -473,8 +475,6 @@ async def parity_clean_since(cp: CP) -> dict[str, Any]:
 
 @get("/v1/catalog", opt={"scope": "read"}, summary="The newest published price catalog")
 async def get_catalog(cp: CP, version: FromQuery[int | None] = None) -> dict[str, Any]:
-    from controlplane.catalog import catalog_api
-
     found = await cp.storage.catalog_version(version)
     if found is None and version is not None:
         raise NotFound(f"no catalog version {version}")
@@ -485,8 +485,6 @@ async def get_catalog(cp: CP, version: FromQuery[int | None] = None) -> dict[str
 async def stripe_webhook(request: Request[Any, Any, Any], cp: CP) -> Response[Any]:
     """Authenticated by the `Stripe-Signature` header (HMAC-SHA256 over the raw body with
     `stripe.webhook_secret`, 300 s tolerance): 400 when it does not verify, nothing done."""
-    from controlplane.webhooks import WebhookRejected
-
     body = await request.body()
     try:
         result = await cp.stripe_webhook(body, request.headers.get("stripe-signature"))
@@ -529,8 +527,6 @@ class CutoverRollbackBody(msgspec.Struct, forbid_unknown_fields=True):
 
 @get("/v1/cutover", opt={"scope": "read"}, summary="Cutover stage and history")
 async def cutover_status(cp: CP) -> dict[str, Any]:
-    from controlplane import cutover
-
     return msgspec.to_builtins(await cutover.status(cp))  # type: ignore[no-any-return]
 
 
@@ -541,8 +537,6 @@ async def cutover_status(cp: CP) -> dict[str, Any]:
     summary="Who bills which buckets before and after a cutover at T; changes nothing",
 )
 async def cutover_plan(cp: CP, data: JSONBody[CutoverPlanBody]) -> dict[str, Any]:
-    from controlplane import cutover
-
     return msgspec.to_builtins(await cutover.plan(cp, data.at))  # type: ignore[no-any-return]
 
 
@@ -553,8 +547,6 @@ async def cutover_plan(cp: CP, data: JSONBody[CutoverPlanBody]) -> dict[str, Any
     summary="Every cutover precondition with pass/fail and detail",
 )
 async def cutover_preflight(cp: CP, data: JSONBody[CutoverPreflightBody]) -> dict[str, Any]:
-    from controlplane import cutover
-
     report = await cutover.preflight(cp, data.at)
     return msgspec.to_builtins(report)  # type: ignore[no-any-return]
 
@@ -568,8 +560,6 @@ async def cutover_preflight(cp: CP, data: JSONBody[CutoverPreflightBody]) -> dic
 async def cutover_execute(
     request: Request[Any, Any, Any], cp: CP, data: JSONBody[CutoverExecuteBody]
 ) -> dict[str, Any]:
-    from controlplane import cutover
-
     report, snapshot = await cutover.execute(
         cp, data.at, actor=_actor(request), reason=data.reason, force=data.force
     )
@@ -585,8 +575,6 @@ async def cutover_execute(
 async def cutover_rollback(
     request: Request[Any, Any, Any], cp: CP, data: JSONBody[CutoverRollbackBody]
 ) -> dict[str, Any]:
-    from controlplane import cutover
-
     result = await cutover.rollback(
         cp, actor=_actor(request), reason=data.reason, cancel_sent=data.cancel_sent
     )
@@ -603,8 +591,6 @@ async def cutover_rollback(
     summary="OFREP: evaluate one flag",
 )
 async def ofrep_flag(request: Request[Any, Any, Any], cp: CP, key: FromPath[str]) -> Response[Any]:
-    from controlplane import ofrep
-
     try:
         ofrep.check_request(await request.body(), key)
         return Response(ofrep.evaluate(await cp.flags(), key), status_code=200)
@@ -619,8 +605,6 @@ async def ofrep_flag(request: Request[Any, Any, Any], cp: CP, key: FromPath[str]
     summary="OFREP: evaluate every flag (ETag, If-None-Match)",
 )
 async def ofrep_flags(request: Request[Any, Any, Any], cp: CP) -> Response[Any]:
-    from controlplane import ofrep
-
     try:
         ofrep.check_request(await request.body())
     except ofrep.OfrepError as exc:
