@@ -12,14 +12,36 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import free_port
+from tests.conftest import TOKEN, free_port, token_hash
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def write_config(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path
+def base_config(db: Path, *, scopes: str = "ingest read admin", synchronous: str = "normal") -> str:
+    """What every end-to-end config shares: SQLite at `db`, the test token with `scopes`, quiet
+    logs and the `gbs` meter (`memory_gb_seconds` at the provider). Tests append their own
+    sections."""
+    scope_list = ", ".join(f'"{s}"' for s in scopes.split())
+    return f"""
+[storage]
+backend = "sqlite"
+path = "{db}"
+synchronous = "{synchronous}"
+
+[[auth.tokens]]
+name = "e2e"
+sha256 = "{token_hash(TOKEN)}"
+scopes = [{scope_list}]
+
+[logging]
+level = "warning"
+
+[[meters]]
+name = "gbs"
+event_type = "tick"
+value = "data.mb * data.s / 1024"
+event_name = "memory_gb_seconds"
+"""
 
 
 class Process:

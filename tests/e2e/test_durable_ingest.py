@@ -10,31 +10,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import T0, TOKEN, token_hash
-from tests.e2e.processes import Server, bearer
+from tests.conftest import T0, TOKEN
+from tests.e2e.processes import Server, base_config, bearer
 
 pytestmark = pytest.mark.e2e
 
 
 def config_text(db: Path) -> str:
-    return f"""
-[storage]
-backend = "sqlite"
-path = "{db}"
-
-[[auth.tokens]]
-name = "e2e"
-sha256 = "{token_hash(TOKEN)}"
-scopes = ["ingest", "read"]
-
-[logging]
-level = "warning"
-
-[[meters]]
-name = "gbs"
-event_type = "tick"
-value = "data.mb * data.s / 1024"
-"""
+    return base_config(db, scopes="ingest read", synchronous="full")
 
 
 def batch(n: int, size: int = 200) -> list[dict[str, object]]:

@@ -18,8 +18,8 @@ import httpx
 import pytest
 import stripe
 
-from tests.conftest import HOUR, TOKEN, token_hash
-from tests.e2e.processes import Emulator, Server, bearer
+from tests.conftest import HOUR, TOKEN
+from tests.e2e.processes import Emulator, Server, base_config, bearer
 
 pytestmark = pytest.mark.e2e
 
@@ -29,17 +29,9 @@ START = NOW_HOUR - 30 * HOUR  # buckets well inside Stripe's 35-day window
 
 
 def config_text(db: Path, emulator: Emulator, *, flags: str = "", rate_limit: float = 200.0) -> str:
-    return f"""
-[storage]
-backend = "sqlite"
-path = "{db}"
-synchronous = "normal"
-
-[[auth.tokens]]
-name = "e2e"
-sha256 = "{token_hash(TOKEN)}"
-scopes = ["ingest", "read", "admin"]
-
+    return (
+        base_config(db)
+        + f"""
 [rollup]
 grace_seconds = 0
 interval_seconds = 0.3
@@ -60,16 +52,8 @@ max_retries = 2
 timeout_seconds = 5.0
 backoff_base_seconds = 0.05
 backoff_cap_seconds = 0.5
-
-[logging]
-level = "warning"
-
-[[meters]]
-name = "gbs"
-event_type = "tick"
-value = "data.mb * data.s / 1024"
-event_name = "memory_gb_seconds"
 """
+    )
 
 
 def sdk(emulator: Emulator) -> stripe.StripeClient:

@@ -21,8 +21,8 @@ import httpx
 import pytest
 import stripe
 
-from tests.conftest import HOUR, TOKEN, token_hash
-from tests.e2e.processes import ROOT, Emulator, Server, bearer
+from tests.conftest import HOUR, TOKEN, tick
+from tests.e2e.processes import ROOT, Emulator, Server, base_config, bearer
 
 pytestmark = pytest.mark.e2e
 
@@ -32,17 +32,9 @@ NOW_HOUR = int(time.time()) // HOUR * HOUR
 
 
 def config_text(db: Path, emulator: Emulator) -> str:
-    return f"""
-[storage]
-backend = "sqlite"
-path = "{db}"
-synchronous = "normal"
-
-[[auth.tokens]]
-name = "e2e"
-sha256 = "{token_hash(TOKEN)}"
-scopes = ["ingest", "read", "admin"]
-
+    return (
+        base_config(db)
+        + f"""
 [rollup]
 grace_seconds = 3600       # the scheduler never closes the buckets these tests use:
 interval_seconds = 3600    # only the true-up (or the CLI) rolls up and sends
@@ -65,15 +57,6 @@ backoff_cap_seconds = 0.2
 
 [stripe]
 webhook_secret = "{SECRET}"
-
-[logging]
-level = "warning"
-
-[[meters]]
-name = "gbs"
-event_type = "tick"
-value = "data.mb * data.s / 1024"
-event_name = "memory_gb_seconds"
 
 [[catalog.products]]
 key = "pro"
@@ -102,6 +85,7 @@ currency = "usd"
 name = "Welcome credit"
 expires_after_days = 30
 """
+    )
 
 
 class Stack:
@@ -210,16 +194,6 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         raise
     finally:
         s.close()
-
-
-def tick(event_id: str, org: str, at: int, mb: int = 1024, s: int = 100) -> dict[str, Any]:
-    return {
-        "id": event_id,
-        "type": "tick",
-        "subject": org,
-        "ts": at * 1000,
-        "data": {"mb": mb, "s": s},
-    }
 
 
 def test_publish_is_idempotent_and_shown(stack: Stack) -> None:
@@ -366,7 +340,7 @@ def test_subscription_deleted_makes_the_org_free(stack: Stack) -> None:
     assert org["plan"] == "free"
     ended = org["plans"][-1]["effective_from"]
     later = (ended // HOUR + 1) * HOUR
-    stack.ingest([tick("leaver-1", "leaver", later + 5)])
+    stack.ingest([tick("leaver-1", "leaver", later + 5, s=100)])
     stack.cli("rollup", "--until", str(later + HOUR))
     rows = stack.ledger("leaver")
     assert rows and all(r["state"] == "excluded" and r["reason"] == "free_plan" for r in rows)
@@ -380,7 +354,7 @@ def test_true_up_and_correction_after_finalized(stack: Stack) -> None:
     (sub,) = stack.subscriptions(customer)
     since = stack.org("big")["plans"][-1]["effective_from"]
     bucket = (since // HOUR + 1) * HOUR  # the first whole bucket on the Pro plan
-    stack.ingest([tick(f"big-{i}", "big", bucket + 60 * i) for i in range(3)])  # 300 GB-s
+    stack.ingest([tick(f"big-{i}", "big", bucket + 60 * i, s=100) for i in range(3)])  # 300 GB-s
     # Stripe's clock reaches two hours past that bucket; the period ends there.
     emu_now = stack.emulator.state()["now"]
     stack.emu.post(
@@ -403,7 +377,7 @@ def test_true_up_and_correction_after_finalized(stack: Stack) -> None:
 
     stack.emu.post(f"/_emulator/invoices/{invoice_id}/finalize", json={}).raise_for_status()
     stack.flush()
-    stack.ingest([tick("big-late", "big", bucket + 900)])  # 100 GB-s more, too late
+    stack.ingest([tick("big-late", "big", bucket + 900, s=100)])  # 100 GB-s more, too late
     stack.cli("rollup", "--until", str(bucket + HOUR))
     stack.cli("send")
     rows = stack.ledger("big")
