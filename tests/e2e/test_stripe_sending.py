@@ -11,6 +11,7 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import httpx
 import pytest
 import stripe
 
+from controlplane.units import to_micros
 from tests.conftest import HOUR, TOKEN
 from tests.e2e.processes import Emulator, Server, base_config, bearer
 
@@ -252,13 +254,8 @@ def test_crashes_faults_and_dropped_connections_never_double_count(
     for org in orgs:
         sent = sum(r["quantity"] for r in rows if r["org_id"] == org)
         assert summaries(emulator, meter_id, customers[org], START, NOW_HOUR) == sent
-        total = sum(_micros(u["value"]) for u in usage if u["org_id"] == org)
+        total = sum(to_micros(Decimal(u["value"])) for u in usage if u["org_id"] == org)
         assert sent == total // 1_000_000  # nothing lost, nothing rounded away
-
-
-def _micros(value: str) -> int:
-    whole, _, frac = value.partition(".")
-    return int(whole) * 1_000_000 + int((frac + "000000")[:6])
 
 
 def test_client_rate_limit_keeps_under_the_emulators_limit(tmp_path: Path) -> None:
