@@ -61,6 +61,7 @@ class SenderConfig(_Section, frozen=True):
     batch_size: int = 500
     concurrency: int = 8  # calls in flight across customers
     ambiguous_after_seconds: int = 23 * 3600  # stop resending blind before the 24 h dedupe ends
+    claim_seconds: int = 300  # a sender's hold on the rows it reads; a dead one's lapses
 
 
 class FlagsConfig(_Section, frozen=True):

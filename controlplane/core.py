@@ -211,21 +211,27 @@ class ControlPlane:
     # jobs ---------------------------------------------------------------------------------
 
     async def rollup(
-        self, *, until: int | None = None, org_id: str | None = None
+        self, *, until: int | None = None, org_id: str | None = None, wait: bool = True
     ) -> rollup.RollupStats:
-        """Roll up closed dirty buckets; `until` overrides the watermark (ignores grace)."""
+        """Roll up closed dirty buckets; `until` overrides the watermark (ignores grace).
+
+        One process at a time among those sharing the store: without `wait`, a pass finding
+        another one running is skipped (the scheduled job on replicas)."""
         closed_before = (
             until
             if until is not None
             else rollup.watermark(self.clock(), self.config.rollup.grace_seconds)
         )
-        return await rollup.run(
-            self.storage,
-            bucket_seconds=self.config.rollup.bucket_seconds,
-            closed_before=closed_before,
-            batch_buckets=self.config.rollup.batch_buckets,
-            org_id=org_id,
-        )
+        async with self.storage.exclusive("rollup", wait=wait) as mine:
+            if not mine:
+                return rollup.RollupStats(skipped="another process is rolling up")
+            return await rollup.run(
+                self.storage,
+                bucket_seconds=self.config.rollup.bucket_seconds,
+                closed_before=closed_before,
+                batch_buckets=self.config.rollup.batch_buckets,
+                org_id=org_id,
+            )
 
     def sender(self) -> Sender:
         if self.billing is None:
@@ -238,6 +244,7 @@ class ControlPlane:
             batch_size=s.batch_size,
             concurrency=s.concurrency,
             ambiguous_after_seconds=s.ambiguous_after_seconds,
+            claim_seconds=s.claim_seconds,
         )
 
     async def send(self, *, org_id: str | None = None, until: int | None = None) -> SendStats:

@@ -11,8 +11,9 @@ Kinds: :class:`Storage`, :class:`IngestSource`, :class:`Billing`, :class:`Legacy
 from __future__ import annotations
 
 import abc
+import contextlib
 import enum
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from decimal import Decimal
 from typing import Any, ClassVar
 
@@ -120,6 +121,14 @@ class ChainRow(msgspec.Struct, frozen=True, array_like=True):
     value_micros: int
     quantity: int
     frozen: bool  # attempted, sent or otherwise decided: its quantity can no longer change
+
+
+class Claim(msgspec.Struct, frozen=True):
+    """A sender's hold on the rows it reads: who, when, and until when it lasts."""
+
+    claimant: str
+    at: int
+    until: int
 
 
 class SendItem(msgspec.Struct, frozen=True):
@@ -347,6 +356,15 @@ class Storage(abc.ABC):
 
     # rollup and ledger --------------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def exclusive(self, job: str, *, wait: bool = False) -> AsyncIterator[bool]:
+        """Hold `job` exclusively among every process sharing this store while the block
+        runs; yields False (without waiting, unless `wait`) when another one holds it.
+
+        A store only one process can use has nothing to arbitrate: the default yields True.
+        """
+        yield True
+
     @abc.abstractmethod
     async def rollup_step(
         self,
@@ -374,10 +392,26 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def sendable(
-        self, after_id: int, limit: int, org_id: str | None = None, until: int | None = None
+        self,
+        after_id: int,
+        limit: int,
+        org_id: str | None = None,
+        until: int | None = None,
+        *,
+        claim: Claim,
     ) -> list[SendItem]:
-        """Rows the sender may act on, by id: `pending`, and `held`/`no_customer` rows whose
-        org now has a customer. Optionally one org, and buckets starting before `until`."""
+        """Claim and return the rows the sender may act on, by id: `pending`, and
+        `held`/`no_customer` rows whose org now has a customer. Optionally one org, and
+        buckets starting before `until`.
+
+        Rows claimed by another live claimant are skipped, and so is every row of an
+        (org, meter) another claimant is working on: one sender per rounding chain and per
+        provider lane. A claim lapses at `claim.until`; a dead sender's rows are then taken
+        over."""
+
+    @abc.abstractmethod
+    async def release_claims(self, claimant: str) -> None:
+        """Drop every claim `claimant` still holds (the end of a sender pass)."""
 
     @abc.abstractmethod
     async def seam(self, bucket_start: int) -> SeamRows:
@@ -395,9 +429,13 @@ class Storage(abc.ABC):
         """Take back attempts recorded by `record_attempts` for calls that were not made."""
 
     @abc.abstractmethod
-    async def settle(self, settlements: Sequence[Settlement], at: int, actor: str) -> int:
+    async def settle(
+        self, settlements: Sequence[Settlement], at: int, actor: str, claimant: str = ""
+    ) -> int:
         """Apply sender decisions in one transaction: each row still `pending` (or `held`)
-        moves to its new state; every move to `sent` is audited. Returns rows moved."""
+        moves to its new state and leaves its claim; every move to `sent` is audited.
+        An exclusion re-derives the quantities of its rounding chain, leaving alone the rows
+        another live claimant holds. Returns rows moved."""
 
     @abc.abstractmethod
     async def cancel_rows(

@@ -26,6 +26,7 @@ FREE_PLAN = "free"
 
 
 class RollupStats(msgspec.Struct):
+    skipped: str | None = None
     buckets: int = 0
     rows: int = 0
     pending: int = 0

@@ -4,6 +4,7 @@ checker, each pass recorded."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 import structlog
@@ -31,7 +32,7 @@ class Jobs:
 
     async def rollup(self) -> None:
         with contextlib.suppress(Exception):
-            await self.cp.record("rollup", self.cp.rollup)
+            await self.cp.record("rollup", functools.partial(self.cp.rollup, wait=False))
 
     async def send(self) -> None:
         with contextlib.suppress(Exception):

@@ -16,6 +16,10 @@ and a boundary T (`bill_from`) is set. Per row, in order of decision:
 
 At most one call is in flight per (customer, meter), as Stripe requires, with concurrency
 across customers and a client-side rate limit. A held row never blocks newer rows.
+
+Several senders (replicas on one shared store) split the work by claims: each pass claims the
+rows it reads, for `claim_seconds`, and no two senders work on the same (org, meter) at once.
+A sender that dies leaves claims that lapse; another sender then takes the rows over.
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import os
+import socket
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -32,6 +39,7 @@ import structlog
 
 from controlplane.interfaces import (
     Billing,
+    Claim,
     ClosedPeriod,
     MeterEvent,
     Outcome,
@@ -92,6 +100,7 @@ class Sender:
         batch_size: int = 500,
         concurrency: int = 8,
         ambiguous_after_seconds: int = 23 * 3600,
+        claim_seconds: int = 300,
         actor: str = "sender",
     ) -> None:
         self.storage = storage
@@ -101,6 +110,8 @@ class Sender:
         self.concurrency = concurrency
         self.ambiguous_after = ambiguous_after_seconds
         self.actor = actor
+        self.claim_seconds = claim_seconds
+        self.claimant = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.limiter = RateLimiter(billing.rate_limit)
 
     async def run(
@@ -124,13 +135,32 @@ class Sender:
             stats.skipped = "bill_from is not set"
             log.warning("sender.skipped", reason=stats.skipped)
             return stats
+        try:
+            await self._pass(stats, bill_from, now, org_id, until)
+        finally:
+            await self.storage.release_claims(self.claimant)
+        if stats.sent or stats.held or stats.excluded or stats.retry or stats.ambiguous:
+            log.info("sender.done", **{k: v for k, v in msgspec.structs.asdict(stats).items() if v})
+        return stats
+
+    async def _pass(
+        self,
+        stats: SendStats,
+        bill_from: int,
+        now: float | None,
+        org_id: str | None,
+        until: int | None,
+    ) -> None:
         after_id = 0
         blocked: set[Lane] = set()  # lanes with a transient failure: they wait for next pass
         while True:
-            items = await self.storage.sendable(after_id, self.batch_size, org_id, until)
+            at = int(now if now is not None else time.time())
+            claim = Claim(self.claimant, at, at + self.claim_seconds)
+            items = await self.storage.sendable(
+                after_id, self.batch_size, org_id, until, claim=claim
+            )
             if not items:
                 break
-            at = int(now if now is not None else time.time())
             decided, deliver = self._triage(items, bill_from, at)
             exclusions = [s for s in decided if s.state is RowState.EXCLUDED]
             if exclusions:
@@ -142,9 +172,6 @@ class Sender:
             after_id = items[-1].row.id
             if deliver:
                 await self._deliver(deliver, stats, at, blocked)
-        if stats.sent or stats.held or stats.excluded or stats.retry or stats.ambiguous:
-            log.info("sender.done", **{k: v for k, v in msgspec.structs.asdict(stats).items() if v})
-        return stats
 
     def _triage(
         self, items: Sequence[SendItem], bill_from: int, now: int
@@ -200,7 +227,7 @@ class Sender:
     async def _settle(self, decided: list[Settlement], stats: SendStats, at: int) -> None:
         if not decided:
             return
-        await self.storage.settle(decided, at, self.actor)
+        await self.storage.settle(decided, at, self.actor, self.claimant)
         for s in decided:
             if s.state is RowState.SENT:
                 stats.sent += 1

@@ -29,6 +29,7 @@ from controlplane.interfaces import (
     Carry,
     CatalogVersion,
     ChainRow,
+    Claim,
     ClosedPeriod,
     FlagWrite,
     IngestResult,
@@ -396,12 +397,33 @@ class SQLiteStorage(Storage):
         return [_ledger_row(r) for r in rows]
 
     async def sendable(
-        self, after_id: int, limit: int, org_id: str | None = None, until: int | None = None
+        self,
+        after_id: int,
+        limit: int,
+        org_id: str | None = None,
+        until: int | None = None,
+        *,
+        claim: Claim,
     ) -> list[SendItem]:
-        rows = await self._all(
-            Q["sendable"], {"after": after_id, "limit": limit, "org": org_id, "until": until}
-        )
+        params = {
+            "after": after_id,
+            "limit": limit,
+            "org": org_id,
+            "until": until,
+            "claimant": claim.claimant,
+            "at": claim.at,
+        }
+        async with self._tx() as conn:
+            async with conn.execute(Q["sendable"], params) as cur:
+                rows = list(await cur.fetchall())
+            await conn.executemany(
+                Q["claim_row"], [(claim.claimant, claim.until, r[0]) for r in rows]
+            )
         return [SendItem(row=_ledger_row(r), customer=r[18]) for r in rows]
+
+    async def release_claims(self, claimant: str) -> None:
+        async with self._tx() as conn:
+            await conn.execute(Q["release_claims"], (claimant,))
 
     async def seam(self, bucket_start: int) -> SeamRows:
         ((reached, excluded),) = await self._all(Q["seam"], (bucket_start,))
@@ -415,7 +437,9 @@ class SQLiteStorage(Storage):
         async with self._tx() as conn:
             await conn.executemany(Q["release_attempt"], [(i,) for i in row_ids])
 
-    async def settle(self, settlements: Sequence[Settlement], at: int, actor: str) -> int:
+    async def settle(
+        self, settlements: Sequence[Settlement], at: int, actor: str, claimant: str = ""
+    ) -> int:
         async with self._tx() as conn:
             ids = _json.encode([s.row_id for s in settlements])
             async with conn.execute(Q["settleable"], (ids,)) as cur:
@@ -453,7 +477,7 @@ class SQLiteStorage(Storage):
             await self._append_audit(conn, sent, at)
             excluded = [s.row_id for s in moving if s.state is RowState.EXCLUDED]
             if excluded:
-                await self._requantify(conn, excluded, at)
+                await self._requantify(conn, excluded, at, claimant)
         return len(moving)
 
     async def cancel_rows(
@@ -480,16 +504,19 @@ class SQLiteStorage(Storage):
             )
         return len(found)
 
-    async def _requantify(self, conn: aiosqlite.Connection, row_ids: list[int], at: int) -> None:
+    async def _requantify(
+        self, conn: aiosqlite.Connection, row_ids: list[int], at: int, claimant: str
+    ) -> None:
         """Rows just excluded left the billable rounding chain: re-derive the quantities of
         every chain of their (org, meter) and store the carries."""
         async with conn.execute(Q["row_chains"], (_json.encode(row_ids),)) as cur:
             pairs = list(await cur.fetchall())
         for org_id, meter in pairs:
             chains: dict[str, list[ChainRow]] = {BILLABLE: []}  # reset even when emptied
-            async with conn.execute(Q["chain_rows"], (org_id, meter)) as cur:
-                for row_id, value, quantity, state, reason, attempts in await cur.fetchall():
-                    frozen = state != RowState.PENDING.value or attempts > 0
+            params = {"org": org_id, "meter": meter, "claimant": claimant, "at": at}
+            async with conn.execute(Q["chain_rows"], params) as cur:
+                for row_id, value, quantity, state, reason, attempts, held in await cur.fetchall():
+                    frozen = state != RowState.PENDING.value or attempts > 0 or bool(held)
                     if state == RowState.EXCLUDED.value:
                         frozen = False  # excluded rows are never sent: their units may move
                     chains.setdefault(segment(reason), []).append(

@@ -102,8 +102,18 @@ WHERE l.id > :after
        OR (l.state = 'held' AND l.reason = 'no_customer' AND o.customer IS NOT NULL))
   AND (:org IS NULL OR l.org_id = :org)
   AND (:until IS NULL OR l.bucket_start < :until)
+  AND NOT EXISTS (
+        SELECT 1 FROM ledger c INDEXED BY ledger_claims
+        WHERE c.org_id = l.org_id AND c.meter = l.meter AND c.claimed_by IS NOT NULL
+          AND c.claimed_by <> :claimant AND c.claim_expires > :at)
 ORDER BY l.id
 LIMIT :limit;
+
+-- name: claim_row
+UPDATE ledger SET claimed_by = ?, claim_expires = ? WHERE id = ?;
+
+-- name: release_claims
+UPDATE ledger SET claimed_by = NULL, claim_expires = NULL WHERE claimed_by = ?;
 
 -- name: seam
 SELECT coalesce(sum(state = 'sent' OR attempts > 0), 0),
@@ -126,15 +136,18 @@ WHERE id IN (SELECT value FROM json_each(?)) AND state IN ('pending', 'held');
 
 -- name: settle_row
 UPDATE ledger SET state = ?, reason = ?, detail = ?, provider_id = coalesce(?, provider_id),
-                  sent_at = ?, updated_at = ?
+                  sent_at = ?, updated_at = ?, claimed_by = NULL, claim_expires = NULL
 WHERE id = ? AND state IN ('pending', 'held');
 
 -- name: row_chains
 SELECT DISTINCT org_id, meter FROM ledger WHERE id IN (SELECT value FROM json_each(?));
 
 -- name: chain_rows
-SELECT id, value_micros, quantity, state, reason, attempts FROM ledger
-WHERE org_id = ? AND meter = ?
+-- `held`: another live claimant holds the row; it may be about to send its quantity.
+SELECT id, value_micros, quantity, state, reason, attempts,
+       coalesce(claimed_by <> :claimant AND claim_expires > :at, 0) AS held
+FROM ledger
+WHERE org_id = :org AND meter = :meter
 ORDER BY id;
 
 -- name: set_quantity
