@@ -1,0 +1,73 @@
+"""What the storage plugins share: rows read back into records, and rounding chains.
+
+Both plugins select ledger and parity rows with the same columns in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from controlplane.interfaces import ChainRow, ParityRun
+from controlplane.ledger import BILLABLE, LedgerRow, RowState, segment
+
+
+def ledger_row(r: Sequence[Any]) -> LedgerRow:
+    return LedgerRow(
+        id=r[0],
+        identifier=r[1],
+        org_id=r[2],
+        meter=r[3],
+        bucket_start=r[4],
+        bucket_end=r[5],
+        revision=r[6],
+        value_micros=r[7],
+        quantity=r[8],
+        state=RowState(r[9]),
+        reason=r[10],
+        detail=r[11],
+        attempts=r[12],
+        first_attempt_at=r[13],
+        provider_id=r[14],
+        created_at=r[15],
+        updated_at=r[16],
+        sent_at=r[17],
+    )
+
+
+def parity_run(r: Sequence[Any]) -> ParityRun:
+    return ParityRun(
+        id=r[0],
+        meter=r[1],
+        bucket_start=r[2],
+        bucket_end=r[3],
+        checked_at=r[4],
+        orgs=r[5],
+        mismatches=r[6],
+        material=r[7],
+        controlplane_micros=r[8],
+        legacy_micros=r[9],
+        worst_org=r[10],
+        worst_drift_micros=r[11],
+        worst_relative=r[12],
+        clean=bool(r[13]),
+        alarming=bool(r[14]),
+        alarm_since=r[15],
+    )
+
+
+def chains(rows: Iterable[Sequence[Any]]) -> dict[str, list[ChainRow]]:
+    """One (org, meter)'s ledger rows, oldest first, as rounding chains by segment.
+
+    Each row is (id, value, quantity, state, reason, attempts, held by another claimant).
+    A row is frozen once attempted, decided or held by another sender: its quantity may
+    already be on its way to the provider. Excluded rows are never sent: their units may move.
+    The billable chain is always present, so it is reset even when it emptied.
+    """
+    out: dict[str, list[ChainRow]] = {BILLABLE: []}
+    for row_id, value, quantity, state, reason, attempts, held in rows:
+        frozen = state != RowState.PENDING.value or attempts > 0 or bool(held)
+        if state == RowState.EXCLUDED.value:
+            frozen = False
+        out.setdefault(segment(reason), []).append(ChainRow(row_id, value, quantity, frozen))
+    return out

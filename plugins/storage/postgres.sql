@@ -1,0 +1,374 @@
+-- name: get_setting
+SELECT value FROM settings WHERE key = $1;
+
+-- name: put_setting
+INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING;
+
+-- name: insert_events
+-- Batch arrays in; the events not stored before come back (concurrent duplicates wait for
+-- the other transaction, then are skipped).
+INSERT INTO usage_events (source, event_id, type, org_id, time_ms, data, received_at)
+SELECT s, e, t, o, ms, d, $7
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[])
+     AS b(s, e, t, o, ms, d)
+ON CONFLICT (source, event_id) DO NOTHING
+RETURNING id, source, event_id;
+
+-- name: insert_meter_values
+INSERT INTO meter_values (event_pk, meter, org_id, bucket_start, micros)
+SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::bigint[]);
+
+-- name: add_bucket_totals
+-- Sorted, so that concurrent batches lock the rows they share in one order.
+INSERT INTO bucket_totals (org_id, bucket_start, meter, micros)
+SELECT o, b, m, sum(v) FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bigint[])
+     AS t(o, b, m, v)
+GROUP BY o, b, m
+ORDER BY o, b, m
+ON CONFLICT (org_id, bucket_start, meter)
+DO UPDATE SET micros = bucket_totals.micros + excluded.micros;
+
+-- name: mark_dirty
+INSERT INTO dirty_buckets (org_id, bucket_start, mark)
+SELECT o, b, nextval('dirty_marks') FROM unnest($1::text[], $2::bigint[]) AS t(o, b)
+ORDER BY o, b
+ON CONFLICT (org_id, bucket_start) DO UPDATE SET mark = excluded.mark;
+
+-- name: usage
+SELECT org_id, meter, bucket_start, micros
+FROM bucket_totals
+WHERE ($1::text IS NULL OR org_id = $1)
+  AND ($2::text IS NULL OR meter = $2)
+  AND ($3::bigint IS NULL OR bucket_start >= $3)
+  AND ($4::bigint IS NULL OR bucket_start < $4)
+ORDER BY org_id, meter, bucket_start;
+
+-- name: closed_dirty
+SELECT org_id, bucket_start, mark FROM dirty_buckets
+WHERE bucket_start <= $1 AND ($2::text IS NULL OR org_id = $2)
+ORDER BY org_id, bucket_start
+LIMIT $3;
+
+-- name: batch_totals
+SELECT t.org_id, t.meter, t.bucket_start, t.micros
+FROM unnest($1::text[], $2::bigint[]) AS b(org_id, bucket_start)
+JOIN bucket_totals t ON t.org_id = b.org_id AND t.bucket_start = b.bucket_start;
+
+-- name: batch_ledger
+SELECT l.org_id, l.meter, l.bucket_start, sum(l.value_micros)::bigint, max(l.revision)
+FROM unnest($1::text[], $2::bigint[]) AS b(org_id, bucket_start)
+JOIN ledger l ON l.org_id = b.org_id AND l.bucket_start = b.bucket_start
+GROUP BY l.org_id, l.bucket_start, l.meter;
+
+-- name: batch_carries
+SELECT org_id, meter, segment, exact_micros, quantity FROM carries WHERE org_id = ANY($1::text[]);
+
+-- name: batch_orgs
+SELECT o.org_id, o.customer, o.updated_at, p.plan, p.effective_from
+FROM orgs o LEFT JOIN org_plans p ON p.org_id = o.org_id
+WHERE o.org_id = ANY($1::text[])
+ORDER BY o.org_id, p.effective_from;
+
+-- name: insert_rows
+INSERT INTO ledger (identifier, org_id, meter, bucket_start, bucket_end, revision,
+                    value_micros, quantity, state, reason, created_at, updated_at)
+SELECT i, o, m, bs, be, r, v, q, s, rs, $11, $11
+FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::integer[],
+            $7::bigint[], $8::bigint[], $9::text[], $10::text[])
+     AS t(i, o, m, bs, be, r, v, q, s, rs);
+
+-- name: upsert_carries
+INSERT INTO carries (org_id, meter, segment, exact_micros, quantity)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[])
+ON CONFLICT (org_id, meter, segment) DO UPDATE SET exact_micros = excluded.exact_micros,
+                                                   quantity = excluded.quantity;
+
+-- name: clear_dirty
+-- Only marks no ingest renewed since they were read.
+DELETE FROM dirty_buckets d
+USING unnest($1::text[], $2::bigint[], $3::bigint[]) AS b(org_id, bucket_start, mark)
+WHERE d.org_id = b.org_id AND d.bucket_start = b.bucket_start AND d.mark = b.mark;
+
+-- name: ledger
+SELECT id, identifier, org_id, meter, bucket_start, bucket_end, revision, value_micros,
+       quantity, state, reason, detail, attempts, first_attempt_at, provider_id,
+       created_at, updated_at, sent_at
+FROM ledger
+WHERE ($1::text IS NULL OR org_id = $1)
+  AND ($2::text IS NULL OR state = $2)
+  AND ($3::bigint IS NULL OR bucket_start >= $3)
+  AND ($4::bigint IS NULL OR bucket_start < $4)
+ORDER BY id
+LIMIT $5;
+
+-- name: sendable
+-- Claim transactions run one at a time (an advisory lock), so the lane test below is exact;
+-- SKIP LOCKED passes over rows a settling transaction holds.
+WITH picked AS (
+    SELECT l.id FROM ledger l LEFT JOIN orgs o ON o.org_id = l.org_id
+    WHERE l.id > $1
+      AND (l.state = 'pending'
+           OR (l.state = 'held' AND l.reason = 'no_customer' AND o.customer IS NOT NULL))
+      AND ($3::text IS NULL OR l.org_id = $3)
+      AND ($4::bigint IS NULL OR l.bucket_start < $4)
+      AND NOT EXISTS (
+            SELECT 1 FROM ledger c
+            WHERE c.org_id = l.org_id AND c.meter = l.meter AND c.claimed_by IS NOT NULL
+              AND c.claimed_by <> $5 AND c.claim_expires > $6)
+    ORDER BY l.id
+    LIMIT $2
+    FOR UPDATE OF l SKIP LOCKED
+)
+UPDATE ledger l SET claimed_by = $5, claim_expires = $7
+FROM picked
+WHERE l.id = picked.id
+RETURNING l.id, l.identifier, l.org_id, l.meter, l.bucket_start, l.bucket_end, l.revision,
+          l.value_micros, l.quantity, l.state, l.reason, l.detail, l.attempts,
+          l.first_attempt_at, l.provider_id, l.created_at, l.updated_at, l.sent_at,
+          (SELECT customer FROM orgs WHERE org_id = l.org_id);
+
+-- name: release_claims
+UPDATE ledger SET claimed_by = NULL, claim_expires = NULL WHERE claimed_by = $1;
+
+-- name: seam
+SELECT count(*) FILTER (WHERE state = 'sent' OR attempts > 0),
+       count(*) FILTER (WHERE state = 'excluded' AND reason = 'before_bill_from')
+FROM ledger WHERE bucket_start >= $1;
+
+-- name: record_attempts
+UPDATE ledger SET attempts = attempts + 1, first_attempt_at = coalesce(first_attempt_at, $2),
+                  updated_at = $2
+WHERE id = ANY($1::bigint[]);
+
+-- name: release_attempts
+UPDATE ledger SET attempts = attempts - 1,
+                  first_attempt_at = CASE WHEN attempts = 1 THEN NULL ELSE first_attempt_at END
+WHERE id = ANY($1::bigint[]) AND attempts > 0 AND state = 'pending';
+
+-- name: settleable
+SELECT id FROM ledger
+WHERE id = ANY($1::bigint[]) AND state IN ('pending', 'held')
+ORDER BY id
+FOR UPDATE;
+
+-- name: settle_rows
+UPDATE ledger l SET state = t.state, reason = t.reason, detail = t.detail,
+                    provider_id = coalesce(t.provider_id, l.provider_id), sent_at = t.sent_at,
+                    updated_at = $7, claimed_by = NULL, claim_expires = NULL
+FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[])
+     AS t(id, state, reason, detail, provider_id, sent_at)
+WHERE l.id = t.id AND l.state IN ('pending', 'held');
+
+-- name: row_chains
+SELECT DISTINCT org_id, meter FROM ledger WHERE id = ANY($1::bigint[]) ORDER BY org_id, meter;
+
+-- name: chain_rows
+-- `held`: another live claimant holds the row; it may be about to send its quantity.
+SELECT id, value_micros, quantity, state, reason, attempts,
+       coalesce(claimed_by <> $3 AND claim_expires > $4, false) AS held
+FROM ledger
+WHERE org_id = $1 AND meter = $2
+ORDER BY id
+FOR UPDATE;
+
+-- name: set_quantities
+UPDATE ledger l SET quantity = t.q, updated_at = $3
+FROM unnest($1::bigint[], $2::bigint[]) AS t(id, q)
+WHERE l.id = t.id;
+
+-- name: upsert_carry
+INSERT INTO carries (org_id, meter, segment, exact_micros, quantity) VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (org_id, meter, segment) DO UPDATE SET exact_micros = excluded.exact_micros,
+                                                   quantity = excluded.quantity;
+
+-- name: cancellable
+SELECT id, identifier, quantity, value_micros FROM ledger
+WHERE id = ANY($1::bigint[]) AND state = 'sent'
+ORDER BY id
+FOR UPDATE;
+
+-- name: cancel_rows
+UPDATE ledger SET state = 'cancelled', reason = $2, detail = $3, updated_at = $4
+WHERE id = ANY($1::bigint[]) AND state = 'sent';
+
+-- name: get_org
+SELECT org_id, customer, updated_at, subscription, subscription_status
+FROM orgs WHERE org_id = $1;
+
+-- name: org_plans
+SELECT plan, effective_from FROM org_plans WHERE org_id = $1 ORDER BY effective_from;
+
+-- name: upsert_org
+INSERT INTO orgs (org_id, customer, updated_at) VALUES ($1, $2, $3)
+ON CONFLICT (org_id) DO UPDATE SET customer = coalesce(excluded.customer, orgs.customer),
+                                   updated_at = excluded.updated_at;
+
+-- name: upsert_plan
+INSERT INTO org_plans (org_id, effective_from, plan) VALUES ($1, $2, $3)
+ON CONFLICT (org_id, effective_from) DO UPDATE SET plan = excluded.plan;
+
+-- name: plan_orgs_without_customer
+-- Orgs whose plan in force at $2 is $1 and that have no provider customer.
+SELECT o.org_id FROM orgs o
+WHERE o.customer IS NULL
+  AND (SELECT p.plan FROM org_plans p WHERE p.org_id = o.org_id AND p.effective_from <= $2
+       ORDER BY p.effective_from DESC LIMIT 1) = $1
+ORDER BY o.org_id;
+
+-- name: runtime_flags
+SELECT name, value, version, updated_at FROM flags;
+
+-- name: flag_version
+SELECT version FROM flags WHERE name = $1;
+
+-- name: upsert_flag
+INSERT INTO flags (name, value, version, updated_at) VALUES ($1, $2, $3, $4)
+ON CONFLICT (name) DO UPDATE SET value = excluded.value, version = excluded.version,
+                                 updated_at = excluded.updated_at;
+
+-- name: last_audit_hash
+SELECT hash FROM audit_log ORDER BY id DESC LIMIT 1;
+
+-- name: insert_audit
+INSERT INTO audit_log (at, action, subject, actor, reason, before, after, forced, group_id,
+                       prev_hash, hash)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11);
+
+-- name: audit_log
+SELECT id, at, action, subject, actor, reason, before, after, forced, group_id, prev_hash, hash
+FROM audit_log
+WHERE ($1::text IS NULL OR starts_with(action, $1))
+ORDER BY id DESC
+LIMIT $2;
+
+-- name: insert_job_run
+INSERT INTO job_runs (job, started_at, ended_at, outcome, counts, error)
+VALUES ($1, $2, $3, $4, $5, $6);
+
+-- name: job_runs
+SELECT job, started_at, ended_at, outcome, counts, error FROM job_runs
+WHERE ($1::text IS NULL OR job = $1)
+ORDER BY id DESC
+LIMIT $2;
+
+-- name: usage_by_org
+SELECT org_id, sum(micros)::bigint FROM bucket_totals
+WHERE meter = $1 AND bucket_start >= $2 AND bucket_start < $3
+GROUP BY org_id;
+
+-- name: insert_parity_run
+INSERT INTO parity_runs (meter, bucket_start, bucket_end, checked_at, orgs, mismatches, material,
+                         controlplane_micros, legacy_micros, worst_org, worst_drift_micros,
+                         worst_relative, clean, alarming, alarm_since)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+ON CONFLICT (meter, bucket_start) DO NOTHING
+RETURNING id;
+
+-- name: insert_parity_mismatch
+INSERT INTO parity_mismatches (run_id, org_id, controlplane_micros, legacy_micros)
+VALUES ($1, $2, $3, $4);
+
+-- name: insert_parity_alert
+INSERT INTO parity_alerts (meter, bucket_start, dedup_key, text, state, created_at)
+VALUES ($1, $2, $3, $4, $5, $6);
+
+-- name: parity_runs
+SELECT id, meter, bucket_start, bucket_end, checked_at, orgs, mismatches, material,
+       controlplane_micros, legacy_micros, worst_org, worst_drift_micros, worst_relative,
+       clean, alarming, alarm_since
+FROM parity_runs
+WHERE meter = $1
+  AND ($2::bigint IS NULL OR bucket_start >= $2)
+  AND ($3::bigint IS NULL OR bucket_start < $3)
+ORDER BY bucket_start DESC
+LIMIT $4;
+
+-- name: parity_run
+SELECT id, meter, bucket_start, bucket_end, checked_at, orgs, mismatches, material,
+       controlplane_micros, legacy_micros, worst_org, worst_drift_micros, worst_relative,
+       clean, alarming, alarm_since
+FROM parity_runs WHERE id = $1;
+
+-- name: parity_run_mismatches
+SELECT org_id, controlplane_micros, legacy_micros FROM parity_mismatches
+WHERE run_id = $1 ORDER BY org_id;
+
+-- name: parity_clean_tail
+SELECT bucket_start FROM parity_runs
+WHERE meter = $1 AND clean
+  AND bucket_start > coalesce(
+        (SELECT max(bucket_start) FROM parity_runs WHERE meter = $1 AND NOT clean), -1)
+ORDER BY bucket_start DESC;
+
+-- name: parity_alerts
+SELECT id, meter, bucket_start, dedup_key, text, state, created_at, attempts, sent_at, error
+FROM parity_alerts
+WHERE meter = $1
+  AND ($2::bigint IS NULL OR created_at >= $2)
+  AND ($3::text[] IS NULL OR state = ANY($3::text[]))
+ORDER BY id DESC
+LIMIT $4;
+
+-- name: update_parity_alert
+UPDATE parity_alerts SET state = $1, attempts = $2, sent_at = $3, error = $4 WHERE id = $5;
+
+-- name: org_subscription
+SELECT subscription, subscription_status FROM orgs WHERE org_id = $1;
+
+-- name: org_by_subscription
+SELECT org_id FROM orgs WHERE subscription = $1 LIMIT 1;
+
+-- name: org_by_customer
+SELECT org_id FROM orgs WHERE customer = $1 ORDER BY updated_at DESC LIMIT 1;
+
+-- name: set_org_subscription
+UPDATE orgs SET subscription = $1, subscription_status = $2, updated_at = $3 WHERE org_id = $4;
+
+-- name: latest_catalog
+SELECT version, published_at, actor, digest, catalog FROM catalog_versions
+ORDER BY version DESC LIMIT 1;
+
+-- name: catalog_version
+SELECT version, published_at, actor, digest, catalog FROM catalog_versions WHERE version = $1;
+
+-- name: insert_catalog
+INSERT INTO catalog_versions (version, published_at, actor, digest, catalog)
+VALUES ((SELECT coalesce(max(version), 0) + 1 FROM catalog_versions), $1, $2, $3, $4)
+RETURNING version;
+
+-- name: webhook_event
+SELECT outcome FROM webhook_events WHERE event_id = $1;
+
+-- name: insert_webhook_event
+INSERT INTO webhook_events (event_id, type, created, processed_at, outcome)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (event_id) DO NOTHING
+RETURNING event_id;
+
+-- name: insert_closed_period
+INSERT INTO closed_periods (invoice_id, org_id, period_start, period_end, finalized_at)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (invoice_id) DO NOTHING;
+
+-- name: closed_periods
+SELECT invoice_id, org_id, period_start, period_end, finalized_at FROM closed_periods
+WHERE org_id = ANY($1::text[])
+ORDER BY org_id, period_start;
+
+-- name: last_job_success
+SELECT ended_at FROM job_runs
+WHERE job = $1 AND outcome IN ('ok', 'skipped')
+ORDER BY id DESC
+LIMIT 1;
+
+-- name: ledger_counts
+SELECT state, reason, count(*) FROM ledger GROUP BY state, reason ORDER BY state, reason;
+
+-- name: dirty_backlog
+SELECT count(*), min(bucket_start) FROM dirty_buckets WHERE bucket_start <= $1;
+
+-- name: insert_alert
+INSERT INTO parity_alerts (meter, bucket_start, dedup_key, text, state, created_at)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (meter, bucket_start) DO NOTHING
+RETURNING id;
