@@ -1,6 +1,13 @@
-"""Ingest throughput: the real server over HTTP against plain sqlite3 inserts of the same rows.
+"""Ingest throughput: the real server over HTTP against raw inserts of the same rows.
 
     python -m bench.ingest [--events 200000] [--clients 4] [--batch 1000] [--storage sqlite]
+    python -m bench.ingest --storage postgres [--dsn postgresql://user@host/postgres]
+
+With `--storage postgres` both runs use fresh databases on one PostgreSQL server (`--dsn`
+names a database to connect to for creating them; without it a throwaway server is started
+from the machine's PostgreSQL binaries, as the tests do). The raw baseline there is asyncpg:
+`copy_records_to_table` for events and meter values, one multi-row upsert each for the
+per-bucket totals and dirty marks, one transaction per batch.
 
 1. Server: `controlplane serve --no-scheduler` in a subprocess on a temporary SQLite file;
    `--clients` httpx.AsyncClient tasks post pre-encoded JSON arrays of `--batch` events to
@@ -57,16 +64,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _config(db: Path, port: int, token: str) -> str:
+def _config(db: Path, port: int, token: str, storage: str | None = None) -> str:
+    storage = storage or f'backend = "sqlite"\npath = "{db}"\nsynchronous = "full"'
     return f"""
 [server]
 host = "127.0.0.1"
 port = {port}
 
 [storage]
-backend = "sqlite"
-path = "{db}"
-synchronous = "full"
+{storage}
 
 [[auth.tokens]]
 name = "bench"
@@ -115,11 +121,14 @@ async def _post_all(
     return accepted, duplicates, latencies
 
 
-def run_server(work: Path, bodies: list[bytes], sizes: list[int], clients: int) -> ServerRun:
+def run_server(
+    work: Path, bodies: list[bytes], sizes: list[int], clients: int, storage: str | None = None
+) -> ServerRun:
+    """`storage`: the [storage] table's body (default: SQLite in `work`)."""
     token = "cp_bench_" + secrets.token_urlsafe(16)
     port = _free_port()
     config = work / "server.toml"
-    config.write_text(_config(work / "server.db", port, token))
+    config.write_text(_config(work / "server.db", port, token, storage))
     log = (work / "server.log").open("wb")
     serve = ["serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(
@@ -199,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.ingest", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--storage", choices=["sqlite"], default="sqlite")
+    parser.add_argument("--storage", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument("--dsn", help="postgres: an existing server (default: start one)")
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--batch", type=int, default=1000, help="events per request")
     parser.add_argument("--clients", type=int, default=4, help="concurrent HTTP clients")
@@ -216,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     wl = Workload(events=args.events, orgs=args.orgs, buckets=args.buckets)
+    if args.storage == "postgres":
+        from bench.ingest_postgres import main as postgres_main
+
+        return postgres_main(args, wl)
     print(f"ingest benchmark ({args.storage}, synchronous=full) on {machine()}")
     print(
         f"  {wl.events:,} events, batches of {args.batch:,}, {args.clients} clients, "

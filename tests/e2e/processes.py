@@ -17,16 +17,23 @@ from tests.conftest import TOKEN, free_port, token_hash
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def base_config(db: Path, *, scopes: str = "ingest read admin", synchronous: str = "normal") -> str:
-    """What every end-to-end config shares: SQLite at `db`, the test token with `scopes`, quiet
-    logs and the `gbs` meter (`memory_gb_seconds` at the provider). Tests append their own
-    sections."""
+def base_config(
+    db: Path | str,
+    *,
+    scopes: str = "ingest read admin",
+    synchronous: str = "normal",
+) -> str:
+    """What every end-to-end config shares: storage (SQLite at the path `db`, or PostgreSQL
+    when `db` is a postgresql:// DSN), the test token with `scopes`, quiet logs and the `gbs`
+    meter (`memory_gb_seconds` at the provider). Tests append their own sections."""
     scope_list = ", ".join(f'"{s}"' for s in scopes.split())
+    if str(db).startswith("postgresql://"):
+        storage = f'backend = "postgres"\ndsn = "{db}"'
+    else:
+        storage = f'backend = "sqlite"\npath = "{db}"\nsynchronous = "{synchronous}"'
     return f"""
 [storage]
-backend = "sqlite"
-path = "{db}"
-synchronous = "{synchronous}"
+{storage}
 
 [[auth.tokens]]
 name = "e2e"

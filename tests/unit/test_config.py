@@ -62,6 +62,7 @@ def test_every_setting_is_documented_in_the_example() -> None:
         TokenConfig,
     )
     from controlplane.meters import MeterConfig
+    from plugins.ingest.redis_streams import RedisStreamsIngestConfig
     from plugins.legacy.http import HTTPLegacyConfig
     from plugins.legacy.sql import SQLLegacyConfig
     from plugins.storage.sqlite import SQLiteStorageConfig
@@ -77,8 +78,11 @@ def test_every_setting_is_documented_in_the_example() -> None:
         | _struct_keys(SQLiteStorageConfig, "storage")
         | _struct_keys(ParityConfig, "parity")
         | _struct_keys(ParityAlertConfig, "parity.alert")
+        | _struct_keys(config_mod.RateLimitConfig, "rate_limit")
+        | _struct_keys(config_mod.JobsConfig, "jobs")
         | _struct_keys(SQLLegacyConfig, "legacy")
         | _struct_keys(HTTPLegacyConfig, "legacy")
+        | _struct_keys(RedisStreamsIngestConfig, "ingest")
     )
     expected -= {"auth.tokens", "parity.alert"}  # the sections themselves
     missing = sorted(expected - _documented_keys())
@@ -86,13 +90,13 @@ def test_every_setting_is_documented_in_the_example() -> None:
     assert {f.name for f in msgspec.inspect.type_info(AuthConfig).fields} == {"tokens"}  # type: ignore[attr-defined]
     top = {f.name for f in msgspec.inspect.type_info(Config).fields} - {"source"}  # type: ignore[attr-defined]
     example_sections = set(tomllib.loads(EXAMPLE.read_text()))
-    assert top <= example_sections | {"billing", "legacy"}, top - example_sections
+    assert top <= example_sections | {"billing", "legacy", "ingest"}, top - example_sections
 
 
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ({"storage": {"backend": "mysql"}}, "storage.backend: expected one of ['sqlite'"),
+        ({"storage": {"backend": "mysql"}}, "storage.backend: expected one of ['postgres', 'sqlite'"),
         ({"storage": {"backend": "sqlite", "pth": "x"}}, "storage.pth: unknown setting"),
         ({"server": {"port": "80"}}, "server.port: Expected `int`, got `str`"),
         ({"server": {"prot": 80}}, "server.prot: unknown setting"),
