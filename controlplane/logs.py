@@ -10,8 +10,15 @@ import structlog
 from controlplane.config import LoggingConfig
 
 
+# Libraries that log every scheduled run or HTTP call at INFO: the product's own events
+# (`sender.done`, `rollup.done`, ...) say what matters; theirs show from WARNING on.
+CHATTY = ("apscheduler", "httpx", "stripe")
+
+
 def configure(config: LoggingConfig) -> None:
     level = getattr(logging, config.level.upper())
+    for name in CHATTY:
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
         if config.format == "json"
