@@ -7,25 +7,47 @@ input, `errors` listing each bad field (and event index). OpenAPI is served at `
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from decimal import Decimal
 from typing import Annotated, Any
 
 import msgspec
 import structlog
-from litestar import Litestar, Request, Response, get, post, put
+from litestar import HttpMethod, Litestar, Request, Response, Router, get, post, put, route
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.handlers.base import BaseRouteHandler
-from litestar.openapi import OpenAPIConfig
-from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
+from litestar.openapi import OpenAPIConfig, ResponseSpec
+from litestar.openapi.spec import (
+    Components,
+    OpenAPI,
+    OpenAPIFormat,
+    OpenAPIMediaType,
+    OpenAPIType,
+    Operation,
+    RequestBody,
+    Schema,
+    SecurityScheme,
+)
+from litestar.params import (
+    FromPath,
+    FromQuery,
+    HeaderParameter,
+    JSONBody,
+    PathParameter,
+    QueryParameter,
+)
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from controlplane import __version__, cutover, ofrep
+from controlplane import health as job_health
 from controlplane.auth import Forbidden, Principal, TokenStore, Unauthorized
 from controlplane.catalog import catalog_api
 from controlplane.config import Config
@@ -39,8 +61,9 @@ from controlplane.errors import (
     Problem,
     StorageError,
 )
-from controlplane.events import decode_body
+from controlplane.events import MAX_TS_MS, decode_body
 from controlplane.ledger import RowState
+from controlplane.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from controlplane.parity import (
     CleanSince,
     comparison_api,
@@ -49,6 +72,7 @@ from controlplane.parity import (
     verify_signature,
     window_problems,
 )
+from controlplane.ratelimit import IngestLimiter, RateLimited
 from controlplane.secrets import reveal
 from controlplane.units import format_micros
 from controlplane.webhooks import WebhookRejected
@@ -62,7 +86,13 @@ PROBLEM = "application/problem+json"
 # errors -----------------------------------------------------------------------------------
 
 
-def problem(status: int, title: str, detail: str, **extra: Any) -> Response[Any]:
+def problem(
+    status: int,
+    title: str,
+    detail: str,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> Response[Any]:
     return Response(
         content={
             "type": "about:blank",
@@ -73,7 +103,7 @@ def problem(status: int, title: str, detail: str, **extra: Any) -> Response[Any]
         },
         status_code=status,
         media_type=PROBLEM,
-        headers={"WWW-Authenticate": "Bearer"} if status == 401 else None,
+        headers={**({"WWW-Authenticate": "Bearer"} if status == 401 else {}), **(headers or {})},
     )
 
 
@@ -92,19 +122,243 @@ def _on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
         return problem(404, "Not found", exc.message)
     if isinstance(exc, FlagRefused):
         return problem(409, "Refused", exc.message, rule=exc.rule)
+    if isinstance(exc, RateLimited):
+        return problem(
+            429, "Too many requests", str(exc), headers={"Retry-After": exc.retry_after_header}
+        )
     if isinstance(exc, ValidationException):
         errors = [
-            {"field": e.get("key", ""), "message": e.get("message", ""), "in": e.get("source", "")}
+            {
+                "field": _wire_name(request, e.get("key", "")),
+                "message": e.get("message", ""),
+                "in": e.get("source", ""),
+            }
             for e in (exc.extra if isinstance(exc.extra, list) else [])
         ]
+        missing = _MISSING.match(exc.detail)
+        if missing and not errors:
+            errors = [{"field": missing["name"], "message": "required", "in": missing["source"]}]
         return problem(400, "Bad request", exc.detail, errors=errors)
     if isinstance(exc, HTTPException):
-        return problem(exc.status_code, "Request refused", exc.detail)
+        # keep the exception's headers: `Allow` on a 405, for one
+        return problem(exc.status_code, "Request refused", exc.detail, headers=exc.headers)
     if isinstance(exc, StorageError | ConfigError | ControlPlaneError):
         log.error("api.error", error=str(exc), kind=type(exc).__name__)
         return problem(503, "Unavailable", str(exc))
     log.exception("api.unexpected", error=str(exc))
     return problem(500, "Internal error", "unexpected error; see the server log")
+
+
+# OpenAPI: the error answers each handler documents ------------------------------------------
+
+
+class FieldProblem(msgspec.Struct, omit_defaults=True):
+    field: str
+    message: str
+    index: int | None = None  # the event's position in an ingest batch
+    source: str | None = msgspec.field(default=None, name="in")  # query, path, body
+
+
+class ProblemDetails(msgspec.Struct, omit_defaults=True):
+    """An error answer (RFC 9457), served as application/problem+json."""
+
+    type: str
+    status: int
+    title: str
+    detail: str
+    errors: list[FieldProblem] | None = None  # invalid input: each bad field
+    rule: str | None = None  # 409: the rule a change broke
+
+
+class OfrepErrorBody(msgspec.Struct):
+    key: str | None
+    errorCode: str  # OFREP's own field names
+    errorDetails: str
+
+
+class Readiness(msgspec.Struct):
+    status: str  # "ready" or "not ready"
+    checks: dict[str, Any]
+
+
+_WHEN = {
+    400: "A malformed query parameter, path parameter or body field (`errors` names it)",
+    401: "No bearer token, or an unknown one",
+    403: "The token lacks the scope this endpoint needs",
+    404: "Not found",
+    409: "Refused by a rule (`rule` names it); nothing changed",
+    413: "The body is over the size limit",
+    422: "Invalid input (each problem listed in `errors`); nothing changed",
+    429: "Over the token's ingest rate limit; retry after `Retry-After` seconds",
+    503: "Storage (or another dependency) is unavailable",
+}
+AUTH = (401, 403, 503)  # every endpoint behind a bearer token
+BODY = (400, 413, 422)  # every endpoint reading a JSON body
+
+
+def documented(*statuses: int) -> dict[int, ResponseSpec]:
+    """The problem+json answers of a handler, for the OpenAPI document."""
+    return {
+        status: ResponseSpec(
+            data_container=ProblemDetails,
+            media_type=PROBLEM,
+            description=_WHEN[status],
+            generate_examples=False,
+        )
+        for status in sorted(set(statuses))
+    }
+
+
+def _ofrep_documented(*statuses: int) -> dict[int, ResponseSpec]:
+    out = documented(*statuses)
+    for status, description in ((400, "Invalid context or JSON"), (404, "Unknown flag key")):
+        out[status] = ResponseSpec(
+            data_container=OfrepErrorBody, description=description, generate_examples=False
+        )
+    return out
+
+
+BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
+_TEXT = Schema(type=OpenAPIType.STRING, min_length=1, max_length=256)
+_NULL = Schema(type=OpenAPIType.NULL)
+EVENT_SCHEMA = Schema(
+    type=OpenAPIType.OBJECT,
+    title="Event",
+    description="A usage event (CloudEvents-compatible); give `time` or `ts`, not both. "
+    "Other CloudEvents attributes are accepted and not stored.",
+    required=["id", "type", "subject"],
+    properties={
+        "id": _TEXT,
+        "type": _TEXT,
+        "subject": Schema(
+            type=OpenAPIType.STRING, min_length=1, max_length=256, description="the org id"
+        ),
+        # null is taken as absent
+        "source": Schema(
+            one_of=[Schema(type=OpenAPIType.STRING, min_length=1, max_length=256), _NULL]
+        ),
+        "time": Schema(
+            one_of=[Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.DATE_TIME), _NULL]
+        ),
+        "ts": Schema(
+            one_of=[
+                Schema(
+                    type=OpenAPIType.INTEGER,
+                    minimum=0,
+                    maximum=MAX_TS_MS,
+                    description="unix milliseconds",
+                ),
+                _NULL,
+            ]
+        ),
+        "data": Schema(type=OpenAPIType.OBJECT, additional_properties=Schema()),
+    },
+)
+
+
+@dataclasses.dataclass
+class IngestOperation(Operation):
+    """`POST /v1/events` reads its body itself; this documents what it accepts."""
+
+    def __post_init__(self) -> None:
+        batch = Schema(type=OpenAPIType.ARRAY, items=EVENT_SCHEMA)
+        self.request_body = RequestBody(
+            required=True,
+            description="One event, a JSON array of events, NDJSON (one event per line) or a "
+            "CloudEvents batch. Validated whole and stored in one transaction.",
+            content={
+                "application/json": OpenAPIMediaType(schema=Schema(one_of=[EVENT_SCHEMA, batch])),
+                "application/cloudevents-batch+json": OpenAPIMediaType(schema=batch),
+                "application/x-ndjson": OpenAPIMediaType(
+                    schema=Schema(type=OpenAPIType.STRING, description="one event per line")
+                ),
+            },
+        )
+
+
+@dataclasses.dataclass
+class OfrepOperation(Operation):
+    """The OFREP endpoints read their (optional) body themselves."""
+
+    def __post_init__(self) -> None:
+        context = Schema(  # null is taken as no context
+            one_of=[Schema(type=OpenAPIType.OBJECT, additional_properties=Schema()), _NULL]
+        )
+        self.request_body = RequestBody(
+            required=False,
+            description="The evaluation context (not used: every flag has one value).",
+            content={
+                "application/json": OpenAPIMediaType(
+                    schema=Schema(type=OpenAPIType.OBJECT, properties={"context": context})
+                )
+            },
+        )
+
+
+def strict_body(
+    struct: type[msgspec.Struct],
+) -> Callable[[Request[Any, Any, Any]], Awaitable[None]]:
+    """A `before_request` hook checking the JSON body against `struct` as its OpenAPI schema
+    says: litestar's own parsing would also take `0` for `false` or `"5"` for `5`. A number
+    with a zero fraction (`5.0`) is an integer, as in JSON Schema."""
+
+    async def check(request: Request[Any, Any, Any]) -> None:
+        try:
+            raw = _json_numbers.decode(await request.body())
+            msgspec.convert(raw, struct, strict=True)
+        except msgspec.ValidationError as exc:
+            field, message = _body_problem(str(exc))
+        except msgspec.DecodeError as exc:
+            field, message = "", f"malformed JSON: {exc}"
+        else:
+            return
+        raise ValidationException(
+            detail=f"{field}: {message}" if field else message,
+            extra=[{"key": field, "message": message, "source": "body"}],
+        )
+
+    return check
+
+
+def _integral(text: str) -> int | float:
+    """JSON numbers with a fraction: `5.0` and `5e2` as integers, others as floats. Only a
+    number of up to 19 digits becomes an integer: `1e999999999` must not build a huge one."""
+    with contextlib.suppress(ArithmeticError, ValueError):
+        number = Decimal(text)
+        if number.adjusted() < 19 and number == number.to_integral_value():
+            return int(number)
+    return float(text)
+
+
+_json_numbers = msgspec.json.Decoder(float_hook=_integral)
+
+
+def _body_problem(text: str) -> tuple[str, str]:
+    """(field, message) of a msgspec error such as "Expected `int` - at `$.at`"."""
+    message, _, at = text.partition(" - at `$")
+    field = at.rstrip("`").lstrip(".")
+    for pattern in (_UNKNOWN_FIELD, _MISSING_FIELD):
+        named = pattern.match(message)
+        if named:
+            field = f"{field}.{named['name']}" if field else named["name"]
+    return field, message
+
+
+_UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(?P<name>[^`]+)`")
+_MISSING_FIELD = re.compile(r"Object missing required field `(?P<name>[^`]+)`")
+_MISSING = re.compile(r"Missing required (?P<source>\w+) parameter '(?P<name>[^']+)'")
+
+
+def _wire_name(request: Request[Any, Any, Any], key: str) -> str:
+    """The name a client sent a parameter under (`from`), not the handler's (`start`)."""
+    with contextlib.suppress(Exception):  # no route handler (e.g. 404): keep the key
+        field = request.route_handler.parsed_fn_signature.parameters.get(key)
+        kwarg = getattr(field, "kwarg_definition", None)
+        for alias in ("header", "cookie", "query", "name"):
+            name = getattr(kwarg, alias, None)
+            if isinstance(name, str):
+                return name
+    return key
 
 
 # auth -------------------------------------------------------------------------------------
@@ -164,33 +418,69 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
 # handlers ---------------------------------------------------------------------------------
 
 Org = FromQuery[str | None]
-From = Annotated[int | None, QueryParameter(name="from", ge=0)]
-To = Annotated[int | None, QueryParameter(name="to", ge=0)]
+MAX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z: larger values overflow storage integers
+_SECONDS = {"minimum": 0, "maximum": MAX_SECONDS}  # litestar drops ge/le of Optional parameters
+From = Annotated[
+    int | None, QueryParameter(name="from", ge=0, le=MAX_SECONDS, schema_extra=_SECONDS)
+]
+To = Annotated[int | None, QueryParameter(name="to", ge=0, le=MAX_SECONDS, schema_extra=_SECONDS)]
 Limit = Annotated[int, QueryParameter(ge=1, le=10_000)]
+MAX_ID = 2**53 - 1  # ids: the largest integer every JSON client (and float) holds exactly
+# body fields: a reason must say something; times are unix seconds storage can hold
+Reason = Annotated[str, msgspec.Meta(pattern=r"\S")]
+Seconds = Annotated[int, msgspec.Meta(ge=0, le=MAX_SECONDS)]
 
 
-@post("/v1/events", opt={"scope": "ingest"}, status_code=200, summary="Ingest usage events")
+@post(
+    "/v1/events",
+    opt={"scope": "ingest"},
+    status_code=200,
+    summary="Ingest usage events",
+    responses=documented(*AUTH, 413, 422, 429),
+    security=BEARER,
+    operation_class=IngestOperation,
+)
 async def ingest_events(request: Request[Any, Any, Any], cp: CP) -> dict[str, int]:
     """Accepts a JSON object, a JSON array, NDJSON or a CloudEvents batch. All or nothing;
     answers after commit with the accepted and duplicate counts."""
+    token = _actor(request)
+    limiter: IngestLimiter = request.app.state.limiter
+    try:
+        limiter.admit(token)
+    except RateLimited as exc:
+        cp.metrics.refused("rate_limited")
+        log.warning("ratelimit.refused", token=token, retry_after=exc.retry_after_header)
+        raise
     limit = cp.config.server.max_body_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
+        cp.metrics.refused("too_large")
         raise HTTPException(status_code=413, detail=f"body over {limit} bytes")
-    body = await request.body()
-    if len(body) > limit:
-        raise HTTPException(status_code=413, detail=f"body over {limit} bytes")
+    try:
+        body = await request.body()  # the router's limit: max_body_bytes, also when streamed
+    except HTTPException as exc:
+        if exc.status_code == 413:
+            cp.metrics.refused("too_large")
+        raise
     items = decode_body(body, request.headers.get("content-type", "application/json"))
     if len(items) > cp.config.server.max_batch_events:
+        cp.metrics.refused("too_large")
         raise HTTPException(
             status_code=413,
             detail=f"{len(items)} events; at most {cp.config.server.max_batch_events} per batch",
         )
+    limiter.charge(token, len(items))
     result = await cp.ingest(items, "http")
     return {"accepted": result.accepted, "duplicates": result.duplicates}
 
 
-@get("/v1/usage", opt={"scope": "read"}, summary="Usage totals per bucket, from events")
+@get(
+    "/v1/usage",
+    opt={"scope": "read"},
+    summary="Usage totals per bucket, from events",
+    responses=documented(*AUTH, 400),
+    security=BEARER,
+)
 async def usage(
     cp: CP,
     org: Org = None,
@@ -212,7 +502,13 @@ async def usage(
     }
 
 
-@get("/v1/ledger", opt={"scope": "read"}, summary="Ledger rows")
+@get(
+    "/v1/ledger",
+    opt={"scope": "read"},
+    summary="Ledger rows",
+    responses=documented(*AUTH, 400),
+    security=BEARER,
+)
 async def ledger(
     cp: CP,
     org: Org = None,
@@ -225,20 +521,36 @@ async def ledger(
     return {"rows": [r.to_api() for r in rows]}
 
 
-@get("/v1/flags", opt={"scope": "read"}, summary="Flag values, their source layer and version")
+@get(
+    "/v1/flags",
+    opt={"scope": "read"},
+    summary="Flag values, their source layer and version",
+    responses=documented(*AUTH),
+    security=BEARER,
+)
 async def get_flags(cp: CP) -> dict[str, Any]:
     return (await cp.flags()).to_api()
 
 
 class FlagPut(msgspec.Struct, forbid_unknown_fields=True):
     value: Any
-    reason: str
+    reason: Reason
     force: bool = False
 
 
-@put("/v1/flags/{name:str}", opt={"scope": "admin"}, summary="Set a flag's runtime value")
+@put(
+    "/v1/flags/{name:str}",
+    opt={"scope": "admin"},
+    summary="Set a flag's runtime value",
+    responses=documented(*AUTH, *BODY, 404, 409),
+    security=BEARER,
+    before_request=strict_body(FlagPut),
+)
 async def put_flag(
-    request: Request[Any, Any, Any], cp: CP, name: FromPath[str], data: JSONBody[FlagPut]
+    request: Request[Any, Any, Any],
+    cp: CP,
+    name: Annotated[str, PathParameter(schema_extra={"enum": sorted(FLAGS)})],
+    data: JSONBody[FlagPut],
 ) -> dict[str, Any]:
     if name not in FLAGS:
         raise NotFound(f"unknown flag {name!r}; known: {sorted(FLAGS)}")
@@ -251,7 +563,13 @@ async def put_flag(
     return snapshot.to_api()
 
 
-@get("/v1/flags/audit", opt={"scope": "read"}, summary="Flag change history, newest first")
+@get(
+    "/v1/flags/audit",
+    opt={"scope": "read"},
+    summary="Flag change history, newest first",
+    responses=documented(*AUTH, 400),
+    security=BEARER,
+)
 async def flag_audit(cp: CP, limit: Limit = 100) -> dict[str, Any]:
     records = await cp.storage.audit_log(action_prefix="flag.", limit=limit)
     return {
@@ -275,7 +593,7 @@ async def flag_audit(cp: CP, limit: Limit = 100) -> dict[str, Any]:
 class OrgPut(msgspec.Struct, forbid_unknown_fields=True):
     customer: str | None = None
     plan: str | None = None
-    effective_from: int | None = None
+    effective_from: Seconds | None = None
     reason: str | None = None
 
 
@@ -291,7 +609,14 @@ def _org_api(org: Any) -> dict[str, Any]:
     }
 
 
-@put("/v1/orgs/{org_id:str}", opt={"scope": "admin"}, summary="Set an org's customer or plan")
+@put(
+    "/v1/orgs/{org_id:str}",
+    opt={"scope": "admin"},
+    summary="Set an org's customer or plan",
+    responses=documented(*AUTH, *BODY),
+    security=BEARER,
+    before_request=strict_body(OrgPut),
+)
 async def put_org(
     request: Request[Any, Any, Any], cp: CP, org_id: FromPath[str], data: JSONBody[OrgPut]
 ) -> dict[str, Any]:
@@ -306,7 +631,25 @@ async def put_org(
     return _org_api(org)
 
 
-@get("/v1/orgs/{org_id:str}", opt={"scope": "read"}, summary="An org's customer and plan history")
+@route(
+    "/v1/orgs/{org_id:str}",
+    http_method=HttpMethod.OPTIONS,
+    include_in_schema=False,
+    status_code=204,
+)
+async def org_options() -> Response[None]:
+    """litestar's own OPTIONS answer lists only the first handler's methods when two
+    handlers share a path (`Allow: OPTIONS, PUT` here)."""
+    return Response(None, status_code=204, headers={"Allow": "GET, OPTIONS, PUT"})
+
+
+@get(
+    "/v1/orgs/{org_id:str}",
+    opt={"scope": "read"},
+    summary="An org's customer and plan history",
+    responses=documented(*AUTH, 404),
+    security=BEARER,
+)
 async def get_org(cp: CP, org_id: FromPath[str]) -> dict[str, Any]:
     org = await cp.storage.get_org(org_id)
     if org is None:
@@ -314,7 +657,13 @@ async def get_org(cp: CP, org_id: FromPath[str]) -> dict[str, Any]:
     return _org_api(org)
 
 
-@get("/v1/jobs", opt={"scope": "read"}, summary="Recent job runs, newest first")
+@get(
+    "/v1/jobs",
+    opt={"scope": "read"},
+    summary="Recent job runs, newest first",
+    responses=documented(*AUTH, 400),
+    security=BEARER,
+)
 async def job_runs(
     cp: CP,
     job: FromQuery[str | None] = None,
@@ -328,8 +677,25 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get("/readyz", summary="Readiness: storage reachable, migrations current")
-async def readyz(cp: CP) -> Response[dict[str, Any]]:
+def _watching_since(state: State) -> float | None:
+    """When this process began running the scheduled jobs (None: it does not run them)."""
+    jobs = state.get("jobs")
+    started: float | None = None if jobs is None else jobs.started_at
+    return started
+
+
+@get(
+    "/readyz",
+    summary="Readiness: storage reachable, migrations current, jobs not stale",
+    responses={
+        503: ResponseSpec(
+            data_container=Readiness, description="Not ready", generate_examples=False
+        )
+    },
+)
+async def readyz(cp: CP, state: State) -> Response[dict[str, Any]]:
+    """503 when not ready. A process that runs the scheduled jobs is also not ready while
+    one of them has not succeeded within `jobs.stale_after_intervals` of its interval."""
     checks: dict[str, Any] = {}
     ok = True
     try:
@@ -338,12 +704,43 @@ async def readyz(cp: CP) -> Response[dict[str, Any]]:
         status = await cp.storage.migration_status()
         checks["migrations"] = "ok" if status.current else f"pending: {status.pending}"
         ok = status.current
+        if state.get("jobs") is not None:
+            jobs = await job_health.statuses(
+                cp, now=cp.clock(), watching_since=_watching_since(state)
+            )
+            checks["jobs"] = {j.job: j.to_api() for j in jobs}
+            stale = [j for j in jobs if j.stale]
+            for job in stale:
+                log.warning("jobs.stale", job=job.job, stale_since=job.stale_since)
+            ok = ok and not stale
     except ControlPlaneError as exc:
         checks["storage"] = f"failed: {exc}"
         ok = False
     return Response(
         {"status": "ready" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503
     )
+
+
+def metrics_auth(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    """Open like /healthz, unless `server.metrics_require_token`: then the `read` scope."""
+    cp: ControlPlane = connection.app.state.cp
+    if cp.config.server.metrics_require_token:
+        tokens: TokenStore = connection.app.state.tokens
+        connection.state.principal = tokens.authorize(
+            connection.headers.get("authorization"), "read"
+        )
+
+
+@get(
+    "/metrics",
+    guards=[metrics_auth],
+    media_type=METRICS_CONTENT_TYPE,
+    summary="Prometheus metrics (text exposition format)",
+    responses=documented(401, 403),  # only with server.metrics_require_token
+)
+async def prometheus_metrics(cp: CP, state: State) -> Response[bytes]:
+    body = await cp.metrics.exposition(cp, watching_since=_watching_since(state))
+    return Response(body, media_type=METRICS_CONTENT_TYPE)
 
 
 # parity -----------------------------------------------------------------------------------
@@ -389,34 +786,24 @@ PARITY_READ = {"scopes": ("read", "parity")}
     "/internal/usage-parity",
     guards=[parity_auth],
     summary="Per-org usage of the parity meter: control plane (from events) against legacy",
+    responses=documented(*AUTH, 400),
 )
 async def usage_parity(
     cp: CP,
-    start_text: Annotated[str | None, QueryParameter(name="from")] = None,
-    end_text: Annotated[str | None, QueryParameter(name="to")] = None,
+    start: Annotated[int, QueryParameter(name="from", ge=0, le=MAX_SECONDS)],
+    end: Annotated[int, QueryParameter(name="to", ge=0, le=MAX_SECONDS)],
     mismatches_only: FromQuery[bool] = False,
 ) -> dict[str, Any]:
     """`from` and `to` are unix seconds on bucket boundaries. Auth: a bearer token with the
     `parity` scope, or X-Timestamp and X-Signature (HMAC-SHA256)."""
-    start, end = _seconds(start_text), _seconds(end_text)
-    problems = [
-        Problem(field=name, message=f"{text!r} is not unix seconds")
-        for name, text, value in (("from", start_text, start), ("to", end_text, end))
-        if text is not None and value is None
-    ] or window_problems(start, end, cp.config.rollup.bucket_seconds)
-    if problems or start is None or end is None:
+    problems = window_problems(start, end, cp.config.rollup.bucket_seconds)
+    if problems:
         raise ValidationException(
             detail="; ".join(f"{p.field}: {p.message}" for p in problems),
             extra=[{"key": p.field, "message": p.message, "source": "query"} for p in problems],
         )
     comparison = await cp.parity(start, end)
     return comparison_api(comparison, mismatches_only=mismatches_only)
-
-
-def _seconds(text: str | None) -> int | None:
-    if text is None or not text.strip().lstrip("-").isdigit():
-        return None
-    return int(text)
 
 
 def _clean_api(clean: CleanSince) -> dict[str, Any]:
@@ -433,6 +820,8 @@ def _clean_api(clean: CleanSince) -> dict[str, Any]:
     guards=[any_scope],
     opt=PARITY_READ,
     summary="The parity checker's runs, newest bucket first, and since when parity is clean",
+    responses=documented(*AUTH, 400),
+    security=BEARER,
 )
 async def parity_runs(
     cp: CP, start: From = None, end: To = None, limit: Limit = 100
@@ -451,8 +840,12 @@ async def parity_runs(
     guards=[any_scope],
     opt=PARITY_READ,
     summary="One parity run with the orgs that did not match",
+    responses=documented(*AUTH, 400, 404),
+    security=BEARER,
 )
-async def parity_run(cp: CP, run_id: FromPath[int]) -> dict[str, Any]:
+async def parity_run(
+    cp: CP, run_id: Annotated[int, PathParameter(ge=1, le=MAX_ID)]
+) -> dict[str, Any]:
     found = await cp.storage.parity_run(run_id)
     if found is None:
         raise NotFound(f"no parity run {run_id}")
@@ -465,6 +858,8 @@ async def parity_run(cp: CP, run_id: FromPath[int]) -> dict[str, Any]:
     guards=[any_scope],
     opt=PARITY_READ,
     summary="Since when the checker has found parity clean, without a break",
+    responses=documented(*AUTH, 400),
+    security=BEARER,
 )
 async def parity_clean_since(cp: CP) -> dict[str, Any]:
     return {"meter": cp.config.parity.meter, **_clean_api(await cp.parity_clean_since())}
@@ -473,21 +868,43 @@ async def parity_clean_since(cp: CP) -> dict[str, Any]:
 # catalog and Stripe webhooks --------------------------------------------------------------
 
 
-@get("/v1/catalog", opt={"scope": "read"}, summary="The newest published price catalog")
-async def get_catalog(cp: CP, version: FromQuery[int | None] = None) -> dict[str, Any]:
+@get(
+    "/v1/catalog",
+    opt={"scope": "read"},
+    summary="The newest published price catalog",
+    responses=documented(*AUTH, 400, 404),
+    security=BEARER,
+)
+async def get_catalog(
+    cp: CP,
+    version: Annotated[
+        int | None, QueryParameter(ge=1, le=MAX_ID, schema_extra={"minimum": 1, "maximum": MAX_ID})
+    ] = None,
+) -> dict[str, Any]:
     found = await cp.storage.catalog_version(version)
     if found is None and version is not None:
         raise NotFound(f"no catalog version {version}")
     return catalog_api(found)
 
 
-@post("/webhooks/stripe", status_code=200, summary="Stripe webhook events (signed)")
-async def stripe_webhook(request: Request[Any, Any, Any], cp: CP) -> Response[Any]:
+@post(
+    "/webhooks/stripe",
+    status_code=200,
+    summary="Stripe webhook events (signed)",
+    responses=documented(400, 413, 503),
+)
+async def stripe_webhook(
+    request: Request[Any, Any, Any],
+    cp: CP,
+    signature: Annotated[
+        str | None, HeaderParameter(name="stripe-signature", description="t=...,v1=...")
+    ] = None,
+) -> Response[Any]:
     """Authenticated by the `Stripe-Signature` header (HMAC-SHA256 over the raw body with
     `stripe.webhook_secret`, 300 s tolerance): 400 when it does not verify, nothing done."""
     body = await request.body()
     try:
-        result = await cp.stripe_webhook(body, request.headers.get("stripe-signature"))
+        result = await cp.stripe_webhook(body, signature)
     except WebhookRejected as exc:
         log.warning("webhook.rejected", error=exc.message)
         return problem(400, "Bad signature", exc.message)
@@ -507,25 +924,31 @@ async def stripe_webhook(request: Request[Any, Any, Any], cp: CP) -> Response[An
 
 
 class CutoverPlanBody(msgspec.Struct, forbid_unknown_fields=True):
-    at: int
+    at: Seconds
 
 
 class CutoverPreflightBody(msgspec.Struct, forbid_unknown_fields=True):
-    at: int | None = None
+    at: Seconds | None = None
 
 
 class CutoverExecuteBody(msgspec.Struct, forbid_unknown_fields=True):
-    reason: str
-    at: int | None = None
+    reason: Reason
+    at: Seconds | None = None
     force: bool = False
 
 
 class CutoverRollbackBody(msgspec.Struct, forbid_unknown_fields=True):
-    reason: str
+    reason: Reason
     cancel_sent: bool = False
 
 
-@get("/v1/cutover", opt={"scope": "read"}, summary="Cutover stage and history")
+@get(
+    "/v1/cutover",
+    opt={"scope": "read"},
+    summary="Cutover stage and history",
+    responses=documented(*AUTH),
+    security=BEARER,
+)
 async def cutover_status(cp: CP) -> dict[str, Any]:
     return msgspec.to_builtins(await cutover.status(cp))  # type: ignore[no-any-return]
 
@@ -535,6 +958,9 @@ async def cutover_status(cp: CP) -> dict[str, Any]:
     opt={"scope": "admin"},
     status_code=200,
     summary="Who bills which buckets before and after a cutover at T; changes nothing",
+    responses=documented(*AUTH, *BODY, 409),
+    security=BEARER,
+    before_request=strict_body(CutoverPlanBody),
 )
 async def cutover_plan(cp: CP, data: JSONBody[CutoverPlanBody]) -> dict[str, Any]:
     return msgspec.to_builtins(await cutover.plan(cp, data.at))  # type: ignore[no-any-return]
@@ -545,6 +971,9 @@ async def cutover_plan(cp: CP, data: JSONBody[CutoverPlanBody]) -> dict[str, Any
     opt={"scope": "admin"},
     status_code=200,
     summary="Every cutover precondition with pass/fail and detail",
+    responses=documented(*AUTH, *BODY, 409),
+    security=BEARER,
+    before_request=strict_body(CutoverPreflightBody),
 )
 async def cutover_preflight(cp: CP, data: JSONBody[CutoverPreflightBody]) -> dict[str, Any]:
     report = await cutover.preflight(cp, data.at)
@@ -556,6 +985,9 @@ async def cutover_preflight(cp: CP, data: JSONBody[CutoverPreflightBody]) -> dic
     opt={"scope": "admin"},
     status_code=200,
     summary="Re-run preflight, then set authority, bill_from and shadow in one transaction",
+    responses=documented(*AUTH, *BODY, 409),
+    security=BEARER,
+    before_request=strict_body(CutoverExecuteBody),
 )
 async def cutover_execute(
     request: Request[Any, Any, Any], cp: CP, data: JSONBody[CutoverExecuteBody]
@@ -571,6 +1003,9 @@ async def cutover_execute(
     opt={"scope": "admin"},
     status_code=200,
     summary="Authority back to legacy, shadow on; optionally cancel recent sends",
+    responses=documented(*AUTH, *BODY, 409),
+    security=BEARER,
+    before_request=strict_body(CutoverRollbackBody),
 )
 async def cutover_rollback(
     request: Request[Any, Any, Any], cp: CP, data: JSONBody[CutoverRollbackBody]
@@ -589,8 +1024,15 @@ async def cutover_rollback(
     opt={"scope": "read"},
     status_code=200,
     summary="OFREP: evaluate one flag",
+    responses=_ofrep_documented(*AUTH, 400, 404, 413),
+    security=BEARER,
+    operation_class=OfrepOperation,
 )
-async def ofrep_flag(request: Request[Any, Any, Any], cp: CP, key: FromPath[str]) -> Response[Any]:
+async def ofrep_flag(
+    request: Request[Any, Any, Any],
+    cp: CP,
+    key: Annotated[str, PathParameter(schema_extra={"enum": list(ofrep.KEYS)})],
+) -> Response[Any]:
     try:
         ofrep.check_request(await request.body(), key)
         return Response(ofrep.evaluate(await cp.flags(), key), status_code=200)
@@ -603,6 +1045,12 @@ async def ofrep_flag(request: Request[Any, Any, Any], cp: CP, key: FromPath[str]
     opt={"scope": "read"},
     status_code=200,
     summary="OFREP: evaluate every flag (ETag, If-None-Match)",
+    responses={
+        **_ofrep_documented(*AUTH, 400, 413),
+        304: ResponseSpec(None, description="Not modified: the ETag matches If-None-Match"),
+    },
+    security=BEARER,
+    operation_class=OfrepOperation,
 )
 async def ofrep_flags(request: Request[Any, Any, Any], cp: CP) -> Response[Any]:
     try:
@@ -619,21 +1067,29 @@ async def ofrep_flags(request: Request[Any, Any, Any], cp: CP) -> Response[Any]:
 
 
 def create_app(
-    config: Config, *, cp: ControlPlane | None = None, scheduler: bool = False
+    config: Config,
+    *,
+    cp: ControlPlane | None = None,
+    scheduler: bool = False,
+    ingest: bool = False,
 ) -> Litestar:
     """The litestar app. Starts (and closes) the control plane in its lifespan; with
-    `scheduler`, also runs the rollup and sender jobs on their intervals."""
+    `scheduler`, also runs the rollup and sender jobs on their intervals; with `ingest`, also
+    the `[[ingest]]` sources (consumers), closed before storage."""
     plane = cp or ControlPlane(config, migrate=config.server.migrate_on_start)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with plane:
             app.state.cp = plane
+            if ingest:
+                await plane.start_ingest()
             if scheduler:
                 from controlplane.scheduler import Jobs
 
                 jobs = Jobs(plane)
                 jobs.start()
+                app.state.jobs = jobs
                 try:
                     yield
                 finally:
@@ -641,19 +1097,26 @@ def create_app(
             else:
                 yield
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[
-            ingest_events,
+            # ingest alone may read bodies up to max_body_bytes; every other body is small
+            Router(
+                "/",
+                route_handlers=[ingest_events],
+                request_max_body_size=config.server.max_body_bytes,
+            ),
             usage,
             ledger,
             get_flags,
             put_flag,
             flag_audit,
+            org_options,  # before the org handlers: see org_options
             put_org,
             get_org,
             job_runs,
             healthz,
             readyz,
+            prometheus_metrics,
             usage_parity,
             parity_runs,
             parity_run,
@@ -673,16 +1136,55 @@ def create_app(
         lifespan=[lifespan],
         exception_handlers={Exception: _on_error},
         middleware=[request_id_middleware],
-        request_max_body_size=config.server.max_body_bytes,
-        state=State({"tokens": TokenStore(config.auth)}),
+        request_max_body_size=config.server.max_small_body_bytes,
+        state=State({"tokens": TokenStore(config.auth), "limiter": IngestLimiter(config)}),
         openapi_config=OpenAPIConfig(
             title="Control plane",
             version=__version__,
             path="/schema",
             description="Metering and billing control plane: ingest, ledger, flags, cutover.",
+            components=Components(
+                security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer")}
+            ),
         ),
         debug=False,
     )
+    _document_bodies(app.openapi_schema)
+    _document_window(app.openapi_schema, config.rollup.bucket_seconds)
+    return app
+
+
+BODIES: tuple[type[msgspec.Struct], ...] = (
+    FlagPut,
+    OrgPut,
+    CutoverPlanBody,
+    CutoverPreflightBody,
+    CutoverExecuteBody,
+    CutoverRollbackBody,
+)
+
+
+def _document_bodies(openapi: OpenAPI) -> None:
+    """Describe the JSON bodies with msgspec's own schemas, exactly what `strict_body`
+    enforces: unknown fields refused, bounds of optional fields (which litestar's schema
+    drops), patterns."""
+    _, components = msgspec.json.schema_components(
+        BODIES, ref_template="#/components/schemas/{name}"
+    )
+    if openapi.components.schemas is None:
+        openapi.components.schemas = {}
+    for name, schema in components.items():
+        # a plain JSON Schema dict: serialized as it is
+        openapi.components.schemas[name] = schema
+
+
+def _document_window(openapi: OpenAPI, bucket_seconds: int) -> None:
+    """The parity window's bounds are bucket boundaries of this config."""
+    item = (openapi.paths or {}).get("/internal/usage-parity")
+    for parameter in (item.get.parameters or []) if item and item.get else []:
+        schema = getattr(parameter, "schema", None)
+        if getattr(parameter, "name", None) in ("from", "to") and isinstance(schema, Schema):
+            schema.multiple_of = bucket_seconds
 
 
 def _guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:

@@ -48,7 +48,7 @@ def serve(args: argparse.Namespace, config: Config) -> int:
         )
     host = args.host or config.server.host
     port = args.port or config.server.port
-    app = create_app(config, scheduler=not args.no_scheduler)
+    app = create_app(config, scheduler=not args.no_scheduler, ingest=True)
     print(
         f"control plane listening on http://{host}:{port} (config {config.source})", file=sys.stderr
     )
@@ -200,6 +200,31 @@ async def orgs(args: argparse.Namespace, config: Config) -> int:
                 return 1
     _print_json(org)
     return 0
+
+
+async def audit_cmd(args: argparse.Namespace, config: Config) -> int:
+    if args.action == "keygen":
+        from controlplane.audit import new_ed25519_key
+
+        private, public = new_ed25519_key()
+        print("# [audit] for the control plane (keep `key` secret, e.g. in an env variable):")
+        print('algorithm = "ed25519"')
+        print(f'key = "{private}"')
+        print(f'public_key = "{public}"  # auditors need only this one')
+        return 0
+    async with _core(config) as cp:
+        signed = "signed " if cp.audit_keys else ""
+
+        def progress(done: int) -> None:
+            print(f"  {done:,} records verified", file=sys.stderr)
+
+        checked, broken = await cp.verify_audit(progress if sys.stderr.isatty() else None)
+    if broken is None:
+        print(f"audit chain intact: {checked:,} {signed}records")
+        return 0
+    print(f"audit chain BROKEN at record {broken.id}: {broken.reason}")
+    print(f"  ({checked:,} records before it hold)")
+    return 1
 
 
 async def flags(args: argparse.Namespace, config: Config) -> int:
@@ -504,6 +529,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument("--actor", default="cli")
     p.set_defaults(func=cutover_cmd)
+
+    p = sub.add_parser("audit", parents=[common], help="the tamper-evident audit chain")
+    asub = p.add_subparsers(dest="action", required=True)
+    asub.add_parser(
+        "verify", parents=[common], help="walk the chain; exit 1 at the first broken link"
+    )
+    asub.add_parser("keygen", parents=[common], help="print a new Ed25519 key pair for [audit]")
+    p.set_defaults(func=audit_cmd)
 
     p = sub.add_parser("token", parents=[common], help="API tokens")
     tsub = p.add_subparsers(dest="action", required=True)

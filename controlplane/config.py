@@ -37,16 +37,36 @@ class ServerConfig(_Section, frozen=True):
     max_body_bytes: int = 10 * 1024 * 1024
     max_batch_events: int = 10_000
     migrate_on_start: bool = True
+    max_small_body_bytes: int = 1024 * 1024  # every body but ingest: flags, orgs, webhooks, ...
+    metrics_require_token: bool = False  # GET /metrics needs a token with the `read` scope
 
 
 class TokenConfig(_Section, frozen=True):
     name: str
     sha256: Secret  # hex sha256 of the token, never the token itself
     scopes: list[Scope]
+    events_per_second: float | None = None  # overrides [rate_limit] for this token
+    burst_events: int | None = None
 
 
 class AuthConfig(_Section, frozen=True):
     tokens: list[TokenConfig] = []
+
+
+class RateLimitConfig(_Section, frozen=True):
+    """Per-token limit on `POST /v1/events` (`[rate_limit]`): a token bucket of events."""
+
+    events_per_second: float = 0.0  # 0: no limit
+    burst_events: int = 20_000
+
+
+class JobsConfig(_Section, frozen=True):
+    """Health of the scheduled jobs (`[jobs]`): readiness and alerts."""
+
+    stale_after_intervals: float = 3.0  # 0: never unready for a stale job
+    alert_after_failures: int = 3  # failed passes in a row that raise an alert
+    suppress_seconds: int = 3600  # at most one alert per job in this window
+    watch_interval_seconds: float = 60.0  # how often `serve` checks the jobs
 
 
 class RollupConfig(_Section, frozen=True):
@@ -141,6 +161,14 @@ class CutoverConfig(_Section, frozen=True):
     cancel_window_seconds: int = 86400  # rollback cancels rows sent less than this long ago
 
 
+class AuditConfig(_Section, frozen=True):
+    """Signing of the audit chain (`controlplane audit verify` checks it)."""
+
+    algorithm: Literal["hmac-sha256", "ed25519"] = "hmac-sha256"
+    key: Secret | None = None  # hmac: the shared secret; ed25519: the private key (hex)
+    public_key: str | None = None  # ed25519 (hex): enough to verify, cannot sign
+
+
 class StripeConfig(_Section, frozen=True):
     """Stripe webhooks (`POST /webhooks/stripe`)."""
 
@@ -159,10 +187,14 @@ class Config(_Section, frozen=True):
     meters: list[MeterConfig] = []
     logging: LoggingConfig = LoggingConfig()
     legacy: PluginConfig | None = None
+    ingest: list[PluginConfig] = []  # `[[ingest]]`: each decoded by its plugin's config
     parity: ParityConfig = ParityConfig()
     catalog: CatalogConfig = CatalogConfig()
     stripe: StripeConfig = StripeConfig()
     cutover: CutoverConfig = CutoverConfig()
+    audit: AuditConfig = AuditConfig()
+    rate_limit: RateLimitConfig = RateLimitConfig()
+    jobs: JobsConfig = JobsConfig()
     source: str = ""  # the file it was read from
 
     @property
@@ -175,10 +207,13 @@ PLUGIN_SECTIONS: dict[str, registry.Kind] = {
     "billing": "billing",
     "legacy": "legacy",
 }
+PLUGIN_LISTS: dict[str, registry.Kind] = {"ingest": "ingest"}  # `[[ingest]]`: several plugins
 DEFAULTS: dict[str, dict[str, Any]] = {"storage": {"backend": "sqlite"}}
 
 _MSGSPEC_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
-_UNKNOWN = re.compile(r"Object contains unknown field `(?P<field>[^`]+)`")
+_UNKNOWN = re.compile(
+    r"Object (?P<what>contains unknown|missing required) field `(?P<field>[^`]+)`"
+)
 
 
 def _backend_of(plugin_config: PluginConfig) -> str:
@@ -195,7 +230,7 @@ def _explain(exc: msgspec.ValidationError, prefix: str) -> ConfigError:
     unknown = _UNKNOWN.match(msg)
     if unknown:
         path = f"{path}.{unknown.group('field')}" if path else unknown.group("field")
-        msg = "unknown setting"
+        msg = "unknown setting" if unknown.group("what") == "contains unknown" else "required"
     path = path.replace("$", "").lstrip(".")
     return ConfigError(f"{path}: {msg}" if path else msg)
 
@@ -217,14 +252,33 @@ def _decode_plugin(section: str, raw: Any, kind: registry.Kind) -> PluginConfig:
     return decoded
 
 
+def _decode_plugins(section: str, raw: Any, kind: registry.Kind) -> list[PluginConfig]:
+    """A list of plugin tables (`[[ingest]]`); errors name the entry: `ingest[0].stream`."""
+    if not isinstance(raw, list):
+        raise ConfigError(f"{section}: expected a list of tables ([[{section}]])")
+    out: list[PluginConfig] = []
+    for i, item in enumerate(raw):
+        where = f"{section}[{i}]"
+        name = item.get("backend") if isinstance(item, dict) else None
+        if isinstance(name, str) and name not in registry.names(kind):
+            raise ConfigError(
+                f"{where}.backend: expected one of {registry.names(kind)}, got {name!r}"
+            )
+        out.append(_decode_plugin(where, item, kind))
+    return out
+
+
 def parse(raw: dict[str, Any], source: str = "") -> Config:
     """Decode a config mapping (as read from TOML)."""
     raw = dict(raw)
-    plugins: dict[str, PluginConfig] = {}
+    plugins: dict[str, PluginConfig | list[PluginConfig]] = {}
     for section, kind in PLUGIN_SECTIONS.items():
         value = raw.pop(section, DEFAULTS.get(section))
         if value is not None:
             plugins[section] = _decode_plugin(section, value, kind)
+    for section, kind in PLUGIN_LISTS.items():
+        if section in raw:
+            plugins[section] = _decode_plugins(section, raw.pop(section), kind)
     try:
         config = msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
@@ -246,8 +300,37 @@ def _check(config: Config) -> None:
     from controlplane.meters import MeterSet
 
     MeterSet(config.meters)  # compiles every expression: errors name the meter
+    _check_limits(config)
     _check_parity(config)
     _check_catalog(config)
+
+
+def _check_limits(config: Config) -> None:
+    server = config.server
+    for key in ("max_body_bytes", "max_small_body_bytes", "max_batch_events"):
+        if getattr(server, key) < 1:
+            raise ConfigError(f"server.{key}: must be >= 1")
+    limits: list[tuple[str, float | None, int | None]] = [
+        ("rate_limit", config.rate_limit.events_per_second, config.rate_limit.burst_events)
+    ]
+    limits += [
+        (f"auth.tokens[{i}]", t.events_per_second, t.burst_events)
+        for i, t in enumerate(config.auth.tokens)
+    ]
+    for where, rate, burst in limits:
+        if rate is not None and not 0 <= rate < float("inf"):
+            raise ConfigError(f"{where}.events_per_second: must be >= 0 (0: no limit)")
+        if burst is not None and burst < 1:
+            raise ConfigError(f"{where}.burst_events: must be >= 1")
+    jobs = config.jobs
+    if not 0 <= jobs.stale_after_intervals < float("inf"):
+        raise ConfigError("jobs.stale_after_intervals: must be >= 0 (0: never unready)")
+    if jobs.alert_after_failures < 0:
+        raise ConfigError("jobs.alert_after_failures: must be >= 0 (0: never alert)")
+    if jobs.suppress_seconds < 0:
+        raise ConfigError("jobs.suppress_seconds: must be >= 0")
+    if jobs.watch_interval_seconds <= 0:
+        raise ConfigError("jobs.watch_interval_seconds: must be > 0")
 
 
 def _check_parity(config: Config) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 import structlog
 
-from controlplane import registry, rollup
+from controlplane import audit, registry, rollup
 from controlplane.config import Config
 from controlplane.errors import ConfigError, FlagRefused, InvalidInput, MigrationError, Problem
 from controlplane.events import Ingestor
@@ -23,12 +23,14 @@ from controlplane.interfaces import (
     AuditEntry,
     Billing,
     IngestResult,
+    IngestSource,
     JobRun,
     LegacySource,
     Org,
     Storage,
 )
 from controlplane.meters import MeterSet
+from controlplane.metrics import Metrics
 from controlplane.parity import (
     CleanSince,
     Comparison,
@@ -78,6 +80,8 @@ class ControlPlane:
         self.storage: Storage = storage or registry.spec_for(
             "storage", config.storage_backend
         ).factory(config.storage)
+        self.audit_keys = audit.keys(config.audit)
+        self.storage.sign = self.audit_keys.sign if self.audit_keys else None
         if billing is None and config.billing is not None:
             from controlplane.config import _backend_of
 
@@ -95,6 +99,7 @@ class ControlPlane:
         )
         self._migrate = migrate
         self._stack = contextlib.AsyncExitStack()
+        self.metrics = Metrics()  # this plane's own Prometheus registry
 
     async def __aenter__(self) -> ControlPlane:
         await self.start()
@@ -136,7 +141,26 @@ class ControlPlane:
     # ingest and reads ---------------------------------------------------------------------
 
     async def ingest(self, items: Sequence[Any], source: str) -> IngestResult:
-        return await self.ingestor.ingest(items, source)
+        try:
+            result = await self.ingestor.ingest(items, source)
+        except InvalidInput:
+            self.metrics.rejected(source, len(items))
+            raise
+        self.metrics.ingested(source, result)
+        return result
+
+    async def start_ingest(self) -> list[IngestSource]:
+        """Start every `[[ingest]]` source with :meth:`ingest` as its sink (`serve` does; a
+        one-shot command does not). Each is closed with the control plane, before storage."""
+        from controlplane.config import _backend_of
+
+        sources: list[IngestSource] = []
+        for section in self.config.ingest:
+            source = registry.spec_for("ingest", _backend_of(section)).factory(section)
+            await source.start(self.ingest)
+            self._stack.push_async_callback(source.close)
+            sources.append(source)
+        return sources
 
     async def flags(self) -> Snapshot:
         return resolve(self.static_flags, await self.storage.runtime_flags())
@@ -245,6 +269,7 @@ class ControlPlane:
             concurrency=s.concurrency,
             ambiguous_after_seconds=s.ambiguous_after_seconds,
             claim_seconds=s.claim_seconds,
+            observe=self.metrics.sent,
         )
 
     async def send(self, *, org_id: str | None = None, until: int | None = None) -> SendStats:
@@ -252,6 +277,24 @@ class ControlPlane:
         if self.billing is None:
             return SendStats(skipped="no billing backend configured")
         return await self.sender().run(flags, now=self.clock(), org_id=org_id, until=until)
+
+    async def verify_audit(
+        self, progress: Callable[[int], None] | None = None, page: int = 5000
+    ) -> tuple[int, audit.Break | None]:
+        """Walk the whole audit chain, oldest first: (records that hold, the first break).
+
+        With `[audit]` keys, every record must also carry a valid signature."""
+        verifier = audit.Verifier(self.audit_keys)
+        after = 0
+        while records := await self.storage.audit_chain(after, page):
+            for record in records:
+                broken = verifier.feed(record)
+                if broken is not None:
+                    return verifier.checked, broken
+            after = records[-1].id
+            if progress is not None:
+                progress(verifier.checked)
+        return verifier.checked, None
 
     async def record(self, job: str, work: Callable[[], Awaitable[T]]) -> T:
         """Run one job pass and record it (start, end, outcome, counts)."""

@@ -40,6 +40,7 @@ _any_decoder = msgspec.json.Decoder(float_hook=Decimal)
 _data_encoder = msgspec.json.Encoder(decimal_format="number")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_TS_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, as far as `time` can say
 
 JSON_TYPES = (
     "application/json",
@@ -100,8 +101,8 @@ def _time_ms(event: EventIn) -> int:
     if event.time is not None and event.ts is not None:
         raise ValueError("time: give either time (RFC 3339) or ts (unix ms), not both")
     if event.ts is not None:
-        if event.ts < 0:
-            raise ValueError("ts: must be unix milliseconds >= 0")
+        if not 0 <= event.ts <= MAX_TS_MS:
+            raise ValueError(f"ts: must be unix milliseconds from 0 to {MAX_TS_MS} (year 9999)")
         return event.ts
     if event.time is None:
         raise ValueError("time: required (RFC 3339), or ts in unix milliseconds")

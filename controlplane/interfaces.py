@@ -195,6 +195,7 @@ class AuditRecord(msgspec.Struct, frozen=True):
     group_id: str | None
     prev_hash: str
     hash: str
+    signature: str | None = None  # "<algorithm>:<hex>" when the chain is signed
 
 
 class JobRun(msgspec.Struct, frozen=True):
@@ -204,6 +205,21 @@ class JobRun(msgspec.Struct, frozen=True):
     outcome: str  # "ok" | "error" | "skipped"
     counts: dict[str, int] = {}
     error: str | None = None
+
+
+class LedgerCount(msgspec.Struct, frozen=True, array_like=True):
+    """How many ledger rows are in one (state, reason)."""
+
+    state: str
+    reason: str | None
+    rows: int
+
+
+class DirtyBacklog(msgspec.Struct, frozen=True):
+    """Closed buckets still waiting for the rollup."""
+
+    buckets: int
+    oldest_start: int | None  # None when there are none
 
 
 class MigrationStatus(msgspec.Struct, frozen=True):
@@ -309,6 +325,8 @@ class Storage(abc.ABC):
     """Durable state: events, dirty buckets, ledger, orgs, flags, audit, job runs."""
 
     name: ClassVar[str]
+    sign: Callable[[str], str] | None = None
+    """Signs each new audit record's hash (set from `[audit]` by the control plane)."""
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -492,11 +510,31 @@ class Storage(abc.ABC):
     # jobs ---------------------------------------------------------------------------------
 
     @abc.abstractmethod
+    async def audit_chain(self, after_id: int, limit: int) -> list[AuditRecord]:
+        """Audit records with id > `after_id`, oldest first: the chain, page by page."""
+
+    @abc.abstractmethod
     async def record_job_run(self, run: JobRun) -> None: ...
 
     @abc.abstractmethod
     async def job_runs(self, job: str | None = None, limit: int = 50) -> list[JobRun]:
         """Newest first."""
+
+    @abc.abstractmethod
+    async def last_job_success(self, job: str) -> float | None:
+        """When the newest run of `job` that did not fail (outcome `ok` or `skipped`) ended,
+        or None when none did."""
+
+    # metrics ------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def ledger_counts(self) -> list[LedgerCount]:
+        """Ledger rows per (state, reason); pairs without rows are absent."""
+
+    @abc.abstractmethod
+    async def dirty_backlog(self, closed_before: int, bucket_seconds: int) -> DirtyBacklog:
+        """Dirty buckets ending at or before `closed_before` (those the rollup would take
+        now): how many, and the start of the oldest."""
 
     # parity -------------------------------------------------------------------------------
 
@@ -539,6 +577,12 @@ class Storage(abc.ABC):
         limit: int = 100,
     ) -> list[ParityAlert]:
         """Alerts of `meter` created at or after `since`, in `states`, newest first."""
+
+    @abc.abstractmethod
+    async def record_alert(self, alert: ParityAlert) -> int | None:
+        """Store an alert raised outside a parity run (a job's: `meter` is ``job:<name>``).
+        Returns its id, or None when an alert with the same (`meter`, `bucket_start`) exists
+        (nothing is written then)."""
 
     @abc.abstractmethod
     async def update_parity_alert(
@@ -642,6 +686,8 @@ class Billing(abc.ABC):
     name: ClassVar[str]
     max_event_age_seconds: ClassVar[int | None] = None
     """Oldest event timestamp the provider accepts, relative to now (None: no limit)."""
+    throttled: int = 0
+    """Rate-limit answers (HTTP 429) the provider gave since start, retried ones included."""
 
     @abc.abstractmethod
     async def start(self) -> None: ...

@@ -9,10 +9,19 @@ import structlog
 
 from controlplane.config import LoggingConfig
 
-
 # Libraries that log every scheduled run or HTTP call at INFO: the product's own events
 # (`sender.done`, `rollup.done`, ...) say what matters; theirs show from WARNING on.
 CHATTY = ("apscheduler", "httpx", "stripe")
+
+
+class _Stderr:
+    """Whatever `sys.stderr` is when a line is written (it may be replaced after setup)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def configure(config: LoggingConfig) -> None:
@@ -33,6 +42,6 @@ def configure(config: LoggingConfig) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )

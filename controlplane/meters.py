@@ -18,7 +18,7 @@ from typing import Any, Literal
 import msgspec
 
 from controlplane.errors import ConfigError
-from controlplane.units import to_micros
+from controlplane.units import MAX_MICROS, to_micros
 
 Evaluator = Callable[[Mapping[str, Any]], Any]
 METER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -206,7 +206,13 @@ class Meter:
                 return None
             if self._value is None:
                 return to_micros(1)
-            return to_micros(_number(self._value(data), "value"))
+            try:
+                micros = to_micros(_number(self._value(data), "value"))
+            except ArithmeticError:  # far beyond what decimal arithmetic keeps exactly
+                micros = MAX_MICROS + 1
+            if abs(micros) > MAX_MICROS:
+                raise ExpressionError(f"value: out of range ({MAX_MICROS} micro-units at most)")
+            return micros
         except ExpressionError as exc:
             raise ExpressionError(f"meter {self.config.name}: {exc}") from exc
 

@@ -171,10 +171,14 @@ async def _alert_for(
     )
 
 
-async def deliver_pending(cp: ControlPlane) -> tuple[int, int]:
-    """POST every pending alert to the webhook; returns (delivered, given up)."""
+async def deliver_pending(
+    cp: ControlPlane, key: str | None = None, *, kind: str = "parity"
+) -> tuple[int, int]:
+    """POST every pending alert of `key` (default: the parity meter's) to the webhook; returns
+    (delivered, given up). `kind` prefixes the log events (``parity.alert_sent``, ...)."""
     config = cp.config.parity.alert
-    pending = await cp.storage.parity_alerts(cp.config.parity.meter, states=["pending"], limit=50)
+    key = cp.config.parity.meter if key is None else key
+    pending = await cp.storage.parity_alerts(key, states=["pending"], limit=50)
     if not pending:
         return 0, 0
     delivered = failed = 0
@@ -203,7 +207,7 @@ async def deliver_pending(cp: ControlPlane) -> tuple[int, int]:
                 await cp.storage.update_parity_alert(
                     alert.id, state="sent", attempts=attempts, sent_at=now, error=None
                 )
-                log.info("parity.alert_sent", dedup_key=alert.dedup_key, attempts=attempts)
+                log.info(f"{kind}.alert_sent", dedup_key=alert.dedup_key, attempts=attempts)
                 continue
             final = now - alert.created_at >= give_up_after
             if final:
@@ -216,7 +220,7 @@ async def deliver_pending(cp: ControlPlane) -> tuple[int, int]:
                 error=error,
             )
             log.error(
-                "parity.alert_failed",
+                f"{kind}.alert_failed",
                 dedup_key=alert.dedup_key,
                 attempts=attempts,
                 error=error,

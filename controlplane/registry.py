@@ -39,9 +39,12 @@ class PluginSpec(msgspec.Struct, frozen=True):
 # kind -> name -> "module:attribute" of its PluginSpec
 BUILTIN: dict[Kind, dict[str, str]] = {
     "storage": {
+        "postgres": "plugins.storage.postgres:spec",
         "sqlite": "plugins.storage.sqlite:spec",
     },
-    "ingest": {},
+    "ingest": {
+        "redis_streams": "plugins.ingest.redis_streams:spec",
+    },
     "billing": {
         "fake": "plugins.billing.fake:spec",
         "stripe": "plugins.billing.stripe:spec",

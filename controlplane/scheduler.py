@@ -1,5 +1,6 @@
 """The jobs `serve` runs on a schedule: rollup, send and (with a legacy source) the parity
-checker, each pass recorded."""
+checker, each pass recorded; and the watcher that alerts when one of them fails or stalls
+(see :mod:`controlplane.health`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from controlplane import health
 from controlplane.core import ControlPlane
 
 log = structlog.get_logger("scheduler")
@@ -19,14 +21,14 @@ class Jobs:
     def __init__(self, cp: ControlPlane) -> None:
         self.cp = cp
         self.scheduler = AsyncIOScheduler(timezone="UTC")
-        rollup = cp.config.rollup.interval_seconds
-        send = cp.config.sender.interval_seconds
+        self.started_at: float | None = None  # when this process began running the jobs
         common: dict[str, Any] = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
-        self.scheduler.add_job(self.rollup, "interval", seconds=rollup, id="rollup", **common)
-        self.scheduler.add_job(self.send, "interval", seconds=send, id="send", **common)
-        if cp.legacy is not None:
-            every = cp.config.parity.interval_seconds
-            self.scheduler.add_job(self.parity, "interval", seconds=every, id="parity", **common)
+        runs = {"rollup": self.rollup, "send": self.send, "parity": self.parity}
+        # One list of jobs and intervals, which the health checks judge them by.
+        for job, every in health.scheduled_jobs(cp.config, legacy=cp.legacy is not None).items():
+            self.scheduler.add_job(runs[job], "interval", seconds=every, id=job, **common)
+        watch = cp.config.jobs.watch_interval_seconds
+        self.scheduler.add_job(self.watch, "interval", seconds=watch, id="watch", **common)
 
     # A failed pass is recorded and logged by record(); the next run tries again.
 
@@ -42,7 +44,15 @@ class Jobs:
         with contextlib.suppress(Exception):
             await self.cp.record("parity", self.cp.parity_check)
 
+    async def watch(self) -> None:
+        """Alert on failing or stale jobs; not itself recorded as a job run."""
+        try:
+            await health.watch(self.cp, watching_since=self.started_at)
+        except Exception as exc:
+            log.error("jobs.watch_failed", error=str(exc))
+
     def start(self) -> None:
+        self.started_at = self.cp.clock()
         self.scheduler.start()
         log.info("scheduler.started", jobs=[j.id for j in self.scheduler.get_jobs()])
 

@@ -32,7 +32,7 @@ import socket
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import msgspec
 import structlog
@@ -102,6 +102,7 @@ class Sender:
         ambiguous_after_seconds: int = 23 * 3600,
         claim_seconds: int = 300,
         actor: str = "sender",
+        observe: Callable[[Outcome, float], None] | None = None,
     ) -> None:
         self.storage = storage
         self.billing = billing
@@ -113,6 +114,7 @@ class Sender:
         self.claim_seconds = claim_seconds
         self.claimant = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.limiter = RateLimiter(billing.rate_limit)
+        self.observe = observe  # each call's outcome and duration (for metrics)
 
     async def run(
         self,
@@ -269,7 +271,10 @@ class Sender:
                     await self.limiter.wait()
                     called.add(item.row.id)
                     stamp = stamps.get(item.row.id)
+                    started = time.perf_counter()
                     delivery = await self.billing.send(self._meter_event(item, stamp))
+                    if self.observe is not None:
+                        self.observe(delivery.outcome, time.perf_counter() - started)
                 stats.calls += 1
                 outcome = delivery.outcome
                 if outcome in (Outcome.ACCEPTED, Outcome.DUPLICATE):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from decimal import ROUND_HALF_EVEN, Decimal
 
 MICROS = 1_000_000
+MAX_MICROS = 2**63 - 1  # storage integers are signed 64-bit
 _QUANTUM = Decimal("0.000001")
 
 

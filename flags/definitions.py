@@ -28,6 +28,9 @@ def parse_bool(value: Any) -> bool:
     raise ValueError(f"expected true or false, got {value!r}")
 
 
+MAX_BILL_FROM = 253_402_300_799  # 9999-12-31T23:59:59Z; larger overflows storage integers
+
+
 def parse_bill_from(value: Any) -> int | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in {"", "null", "none"}):
         return None
@@ -39,8 +42,8 @@ def parse_bill_from(value: Any) -> int | None:
         seconds = int(value.strip())
     else:
         raise ValueError(f"expected unix seconds or null, got {value!r}")
-    if seconds < 0:
-        raise ValueError("expected unix seconds >= 0")
+    if not 0 <= seconds <= MAX_BILL_FROM:
+        raise ValueError(f"expected unix seconds from 0 to {MAX_BILL_FROM} (year 9999)")
     return seconds
 
 

@@ -56,9 +56,23 @@ def raw_config(db: Path, **sections: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-def make_config(tmp_path: Path) -> Callable[..., Config]:
+def make_config(tmp_path: Path, request: pytest.FixtureRequest) -> Callable[..., Config]:
+    """Configs on a fresh SQLite file; with CP_TEST_STORAGE=postgres, on a fresh PostgreSQL
+    database instead (every test using this fixture then runs against PostgreSQL)."""
+    storage: dict[str, Any] | None = None
+    if os.environ.get("CP_TEST_STORAGE") == "postgres":
+        from tests.harness import fresh_database
+
+        storage = {
+            "backend": "postgres",
+            "dsn": fresh_database(request.getfixturevalue("postgres_dsn")),
+        }
+
     def make(**sections: Any) -> Config:
-        return config_mod.parse(raw_config(tmp_path / "cp.db", **sections))
+        raw = raw_config(tmp_path / "cp.db", **sections)
+        if storage is not None and raw["storage"].get("backend") == "sqlite":
+            raw["storage"] = storage
+        return config_mod.parse(raw)
 
     return make
 
@@ -127,5 +141,34 @@ def postgres_dsn() -> Iterator[str]:
         pytest.skip(f"PostgreSQL unavailable: {exc}")
     try:
         yield dsn
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real Redis server on loopback for the session (see tests/harness.py).
+
+    Locally, tests that need it are skipped with the reason when Redis cannot start; in CI
+    (CI=true) they fail: a green CI must mean they ran."""
+    from tests.harness import RedisServer, RedisUnavailable
+
+    in_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        reason = "redis is not installed: pip install -e '.[dev,redis]'"
+        if in_ci:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    server = RedisServer()
+    try:
+        url = server.start()
+    except RedisUnavailable as exc:
+        if in_ci:
+            pytest.fail(f"Redis is required in CI and did not start: {exc}")
+        pytest.skip(f"Redis unavailable: {exc}")
+    try:
+        yield url
     finally:
         server.stop()

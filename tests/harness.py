@@ -1,4 +1,4 @@
-"""Services that tests start on loopback: a real PostgreSQL server and a small HTTP server.
+"""Services that tests start on loopback: real PostgreSQL and Redis servers, a small HTTP server.
 
 :class:`PostgresServer` runs ``initdb`` and ``pg_ctl`` from the machine's PostgreSQL (on PATH or
 under ``/usr/lib/postgresql/*/bin``; ``./run test`` installs Debian's package when neither has
@@ -8,6 +8,9 @@ folder. PostgreSQL refuses to run as root, so as root the server runs as the unp
 
 :class:`HTTPRecorder` is an in-process HTTP server on a loopback port that records every
 request and answers from a settable routing function: a webhook receiver, or a fake legacy API.
+
+:class:`RedisServer` runs the machine's ``redis-server`` (``./run test`` installs Debian's
+package when it is missing) on 127.0.0.1 and a free port, without persistence.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ import json
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -151,6 +156,50 @@ class PostgresServer:
         self.root = None
 
 
+def fresh_database(server_dsn: str) -> str:
+    """A new empty database on the server of `server_dsn`; its DSN."""
+    import uuid
+
+    import asyncpg
+
+    name = f"cp_{uuid.uuid4().hex[:12]}"
+    base, _, _ = server_dsn.rpartition("/")
+
+    async def create() -> None:
+        conn = await asyncpg.connect(f"{base}/postgres", timeout=30)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(create()) if not _loop_running() else _in_thread(create)
+    return f"{base}/{name}"
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _in_thread(make: Callable[[], Any]) -> None:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(make())
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
 # HTTP -------------------------------------------------------------------------------------
 
 
@@ -213,3 +262,90 @@ class HTTPRecorder:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+# Redis ------------------------------------------------------------------------------------
+
+
+class RedisUnavailable(RuntimeError):
+    """Redis could not be found or started."""
+
+
+def find_redis_server() -> str | None:
+    """`redis-server` on PATH, or where Debian's package puts it."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    for folder in ("/usr/bin", "/usr/sbin", "/usr/local/bin"):
+        candidate = f"{folder}/redis-server"
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+class RedisServer:
+    """A throwaway `redis-server` on 127.0.0.1 and a free port, in a temporary folder, with no
+    persistence (no RDB snapshots, no AOF); `start()` returns its URL."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.root: Path | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _log(self) -> str:
+        if self.root and (self.root / "redis.log").exists():
+            return (self.root / "redis.log").read_text(errors="replace")[-3000:]
+        return ""
+
+    def _pong(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def start(self, timeout: float = 20.0) -> str:
+        binary = find_redis_server()
+        if binary is None:
+            raise RedisUnavailable(
+                "redis-server is not installed; `./run test` installs it, "
+                "or: apt-get install redis-server"
+            )
+        self.root = Path(tempfile.mkdtemp(prefix="cp-redis-"))
+        args = [
+            binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.root),
+            "--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes",
+            "--logfile", str(self.root / "redis.log"),
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                log = self._log()
+                self.stop()
+                raise RedisUnavailable(f"redis-server exited ({self.proc.returncode}):\n{log}")
+            if self._pong():
+                return self.url
+            time.sleep(0.05)
+        log = self._log()
+        self.stop()
+        raise RedisUnavailable(f"redis-server did not answer within {timeout} s:\n{log}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.root = None

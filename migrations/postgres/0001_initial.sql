@@ -130,7 +130,8 @@ CREATE TABLE audit_log (
     forced    boolean NOT NULL DEFAULT false,
     group_id  text,
     prev_hash text    NOT NULL,
-    hash      text    NOT NULL
+    hash      text    NOT NULL,
+    signature text             -- "<algorithm>:<hex>" over hash, when [audit] has a key
 );
 CREATE INDEX audit_log_by_action ON audit_log (action, id);
 

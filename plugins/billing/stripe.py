@@ -250,6 +250,8 @@ class StripeBilling(Billing):
                 return await call(), None
             except stripe.StripeError as exc:
                 failure = self._classify(exc)
+                if exc.http_status == 429:
+                    self.throttled += 1
             ambiguous = ambiguous or failure.ambiguous
             if not failure.retryable or attempt >= self.config.max_retries:
                 break

@@ -8,7 +8,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from controlplane.interfaces import ChainRow, ParityRun
+import msgspec
+
+from controlplane.interfaces import AuditRecord, ChainRow, ParityRun
 from controlplane.ledger import BILLABLE, LedgerRow, RowState, segment
 
 
@@ -32,6 +34,27 @@ def ledger_row(r: Sequence[Any]) -> LedgerRow:
         created_at=r[15],
         updated_at=r[16],
         sent_at=r[17],
+    )
+
+
+_decode = msgspec.json.Decoder()
+
+
+def audit_record(r: Sequence[Any]) -> AuditRecord:
+    return AuditRecord(
+        id=r[0],
+        at=r[1],
+        action=r[2],
+        subject=r[3],
+        actor=r[4],
+        reason=r[5],
+        before=None if r[6] is None else _decode.decode(r[6]),
+        after=None if r[7] is None else _decode.decode(r[7]),
+        forced=bool(r[8]),
+        group_id=r[9],
+        prev_hash=r[10],
+        hash=r[11],
+        signature=r[12],
     )
 
 

@@ -77,7 +77,7 @@ from controlplane.ledger import LedgerRow, NewRow, RowState
 from controlplane.registry import PluginSpec, require
 from controlplane.rollup import requantify
 from controlplane.secrets import Secret, reveal
-from plugins.storage._common import chains, ledger_row, parity_run
+from plugins.storage._common import audit_record, chains, ledger_row, parity_run
 
 Q = sql.load(Path(__file__).with_suffix(".sql"))
 T = TypeVar("T")
@@ -637,26 +637,9 @@ class PostgresStorage(Storage):
             return
         await conn.execute("SELECT pg_advisory_xact_lock($1)", AUDIT_LOCK)
         prev = await conn.fetchval(Q["last_audit_hash"]) or audit_chain.GENESIS
-        rows = []
-        for e in entries:
-            digest = audit_chain.record_hash(prev, at, e)
-            rows.append(
-                (
-                    at,
-                    e.action,
-                    e.subject,
-                    e.actor,
-                    e.reason,
-                    None if e.before is None else _json.encode(e.before).decode(),
-                    None if e.after is None else _json.encode(e.after).decode(),
-                    e.forced,
-                    e.group_id,
-                    prev,
-                    digest,
-                )
-            )
-            prev = digest
-        await conn.executemany(Q["insert_audit"], rows)
+        await conn.executemany(
+            Q["insert_audit"], audit_chain.chain_rows(prev, at, entries, self.sign)
+        )
 
     async def append_audit(self, entries: Sequence[AuditEntry], at: int) -> None:
         async def work(conn: Conn) -> None:
@@ -667,24 +650,10 @@ class PostgresStorage(Storage):
     async def audit_log(
         self, *, action_prefix: str | None = None, limit: int = 100
     ) -> list[AuditRecord]:
-        rows = await self._all(Q["audit_log"], action_prefix, limit)
-        return [
-            AuditRecord(
-                id=r[0],
-                at=r[1],
-                action=r[2],
-                subject=r[3],
-                actor=r[4],
-                reason=r[5],
-                before=None if r[6] is None else _decode.decode(r[6]),
-                after=None if r[7] is None else _decode.decode(r[7]),
-                forced=r[8],
-                group_id=r[9],
-                prev_hash=r[10],
-                hash=r[11],
-            )
-            for r in rows
-        ]
+        return [audit_record(r) for r in await self._all(Q["audit_log"], action_prefix, limit)]
+
+    async def audit_chain(self, after_id: int, limit: int) -> list[AuditRecord]:
+        return [audit_record(r) for r in await self._all(Q["audit_chain"], after_id, limit)]
 
     # jobs ---------------------------------------------------------------------------------
 

@@ -231,15 +231,21 @@ SELECT hash FROM audit_log ORDER BY id DESC LIMIT 1;
 
 -- name: insert_audit
 INSERT INTO audit_log (at, action, subject, actor, reason, before, after, forced, group_id,
-                       prev_hash, hash)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11);
+                       prev_hash, hash, signature)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12);
 
 -- name: audit_log
-SELECT id, at, action, subject, actor, reason, before, after, forced, group_id, prev_hash, hash
+SELECT id, at, action, subject, actor, reason, before, after, forced, group_id, prev_hash, hash,
+       signature
 FROM audit_log
 WHERE ($1::text IS NULL OR starts_with(action, $1))
 ORDER BY id DESC
 LIMIT $2;
+
+-- name: audit_chain
+SELECT id, at, action, subject, actor, reason, before, after, forced, group_id, prev_hash, hash,
+       signature
+FROM audit_log WHERE id > $1 ORDER BY id LIMIT $2;
 
 -- name: insert_job_run
 INSERT INTO job_runs (job, started_at, ended_at, outcome, counts, error)

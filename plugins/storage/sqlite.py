@@ -31,9 +31,11 @@ from controlplane.interfaces import (
     ChainRow,
     Claim,
     ClosedPeriod,
+    DirtyBacklog,
     FlagWrite,
     IngestResult,
     JobRun,
+    LedgerCount,
     MigrationStatus,
     Org,
     OrgChange,
@@ -56,6 +58,7 @@ from controlplane.interfaces import (
 from controlplane.ledger import BILLABLE, LedgerRow, NewRow, RowState, segment
 from controlplane.registry import PluginSpec
 from controlplane.rollup import requantify
+from plugins.storage._common import audit_record
 
 Q = sql.load(Path(__file__).with_suffix(".sql"))
 _json = msgspec.json.Encoder()
@@ -248,6 +251,7 @@ class SQLiteStorage(Storage):
                 for e in events:
                     if (e.source, e.event_id) in existing:
                         continue
+                    existing.add((e.source, e.event_id))
                     bucket = bucket_of(e.time_ms, bucket_seconds)
                     event_rows.append(
                         (
@@ -610,26 +614,9 @@ class SQLiteStorage(Storage):
         async with conn.execute(Q["last_audit_hash"]) as cur:
             row = await cur.fetchone()
         prev = row[0] if row else audit_chain.GENESIS
-        rows = []
-        for e in entries:
-            digest = audit_chain.record_hash(prev, at, e)
-            rows.append(
-                (
-                    at,
-                    e.action,
-                    e.subject,
-                    e.actor,
-                    e.reason,
-                    None if e.before is None else _json.encode(e.before).decode(),
-                    None if e.after is None else _json.encode(e.after).decode(),
-                    int(e.forced),
-                    e.group_id,
-                    prev,
-                    digest,
-                )
-            )
-            prev = digest
-        await conn.executemany(Q["insert_audit"], rows)
+        await conn.executemany(
+            Q["insert_audit"], audit_chain.chain_rows(prev, at, entries, self.sign)
+        )
 
     async def append_audit(self, entries: Sequence[AuditEntry], at: int) -> None:
         async with self._tx() as conn:
@@ -639,23 +626,10 @@ class SQLiteStorage(Storage):
         self, *, action_prefix: str | None = None, limit: int = 100
     ) -> list[AuditRecord]:
         rows = await self._all(Q["audit_log"], {"prefix": action_prefix, "limit": limit})
-        return [
-            AuditRecord(
-                id=r[0],
-                at=r[1],
-                action=r[2],
-                subject=r[3],
-                actor=r[4],
-                reason=r[5],
-                before=_maybe_json(r[6]),
-                after=_maybe_json(r[7]),
-                forced=bool(r[8]),
-                group_id=r[9],
-                prev_hash=r[10],
-                hash=r[11],
-            )
-            for r in rows
-        ]
+        return [audit_record(r) for r in rows]
+
+    async def audit_chain(self, after_id: int, limit: int) -> list[AuditRecord]:
+        return [audit_record(r) for r in await self._all(Q["audit_chain"], (after_id, limit))]
 
     # jobs ---------------------------------------------------------------------------------
 
@@ -913,6 +887,39 @@ class SQLiteStorage(Storage):
     async def closed_periods(self, org_ids: Sequence[str]) -> list[ClosedPeriod]:
         rows = await self._all(Q["closed_periods"], (_json.encode(list(org_ids)).decode(),))
         return [ClosedPeriod(*r) for r in rows]
+
+    # jobs and metrics (appended) ----------------------------------------------------------
+
+    async def last_job_success(self, job: str) -> float | None:
+        rows = await self._all(Q["last_job_success"], (job,))
+        return float(rows[0][0]) if rows else None
+
+    async def ledger_counts(self) -> list[LedgerCount]:
+        return [LedgerCount(s, r, n) for s, r, n in await self._all(Q["ledger_counts"])]
+
+    async def dirty_backlog(self, closed_before: int, bucket_seconds: int) -> DirtyBacklog:
+        ((buckets, oldest),) = await self._all(
+            Q["dirty_backlog"], {"last_start": closed_before - bucket_seconds}
+        )
+        return DirtyBacklog(buckets=buckets, oldest_start=oldest)
+
+    async def record_alert(self, alert: ParityAlert) -> int | None:
+        try:
+            async with self._tx() as conn:
+                cur = await conn.execute(
+                    Q["insert_alert"],
+                    (
+                        alert.meter,
+                        alert.bucket_start,
+                        alert.dedup_key,
+                        alert.text,
+                        alert.state,
+                        alert.created_at,
+                    ),
+                )
+                return cur.lastrowid if cur.rowcount else None
+        except sqlite3.Error as exc:
+            raise StorageError(f"recording an alert failed: {exc}") from exc
 
 
 def _parity_run(r: Sequence[Any]) -> ParityRun:

@@ -184,15 +184,21 @@ SELECT hash FROM audit_log ORDER BY id DESC LIMIT 1;
 
 -- name: insert_audit
 INSERT INTO audit_log (at, action, subject, actor, reason, before, after, forced, group_id,
-                       prev_hash, hash)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
+                       prev_hash, hash, signature)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
 
 -- name: audit_log
-SELECT id, at, action, subject, actor, reason, before, after, forced, group_id, prev_hash, hash
+SELECT id, at, action, subject, actor, reason, before, after, forced, group_id, prev_hash, hash,
+       signature
 FROM audit_log
-WHERE (:prefix IS NULL OR action LIKE :prefix || '%')
+WHERE (:prefix IS NULL OR substr(action, 1, length(:prefix)) = :prefix)
 ORDER BY id DESC
 LIMIT :limit;
+
+-- name: audit_chain
+SELECT id, at, action, subject, actor, reason, before, after, forced, group_id, prev_hash, hash,
+       signature
+FROM audit_log WHERE id > ? ORDER BY id LIMIT ?;
 
 -- name: insert_job_run
 INSERT INTO job_runs (job, started_at, ended_at, outcome, counts, error) VALUES (?, ?, ?, ?, ?, ?);
@@ -346,3 +352,21 @@ WHERE o.customer IS NULL
   AND (SELECT p.plan FROM org_plans p WHERE p.org_id = o.org_id AND p.effective_from <= :at
        ORDER BY p.effective_from DESC LIMIT 1) = :plan
 ORDER BY o.org_id;
+
+-- name: last_job_success
+-- Newest first through job_runs_by_job (job, id): usually the first row looked at.
+SELECT ended_at FROM job_runs
+WHERE job = ? AND outcome IN ('ok', 'skipped')
+ORDER BY id DESC
+LIMIT 1;
+
+-- name: ledger_counts
+SELECT state, reason, count(*) FROM ledger GROUP BY state, reason ORDER BY state, reason;
+
+-- name: dirty_backlog
+SELECT count(*), min(bucket_start) FROM dirty_buckets WHERE bucket_start <= :last_start;
+
+-- name: insert_alert
+INSERT INTO parity_alerts (meter, bucket_start, dedup_key, text, state, created_at)
+VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (meter, bucket_start) DO NOTHING;

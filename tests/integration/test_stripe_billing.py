@@ -185,6 +185,7 @@ async def test_rate_limited_with_long_retry_after_hands_back_retry(
     assert delivery.outcome is Outcome.RETRY
     assert delivery.retry_after == 1.0  # Retry-After: 1 is above the 0.01 s cap: not slept here
     assert emulator.state()["rate_limited"] == 1
+    assert billing.throttled == 1  # counted for /metrics
 
 
 async def test_rate_limited_then_accepted(
@@ -200,6 +201,7 @@ async def test_rate_limited_then_accepted(
     assert delivery.outcome is Outcome.ACCEPTED
     assert emulator.state()["rate_limited"] >= 1
     assert time.monotonic() - started >= 0.9  # Retry-After: 1 was honoured
+    assert billing.throttled == emulator.state()["rate_limited"]  # retried 429s count too
     assert counted(emulator, bucket) == 2 * 42
 
 

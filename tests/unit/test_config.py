@@ -96,7 +96,10 @@ def test_every_setting_is_documented_in_the_example() -> None:
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ({"storage": {"backend": "mysql"}}, "storage.backend: expected one of ['postgres', 'sqlite'"),
+        (
+            {"storage": {"backend": "mysql"}},
+            "storage.backend: expected one of ['postgres', 'sqlite'",
+        ),
         ({"storage": {"backend": "sqlite", "pth": "x"}}, "storage.pth: unknown setting"),
         ({"server": {"port": "80"}}, "server.port: Expected `int`, got `str`"),
         ({"server": {"prot": 80}}, "server.prot: unknown setting"),
@@ -112,6 +115,15 @@ def test_every_setting_is_documented_in_the_example() -> None:
             "auth.tokens[0].scopes[0]",
         ),
         ({"billing": {"backend": "fake", "rate": 1}}, "billing.rate: unknown setting"),
+        ({"rate_limit": {"events_per_second": -1}}, "rate_limit.events_per_second: must be"),
+        ({"rate_limit": {"burst_events": 0}}, "rate_limit.burst_events: must be >= 1"),
+        (
+            {"auth": {"tokens": [{"name": "a", "sha256": "x", "scopes": [], "burst_events": 0}]}},
+            "auth.tokens[0].burst_events: must be >= 1",
+        ),
+        ({"jobs": {"stale_after_intervals": -1}}, "jobs.stale_after_intervals: must be >= 0"),
+        ({"jobs": {"watch_interval_seconds": 0}}, "jobs.watch_interval_seconds: must be > 0"),
+        ({"server": {"max_small_body_bytes": 0}}, "server.max_small_body_bytes: must be >= 1"),
     ],
 )
 def test_bad_config_names_the_setting(raw: dict[str, object], message: str) -> None:

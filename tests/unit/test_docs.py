@@ -35,6 +35,8 @@ SECTIONS = {
     "catalog.welcome_credit": config_mod.WelcomeCreditConfig,
     "stripe": config_mod.StripeConfig,
     "cutover": config_mod.CutoverConfig,
+    "rate_limit": config_mod.RateLimitConfig,
+    "jobs": config_mod.JobsConfig,
 }
 
 
@@ -42,7 +44,7 @@ def _plugin_configs() -> dict[str, type]:
     from controlplane.registry import BUILTIN, spec_for
 
     out: dict[str, type] = {}
-    for kind in ("storage", "billing", "legacy"):
+    for kind in ("storage", "ingest", "billing", "legacy"):
         for name in BUILTIN[kind]:  # type: ignore[literal-required]
             out[f"{kind}.{name}"] = spec_for(kind, name).config  # type: ignore[arg-type]
     return out

@@ -1,0 +1,505 @@
+"""The Redis Streams ingest plugin against a real redis-server, into a real ControlPlane on the
+test storage (SQLite by default), as `serve` starts it (see plugins/ingest/redis_streams.py for
+the semantics under test)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from litestar.testing import AsyncTestClient
+from structlog.testing import capture_logs
+
+from controlplane import config as config_mod
+from controlplane.app import create_app
+from controlplane.config import Config
+from controlplane.core import ControlPlane
+from controlplane.errors import ConfigError, StorageError
+from controlplane.interfaces import IngestResult, StoredEvent
+from plugins.ingest.redis_streams import RedisStreamsIngest, RedisStreamsIngestConfig
+from tests.conftest import HOUR, T0, TOKEN, raw_config, tick, token_hash
+
+GROUP = "controlplane"
+MICROS_PER_TICK = 20_000_000  # tick(): 1024 MB for 20 s = 20 GB-seconds
+
+
+def section(url: str, stream: str, **overrides: Any) -> dict[str, Any]:
+    """An `[[ingest]]` table with fast timings for tests."""
+    return {
+        "backend": "redis_streams",
+        "url": url,
+        "stream": stream,
+        "block_ms": 100,
+        "retry_base_seconds": 0.01,
+        "retry_cap_seconds": 0.05,
+        **overrides,
+    }
+
+
+def entry(event: Any) -> dict[str, bytes]:
+    return {"event": json.dumps(event).encode()}
+
+
+def ev(event_id: str, offset: int = 0, **extra: Any) -> dict[str, Any]:
+    """A tick of its own org, named after the event: usage per org tells which were stored."""
+    return tick(event_id, event_id, T0 + offset, **extra)
+
+
+async def stored(plane: ControlPlane) -> dict[str, int]:
+    """Usage per org (= per event, see `ev`) in micro-units, as storage computes it."""
+    return await plane.storage.usage_by_org("gbs", T0, T0 + HOUR)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 15.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def stream() -> str:
+    return f"usage-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+async def r(redis_url: str) -> AsyncIterator[Any]:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+Start = Callable[..., Awaitable[tuple[ControlPlane, list[RedisStreamsIngest]]]]
+
+
+@pytest.fixture
+async def start(
+    make_config: Callable[..., Config], redis_url: str, stream: str
+) -> AsyncIterator[Start]:
+    """Start a ControlPlane whose `[[ingest]]` tables are `sections` (default: one consumer
+    of `stream`), and its sources, as `serve` does."""
+    planes: list[ControlPlane] = []
+
+    async def go(
+        *sections: dict[str, Any], patch: Callable[[ControlPlane], None] | None = None
+    ) -> tuple[ControlPlane, list[RedisStreamsIngest]]:
+        config = make_config(ingest=list(sections) or [section(redis_url, stream)])
+        plane = ControlPlane(config)
+        await plane.start()
+        planes.append(plane)
+        if patch is not None:
+            patch(plane)
+        sources = await plane.start_ingest()
+        assert all(isinstance(s, RedisStreamsIngest) for s in sources)
+        return plane, sources  # type: ignore[return-value]
+
+    yield go
+    for plane in planes:
+        await plane.close()
+
+
+async def pending(r: Any, stream: str) -> int:
+    return int((await r.xpending(stream, GROUP))["pending"])
+
+
+async def lag(r: Any, stream: str) -> int:
+    """Entries of the stream not yet delivered to the group."""
+    [info] = await r.xinfo_groups(stream)
+    return int(info["lag"])
+
+
+# delivery -------------------------------------------------------------------------------
+
+
+async def test_events_are_stored_exactly_once_and_acknowledged(
+    start: Start, r: Any, redis_url: str, stream: str
+) -> None:
+    for i in range(25):
+        await r.xadd(stream, entry(ev(f"e{i:02d}", i)))
+    await r.xadd(stream, entry([ev(f"a{i}") for i in range(3)]))  # an array entry
+    await r.xadd(stream, entry(ev("e00")))  # a redelivered event: a duplicate
+
+    plane, [source] = await start(section(redis_url, stream, batch_size=10))
+
+    async def done() -> bool:
+        return source.stats.entries == 27 and await pending(r, stream) == 0
+
+    await eventually(done)
+    ids = [f"e{i:02d}" for i in range(25)] + ["a0", "a1", "a2"]
+    assert await stored(plane) == {i: MICROS_PER_TICK for i in ids}  # each once, exactly
+    assert (source.stats.accepted, source.stats.duplicates) == (28, 1)
+    assert await lag(r, stream) == 0
+
+    # A second consumer of the same group finds nothing left to deliver.
+    _, [second] = await start(section(redis_url, stream, consumer="second"))
+    await asyncio.sleep(0.3)
+    assert second.stats.entries == 0
+    assert len(await stored(plane)) == 28
+
+
+async def test_two_consumers_of_one_group_share_the_stream_exactly_once(
+    start: Start, r: Any, redis_url: str, stream: str
+) -> None:
+    plane, sources = await start(
+        section(redis_url, stream, consumer="one", batch_size=7),
+        section(redis_url, stream, consumer="two", batch_size=7),
+    )
+    async with r.pipeline(transaction=False) as pipe:
+        for i in range(300):
+            pipe.xadd(stream, entry(ev(f"e{i:03d}", i)))
+        await pipe.execute()
+
+    async def done() -> bool:
+        return sum(s.stats.entries for s in sources) == 300 and await pending(r, stream) == 0
+
+    await eventually(done)
+    assert await stored(plane) == {f"e{i:03d}": MICROS_PER_TICK for i in range(300)}
+    assert sum(s.stats.accepted for s in sources) == 300
+    assert sum(s.stats.duplicates for s in sources) == 0
+
+
+# storage failure: nothing acknowledged, back-pressure, recovery ------------------------------
+
+
+async def test_storage_failure_leaves_entries_pending_until_they_are_committed(
+    start: Start, r: Any, redis_url: str, stream: str
+) -> None:
+    for i in range(5):
+        await r.xadd(stream, entry(ev(f"e{i}", i)))
+    broken = True
+    attempts: list[int] = []
+    pending_at_commit: list[int] = []
+
+    def patch(plane: ControlPlane) -> None:
+        insert = plane.storage.insert_events
+
+        async def flaky(events: Sequence[StoredEvent], bucket_seconds: int) -> IngestResult:
+            attempts.append(len(events))
+            if broken:
+                raise StorageError("database is locked")
+            result = await insert(events, bucket_seconds)
+            pending_at_commit.append(await pending(r, stream))  # committed, not yet acked
+            return result
+
+        plane.storage.insert_events = flaky  # type: ignore[method-assign]
+
+    with capture_logs() as logs:
+        plane, [source] = await start(section(redis_url, stream, batch_size=2), patch=patch)
+
+        async def retried() -> bool:
+            return len(attempts) >= 4
+
+        await eventually(retried)
+        # Nothing stored, nothing acknowledged, and only one batch read ahead of storage.
+        assert await stored(plane) == {}
+        assert await pending(r, stream) == 2
+        assert await lag(r, stream) == 3
+        assert source.stats.entries == 0
+        assert set(attempts) == {2}  # the same batch, retried
+
+        broken = False
+
+        async def recovered() -> bool:
+            return source.stats.entries == 5 and await pending(r, stream) == 0
+
+        await eventually(recovered)
+    assert sorted(await stored(plane)) == [f"e{i}" for i in range(5)]
+    assert pending_at_commit[0] == 2  # acknowledged only after the commit returned
+    failures = [e for e in logs if e["event"] == "ingest.redis.store_failed"]
+    assert failures and failures[0]["log_level"] == "error"
+    assert "database is locked" in failures[0]["error"]
+
+
+# dead consumers -------------------------------------------------------------------------
+
+
+async def test_a_dead_consumers_entries_are_claimed_once_idle_long_enough(
+    start: Start, r: Any, redis_url: str, stream: str
+) -> None:
+    await r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    ids = [await r.xadd(stream, entry(ev(f"e{i}", i))) for i in range(4)]
+    read = await r.xreadgroup(GROUP, "dead", {stream: ">"}, count=10)  # then it crashes
+    assert len(read[0][1]) == 4
+    # Two of them have been idle for ten minutes, two were read just now.
+    await r.xclaim(stream, GROUP, "dead", 0, ids[:2], idle=600_000)
+
+    settings = {"claim_idle_seconds": 60, "claim_interval_seconds": 0.05}
+    plane, [source] = await start(section(redis_url, stream, consumer="alive", **settings))
+
+    async def claimed_old() -> bool:
+        return len(await stored(plane)) == 2
+
+    await eventually(claimed_old)
+    await asyncio.sleep(0.3)  # several more claim rounds
+    assert sorted(await stored(plane)) == ["e0", "e1"]
+    still_dead = await r.xpending_range(stream, GROUP, "-", "+", 10, consumername="dead")
+    assert [p["message_id"] for p in still_dead] == ids[2:]  # not idle long enough: left alone
+    assert source.stats.claimed == 2
+
+    await r.xclaim(stream, GROUP, "dead", 0, ids[2:], idle=600_000)  # now they are
+
+    async def claimed_all() -> bool:
+        return len(await stored(plane)) == 4 and await pending(r, stream) == 0
+
+    await eventually(claimed_all)
+    assert source.stats.claimed == 4
+    assert (source.stats.accepted, source.stats.duplicates) == (4, 0)
+
+
+async def test_a_restarted_consumer_first_stores_its_own_pending_entries(
+    start: Start, r: Any, redis_url: str, stream: str
+) -> None:
+    await r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    for i in range(3):
+        await r.xadd(stream, entry(ev(f"e{i}", i)))
+    await r.xreadgroup(GROUP, "fixed", {stream: ">"}, count=10)  # read, then crashed
+    assert await lag(r, stream) == 0  # nothing left for a `>` read: only its own PEL has them
+
+    plane, [source] = await start(section(redis_url, stream, consumer="fixed"))
+
+    async def done() -> bool:
+        return len(await stored(plane)) == 3 and await pending(r, stream) == 0
+
+    await eventually(done)
+    assert source.stats.claimed == 0  # not taken over: re-read by the same consumer
+
+
+# invalid input: dead-letter stream --------------------------------------------------------
+
+
+async def test_invalid_entries_go_to_the_dead_letter_stream_and_the_rest_is_stored(
+    start: Start, r: Any, redis_url: str, stream: str
+) -> None:
+    no_subject = {k: v for k, v in ev("b").items() if k != "subject"}
+    bad_time = {**ev("d"), "ts": None, "time": "yesterday"}
+    payloads: list[dict[str, bytes]] = [
+        entry(ev("a")),
+        entry(no_subject),
+        {"event": b"{not json"},
+        {"other": b"1"},
+        entry([ev("c"), bad_time]),
+        entry(ev("e")),
+    ]
+    ids = [await r.xadd(stream, p) for p in payloads]
+
+    with capture_logs() as logs:
+        plane, [source] = await start(section(redis_url, stream))
+
+        async def done() -> bool:
+            return source.stats.entries + source.stats.dead_lettered == 6
+
+        await eventually(done)
+    # The valid entries of the same read are stored; the array entry is dead-lettered whole.
+    assert sorted(await stored(plane)) == ["a", "e"]
+    assert await pending(r, stream) == 0
+    assert source.stats.dead_lettered == 4
+
+    dead = await r.xrange(f"{stream}:dead")
+    assert sorted(d[1][b"id"] for d in dead) == ids[1:5]
+    by_id = {d[1][b"id"]: d[1] for d in dead}
+    assert by_id[ids[1]][b"error"] == b"subject: required"
+    assert by_id[ids[1]][b"event"] == payloads[1]["event"]  # the original payload, as sent
+    assert json.loads(by_id[ids[1]][b"errors"]) == [
+        {"field": "subject", "message": "required", "index": None}
+    ]
+    assert by_id[ids[2]][b"error"].startswith(b"event: malformed JSON")
+    assert by_id[ids[2]][b"event"] == b"{not json"
+    assert by_id[ids[3]][b"error"] == b"event: missing field `event` (the event as JSON)"
+    assert json.loads(by_id[ids[3]][b"fields"]) == {"other": "1"}
+    assert by_id[ids[4]][b"error"] == b"[1].time: not an RFC 3339 timestamp: 'yesterday'"
+    assert all(
+        d[b"stream"] == stream.encode() and d[b"group"] == GROUP.encode() for d in by_id.values()
+    )
+    logged = [e for e in logs if e["event"] == "ingest.redis.dead_lettered"]
+    assert sorted(e["id"] for e in logged) == [i.decode() for i in ids[1:5]]
+
+
+async def test_an_entry_too_large_for_one_batch_is_dead_lettered_alone(
+    make_config: Callable[..., Config], start: Start, r: Any, redis_url: str, stream: str
+) -> None:
+    big = [ev(f"big{i}") for i in range(60)]  # server.max_batch_events is 50 here
+    await r.xadd(stream, entry(ev("a")))
+    await r.xadd(stream, entry(big))
+    await r.xadd(stream, entry(ev("b")))
+    config = make_config(server={"max_batch_events": 50}, ingest=[section(redis_url, stream)])
+    async with ControlPlane(config) as plane:
+        [source] = await plane.start_ingest()
+        assert isinstance(source, RedisStreamsIngest)
+
+        async def done() -> bool:
+            return source.stats.entries + source.stats.dead_lettered == 3
+
+        await eventually(done)
+        assert sorted(await stored(plane)) == ["a", "b"]
+        [(_, dead)] = await r.xrange(f"{stream}:dead")
+        assert dead[b"error"] == b"batch has 60 events; at most 50 are accepted at once"
+
+
+# config, secrets ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ingest", "message"),
+    [
+        ({"backend": "redis_streams"}, "ingest: expected a list of tables ([[ingest]])"),
+        ([{"backend": "redis_streams", "url": "redis://x"}], "ingest[0].stream: required"),
+        ([{"url": "redis://x", "stream": "s"}], "ingest[0].backend: required"),
+        ([{"backend": "kafka"}], "ingest[0].backend: expected one of ['redis_streams'"),
+        (
+            [{"backend": "redis_streams", "url": "redis://x", "stream": "s", "strem": "t"}],
+            "ingest[0].strem: unknown setting",
+        ),
+        (
+            [
+                {"backend": "redis_streams", "url": "redis://x", "stream": "s"},
+                {"backend": "redis_streams", "url": "redis://x", "stream": "s", "batch_size": 0},
+            ],
+            "ingest[1].batch_size: Expected `int` >= 1",
+        ),
+        (
+            [{"backend": "redis_streams", "url": "redis://x", "stream": 5}],
+            "ingest[0].stream: Expected `str`, got `int`",
+        ),
+        (
+            [{"backend": "redis_streams", "url": "r", "stream": "s", "dead_letter_stream": "s"}],
+            "ingest[0]: dead_letter_stream must differ from stream",
+        ),
+    ],
+)
+def test_bad_ingest_config_names_the_setting(tmp_path: Path, ingest: object, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        config_mod.parse(raw_config(tmp_path / "cp.db", ingest=ingest))
+    assert message in str(err.value)
+
+
+def test_ingest_config_defaults() -> None:
+    raw = {"ingest": [{"backend": "redis_streams", "url": {"env": "REDIS_URL"}, "stream": "u"}]}
+    [config] = config_mod.parse(raw).ingest
+    assert isinstance(config, RedisStreamsIngestConfig)
+    assert config.dead_letter == "u:dead"
+    assert (config.group, config.source, config.start_id) == ("controlplane", "redis_streams", "0")
+
+
+async def test_the_url_password_never_appears_in_logs(r: Any, redis_url: str, stream: str) -> None:
+    password = "hunter2-redis-password"
+    user = f"ingest-{uuid.uuid4().hex[:6]}"
+    await r.acl_setuser(
+        user, enabled=True, passwords=[f"+{password}"], keys="*", commands=["+@all"]
+    )
+    calls: list[int] = []
+
+    async def sink(items: Sequence[Any], default_source: str) -> IngestResult:
+        calls.append(len(items))
+        return IngestResult(accepted=len(items), duplicates=0)
+
+    await r.xadd(stream, entry(tick("e1", "acme", T0)))
+    wrong = redis_url.replace("redis://", f"redis://{user}:{password}-wrong@")
+    right = redis_url.replace("redis://", f"redis://{user}:{password}@")
+    with capture_logs() as logs:
+        for url in (wrong, right):
+            config = RedisStreamsIngestConfig(url=url, stream=stream, retry_base_seconds=0.01)
+            assert password not in repr(config)
+            source = RedisStreamsIngest(config)
+            await source.start(sink)
+            await asyncio.sleep(0.3)
+            await source.close()
+            if url == wrong:
+                assert calls == []  # refused: nothing read
+    assert calls == [1]  # the right password reads the entry
+    refused = [e for e in logs if e["event"] == "ingest.redis.unavailable"]
+    assert refused and refused[0]["error"].startswith("AuthenticationError")
+    assert password not in repr(logs)
+    assert {e["redis"] for e in logs if "redis" in e} == {redis_url}
+
+
+# serve ------------------------------------------------------------------------------------
+
+
+def _write_config(tmp_path: Path, redis_url: str, stream: str) -> Path:
+    path = tmp_path / "cp.toml"
+    path.write_text(
+        f"""
+[storage]
+backend = "sqlite"
+path = "{tmp_path / "serve.db"}"
+
+[[auth.tokens]]
+name = "t"
+sha256 = "{token_hash(TOKEN)}"
+scopes = ["read"]
+
+[logging]
+level = "warning"
+
+[[meters]]
+name = "gbs"
+event_type = "tick"
+value = "data.mb * data.s / 1024"
+
+[[ingest]]
+backend = "redis_streams"
+url = "{redis_url}"
+stream = "{stream}"
+consumer = "serve-test"
+block_ms = 100
+"""
+    )
+    return path
+
+
+async def test_serve_starts_the_configured_consumer_and_closes_it_on_shutdown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, r: Any, redis_url: str, stream: str
+) -> None:
+    import uvicorn
+
+    from controlplane.cli import main
+
+    apps: list[Any] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    monkeypatch.setattr("controlplane.logs.configure", lambda config: None)
+    path = _write_config(tmp_path, redis_url, stream)
+    await r.xadd(stream, entry(tick("e1", "acme", T0)))
+
+    # A one-shot command does not consume the stream.
+    assert await asyncio.to_thread(main, ["rollup", "--config", str(path)]) == 0
+    assert await r.exists(stream) == 1 and await r.xinfo_groups(stream) == []
+
+    assert main(["serve", "--config", str(path), "--no-scheduler"]) == 0
+    async with AsyncTestClient(app=apps[0]) as client:
+
+        async def stored() -> bool:
+            answer = await client.get(
+                "/v1/usage",
+                params={"org": "acme", "meter": "gbs", "from": T0, "to": T0 + HOUR},
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )
+            return answer.status_code == 200 and answer.json()["rows"] == [
+                {"org_id": "acme", "meter": "gbs", "bucket_start": T0, "value": "20"}
+            ]
+
+        await eventually(stored)
+        consumers = [c["name"] for c in await r.xinfo_consumers(stream, GROUP)]
+        assert consumers == [b"serve-test"]
+    # After shutdown: everything acknowledged, and the consumer (with nothing pending) is gone.
+    assert await pending(r, stream) == 0
+    assert await r.xinfo_consumers(stream, GROUP) == []
+
+
+async def test_an_app_without_ingest_does_not_consume(
+    make_config: Callable[..., Config], r: Any, redis_url: str, stream: str
+) -> None:
+    await r.xadd(stream, entry(ev("e1")))
+    plane = ControlPlane(make_config(ingest=[section(redis_url, stream)]))
+    async with AsyncTestClient(app=create_app(plane.config, cp=plane)) as client:
+        assert (await client.get("/healthz")).status_code == 200
+        await asyncio.sleep(0.2)
+        assert await stored(plane) == {}
+    assert await r.xinfo_groups(stream) == []
