@@ -125,9 +125,13 @@ def _iso(when: float | None) -> str:
 
 def alert_text(status: JobStatus) -> str:
     if status.stale:
+        since = (
+            "has not succeeded since this process started"
+            if status.last_success is None
+            else f"has not succeeded since {_iso(status.last_success)}"
+        )
         why = (
-            f"has not succeeded since {_iso(status.last_success)} "
-            f"(expected every {status.interval_seconds:g} s; stale since "
+            f"{since} (expected every {status.interval_seconds:g} s; stale since "
             f"{_iso(status.stale_since)})"
         )
     else:

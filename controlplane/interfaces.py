@@ -120,7 +120,7 @@ class ChainRow(msgspec.Struct, frozen=True, array_like=True):
     id: int
     value_micros: int
     quantity: int
-    frozen: bool  # attempted, sent or otherwise decided: its quantity can no longer change
+    frozen: bool  # attempted, sent or held by another sender: its quantity can no longer change
 
 
 class Claim(msgspec.Struct, frozen=True):

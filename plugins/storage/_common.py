@@ -83,14 +83,16 @@ def chains(rows: Iterable[Sequence[Any]]) -> dict[str, list[ChainRow]]:
     """One (org, meter)'s ledger rows, oldest first, as rounding chains by segment.
 
     Each row is (id, value, quantity, state, reason, attempts, held by another claimant).
-    A row is frozen once attempted, decided or held by another sender: its quantity may
-    already be on its way to the provider. Excluded rows are never sent: their units may move.
-    The billable chain is always present, so it is reset even when it emptied.
+    A row is frozen once it may be on its way to the provider: attempted, sent (or cancelled
+    after), or claimed by another sender. Rows never offered to the provider keep moving:
+    pending ones, those held before any attempt (`no_customer`), and excluded ones. The
+    billable chain is always present, so it is reset even when it emptied.
     """
+    movable = {RowState.PENDING.value, RowState.HELD.value, RowState.EXCLUDED.value}
     out: dict[str, list[ChainRow]] = {BILLABLE: []}
     for row_id, value, quantity, state, reason, attempts, held in rows:
-        frozen = state != RowState.PENDING.value or attempts > 0 or bool(held)
+        frozen = state not in movable or attempts > 0 or bool(held)
         if state == RowState.EXCLUDED.value:
-            frozen = False
+            frozen = False  # never sent: its units may move
         out.setdefault(segment(reason), []).append(ChainRow(row_id, value, quantity, frozen))
     return out

@@ -28,7 +28,6 @@ from controlplane.interfaces import (
     BucketKey,
     Carry,
     CatalogVersion,
-    ChainRow,
     Claim,
     ClosedPeriod,
     DirtyBacklog,
@@ -55,10 +54,10 @@ from controlplane.interfaces import (
     UsageTotal,
     WebhookRecord,
 )
-from controlplane.ledger import BILLABLE, LedgerRow, NewRow, RowState, segment
+from controlplane.ledger import LedgerRow, NewRow, RowState
 from controlplane.registry import PluginSpec
 from controlplane.rollup import requantify
-from plugins.storage._common import audit_record
+from plugins.storage._common import audit_record, chains
 
 Q = sql.load(Path(__file__).with_suffix(".sql"))
 _json = msgspec.json.Encoder()
@@ -516,17 +515,10 @@ class SQLiteStorage(Storage):
         async with conn.execute(Q["row_chains"], (_json.encode(row_ids),)) as cur:
             pairs = list(await cur.fetchall())
         for org_id, meter in pairs:
-            chains: dict[str, list[ChainRow]] = {BILLABLE: []}  # reset even when emptied
             params = {"org": org_id, "meter": meter, "claimant": claimant, "at": at}
             async with conn.execute(Q["chain_rows"], params) as cur:
-                for row_id, value, quantity, state, reason, attempts, held in await cur.fetchall():
-                    frozen = state != RowState.PENDING.value or attempts > 0 or bool(held)
-                    if state == RowState.EXCLUDED.value:
-                        frozen = False  # excluded rows are never sent: their units may move
-                    chains.setdefault(segment(reason), []).append(
-                        ChainRow(row_id, value, quantity, frozen)
-                    )
-            for name, chain in chains.items():
+                rows = list(await cur.fetchall())
+            for name, chain in chains(rows).items():
                 changed, exact, whole = requantify(chain)
                 await conn.executemany(
                     Q["set_quantity"], [(q, at, row_id) for row_id, q in changed.items()]

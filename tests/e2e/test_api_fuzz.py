@@ -58,7 +58,8 @@ def _settings(path: Path) -> Path:
         f"""
 headers = {{ Authorization = "Bearer {TOKEN}" }}
 seed = {SEED}
-workers = 1  # threads trip a CPython 3.11 ast bug inside schemathesis ("AST constructor recursion depth mismatch")
+# one worker: threads trip a CPython 3.11 bug in schemathesis ("AST constructor recursion")
+workers = 1
 color = false
 
 [cache]
