@@ -78,7 +78,7 @@ CREATE TABLE ledger (
     UNIQUE (org_id, bucket_start, meter, revision),
     CHECK (state = 'pending' OR state = 'sent' OR reason IS NOT NULL)
 );
-CREATE INDEX ledger_by_state ON ledger (state, id);
+CREATE INDEX ledger_by_state ON ledger (state, reason, id);
 CREATE INDEX ledger_chain ON ledger (org_id, meter, id);
 CREATE INDEX ledger_claimants ON ledger (claimed_by) WHERE claimed_by IS NOT NULL;
 

@@ -30,7 +30,17 @@ NOW_HOUR = int(time.time()) // HOUR * HOUR
 START = NOW_HOUR - 30 * HOUR  # buckets well inside Stripe's 35-day window
 
 
-def config_text(db: Path, emulator: Emulator, *, flags: str = "", rate_limit: float = 200.0) -> str:
+def config_text(
+    db: Path | str,
+    emulator: Emulator,
+    *,
+    flags: str = "",
+    rate_limit: float = 200.0,
+    concurrency: int = 8,
+    claim_seconds: int = 2,
+) -> str:
+    """A killed server's claims on ledger rows lapse after `claim_seconds`, short here so a
+    restarted server takes its rows over at once."""
     return (
         base_config(db)
         + f"""
@@ -40,7 +50,8 @@ interval_seconds = 0.3
 
 [sender]
 interval_seconds = 0.3
-concurrency = 8
+concurrency = {concurrency}
+claim_seconds = {claim_seconds}
 
 [flags]
 {flags}
