@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -116,59 +117,40 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def postgres_dsn() -> Iterator[str]:
-    """A real PostgreSQL server on loopback for the session (see tests/harness.py).
-
-    Locally, tests that need it are skipped with the reason when PostgreSQL cannot start; in
-    CI (CI=true) they fail: a green CI must mean they ran."""
-    from tests.harness import PostgresServer, PostgresUnavailable
-
+def _service(name: str, driver: str, extra: str, server: Any) -> Iterator[str]:
+    """Start a harness server for the session, or explain why not: locally, tests needing it
+    are skipped with the reason; in CI (CI=true) they fail: a green CI must mean they ran."""
     in_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
     try:
-        import asyncpg  # noqa: F401
+        importlib.import_module(driver)
     except ImportError:
-        reason = "asyncpg is not installed: pip install -e '.[dev,postgres]'"
+        reason = f"{driver} is not installed: pip install -e '.[dev,{extra}]'"
         if in_ci:
             pytest.fail(reason)
         pytest.skip(reason)
-    server = PostgresServer()
     try:
-        dsn = server.start()
-    except PostgresUnavailable as exc:
+        address = server.start()
+    except RuntimeError as exc:  # PostgresUnavailable, RedisUnavailable
         if in_ci:
-            pytest.fail(f"PostgreSQL is required in CI and did not start: {exc}")
-        pytest.skip(f"PostgreSQL unavailable: {exc}")
+            pytest.fail(f"{name} is required in CI and did not start: {exc}")
+        pytest.skip(f"{name} unavailable: {exc}")
     try:
-        yield dsn
+        yield address
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn() -> Iterator[str]:
+    """A real PostgreSQL server on loopback for the session (see tests/harness.py)."""
+    from tests.harness import PostgresServer
+
+    yield from _service("PostgreSQL", "asyncpg", "postgres", PostgresServer())
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    """A real Redis server on loopback for the session (see tests/harness.py).
+    """A real Redis server on loopback for the session (see tests/harness.py)."""
+    from tests.harness import RedisServer
 
-    Locally, tests that need it are skipped with the reason when Redis cannot start; in CI
-    (CI=true) they fail: a green CI must mean they ran."""
-    from tests.harness import RedisServer, RedisUnavailable
-
-    in_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-    try:
-        import redis  # noqa: F401
-    except ImportError:
-        reason = "redis is not installed: pip install -e '.[dev,redis]'"
-        if in_ci:
-            pytest.fail(reason)
-        pytest.skip(reason)
-    server = RedisServer()
-    try:
-        url = server.start()
-    except RedisUnavailable as exc:
-        if in_ci:
-            pytest.fail(f"Redis is required in CI and did not start: {exc}")
-        pytest.skip(f"Redis unavailable: {exc}")
-    try:
-        yield url
-    finally:
-        server.stop()
+    yield from _service("Redis", "redis", "redis", RedisServer())

@@ -57,7 +57,7 @@ from controlplane.interfaces import (
 from controlplane.ledger import LedgerRow, NewRow, RowState
 from controlplane.registry import PluginSpec
 from controlplane.rollup import requantify
-from plugins.storage._common import audit_record, chains
+from plugins.storage._common import audit_record, chains, ledger_row, parity_run
 
 Q = sql.load(Path(__file__).with_suffix(".sql"))
 _json = msgspec.json.Encoder()
@@ -69,33 +69,6 @@ class SQLiteStorageConfig(PluginConfig, tag="sqlite", tag_field="backend", froze
     path: str = "controlplane.db"
     synchronous: Literal["full", "normal"] = "full"
     busy_timeout_ms: int = 10_000
-
-
-def _ledger_row(r: Sequence[Any]) -> LedgerRow:
-    return LedgerRow(
-        id=r[0],
-        identifier=r[1],
-        org_id=r[2],
-        meter=r[3],
-        bucket_start=r[4],
-        bucket_end=r[5],
-        revision=r[6],
-        value_micros=r[7],
-        quantity=r[8],
-        state=RowState(r[9]),
-        reason=r[10],
-        detail=r[11],
-        attempts=r[12],
-        first_attempt_at=r[13],
-        provider_id=r[14],
-        created_at=r[15],
-        updated_at=r[16],
-        sent_at=r[17],
-    )
-
-
-def _maybe_json(text: str | None) -> Any:
-    return None if text is None else _decode.decode(text)
 
 
 class SQLiteStorage(Storage):
@@ -397,7 +370,7 @@ class SQLiteStorage(Storage):
                 "limit": limit,
             },
         )
-        return [_ledger_row(r) for r in rows]
+        return [ledger_row(r) for r in rows]
 
     async def sendable(
         self,
@@ -422,7 +395,7 @@ class SQLiteStorage(Storage):
             await conn.executemany(
                 Q["claim_row"], [(claim.claimant, claim.until, r[0]) for r in rows]
             )
-        return [SendItem(row=_ledger_row(r), customer=r[18]) for r in rows]
+        return [SendItem(row=ledger_row(r), customer=r[18]) for r in rows]
 
     async def release_claims(self, claimant: str) -> None:
         async with self._tx() as conn:
@@ -714,14 +687,14 @@ class SQLiteStorage(Storage):
         rows = await self._all(
             Q["parity_runs"], {"meter": meter, "start": start, "end": end, "limit": limit}
         )
-        return [_parity_run(r) for r in rows]
+        return [parity_run(r) for r in rows]
 
     async def parity_run(self, run_id: int) -> tuple[ParityRun, list[OrgDrift]] | None:
         rows = await self._all(Q["parity_run"], (run_id,))
         if not rows:
             return None
         drifts = await self._all(Q["parity_run_mismatches"], (run_id,))
-        return _parity_run(rows[0]), [OrgDrift(o, c, lg) for o, c, lg in drifts]
+        return parity_run(rows[0]), [OrgDrift(o, c, lg) for o, c, lg in drifts]
 
     async def parity_clean_tail(self, meter: str) -> list[int]:
         return [r[0] for r in await self._all(Q["parity_clean_tail"], {"meter": meter})]
@@ -912,27 +885,6 @@ class SQLiteStorage(Storage):
                 return cur.lastrowid if cur.rowcount else None
         except sqlite3.Error as exc:
             raise StorageError(f"recording an alert failed: {exc}") from exc
-
-
-def _parity_run(r: Sequence[Any]) -> ParityRun:
-    return ParityRun(
-        id=r[0],
-        meter=r[1],
-        bucket_start=r[2],
-        bucket_end=r[3],
-        checked_at=r[4],
-        orgs=r[5],
-        mismatches=r[6],
-        material=r[7],
-        controlplane_micros=r[8],
-        legacy_micros=r[9],
-        worst_org=r[10],
-        worst_drift_micros=r[11],
-        worst_relative=r[12],
-        clean=bool(r[13]),
-        alarming=bool(r[14]),
-        alarm_since=r[15],
-    )
 
 
 def _statements(script: str) -> list[str]:
