@@ -71,7 +71,7 @@ def make_config(tmp_path: Path, request: pytest.FixtureRequest) -> Callable[...,
 
     def make(**sections: Any) -> Config:
         raw = raw_config(tmp_path / "cp.db", **sections)
-        if storage is not None and raw["storage"].get("backend") == "sqlite":
+        if storage is not None and "storage" not in sections:
             raw["storage"] = storage
         return config_mod.parse(raw)
 

@@ -22,6 +22,17 @@ from flags import FlagChange
 HMAC = {"algorithm": "hmac-sha256", "key": "audit-secret"}
 
 
+@pytest.fixture
+def sqlite_config(make_config: Callable[..., Config], tmp_path: Path) -> Callable[..., Config]:
+    """Configs on a SQLite file, always: these tests edit the file behind the storage's back."""
+
+    def make(**sections: Any) -> Config:
+        storage = {"backend": "sqlite", "path": str(tmp_path / "audit.db")}
+        return make_config(storage=storage, **sections)
+
+    return make
+
+
 async def _changes(cp: ControlPlane, n: int = 4) -> None:
     """`n` audited changes (org updates), one record each."""
     for i in range(n):
@@ -38,9 +49,9 @@ def _db(config: Config) -> sqlite3.Connection:
 
 
 async def test_signed_chain_verifies_and_an_edit_breaks_it_at_that_record(
-    make_config: Callable[..., Config],
+    sqlite_config: Callable[..., Config],
 ) -> None:
-    config = make_config(audit=HMAC)
+    config = sqlite_config(audit=HMAC)
     async with ControlPlane(config) as cp:
         await _changes(cp)
         await cp.set_flags([FlagChange("authority", "controlplane")], actor="t", reason="go")
@@ -56,9 +67,9 @@ async def test_signed_chain_verifies_and_an_edit_breaks_it_at_that_record(
 
 
 async def test_a_rewritten_chain_with_recomputed_hashes_fails_on_the_signature(
-    make_config: Callable[..., Config],
+    sqlite_config: Callable[..., Config],
 ) -> None:
-    config = make_config(audit=HMAC)
+    config = sqlite_config(audit=HMAC)
     async with ControlPlane(config) as cp:
         await _changes(cp)
         records = await cp.storage.audit_chain(0, 100)
@@ -94,13 +105,13 @@ async def _chain(config: Config) -> list[audit.AuditRecord]:
 
 
 async def test_deleted_record_and_records_written_before_signing(
-    make_config: Callable[..., Config],
+    sqlite_config: Callable[..., Config],
 ) -> None:
-    unsigned = make_config()
+    unsigned = sqlite_config()
     async with ControlPlane(unsigned) as cp:
         await _changes(cp, 3)
     assert await _verify(unsigned) == (3, None)
-    signed = make_config(audit=HMAC)
+    signed = sqlite_config(audit=HMAC)
     assert (await _verify(signed))[1] == audit.Break(1, "unsigned")
     with _db(unsigned) as db:
         db.execute("DELETE FROM audit_log WHERE id = 2")
@@ -145,9 +156,9 @@ def test_ed25519_public_key_must_match_the_private_key() -> None:
 
 
 def test_cli_audit_verify_reports_the_first_broken_record(
-    make_config: Callable[..., Config], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    sqlite_config: Callable[..., Config], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = make_config(audit=HMAC)
+    config = sqlite_config(audit=HMAC)
 
     async def setup() -> None:
         async with ControlPlane(config) as cp:
