@@ -1,0 +1,82 @@
+"""The PostgreSQL plugin's boundary: driver errors become StorageError, transient ones are
+retried, and the DSN (which may hold a password) never appears in an error."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from controlplane.errors import StorageError
+from tests.conftest import free_port
+from tests.harness import fresh_database
+
+
+@pytest.fixture
+def dsn(postgres_dsn: str) -> str:
+    return fresh_database(postgres_dsn)
+
+
+@pytest.fixture
+async def storage(dsn: str) -> AsyncIterator[Any]:
+    from plugins.storage.postgres import PostgresStorage, PostgresStorageConfig
+
+    store = PostgresStorage(PostgresStorageConfig(dsn=dsn, retries=3))
+    await store.start()
+    await store.migrate()
+    yield store
+    await store.close()
+
+
+async def test_transient_failures_are_retried_until_the_transaction_commits(storage: Any) -> None:
+    import asyncpg
+
+    calls = 0
+
+    async def work(conn: Any) -> int:
+        nonlocal calls
+        calls += 1
+        await conn.execute("INSERT INTO settings (key, value) VALUES ($1, $2)", f"k{calls}", "v")
+        if calls < 3:
+            raise asyncpg.exceptions.SerializationError("could not serialize access")
+        return calls
+
+    assert await storage._tx("test", work) == 3
+    # the failed attempts rolled back: only the third attempt's row is there
+    rows = await storage._all("SELECT key FROM settings WHERE key LIKE 'k%' ORDER BY key")
+    assert [r[0] for r in rows] == ["k3"]
+
+
+async def test_a_transient_failure_that_persists_ends_as_storage_error(storage: Any) -> None:
+    import asyncpg
+
+    async def work(conn: Any) -> None:
+        raise asyncpg.exceptions.DeadlockDetectedError("deadlock detected")
+
+    with pytest.raises(StorageError, match="test failed 3 times: deadlock detected"):
+        await storage._tx("test", work)
+
+
+async def test_other_driver_errors_are_not_retried(storage: Any) -> None:
+    calls = 0
+
+    async def work(conn: Any) -> None:
+        nonlocal calls
+        calls += 1
+        await conn.execute("SELECT * FROM no_such_table")
+
+    with pytest.raises(StorageError, match="UndefinedTableError"):
+        await storage._tx("test", work)
+    assert calls == 1
+
+
+async def test_connection_errors_do_not_show_the_password() -> None:
+    from plugins.storage.postgres import PostgresStorage, PostgresStorageConfig
+
+    secret = "s3cret-password"
+    dsn = f"postgresql://user:{secret}@127.0.0.1:{free_port()}/db"
+    store = PostgresStorage(PostgresStorageConfig(dsn=dsn, retries=2))
+    with pytest.raises(StorageError, match="cannot connect to PostgreSQL") as caught:
+        await store.start()
+    assert secret not in str(caught.value)
