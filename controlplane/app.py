@@ -713,6 +713,10 @@ async def readyz(cp: CP, state: State) -> Response[dict[str, Any]]:
             for job in stale:
                 log.warning("jobs.stale", job=job.job, stale_since=job.stale_since)
             ok = ok and not stale
+        if cp.ingest_sources:
+            # informational: HTTP ingest still works while a stream source cannot consume,
+            # and the stream keeps its backlog until it can
+            checks["ingest"] = {s.label: s.failing() or "ok" for s in cp.ingest_sources}
     except ControlPlaneError as exc:
         checks["storage"] = f"failed: {exc}"
         ok = False

@@ -98,6 +98,7 @@ class ControlPlane:
             self.storage, self.meters, config.rollup.bucket_seconds, config.server.max_batch_events
         )
         self._migrate = migrate
+        self.ingest_sources: list[IngestSource] = []  # started by `serve` (start_ingest)
         self._stack = contextlib.AsyncExitStack()
         self.metrics = Metrics()  # this plane's own Prometheus registry
 
@@ -160,6 +161,7 @@ class ControlPlane:
             await source.start(self.ingest)
             self._stack.push_async_callback(source.close)
             sources.append(source)
+        self.ingest_sources = sources
         return sources
 
     async def flags(self) -> Snapshot:

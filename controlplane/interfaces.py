@@ -647,6 +647,15 @@ class IngestSource(abc.ABC):
     async def start(self, sink: EventSink) -> None:
         """Begin consuming; every batch goes through `sink`, which validates and stores it."""
 
+    @property
+    def label(self) -> str:
+        """Names this source in /readyz and /metrics (e.g. its stream)."""
+        return self.name
+
+    def failing(self) -> str | None:
+        """None while the source consumes normally; else since when, and why, it cannot."""
+        return None
+
     @abc.abstractmethod
     async def close(self) -> None: ...
 

@@ -141,6 +141,15 @@ async def scrape(cp: ControlPlane, *, watching_since: float | None) -> list[Metr
             value=billing.throttled if billing is not None else 0,
         )
     )
+    if cp.ingest_sources:
+        sources = _gauge(
+            "controlplane_ingest_source_up",
+            "1 while an [[ingest]] source consumes normally, 0 while it keeps failing.",
+            ["source"],
+        )
+        for source in cp.ingest_sources:
+            sources.add_metric([source.label], 0 if source.failing() else 1)
+        out.append(sources)
     up = _gauge("controlplane_storage_up", "1 when every storage read of this scrape succeeded.")
     try:
         await _read_storage(cp, out, watching_since)

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar
@@ -191,6 +192,7 @@ class RedisStreamsIngest(IngestSource):
         self._sink: EventSink | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self._failing: tuple[int, str] | None = None  # (since, error) while steps fail
         self._blocking = False  # inside a blocking read: close() may interrupt it
         self._group_ready = False
         self._backlog = True  # read this consumer's own pending entries before new ones
@@ -222,6 +224,16 @@ class RedisStreamsIngest(IngestSource):
         self._log = self._log.bind(redis=redact(url))
         self._task = asyncio.create_task(self._run(), name=f"ingest.redis:{self.config.stream}")
         self._log.info("ingest.redis.started")
+
+    @property
+    def label(self) -> str:
+        return f"redis_streams:{self.config.stream}"
+
+    def failing(self) -> str | None:
+        if self._failing is None:
+            return None
+        since, error = self._failing
+        return f"failing since {since}: {error}"
 
     async def close(self) -> None:
         task, self._task = self._task, None
@@ -267,10 +279,13 @@ class RedisStreamsIngest(IngestSource):
             try:
                 await self._step()
                 delay = self.config.retry_base_seconds
+                self._failing = None
             except _Stopped:
                 return
             except Exception as exc:
                 self.stats.retries += 1
+                since = self._failing[0] if self._failing else int(time.time())
+                self._failing = (since, self._safe(exc))
                 if "NOGROUP" in str(exc):
                     self._group_ready = False
                 self._backlog = True  # entries read but not acknowledged are ours: reread

@@ -12,17 +12,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from litestar.datastructures import State
 from litestar.testing import AsyncTestClient
 from structlog.testing import capture_logs
 
 from controlplane import config as config_mod
-from controlplane.app import create_app
+from controlplane.app import create_app, readyz
 from controlplane.config import Config
 from controlplane.core import ControlPlane
 from controlplane.errors import ConfigError, StorageError
 from controlplane.interfaces import IngestResult, StoredEvent
+from controlplane.metrics import scrape
 from plugins.ingest.redis_streams import RedisStreamsIngest, RedisStreamsIngestConfig
-from tests.conftest import HOUR, T0, TOKEN, raw_config, tick, token_hash
+from tests.conftest import HOUR, T0, TOKEN, free_port, raw_config, tick, token_hash
 
 GROUP = "controlplane"
 MICROS_PER_TICK = 20_000_000  # tick(): 1024 MB for 20 s = 20 GB-seconds
@@ -423,6 +425,44 @@ async def test_the_url_password_never_appears_in_logs(r: Any, redis_url: str, st
     assert refused and refused[0]["error"].startswith("AuthenticationError")
     assert password not in repr(logs)
     assert {e["redis"] for e in logs if "redis" in e} == {redis_url}
+
+
+async def test_a_source_that_cannot_reach_redis_reports_it_and_recovers(
+    start: Start, redis_url: str, stream: str, r: Any
+) -> None:
+    import redis.asyncio as aioredis
+
+    plane, [source] = await start(section(redis_url, stream, retry_base_seconds=0.01))
+    await r.xadd(stream, entry(tick("e1", "acme", T0)))
+    await eventually(lambda: _usage(plane, 1))
+    assert source.failing() is None
+    client = source._client
+    source._client = aioredis.Redis.from_url(  # the server goes away: connections refused
+        f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.2
+    )
+
+    async def reported() -> bool:
+        return source.failing() is not None
+
+    await eventually(reported)
+    assert source.failing().startswith("failing since ")  # type: ignore[union-attr]
+    ready = (await readyz.fn(cp=plane, state=State())).content
+    [up] = [m for m in await scrape(plane, watching_since=None) if m.name.endswith("source_up")]
+    # HTTP ingest still works: the replica stays ready and says what cannot consume
+    assert ready["status"] == "ready"
+    assert ready["checks"]["ingest"][f"redis_streams:{stream}"].startswith("failing since ")
+    assert [(s.labels, s.value) for s in up.samples] == [({"source": f"redis_streams:{stream}"}, 0)]
+
+    await source._client.aclose()
+    source._client = client  # back: the next step succeeds and the report clears
+    await r.xadd(stream, entry(tick("e2", "acme", T0 + 20)))
+    await eventually(lambda: _usage(plane, 2))
+    assert source.failing() is None
+
+
+async def _usage(plane: ControlPlane, events: int) -> bool:
+    rows = await plane.storage.usage("acme", None, None, None)
+    return sum(u.value_micros for u in rows) == events * 20_000_000
 
 
 # serve ------------------------------------------------------------------------------------
