@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from controlplane.interfaces import AuditRecord, ChainRow, ParityRun
+from controlplane.interfaces import AuditRecord, ChainRow, Org, ParityRun, PlanPeriod
 from controlplane.ledger import BILLABLE, LedgerRow, RowState, segment
 
 
@@ -77,6 +77,20 @@ def parity_run(r: Sequence[Any]) -> ParityRun:
         alarming=bool(r[14]),
         alarm_since=r[15],
     )
+
+
+def orgs_with_plans(rows: Iterable[Sequence[Any]]) -> dict[str, Org]:
+    """Orgs from (org, customer, updated at, plan, effective from) rows, an org's plans in
+    order; an org without plans has one row with plan NULL."""
+    found: dict[str, tuple[str | None, int, list[PlanPeriod]]] = {}
+    for org_id, customer, updated_at, plan, effective_from in rows:
+        entry = found.setdefault(org_id, (customer, updated_at, []))
+        if plan is not None:
+            entry[2].append(PlanPeriod(plan=plan, effective_from=effective_from))
+    return {
+        org_id: Org(org_id=org_id, customer=c, plans=p, updated_at=u)
+        for org_id, (c, u, p) in found.items()
+    }
 
 
 def chains(rows: Iterable[Sequence[Any]]) -> dict[str, list[ChainRow]]:

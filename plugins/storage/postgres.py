@@ -77,7 +77,13 @@ from controlplane.ledger import LedgerRow, NewRow, RowState
 from controlplane.registry import PluginSpec, require
 from controlplane.rollup import requantify
 from controlplane.secrets import Secret, reveal
-from plugins.storage._common import audit_record, chains, ledger_row, parity_run
+from plugins.storage._common import (
+    audit_record,
+    chains,
+    ledger_row,
+    orgs_with_plans,
+    parity_run,
+)
 
 Q = sql.load(Path(__file__).with_suffix(".sql"))
 T = TypeVar("T")
@@ -395,17 +401,7 @@ class PostgresStorage(Storage):
         return await self._tx("rollup", work, CHAIN_LOCK)
 
     async def _orgs(self, conn: Conn, org_ids: list[str]) -> dict[str, Org]:
-        found: dict[str, tuple[str | None, int, list[PlanPeriod]]] = {}
-        for org_id, customer, updated_at, plan, effective_from in await conn.fetch(
-            Q["batch_orgs"], org_ids
-        ):
-            entry = found.setdefault(org_id, (customer, updated_at, []))
-            if plan is not None:
-                entry[2].append(PlanPeriod(plan=plan, effective_from=effective_from))
-        return {
-            org_id: Org(org_id=org_id, customer=c, plans=p, updated_at=u)
-            for org_id, (c, u, p) in found.items()
-        }
+        return orgs_with_plans(await conn.fetch(Q["batch_orgs"], org_ids))
 
     # ledger -------------------------------------------------------------------------------
 
@@ -712,15 +708,7 @@ class PostgresStorage(Storage):
                 [(run_id, d.org_id, d.controlplane_micros, d.legacy_micros) for d in drifts],
             )
             if alert is not None:
-                await conn.execute(
-                    Q["insert_parity_alert"],
-                    alert.meter,
-                    alert.bucket_start,
-                    alert.dedup_key,
-                    alert.text,
-                    alert.state,
-                    alert.created_at,
-                )
+                await _insert_alert(conn, alert)
             return run_id
 
         return await self._tx("record parity run", work)
@@ -895,19 +883,16 @@ class PostgresStorage(Storage):
         return DirtyBacklog(buckets=buckets, oldest_start=oldest)
 
     async def record_alert(self, alert: ParityAlert) -> int | None:
-        async def work(conn: Conn) -> int | None:
-            alert_id: int | None = await conn.fetchval(
-                Q["insert_alert"],
-                alert.meter,
-                alert.bucket_start,
-                alert.dedup_key,
-                alert.text,
-                alert.state,
-                alert.created_at,
-            )
-            return alert_id
+        return await self._tx("record alert", lambda conn: _insert_alert(conn, alert))
 
-        return await self._tx("record alert", work)
+
+async def _insert_alert(conn: Conn, alert: ParityAlert) -> int | None:
+    """The alert's id, or None when one for its (meter, bucket) exists already."""
+    a = alert
+    alert_id: int | None = await conn.fetchval(
+        Q["insert_alert"], a.meter, a.bucket_start, a.dedup_key, a.text, a.state, a.created_at
+    )
+    return alert_id
 
 
 async def _backoff(attempt: int) -> None:

@@ -274,10 +274,6 @@ RETURNING id;
 INSERT INTO parity_mismatches (run_id, org_id, controlplane_micros, legacy_micros)
 VALUES ($1, $2, $3, $4);
 
--- name: insert_parity_alert
-INSERT INTO parity_alerts (meter, bucket_start, dedup_key, text, state, created_at)
-VALUES ($1, $2, $3, $4, $5, $6);
-
 -- name: parity_runs
 SELECT id, meter, bucket_start, bucket_end, checked_at, orgs, mismatches, material,
        controlplane_micros, legacy_micros, worst_org, worst_drift_micros, worst_relative,

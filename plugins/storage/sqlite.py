@@ -57,7 +57,13 @@ from controlplane.interfaces import (
 from controlplane.ledger import LedgerRow, NewRow, RowState
 from controlplane.registry import PluginSpec
 from controlplane.rollup import requantify
-from plugins.storage._common import audit_record, chains, ledger_row, parity_run
+from plugins.storage._common import (
+    audit_record,
+    chains,
+    ledger_row,
+    orgs_with_plans,
+    parity_run,
+)
 
 Q = sql.load(Path(__file__).with_suffix(".sql"))
 _json = msgspec.json.Encoder()
@@ -338,16 +344,8 @@ class SQLiteStorage(Storage):
         return len(buckets), plan.rows
 
     async def _orgs_in_batch(self, conn: aiosqlite.Connection) -> dict[str, Org]:
-        found: dict[str, tuple[str | None, int, list[PlanPeriod]]] = {}
         async with conn.execute(Q["batch_orgs"]) as cur:
-            for org_id, customer, updated_at, plan, effective_from in await cur.fetchall():
-                entry = found.setdefault(org_id, (customer, updated_at, []))
-                if plan is not None:
-                    entry[2].append(PlanPeriod(plan=plan, effective_from=effective_from))
-        return {
-            org_id: Org(org_id=org_id, customer=c, plans=p, updated_at=u)
-            for org_id, (c, u, p) in found.items()
-        }
+            return orgs_with_plans(await cur.fetchall())
 
     # ledger -------------------------------------------------------------------------------
 
@@ -666,17 +664,7 @@ class SQLiteStorage(Storage):
                     [(run_id, d.org_id, d.controlplane_micros, d.legacy_micros) for d in drifts],
                 )
                 if alert is not None:
-                    await conn.execute(
-                        Q["insert_parity_alert"],
-                        (
-                            alert.meter,
-                            alert.bucket_start,
-                            alert.dedup_key,
-                            alert.text,
-                            alert.state,
-                            alert.created_at,
-                        ),
-                    )
+                    await _insert_alert(conn, alert)
         except sqlite3.Error as exc:
             raise StorageError(f"recording a parity run failed: {exc}") from exc
         return run_id
@@ -871,20 +859,18 @@ class SQLiteStorage(Storage):
     async def record_alert(self, alert: ParityAlert) -> int | None:
         try:
             async with self._tx() as conn:
-                cur = await conn.execute(
-                    Q["insert_alert"],
-                    (
-                        alert.meter,
-                        alert.bucket_start,
-                        alert.dedup_key,
-                        alert.text,
-                        alert.state,
-                        alert.created_at,
-                    ),
-                )
-                return cur.lastrowid if cur.rowcount else None
+                return await _insert_alert(conn, alert)
         except sqlite3.Error as exc:
             raise StorageError(f"recording an alert failed: {exc}") from exc
+
+
+async def _insert_alert(conn: aiosqlite.Connection, alert: ParityAlert) -> int | None:
+    """The alert's id, or None when one for its (meter, bucket) exists already."""
+    a = alert
+    cur = await conn.execute(
+        Q["insert_alert"], (a.meter, a.bucket_start, a.dedup_key, a.text, a.state, a.created_at)
+    )
+    return cur.lastrowid if cur.rowcount else None
 
 
 def _statements(script: str) -> list[str]:

@@ -252,10 +252,6 @@ ON CONFLICT (meter, bucket_start) DO NOTHING;
 INSERT INTO parity_mismatches (run_id, org_id, controlplane_micros, legacy_micros)
 VALUES (?, ?, ?, ?);
 
--- name: insert_parity_alert
-INSERT INTO parity_alerts (meter, bucket_start, dedup_key, text, state, created_at)
-VALUES (?, ?, ?, ?, ?, ?);
-
 -- name: parity_runs
 SELECT id, meter, bucket_start, bucket_end, checked_at, orgs, mismatches, material,
        controlplane_micros, legacy_micros, worst_org, worst_drift_micros, worst_relative,

@@ -342,6 +342,24 @@ async def test_an_exclusion_re_derives_its_chain_and_the_carry(storage: Storage)
     assert_chains_floor(await storage.ledger())
 
 
+async def test_an_exclusion_re_derives_rows_held_before_any_attempt(storage: Storage) -> None:
+    """A row held for `no_customer` never reached the provider: when an earlier row of its
+    chain is excluded, its quantity is re-derived. Kept as it was, the held row would bill the
+    excluded row's fraction (one unit for 0.6 here) once the customer is set."""
+    await pro(storage, "a", customer=False)
+    r0, r1 = await lane_rows(storage, "a", 600_000, 600_000)
+    assert [r.quantity for r in (r0, r1)] == [0, 1]
+    await storage.sendable(0, 100, claim=claim("A"))
+    held = settlement(r1, RowState.HELD, Reason.NO_CUSTOMER)
+    assert await storage.settle([held], NOW, "sender", "A") == 1
+
+    excluded = settlement(r0, RowState.EXCLUDED, Reason.BEFORE_BILL_FROM)
+    assert await storage.settle([excluded], NOW, "sender", "A") == 1
+    rows = by_id(await storage.ledger())
+    assert (rows[r1.id].state, rows[r1.id].quantity) == (RowState.HELD, 0)
+    assert_chains_floor(rows.values())
+
+
 @pytest.mark.parametrize("lapsed", [False, True], ids=["live", "lapsed"])
 async def test_an_exclusion_leaves_alone_rows_another_live_claimant_holds(
     store: Store, storage: Storage, lapsed: bool
