@@ -170,13 +170,22 @@ class PostgresStorage(Storage):
     async def _tx(self, what: str, work: Callable[[Conn], Awaitable[T]], *locks: int) -> T:
         """Run `work` in one transaction (after taking `locks`, transaction advisory locks,
         in order), retrying transient failures; every driver error becomes StorageError."""
+
+        async def in_transaction(conn: Conn) -> T:
+            async with conn.transaction():
+                for key in locks:
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", key)
+                return await work(conn)
+
+        return await self._run(what, in_transaction)
+
+    async def _run(self, what: str, work: Callable[[Conn], Awaitable[T]]) -> T:
+        """`work` on a pooled connection, retrying transient failures."""
         attempt = 0
         while True:
             attempt += 1
             try:
-                async with self._p().acquire() as conn, conn.transaction():
-                    for key in locks:
-                        await conn.execute("SELECT pg_advisory_xact_lock($1)", key)
+                async with self._p().acquire() as conn:
                     return await work(conn)
             except self._transient as exc:
                 if attempt >= self.config.retries:
@@ -187,10 +196,12 @@ class PostgresStorage(Storage):
                 raise StorageError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
 
     async def _all(self, query: str, *args: Any) -> list[Any]:
+        """One read statement: no transaction around it (one round trip, not three)."""
+
         async def read(conn: Conn) -> list[Any]:
             return list(await conn.fetch(query, *args))
 
-        return await self._tx("read", read)
+        return await self._run("read", read)
 
     # schema -------------------------------------------------------------------------------
 
