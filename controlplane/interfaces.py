@@ -47,11 +47,6 @@ class IngestResult(msgspec.Struct, frozen=True):
     duplicates: int
 
 
-class BucketKey(msgspec.Struct, frozen=True, array_like=True):
-    org_id: str
-    bucket_start: int
-
-
 class UsageTotal(msgspec.Struct, frozen=True):
     org_id: str
     meter: str
@@ -96,7 +91,6 @@ class Carry(msgspec.Struct, frozen=True):
 class RollupBatch(msgspec.Struct, frozen=True):
     """What one rollup step reads, inside its transaction."""
 
-    buckets: list[BucketKey]
     totals: list[UsageTotal]  # from events
     ledger_sums: list[UsageTotal]  # sum of ledger revisions written so far
     revisions: dict[tuple[str, str, int], int]  # (org, meter, bucket) -> highest revision

@@ -42,9 +42,10 @@ def plan_revisions(batch: RollupBatch, bucket_seconds: int) -> RollupPlan:
     """
     totals = {(t.org_id, t.meter, t.bucket_start): t.value_micros for t in batch.totals}
     written = {(t.org_id, t.meter, t.bucket_start): t.value_micros for t in batch.ledger_sums}
-    carries = {(c.org_id, c.meter, c.segment): c for c in batch.carries}
-    rows: list[NewRow] = []
+    # chain -> [exact micros, whole units] so far; the batch's rows extend each chain in order.
+    chains = {(c.org_id, c.meter, c.segment): [c.exact_micros, c.quantity] for c in batch.carries}
     touched: set[tuple[str, str, str]] = set()
+    rows: list[NewRow] = []
     for key in sorted(totals.keys() | written.keys()):
         diff = totals.get(key, 0) - written.get(key, 0)
         if diff == 0:
@@ -54,10 +55,13 @@ def plan_revisions(batch: RollupBatch, bucket_seconds: int) -> RollupPlan:
         plan = (org.plan_at(bucket_start) if org else None) or FREE_PLAN
         reason = Reason.FREE_PLAN if plan == FREE_PLAN else None
         chain = (org_id, meter, segment(reason))
-        carry = carries.get(chain) or Carry(org_id, meter, chain[2], 0, 0)
-        exact = carry.exact_micros + diff
-        whole = floor_units(exact)
-        carries[chain] = Carry(org_id, meter, chain[2], exact, whole)
+        carry = chains.get(chain)
+        if carry is None:
+            carry = chains[chain] = [0, 0]
+        carry[0] += diff
+        whole = floor_units(carry[0])
+        quantity = whole - carry[1]
+        carry[1] = whole
         touched.add(chain)
         rows.append(
             NewRow(
@@ -67,12 +71,13 @@ def plan_revisions(batch: RollupBatch, bucket_seconds: int) -> RollupPlan:
                 bucket_end=bucket_start + bucket_seconds,
                 revision=batch.revisions.get(key, 0) + 1,
                 value_micros=diff,
-                quantity=whole - carry.quantity,
+                quantity=quantity,
                 state=RowState.EXCLUDED if reason else RowState.PENDING,
                 reason=reason,
             )
         )
-    return RollupPlan(rows=rows, carries=[c for k, c in carries.items() if k in touched])
+    carries = [Carry(*chain, *chains[chain]) for chain in sorted(touched)]
+    return RollupPlan(rows=rows, carries=carries)
 
 
 def requantify(chain: list[ChainRow]) -> tuple[dict[int, int], int, int]:

@@ -44,7 +44,6 @@ from controlplane.events import bucket_of
 from controlplane.interfaces import (
     AuditEntry,
     AuditRecord,
-    BucketKey,
     Carry,
     CatalogVersion,
     Claim,
@@ -372,7 +371,6 @@ class PostgresStorage(Storage):
             carries = [Carry(*r) for r in await conn.fetch(Q["batch_carries"], org_ids)]
             plan = planner(
                 RollupBatch(
-                    buckets=[BucketKey(org_id=r[0], bucket_start=r[1]) for r in dirty],
                     totals=totals,
                     ledger_sums=ledger_sums,
                     revisions=revisions,

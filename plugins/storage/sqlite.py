@@ -25,7 +25,6 @@ from controlplane.events import bucket_of
 from controlplane.interfaces import (
     AuditEntry,
     AuditRecord,
-    BucketKey,
     Carry,
     CatalogVersion,
     Claim,
@@ -97,6 +96,8 @@ class SQLiteStorage(Storage):
         await conn.execute("PRAGMA journal_mode = WAL")
         await conn.execute(f"PRAGMA synchronous = {self.config.synchronous.upper()}")
         await conn.execute("PRAGMA foreign_keys = ON")
+        # The rollup's batch tables and the sorts of large reads stay off the disk.
+        await conn.execute("PRAGMA temp_store = MEMORY")
         return conn
 
     async def start(self) -> None:
@@ -279,17 +280,17 @@ class SQLiteStorage(Storage):
         now = int(time.time())
         try:
             async with self._tx() as conn:
-                async with conn.execute(
-                    Q["closed_dirty"], {"last_start": last_start, "org": org_id, "limit": limit}
-                ) as cur:
-                    buckets = [BucketKey(org_id=o, bucket_start=b) for o, b in await cur.fetchall()]
+                for name in ("create_batch", "create_batch_meters", "clear_batch"):
+                    await conn.execute(Q[name])
+                cur = await conn.execute(
+                    Q["fill_batch"], {"last_start": last_start, "org": org_id, "limit": limit}
+                )
+                buckets = cur.rowcount
+                await cur.close()
                 if not buckets:
                     return 0, []
-                await conn.execute(Q["create_batch"])
-                await conn.execute(Q["clear_batch"])
-                await conn.executemany(
-                    Q["fill_batch"], [(b.org_id, b.bucket_start) for b in buckets]
-                )
+                await conn.execute(Q["clear_batch_meters"])
+                await conn.execute(Q["fill_batch_meters"])
                 async with conn.execute(Q["batch_totals"]) as cur:
                     totals = [UsageTotal(o, m, b, v) for o, m, b, v in await cur.fetchall()]
                 ledger_sums: list[UsageTotal] = []
@@ -303,7 +304,6 @@ class SQLiteStorage(Storage):
                 orgs = await self._orgs_in_batch(conn)
                 plan = planner(
                     RollupBatch(
-                        buckets=buckets,
                         totals=totals,
                         ledger_sums=ledger_sums,
                         revisions=revisions,
@@ -341,7 +341,7 @@ class SQLiteStorage(Storage):
                 await conn.execute(Q["clear_dirty"])
         except sqlite3.Error as exc:
             raise StorageError(f"rollup failed: {exc}") from exc
-        return len(buckets), plan.rows
+        return buckets, plan.rows
 
     async def _orgs_in_batch(self, conn: aiosqlite.Connection) -> dict[str, Org]:
         async with conn.execute(Q["batch_orgs"]) as cur:

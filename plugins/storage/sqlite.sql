@@ -25,36 +25,56 @@ WHERE (:org IS NULL OR org_id = :org)
 GROUP BY org_id, meter, bucket_start
 ORDER BY org_id, meter, bucket_start;
 
--- name: closed_dirty
-SELECT org_id, bucket_start FROM dirty_buckets
-WHERE bucket_start <= :last_start AND (:org IS NULL OR org_id = :org)
-ORDER BY org_id, bucket_start
-LIMIT :limit;
-
 -- name: create_batch
 CREATE TEMP TABLE IF NOT EXISTS rollup_batch (
     org_id TEXT NOT NULL, bucket_start INTEGER NOT NULL, PRIMARY KEY (org_id, bucket_start)
 ) WITHOUT ROWID;
 
+-- name: create_batch_meters
+CREATE TEMP TABLE IF NOT EXISTS rollup_meters (meter TEXT PRIMARY KEY) WITHOUT ROWID;
+
 -- name: clear_batch
 DELETE FROM temp.rollup_batch;
 
+-- name: clear_batch_meters
+DELETE FROM temp.rollup_meters;
+
 -- name: fill_batch
-INSERT INTO temp.rollup_batch (org_id, bucket_start) VALUES (?, ?);
+-- The next closed dirty buckets, in (org, bucket) order.
+INSERT INTO temp.rollup_batch (org_id, bucket_start)
+SELECT org_id, bucket_start FROM dirty_buckets
+WHERE bucket_start <= :last_start AND (:org IS NULL OR org_id = :org)
+ORDER BY org_id, bucket_start
+LIMIT :limit;
+
+-- name: fill_batch_meters
+-- Every meter with stored values (one index seek per meter), so the joins below look up
+-- exact (meter, org, bucket) keys.
+INSERT INTO temp.rollup_meters (meter)
+WITH RECURSIVE m (meter) AS (
+    SELECT min(meter) FROM bucket_totals
+    UNION ALL
+    SELECT (SELECT min(meter) FROM bucket_totals WHERE meter > m.meter) FROM m
+    WHERE m.meter IS NOT NULL
+)
+SELECT meter FROM m WHERE meter IS NOT NULL;
 
 -- name: batch_totals
--- CROSS JOIN fixes the join order: the batch drives, each bucket is one index lookup
--- (left to itself the planner scans all of meter_values and probes the batch per row).
-SELECT v.org_id, v.meter, v.bucket_start, sum(v.micros)
+-- From the per-bucket totals that ingest keeps with the events (migration 0002). CROSS JOIN
+-- fixes the join order: the batch drives, each total is one primary-key lookup.
+SELECT t.org_id, t.meter, t.bucket_start, t.micros
 FROM temp.rollup_batch b
-CROSS JOIN meter_values v ON v.org_id = b.org_id AND v.bucket_start = b.bucket_start
-GROUP BY v.org_id, v.bucket_start, v.meter;
+CROSS JOIN temp.rollup_meters m
+CROSS JOIN bucket_totals t
+    ON t.meter = m.meter AND t.org_id = b.org_id AND t.bucket_start = b.bucket_start;
 
 -- name: batch_ledger
 SELECT l.org_id, l.meter, l.bucket_start, sum(l.value_micros), max(l.revision)
 FROM temp.rollup_batch b
-CROSS JOIN ledger l ON l.org_id = b.org_id AND l.bucket_start = b.bucket_start
-GROUP BY l.org_id, l.bucket_start, l.meter;
+CROSS JOIN temp.rollup_meters m
+CROSS JOIN ledger l
+    ON l.org_id = b.org_id AND l.meter = m.meter AND l.bucket_start = b.bucket_start
+GROUP BY l.org_id, l.meter, l.bucket_start;
 
 -- name: batch_carries
 SELECT c.org_id, c.meter, c.segment, c.exact_micros, c.quantity

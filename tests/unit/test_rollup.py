@@ -18,7 +18,6 @@ def batch(
 ) -> RollupBatch:
     written = written or {}
     return RollupBatch(
-        buckets=[],
         totals=[UsageTotal("o", "m", b, v) for b, v in totals.items()],
         ledger_sums=[UsageTotal("o", "m", b, v) for b, v in written.items()],
         revisions={("o", "m", b): 1 for b in written},
