@@ -1,8 +1,9 @@
 """Rollup: fold closed dirty buckets into the ledger as exact, revisioned rows.
 
-For each dirty (org, bucket) whose end is at or before the watermark, the total per meter is
-recomputed from stored meter values and compared with what the ledger already holds for that
-(org, meter, bucket); a difference becomes a new revision. Recomputing, not incrementing,
+For each dirty (org, bucket) whose end is at or before the watermark, the total per meter (the
+sum of its stored meter values, kept by ingest in the same transaction as the values) is
+compared with what the ledger already holds for that (org, meter, bucket); a difference
+becomes a new revision. Recomputing, not incrementing,
 makes a rerun a no-op and a late event a correction, never a loss.
 
 Rounding: each row's integer `quantity` is chosen so that, per (org, meter), the quantities
