@@ -199,7 +199,7 @@ class Config(_Section, frozen=True):
 
     @property
     def storage_backend(self) -> str:
-        return _backend_of(self.storage)
+        return backend_of(self.storage)
 
 
 PLUGIN_SECTIONS: dict[str, registry.Kind] = {
@@ -216,7 +216,8 @@ _UNKNOWN = re.compile(
 )
 
 
-def _backend_of(plugin_config: PluginConfig) -> str:
+def backend_of(plugin_config: PluginConfig) -> str:
+    """The plugin name a config section selects (its `backend` tag)."""
     info = msgspec.inspect.type_info(type(plugin_config))
     tag = getattr(info, "tag", None)
     return str(tag) if tag is not None else ""

@@ -16,7 +16,7 @@ import msgspec
 import structlog
 
 from controlplane import audit, registry, rollup
-from controlplane.config import Config
+from controlplane.config import Config, backend_of
 from controlplane.errors import ConfigError, FlagRefused, InvalidInput, MigrationError, Problem
 from controlplane.events import Ingestor
 from controlplane.interfaces import (
@@ -27,6 +27,7 @@ from controlplane.interfaces import (
     JobRun,
     LegacySource,
     Org,
+    PluginConfig,
     Storage,
 )
 from controlplane.meters import MeterSet
@@ -54,6 +55,11 @@ log = structlog.get_logger("core")
 T = TypeVar("T")
 
 
+def _plugin(kind: str, section: PluginConfig) -> Any:
+    """The plugin of `kind` that a config section selects, built from that section."""
+    return registry.spec_for(kind, backend_of(section)).factory(section)
+
+
 class ControlPlane:
     """Storage, billing, meters and flags for one config. Use as an async context manager."""
 
@@ -77,22 +83,14 @@ class ControlPlane:
             raise ConfigError(
                 f"flags (config file or environment) refused by rule {exc.message}"
             ) from exc
-        self.storage: Storage = storage or registry.spec_for(
-            "storage", config.storage_backend
-        ).factory(config.storage)
+        self.storage: Storage = storage or _plugin("storage", config.storage)
         self.audit_keys = audit.keys(config.audit)
         self.storage.sign = self.audit_keys.sign if self.audit_keys else None
         if billing is None and config.billing is not None:
-            from controlplane.config import _backend_of
-
-            billing = registry.spec_for("billing", _backend_of(config.billing)).factory(
-                config.billing
-            )
+            billing = _plugin("billing", config.billing)
         self.billing = billing
         if legacy is None and config.legacy is not None:
-            from controlplane.config import _backend_of
-
-            legacy = registry.spec_for("legacy", _backend_of(config.legacy)).factory(config.legacy)
+            legacy = _plugin("legacy", config.legacy)
         self.legacy = legacy
         self.ingestor = Ingestor(
             self.storage, self.meters, config.rollup.bucket_seconds, config.server.max_batch_events
@@ -153,11 +151,9 @@ class ControlPlane:
     async def start_ingest(self) -> list[IngestSource]:
         """Start every `[[ingest]]` source with :meth:`ingest` as its sink (`serve` does; a
         one-shot command does not). Each is closed with the control plane, before storage."""
-        from controlplane.config import _backend_of
-
         sources: list[IngestSource] = []
         for section in self.config.ingest:
-            source = registry.spec_for("ingest", _backend_of(section)).factory(section)
+            source = _plugin("ingest", section)
             await source.start(self.ingest)
             self._stack.push_async_callback(source.close)
             sources.append(source)
