@@ -23,6 +23,7 @@ from controlplane.registry import require
 from controlplane.secrets import reveal
 
 GENESIS = "0" * 64
+UNSIGNED = "unsigned"  # the reason a record without a signature breaks a signed chain
 _encoder = msgspec.json.Encoder(order="sorted")
 _json = msgspec.json.Encoder()
 
@@ -173,8 +174,9 @@ class Break(msgspec.Struct, frozen=True):
 class Verifier:
     """Walks a chain oldest first, one record at a time (a chain can be long)."""
 
-    def __init__(self, keys: Keys | None = None) -> None:
+    def __init__(self, keys: Keys | None = None, signed_from: int | None = None) -> None:
         self.keys = keys
+        self.signed_from = signed_from  # records before it may be unsigned
         self.prev = GENESIS
         self.checked = 0
 
@@ -193,20 +195,22 @@ class Verifier:
             return Break(rec.id, "does not link to the record before it (deleted or reordered)")
         if rec.hash != record_hash(self.prev, rec.at, entry):
             return Break(rec.id, "its content does not match its hash (edited)")
-        if self.keys is not None:
-            algorithm, _, sig = (rec.signature or "").partition(":")
-            if not rec.signature:
-                return Break(rec.id, "unsigned")
+        if self.keys is not None and rec.signature:
+            algorithm, _, sig = rec.signature.partition(":")
             if algorithm != self.keys.algorithm or not self.keys.check(rec.hash, sig):
                 return Break(rec.id, f"bad {algorithm or 'unknown'} signature")
+        elif self.keys is not None and (self.signed_from is None or rec.id >= self.signed_from):
+            return Break(rec.id, UNSIGNED)
         self.prev = rec.hash
         self.checked += 1
         return None
 
 
-def verify(records: Iterable[AuditRecord], keys: Keys | None = None) -> Break | None:
+def verify(
+    records: Iterable[AuditRecord], keys: Keys | None = None, signed_from: int | None = None
+) -> Break | None:
     """The first broken (or, with `keys`, unsigned or badly signed) link, or None."""
-    verifier = Verifier(keys)
+    verifier = Verifier(keys, signed_from)
     for rec in records:
         broken = verifier.feed(rec)
         if broken:

@@ -212,15 +212,20 @@ async def audit_cmd(args: argparse.Namespace, config: Config) -> int:
         print(f'key = "{private}"')
         print(f'public_key = "{public}"  # auditors need only this one')
         return 0
+    signed_from = args.signed_from or config.audit.signed_from
     async with _core(config) as cp:
-        signed = "signed " if cp.audit_keys else ""
+        signed = ""
+        if cp.audit_keys:
+            signed = f" (signed from record {signed_from})" if signed_from else " (all signed)"
 
         def progress(done: int) -> None:
             print(f"  {done:,} records verified", file=sys.stderr)
 
-        checked, broken = await cp.verify_audit(progress if sys.stderr.isatty() else None)
+        checked, broken = await cp.verify_audit(
+            progress if sys.stderr.isatty() else None, signed_from=signed_from
+        )
     if broken is None:
-        print(f"audit chain intact: {checked:,} {signed}records")
+        print(f"audit chain intact: {checked:,} records{signed}")
         return 0
     print(f"audit chain BROKEN at record {broken.id}: {broken.reason}")
     print(f"  ({checked:,} records before it hold)")
@@ -532,8 +537,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("audit", parents=[common], help="the tamper-evident audit chain")
     asub = p.add_subparsers(dest="action", required=True)
-    asub.add_parser(
+    v = asub.add_parser(
         "verify", parents=[common], help="walk the chain; exit 1 at the first broken link"
+    )
+    v.add_argument(
+        "--signed-from",
+        type=int,
+        metavar="ID",
+        help="records before this id may be unsigned (default: [audit] signed_from)",
     )
     asub.add_parser("keygen", parents=[common], help="print a new Ed25519 key pair for [audit]")
     p.set_defaults(func=audit_cmd)

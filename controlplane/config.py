@@ -167,6 +167,9 @@ class AuditConfig(_Section, frozen=True):
     algorithm: Literal["hmac-sha256", "ed25519"] = "hmac-sha256"
     key: Secret | None = None  # hmac: the shared secret; ed25519: the private key (hex)
     public_key: str | None = None  # ed25519 (hex): enough to verify, cannot sign
+    # Records before this id may be unsigned (written before `key` was set); from it on, every
+    # record must carry a valid signature. None: every record must be signed.
+    signed_from: int | None = None
 
 
 class StripeConfig(_Section, frozen=True):

@@ -277,22 +277,43 @@ class ControlPlane:
         return await self.sender().run(flags, now=self.clock(), org_id=org_id, until=until)
 
     async def verify_audit(
-        self, progress: Callable[[int], None] | None = None, page: int = 5000
+        self,
+        progress: Callable[[int], None] | None = None,
+        page: int = 5000,
+        signed_from: int | None = None,
     ) -> tuple[int, audit.Break | None]:
         """Walk the whole audit chain, oldest first: (records that hold, the first break).
 
-        With `[audit]` keys, every record must also carry a valid signature."""
-        verifier = audit.Verifier(self.audit_keys)
+        With `[audit]` keys, every record from `signed_from` (else the first record) must also
+        carry a valid signature. When an unsigned record breaks the chain, the answer names
+        the first signed record: where signing probably began, for the operator to confirm."""
+        verifier = audit.Verifier(self.audit_keys, signed_from)
         after = 0
         while records := await self.storage.audit_chain(after, page):
             for record in records:
                 broken = verifier.feed(record)
                 if broken is not None:
+                    if broken.reason == audit.UNSIGNED and signed_from is None:
+                        broken = await self._first_signed_hint(broken)
                     return verifier.checked, broken
             after = records[-1].id
             if progress is not None:
                 progress(verifier.checked)
         return verifier.checked, None
+
+    async def _first_signed_hint(self, broken: audit.Break, page: int = 5000) -> audit.Break:
+        after = broken.id
+        while records := await self.storage.audit_chain(after, page):
+            for record in records:
+                if record.signature:
+                    return audit.Break(
+                        broken.id,
+                        f"{audit.UNSIGNED}; the first signed record is {record.id}: if the "
+                        "records before it were written before [audit] key was set, verify "
+                        f"with --signed-from {record.id} ([audit] signed_from)",
+                    )
+            after = records[-1].id
+        return broken
 
     async def record(self, job: str, work: Callable[[], Awaitable[T]]) -> T:
         """Run one job pass and record it (start, end, outcome, counts)."""

@@ -120,6 +120,36 @@ async def test_deleted_record_and_records_written_before_signing(
     )
 
 
+async def test_signing_switched_on_later_verifies_from_the_first_signed_record(
+    sqlite_config: Callable[..., Config],
+) -> None:
+    unsigned = sqlite_config()
+    async with ControlPlane(unsigned) as cp:
+        await _changes(cp, 3)
+    signed = sqlite_config(audit=HMAC)
+    async with ControlPlane(signed) as cp:
+        await _changes(cp, 2)  # records 4 and 5, signed
+
+    checked, broken = await _verify(signed)
+    assert checked == 0 and broken is not None and broken.id == 1
+    assert broken.reason.startswith("unsigned; the first signed record is 4:")
+    assert "--signed-from 4" in broken.reason
+
+    async def verify_from(first: int) -> tuple[int, audit.Break | None]:
+        async with ControlPlane(signed) as cp:
+            return await cp.verify_audit(page=2, signed_from=first)
+
+    assert await verify_from(4) == (5, None)
+    assert await verify_from(5) == (5, None)
+    assert (await verify_from(3))[1] == audit.Break(3, "unsigned")
+    with _db(signed) as db:  # a signature stripped after signing began
+        db.execute("UPDATE audit_log SET signature = NULL WHERE id = 5")
+    assert (await verify_from(4))[1] == audit.Break(5, "unsigned")
+    with _db(signed) as db:  # before it, a signature that is present is still checked
+        db.execute("UPDATE audit_log SET signature = 'hmac-sha256:00' WHERE id = 2")
+    assert (await verify_from(4))[1] == audit.Break(2, "bad hmac-sha256 signature")
+
+
 async def test_ed25519_signs_with_the_private_key_and_verifies_with_the_public_one(
     make_config: Callable[..., Config],
 ) -> None:
@@ -174,7 +204,7 @@ def test_cli_audit_verify_reports_the_first_broken_record(
     env.setenv("CP_TEST_AUDIT_KEY", HMAC["key"])
     try:
         assert main(["audit", "verify", "--config", str(toml)]) == 0
-        assert "audit chain intact: 3 signed records" in capsys.readouterr().out
+        assert "audit chain intact: 3 records (all signed)" in capsys.readouterr().out
         with _db(config) as db:
             db.execute("UPDATE audit_log SET actor = 'someone else' WHERE id = 2")
         assert main(["audit", "verify", "--config", str(toml)]) == 1

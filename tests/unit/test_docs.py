@@ -37,7 +37,14 @@ SECTIONS = {
     "cutover": config_mod.CutoverConfig,
     "rate_limit": config_mod.RateLimitConfig,
     "jobs": config_mod.JobsConfig,
+    "audit": config_mod.AuditConfig,
 }
+
+
+def test_every_config_section_is_checked_here() -> None:
+    plugin_sections = set(config_mod.PLUGIN_SECTIONS) | {"ingest"}  # checked per plugin below
+    sections = set(_fields(config_mod.Config)) - plugin_sections - {"source"}
+    assert sections <= {name.split(".")[0] for name in SECTIONS}
 
 
 def _plugin_configs() -> dict[str, type]:
