@@ -1075,19 +1075,19 @@ def create_app(
     *,
     cp: ControlPlane | None = None,
     scheduler: bool = False,
-    ingest: bool = False,
+    started: bool = False,
 ) -> Litestar:
-    """The litestar app. Starts (and closes) the control plane in its lifespan; with
-    `scheduler`, also runs the rollup and sender jobs on their intervals; with `ingest`, also
-    the `[[ingest]]` sources (consumers), closed before storage."""
+    """The litestar app. Starts (and closes) the control plane in its lifespan, unless the
+    caller passes one it has `started` itself; with `scheduler`, also runs the rollup and
+    sender jobs on their intervals."""
     plane = cp or ControlPlane(config, migrate=config.server.migrate_on_start)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        async with plane:
+        async with contextlib.AsyncExitStack() as stack:
+            if not started:
+                await stack.enter_async_context(plane)
             app.state.cp = plane
-            if ingest:
-                await plane.start_ingest()
             if scheduler:
                 from controlplane.scheduler import Jobs
 

@@ -48,11 +48,26 @@ def serve(args: argparse.Namespace, config: Config) -> int:
         )
     host = args.host or config.server.host
     port = args.port or config.server.port
-    app = create_app(config, scheduler=not args.no_scheduler, ingest=True)
-    print(
-        f"control plane listening on http://{host}:{port} (config {config.source})", file=sys.stderr
+    plane = _core(config, migrate=config.server.migrate_on_start)
+    app = create_app(config, cp=plane, started=True, scheduler=not args.no_scheduler)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host=host, port=port, log_level="warning", access_log=False, lifespan="on"
+        )
     )
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
+
+    async def run() -> None:
+        # Started here, not in the app's lifespan: a control plane that cannot start (storage
+        # unreachable, a bad plugin setting) is one line on stderr, as for every command.
+        async with plane:
+            await plane.start_ingest()  # the [[ingest]] consumers, closed before storage
+            print(
+                f"control plane listening on http://{host}:{port} (config {config.source})",
+                file=sys.stderr,
+            )
+            await server.serve()
+
+    asyncio.run(run())
     return 0
 
 

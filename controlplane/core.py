@@ -152,9 +152,12 @@ class ControlPlane:
         """Start every `[[ingest]]` source with :meth:`ingest` as its sink (`serve` does; a
         one-shot command does not). Each is closed with the control plane, before storage."""
         sources: list[IngestSource] = []
-        for section in self.config.ingest:
+        for i, section in enumerate(self.config.ingest):
             source = _plugin("ingest", section)
-            await source.start(self.ingest)
+            try:
+                await source.start(self.ingest)
+            except ConfigError as exc:  # the plugin names `ingest.<key>`; say which entry
+                raise ConfigError(str(exc).replace("ingest.", f"ingest[{i}].", 1)) from None
             self._stack.push_async_callback(source.close)
             sources.append(source)
         self.ingest_sources = sources

@@ -9,6 +9,7 @@ A secret's value never appears in logs, errors or `repr`.
 from __future__ import annotations
 
 import os
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -33,3 +34,25 @@ def reveal(secret: Secret, setting: str) -> str:
     if not value:
         raise ConfigError(f"{setting}: environment variable {secret.env} is not set")
     return value
+
+
+_URL_HINT = (
+    "percent-encode reserved characters in the user name and password "
+    "('/' as %2F, '#' as %23, '@' as %40, ':' as %3A)"
+)
+
+
+def check_url(url: str, setting: str) -> None:
+    """Refuse a URL (a DSN) that does not parse, without repeating it: it may hold a password.
+
+    Drivers parse it too, but their errors quote the piece they could not read, which for a
+    password holding '/' or '#' is part of the password."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises when what follows the last ':' of the host part is no number
+    except ValueError:
+        raise ConfigError(f"{setting}: not a valid URL; {_URL_HINT}") from None
+    if parts.fragment:
+        raise ConfigError(f"{setting}: a '#' ends the URL early; {_URL_HINT}")
+    if "@" in parts.path:  # a '/' in the password ended the host part early
+        raise ConfigError(f"{setting}: an '@' after the host part; {_URL_HINT}")

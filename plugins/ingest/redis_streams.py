@@ -45,7 +45,7 @@ from controlplane.errors import ConfigError, InvalidInput, Problem
 from controlplane.events import decode_body
 from controlplane.interfaces import EventSink, IngestResult, IngestSource, PluginConfig
 from controlplane.registry import PluginSpec, require
-from controlplane.secrets import Secret, reveal
+from controlplane.secrets import Secret, check_url, reveal
 
 log = structlog.get_logger("ingest.redis")
 
@@ -207,6 +207,7 @@ class RedisStreamsIngest(IngestSource):
         if self._task is not None:
             return
         url = reveal(self.config.url, "ingest.url")
+        check_url(url, "ingest.url")
         try:
             self._client = self._redis.Redis.from_url(
                 url,
@@ -214,10 +215,10 @@ class RedisStreamsIngest(IngestSource):
                 socket_connect_timeout=self.config.timeout_seconds,
                 socket_timeout=self.config.timeout_seconds + self.config.block_ms / 1000,
             )
-        except ValueError as exc:
+        except ValueError:  # its text may quote part of the password
             raise ConfigError(
                 f"ingest.url: expected redis://, rediss:// or unix:// (got {redact(url)!r})"
-            ) from exc
+            ) from None
         self._secrets = _passwords(url)
         self._sink = sink
         self._stopping.clear()

@@ -33,7 +33,7 @@ from controlplane.interfaces import (
     PluginConfig,
 )
 from controlplane.registry import PluginSpec, require
-from controlplane.secrets import Secret, reveal
+from controlplane.secrets import Secret, check_url, reveal
 from plugins.legacy._common import collect, unix_seconds
 
 _PARAM = re.compile(r"(?<![:\w]):(start|end|org)\b")
@@ -90,6 +90,7 @@ class SQLLegacySource(LegacySource):
         dsn = reveal(self.config.dsn, "legacy.dsn")
         scheme = dsn.split(":", 1)[0].lower()
         if scheme in ("postgres", "postgresql"):
+            check_url(dsn, "legacy.dsn")
             asyncpg = require("asyncpg", "legacy.sql", "postgres")
             # min_size=0: no connection until the first query, so a legacy database that is
             # down does not stop the control plane from starting.

@@ -75,7 +75,7 @@ from controlplane.interfaces import (
 from controlplane.ledger import LedgerRow, NewRow, RowState
 from controlplane.registry import PluginSpec, require
 from controlplane.rollup import requantify
-from controlplane.secrets import Secret, reveal
+from controlplane.secrets import Secret, check_url, reveal
 from plugins.storage._common import (
     audit_record,
     chains,
@@ -136,6 +136,7 @@ class PostgresStorage(Storage):
         )
         self._errors = (pg.PostgresError, pg.InterfaceError, OSError, asyncio.TimeoutError)
         dsn = reveal(self.config.dsn, "storage.dsn")
+        check_url(dsn, "storage.dsn")
         for attempt in range(1, self.config.retries + 1):
             try:
                 self._pool = await pg.create_pool(

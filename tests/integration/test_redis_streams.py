@@ -507,8 +507,26 @@ async def test_serve_starts_the_configured_consumer_and_closes_it_on_shutdown(
 
     from controlplane.cli import main
 
-    apps: list[Any] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    served: list[bool] = []
+
+    async def serving(server: Any, sockets: Any = None) -> None:
+        """Stands in for uvicorn's loop: asks the app while `serve` has everything started."""
+        async with AsyncTestClient(app=server.config.app) as client:
+
+            async def stored() -> bool:
+                answer = await client.get(
+                    "/v1/usage",
+                    params={"org": "acme", "meter": "gbs", "from": T0, "to": T0 + HOUR},
+                    headers={"Authorization": f"Bearer {TOKEN}"},
+                )
+                return answer.status_code == 200 and answer.json()["rows"] == [
+                    {"org_id": "acme", "meter": "gbs", "bucket_start": T0, "value": "20"}
+                ]
+
+            await eventually(stored)
+        served.append(True)
+
+    monkeypatch.setattr(uvicorn.Server, "serve", serving)
     monkeypatch.setattr("controlplane.logs.configure", lambda config: None)
     path = _write_config(tmp_path, redis_url, stream)
     await r.xadd(stream, entry(tick("e1", "acme", T0)))
@@ -517,25 +535,27 @@ async def test_serve_starts_the_configured_consumer_and_closes_it_on_shutdown(
     assert await asyncio.to_thread(main, ["rollup", "--config", str(path)]) == 0
     assert await r.exists(stream) == 1 and await r.xinfo_groups(stream) == []
 
-    assert main(["serve", "--config", str(path), "--no-scheduler"]) == 0
-    async with AsyncTestClient(app=apps[0]) as client:
-
-        async def stored() -> bool:
-            answer = await client.get(
-                "/v1/usage",
-                params={"org": "acme", "meter": "gbs", "from": T0, "to": T0 + HOUR},
-                headers={"Authorization": f"Bearer {TOKEN}"},
-            )
-            return answer.status_code == 200 and answer.json()["rows"] == [
-                {"org_id": "acme", "meter": "gbs", "bucket_start": T0, "value": "20"}
-            ]
-
-        await eventually(stored)
-        consumers = [c["name"] for c in await r.xinfo_consumers(stream, GROUP)]
-        assert consumers == [b"serve-test"]
+    serve = ["serve", "--config", str(path), "--no-scheduler"]
+    assert await asyncio.to_thread(main, serve) == 0
+    assert served == [True]
+    (group,) = await r.xinfo_groups(stream)
+    assert group["name"] == GROUP.encode() and group["entries-read"] == 1
     # After shutdown: everything acknowledged, and the consumer (with nothing pending) is gone.
     assert await pending(r, stream) == 0
     assert await r.xinfo_consumers(stream, GROUP) == []
+
+
+def test_serve_names_the_ingest_entry_whose_url_cannot_be_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from controlplane.cli import main
+
+    secret = "RedX9pw"
+    path = _write_config(tmp_path, f"redis://carol:{secret}/abc@127.0.0.1:1/0", "s")
+    assert main(["serve", "--config", str(path), "--no-scheduler"]) == 2
+    err = capsys.readouterr().err
+    assert "error: ingest[0].url: not a valid URL; percent-encode" in err
+    assert secret not in err and "Traceback" not in err
 
 
 async def test_an_app_without_ingest_does_not_consume(

@@ -80,3 +80,19 @@ async def test_connection_errors_do_not_show_the_password() -> None:
     with pytest.raises(StorageError, match="cannot connect to PostgreSQL") as caught:
         await store.start()
     assert secret not in str(caught.value)
+
+
+@pytest.mark.parametrize("secret", ["Sup3r/S3cret", "Xq9#Zr7", "1234/5678"])
+async def test_a_dsn_that_does_not_parse_is_refused_without_showing_the_password(
+    secret: str,
+) -> None:
+    from controlplane.errors import ConfigError
+    from plugins.storage.postgres import PostgresStorage, PostgresStorageConfig
+
+    dsn = f"postgresql://alice:{secret}@127.0.0.1:5432/db"
+    store = PostgresStorage(PostgresStorageConfig(dsn=dsn))
+    with pytest.raises(ConfigError, match=r"storage.dsn: .*percent-encode") as caught:
+        await store.start()
+    assert secret not in str(caught.value) and caught.value.__cause__ is None
+    for piece in secret.replace("#", "/").split("/"):
+        assert piece not in str(caught.value)
