@@ -76,23 +76,36 @@ def check_window(
 
 
 async def check_seam(storage: Storage, current: Snapshot, candidate: Snapshot) -> None:
-    """`bill_from` keeps the seam between the two billers:
+    """`bill_from` keeps the seam between the two billers (``bill_from.frozen``,
+    ``bill_from.excluded``):
 
-    - it cannot move once rows at or after it were sent or attempted: buckets between the old
-      and the new T would be billed by both;
-    - it cannot move earlier over buckets already excluded as before T: they would be billed
+    - while the control plane is the authority, T cannot move once rows at or after it were
+      sent or attempted: buckets between the old and the new T would be billed by both;
+    - while the legacy biller is (before a cutover, or after a rollback), a T being set, or
+      cut over to, must lie after every row the provider has seen (sent, attempted, or
+      cancelled by the rollback): the legacy biller bills those buckets now, and the control
+      plane would never bill them again;
+    - T cannot move earlier over buckets already excluded as before T: they would be billed
       by neither.
     """
     old, new = current.bill_from, candidate.bill_from
-    if old is None or old == new:
-        return
-    if (await storage.seam(old)).reached:
+    if current.authority is Authority.LEGACY:
+        cutting_over = candidate.authority is Authority.CONTROLPLANE
+        if new is not None and (new != old or cutting_over) and (await storage.seam(new)).reached:
+            raise FlagRefused(
+                "bill_from.frozen",
+                f"rows at or after bill_from {new} were already sent, attempted or cancelled "
+                "(before a rollback), and the legacy biller bills those buckets now; choose a "
+                "T after them, or force with a reason",
+            )
+    elif old is not None and old != new and (await storage.seam(old)).reached:
         raise FlagRefused(
             "bill_from.frozen",
             f"rows at or after bill_from {old} were already sent or attempted; moving it "
-            "would bill buckets twice. Roll back first, or force with a reason",
+            "would bill buckets twice. Roll back first (a new T must then lie after those "
+            "rows), or force with a reason",
         )
-    if new is not None and new < old:
+    if old is not None and new is not None and new < old:
         excluded = (await storage.seam(new)).excluded_before_bill_from
         if excluded:
             raise FlagRefused(

@@ -124,10 +124,30 @@ async def test_attempted_rows_also_freeze_bill_from(cp: ControlPlane) -> None:
     await cp.set_org("o1", customer="cus_1", plan="pro", actor="t", effective_from=0)
     await cp.ingest([tick("e1", "o1", T0 + 10)], "http")
     await cp.rollup()
-    await cp.set_flags([FlagChange("bill_from", T0)], actor="t", reason="arm")
+    await cp.set_flags([*LIVE, FlagChange("bill_from", T0)], actor="t", reason="go")
     (row,) = await cp.storage.ledger()
     await cp.storage.record_attempts([row.id], cp.now())
     await refused(cp, [FlagChange("bill_from", T0 + HOUR)], "bill_from.frozen")
+
+
+async def test_after_a_rollback_a_new_cutover_needs_a_t_after_the_rows_sent(
+    cp: ControlPlane,
+) -> None:
+    await _send_one(cp)  # the row of bucket T0 is sent
+    await cp.set_flags(
+        [FlagChange("authority", "legacy"), FlagChange("shadow", True)],
+        actor="t",
+        reason="back",
+        via="rollback",
+    )
+    # The legacy biller bills bucket T0 now: neither the same T nor an earlier one.
+    await refused(cp, LIVE, "bill_from.frozen")
+    await refused(cp, [FlagChange("bill_from", T0 - HOUR)], "bill_from.frozen")
+    await refused(cp, [*LIVE, FlagChange("bill_from", T0 - HOUR)], "bill_from.frozen")
+    flags = await cp.set_flags(
+        [*LIVE, FlagChange("bill_from", T0 + HOUR)], actor="t", reason="again"
+    )
+    assert flags.sending and flags.legacy_bill_until == T0 + HOUR
 
 
 # startup -------------------------------------------------------------------------------------
