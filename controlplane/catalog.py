@@ -363,7 +363,13 @@ async def publish(cp: ControlPlane, *, actor: str, dry_run: bool = False) -> Pub
 
 def catalog_api(version: CatalogVersion | None) -> dict[str, Any]:
     if version is None:
-        return {"version": None, "published_at": None, "actor": None, "catalog": None}
+        return {
+            "version": None,
+            "published_at": None,
+            "actor": None,
+            "digest": None,
+            "catalog": None,
+        }
     return {
         "version": version.version,
         "published_at": version.published_at,

@@ -382,7 +382,10 @@ async def catalog(args: argparse.Namespace, config: Config) -> int:
         if args.action == "show":
             found = await cp.storage.catalog_version(args.version)
             if found is None:
-                print("no catalog version is published", file=sys.stderr)
+                missing = "no catalog version is published"
+                if args.version is not None:
+                    missing = f"no catalog version {args.version}"
+                print(missing, file=sys.stderr)
                 return 1
             _print_json(catalog_api(found))
             return 0
@@ -452,12 +455,12 @@ async def cutover_cmd(args: argparse.Namespace, config: Config) -> int:
             return 0
         status = await cutover.status(cp)
         print(f"stage: {status.stage}")
-        print(f"legacy_bill_until: {status.flags['legacy_bill_until']}")
+        print(f"legacy_bill_until: {json.dumps(status.flags['legacy_bill_until'])}")
         for entry in status.history:
             forced = " (forced)" if entry["forced"] else ""
             print(
-                f"{entry['at']}  {entry['step']:<8} T={entry['t']}  by {entry['actor']}{forced}: "
-                f"{entry['reason']}"
+                f"{entry['at']}  {entry['step']:<8} T={json.dumps(entry['t'])}  "
+                f"by {entry['actor']}{forced}: {entry['reason']}"
             )
     return 0
 

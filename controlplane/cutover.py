@@ -27,7 +27,6 @@ from controlplane.interfaces import (
     AuditEntry,
     AuditRecord,
     CapabilityUnavailable,
-    LegacyCapability,
     LegacyError,
     Outcome,
 )
@@ -251,8 +250,6 @@ async def _check_legacy(cp: ControlPlane, at: int) -> Check:
     name = "legacy_not_billed_from_t"
     if cp.legacy is None:
         return Check(name, "warn", "cannot tell: no [legacy] source is configured")
-    if LegacyCapability.BILLED_UNTIL not in cp.legacy.capabilities():
-        return Check(name, "warn", f"cannot tell: legacy plugin {cp.legacy.name!r} cannot")
     try:
         until = await cp.legacy.billed_until()
     except CapabilityUnavailable as exc:
@@ -426,7 +423,7 @@ async def status(cp: ControlPlane, limit: int = 50) -> CutoverStatus:
                 "id": r.id,
                 "at": r.at,
                 "step": r.action.removeprefix("cutover."),
-                "t": r.subject,
+                "t": int(r.subject) if r.subject.isdigit() else None,  # T, kept as the subject
                 "actor": r.actor,
                 "reason": r.reason,
                 "forced": r.forced,

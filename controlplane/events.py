@@ -161,7 +161,7 @@ class Ingestor:
             try:
                 values = measure(event.type, event.data)
             except ExpressionError as exc:
-                problems.append(Problem(index=index, field="data", message=str(exc)))
+                problems.append(Problem(index=index, field=exc.path or "data", message=str(exc)))
                 continue
             source = event.source or default_source
             key = (source, event.id)

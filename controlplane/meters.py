@@ -27,6 +27,14 @@ METER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 class ExpressionError(ValueError):
     """An expression could not be evaluated for one event (missing field, wrong type, ...)."""
 
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path  # the event field at fault (`data.memory_mb`), when there is one
+
+
+def _field_path(path: str) -> str | None:
+    return path if path.startswith("data.") else None
+
 
 class MeterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """A meter as declared in config (`[[meters]]`)."""
@@ -65,7 +73,7 @@ def _number(value: Any, path: str) -> Decimal:
         if isinstance(value, float):  # only reachable when data was decoded without Decimals
             return Decimal(repr(value))
         kind = "missing" if value is None else f"a {type(value).__name__}, not a number"
-        raise ExpressionError(f"{path} is {kind}")
+        raise ExpressionError(f"{path} is {kind}", _field_path(path))
     return Decimal(value)
 
 
@@ -76,7 +84,7 @@ def _field(path: tuple[str, ...]) -> Evaluator:
         value: Any = data
         for key in path:
             if not isinstance(value, Mapping) or key not in value:
-                raise ExpressionError(f"{dotted} is missing")
+                raise ExpressionError(f"{dotted} is missing", dotted)
             value = value[key]
         return value
 
@@ -119,7 +127,9 @@ def _compile(node: ast.AST, source: str, boolean: bool) -> Evaluator:
             try:
                 return op(a, b)
             except (DivisionByZero, InvalidOperation, ZeroDivisionError) as exc:
-                raise ExpressionError(f"division by zero ({right_path} is 0)") from exc
+                raise ExpressionError(
+                    f"division by zero ({right_path} is 0)", _field_path(right_path)
+                ) from exc
 
         return arith
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
@@ -148,15 +158,31 @@ def _compile(node: ast.AST, source: str, boolean: bool) -> Evaluator:
             try:
                 return all(op(values[i], values[i + 1]) for i, op in enumerate(ops))
             except TypeError as exc:
-                raise ExpressionError(f"cannot compare {values[0]!r} with {values[1]!r}") from exc
+                raise _mismatch(terms, values) from exc
 
         return compare
     raise ConfigError(f"unsupported syntax: {ast.dump(node)[:60]}")
 
 
+def _mismatch(terms: list[Evaluator], values: list[Any]) -> ExpressionError:
+    """Which side of a comparison does not fit: the first field holding text, when one does."""
+    shown = []
+    fields = []
+    for term, value in zip(terms, values, strict=True):
+        path = getattr(term, "path", None)
+        text = str(value) if isinstance(value, Decimal) else repr(value)
+        shown.append(f"{path} ({text})" if path else text)
+        if path and not isinstance(value, Decimal):
+            fields.append(path)
+    return ExpressionError(
+        f"cannot compare {' with '.join(shown[:2])}", fields[0] if fields else None
+    )
+
+
 def _comparable(value: Any, term: Evaluator) -> Any:
     if value is None:
-        raise ExpressionError(f"{getattr(term, 'path', 'value')} is missing")
+        path = getattr(term, "path", "value")
+        raise ExpressionError(f"{path} is missing", _field_path(path))
     if isinstance(value, int | float) and not isinstance(value, bool):
         return Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
     return value
@@ -214,7 +240,7 @@ class Meter:
                 raise ExpressionError(f"value: out of range ({MAX_MICROS} micro-units at most)")
             return micros
         except ExpressionError as exc:
-            raise ExpressionError(f"meter {self.config.name}: {exc}") from exc
+            raise ExpressionError(f"meter {self.config.name}: {exc}", exc.path) from exc
 
 
 class MeterSet:

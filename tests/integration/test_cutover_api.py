@@ -88,7 +88,7 @@ async def test_cutover_over_http(client: Any) -> None:
     assert [row["identifier"] for row in r.json()["cancelled"]] == [f"o1:gbs:{T}:1"]
     status = (await client.get("/v1/cutover", headers=READ)).json()
     assert status["stage"] == "rolled_back"
-    assert [h["step"] for h in status["history"]] == ["rollback", "execute"]
+    assert [(h["step"], h["t"]) for h in status["history"]] == [("rollback", T), ("execute", T)]
     assert status["history"][1]["forced"] is True
 
 

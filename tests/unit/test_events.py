@@ -47,7 +47,7 @@ def test_every_bad_event_is_listed_with_index_and_field() -> None:
     with pytest.raises(InvalidInput) as err:
         ingestor().prepare(items, "http")
     found = {(p.index, p.field) for p in err.value.problems}
-    assert found == {(1, "id"), (2, "time"), (3, "time"), (4, "data"), (5, "id")}
+    assert found == {(1, "id"), (2, "time"), (3, "time"), (4, "data.mb"), (5, "id")}
     assert "data.mb is a str" in err.value.problems[3].message
 
 

@@ -53,6 +53,14 @@ def test_runtime_errors_name_meter_and_field(data: dict[str, object], message: s
     with pytest.raises(ExpressionError) as err:
         meter().measure(data)
     assert message in str(err.value)
+    assert err.value.path in ("data.s", "data.mb")
+
+
+def test_a_filter_on_text_names_the_field() -> None:
+    with pytest.raises(ExpressionError) as err:
+        meter(where="data.mb > 0").measure({"mb": "lots", "s": 60})
+    assert str(err.value) == "meter m: cannot compare data.mb ('lots') with 0"
+    assert err.value.path == "data.mb"
 
 
 def test_division_by_zero_is_an_error() -> None:
