@@ -83,7 +83,7 @@ async def test_invalid_batch_stores_nothing_and_lists_each_bad_event(client: Any
     assert r.headers["content-type"].startswith("application/problem+json")
     body = r.json()
     assert body["status"] == 422 and body["title"] == "Invalid input"
-    assert [(e["index"], e["field"]) for e in body["errors"]] == [(1, "subject"), (2, "data")]
+    assert [(e["index"], e["field"]) for e in body["errors"]] == [(1, "subject"), (2, "data.mb")]
     assert stored(client) == 0
 
 

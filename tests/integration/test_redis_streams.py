@@ -546,10 +546,11 @@ async def test_serve_starts_the_configured_consumer_and_closes_it_on_shutdown(
 
 
 def test_serve_names_the_ingest_entry_whose_url_cannot_be_read(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from controlplane.cli import main
 
+    monkeypatch.setattr("controlplane.logs.configure", lambda config: None)
     secret = "RedX9pw"
     path = _write_config(tmp_path, f"redis://carol:{secret}/abc@127.0.0.1:1/0", "s")
     assert main(["serve", "--config", str(path), "--no-scheduler"]) == 2
