@@ -452,6 +452,9 @@ async def cutover_cmd(args: argparse.Namespace, config: Config) -> int:
                     f"NOT cancelled  {row.identifier}  {row.quantity} units ({row.value}) "
                     f"sent_at={row.sent_at}: {row.note} -> issue a credit note"
                 )
+            if result.senders_still_running:
+                print(f"WARNING: {result.senders_still_running}")
+                return 1
             return 0
         status = await cutover.status(cp)
         print(f"stage: {status.stage}")

@@ -159,6 +159,7 @@ class CutoverConfig(_Section, frozen=True):
 
     parity_clean_hours: int = 24  # parity must have been clean this long, up to now
     cancel_window_seconds: int = 86400  # rollback cancels rows sent less than this long ago
+    sender_wait_seconds: float = 30.0  # rollback waits this long for send passes to stop
 
 
 class AuditConfig(_Section, frozen=True):

@@ -277,7 +277,9 @@ class ControlPlane:
         flags = await self.flags()
         if self.billing is None:
             return SendStats(skipped="no billing backend configured")
-        return await self.sender().run(flags, now=self.clock(), org_id=org_id, until=until)
+        return await self.sender().run(
+            flags, now=self.clock(), org_id=org_id, until=until, recheck=self.flags
+        )
 
     async def verify_audit(
         self,

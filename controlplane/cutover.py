@@ -16,7 +16,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
@@ -30,7 +33,7 @@ from controlplane.interfaces import (
     LegacyError,
     Outcome,
 )
-from controlplane.ledger import Reason, RowState
+from controlplane.ledger import LedgerRow, Reason, RowState
 from controlplane.parity_checker import settled_end
 from controlplane.units import format_micros
 from flags import Authority, FlagChange, Snapshot
@@ -44,7 +47,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("cutover")
 
 PRO_PLAN = "pro"
-MAX_ROWS = 1_000_000
 Status = Literal["pass", "fail", "warn", "n/a"]
 Stage = Literal["shadow", "armed", "live", "rolled_back"]
 
@@ -101,6 +103,7 @@ class RollbackResult(msgspec.Struct, frozen=True):
     flags: dict[str, Any]
     cancelled: list[RowNote]
     not_cancelled: list[RowNote]  # for manual credit notes
+    senders_still_running: str | None = None  # why the lists may be incomplete
 
 
 class CutoverStatus(msgspec.Struct, frozen=True):
@@ -168,15 +171,20 @@ async def plan(cp: ControlPlane, at: int) -> Plan:
         for name, value in _live_values(at).items()
         if current.values[name].value != value
     ]
-    pending = await cp.storage.ledger(state=RowState.PENDING, limit=MAX_ROWS)
+    pending_from_t = pending_before_t = 0
+    async for row in _rows(cp, RowState.PENDING):
+        if row.bucket_start >= at:
+            pending_from_t += 1
+        else:
+            pending_before_t += 1
     return Plan(
         at=at,
         now=cp.now(),
         before=_who(current),
         after=_who(after),
         changes=changes,
-        pending_from_t=sum(1 for r in pending if r.bucket_start >= at),
-        pending_before_t=sum(1 for r in pending if r.bucket_start < at),
+        pending_from_t=pending_from_t,
+        pending_before_t=pending_before_t,
         problems=await _guard_problems(cp, current, at),
     )
 
@@ -366,19 +374,27 @@ async def rollback(
         extra_audit=[entry],
     )
     log.info("cutover.rolled_back", actor=actor, cancel_sent=cancel_sent)
+    waiting = await _await_senders(cp)
     cancelled: list[RowNote] = []
     kept: list[RowNote] = []
     if not cancel_sent:
-        return RollbackResult(snapshot.to_api(), cancelled, kept)
-    sent = await cp.storage.ledger(state=RowState.SENT, limit=MAX_ROWS)
+        return RollbackResult(snapshot.to_api(), cancelled, kept, waiting)
     window = cp.config.cutover.cancel_window_seconds
-    now = cp.now()
-    for row in sent:
+    async for row in _rows_at_provider(cp):
+        attempted = row.state is not RowState.SENT  # attempted, outcome unknown
+        unknown = "attempted without a definite answer (it may never have arrived); "
         if cp.billing is None:
             kept.append(_note(row, "no billing backend configured"))
             continue
-        if row.sent_at is None or row.sent_at <= now - window:
-            kept.append(_note(row, f"sent more than {window} s ago: the provider cannot cancel"))
+        since = row.first_attempt_at if attempted else row.sent_at
+        if since is None or since <= cp.now() - window:
+            kept.append(
+                _note(
+                    row,
+                    (unknown if attempted else "")
+                    + f"sent more than {window} s ago: the provider cannot cancel",
+                )
+            )
             continue
         meter = cp.meters.by_name.get(row.meter)
         event_name = meter.config.provider_event_name if meter else row.meter
@@ -391,10 +407,56 @@ async def rollback(
                 cancelled.append(_note(row, None))
                 continue
         kept.append(
-            _note(row, f"provider {delivery.outcome.value}: {delivery.message or 'no detail'}")
+            _note(
+                row,
+                (unknown if attempted else "")
+                + f"provider {delivery.outcome.value}: {delivery.message or 'no detail'}",
+            )
         )
     log.info("cutover.cancelled", cancelled=len(cancelled), not_cancelled=len(kept))
-    return RollbackResult(snapshot.to_api(), cancelled, kept)
+    return RollbackResult(snapshot.to_api(), cancelled, kept, waiting)
+
+
+async def _rows(
+    cp: ControlPlane, state: RowState, attempted: bool | None = None, page: int = 5000
+) -> AsyncIterator[LedgerRow]:
+    """Every ledger row in `state` (and attempted or not), oldest first, page by page."""
+    after = 0
+    while rows := await cp.storage.ledger(
+        state=state, attempted=attempted, after_id=after, limit=page
+    ):
+        for row in rows:
+            yield row
+        after = rows[-1].id
+
+
+async def _rows_at_provider(cp: ControlPlane) -> AsyncIterator[LedgerRow]:
+    """Every row the provider may have: sent, or attempted without a definite answer (still
+    pending, or held as ambiguous)."""
+    for state, attempted in (
+        (RowState.SENT, None),
+        (RowState.PENDING, True),
+        (RowState.HELD, True),
+    ):
+        async for row in _rows(cp, state, attempted):
+            yield row
+
+
+async def _await_senders(cp: ControlPlane) -> str | None:
+    """Wait for send passes that read the flags before the rollback: each stops before its
+    next group of calls, and its claims go when it ends. None when none is left; else why
+    the lists may miss rows a sender still delivers."""
+    limit = cp.config.cutover.sender_wait_seconds
+    deadline = time.monotonic() + limit
+    while held := await cp.storage.live_claims(int(cp.now())):
+        if time.monotonic() >= deadline:
+            log.warning("cutover.senders_still_running", rows=held, waited_seconds=limit)
+            return (
+                f"after {limit} s, senders still held {held} rows: rows they deliver from now "
+                "on are not in these lists; run the rollback again once they stopped"
+            )
+        await asyncio.sleep(0.2)
+    return None
 
 
 # status ---------------------------------------------------------------------------------------

@@ -399,8 +399,11 @@ class Storage(abc.ABC):
         start: int | None = None,
         end: int | None = None,
         limit: int = 1000,
+        attempted: bool | None = None,
+        after_id: int = 0,
     ) -> list[LedgerRow]:
-        """Ledger rows, oldest first, filtered by org, state and bucket start in [start, end)."""
+        """Ledger rows, oldest first, filtered by org, state, bucket start in [start, end) and
+        whether a delivery was attempted; `after_id` pages on."""
 
     @abc.abstractmethod
     async def sendable(
@@ -453,8 +456,13 @@ class Storage(abc.ABC):
     async def cancel_rows(
         self, row_ids: Sequence[int], at: int, actor: str, reason: str, detail: str | None = None
     ) -> int:
-        """Move `sent` rows the provider has cancelled to `cancelled` with `reason`, each
-        audited as ``ledger.cancelled``, in one transaction. Returns rows moved."""
+        """Move rows the provider has cancelled (`sent`, or attempted without a definite
+        answer) to `cancelled` with `reason`, each audited as ``ledger.cancelled``, in one
+        transaction. Returns rows moved."""
+
+    @abc.abstractmethod
+    async def live_claims(self, at: int) -> int:
+        """Rows a sender holds a claim on that lasts past `at` (a send pass in progress)."""
 
     # orgs -----------------------------------------------------------------------------------
 

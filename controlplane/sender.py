@@ -32,7 +32,7 @@ import socket
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import msgspec
 import structlog
@@ -123,8 +123,12 @@ class Sender:
         now: float | None = None,
         org_id: str | None = None,
         until: int | None = None,
+        recheck: Callable[[], Awaitable[Snapshot]] | None = None,
     ) -> SendStats:
-        """One pass over everything sendable (optionally one org, buckets before `until`)."""
+        """One pass over everything sendable (optionally one org, buckets before `until`).
+
+        `recheck` reads the flags again before each group of calls: a pass stops as soon as
+        sending is switched off (a rollback), not at its end."""
         stats = SendStats()
         if flags.shadow:
             stats.skipped = "shadow is on"
@@ -138,7 +142,7 @@ class Sender:
             log.warning("sender.skipped", reason=stats.skipped)
             return stats
         try:
-            await self._pass(stats, bill_from, now, org_id, until)
+            await self._pass(stats, bill_from, now, org_id, until, recheck)
         finally:
             await self.storage.release_claims(self.claimant)
         if stats.sent or stats.held or stats.excluded or stats.retry or stats.ambiguous:
@@ -152,7 +156,15 @@ class Sender:
         now: float | None,
         org_id: str | None,
         until: int | None,
+        recheck: Callable[[], Awaitable[Snapshot]] | None,
     ) -> None:
+        async def still_sending() -> bool:
+            if recheck is None or (await recheck()).sending:
+                return True
+            stats.skipped = "sending was switched off during the pass"
+            log.info("sender.stopped", reason=stats.skipped)
+            return False
+
         after_id = 0
         blocked: set[Lane] = set()  # lanes with a transient failure: they wait for next pass
         while True:
@@ -172,8 +184,8 @@ class Sender:
                 continue
             await self._settle(decided, stats, at)
             after_id = items[-1].row.id
-            if deliver:
-                await self._deliver(deliver, stats, at, blocked)
+            if deliver and not await self._deliver(deliver, stats, at, blocked, still_sending):
+                return
 
     def _triage(
         self, items: Sequence[SendItem], bill_from: int, now: int
@@ -239,8 +251,14 @@ class Sender:
                 stats.held += 1
 
     async def _deliver(
-        self, items: list[SendItem], stats: SendStats, at: int, blocked: set[Lane]
-    ) -> None:
+        self,
+        items: list[SendItem],
+        stats: SendStats,
+        at: int,
+        blocked: set[Lane],
+        still_sending: Callable[[], Awaitable[bool]],
+    ) -> bool:
+        """Deliver `items` group by group; False when sending was switched off meanwhile."""
         # Small groups: each group's attempts are recorded just before its calls, and its
         # outcomes settled right after, so a crash leaves little to resend. Rows are taken
         # round-robin across lanes, so a group keeps many customers busy even when a backlog
@@ -249,8 +267,12 @@ class Sender:
         ordered = _interleave(items)
         for start in range(0, len(ordered), group):
             chunk = [i for i in ordered[start : start + group] if _lane(i) not in blocked]
-            if chunk:
-                await self._deliver_group(chunk, stats, at, blocked)
+            if not chunk:
+                continue
+            if not await still_sending():
+                return False
+            await self._deliver_group(chunk, stats, at, blocked)
+        return True
 
     async def _deliver_group(
         self, items: list[SendItem], stats: SendStats, at: int, blocked: set[Lane]

@@ -423,9 +423,18 @@ class PostgresStorage(Storage):
         start: int | None = None,
         end: int | None = None,
         limit: int = 1000,
+        attempted: bool | None = None,
+        after_id: int = 0,
     ) -> list[LedgerRow]:
         rows = await self._all(
-            Q["ledger"], org_id, state.value if state else None, start, end, limit
+            Q["ledger"],
+            org_id,
+            state.value if state else None,
+            start,
+            end,
+            limit,
+            attempted,
+            after_id,
         )
         return [ledger_row(r) for r in rows]
 
@@ -551,16 +560,20 @@ class PostgresStorage(Storage):
                         subject=identifier,
                         actor=actor,
                         reason=reason,
-                        before={"state": "sent"},
+                        before={"state": state},
                         after={"state": "cancelled", "quantity": quantity},
                     )
-                    for _, identifier, quantity, _ in found
+                    for _, identifier, quantity, state in found
                 ],
                 at,
             )
             return len(found)
 
         return await self._tx("cancel rows", work)
+
+    async def live_claims(self, at: int) -> int:
+        ((count,),) = await self._all(Q["live_claims"], at)
+        return int(count)
 
     # orgs ---------------------------------------------------------------------------------
 

@@ -98,6 +98,8 @@ WHERE ($1::text IS NULL OR org_id = $1)
   AND ($2::text IS NULL OR state = $2)
   AND ($3::bigint IS NULL OR bucket_start >= $3)
   AND ($4::bigint IS NULL OR bucket_start < $4)
+  AND ($6::boolean IS NULL OR (attempts > 0) = $6)
+  AND id > $7
 ORDER BY id
 LIMIT $5;
 
@@ -182,14 +184,19 @@ ON CONFLICT (org_id, meter, segment) DO UPDATE SET exact_micros = excluded.exact
                                                    quantity = excluded.quantity;
 
 -- name: cancellable
-SELECT id, identifier, quantity, value_micros FROM ledger
-WHERE id = ANY($1::bigint[]) AND state = 'sent'
+-- Sent rows, and rows attempted without a definite answer (the provider may have them).
+SELECT id, identifier, quantity, state FROM ledger
+WHERE id = ANY($1::bigint[])
+  AND (state = 'sent' OR (attempts > 0 AND state IN ('pending', 'held')))
 ORDER BY id
 FOR UPDATE;
 
 -- name: cancel_rows
 UPDATE ledger SET state = 'cancelled', reason = $2, detail = $3, updated_at = $4
-WHERE id = ANY($1::bigint[]) AND state = 'sent';
+WHERE id = ANY($1::bigint[]);
+
+-- name: live_claims
+SELECT count(*) FROM ledger WHERE claimed_by IS NOT NULL AND claim_expires > $1;
 
 -- name: get_org
 SELECT org_id, customer, updated_at, subscription, subscription_status

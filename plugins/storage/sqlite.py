@@ -357,6 +357,8 @@ class SQLiteStorage(Storage):
         start: int | None = None,
         end: int | None = None,
         limit: int = 1000,
+        attempted: bool | None = None,
+        after_id: int = 0,
     ) -> list[LedgerRow]:
         rows = await self._all(
             Q["ledger"],
@@ -366,6 +368,8 @@ class SQLiteStorage(Storage):
                 "start": start,
                 "end": end,
                 "limit": limit,
+                "attempted": attempted,
+                "after": after_id,
             },
         )
         return [ledger_row(r) for r in rows]
@@ -469,14 +473,18 @@ class SQLiteStorage(Storage):
                         subject=identifier,
                         actor=actor,
                         reason=reason,
-                        before={"state": "sent"},
+                        before={"state": state},
                         after={"state": "cancelled", "quantity": quantity},
                     )
-                    for _, identifier, quantity, _ in found
+                    for _, identifier, quantity, state in found
                 ],
                 at,
             )
         return len(found)
+
+    async def live_claims(self, at: int) -> int:
+        ((count,),) = await self._all(Q["live_claims"], (at,))
+        return int(count)
 
     async def _requantify(
         self, conn: aiosqlite.Connection, row_ids: list[int], at: int, claimant: str

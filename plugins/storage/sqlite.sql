@@ -109,6 +109,8 @@ WHERE (:org IS NULL OR org_id = :org)
   AND (:state IS NULL OR state = :state)
   AND (:start IS NULL OR bucket_start >= :start)
   AND (:end IS NULL OR bucket_start < :end)
+  AND (:attempted IS NULL OR (attempts > 0) = :attempted)
+  AND id > :after
 ORDER BY id
 LIMIT :limit;
 
@@ -354,12 +356,17 @@ WHERE org_id IN (SELECT value FROM json_each(?))
 ORDER BY org_id, period_start;
 
 -- name: cancellable
-SELECT id, identifier, quantity, value_micros FROM ledger
-WHERE id IN (SELECT value FROM json_each(?)) AND state = 'sent';
+-- Sent rows, and rows attempted without a definite answer (the provider may have them).
+SELECT id, identifier, quantity, state FROM ledger
+WHERE id IN (SELECT value FROM json_each(?))
+  AND (state = 'sent' OR (attempts > 0 AND state IN ('pending', 'held')));
 
 -- name: cancel_row
 UPDATE ledger SET state = 'cancelled', reason = ?, detail = ?, updated_at = ?
-WHERE id = ? AND state = 'sent';
+WHERE id = ? AND (state = 'sent' OR (attempts > 0 AND state IN ('pending', 'held')));
+
+-- name: live_claims
+SELECT count(*) FROM ledger WHERE claimed_by IS NOT NULL AND claim_expires > ?;
 
 -- name: plan_orgs_without_customer
 -- Orgs whose plan in force at :at is :plan and that have no provider customer.

@@ -284,7 +284,7 @@ async def test_seam_counts_rows_reached_and_excluded_before_bill_from(storage: S
     assert await storage.seam(B[4]) == SeamRows(0, 0)
 
 
-async def test_cancel_rows_moves_sent_rows_only_and_audits_each(storage: Storage) -> None:
+async def test_cancel_rows_moves_sent_rows_and_audits_each(storage: Storage) -> None:
     await pro(storage, "a")
     r0, r1, r2 = await lane_rows(storage, "a", UNIT, 2 * UNIT, UNIT)
     await storage.sendable(0, 100, claim=claim("s"))
@@ -318,6 +318,39 @@ async def test_cancel_rows_moves_sent_rows_only_and_audits_each(storage: Storage
     assert await storage.cancel_rows(ids_, NOW + 20, "ops", "rolled_back") == 0
     assert len(await storage.audit_log(action_prefix="ledger.cancelled")) == 2
     assert ids(await storage.sendable(0, 100, claim=claim("s"))) == [r2.id]
+
+
+async def test_cancel_rows_also_moves_rows_attempted_without_an_answer(storage: Storage) -> None:
+    await pro(storage, "a")
+    r0, r1 = await lane_rows(storage, "a", UNIT, UNIT)
+    await storage.record_attempts([r0.id], NOW)  # r0 may be at the provider, r1 is not
+    assert await storage.cancel_rows([r0.id, r1.id], NOW + 1, "ops", "rolled_back") == 1
+    rows = by_id(await storage.ledger())
+    assert (rows[r0.id].state, rows[r1.id].state) == (RowState.CANCELLED, RowState.PENDING)
+    (audit,) = await storage.audit_log(action_prefix="ledger.cancelled")
+    assert (audit.subject, audit.before) == (r0.identifier, {"state": "pending"})
+
+
+async def test_ledger_filters_attempted_rows_and_pages_by_id(storage: Storage) -> None:
+    await pro(storage, "a")
+    r0, r1, r2 = await lane_rows(storage, "a", UNIT, UNIT, UNIT)
+    await storage.record_attempts([r1.id], NOW)
+    assert [r.id for r in await storage.ledger(attempted=True)] == [r1.id]
+    assert [r.id for r in await storage.ledger(attempted=False)] == [r0.id, r2.id]
+    assert [r.id for r in await storage.ledger(after_id=r0.id, limit=1)] == [r1.id]
+    assert await storage.ledger(after_id=r2.id) == []
+
+
+async def test_live_claims_counts_claims_that_have_not_lapsed(storage: Storage) -> None:
+    await pro(storage, "a", "b")
+    await lane_rows(storage, "a", UNIT, UNIT)
+    await lane_rows(storage, "b", UNIT)
+    assert await storage.live_claims(NOW) == 0
+    assert len(await storage.sendable(0, 100, claim=claim("s", at=NOW, seconds=300))) == 3
+    assert await storage.live_claims(NOW) == 3
+    assert await storage.live_claims(NOW + 300) == 0  # lapsed: a dead sender's claims
+    await storage.release_claims("s")
+    assert await storage.live_claims(NOW) == 0
 
 
 async def test_an_exclusion_re_derives_its_chain_and_the_carry(storage: Storage) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from typing import Any
@@ -14,8 +15,11 @@ from controlplane.core import ControlPlane
 from controlplane.errors import FlagRefused, StorageError
 from controlplane.interfaces import (
     AuditEntry,
+    Delivery,
     LegacyCapability,
     LegacySource,
+    MeterEvent,
+    Outcome,
     ParityRun,
 )
 from controlplane.ledger import RowState
@@ -326,6 +330,72 @@ async def test_rollback_without_cancel_keeps_sent_rows(ready: ControlPlane) -> N
     result = await cutover.rollback(ready, actor="ops", reason="pause")
     assert result.cancelled == [] and result.not_cancelled == []
     assert len(await ready.storage.ledger(state=RowState.SENT)) == 1
+
+
+async def test_rollback_also_settles_rows_attempted_without_an_answer(
+    ready: ControlPlane, fake_billing: FakeBilling
+) -> None:
+    await ready.ingest([tick("a", "o1", T + 5)], "http")
+    await ready.rollup(until=T + HOUR)
+    await cutover.execute(ready, T, actor="ops", reason="go")
+    fake_billing.fail_next(Outcome.AMBIGUOUS)  # the provider has it; the answer was lost
+    assert (await ready.send()).ambiguous == 1
+    (row,) = await ready.storage.ledger()
+    assert (row.state, row.attempts) == (RowState.PENDING, 1)
+    result = await cutover.rollback(ready, actor="ops", reason="bad", cancel_sent=True)
+    assert [r.identifier for r in result.cancelled] == [row.identifier]
+    assert fake_billing.cancelled == {row.identifier}
+    (cancelled,) = await ready.storage.ledger(state=RowState.CANCELLED)
+    assert cancelled.id == row.id
+    (audit,) = await ready.storage.audit_log(action_prefix="ledger.cancelled")
+    assert audit.before == {"state": "pending"}
+
+
+async def test_rollback_lists_an_attempted_row_the_provider_does_not_know(
+    ready: ControlPlane, fake_billing: FakeBilling
+) -> None:
+    await ready.ingest([tick("a", "o1", T + 5)], "http")
+    await ready.rollup(until=T + HOUR)
+    await cutover.execute(ready, T, actor="ops", reason="go")
+    (row,) = await ready.storage.ledger()
+    await ready.storage.record_attempts([row.id], ready.now())  # a crash right after this
+    result = await cutover.rollback(ready, actor="ops", reason="bad", cancel_sent=True)
+    (kept,) = result.not_cancelled
+    assert kept.identifier == row.identifier and result.cancelled == []
+    assert (kept.note or "").startswith("attempted without a definite answer")
+
+
+async def test_rollback_waits_for_a_running_send_pass_and_lists_what_it_sent(
+    ready: ControlPlane, clock: list[float], fake_billing: FakeBilling
+) -> None:
+    await cutover.execute(ready, T, actor="ops", reason="go")
+    clock[0] = T + 41 * HOUR
+    await ready.ingest([tick(f"e{i}", "o1", T + i * HOUR + 5) for i in range(40)], "http")
+    await ready.rollup()
+    calling, answer = asyncio.Event(), asyncio.Event()
+    deliver = fake_billing.send
+
+    async def held_send(event: MeterEvent) -> Delivery:
+        calling.set()
+        await answer.wait()
+        return await deliver(event)
+
+    fake_billing.send = held_send  # type: ignore[method-assign]
+    sending = asyncio.create_task(ready.send())
+    await calling.wait()  # the pass is delivering its first group of 32 rows
+    rolling = asyncio.create_task(
+        cutover.rollback(ready, actor="ops", reason="bad", cancel_sent=True)
+    )
+    await asyncio.sleep(0.5)
+    assert not rolling.done()  # flags flipped; waiting for the pass
+    assert not (await ready.flags()).sending
+    answer.set()
+    stats, result = await sending, await rolling
+    # The pass finished its group and stopped before the next one.
+    assert stats.sent == 32 and stats.skipped == "sending was switched off during the pass"
+    assert sorted(r.identifier for r in result.cancelled) == sorted(fake_billing.events)
+    assert len(fake_billing.events) == 32 and result.senders_still_running is None
+    assert len(await ready.storage.ledger(state=RowState.PENDING)) == 8
 
 
 async def test_stages(ready: ControlPlane) -> None:
