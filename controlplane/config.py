@@ -74,6 +74,7 @@ class RollupConfig(_Section, frozen=True):
     grace_seconds: int = 600
     interval_seconds: float = 60.0
     batch_buckets: int = 5000  # dirty buckets per transaction
+    legacy_plan_seconds: float = 3600.0  # how long a legacy biller's plan answer is reused
 
 
 class SenderConfig(_Section, frozen=True):

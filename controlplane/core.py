@@ -25,6 +25,8 @@ from controlplane.interfaces import (
     IngestResult,
     IngestSource,
     JobRun,
+    LegacyCapability,
+    LegacyError,
     LegacySource,
     Org,
     PluginConfig,
@@ -97,6 +99,8 @@ class ControlPlane:
         )
         self._migrate = migrate
         self.ingest_sources: list[IngestSource] = []  # started by `serve` (start_ingest)
+        # org -> (the legacy biller's plan or None, when asked): see _legacy_plans
+        self._legacy_plan_cache: dict[str, tuple[str | None, float]] = {}
         self._stack = contextlib.AsyncExitStack()
         self.metrics = Metrics()  # this plane's own Prometheus registry
 
@@ -250,13 +254,45 @@ class ControlPlane:
         async with self.storage.exclusive("rollup", wait=wait) as mine:
             if not mine:
                 return rollup.RollupStats(skipped="another process is rolling up")
+            legacy_plans, deferred = await self._legacy_plans(closed_before)
             return await rollup.run(
                 self.storage,
                 bucket_seconds=self.config.rollup.bucket_seconds,
                 closed_before=closed_before,
                 batch_buckets=self.config.rollup.batch_buckets,
                 org_id=org_id,
+                legacy_plans=legacy_plans,
+                deferred_orgs=deferred,
             )
+
+    async def _legacy_plans(self, closed_before: int) -> tuple[dict[str, str], list[str]]:
+        """The legacy biller's plan for each org the rollup is about to bill without a stored
+        plan (DESIGN §8: stored plan, then the legacy biller's answer, then `free`), and the
+        orgs it could not answer for: their buckets wait for a later pass, never billed as
+        `free` by guess. Answers are reused for `[rollup] legacy_plan_seconds`."""
+        legacy = self.legacy
+        if legacy is None or LegacyCapability.PLAN not in legacy.capabilities():
+            return {}, []
+        orgs = await self.storage.unplanned_orgs(closed_before, self.config.rollup.bucket_seconds)
+        now = time.monotonic()
+        fresh_for = self.config.rollup.legacy_plan_seconds
+        plans: dict[str, str] = {}
+        deferred: list[str] = []
+        for org in orgs:
+            cached = self._legacy_plan_cache.get(org)
+            if cached is None or now - cached[1] >= fresh_for:
+                try:
+                    cached = (await legacy.plan(org), now)
+                except LegacyError as exc:
+                    if cached is None:
+                        deferred.append(org)
+                        log.warning("rollup.plan_unknown", org=org, error=str(exc))
+                        continue
+                    log.warning("rollup.plan_stale", org=org, error=str(exc))
+                self._legacy_plan_cache[org] = cached
+            if cached[0]:
+                plans[org] = cached[0]
+        return plans, deferred
 
     def sender(self) -> Sender:
         if self.billing is None:

@@ -385,10 +385,17 @@ class Storage(abc.ABC):
         limit: int,
         planner: RollupPlanner,
         org_id: str | None = None,
+        skip_orgs: Sequence[str] = (),
     ) -> tuple[int, list[NewRow]]:
         """Take up to `limit` dirty buckets ending at or before `closed_before` (and of
-        `org_id` when given), let `planner` decide the revisions, write them and clear those
-        dirty marks in one transaction. Returns (buckets done, rows written)."""
+        `org_id` when given; none of `skip_orgs`), let `planner` decide the revisions, write
+        them and clear those dirty marks in one transaction. Returns (buckets done, rows
+        written)."""
+
+    @abc.abstractmethod
+    async def unplanned_orgs(self, closed_before: int, bucket_seconds: int) -> list[str]:
+        """Orgs with a dirty bucket ending at or before `closed_before` whose start no stored
+        plan covers: the rollup asks the legacy biller about them."""
 
     @abc.abstractmethod
     async def ledger(

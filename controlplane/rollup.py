@@ -13,6 +13,7 @@ written so far sum to floor(exact usage so far); the remainder is carried, never
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 
 import msgspec
 import structlog
@@ -32,15 +33,20 @@ class RollupStats(msgspec.Struct):
     rows: int = 0
     pending: int = 0
     excluded: int = 0
+    deferred_orgs: int = 0  # no stored plan, and the legacy biller could not answer
 
 
-def plan_revisions(batch: RollupBatch, bucket_seconds: int) -> RollupPlan:
+def plan_revisions(
+    batch: RollupBatch, bucket_seconds: int, legacy_plans: Mapping[str, str] | None = None
+) -> RollupPlan:
     """Decide the revisions for one batch of closed dirty buckets (pure).
 
-    The org's plan at the bucket's start decides the row's segment: `free` rows are excluded
+    The org's plan at the bucket's start decides the row's segment: the plan stored here,
+    else the legacy biller's answer (`legacy_plans`), else `free`. `free` rows are excluded
     at once, with a rounding carry of their own. The boundary T is left to the sender: it may
     still move until rows are sent, and an excluded row is final.
     """
+    legacy = legacy_plans or {}
     totals = {(t.org_id, t.meter, t.bucket_start): t.value_micros for t in batch.totals}
     written = {(t.org_id, t.meter, t.bucket_start): t.value_micros for t in batch.ledger_sums}
     # chain -> [exact micros, whole units] so far; the batch's rows extend each chain in order.
@@ -53,7 +59,7 @@ def plan_revisions(batch: RollupBatch, bucket_seconds: int) -> RollupPlan:
             continue
         org_id, meter, bucket_start = key
         org = batch.orgs.get(org_id)
-        plan = (org.plan_at(bucket_start) if org else None) or FREE_PLAN
+        plan = (org.plan_at(bucket_start) if org else None) or legacy.get(org_id) or FREE_PLAN
         reason = Reason.FREE_PLAN if plan == FREE_PLAN else None
         chain = (org_id, meter, segment(reason))
         carry = chains.get(chain)
@@ -109,17 +115,20 @@ async def run(
     closed_before: int,
     batch_buckets: int = 5000,
     org_id: str | None = None,
+    legacy_plans: Mapping[str, str] | None = None,
+    deferred_orgs: Sequence[str] = (),
 ) -> RollupStats:
-    """Roll up every dirty bucket that ends at or before `closed_before`."""
-    stats = RollupStats()
+    """Roll up every dirty bucket that ends at or before `closed_before`, except those of
+    `deferred_orgs` (orgs whose plan is not known yet: their buckets stay dirty)."""
+    stats = RollupStats(deferred_orgs=len(deferred_orgs))
     started = time.monotonic()
 
     def planner(batch: RollupBatch) -> RollupPlan:
-        return plan_revisions(batch, bucket_seconds)
+        return plan_revisions(batch, bucket_seconds, legacy_plans)
 
     while True:
         buckets, rows = await storage.rollup_step(
-            closed_before, bucket_seconds, batch_buckets, planner, org_id=org_id
+            closed_before, bucket_seconds, batch_buckets, planner, org_id, deferred_orgs
         )
         if buckets == 0:
             break
@@ -134,6 +143,7 @@ async def run(
             rows=stats.rows,
             pending=stats.pending,
             excluded=stats.excluded,
+            deferred_orgs=stats.deferred_orgs,
             seconds=round(time.monotonic() - started, 3),
         )
     return stats

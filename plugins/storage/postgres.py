@@ -350,12 +350,13 @@ class PostgresStorage(Storage):
         limit: int,
         planner: RollupPlanner,
         org_id: str | None = None,
+        skip_orgs: Sequence[str] = (),
     ) -> tuple[int, list[NewRow]]:
         last_start = closed_before - bucket_seconds
         now = int(time.time())
 
         async def work(conn: Conn) -> tuple[int, list[NewRow]]:
-            dirty = await conn.fetch(Q["closed_dirty"], last_start, org_id, limit)
+            dirty = await conn.fetch(Q["closed_dirty"], last_start, org_id, limit, list(skip_orgs))
             if not dirty:
                 return 0, []
             orgs_col = [r[0] for r in dirty]
@@ -409,6 +410,10 @@ class PostgresStorage(Storage):
             return len(dirty), plan.rows
 
         return await self._tx("rollup", work, CHAIN_LOCK)
+
+    async def unplanned_orgs(self, closed_before: int, bucket_seconds: int) -> list[str]:
+        rows = await self._all(Q["unplanned_orgs"], closed_before - bucket_seconds)
+        return [r[0] for r in rows]
 
     async def _orgs(self, conn: Conn, org_ids: list[str]) -> dict[str, Org]:
         return orgs_with_plans(await conn.fetch(Q["batch_orgs"], org_ids))

@@ -46,8 +46,16 @@ ORDER BY org_id, meter, bucket_start;
 -- name: closed_dirty
 SELECT org_id, bucket_start, mark FROM dirty_buckets
 WHERE bucket_start <= $1 AND ($2::text IS NULL OR org_id = $2)
+  AND NOT (org_id = ANY($4::text[]))
 ORDER BY org_id, bucket_start
 LIMIT $3;
+
+-- name: unplanned_orgs
+SELECT DISTINCT d.org_id FROM dirty_buckets d
+WHERE d.bucket_start <= $1
+  AND NOT EXISTS (SELECT 1 FROM org_plans p
+                  WHERE p.org_id = d.org_id AND p.effective_from <= d.bucket_start)
+ORDER BY d.org_id;
 
 -- name: batch_totals
 SELECT t.org_id, t.meter, t.bucket_start, t.micros

@@ -275,6 +275,7 @@ class SQLiteStorage(Storage):
         limit: int,
         planner: RollupPlanner,
         org_id: str | None = None,
+        skip_orgs: Sequence[str] = (),
     ) -> tuple[int, list[NewRow]]:
         last_start = closed_before - bucket_seconds
         now = int(time.time())
@@ -283,7 +284,13 @@ class SQLiteStorage(Storage):
                 for name in ("create_batch", "create_batch_meters", "clear_batch"):
                     await conn.execute(Q[name])
                 cur = await conn.execute(
-                    Q["fill_batch"], {"last_start": last_start, "org": org_id, "limit": limit}
+                    Q["fill_batch"],
+                    {
+                        "last_start": last_start,
+                        "org": org_id,
+                        "limit": limit,
+                        "skip": _json.encode(list(skip_orgs)),
+                    },
                 )
                 buckets = cur.rowcount
                 await cur.close()
@@ -342,6 +349,10 @@ class SQLiteStorage(Storage):
         except sqlite3.Error as exc:
             raise StorageError(f"rollup failed: {exc}") from exc
         return buckets, plan.rows
+
+    async def unplanned_orgs(self, closed_before: int, bucket_seconds: int) -> list[str]:
+        rows = await self._all(Q["unplanned_orgs"], {"last_start": closed_before - bucket_seconds})
+        return [r[0] for r in rows]
 
     async def _orgs_in_batch(self, conn: aiosqlite.Connection) -> dict[str, Org]:
         async with conn.execute(Q["batch_orgs"]) as cur:

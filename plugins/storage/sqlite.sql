@@ -44,8 +44,16 @@ DELETE FROM temp.rollup_meters;
 INSERT INTO temp.rollup_batch (org_id, bucket_start)
 SELECT org_id, bucket_start FROM dirty_buckets
 WHERE bucket_start <= :last_start AND (:org IS NULL OR org_id = :org)
+  AND org_id NOT IN (SELECT value FROM json_each(:skip))
 ORDER BY org_id, bucket_start
 LIMIT :limit;
+
+-- name: unplanned_orgs
+SELECT DISTINCT d.org_id FROM dirty_buckets d
+WHERE d.bucket_start <= :last_start
+  AND NOT EXISTS (SELECT 1 FROM org_plans p
+                  WHERE p.org_id = d.org_id AND p.effective_from <= d.bucket_start)
+ORDER BY d.org_id;
 
 -- name: fill_batch_meters
 -- Every meter with stored values (one index seek per meter), so the joins below look up

@@ -330,3 +330,17 @@ async def test_concurrent_ingest_and_rollup_lose_no_event(store: Store, storage:
         assert sum(r.value_micros for r in mine) == total
         assert sorted(r.revision for r in mine) == list(range(1, len(mine) + 1))
     assert_chains_floor(rows)
+
+
+async def test_unplanned_orgs_and_orgs_skipped_by_a_rollup(storage: Storage) -> None:
+    await pro(storage, "a", since=B[1])  # no stored plan covers a's first bucket
+    await pro(storage, "b")
+    events = [event(f"{o}{i}", o, B[i] + 1, UNIT) for o in "abc" for i in range(2)]
+    await storage.insert_events(events, HOUR)
+    assert await storage.unplanned_orgs(B[1], HOUR) == ["a", "c"]  # closed: B[0] only
+    assert await storage.unplanned_orgs(B[2], HOUR) == ["a", "c"]
+    done, rows = await storage.rollup_step(B[2], HOUR, 100, plan, skip_orgs=["a", "c"])
+    assert done == 2 and {r.org_id for r in rows} == {"b"}
+    assert await storage.unplanned_orgs(B[2], HOUR) == ["a", "c"]  # still dirty
+    await roll(storage, B[2])
+    assert await storage.unplanned_orgs(B[2], HOUR) == []

@@ -74,6 +74,17 @@ def test_free_or_unknown_org_rows_are_excluded() -> None:
     assert plan.rows[0].reason == Reason.FREE_PLAN
 
 
+def test_the_legacy_plan_counts_only_where_no_plan_is_stored() -> None:
+    unplanned = {"o": Org("o", None, [PlanPeriod("free", 3600)], 0)}  # nothing stored at 0
+    plan = plan_revisions(batch({0: MICROS, 3600: MICROS}, orgs=unplanned), 3600, {"o": "pro"})
+    assert [(r.bucket_start, r.state) for r in plan.rows] == [
+        (0, RowState.PENDING),  # the legacy biller's answer
+        (3600, RowState.EXCLUDED),  # the stored plan wins
+    ]
+    plan = plan_revisions(batch({0: MICROS}, orgs={}), 3600, {"o": "pro"})
+    assert plan.rows[0].state is RowState.PENDING
+
+
 def test_identifier_is_deterministic_and_bounded() -> None:
     assert identifier("acme", "gbs", 3600, 1) == "acme:gbs:3600:1"
     long = identifier("o" * 120, "gbs", 3600, 1)
