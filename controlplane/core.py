@@ -254,7 +254,7 @@ class ControlPlane:
         async with self.storage.exclusive("rollup", wait=wait) as mine:
             if not mine:
                 return rollup.RollupStats(skipped="another process is rolling up")
-            legacy_plans, deferred = await self._legacy_plans(closed_before)
+            legacy_plans, deferred = await self._legacy_plans(closed_before, org_id)
             return await rollup.run(
                 self.storage,
                 bucket_seconds=self.config.rollup.bucket_seconds,
@@ -265,7 +265,9 @@ class ControlPlane:
                 deferred_orgs=deferred,
             )
 
-    async def _legacy_plans(self, closed_before: int) -> tuple[dict[str, str], list[str]]:
+    async def _legacy_plans(
+        self, closed_before: int, org_id: str | None
+    ) -> tuple[dict[str, str], list[str]]:
         """The legacy biller's plan for each org the rollup is about to bill without a stored
         plan (DESIGN §8: stored plan, then the legacy biller's answer, then `free`), and the
         orgs it could not answer for: their buckets wait for a later pass, never billed as
@@ -274,6 +276,8 @@ class ControlPlane:
         if legacy is None or LegacyCapability.PLAN not in legacy.capabilities():
             return {}, []
         orgs = await self.storage.unplanned_orgs(closed_before, self.config.rollup.bucket_seconds)
+        if org_id is not None:
+            orgs = [o for o in orgs if o == org_id]
         now = time.monotonic()
         fresh_for = self.config.rollup.legacy_plan_seconds
         plans: dict[str, str] = {}

@@ -388,11 +388,12 @@ async def rollback(
             continue
         since = row.first_attempt_at if attempted else row.sent_at
         if since is None or since <= cp.now() - window:
+            what = "first attempted" if attempted else "sent"
             kept.append(
                 _note(
                     row,
                     (unknown if attempted else "")
-                    + f"sent more than {window} s ago: the provider cannot cancel",
+                    + f"{what} more than {window} s ago: the provider cannot cancel",
                 )
             )
             continue
