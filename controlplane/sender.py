@@ -346,9 +346,9 @@ class Sender:
     async def _stamps(self, items: Sequence[SendItem]) -> dict[int, tuple[int, str]]:
         """Rows whose bucket lies in a billing period whose invoice is already finalized: the
         timestamp to send instead and the ledger detail that says so. The timestamp is the end
-        of the org's newest closed period, the first second of the current one: the same on
-        every attempt, so a retry repeats the parameters its idempotency key was first used
-        with."""
+        of the org's newest closed period, the first second of the current one. A retry
+        counts only the periods finalized by its first attempt, so it repeats the parameters
+        its idempotency key was first used with."""
         periods = await self.storage.closed_periods(sorted({i.row.org_id for i in items}))
         by_org: dict[str, list[ClosedPeriod]] = defaultdict(list)
         for period in periods:
@@ -356,7 +356,11 @@ class Sender:
         out: dict[int, tuple[int, str]] = {}
         for item in items:
             row = item.row
-            closed = by_org.get(row.org_id)
+            closed = [
+                p
+                for p in by_org.get(row.org_id, ())
+                if row.first_attempt_at is None or p.finalized_at <= row.first_attempt_at
+            ]
             if not closed:
                 continue
             for period in closed:

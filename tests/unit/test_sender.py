@@ -3,7 +3,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+from controlplane.core import ControlPlane
+from controlplane.interfaces import ClosedPeriod, Outcome, WebhookRecord
 from controlplane.sender import RateLimiter
+from flags import FlagChange
+from plugins.billing.fake import FakeBilling
+from tests.conftest import HOUR, T0, tick
 
 
 async def test_rate_limiter_never_exceeds_its_rate_in_any_one_second_window() -> None:
@@ -25,3 +30,32 @@ async def test_no_rate_means_no_waiting() -> None:
     for _ in range(1000):
         await limiter.wait()
     assert limiter.capacity == 0
+
+
+async def test_a_retry_keeps_the_timestamp_of_its_first_attempt(
+    cp: ControlPlane, clock: list[float], fake_billing: FakeBilling
+) -> None:
+    await cp.set_org("o1", customer="cus_1", plan="pro", actor="t", effective_from=0)
+    await cp.set_flags(
+        [
+            FlagChange("authority", "controlplane"),
+            FlagChange("bill_from", T0),
+            FlagChange("shadow", False),
+        ],
+        actor="t",
+        reason="go",
+    )
+    await cp.ingest([tick("e1", "o1", T0 + 5)], "http")
+    await cp.rollup()
+    fake_billing.fail_next(Outcome.AMBIGUOUS)  # it may have arrived, stamped T0
+    assert (await cp.send()).ambiguous == 1
+    # Then the invoice of the period holding T0 is finalized.
+    finalized = int(clock[0]) + 60
+    await cp.storage.record_webhook(
+        WebhookRecord("evt_1", "invoice.finalized", finalized, "closed"),
+        finalized,
+        closed=ClosedPeriod("in_1", "o1", T0 - HOUR, T0 + HOUR, finalized),
+    )
+    clock[0] += 120
+    assert (await cp.send()).sent == 1
+    assert [c.timestamp for c in fake_billing.calls] == [T0, T0]  # same parameters, same key
