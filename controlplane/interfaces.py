@@ -442,9 +442,16 @@ class Storage(abc.ABC):
         before `bill_from`."""
 
     @abc.abstractmethod
-    async def record_attempts(self, row_ids: Sequence[int], at: int) -> None:
+    async def record_attempts(
+        self, row_ids: Sequence[int], at: int, claim: Claim | None = None
+    ) -> dict[int, int]:
         """Count a delivery attempt for each row before it is made, so that an ambiguous
-        outcome (timeout, dropped connection, crash) is known afterwards."""
+        outcome (timeout, dropped connection, crash) is known afterwards. Returns the rows
+        counted, with their quantity now.
+
+        With `claim`, only rows its claimant still holds are counted, and the hold is renewed
+        until `claim.until`: after a hold lapsed, another sender may have taken a row, or
+        re-derived its quantity, and the caller must not send what it read before."""
 
     @abc.abstractmethod
     async def release_attempts(self, row_ids: Sequence[int]) -> None:

@@ -115,6 +115,7 @@ class Sender:
         self.claimant = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.limiter = RateLimiter(billing.rate_limit)
         self.observe = observe  # each call's outcome and duration (for metrics)
+        self._read = (0, 0.0)
 
     async def run(
         self,
@@ -169,6 +170,7 @@ class Sender:
         blocked: set[Lane] = set()  # lanes with a transient failure: they wait for next pass
         while True:
             at = int(now if now is not None else time.time())
+            self._read = (at, time.monotonic())  # the pass's clock at this read, for renewals
             claim = Claim(self.claimant, at, at + self.claim_seconds)
             items = await self.storage.sendable(
                 after_id, self.batch_size, org_id, until, claim=claim
@@ -278,7 +280,18 @@ class Sender:
         self, items: list[SendItem], stats: SendStats, at: int, blocked: set[Lane]
     ) -> None:
         stamps = await self._stamps(items)
-        await self.storage.record_attempts([i.row.id for i in items], at)
+        # Renew the hold on the rows (a pass can outlive it, e.g. backing off on 429s) and send
+        # only rows still held with the quantity read: once a hold lapsed, another sender may
+        # have taken a row, or re-derived its rounding chain.
+        read_at, read_clock = self._read
+        now = read_at + int(time.monotonic() - read_clock)
+        held = await self.storage.record_attempts(
+            [i.row.id for i in items], at, Claim(self.claimant, now, now + self.claim_seconds)
+        )
+        changed = [i.row.id for i in items if held.get(i.row.id, i.row.quantity) != i.row.quantity]
+        if changed:  # read again on the next pass
+            await self.storage.release_attempts(changed)
+        items = [i for i in items if held.get(i.row.id) == i.row.quantity]
         called: set[int] = set()
         lanes: dict[Lane, list[SendItem]] = defaultdict(list)
         for item in items:

@@ -480,11 +480,20 @@ class PostgresStorage(Storage):
         ((reached, excluded),) = await self._all(Q["seam"], bucket_start)
         return SeamRows(reached=int(reached), excluded_before_bill_from=int(excluded))
 
-    async def record_attempts(self, row_ids: Sequence[int], at: int) -> None:
-        async def work(conn: Conn) -> None:
-            await conn.execute(Q["record_attempts"], list(row_ids), at)
+    async def record_attempts(
+        self, row_ids: Sequence[int], at: int, claim: Claim | None = None
+    ) -> dict[int, int]:
+        async def work(conn: Conn) -> dict[int, int]:
+            rows = await conn.fetch(
+                Q["record_attempts"],
+                sorted(row_ids),
+                at,
+                claim.claimant if claim else None,
+                claim.until if claim else None,
+            )
+            return {r[0]: r[1] for r in rows}
 
-        await self._tx("record attempts", work)
+        return await self._tx("record attempts", work)
 
     async def release_attempts(self, row_ids: Sequence[int]) -> None:
         async def work(conn: Conn) -> None:

@@ -147,8 +147,10 @@ FROM ledger WHERE bucket_start >= $1;
 
 -- name: record_attempts
 UPDATE ledger SET attempts = attempts + 1, first_attempt_at = coalesce(first_attempt_at, $2),
-                  updated_at = $2
-WHERE id = ANY($1::bigint[]);
+                  updated_at = $2,
+                  claim_expires = CASE WHEN $3::text IS NULL THEN claim_expires ELSE $4 END
+WHERE id = ANY($1::bigint[]) AND ($3::text IS NULL OR claimed_by = $3)
+RETURNING id, quantity;
 
 -- name: release_attempts
 UPDATE ledger SET attempts = attempts - 1,

@@ -418,9 +418,18 @@ class SQLiteStorage(Storage):
         ((reached, excluded),) = await self._all(Q["seam"], (bucket_start,))
         return SeamRows(reached=int(reached), excluded_before_bill_from=int(excluded))
 
-    async def record_attempts(self, row_ids: Sequence[int], at: int) -> None:
+    async def record_attempts(
+        self, row_ids: Sequence[int], at: int, claim: Claim | None = None
+    ) -> dict[int, int]:
+        params = {
+            "ids": _json.encode(list(row_ids)),
+            "at": at,
+            "claimant": claim.claimant if claim else None,
+            "until": claim.until if claim else None,
+        }
         async with self._tx() as conn:
-            await conn.executemany(Q["record_attempt"], [(at, at, i) for i in row_ids])
+            async with conn.execute(Q["record_attempts"], params) as cur:
+                return {row_id: quantity for row_id, quantity in await cur.fetchall()}
 
     async def release_attempts(self, row_ids: Sequence[int]) -> None:
         async with self._tx() as conn:

@@ -150,10 +150,13 @@ SELECT coalesce(sum(state = 'sent' OR attempts > 0), 0),
        coalesce(sum(state = 'excluded' AND reason = 'before_bill_from'), 0)
 FROM ledger WHERE bucket_start >= ?;
 
--- name: record_attempt
-UPDATE ledger SET attempts = attempts + 1, first_attempt_at = coalesce(first_attempt_at, ?),
-                  updated_at = ?
-WHERE id = ?;
+-- name: record_attempts
+UPDATE ledger SET attempts = attempts + 1, first_attempt_at = coalesce(first_attempt_at, :at),
+                  updated_at = :at,
+                  claim_expires = CASE WHEN :claimant IS NULL THEN claim_expires ELSE :until END
+WHERE id IN (SELECT value FROM json_each(:ids))
+  AND (:claimant IS NULL OR claimed_by = :claimant)
+RETURNING id, quantity;
 
 -- name: release_attempt
 UPDATE ledger SET attempts = attempts - 1,

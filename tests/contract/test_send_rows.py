@@ -243,7 +243,7 @@ async def test_settle_moves_rows_clears_claims_and_audits_sends(
 async def test_attempts_are_recorded_and_taken_back(storage: Storage) -> None:
     await pro(storage, "a")
     r0, r1 = await lane_rows(storage, "a", UNIT, UNIT)
-    await storage.record_attempts([r0.id, r1.id], NOW)
+    assert await storage.record_attempts([r0.id, r1.id], NOW) == {r0.id: 1, r1.id: 1}
     await storage.record_attempts([r0.id], NOW + 50)
     rows = by_id(await storage.ledger())
     assert (rows[r0.id].attempts, rows[r0.id].first_attempt_at) == (2, NOW)
@@ -318,6 +318,19 @@ async def test_cancel_rows_moves_sent_rows_and_audits_each(storage: Storage) -> 
     assert await storage.cancel_rows(ids_, NOW + 20, "ops", "rolled_back") == 0
     assert len(await storage.audit_log(action_prefix="ledger.cancelled")) == 2
     assert ids(await storage.sendable(0, 100, claim=claim("s"))) == [r2.id]
+
+
+async def test_attempts_under_a_claim_renew_it_and_skip_rows_taken_over(storage: Storage) -> None:
+    await pro(storage, "a")
+    r0, r1 = await lane_rows(storage, "a", UNIT, 2 * UNIT)
+    assert len(await storage.sendable(0, 100, claim=claim("A", at=NOW, seconds=300))) == 2
+    renewed = claim("A", at=NOW + 200, seconds=300)
+    assert await storage.record_attempts([r0.id, r1.id], NOW, renewed) == {r0.id: 1, r1.id: 2}
+    assert await storage.live_claims(NOW + 450) == 2  # held until NOW + 500 now
+    # A's hold lapses; B takes the lane; A must not count (or send) those rows any more.
+    assert len(await storage.sendable(0, 100, claim=claim("B", at=NOW + 600))) == 2
+    assert await storage.record_attempts([r0.id, r1.id], NOW + 600, claim("A", NOW + 600)) == {}
+    assert [r.attempts for r in await storage.ledger()] == [1, 1]
 
 
 async def test_cancel_rows_also_moves_rows_attempted_without_an_answer(storage: Storage) -> None:
