@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("core")
 T = TypeVar("T")
+LEGACY_PLAN_LOOKUPS = 8  # legacy plan questions in flight at once
 
 
 def _plugin(kind: str, section: PluginConfig) -> Any:
@@ -280,22 +281,24 @@ class ControlPlane:
             orgs = [o for o in orgs if o == org_id]
         now = time.monotonic()
         fresh_for = self.config.rollup.legacy_plan_seconds
-        plans: dict[str, str] = {}
+        cache = self._legacy_plan_cache
+        stale = [o for o in orgs if o not in cache or now - cache[o][1] >= fresh_for]
+        slots = asyncio.Semaphore(LEGACY_PLAN_LOOKUPS)
         deferred: list[str] = []
-        for org in orgs:
-            cached = self._legacy_plan_cache.get(org)
-            if cached is None or now - cached[1] >= fresh_for:
+
+        async def ask(org: str) -> None:
+            async with slots:
                 try:
-                    cached = (await legacy.plan(org), now)
+                    cache[org] = (await legacy.plan(org), now)
                 except LegacyError as exc:
-                    if cached is None:
+                    if org in cache:  # an older answer still stands
+                        log.warning("rollup.plan_stale", org=org, error=str(exc))
+                    else:
                         deferred.append(org)
                         log.warning("rollup.plan_unknown", org=org, error=str(exc))
-                        continue
-                    log.warning("rollup.plan_stale", org=org, error=str(exc))
-                self._legacy_plan_cache[org] = cached
-            if cached[0]:
-                plans[org] = cached[0]
+
+        await asyncio.gather(*(ask(org) for org in stale))
+        plans = {org: plan for org in orgs if org not in deferred and (plan := cache[org][0])}
         return plans, deferred
 
     def sender(self) -> Sender:

@@ -427,9 +427,8 @@ class SQLiteStorage(Storage):
             "claimant": claim.claimant if claim else None,
             "until": claim.until if claim else None,
         }
-        async with self._tx() as conn:
-            async with conn.execute(Q["record_attempts"], params) as cur:
-                return {row_id: quantity for row_id, quantity in await cur.fetchall()}
+        async with self._tx() as conn, conn.execute(Q["record_attempts"], params) as cur:
+            return {row_id: quantity for row_id, quantity in await cur.fetchall()}
 
     async def release_attempts(self, row_ids: Sequence[int]) -> None:
         async with self._tx() as conn:

@@ -88,3 +88,19 @@ async def test_when_the_legacy_biller_cannot_answer_the_org_waits(
         stats = await cp.rollup()
         assert stats.deferred_orgs == 0
         assert states(await cp.storage.ledger())["known"] == (RowState.PENDING, None)
+
+
+async def test_an_older_answer_stands_while_the_legacy_biller_is_down(
+    make_config: Callable[..., Config], clock: list[float]
+) -> None:
+    legacy = PlanLegacy({"known": "pro"})
+    config = make_config(parity={"meter": "gbs"}, rollup={"legacy_plan_seconds": 0})
+    async with ControlPlane(config, legacy=legacy, clock=lambda: clock[0]) as cp:
+        await cp.ingest([tick("a", "known", T0 + 5)], "http")
+        await cp.rollup()
+        legacy.down = True  # asked again (the answer is 0 s old at most), and fails
+        await cp.ingest([tick("b", "known", T0 + HOUR + 5)], "http")
+        clock[0] += HOUR
+        stats = await cp.rollup()
+        assert (stats.deferred_orgs, stats.pending) == (0, 1)
+        assert legacy.asked == ["known", "known"]
