@@ -32,7 +32,7 @@ import socket
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import msgspec
 import structlog
@@ -177,7 +177,7 @@ class Sender:
             )
             if not items:
                 break
-            decided, deliver = self._triage(items, bill_from, at)
+            decided, deliver = self._triage(items, bill_from, at, await self._stamps(items))
             exclusions = [s for s in decided if s.state is RowState.EXCLUDED]
             if exclusions:
                 # An exclusion re-derives the quantities left in its rounding chain: settle
@@ -190,17 +190,24 @@ class Sender:
                 return
 
     def _triage(
-        self, items: Sequence[SendItem], bill_from: int, now: int
+        self,
+        items: Sequence[SendItem],
+        bill_from: int,
+        now: int,
+        stamps: Mapping[int, tuple[int, str]],
     ) -> tuple[list[Settlement], list[SendItem]]:
         decided: list[Settlement] = []
         deliver: list[SendItem] = []
         max_age = self.billing.max_event_age_seconds
         for item in items:
             row = item.row
+            # A correction for a finalized period goes out stamped into the current one: its
+            # age is that timestamp's, not its bucket's.
+            timestamp = stamps[row.id][0] if row.id in stamps else row.bucket_start
             unbillable: tuple[Reason, str | None] | None = None
             if row.bucket_start < bill_from:
                 unbillable = (Reason.BEFORE_BILL_FROM, None)
-            elif max_age is not None and row.bucket_start < now - max_age + CLOCK_SKEW_MARGIN:
+            elif max_age is not None and timestamp < now - max_age + CLOCK_SKEW_MARGIN:
                 days = max_age // 86400
                 unbillable = (Reason.TOO_OLD, f"older than the provider accepts ({days} days)")
             if unbillable and row.attempts:

@@ -59,3 +59,38 @@ async def test_a_retry_keeps_the_timestamp_of_its_first_attempt(
     clock[0] += 120
     assert (await cp.send()).sent == 1
     assert [c.timestamp for c in fake_billing.calls] == [T0, T0]  # same parameters, same key
+
+
+async def test_a_late_correction_for_a_finalized_period_goes_out_even_past_the_window(
+    cp: ControlPlane, clock: list[float], fake_billing: FakeBilling
+) -> None:
+    await cp.set_org("o1", customer="cus_1", plan="pro", actor="t", effective_from=0)
+    await cp.set_flags(
+        [
+            FlagChange("authority", "controlplane"),
+            FlagChange("bill_from", T0),
+            FlagChange("shadow", False),
+        ],
+        actor="t",
+        reason="go",
+    )
+    await cp.ingest([tick("e1", "o1", T0 + 5)], "http")
+    await cp.rollup()
+    assert (await cp.send()).sent == 1
+    period_end = T0 + 30 * 86400  # the invoice holding T0 was finalized then
+    await cp.storage.record_webhook(
+        WebhookRecord("evt_1", "invoice.finalized", period_end, "closed"),
+        period_end,
+        closed=ClosedPeriod("in_1", "o1", T0 - HOUR, period_end, period_end + 60),
+    )
+    clock[0] = T0 + 40 * 86400  # T0 is now older than the provider accepts
+    await cp.ingest([tick("late", "o1", T0 + 10)], "http")
+    await cp.rollup()
+    assert (await cp.send()).sent == 1
+    first, correction = fake_billing.calls
+    assert (first.timestamp, correction.timestamp) == (T0, period_end)
+    # Without a finalized period to stamp it into, an old bucket stays unbillable.
+    await cp.ingest([tick("later", "o2", T0 + 3 * HOUR)], "http")
+    await cp.set_org("o2", customer="cus_2", plan="pro", actor="t", effective_from=0)
+    await cp.rollup()
+    assert (await cp.send()).excluded == 1
