@@ -46,13 +46,18 @@ def check_url(url: str, setting: str) -> None:
     """Refuse a URL (a DSN) that does not parse, without repeating it: it may hold a password.
 
     Drivers parse it too, but their errors quote the piece they could not read, which for a
-    password holding '/' or '#' is part of the password."""
+    password holding '/' or '#' is part of the password. Several hosts (`h1:5432,h2:5433`),
+    IPv6 hosts and sockets given as a query parameter are valid."""
     try:
         parts = urlsplit(url)
-        _ = parts.port  # raises when what follows the last ':' of the host part is no number
     except ValueError:
         raise ConfigError(f"{setting}: not a valid URL; {_URL_HINT}") from None
     if parts.fragment:
         raise ConfigError(f"{setting}: a '#' ends the URL early; {_URL_HINT}")
     if "@" in parts.path:  # a '/' in the password ended the host part early
         raise ConfigError(f"{setting}: an '@' after the host part; {_URL_HINT}")
+    for host in parts.netloc.rpartition("@")[2].split(","):
+        after_host = host.rpartition("]")[2] if host.startswith("[") else host
+        port = after_host.partition(":")[2]
+        if port and not port.isdigit():  # no port after ':': part of a password
+            raise ConfigError(f"{setting}: not a valid URL; {_URL_HINT}")

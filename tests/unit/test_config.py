@@ -10,7 +10,7 @@ import pytest
 from controlplane import config as config_mod
 from controlplane.config import Config
 from controlplane.errors import ConfigError
-from controlplane.secrets import EnvSecret, reveal
+from controlplane.secrets import EnvSecret, check_url, reveal
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "config.example.toml"
@@ -144,6 +144,39 @@ def test_secret_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError) as err:
         reveal(EnvSecret(env="CP_TEST_SECRET"), "billing.api_key")
     assert str(err.value) == "billing.api_key: environment variable CP_TEST_SECRET is not set"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:p@127.0.0.1:5432/db",
+        "postgresql:///db?host=/var/run/postgresql",
+        "postgresql://u:p@[::1]:5432/db",
+        "postgresql://u:p@host1:5432,host2:5433/db",
+        "postgresql://u:p%2Fx%23y@h/db",
+        "redis://:pw@h:6379/0",
+        "rediss://h",
+        "unix:///run/redis.sock",
+    ],
+)
+def test_urls_users_write_are_accepted(url: str) -> None:
+    check_url(url, "storage.dsn")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://alice:Sup3rS3cret/x@127.0.0.1:5432/db",
+        "postgresql://alice:Xq9#Zr7@127.0.0.1/db",
+        "postgresql://alice:1234/5678@127.0.0.1:5432/db",
+        "redis://carol:RedX9pw/abc@127.0.0.1:6379/0",
+    ],
+)
+def test_a_url_that_does_not_parse_is_refused_without_quoting_it(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"^storage.dsn: .*percent-encode") as err:
+        check_url(url, "storage.dsn")
+    for piece in ("Sup3rS3cret", "Xq9", "Zr7", "1234", "5678", "RedX9pw", "alice", "carol"):
+        assert piece not in str(err.value)
 
 
 def test_token_hash_may_come_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
