@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -65,7 +67,17 @@ def serve(args: argparse.Namespace, config: Config) -> int:
                 f"control plane listening on http://{host}:{port} (config {config.source})",
                 file=sys.stderr,
             )
-            await server.serve()
+            # uvicorn stops on SIGTERM, then raises it again once its handler is gone: with
+            # the default handler that would end the process before the plane closes.
+            # (Signals reach the main thread only; embedded in another thread, nothing to do.)
+            if threading.current_thread() is not threading.main_thread():
+                await server.serve()
+                return
+            previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+            try:
+                await server.serve()
+            finally:
+                signal.signal(signal.SIGTERM, previous)
 
     asyncio.run(run())
     return 0

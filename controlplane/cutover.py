@@ -433,13 +433,15 @@ async def _rows(
 
 async def _rows_at_provider(cp: ControlPlane) -> AsyncIterator[LedgerRow]:
     """Every row the provider may have: sent, or attempted without a definite answer (still
-    pending, or held as ambiguous)."""
+    pending, or held as `ambiguous`; not rows the provider refused)."""
     for state, attempted in (
         (RowState.SENT, None),
         (RowState.PENDING, True),
         (RowState.HELD, True),
     ):
         async for row in _rows(cp, state, attempted):
+            if row.state is RowState.HELD and row.reason != Reason.AMBIGUOUS:
+                continue  # the provider answered no (or the row waits for a customer)
             yield row
 
 

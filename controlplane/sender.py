@@ -160,9 +160,12 @@ class Sender:
         recheck: Callable[[], Awaitable[Snapshot]] | None,
     ) -> None:
         async def still_sending() -> bool:
-            if recheck is None or (await recheck()).sending:
+            if recheck is None:
                 return True
-            stats.skipped = "sending was switched off during the pass"
+            flags = await recheck()
+            if flags.sending and flags.bill_from == bill_from:
+                return True
+            stats.skipped = "the flags changed during the pass (sending off, or another T)"
             log.info("sender.stopped", reason=stats.skipped)
             return False
 

@@ -155,7 +155,7 @@ RETURNING id, quantity;
 -- name: release_attempts
 UPDATE ledger SET attempts = attempts - 1,
                   first_attempt_at = CASE WHEN attempts = 1 THEN NULL ELSE first_attempt_at END
-WHERE id = ANY($1::bigint[]) AND attempts > 0 AND state = 'pending';
+WHERE id = ANY($1::bigint[]) AND attempts > 0 AND state IN ('pending', 'held');
 
 -- name: settleable
 SELECT id FROM ledger

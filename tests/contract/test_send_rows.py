@@ -333,6 +333,19 @@ async def test_attempts_under_a_claim_renew_it_and_skip_rows_taken_over(storage:
     assert [r.attempts for r in await storage.ledger()] == [1, 1]
 
 
+async def test_attempts_on_a_held_row_are_taken_back_too(storage: Storage) -> None:
+    """A row held for `no_customer` is delivered once the org has one, still `held`: an
+    attempt recorded for a call that was not made must not stay."""
+    await pro(storage, "a", customer=False)
+    (r0,) = await lane_rows(storage, "a", UNIT)
+    await storage.sendable(0, 100, claim=claim("s"))
+    await storage.settle([settlement(r0, RowState.HELD, Reason.NO_CUSTOMER)], NOW, "s", "s")
+    await storage.record_attempts([r0.id], NOW)
+    await storage.release_attempts([r0.id])
+    (row,) = await storage.ledger()
+    assert (row.state, row.attempts, row.first_attempt_at) == (RowState.HELD, 0, None)
+
+
 async def test_cancel_rows_also_moves_rows_attempted_without_an_answer(storage: Storage) -> None:
     await pro(storage, "a")
     r0, r1 = await lane_rows(storage, "a", UNIT, UNIT)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sqlite3
 from decimal import Decimal
 from pathlib import Path
@@ -86,3 +87,23 @@ async def test_acknowledged_events_survive_sigkill(tmp_path: Path) -> None:
         server.stop()
     # each event is worth exactly 512 * 20 / 1024 = 10 GB-seconds, and each is counted once
     assert sum(Decimal(r["value"]) for r in usage) == 10 * len(stored)
+
+
+def test_sigterm_closes_the_control_plane_before_the_process_exits(tmp_path: Path) -> None:
+    """SIGTERM (systemd, Kubernetes) stops the server gracefully: storage is closed (SQLite
+    checkpoints and removes its write-ahead log) and the exit status is 0."""
+    db = tmp_path / "cp.db"
+    config = tmp_path / "cp.toml"
+    config.write_text(config_text(db))
+    server = Server(config, tmp_path / "server.log", "--no-scheduler")
+    server.start()
+    try:
+        answer = httpx.post(f"{server.url}/v1/events", json=batch(1), headers=bearer(TOKEN))
+        assert answer.json()["accepted"] == 200
+        assert Path(f"{db}-wal").exists()
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(20) == 0, server.output()
+    finally:
+        server.stop()
+    assert not Path(f"{db}-wal").exists(), server.output()

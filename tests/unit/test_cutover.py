@@ -365,6 +365,18 @@ async def test_rollback_lists_an_attempted_row_the_provider_does_not_know(
     assert (kept.note or "").startswith("attempted without a definite answer")
 
 
+async def test_rollback_leaves_out_rows_the_provider_refused(
+    ready: ControlPlane, fake_billing: FakeBilling
+) -> None:
+    await ready.ingest([tick("a", "o1", T + 5)], "http")
+    await ready.rollup(until=T + HOUR)
+    await cutover.execute(ready, T, actor="ops", reason="go")
+    fake_billing.fail_next(Outcome.REJECTED)  # a definite no: nothing was billed
+    assert (await ready.send()).held == 1
+    result = await cutover.rollback(ready, actor="ops", reason="bad", cancel_sent=True)
+    assert result.cancelled == [] and result.not_cancelled == []  # no credit note for it
+
+
 async def test_rollback_waits_for_a_running_send_pass_and_lists_what_it_sent(
     ready: ControlPlane, clock: list[float], fake_billing: FakeBilling
 ) -> None:
@@ -392,7 +404,9 @@ async def test_rollback_waits_for_a_running_send_pass_and_lists_what_it_sent(
     answer.set()
     stats, result = await sending, await rolling
     # The pass finished its group and stopped before the next one.
-    assert stats.sent == 32 and stats.skipped == "sending was switched off during the pass"
+    assert stats.sent == 32 and stats.skipped == (
+        "the flags changed during the pass (sending off, or another T)"
+    )
     assert sorted(r.identifier for r in result.cancelled) == sorted(fake_billing.events)
     assert len(fake_billing.events) == 32 and result.senders_still_running is None
     assert len(await ready.storage.ledger(state=RowState.PENDING)) == 8
