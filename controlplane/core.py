@@ -43,6 +43,7 @@ from controlplane.parity import (
     window_problems,
 )
 from controlplane.parity_checker import CheckerStats
+from controlplane.rollup import LegacyPlans
 from controlplane.sender import Sender, SendStats
 from flags import FlagChange, Snapshot, resolve, set_flags
 from flags.resolve import static_layers
@@ -255,27 +256,24 @@ class ControlPlane:
         async with self.storage.exclusive("rollup", wait=wait) as mine:
             if not mine:
                 return rollup.RollupStats(skipped="another process is rolling up")
-            legacy_plans, deferred = await self._legacy_plans(closed_before, org_id)
+            legacy = await self._legacy_plans(closed_before, org_id)
             return await rollup.run(
                 self.storage,
                 bucket_seconds=self.config.rollup.bucket_seconds,
                 closed_before=closed_before,
                 batch_buckets=self.config.rollup.batch_buckets,
                 org_id=org_id,
-                legacy_plans=legacy_plans,
-                deferred_orgs=deferred,
+                legacy=legacy,
             )
 
-    async def _legacy_plans(
-        self, closed_before: int, org_id: str | None
-    ) -> tuple[dict[str, str], list[str]]:
+    async def _legacy_plans(self, closed_before: int, org_id: str | None) -> LegacyPlans | None:
         """The legacy biller's plan for each org the rollup is about to bill without a stored
         plan (DESIGN §8: stored plan, then the legacy biller's answer, then `free`), and the
         orgs it could not answer for: their buckets wait for a later pass, never billed as
         `free` by guess. Answers are reused for `[rollup] legacy_plan_seconds`."""
         legacy = self.legacy
         if legacy is None or LegacyCapability.PLAN not in legacy.capabilities():
-            return {}, []
+            return None
         orgs = await self.storage.unplanned_orgs(closed_before, self.config.rollup.bucket_seconds)
         if org_id is not None:
             orgs = [o for o in orgs if o == org_id]
@@ -298,8 +296,9 @@ class ControlPlane:
                         log.warning("rollup.plan_unknown", org=org, error=str(exc))
 
         await asyncio.gather(*(ask(org) for org in stale))
-        plans = {org: plan for org in orgs if org not in deferred and (plan := cache[org][0])}
-        return plans, deferred
+        answered = [org for org in orgs if org in cache]
+        plans = {org: plan for org in answered if (plan := cache[org][0])}
+        return LegacyPlans(plans=plans, answered=answered, deferred=deferred)
 
     def sender(self) -> Sender:
         if self.billing is None:

@@ -385,12 +385,14 @@ class Storage(abc.ABC):
         limit: int,
         planner: RollupPlanner,
         org_id: str | None = None,
-        skip_orgs: Sequence[str] = (),
+        unplanned_allowed: Sequence[str] | None = None,
     ) -> tuple[int, list[NewRow]]:
         """Take up to `limit` dirty buckets ending at or before `closed_before` (and of
-        `org_id` when given; none of `skip_orgs`), let `planner` decide the revisions, write
-        them and clear those dirty marks in one transaction. Returns (buckets done, rows
-        written)."""
+        `org_id` when given), let `planner` decide the revisions, write them and clear those
+        dirty marks in one transaction. Returns (buckets done, rows written).
+
+        With `unplanned_allowed`, a bucket whose start no stored plan covers is taken only if
+        its org is listed (the legacy biller answered for it); the others stay dirty."""
 
     @abc.abstractmethod
     async def unplanned_orgs(self, closed_before: int, bucket_seconds: int) -> list[str]:

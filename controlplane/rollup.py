@@ -13,7 +13,7 @@ written so far sum to floor(exact usage so far); the remainder is carried, never
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import msgspec
 import structlog
@@ -34,6 +34,14 @@ class RollupStats(msgspec.Struct):
     pending: int = 0
     excluded: int = 0
     deferred_orgs: int = 0  # no stored plan, and the legacy biller could not answer
+
+
+class LegacyPlans(msgspec.Struct, frozen=True):
+    """The legacy biller's answers, for one rollup pass, about orgs with no stored plan."""
+
+    plans: dict[str, str]  # org -> its plan there (an org it does not know is absent: free)
+    answered: list[str]  # every org it answered for, known or not
+    deferred: list[str]  # orgs it could not answer for: their buckets wait for a later pass
 
 
 def plan_revisions(
@@ -115,20 +123,25 @@ async def run(
     closed_before: int,
     batch_buckets: int = 5000,
     org_id: str | None = None,
-    legacy_plans: Mapping[str, str] | None = None,
-    deferred_orgs: Sequence[str] = (),
+    legacy: LegacyPlans | None = None,
 ) -> RollupStats:
-    """Roll up every dirty bucket that ends at or before `closed_before`, except those of
-    `deferred_orgs` (orgs whose plan is not known yet: their buckets stay dirty)."""
-    stats = RollupStats(deferred_orgs=len(deferred_orgs))
+    """Roll up every dirty bucket that ends at or before `closed_before`. With `legacy`, a
+    bucket no stored plan covers waits unless the legacy biller answered for its org (also
+    an org whose events arrived after it was asked: it is asked on the next pass)."""
+    stats = RollupStats(deferred_orgs=len(legacy.deferred) if legacy else 0)
     started = time.monotonic()
 
     def planner(batch: RollupBatch) -> RollupPlan:
-        return plan_revisions(batch, bucket_seconds, legacy_plans)
+        return plan_revisions(batch, bucket_seconds, legacy.plans if legacy else None)
 
     while True:
         buckets, rows = await storage.rollup_step(
-            closed_before, bucket_seconds, batch_buckets, planner, org_id, deferred_orgs
+            closed_before,
+            bucket_seconds,
+            batch_buckets,
+            planner,
+            org_id,
+            unplanned_allowed=legacy.answered if legacy else None,
         )
         if buckets == 0:
             break

@@ -350,13 +350,14 @@ class PostgresStorage(Storage):
         limit: int,
         planner: RollupPlanner,
         org_id: str | None = None,
-        skip_orgs: Sequence[str] = (),
+        unplanned_allowed: Sequence[str] | None = None,
     ) -> tuple[int, list[NewRow]]:
         last_start = closed_before - bucket_seconds
         now = int(time.time())
 
         async def work(conn: Conn) -> tuple[int, list[NewRow]]:
-            dirty = await conn.fetch(Q["closed_dirty"], last_start, org_id, limit, list(skip_orgs))
+            allowed = None if unplanned_allowed is None else list(unplanned_allowed)
+            dirty = await conn.fetch(Q["closed_dirty"], last_start, org_id, limit, allowed)
             if not dirty:
                 return 0, []
             orgs_col = [r[0] for r in dirty]

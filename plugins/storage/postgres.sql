@@ -46,7 +46,11 @@ ORDER BY org_id, meter, bucket_start;
 -- name: closed_dirty
 SELECT org_id, bucket_start, mark FROM dirty_buckets
 WHERE bucket_start <= $1 AND ($2::text IS NULL OR org_id = $2)
-  AND NOT (org_id = ANY($4::text[]))
+  AND ($4::text[] IS NULL
+       OR EXISTS (SELECT 1 FROM org_plans p
+                  WHERE p.org_id = dirty_buckets.org_id
+                    AND p.effective_from <= dirty_buckets.bucket_start)
+       OR org_id = ANY($4::text[]))
 ORDER BY org_id, bucket_start
 LIMIT $3;
 

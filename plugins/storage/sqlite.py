@@ -275,7 +275,7 @@ class SQLiteStorage(Storage):
         limit: int,
         planner: RollupPlanner,
         org_id: str | None = None,
-        skip_orgs: Sequence[str] = (),
+        unplanned_allowed: Sequence[str] | None = None,
     ) -> tuple[int, list[NewRow]]:
         last_start = closed_before - bucket_seconds
         now = int(time.time())
@@ -289,7 +289,9 @@ class SQLiteStorage(Storage):
                         "last_start": last_start,
                         "org": org_id,
                         "limit": limit,
-                        "skip": _json.encode(list(skip_orgs)),
+                        "allowed": None
+                        if unplanned_allowed is None
+                        else _json.encode(list(unplanned_allowed)),
                     },
                 )
                 buckets = cur.rowcount

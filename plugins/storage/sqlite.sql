@@ -44,7 +44,11 @@ DELETE FROM temp.rollup_meters;
 INSERT INTO temp.rollup_batch (org_id, bucket_start)
 SELECT org_id, bucket_start FROM dirty_buckets
 WHERE bucket_start <= :last_start AND (:org IS NULL OR org_id = :org)
-  AND org_id NOT IN (SELECT value FROM json_each(:skip))
+  AND (:allowed IS NULL
+       OR EXISTS (SELECT 1 FROM org_plans p
+                  WHERE p.org_id = dirty_buckets.org_id
+                    AND p.effective_from <= dirty_buckets.bucket_start)
+       OR org_id IN (SELECT value FROM json_each(:allowed)))
 ORDER BY org_id, bucket_start
 LIMIT :limit;
 

@@ -332,15 +332,25 @@ async def test_concurrent_ingest_and_rollup_lose_no_event(store: Store, storage:
     assert_chains_floor(rows)
 
 
-async def test_unplanned_orgs_and_orgs_skipped_by_a_rollup(storage: Storage) -> None:
+async def test_unplanned_orgs_and_a_rollup_that_takes_only_answered_ones(
+    storage: Storage,
+) -> None:
     await pro(storage, "a", since=B[1])  # no stored plan covers a's first bucket
     await pro(storage, "b")
     events = [event(f"{o}{i}", o, B[i] + 1, UNIT) for o in "abc" for i in range(2)]
     await storage.insert_events(events, HOUR)
     assert await storage.unplanned_orgs(B[1], HOUR) == ["a", "c"]  # closed: B[0] only
     assert await storage.unplanned_orgs(B[2], HOUR) == ["a", "c"]
-    done, rows = await storage.rollup_step(B[2], HOUR, 100, plan, skip_orgs=["a", "c"])
-    assert done == 2 and {r.org_id for r in rows} == {"b"}
-    assert await storage.unplanned_orgs(B[2], HOUR) == ["a", "c"]  # still dirty
+    # Only "c" was answered for: a's first bucket waits, a's second (planned) does not.
+    done, rows = await storage.rollup_step(B[2], HOUR, 100, plan, unplanned_allowed=["c"])
+    assert done == 5
+    assert sorted((r.org_id, r.bucket_start) for r in rows) == [
+        ("a", B[1]),
+        ("b", B[0]),
+        ("b", B[1]),
+        ("c", B[0]),
+        ("c", B[1]),
+    ]
+    assert await storage.unplanned_orgs(B[2], HOUR) == ["a"]  # still dirty
     await roll(storage, B[2])
     assert await storage.unplanned_orgs(B[2], HOUR) == []

@@ -104,3 +104,25 @@ async def test_an_older_answer_stands_while_the_legacy_biller_is_down(
         stats = await cp.rollup()
         assert (stats.deferred_orgs, stats.pending) == (0, 1)
         assert legacy.asked == ["known", "known"]
+
+
+async def test_an_org_whose_events_arrive_during_the_pass_waits_to_be_asked(
+    make_config: Callable[..., Config], clock: list[float]
+) -> None:
+    legacy = PlanLegacy({"known": "pro", "newcomer": "pro"})
+    config = make_config(parity={"meter": "gbs"})
+    async with ControlPlane(config, legacy=legacy, clock=lambda: clock[0]) as cp:
+        await cp.ingest([tick("a", "known", T0 + 5)], "http")
+        ask = legacy.plan
+
+        async def plan_while_a_backfill_lands(org_id: str) -> str | None:
+            # a late event of an org nobody asked about yet, committed mid-pass
+            await cp.ingest([tick("late", "newcomer", T0 + 7)], "http")
+            return await ask(org_id)
+
+        legacy.plan = plan_while_a_backfill_lands  # type: ignore[method-assign]
+        await cp.rollup()
+        assert states(await cp.storage.ledger()) == {"known": (RowState.PENDING, None)}
+        legacy.plan = ask  # type: ignore[method-assign]
+        await cp.rollup()  # now asked about, and billed by its plan there: never free by guess
+        assert states(await cp.storage.ledger())["newcomer"] == (RowState.PENDING, None)
