@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,20 +68,26 @@ def serve(args: argparse.Namespace, config: Config) -> int:
                 f"control plane listening on http://{host}:{port} (config {config.source})",
                 file=sys.stderr,
             )
-            # uvicorn stops on SIGTERM, then raises it again once its handler is gone: with
-            # the default handler that would end the process before the plane closes.
-            # (Signals reach the main thread only; embedded in another thread, nothing to do.)
-            if threading.current_thread() is not threading.main_thread():
+            with _sigterm_after_uvicorn_ignored():
                 await server.serve()
-                return
-            previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
-            try:
-                await server.serve()
-            finally:
-                signal.signal(signal.SIGTERM, previous)
 
     asyncio.run(run())
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_after_uvicorn_ignored() -> Iterator[None]:
+    """uvicorn stops on SIGTERM, then raises it again once its own handler is gone: with the
+    default handler that would end the process before the control plane closes. Signals
+    reach the main thread only; elsewhere there is nothing to do."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 async def migrate(args: argparse.Namespace, config: Config) -> int:
