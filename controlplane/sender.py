@@ -32,7 +32,7 @@ import socket
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import msgspec
 import structlog
@@ -115,7 +115,6 @@ class Sender:
         self.claimant = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.limiter = RateLimiter(billing.rate_limit)
         self.observe = observe  # each call's outcome and duration (for metrics)
-        self._read = (0, 0.0)
 
     async def run(
         self,
@@ -173,14 +172,15 @@ class Sender:
         blocked: set[Lane] = set()  # lanes with a transient failure: they wait for next pass
         while True:
             at = int(now if now is not None else time.time())
-            self._read = (at, time.monotonic())  # the pass's clock at this read, for renewals
+            read_clock = time.monotonic()
             claim = Claim(self.claimant, at, at + self.claim_seconds)
             items = await self.storage.sendable(
                 after_id, self.batch_size, org_id, until, claim=claim
             )
             if not items:
                 break
-            decided, deliver = self._triage(items, bill_from, at, await self._stamps(items))
+            batch = _Batch(at, read_clock, await self._stamps(items))
+            decided, deliver = self._triage(items, bill_from, batch)
             exclusions = [s for s in decided if s.state is RowState.EXCLUDED]
             if exclusions:
                 # An exclusion re-derives the quantities left in its rounding chain: settle
@@ -189,16 +189,16 @@ class Sender:
                 continue
             await self._settle(decided, stats, at)
             after_id = items[-1].row.id
-            if deliver and not await self._deliver(deliver, stats, at, blocked, still_sending):
+            if deliver and not await self._deliver(deliver, stats, batch, blocked, still_sending):
                 return
 
     def _triage(
         self,
         items: Sequence[SendItem],
         bill_from: int,
-        now: int,
-        stamps: Mapping[int, tuple[int, str]],
+        batch: _Batch,
     ) -> tuple[list[Settlement], list[SendItem]]:
+        now, stamps = batch.at, batch.stamps
         decided: list[Settlement] = []
         deliver: list[SendItem] = []
         max_age = self.billing.max_event_age_seconds
@@ -266,7 +266,7 @@ class Sender:
         self,
         items: list[SendItem],
         stats: SendStats,
-        at: int,
+        batch: _Batch,
         blocked: set[Lane],
         still_sending: Callable[[], Awaitable[bool]],
     ) -> bool:
@@ -283,18 +283,17 @@ class Sender:
                 continue
             if not await still_sending():
                 return False
-            await self._deliver_group(chunk, stats, at, blocked)
+            await self._deliver_group(chunk, stats, batch, blocked)
         return True
 
     async def _deliver_group(
-        self, items: list[SendItem], stats: SendStats, at: int, blocked: set[Lane]
+        self, items: list[SendItem], stats: SendStats, batch: _Batch, blocked: set[Lane]
     ) -> None:
-        stamps = await self._stamps(items)
+        at, stamps = batch.at, batch.stamps
         # Renew the hold on the rows (a pass can outlive it, e.g. backing off on 429s) and send
         # only rows still held with the quantity read: once a hold lapsed, another sender may
         # have taken a row, or re-derived its rounding chain.
-        read_at, read_clock = self._read
-        now = read_at + int(time.monotonic() - read_clock)
+        now = batch.now()
         held = await self.storage.record_attempts(
             [i.row.id for i in items], at, Claim(self.claimant, now, now + self.claim_seconds)
         )
@@ -396,6 +395,19 @@ class Sender:
                     )
                     break
         return out
+
+
+class _Batch(msgspec.Struct, frozen=True):
+    """One read of sendable rows: the pass's clock then, and the rows to stamp into the
+    current period (computed once per read, for triage and for the calls)."""
+
+    at: int
+    read_clock: float  # time.monotonic() at the read
+    stamps: dict[int, tuple[int, str]]
+
+    def now(self) -> int:
+        """The pass's clock now (claims are renewed from it)."""
+        return self.at + int(time.monotonic() - self.read_clock)
 
 
 Lane = tuple[str, str]  # (customer, meter): one call in flight at a time
