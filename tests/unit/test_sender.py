@@ -2,9 +2,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
+
+import pytest
 
 from controlplane.core import ControlPlane
 from controlplane.interfaces import ClosedPeriod, Outcome, WebhookRecord
+from controlplane.ledger import RowState
 from controlplane.sender import RateLimiter
 from flags import FlagChange
 from plugins.billing.fake import FakeBilling
@@ -32,9 +36,8 @@ async def test_no_rate_means_no_waiting() -> None:
     assert limiter.capacity == 0
 
 
-async def test_a_retry_keeps_the_timestamp_of_its_first_attempt(
-    cp: ControlPlane, clock: list[float], fake_billing: FakeBilling
-) -> None:
+async def live(cp: ControlPlane) -> None:
+    """Org o1 on pro with a customer; the control plane sends buckets from T0."""
     await cp.set_org("o1", customer="cus_1", plan="pro", actor="t", effective_from=0)
     await cp.set_flags(
         [
@@ -45,6 +48,36 @@ async def test_a_retry_keeps_the_timestamp_of_its_first_attempt(
         actor="t",
         reason="go",
     )
+
+
+async def test_a_row_whose_quantity_changed_under_the_sender_waits_for_the_next_pass(
+    cp: ControlPlane, fake_billing: FakeBilling, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await live(cp)
+    await cp.ingest([tick("e1", "o1", T0 + 5)], "http")
+    await cp.rollup()
+    (read,) = await cp.storage.ledger()
+    recorded = cp.storage.record_attempts
+
+    async def re_derived(row_ids: Any, at: int, claim: Any = None) -> dict[int, int]:
+        # as if another replica had re-derived the chain after this sender's claim lapsed
+        return {i: q + 1 for i, q in (await recorded(row_ids, at, claim)).items()}
+
+    monkeypatch.setattr(cp.storage, "record_attempts", re_derived)
+    stats = await cp.send()
+    assert (stats.calls, stats.sent) == (0, 0) and fake_billing.calls == []
+    (row,) = await cp.storage.ledger()
+    assert (row.state, row.attempts, row.first_attempt_at) == (RowState.PENDING, 0, None)
+
+    monkeypatch.setattr(cp.storage, "record_attempts", recorded)
+    assert (await cp.send()).sent == 1
+    assert [c.value for c in fake_billing.calls] == [read.quantity]
+
+
+async def test_a_retry_keeps_the_timestamp_of_its_first_attempt(
+    cp: ControlPlane, clock: list[float], fake_billing: FakeBilling
+) -> None:
+    await live(cp)
     await cp.ingest([tick("e1", "o1", T0 + 5)], "http")
     await cp.rollup()
     fake_billing.fail_next(Outcome.AMBIGUOUS)  # it may have arrived, stamped T0
@@ -64,16 +97,7 @@ async def test_a_retry_keeps_the_timestamp_of_its_first_attempt(
 async def test_a_late_correction_for_a_finalized_period_goes_out_even_past_the_window(
     cp: ControlPlane, clock: list[float], fake_billing: FakeBilling
 ) -> None:
-    await cp.set_org("o1", customer="cus_1", plan="pro", actor="t", effective_from=0)
-    await cp.set_flags(
-        [
-            FlagChange("authority", "controlplane"),
-            FlagChange("bill_from", T0),
-            FlagChange("shadow", False),
-        ],
-        actor="t",
-        reason="go",
-    )
+    await live(cp)
     await cp.ingest([tick("e1", "o1", T0 + 5)], "http")
     await cp.rollup()
     assert (await cp.send()).sent == 1
