@@ -29,6 +29,13 @@ BUCKET_SECONDS = 3600
 SOURCE = "bench"
 EVENT_TYPE = "usage_tick"
 METER = "memory_gb_seconds"
+METER_CONFIG = {  # the one meter every benchmark uses, as config.example.toml declares it
+    "name": METER,
+    "event_type": EVENT_TYPE,
+    "value": "data.memory_mb * data.interval_s / 1024",
+    "where": "data.memory_mb > 0",
+    "unit": "GB-second",
+}
 METER_TOML = f"""
 [[meters]]
 name = "{METER}"

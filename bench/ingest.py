@@ -121,6 +121,21 @@ async def _post_all(
     return accepted, duplicates, latencies
 
 
+def prepare(
+    wl: Workload, args: argparse.Namespace
+) -> tuple[list[dict[str, Any]], list[bytes], list[int]]:
+    """Print the workload line; the events, each request's JSON body and its event count."""
+    print(
+        f"  {wl.events:,} events, batches of {args.batch:,}, {args.clients} clients, "
+        f"{wl.orgs:,} orgs over {wl.buckets} hourly buckets, 1 meter"
+    )
+    events = [wl.event(i) for i in range(wl.events)]
+    encode = msgspec.json.Encoder().encode
+    bodies = [encode(events[r.start : r.stop]) for r in batches(wl.events, args.batch)]
+    sizes = [len(r) for r in batches(wl.events, args.batch)]
+    return events, bodies, sizes
+
+
 def run_server(
     work: Path, bodies: list[bytes], sizes: list[int], clients: int, storage: str | None = None
 ) -> ServerRun:
@@ -231,15 +246,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return postgres_main(args, wl)
     print(f"ingest benchmark ({args.storage}, synchronous=full) on {machine()}")
-    print(
-        f"  {wl.events:,} events, batches of {args.batch:,}, {args.clients} clients, "
-        f"{wl.orgs:,} orgs over {wl.buckets} hourly buckets, 1 meter"
-    )
-
-    events = [wl.event(i) for i in range(wl.events)]
-    encode = msgspec.json.Encoder().encode
-    bodies = [encode(events[r.start : r.stop]) for r in batches(wl.events, args.batch)]
-    sizes = [len(r) for r in batches(wl.events, args.batch)]
+    events, bodies, sizes = prepare(wl, args)
     print(f"  {len(bodies)} requests, {sum(map(len, bodies)) / len(bodies) / 1024:,.0f} KiB each")
 
     work = Path(tempfile.mkdtemp(prefix="cp-bench-ingest-", dir=args.dir))

@@ -19,10 +19,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
 from bench._common import ROOT, Stopwatch, Workload, batches, machine, ratio_line, rows_for
-from bench.ingest import TARGET, run_server
+from bench.ingest import TARGET, prepare, run_server
 
 CHECK = (
     ("usage_events", "SELECT count(*) FROM usage_events"),
@@ -117,14 +115,7 @@ def main(args: argparse.Namespace, wl: Workload) -> int:
             server_dsn = pg.start()
             stack.callback(pg.stop)
         print(f"ingest benchmark (postgres) on {machine()}")
-        print(
-            f"  {wl.events:,} events, batches of {args.batch:,}, {args.clients} clients, "
-            f"{wl.orgs:,} orgs over {wl.buckets} hourly buckets, 1 meter"
-        )
-        events = [wl.event(i) for i in range(wl.events)]
-        encode = msgspec.json.Encoder().encode
-        bodies = [encode(events[r.start : r.stop]) for r in batches(wl.events, args.batch)]
-        sizes = [len(r) for r in batches(wl.events, args.batch)]
+        events, bodies, sizes = prepare(wl, args)
         work = Path(tempfile.mkdtemp(prefix="cp-bench-ingest-pg-", dir=args.dir))
         stack.callback(shutil.rmtree, work, True)
         raw_best = server_best = float("inf")

@@ -43,7 +43,7 @@ from typing import Any
 import httpx
 import msgspec
 
-from bench._common import BUCKET_SECONDS, METER, T0, Stopwatch, connect, machine
+from bench._common import BUCKET_SECONDS, METER, METER_CONFIG, T0, Stopwatch, connect, machine
 from controlplane import config as config_mod
 from controlplane.core import ControlPlane
 from controlplane.logs import configure
@@ -100,15 +100,7 @@ def _config(db: Path, legacy_db: Path, port: int, token: str) -> dict[str, Any]:
         },
         "rollup": {"bucket_seconds": BUCKET_SECONDS},
         "logging": {"level": "info", "format": "json"},
-        "meters": [
-            {
-                "name": METER,
-                "event_type": "usage_tick",
-                "value": "data.memory_mb * data.interval_s / 1024",
-                "where": "data.memory_mb > 0",
-                "unit": "GB-second",
-            }
-        ],
+        "meters": [METER_CONFIG],
         "parity": {"meter": METER},
         "legacy": {"backend": "sql", "dsn": f"sqlite:///{legacy_db}", "query": LEGACY_QUERY},
     }

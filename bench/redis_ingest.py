@@ -36,7 +36,7 @@ import msgspec
 
 from bench._common import (
     BUCKET_SECONDS,
-    METER,
+    METER_CONFIG,
     Stopwatch,
     Workload,
     apply_migrations,
@@ -148,15 +148,7 @@ def _config(db: Path, url: str, batch: int, group: str) -> config_mod.Config:
             "storage": {"backend": "sqlite", "path": str(db), "synchronous": "full"},
             "rollup": {"bucket_seconds": BUCKET_SECONDS},
             "logging": {"level": "warning"},
-            "meters": [
-                {
-                    "name": METER,
-                    "event_type": "usage_tick",
-                    "value": "data.memory_mb * data.interval_s / 1024",
-                    "where": "data.memory_mb > 0",
-                    "unit": "GB-second",
-                }
-            ],
+            "meters": [METER_CONFIG],
             "ingest": [
                 {
                     "backend": "redis_streams",

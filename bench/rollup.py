@@ -36,7 +36,7 @@ from typing import Any
 
 from bench._common import (
     BUCKET_SECONDS,
-    METER,
+    METER_CONFIG,
     T0,
     Stopwatch,
     Workload,
@@ -67,15 +67,7 @@ def _config(db: Path, batch_buckets: int | None) -> config_mod.Config:
             "storage": {"backend": "sqlite", "path": str(db), "synchronous": "full"},
             "rollup": rollup,
             "logging": {"level": "warning"},
-            "meters": [
-                {
-                    "name": METER,
-                    "event_type": "usage_tick",
-                    "value": "data.memory_mb * data.interval_s / 1024",
-                    "where": "data.memory_mb > 0",
-                    "unit": "GB-second",
-                }
-            ],
+            "meters": [METER_CONFIG],
         }
     )
 
