@@ -85,6 +85,13 @@ async def ready(build: Callable[..., ControlPlane]) -> AsyncIterator[ControlPlan
         yield cp
 
 
+async def live_with_one_row(cp: ControlPlane) -> None:
+    """One pending row for o1's bucket T, and the control plane live from T."""
+    await cp.ingest([tick("a", "o1", T + 5)], "http")
+    await cp.rollup(until=T + HOUR)
+    await cutover.execute(cp, T, actor="ops", reason="go")
+
+
 async def clean_runs(cp: ControlPlane, start: int, end: int, dirty: int | None = None) -> None:
     for b in range(start, end, HOUR):
         clean = b != dirty
@@ -323,9 +330,7 @@ async def test_rollback_cancels_recent_sends_and_lists_the_rest(
 
 
 async def test_rollback_without_cancel_keeps_sent_rows(ready: ControlPlane) -> None:
-    await ready.ingest([tick("a", "o1", T + 5)], "http")
-    await ready.rollup(until=T + HOUR)
-    await cutover.execute(ready, T, actor="ops", reason="go")
+    await live_with_one_row(ready)
     await ready.send()
     result = await cutover.rollback(ready, actor="ops", reason="pause")
     assert result.cancelled == [] and result.not_cancelled == []
@@ -335,9 +340,7 @@ async def test_rollback_without_cancel_keeps_sent_rows(ready: ControlPlane) -> N
 async def test_rollback_also_settles_rows_attempted_without_an_answer(
     ready: ControlPlane, fake_billing: FakeBilling
 ) -> None:
-    await ready.ingest([tick("a", "o1", T + 5)], "http")
-    await ready.rollup(until=T + HOUR)
-    await cutover.execute(ready, T, actor="ops", reason="go")
+    await live_with_one_row(ready)
     fake_billing.fail_next(Outcome.AMBIGUOUS)  # the provider has it; the answer was lost
     assert (await ready.send()).ambiguous == 1
     (row,) = await ready.storage.ledger()
@@ -354,9 +357,7 @@ async def test_rollback_also_settles_rows_attempted_without_an_answer(
 async def test_rollback_lists_an_attempted_row_the_provider_does_not_know(
     ready: ControlPlane, fake_billing: FakeBilling
 ) -> None:
-    await ready.ingest([tick("a", "o1", T + 5)], "http")
-    await ready.rollup(until=T + HOUR)
-    await cutover.execute(ready, T, actor="ops", reason="go")
+    await live_with_one_row(ready)
     (row,) = await ready.storage.ledger()
     await ready.storage.record_attempts([row.id], ready.now())  # a crash right after this
     result = await cutover.rollback(ready, actor="ops", reason="bad", cancel_sent=True)
@@ -368,9 +369,7 @@ async def test_rollback_lists_an_attempted_row_the_provider_does_not_know(
 async def test_rollback_leaves_out_rows_the_provider_refused(
     ready: ControlPlane, fake_billing: FakeBilling
 ) -> None:
-    await ready.ingest([tick("a", "o1", T + 5)], "http")
-    await ready.rollup(until=T + HOUR)
-    await cutover.execute(ready, T, actor="ops", reason="go")
+    await live_with_one_row(ready)
     fake_billing.fail_next(Outcome.REJECTED)  # a definite no: nothing was billed
     assert (await ready.send()).held == 1
     result = await cutover.rollback(ready, actor="ops", reason="bad", cancel_sent=True)
