@@ -4,7 +4,6 @@ a body, strict JSON bodies, and error answers that match the OpenAPI document.""
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -17,6 +16,7 @@ from controlplane.app import create_app
 from controlplane.config import Config, TokenConfig
 from controlplane.core import ControlPlane
 from tests.conftest import READ_TOKEN, T0, TOKEN, tick, token_hash
+from tests.integration.test_api import stored
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 READ = {"Authorization": f"Bearer {READ_TOKEN}"}
@@ -44,11 +44,6 @@ async def client(
     async with AsyncTestClient(app=create_app(config, cp=plane)) as c:
         c.db = config.storage.path  # type: ignore[attr-defined]
         yield c
-
-
-def stored(client: Any) -> int:
-    with sqlite3.connect(client.db) as conn:
-        return int(conn.execute("SELECT count(*) FROM usage_events").fetchone()[0])
 
 
 # rate limit ---------------------------------------------------------------------------------
