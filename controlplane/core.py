@@ -47,7 +47,7 @@ from controlplane.rollup import LegacyPlans
 from controlplane.sender import Sender, SendStats
 from flags import FlagChange, Snapshot, resolve, set_flags
 from flags.resolve import static_layers
-from flags.service import DEFAULT_MAX_EVENT_AGE_SECONDS
+from flags.service import DEFAULT_MAX_EVENT_AGE_SECONDS, record_static
 from flags.service import check as check_flags
 
 if TYPE_CHECKING:
@@ -127,6 +127,7 @@ class ControlPlane:
                     f"pending migrations {status.pending}: run `controlplane migrate`"
                 )
             await self.storage.pin_setting("bucket_seconds", str(self.config.rollup.bucket_seconds))
+            await self._record_static_flags()
             if self.billing is not None:
                 await self.billing.start()
                 self._stack.push_async_callback(self.billing.close)
@@ -139,6 +140,32 @@ class ControlPlane:
 
     async def close(self) -> None:
         await self._stack.aclose()
+
+    async def _record_static_flags(self) -> None:
+        """A change of `[flags]` or the environment since the last start keeps the same rules
+        as a runtime change, and is audited: refused, the control plane does not start."""
+        try:
+            await record_static(
+                self.storage,
+                self.static_flags,
+                bucket_seconds=self.config.rollup.bucket_seconds,
+                at=self.now(),
+                max_age_seconds=self.max_event_age_seconds(),
+            )
+        except FlagRefused as exc:
+            layers = sorted(
+                {
+                    f"{v.source} ({name})"
+                    for name, v in self.static_flags.items()
+                    if v.source != "default"
+                }
+            )
+            raise ConfigError(
+                "flags: the config file or environment changed the flags since the last start "
+                f"({', '.join(layers) or 'back to defaults'}), refused by rule {exc.message}. "
+                "Undo that change and make it at runtime (`controlplane flags set`, "
+                "`controlplane cutover ...`), where it can be forced with a reason"
+            ) from exc
 
     def now(self) -> int:
         return int(self.clock())

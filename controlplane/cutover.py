@@ -156,7 +156,7 @@ async def _guard_problems(cp: ControlPlane, current: Snapshot, at: int) -> list[
     try:
         check(candidate, cp.config.rollup.bucket_seconds)
         check_window(current, candidate, cp.now(), cp.max_event_age_seconds())
-        await check_seam(cp.storage, current, candidate)
+        await check_seam(cp.storage.seam, current, candidate)
     except FlagRefused as exc:
         problems.append({"rule": exc.rule, "message": exc.message})
     return problems

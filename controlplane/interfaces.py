@@ -13,7 +13,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import enum
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any, ClassVar
 
@@ -146,8 +146,26 @@ class Settlement(msgspec.Struct, frozen=True):
 
 
 class SeamRows(msgspec.Struct, frozen=True):
-    reached: int  # sent, or attempted: the provider may have them
+    reached: int  # sent, attempted or cancelled: the provider has (or had) them
     excluded_before_bill_from: int
+
+
+SeamReader = Callable[[int], Awaitable[SeamRows]]
+"""What the ledger holds from a bucket start on (see :meth:`Storage.seam`)."""
+
+FlagGuard = Callable[[SeamReader], Awaitable[None]]
+"""The seam rules of a flag change; raises FlagRefused to write nothing."""
+
+
+class FlagsChanged(ControlPlaneError):
+    """The flags changed since the caller read them: the seam may have moved."""
+
+
+class StaticFlags(msgspec.Struct, frozen=True):
+    """The config file and environment layers' flag values: as last recorded, and now."""
+
+    before: dict[str, Any] | None  # None: never recorded
+    after: dict[str, Any]
 
 
 class RuntimeFlag(msgspec.Struct, frozen=True):
@@ -445,7 +463,12 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def record_attempts(
-        self, row_ids: Sequence[int], at: int, claim: Claim | None = None
+        self,
+        row_ids: Sequence[int],
+        at: int,
+        claim: Claim | None = None,
+        *,
+        flag_versions: Mapping[str, int] | None = None,
     ) -> dict[int, int]:
         """Count a delivery attempt for each row before it is made, so that an ambiguous
         outcome (timeout, dropped connection, crash) is known afterwards. Returns the rows
@@ -453,7 +476,11 @@ class Storage(abc.ABC):
 
         With `claim`, only rows its claimant still holds are counted, and the hold is renewed
         until `claim.until`: after a hold lapsed, another sender may have taken a row, or
-        re-derived its quantity, and the caller must not send what it read before."""
+        re-derived its quantity, and the caller must not send what it read before.
+
+        With `flag_versions` (the runtime version of each flag the caller's snapshot was read
+        at, 0 for none), raises FlagsChanged and counts nothing when a flag changed since:
+        checked in the same transaction, serialized with :meth:`write_flags`."""
 
     @abc.abstractmethod
     async def release_attempts(self, row_ids: Sequence[int]) -> None:
@@ -510,11 +537,26 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def write_flags(
-        self, writes: Sequence[FlagWrite], audit: Sequence[AuditEntry], at: int
+        self,
+        writes: Sequence[FlagWrite],
+        audit: Sequence[AuditEntry],
+        at: int,
+        *,
+        guard: FlagGuard | None = None,
+        flag_versions: Mapping[str, int] | None = None,
+        static: StaticFlags | None = None,
     ) -> dict[str, RuntimeFlag]:
         """Write every flag and its audit rows in one transaction, or nothing.
 
-        Raises FlagRefused (rule `version`) when a flag changed since it was read."""
+        Raises FlagRefused (rule `version`) when a flag changed since it was read: a written
+        one, or any in `flag_versions`. `guard` runs inside the transaction before anything
+        is written, reading the seam as that transaction sees it; no attempt is recorded
+        between its check and the write. With `static`, the static layers' values are
+        recorded as `static.after` if they still are `static.before` (else `version`)."""
+
+    @abc.abstractmethod
+    async def static_flags(self) -> dict[str, Any] | None:
+        """The static layers' flag values as last recorded (None: never)."""
 
     @abc.abstractmethod
     async def append_audit(self, entries: Sequence[AuditEntry], at: int) -> None: ...

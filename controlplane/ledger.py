@@ -39,12 +39,14 @@ class Reason(enum.StrEnum):
 
 BILLABLE = "billable"
 EXCLUDING = (Reason.FREE_PLAN, Reason.BEFORE_BILL_FROM, Reason.TOO_OLD)
+UNBILLED = (*EXCLUDING, Reason.ROLLED_BACK)
 
 
 def segment(reason: str | None) -> str:
     """The rounding chain a row belongs to: rows billed here never share a carry with rows
-    excluded by rule, so no fraction of a unit moves between billed and unbilled usage."""
-    return reason if reason in EXCLUDING else BILLABLE
+    excluded by rule, or handed back to the legacy biller by a rollback, so no fraction of a
+    unit moves between billed and unbilled usage (nor into the next cutover)."""
+    return reason if reason in UNBILLED else BILLABLE
 
 
 def identifier(org_id: str, meter: str, bucket_start: int, revision: int) -> str:

@@ -41,6 +41,7 @@ from controlplane.interfaces import (
     Billing,
     Claim,
     ClosedPeriod,
+    FlagsChanged,
     MeterEvent,
     Outcome,
     SendItem,
@@ -50,6 +51,7 @@ from controlplane.interfaces import (
 from controlplane.ledger import Reason, RowState
 from controlplane.meters import MeterSet
 from flags.resolve import Snapshot
+from flags.service import versions_of
 
 log = structlog.get_logger("sender")
 
@@ -142,7 +144,7 @@ class Sender:
             log.warning("sender.skipped", reason=stats.skipped)
             return stats
         try:
-            await self._pass(stats, bill_from, now, org_id, until, recheck)
+            await self._pass(stats, flags, bill_from, now, org_id, until, recheck)
         finally:
             await self.storage.release_claims(self.claimant)
         if stats.sent or stats.held or stats.excluded or stats.retry or stats.ambiguous:
@@ -152,6 +154,7 @@ class Sender:
     async def _pass(
         self,
         stats: SendStats,
+        flags: Snapshot,
         bill_from: int,
         now: float | None,
         org_id: str | None,
@@ -161,12 +164,15 @@ class Sender:
         async def still_sending() -> bool:
             if recheck is None:
                 return True
-            flags = await recheck()
-            if flags.sending and flags.bill_from == bill_from:
+            now = await recheck()
+            if now.sending and now.bill_from == bill_from:
                 return True
+            stop()
+            return False
+
+        def stop() -> None:
             stats.skipped = "the flags changed during the pass (sending off, or another T)"
             log.info("sender.stopped", reason=stats.skipped)
-            return False
 
         after_id = 0
         blocked: set[Lane] = set()  # lanes with a transient failure: they wait for next pass
@@ -179,7 +185,7 @@ class Sender:
             )
             if not items:
                 break
-            batch = _Batch(at, read_clock, await self._stamps(items))
+            batch = _Batch(at, read_clock, await self._stamps(items), versions_of(flags))
             decided, deliver = self._triage(items, bill_from, batch)
             exclusions = [s for s in decided if s.state is RowState.EXCLUDED]
             if exclusions:
@@ -189,7 +195,13 @@ class Sender:
                 continue
             await self._settle(decided, stats, at)
             after_id = items[-1].row.id
-            if deliver and not await self._deliver(deliver, stats, batch, blocked, still_sending):
+            try:
+                if deliver and not await self._deliver(
+                    deliver, stats, batch, blocked, still_sending
+                ):
+                    return
+            except FlagsChanged:  # seen where the attempts are recorded: nothing was sent
+                stop()
                 return
 
     def _triage(
@@ -295,7 +307,10 @@ class Sender:
         # have taken a row, or re-derived its rounding chain.
         now = batch.now()
         held = await self.storage.record_attempts(
-            [i.row.id for i in items], at, Claim(self.claimant, now, now + self.claim_seconds)
+            [i.row.id for i in items],
+            at,
+            Claim(self.claimant, now, now + self.claim_seconds),
+            flag_versions=batch.flag_versions,
         )
         changed = [i.row.id for i in items if held.get(i.row.id, i.row.quantity) != i.row.quantity]
         if changed:  # read again on the next pass
@@ -404,6 +419,7 @@ class _Batch(msgspec.Struct, frozen=True):
     at: int
     read_clock: float  # time.monotonic() at the read
     stamps: dict[int, tuple[int, str]]
+    flag_versions: dict[str, int]  # of the pass's flags: attempts are recorded only under them
 
     def now(self) -> int:
         """The pass's clock now (claims are renewed from it)."""

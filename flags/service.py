@@ -10,7 +10,14 @@ import msgspec
 import structlog
 
 from controlplane.errors import FlagRefused, InvalidInput, Problem
-from controlplane.interfaces import AuditEntry, FlagWrite, Storage
+from controlplane.interfaces import (
+    AuditEntry,
+    FlagGuard,
+    FlagWrite,
+    SeamReader,
+    StaticFlags,
+    Storage,
+)
 from flags.definitions import FLAGS, Authority, to_json
 from flags.resolve import FlagValue, Snapshot, resolve
 
@@ -75,38 +82,45 @@ def check_window(
         )
 
 
-async def check_seam(storage: Storage, current: Snapshot, candidate: Snapshot) -> None:
+async def check_seam(seam: SeamReader, current: Snapshot, candidate: Snapshot) -> None:
     """`bill_from` keeps the seam between the two billers (``bill_from.frozen``,
-    ``bill_from.excluded``):
+    ``bill_from.excluded``). The provider "has seen" a row that was sent, attempted, or
+    cancelled by a rollback (cancelled rows were billed here once, and are the legacy
+    biller's now):
 
-    - while the control plane is the authority, T cannot move once rows at or after it were
-      sent or attempted: buckets between the old and the new T would be billed by both;
-    - while the legacy biller is (before a cutover, or after a rollback), a T being set, or
-      cut over to, must lie after every row the provider has seen (sent, attempted, or
-      cancelled by the rollback): the legacy biller bills those buckets now, and the control
-      plane would never bill them again;
+    - when T is set, moved, or cut over to, no row the provider has seen may lie at or after
+      the new T: while the legacy biller is the authority it bills those buckets (before a
+      cutover, or after a rollback), and the control plane would bill them again;
+    - while the control plane is the authority, T cannot move once rows at or after the
+      earlier of the old and the new T were seen: moving it later hands buckets the provider
+      has to the legacy biller too, moving it earlier takes back buckets the legacy biller
+      was told to bill (rows of an earlier cutover, rolled back);
     - T cannot move earlier over buckets already excluded as before T: they would be billed
       by neither.
     """
     old, new = current.bill_from, candidate.bill_from
-    if current.authority is Authority.LEGACY:
-        cutting_over = candidate.authority is Authority.CONTROLPLANE
-        if new is not None and (new != old or cutting_over) and (await storage.seam(new)).reached:
-            raise FlagRefused(
-                "bill_from.frozen",
-                f"rows at or after bill_from {new} were already sent, attempted or cancelled "
-                "(before a rollback), and the legacy biller bills those buckets now; choose a "
-                "T after them, or force with a reason",
-            )
-    elif old is not None and old != new and (await storage.seam(old)).reached:
-        raise FlagRefused(
-            "bill_from.frozen",
-            f"rows at or after bill_from {old} were already sent or attempted; moving it "
-            "would bill buckets twice. Roll back first (a new T must then lie after those "
-            "rows), or force with a reason",
-        )
+    cutting_over = (
+        current.authority is Authority.LEGACY and candidate.authority is Authority.CONTROLPLANE
+    )
+    if new is not None and (new != old or cutting_over):
+        live = current.authority is Authority.CONTROLPLANE and old is not None
+        low = min(old, new) if live and old is not None else new
+        if (await seam(low)).reached:
+            if live:
+                detail = (
+                    f"rows at or after {low} were already sent, attempted or cancelled; moving "
+                    f"bill_from from {old} to {new} would bill buckets twice. Roll back first "
+                    "(a new T must then lie after those rows), or force with a reason"
+                )
+            else:
+                detail = (
+                    f"rows at or after bill_from {new} were already sent, attempted or "
+                    "cancelled (before a rollback), and the legacy biller bills those buckets "
+                    "now; choose a T after them, or force with a reason"
+                )
+            raise FlagRefused("bill_from.frozen", detail)
     if old is not None and new is not None and new < old:
-        excluded = (await storage.seam(new)).excluded_before_bill_from
+        excluded = (await seam(new)).excluded_before_bill_from
         if excluded:
             raise FlagRefused(
                 "bill_from.excluded",
@@ -116,7 +130,7 @@ async def check_seam(storage: Storage, current: Snapshot, candidate: Snapshot) -
 
 
 async def check_authority(
-    storage: Storage, current: Snapshot, candidate: Snapshot, via: str | None
+    seam: SeamReader, current: Snapshot, candidate: Snapshot, via: str | None
 ) -> None:
     """``authority.legacy_via_rollback``: handing authority back to the legacy biller while
     rows were sent (or attempted) goes through `controlplane cutover rollback`, which decides
@@ -126,7 +140,7 @@ async def check_authority(
         and candidate.authority is Authority.LEGACY
         and via != "rollback"
     ):
-        sent = (await storage.seam(current.bill_from or 0)).reached
+        sent = (await seam(current.bill_from or 0)).reached
         if sent:
             raise FlagRefused(
                 "authority.legacy_via_rollback",
@@ -134,6 +148,29 @@ async def check_authority(
                 "authority to legacy with `controlplane cutover rollback` (optionally "
                 "--cancel-sent), or force with a reason",
             )
+
+
+def guard(
+    current: Snapshot,
+    candidate: Snapshot,
+    *,
+    bucket_seconds: int,
+    at: int,
+    max_age_seconds: int | None,
+    via: str | None = None,
+) -> FlagGuard:
+    """Every rule a change from `current` to `candidate` must keep, from any layer (runtime,
+    environment, config file). The static rules are checked now; the returned guard checks
+    the seam rules and is run by storage inside the transaction that writes the change, so
+    no send pass can record an attempt between the check and the write."""
+    check(candidate, bucket_seconds)
+    check_window(current, candidate, at, max_age_seconds)
+
+    async def in_transaction(seam: SeamReader) -> None:
+        await check_seam(seam, current, candidate)
+        await check_authority(seam, current, candidate, via)
+
+    return in_transaction
 
 
 async def set_flags(
@@ -188,11 +225,18 @@ async def set_flags(
             },
         }
     )
-    if not force:
-        check(candidate, bucket_seconds)
-        check_window(current, candidate, at, max_age_seconds)
-        await check_seam(storage, current, candidate)
-        await check_authority(storage, current, candidate, via)
+    seam_guard = (
+        None
+        if force
+        else guard(
+            current,
+            candidate,
+            bucket_seconds=bucket_seconds,
+            at=at,
+            max_age_seconds=max_age_seconds,
+            via=via,
+        )
+    )
     group = group_id or (uuid.uuid4().hex if len(parsed) + len(extra_audit) > 1 else None)
     if via:
         reason = f"{reason} [via {via}]"
@@ -218,7 +262,9 @@ async def set_flags(
         for name, value in parsed.items()
     ]
     audit += [msgspec.structs.replace(e, group_id=group) for e in extra_audit]
-    stored = await storage.write_flags(writes, audit, at)
+    stored = await storage.write_flags(
+        writes, audit, at, guard=seam_guard, flag_versions=versions_of(current)
+    )
     for name, value in parsed.items():
         log.info(
             "flags.changed",
@@ -229,3 +275,95 @@ async def set_flags(
             forced=force,
         )
     return resolve(static, {**runtime, **stored})
+
+
+def versions_of(snapshot: Snapshot) -> dict[str, int]:
+    """Each flag's runtime version in `snapshot` (0: no runtime value): storage compares them
+    in the transaction that writes a flag change, or records a send attempt."""
+    return {name: value.version for name, value in snapshot.values.items()}
+
+
+LAYER_NAMES = {"default": "built-in default", "config": "config file", "env": "environment"}
+
+
+async def record_static(
+    storage: Storage,
+    static: Mapping[str, FlagValue],
+    *,
+    bucket_seconds: int,
+    at: int,
+    max_age_seconds: int | None,
+) -> list[str]:
+    """Hold a change of the config file or environment layers to the rules a runtime change
+    keeps, and audit it. Called at every start.
+
+    The layers' values are recorded in storage; when they differ from the last record, the
+    change they make to the flags in force (runtime values still win) is checked like a
+    runtime change and written, with one audit record per flag that moved, in one
+    transaction. A refused change raises FlagRefused: the control plane does not start with
+    it. The first record (a new store, or one from before static changes were recorded) is
+    the baseline: audited, not checked. Returns the flags whose value in force changed."""
+    values = {name: to_json(v.value) for name, v in static.items()}
+    before = await storage.static_flags()
+    if before == values:
+        return []
+    runtime = await storage.runtime_flags()
+    candidate = resolve(static, runtime)
+    if before is None:
+        current = candidate
+        moved = [name for name, v in static.items() if v.source != "default"]
+    else:
+        previous = {
+            name: FlagValue(value=FLAGS[name].parse(before[name]), source=v.source, version=0)
+            if name in before
+            else v
+            for name, v in static.items()
+        }
+        current = resolve(previous, runtime)
+        moved = [n for n in FLAGS if current.values[n].value != candidate.values[n].value]
+    seam_guard = (
+        guard(
+            current,
+            candidate,
+            bucket_seconds=bucket_seconds,
+            at=at,
+            max_age_seconds=max_age_seconds,
+        )
+        if before is not None and moved
+        else None
+    )
+    group = uuid.uuid4().hex if len(moved) > 1 else None
+    audit = [
+        AuditEntry(
+            action="flag.set",
+            subject=name,
+            actor=LAYER_NAMES.get(static[name].source, static[name].source),
+            reason=(
+                "the static layers' values, first recorded"
+                if before is None
+                else f"changed in the {LAYER_NAMES.get(static[name].source)} before this start"
+            ),
+            before=None if before is None else to_json(current.values[name].value),
+            after=to_json(candidate.values[name].value),
+            group_id=group,
+        )
+        for name in moved
+    ]
+    await storage.write_flags(
+        [],
+        audit,
+        at,
+        guard=seam_guard,
+        flag_versions=versions_of(candidate),
+        static=StaticFlags(before=before, after=values),
+    )
+    for entry in audit:
+        log.info(
+            "flags.changed",
+            flag=entry.subject,
+            before=entry.before,
+            after=entry.after,
+            actor=entry.actor,
+            forced=False,
+        )
+    return moved if before is not None else []

@@ -5,12 +5,21 @@ Both plugins select ledger and parity rows with the same columns in the same ord
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import msgspec
 
-from controlplane.interfaces import AuditRecord, ChainRow, Org, ParityRun, PlanPeriod
+from controlplane.errors import FlagRefused
+from controlplane.interfaces import (
+    AuditRecord,
+    ChainRow,
+    FlagsChanged,
+    Org,
+    ParityRun,
+    PlanPeriod,
+    StaticFlags,
+)
 from controlplane.ledger import BILLABLE, LedgerRow, RowState, segment
 
 
@@ -91,6 +100,36 @@ def orgs_with_plans(rows: Iterable[Sequence[Any]]) -> dict[str, Org]:
         org_id: Org(org_id=org_id, customer=c, plans=p, updated_at=u)
         for org_id, (c, u, p) in found.items()
     }
+
+
+STATIC_FLAGS = "static_flags"  # the settings key of the static layers' recorded flag values
+
+
+def moved_flags(expected: Mapping[str, int], stored: Mapping[str, int]) -> list[str]:
+    """The flags whose runtime version is not the one expected (0: no runtime value)."""
+    return sorted(n for n, v in expected.items() if stored.get(n, 0) != v)
+
+
+def check_flag_versions(expected: Mapping[str, int], stored: Mapping[str, int]) -> None:
+    """Raise FlagRefused (rule `version`) when a change was prepared from older flags."""
+    if moved := moved_flags(expected, stored):
+        raise FlagRefused(
+            "version", f"{', '.join(moved)} changed while this change was prepared; retry"
+        )
+
+
+def check_flags_unchanged(expected: Mapping[str, int], stored: Mapping[str, int]) -> None:
+    """Raise FlagsChanged when a flag moved since a sender read it."""
+    if moved := moved_flags(expected, stored):
+        raise FlagsChanged(f"{', '.join(moved)} changed since the flags were read")
+
+
+def check_static(static: StaticFlags, stored: str | None) -> None:
+    """Raise FlagRefused (rule `version`) when the static layers' record moved meanwhile."""
+    if (None if stored is None else _decode.decode(stored)) != static.before:
+        raise FlagRefused(
+            "version", "another process recorded the static flag layers meanwhile; retry"
+        )
 
 
 def chains(rows: Iterable[Sequence[Any]]) -> dict[str, list[ChainRow]]:

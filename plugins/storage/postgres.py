@@ -30,7 +30,7 @@ import contextlib
 import random
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -49,6 +49,7 @@ from controlplane.interfaces import (
     Claim,
     ClosedPeriod,
     DirtyBacklog,
+    FlagGuard,
     FlagWrite,
     IngestResult,
     JobRun,
@@ -67,6 +68,7 @@ from controlplane.interfaces import (
     SeamRows,
     SendItem,
     Settlement,
+    StaticFlags,
     Storage,
     StoredEvent,
     UsageTotal,
@@ -77,8 +79,12 @@ from controlplane.registry import PluginSpec, require
 from controlplane.rollup import requantify
 from controlplane.secrets import Secret, check_url, reveal
 from plugins.storage._common import (
+    STATIC_FLAGS,
     audit_record,
     chains,
+    check_flag_versions,
+    check_flags_unchanged,
+    check_static,
     ledger_row,
     orgs_with_plans,
     parity_run,
@@ -101,6 +107,16 @@ CHAIN_LOCK = _lock_key("rounding-chains")
 CLAIM_LOCK = _lock_key("sender-claims")
 AUDIT_LOCK = _lock_key("audit-chain")
 MIGRATE_LOCK = _lock_key("migrate")
+FLAGS_LOCK = _lock_key("flags")
+
+
+async def _seam(conn: Conn, bucket_start: int) -> SeamRows:
+    ((reached, excluded),) = await conn.fetch(Q["seam"], bucket_start)
+    return SeamRows(reached=int(reached), excluded_before_bill_from=int(excluded))
+
+
+async def _flag_versions(conn: Conn) -> dict[str, int]:
+    return {name: version for name, version in await conn.fetch(Q["flag_versions"])}
 
 
 class PostgresStorageConfig(PluginConfig, tag="postgres", tag_field="backend", frozen=True):
@@ -478,13 +494,21 @@ class PostgresStorage(Storage):
         await self._tx("release claims", work)
 
     async def seam(self, bucket_start: int) -> SeamRows:
-        ((reached, excluded),) = await self._all(Q["seam"], bucket_start)
-        return SeamRows(reached=int(reached), excluded_before_bill_from=int(excluded))
+        return await self._run("read", lambda conn: _seam(conn, bucket_start))
 
     async def record_attempts(
-        self, row_ids: Sequence[int], at: int, claim: Claim | None = None
+        self,
+        row_ids: Sequence[int],
+        at: int,
+        claim: Claim | None = None,
+        *,
+        flag_versions: Mapping[str, int] | None = None,
     ) -> dict[int, int]:
         async def work(conn: Conn) -> dict[int, int]:
+            if flag_versions is not None:
+                # shared: senders do not wait for each other, only for a flag write
+                await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", FLAGS_LOCK)
+                check_flags_unchanged(flag_versions, await _flag_versions(conn))
             rows = await conn.fetch(
                 Q["record_attempts"],
                 sorted(row_ids),
@@ -643,28 +667,46 @@ class PostgresStorage(Storage):
         }
 
     async def write_flags(
-        self, writes: Sequence[FlagWrite], audit: Sequence[AuditEntry], at: int
+        self,
+        writes: Sequence[FlagWrite],
+        audit: Sequence[AuditEntry],
+        at: int,
+        *,
+        guard: FlagGuard | None = None,
+        flag_versions: Mapping[str, int] | None = None,
+        static: StaticFlags | None = None,
     ) -> dict[str, RuntimeFlag]:
-        from controlplane.errors import FlagRefused
-
         async def work(conn: Conn) -> dict[str, RuntimeFlag]:
+            versions = await _flag_versions(conn)
+            check_flag_versions(
+                {**(flag_versions or {}), **{w.name: w.expected_version for w in writes}},
+                versions,
+            )
+            if static is not None:
+                check_static(static, await conn.fetchval(Q["get_setting_for_update"], STATIC_FLAGS))
+                await conn.execute(
+                    Q["upsert_setting"], STATIC_FLAGS, _json.encode(static.after).decode()
+                )
+            if guard is not None:
+                await guard(lambda start: _seam(conn, start))
             out: dict[str, RuntimeFlag] = {}
             for w in writes:
-                version = await conn.fetchval(Q["flag_version"], w.name) or 0
-                if version != w.expected_version:
-                    raise FlagRefused(
-                        "version", f"{w.name} changed while this change was prepared; retry"
-                    )
+                version = versions.get(w.name, 0) + 1
                 value = _json.encode(w.value).decode()
-                await conn.execute(Q["upsert_flag"], w.name, value, version + 1, at)
+                await conn.execute(Q["upsert_flag"], w.name, value, version, at)
                 out[w.name] = RuntimeFlag(
-                    name=w.name, value=w.value, version=version + 1, updated_at=at
+                    name=w.name, value=w.value, version=version, updated_at=at
                 )
             await self._append_audit(conn, audit, at)
             return out
 
-        # the audit lock first: flag writers queue up, and each sees the last one's version
-        return await self._tx("write flags", work, AUDIT_LOCK)
+        # the audit lock first: flag writers queue up, and each sees the last one's version;
+        # the flags lock waits for the senders recording attempts under the flags they read
+        return await self._tx("write flags", work, AUDIT_LOCK, FLAGS_LOCK)
+
+    async def static_flags(self) -> dict[str, Any] | None:
+        rows = await self._all(Q["get_setting"], STATIC_FLAGS)
+        return _decode.decode(rows[0][0]) if rows else None
 
     async def _append_audit(self, conn: Conn, entries: Sequence[AuditEntry], at: int) -> None:
         if not entries:

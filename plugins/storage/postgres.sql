@@ -4,6 +4,13 @@ SELECT value FROM settings WHERE key = $1;
 -- name: put_setting
 INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING;
 
+-- name: get_setting_for_update
+SELECT value FROM settings WHERE key = $1 FOR UPDATE;
+
+-- name: upsert_setting
+INSERT INTO settings (key, value) VALUES ($1, $2)
+ON CONFLICT (key) DO UPDATE SET value = excluded.value;
+
 -- name: insert_events
 -- Batch arrays in; the events not stored before come back (concurrent duplicates wait for
 -- the other transaction, then are skipped).
@@ -145,7 +152,8 @@ RETURNING l.id, l.identifier, l.org_id, l.meter, l.bucket_start, l.bucket_end, l
 UPDATE ledger SET claimed_by = NULL, claim_expires = NULL WHERE claimed_by = $1;
 
 -- name: seam
-SELECT count(*) FILTER (WHERE state = 'sent' OR attempts > 0),
+-- Rows the provider has, or had: sent, attempted, or cancelled by a rollback.
+SELECT count(*) FILTER (WHERE state IN ('sent', 'cancelled') OR attempts > 0),
        count(*) FILTER (WHERE state = 'excluded' AND reason = 'before_bill_from')
 FROM ledger WHERE bucket_start >= $1;
 
@@ -239,8 +247,8 @@ ORDER BY o.org_id;
 -- name: runtime_flags
 SELECT name, value, version, updated_at FROM flags;
 
--- name: flag_version
-SELECT version FROM flags WHERE name = $1;
+-- name: flag_versions
+SELECT name, version FROM flags;
 
 -- name: upsert_flag
 INSERT INTO flags (name, value, version, updated_at) VALUES ($1, $2, $3, $4)

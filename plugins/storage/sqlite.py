@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +30,7 @@ from controlplane.interfaces import (
     Claim,
     ClosedPeriod,
     DirtyBacklog,
+    FlagGuard,
     FlagWrite,
     IngestResult,
     JobRun,
@@ -48,6 +49,7 @@ from controlplane.interfaces import (
     SeamRows,
     SendItem,
     Settlement,
+    StaticFlags,
     Storage,
     StoredEvent,
     UsageTotal,
@@ -57,8 +59,12 @@ from controlplane.ledger import LedgerRow, NewRow, RowState
 from controlplane.registry import PluginSpec
 from controlplane.rollup import requantify
 from plugins.storage._common import (
+    STATIC_FLAGS,
     audit_record,
     chains,
+    check_flag_versions,
+    check_flags_unchanged,
+    check_static,
     ledger_row,
     orgs_with_plans,
     parity_run,
@@ -417,11 +423,24 @@ class SQLiteStorage(Storage):
             await conn.execute(Q["release_claims"], (claimant,))
 
     async def seam(self, bucket_start: int) -> SeamRows:
-        ((reached, excluded),) = await self._all(Q["seam"], (bucket_start,))
+        return await self._seam(self._r, bucket_start)
+
+    async def _seam(self, conn: aiosqlite.Connection, bucket_start: int) -> SeamRows:
+        async with conn.execute(Q["seam"], (bucket_start,)) as cur:
+            reached, excluded = await cur.fetchone() or (0, 0)
         return SeamRows(reached=int(reached), excluded_before_bill_from=int(excluded))
 
+    async def _flag_versions(self, conn: aiosqlite.Connection) -> dict[str, int]:
+        async with conn.execute(Q["flag_versions"]) as cur:
+            return {name: version for name, version in await cur.fetchall()}
+
     async def record_attempts(
-        self, row_ids: Sequence[int], at: int, claim: Claim | None = None
+        self,
+        row_ids: Sequence[int],
+        at: int,
+        claim: Claim | None = None,
+        *,
+        flag_versions: Mapping[str, int] | None = None,
     ) -> dict[int, int]:
         params = {
             "ids": _json.encode(list(row_ids)),
@@ -429,8 +448,11 @@ class SQLiteStorage(Storage):
             "claimant": claim.claimant if claim else None,
             "until": claim.until if claim else None,
         }
-        async with self._tx() as conn, conn.execute(Q["record_attempts"], params) as cur:
-            return {row_id: quantity for row_id, quantity in await cur.fetchall()}
+        async with self._tx() as conn:
+            if flag_versions is not None:
+                check_flags_unchanged(flag_versions, await self._flag_versions(conn))
+            async with conn.execute(Q["record_attempts"], params) as cur:
+                return {row_id: quantity for row_id, quantity in await cur.fetchall()}
 
     async def release_attempts(self, row_ids: Sequence[int]) -> None:
         async with self._tx() as conn:
@@ -575,28 +597,45 @@ class SQLiteStorage(Storage):
         }
 
     async def write_flags(
-        self, writes: Sequence[FlagWrite], audit: Sequence[AuditEntry], at: int
+        self,
+        writes: Sequence[FlagWrite],
+        audit: Sequence[AuditEntry],
+        at: int,
+        *,
+        guard: FlagGuard | None = None,
+        flag_versions: Mapping[str, int] | None = None,
+        static: StaticFlags | None = None,
     ) -> dict[str, RuntimeFlag]:
-        from controlplane.errors import FlagRefused
-
         out: dict[str, RuntimeFlag] = {}
         async with self._tx() as conn:
-            for w in writes:
-                async with conn.execute(Q["flag_version"], (w.name,)) as cur:
+            versions = await self._flag_versions(conn)
+            check_flag_versions(
+                {**(flag_versions or {}), **{w.name: w.expected_version for w in writes}},
+                versions,
+            )
+            if static is not None:
+                async with conn.execute(Q["get_setting"], (STATIC_FLAGS,)) as cur:
                     row = await cur.fetchone()
-                version = row[0] if row else 0
-                if version != w.expected_version:
-                    raise FlagRefused(
-                        "version", f"{w.name} changed while this change was prepared; retry"
-                    )
+                check_static(static, row[0] if row else None)
                 await conn.execute(
-                    Q["upsert_flag"], (w.name, _json.encode(w.value).decode(), version + 1, at)
+                    Q["upsert_setting"], (STATIC_FLAGS, _json.encode(static.after).decode())
+                )
+            if guard is not None:
+                await guard(lambda start: self._seam(conn, start))
+            for w in writes:
+                version = versions.get(w.name, 0) + 1
+                await conn.execute(
+                    Q["upsert_flag"], (w.name, _json.encode(w.value).decode(), version, at)
                 )
                 out[w.name] = RuntimeFlag(
-                    name=w.name, value=w.value, version=version + 1, updated_at=at
+                    name=w.name, value=w.value, version=version, updated_at=at
                 )
             await self._append_audit(conn, audit, at)
         return out
+
+    async def static_flags(self) -> dict[str, Any] | None:
+        rows = await self._all(Q["get_setting"], (STATIC_FLAGS,))
+        return _decode.decode(rows[0][0]) if rows else None
 
     async def _append_audit(
         self, conn: aiosqlite.Connection, entries: Sequence[AuditEntry], at: int

@@ -150,7 +150,8 @@ UPDATE ledger SET claimed_by = ?, claim_expires = ? WHERE id = ?;
 UPDATE ledger SET claimed_by = NULL, claim_expires = NULL WHERE claimed_by = ?;
 
 -- name: seam
-SELECT coalesce(sum(state = 'sent' OR attempts > 0), 0),
+-- Rows the provider has, or had: sent, attempted, or cancelled by a rollback.
+SELECT coalesce(sum(state IN ('sent', 'cancelled') OR attempts > 0), 0),
        coalesce(sum(state = 'excluded' AND reason = 'before_bill_from'), 0)
 FROM ledger WHERE bucket_start >= ?;
 
@@ -208,8 +209,8 @@ ON CONFLICT (org_id, effective_from) DO UPDATE SET plan = excluded.plan;
 -- name: runtime_flags
 SELECT name, value, version, updated_at FROM flags;
 
--- name: flag_version
-SELECT version FROM flags WHERE name = ?;
+-- name: flag_versions
+SELECT name, version FROM flags;
 
 -- name: upsert_flag
 INSERT INTO flags (name, value, version, updated_at) VALUES (?, ?, ?, ?)
@@ -251,6 +252,10 @@ SELECT value FROM settings WHERE key = ?;
 
 -- name: put_setting
 INSERT INTO settings (key, value) VALUES (?, ?);
+
+-- name: upsert_setting
+INSERT INTO settings (key, value) VALUES (?, ?)
+ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 
 -- name: bucket_span
 -- Two subqueries: each is one index lookup; min() and max() in one SELECT scan every row.

@@ -59,9 +59,9 @@ async def test_a_row_whose_quantity_changed_under_the_sender_waits_for_the_next_
     (read,) = await cp.storage.ledger()
     recorded = cp.storage.record_attempts
 
-    async def re_derived(row_ids: Any, at: int, claim: Any = None) -> dict[int, int]:
+    async def re_derived(row_ids: Any, at: int, claim: Any = None, **kw: Any) -> dict[int, int]:
         # as if another replica had re-derived the chain after this sender's claim lapsed
-        return {i: q + 1 for i, q in (await recorded(row_ids, at, claim)).items()}
+        return {i: q + 1 for i, q in (await recorded(row_ids, at, claim, **kw)).items()}
 
     monkeypatch.setattr(cp.storage, "record_attempts", re_derived)
     stats = await cp.send()
