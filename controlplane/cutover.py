@@ -383,6 +383,13 @@ async def rollback(
     async for row in _rows_at_provider(cp):
         attempted = row.state is not RowState.SENT  # attempted, outcome unknown
         unknown = "attempted without a definite answer (it may never have arrived); "
+        if not row.attempts:  # sent without a call (below one unit): nothing to cancel there
+            never = "never delivered (below one unit): handed back without a call"
+            if await cp.storage.cancel_rows(
+                [row.id], cp.now(), actor, Reason.ROLLED_BACK.value, never
+            ):
+                cancelled.append(_note(row, never))
+            continue
         if cp.billing is None:
             kept.append(_note(row, "no billing backend configured"))
             continue

@@ -571,8 +571,9 @@ class PostgresStorage(Storage):
         return await self._tx("settle", work, *locks)
 
     async def _requantify(self, conn: Conn, row_ids: list[int], at: int, claimant: str) -> None:
-        """Rows just excluded left the billable rounding chain: re-derive the quantities of
-        every chain of their (org, meter) and store the carries (see the SQLite plugin)."""
+        """Rows just excluded (or cancelled) left the billable rounding chain: re-derive the
+        quantities of every chain of their (org, meter) and store the carries (see the SQLite
+        plugin)."""
         for org_id, meter in await conn.fetch(Q["row_chains"], row_ids):
             rows = await conn.fetch(Q["chain_rows"], org_id, meter, claimant, at)
             for name, chain in chains(rows).items():
@@ -606,9 +607,11 @@ class PostgresStorage(Storage):
                 ],
                 at,
             )
+            # they left the billable rounding chain: its fractions stay behind
+            await self._requantify(conn, [r[0] for r in found], at, "")
             return len(found)
 
-        return await self._tx("cancel rows", work)
+        return await self._tx("cancel rows", work, CHAIN_LOCK)
 
     async def live_claims(self, at: int) -> int:
         ((count,),) = await self._all(Q["live_claims"], at)

@@ -523,6 +523,8 @@ class SQLiteStorage(Storage):
                 ],
                 at,
             )
+            if found:  # they left the billable rounding chain: its fractions stay behind
+                await self._requantify(conn, [r[0] for r in found], at, "")
         return len(found)
 
     async def live_claims(self, at: int) -> int:
@@ -532,8 +534,8 @@ class SQLiteStorage(Storage):
     async def _requantify(
         self, conn: aiosqlite.Connection, row_ids: list[int], at: int, claimant: str
     ) -> None:
-        """Rows just excluded left the billable rounding chain: re-derive the quantities of
-        every chain of their (org, meter) and store the carries."""
+        """Rows just excluded (or cancelled) left the billable rounding chain: re-derive the
+        quantities of every chain of their (org, meter) and store the carries."""
         async with conn.execute(Q["row_chains"], (_json.encode(row_ids),)) as cur:
             pairs = list(await cur.fetchall())
         for org_id, meter in pairs:

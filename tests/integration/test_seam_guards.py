@@ -237,3 +237,34 @@ async def test_a_config_file_change_is_guarded_and_audited_like_a_runtime_one(
         False,
         True,
     )
+
+
+# what a rollback hands back ---------------------------------------------------------------------
+
+
+async def test_fractions_of_rows_handed_back_do_not_leak_into_the_next_cutover(
+    cp: ControlPlane, fake_billing: FakeBilling
+) -> None:
+    await cp.set_org("o2", customer="cus_2", plan="pro", actor="t", effective_from=0)
+    # o1: 2.79 units at T, sent as 2 (0.79 carried); o2: 0.19 units, sent as 0 without a call
+    await cp.ingest([tick("a", "o1", T + 5, mb=143), tick("b", "o2", T + 5, mb=10)], "http")
+    await cp.rollup(until=T + HOUR)
+    await cutover.execute(cp, T, actor="ops", reason="go", force=True)
+    assert (await cp.send()).sent == 2
+    assert [e.value for e in fake_billing.calls] == [2]
+
+    result = await cutover.rollback(cp, actor="ops", reason="bad", cancel_sent=True)
+    assert {r.org_id: r.note for r in result.cancelled} == {
+        "o1": None,
+        "o2": "never delivered (below one unit): handed back without a call",
+    }
+    assert result.not_cancelled == []
+    assert {r.state for r in await cp.storage.ledger()} == {RowState.CANCELLED}
+
+    # A second cutover after them: 2.79 units more for o1 are billed as 2, not 3.
+    t2 = T + 2 * HOUR
+    await cp.ingest([tick("c", "o1", t2 + 5, mb=143)], "http")
+    await cp.rollup(until=t2 + HOUR)
+    await cutover.execute(cp, t2, actor="ops", reason="again", force=True)
+    assert (await cp.send()).sent == 1
+    assert [e.value for e in fake_billing.calls] == [2, 2]
