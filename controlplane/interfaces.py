@@ -98,11 +98,21 @@ class RollupBatch(msgspec.Struct, frozen=True):
     orgs: dict[str, Org]
 
 
+class HeldBucket(msgspec.Struct, frozen=True):
+    """A closed (org, bucket) the rollup cannot fold: it stays out of the ledger, and out of
+    the rollup's way, until an event for it arrives (ingest marks it dirty again)."""
+
+    org_id: str
+    bucket_start: int
+    reason: str
+
+
 class RollupPlan(msgspec.Struct, frozen=True):
     """What one rollup step writes, in the same transaction."""
 
     rows: list[NewRow]
     carries: list[Carry]
+    held: list[HeldBucket] = []
 
 
 RollupPlanner = Callable[[RollupBatch], RollupPlan]
@@ -232,6 +242,7 @@ class DirtyBacklog(msgspec.Struct, frozen=True):
 
     buckets: int
     oldest_start: int | None  # None when there are none
+    held: int = 0  # closed buckets the rollup holds (it cannot fold them), not counted above
 
 
 class MigrationStatus(msgspec.Struct, frozen=True):
@@ -407,7 +418,9 @@ class Storage(abc.ABC):
     ) -> tuple[int, list[NewRow]]:
         """Take up to `limit` dirty buckets ending at or before `closed_before` (and of
         `org_id` when given), let `planner` decide the revisions, write them and clear those
-        dirty marks in one transaction. Returns (buckets done, rows written).
+        dirty marks in one transaction (the marks of buckets the plan holds are kept, with
+        the reason, and skipped until ingest marks them dirty again). Returns (buckets taken,
+        rows written).
 
         With `unplanned_allowed`, a bucket whose start no stored plan covers is taken only if
         its org is listed (the legacy biller answered for it); the others stay dirty."""

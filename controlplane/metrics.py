@@ -188,6 +188,14 @@ async def _read_storage(cp: ControlPlane, out: list[Metric], watching_since: flo
     )
     out.append(
         GaugeMetricFamily(
+            "controlplane_rollup_held_buckets",
+            "Closed (org, bucket) pairs the rollup holds: it cannot fold them (each alerted), "
+            "their usage is in no ledger row.",
+            value=backlog.held,
+        )
+    )
+    out.append(
+        GaugeMetricFamily(
             "controlplane_rollup_lag_seconds",
             "How long ago the oldest closed bucket still waiting for the rollup closed "
             "(0: none waits).",

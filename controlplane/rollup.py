@@ -18,9 +18,17 @@ from collections.abc import Mapping
 import msgspec
 import structlog
 
-from controlplane.interfaces import Carry, ChainRow, RollupBatch, RollupPlan, Storage
+from controlplane.interfaces import (
+    Carry,
+    ChainRow,
+    HeldBucket,
+    ParityAlert,
+    RollupBatch,
+    RollupPlan,
+    Storage,
+)
 from controlplane.ledger import NewRow, Reason, RowState, segment
-from controlplane.units import floor_units
+from controlplane.units import MAX_MICROS, MICROS, floor_units, format_micros
 
 log = structlog.get_logger("rollup")
 
@@ -34,6 +42,7 @@ class RollupStats(msgspec.Struct):
     pending: int = 0
     excluded: int = 0
     deferred_orgs: int = 0  # no stored plan, and the legacy biller could not answer
+    held: int = 0  # buckets it cannot fold (see HeldBucket): alerted, the others rolled up
 
 
 class LegacyPlans(msgspec.Struct, frozen=True):
@@ -57,6 +66,16 @@ def plan_revisions(
     legacy = legacy_plans or {}
     totals = {(t.org_id, t.meter, t.bucket_start): t.value_micros for t in batch.totals}
     written = {(t.org_id, t.meter, t.bucket_start): t.value_micros for t in batch.ledger_sums}
+    held = {
+        (org_id, bucket_start): HeldBucket(
+            org_id,
+            bucket_start,
+            f"{meter} total {format_micros(total)} is past the {format_micros(MAX_MICROS)} a "
+            "bucket may hold (stored before ingest refused such totals)",
+        )
+        for (org_id, meter, bucket_start), total in sorted(totals.items())
+        if abs(total) > MAX_MICROS
+    }
     # chain -> [exact micros, whole units] so far; the batch's rows extend each chain in order.
     chains = {(c.org_id, c.meter, c.segment): [c.exact_micros, c.quantity] for c in batch.carries}
     touched: set[tuple[str, str, str]] = set()
@@ -66,17 +85,19 @@ def plan_revisions(
         if diff == 0:
             continue
         org_id, meter, bucket_start = key
+        if (org_id, bucket_start) in held:
+            continue
         org = batch.orgs.get(org_id)
         plan = (org.plan_at(bucket_start) if org else None) or legacy.get(org_id) or FREE_PLAN
         reason = Reason.FREE_PLAN if plan == FREE_PLAN else None
         chain = (org_id, meter, segment(reason))
-        carry = chains.get(chain)
-        if carry is None:
-            carry = chains[chain] = [0, 0]
-        carry[0] += diff
-        whole = floor_units(carry[0])
-        quantity = whole - carry[1]
-        carry[1] = whole
+        so_far = chains.get(chain)
+        if so_far is None:
+            so_far = chains[chain] = [0, 0]
+        so_far[0] += diff
+        whole = floor_units(so_far[0])
+        quantity = whole - so_far[1]
+        so_far[1] = whole
         touched.add(chain)
         rows.append(
             NewRow(
@@ -91,8 +112,16 @@ def plan_revisions(
                 reason=reason,
             )
         )
-    carries = [Carry(*chain, *chains[chain]) for chain in sorted(touched)]
-    return RollupPlan(rows=rows, carries=carries)
+    carries = [carry(*chain, *chains[chain]) for chain in sorted(touched)]
+    return RollupPlan(rows=rows, carries=carries, held=list(held.values()))
+
+
+def carry(org_id: str, meter: str, chain: str, exact: int, whole: int) -> Carry:
+    """A rounding chain's carry as stored: the usage not yet in whole units on the ledger
+    (exact less whole units, with 0 units). Never the lifetime sums: those outgrow storage
+    integers (a meter of 10^12 units an hour does in ten hours); the next row's quantity is
+    the same from either."""
+    return Carry(org_id, meter, chain, exact - whole * MICROS, 0)
 
 
 def requantify(chain: list[ChainRow]) -> tuple[dict[int, int], int, int]:
@@ -131,10 +160,15 @@ async def run(
     stats = RollupStats(deferred_orgs=len(legacy.deferred) if legacy else 0)
     started = time.monotonic()
 
+    held: list[HeldBucket] = []  # by the step in progress
+
     def planner(batch: RollupBatch) -> RollupPlan:
-        return plan_revisions(batch, bucket_seconds, legacy.plans if legacy else None)
+        plan = plan_revisions(batch, bucket_seconds, legacy.plans if legacy else None)
+        held[:] = plan.held
+        return plan
 
     while True:
+        held.clear()
         buckets, rows = await storage.rollup_step(
             closed_before,
             bucket_seconds,
@@ -145,11 +179,14 @@ async def run(
         )
         if buckets == 0:
             break
-        stats.buckets += buckets
+        stats.buckets += buckets - len(held)
+        stats.held += len(held)
+        for bucket in held:
+            await _alert_held(storage, bucket)
         stats.rows += len(rows)
         stats.pending += sum(1 for r in rows if r.state is RowState.PENDING)
         stats.excluded += sum(1 for r in rows if r.state is RowState.EXCLUDED)
-    if stats.buckets:
+    if stats.buckets or stats.held:
         log.info(
             "rollup.done",
             buckets=stats.buckets,
@@ -157,9 +194,35 @@ async def run(
             pending=stats.pending,
             excluded=stats.excluded,
             deferred_orgs=stats.deferred_orgs,
+            held=stats.held,
             seconds=round(time.monotonic() - started, 3),
         )
     return stats
+
+
+async def _alert_held(storage: Storage, bucket: HeldBucket) -> None:
+    """A held bucket is billed by nobody until someone acts: say so where operators look."""
+    text = (
+        f"Rollup holds org {bucket.org_id!r}, bucket {bucket.bucket_start}: {bucket.reason}. "
+        "Its usage is stored but reaches no ledger row until an event for it brings the "
+        "total back in range; the other buckets are rolled up."
+    )
+    log.error(
+        "rollup.bucket_held", org=bucket.org_id, bucket=bucket.bucket_start, reason=bucket.reason
+    )
+    await storage.record_alert(
+        ParityAlert(
+            meter=HELD_ALERTS,
+            bucket_start=bucket.bucket_start,
+            dedup_key=f"{HELD_ALERTS}:{bucket.org_id}:{bucket.bucket_start}",
+            text=text,
+            state="pending",
+            created_at=int(time.time()),
+        )
+    )
+
+
+HELD_ALERTS = "job:rollup"  # the rollup job's alerts, delivered by the job watcher
 
 
 def watermark(now: float, grace_seconds: int) -> int:

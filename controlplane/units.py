@@ -9,7 +9,11 @@ from __future__ import annotations
 from decimal import ROUND_HALF_EVEN, Decimal
 
 MICROS = 1_000_000
-MAX_MICROS = 2**63 - 1  # storage integers are signed 64-bit
+MAX_MICROS = 10**18
+"""The most usage, either way, one event may carry and one org's meter may total in one
+bucket: 10^12 units. Every running total then stays a signed 64-bit integer, as storage keeps
+it: a bucket total, a ledger row (the difference of two totals) and a rounding carry (which
+keeps only the fraction below one unit, never a lifetime sum)."""
 _QUANTUM = Decimal("0.000001")
 
 

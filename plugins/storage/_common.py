@@ -5,12 +5,14 @@ Both plugins select ledger and parity rows with the same columns in the same ord
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import msgspec
 
-from controlplane.errors import FlagRefused
+from controlplane.errors import FlagRefused, InvalidInput, Problem
+from controlplane.events import bucket_of
 from controlplane.interfaces import (
     AuditRecord,
     ChainRow,
@@ -19,8 +21,10 @@ from controlplane.interfaces import (
     ParityRun,
     PlanPeriod,
     StaticFlags,
+    StoredEvent,
 )
 from controlplane.ledger import BILLABLE, LedgerRow, RowState, segment
+from controlplane.units import MAX_MICROS, format_micros
 
 
 def ledger_row(r: Sequence[Any]) -> LedgerRow:
@@ -100,6 +104,46 @@ def orgs_with_plans(rows: Iterable[Sequence[Any]]) -> dict[str, Org]:
         org_id: Org(org_id=org_id, customer=c, plans=p, updated_at=u)
         for org_id, (c, u, p) in found.items()
     }
+
+
+BucketKey = tuple[str, str, int]  # (org, meter, bucket start)
+
+
+def bucket_sums(events: Iterable[StoredEvent], bucket_seconds: int) -> dict[BucketKey, int]:
+    """What a batch adds to each (org, meter, bucket) total."""
+    sums: dict[BucketKey, int] = defaultdict(int)
+    for e in events:
+        bucket = bucket_of(e.time_ms, bucket_seconds)
+        for meter, micros in e.values:
+            sums[(e.org_id, meter, bucket)] += micros
+    return sums
+
+
+def check_bucket_bound(
+    events: Iterable[StoredEvent], bucket_seconds: int, before: Mapping[BucketKey, int]
+) -> None:
+    """Raise InvalidInput naming the first event that takes a bucket total (from `before`)
+    past :data:`MAX_MICROS` either way: the batch is refused whole, nothing is stored."""
+    running = dict(before)
+    for e in events:
+        bucket = bucket_of(e.time_ms, bucket_seconds)
+        for meter, micros in e.values:
+            key = (e.org_id, meter, bucket)
+            total = running[key] = running.get(key, 0) + micros
+            if abs(total) > MAX_MICROS:
+                raise InvalidInput(
+                    [
+                        Problem(
+                            field="data",
+                            message=(
+                                f"event {e.event_id!r} (source {e.source!r}) would take the "
+                                f"{meter} usage of org {e.org_id!r} in the bucket starting "
+                                f"{bucket} to {format_micros(total)}; one bucket holds at "
+                                f"most {format_micros(MAX_MICROS)} either way"
+                            ),
+                        )
+                    ]
+                )
 
 
 STATIC_FLAGS = "static_flags"  # the settings key of the static layers' recorded flag values

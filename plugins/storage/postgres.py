@@ -76,12 +76,15 @@ from controlplane.interfaces import (
 )
 from controlplane.ledger import LedgerRow, NewRow, RowState
 from controlplane.registry import PluginSpec, require
-from controlplane.rollup import requantify
+from controlplane.rollup import carry, requantify
 from controlplane.secrets import Secret, check_url, reveal
+from controlplane.units import MAX_MICROS
 from plugins.storage._common import (
     STATIC_FLAGS,
     audit_record,
+    bucket_sums,
     chains,
+    check_bucket_bound,
     check_flag_versions,
     check_flags_unchanged,
     check_static,
@@ -341,13 +344,20 @@ class PostgresStorage(Storage):
                 await conn.execute(
                     Q["insert_meter_values"], pk_col, meter_col, org_col, bucket_col, micros_col
                 )
-                await conn.execute(
+                totals = await conn.fetch(
                     Q["add_bucket_totals"], org_col, bucket_col, meter_col, micros_col
                 )
+                over = {(o, m, b): t for o, b, m, t in totals if abs(t) > MAX_MICROS}
+                if over:  # refused whole: the transaction rolls back
+                    fresh = [e for e in batch if (e.source, e.event_id) in pks]
+                    added = bucket_sums(fresh, bucket_seconds)
+                    before = {key: total - added[key] for key, total in over.items()}
+                    check_bucket_bound(fresh, bucket_seconds, before)
             marks = sorted(dirty)
             await conn.execute(Q["mark_dirty"], [o for o, _ in marks], [b for _, b in marks])
             return len(stored)
 
+        check_bucket_bound(batch, bucket_seconds, {})  # the batch on its own
         accepted = await self._tx("ingest", work) if batch else 0
         return IngestResult(accepted=accepted, duplicates=len(events) - accepted)
 
@@ -422,6 +432,16 @@ class PostgresStorage(Storage):
                     [x.segment for x in c],
                     [x.exact_micros for x in c],
                     [x.quantity for x in c],
+                )
+            marks = {(r[0], r[1]): r[2] for r in dirty}
+            if plan.held:
+                h = plan.held
+                await conn.execute(
+                    Q["hold_dirty"],
+                    [x.org_id for x in h],
+                    [x.bucket_start for x in h],
+                    [marks[(x.org_id, x.bucket_start)] for x in h],
+                    [x.reason for x in h],
                 )
             await conn.execute(Q["clear_dirty"], orgs_col, starts_col, [r[2] for r in dirty])
             return len(dirty), plan.rows
@@ -582,7 +602,10 @@ class PostgresStorage(Storage):
                     await conn.execute(
                         Q["set_quantities"], list(changed), list(changed.values()), at
                     )
-                await conn.execute(Q["upsert_carry"], org_id, meter, name, exact, whole)
+                c = carry(org_id, meter, name, exact, whole)
+                await conn.execute(
+                    Q["upsert_carry"], org_id, meter, name, c.exact_micros, c.quantity
+                )
 
     async def cancel_rows(
         self, row_ids: Sequence[int], at: int, actor: str, reason: str, detail: str | None = None
@@ -760,7 +783,7 @@ class PostgresStorage(Storage):
     # parity -------------------------------------------------------------------------------
 
     async def usage_by_org(self, meter: str, start: int, end: int) -> dict[str, int]:
-        return {r[0]: r[1] for r in await self._all(Q["usage_by_org"], meter, start, end)}
+        return {r[0]: int(r[1]) for r in await self._all(Q["usage_by_org"], meter, start, end)}
 
     async def record_parity_run(
         self, run: ParityRun, drifts: Sequence[OrgDrift], alert: ParityAlert | None
@@ -962,8 +985,10 @@ class PostgresStorage(Storage):
         return [LedgerCount(s, r, n) for s, r, n in await self._all(Q["ledger_counts"])]
 
     async def dirty_backlog(self, closed_before: int, bucket_seconds: int) -> DirtyBacklog:
-        ((buckets, oldest),) = await self._all(Q["dirty_backlog"], closed_before - bucket_seconds)
-        return DirtyBacklog(buckets=buckets, oldest_start=oldest)
+        ((buckets, oldest, held),) = await self._all(
+            Q["dirty_backlog"], closed_before - bucket_seconds
+        )
+        return DirtyBacklog(buckets=buckets, oldest_start=oldest, held=held)
 
     async def record_alert(self, alert: ParityAlert) -> int | None:
         return await self._tx("record alert", lambda conn: _insert_alert(conn, alert))

@@ -33,13 +33,14 @@ SELECT o, b, m, sum(v) FROM unnest($1::text[], $2::bigint[], $3::text[], $4::big
 GROUP BY o, b, m
 ORDER BY o, b, m
 ON CONFLICT (org_id, bucket_start, meter)
-DO UPDATE SET micros = bucket_totals.micros + excluded.micros;
+DO UPDATE SET micros = bucket_totals.micros + excluded.micros
+RETURNING org_id, bucket_start, meter, micros;
 
 -- name: mark_dirty
 INSERT INTO dirty_buckets (org_id, bucket_start, mark)
 SELECT o, b, nextval('dirty_marks') FROM unnest($1::text[], $2::bigint[]) AS t(o, b)
 ORDER BY o, b
-ON CONFLICT (org_id, bucket_start) DO UPDATE SET mark = excluded.mark;
+ON CONFLICT (org_id, bucket_start) DO UPDATE SET mark = excluded.mark, held_reason = NULL;
 
 -- name: usage
 SELECT org_id, meter, bucket_start, micros
@@ -52,7 +53,7 @@ ORDER BY org_id, meter, bucket_start;
 
 -- name: closed_dirty
 SELECT org_id, bucket_start, mark FROM dirty_buckets
-WHERE bucket_start <= $1 AND ($2::text IS NULL OR org_id = $2)
+WHERE bucket_start <= $1 AND ($2::text IS NULL OR org_id = $2) AND held_reason IS NULL
   AND ($4::text[] IS NULL
        OR EXISTS (SELECT 1 FROM org_plans p
                   WHERE p.org_id = dirty_buckets.org_id
@@ -63,7 +64,7 @@ LIMIT $3;
 
 -- name: unplanned_orgs
 SELECT DISTINCT d.org_id FROM dirty_buckets d
-WHERE d.bucket_start <= $1
+WHERE d.bucket_start <= $1 AND d.held_reason IS NULL
   AND NOT EXISTS (SELECT 1 FROM org_plans p
                   WHERE p.org_id = d.org_id AND p.effective_from <= d.bucket_start)
 ORDER BY d.org_id;
@@ -102,11 +103,18 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigin
 ON CONFLICT (org_id, meter, segment) DO UPDATE SET exact_micros = excluded.exact_micros,
                                                    quantity = excluded.quantity;
 
--- name: clear_dirty
+-- name: hold_dirty
 -- Only marks no ingest renewed since they were read.
+UPDATE dirty_buckets d SET held_reason = b.reason
+FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[]) AS b(org_id, bucket_start, mark, reason)
+WHERE d.org_id = b.org_id AND d.bucket_start = b.bucket_start AND d.mark = b.mark;
+
+-- name: clear_dirty
+-- Only marks no ingest renewed since they were read, and not held.
 DELETE FROM dirty_buckets d
 USING unnest($1::text[], $2::bigint[], $3::bigint[]) AS b(org_id, bucket_start, mark)
-WHERE d.org_id = b.org_id AND d.bucket_start = b.bucket_start AND d.mark = b.mark;
+WHERE d.org_id = b.org_id AND d.bucket_start = b.bucket_start AND d.mark = b.mark
+  AND d.held_reason IS NULL;
 
 -- name: ledger
 SELECT id, identifier, org_id, meter, bucket_start, bucket_end, revision, value_micros,
@@ -287,7 +295,8 @@ ORDER BY id DESC
 LIMIT $2;
 
 -- name: usage_by_org
-SELECT org_id, sum(micros)::bigint FROM bucket_totals
+-- numeric: a window's sum may pass 2^63 - 1 (ten buckets at the bound do)
+SELECT org_id, sum(micros) FROM bucket_totals
 WHERE meter = $1 AND bucket_start >= $2 AND bucket_start < $3
 GROUP BY org_id;
 
@@ -396,7 +405,10 @@ LIMIT 1;
 SELECT state, reason, count(*) FROM ledger GROUP BY state, reason ORDER BY state, reason;
 
 -- name: dirty_backlog
-SELECT count(*), min(bucket_start) FROM dirty_buckets WHERE bucket_start <= $1;
+SELECT count(*) FILTER (WHERE held_reason IS NULL),
+       min(bucket_start) FILTER (WHERE held_reason IS NULL),
+       count(*) FILTER (WHERE held_reason IS NOT NULL)
+FROM dirty_buckets WHERE bucket_start <= $1;
 
 -- name: insert_alert
 INSERT INTO parity_alerts (meter, bucket_start, dedup_key, text, state, created_at)

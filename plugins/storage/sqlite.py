@@ -57,11 +57,14 @@ from controlplane.interfaces import (
 )
 from controlplane.ledger import LedgerRow, NewRow, RowState
 from controlplane.registry import PluginSpec
-from controlplane.rollup import requantify
+from controlplane.rollup import carry, requantify
+from controlplane.units import MAX_MICROS, MICROS
 from plugins.storage._common import (
     STATIC_FLAGS,
     audit_record,
+    bucket_sums,
     chains,
+    check_bucket_bound,
     check_flag_versions,
     check_flags_unchanged,
     check_static,
@@ -73,7 +76,7 @@ from plugins.storage._common import (
 Q = sql.load(Path(__file__).with_suffix(".sql"))
 _json = msgspec.json.Encoder()
 _decode = msgspec.json.Decoder()
-_org_totals = msgspec.json.Decoder(dict[str, int])
+_org_totals = msgspec.json.Decoder(dict[str, tuple[int, int]])
 
 
 class SQLiteStorageConfig(PluginConfig, tag="sqlite", tag_field="backend", frozen=True):
@@ -233,6 +236,7 @@ class SQLiteStorage(Storage):
                 event_rows = []
                 value_rows = []
                 dirty: set[tuple[str, int]] = set()
+                fresh: list[StoredEvent] = []
                 for e in events:
                     if (e.source, e.event_id) in existing:
                         continue
@@ -253,14 +257,30 @@ class SQLiteStorage(Storage):
                     for meter, micros in e.values:
                         value_rows.append((next_pk, meter, e.org_id, bucket, micros))
                     dirty.add((e.org_id, bucket))
+                    fresh.append(e)
                     next_pk += 1
                 if event_rows:
+                    check_bucket_bound(fresh, bucket_seconds, {})  # the batch on its own
                     await conn.executemany(Q["insert_event"], event_rows)
                     await conn.executemany(Q["insert_meter_value"], value_rows)
                     await conn.executemany(Q["mark_dirty"], sorted(dirty))
+                    await self._check_totals(conn, fresh, bucket_seconds)
         except sqlite3.Error as exc:
             raise StorageError(f"ingest failed: {exc}") from exc
         return IngestResult(accepted=len(event_rows), duplicates=len(events) - len(event_rows))
+
+    async def _check_totals(
+        self, conn: aiosqlite.Connection, events: list[StoredEvent], bucket_seconds: int
+    ) -> None:
+        """Refuse the batch (InvalidInput, the transaction rolls back) when it took a bucket
+        total past the bound: name the event that did."""
+        added = bucket_sums(events, bucket_seconds)
+        params = {"keys": _json.encode(list(added)), "bound": MAX_MICROS}
+        async with conn.execute(Q["totals_past_bound"], params) as cur:
+            over = {(o, m, b): total for o, m, b, total in await cur.fetchall()}
+        if over:
+            before = {key: total - added[key] for key, total in over.items()}
+            check_bucket_bound(events, bucket_seconds, before)
 
     async def usage(
         self, org_id: str | None, meter: str | None, start: int | None, end: int | None
@@ -352,6 +372,9 @@ class SQLiteStorage(Storage):
                         (c.org_id, c.meter, c.segment, c.exact_micros, c.quantity)
                         for c in plan.carries
                     ],
+                )
+                await conn.executemany(
+                    Q["hold_dirty"], [(h.reason, h.org_id, h.bucket_start) for h in plan.held]
                 )
                 await conn.execute(Q["clear_dirty"])
         except sqlite3.Error as exc:
@@ -547,7 +570,10 @@ class SQLiteStorage(Storage):
                 await conn.executemany(
                     Q["set_quantity"], [(q, at, row_id) for row_id, q in changed.items()]
                 )
-                await conn.execute(Q["upsert_carry"], (org_id, meter, name, exact, whole))
+                c = carry(org_id, meter, name, exact, whole)
+                await conn.execute(
+                    Q["upsert_carry"], (org_id, meter, name, c.exact_micros, c.quantity)
+                )
 
     # orgs ---------------------------------------------------------------------------------
 
@@ -699,7 +725,12 @@ class SQLiteStorage(Storage):
         narrow = (min(end, last + 1) - max(start, first)) * 8 <= last - first
         query = Q["usage_by_org_narrow" if narrow else "usage_by_org"]
         rows = await self._all(query, {"meter": meter, "start": start, "end": end})
-        return _org_totals.decode(rows[0][0]) if rows and rows[0][0] else {}
+        if not rows or not rows[0][0]:
+            return {}
+        return {
+            org: units * MICROS + micros
+            for org, (units, micros) in _org_totals.decode(rows[0][0]).items()
+        }
 
     async def record_parity_run(
         self, run: ParityRun, drifts: Sequence[OrgDrift], alert: ParityAlert | None
@@ -921,10 +952,10 @@ class SQLiteStorage(Storage):
         return [LedgerCount(s, r, n) for s, r, n in await self._all(Q["ledger_counts"])]
 
     async def dirty_backlog(self, closed_before: int, bucket_seconds: int) -> DirtyBacklog:
-        ((buckets, oldest),) = await self._all(
+        ((buckets, oldest, held),) = await self._all(
             Q["dirty_backlog"], {"last_start": closed_before - bucket_seconds}
         )
-        return DirtyBacklog(buckets=buckets, oldest_start=oldest)
+        return DirtyBacklog(buckets=buckets, oldest_start=oldest, held=held)
 
     async def record_alert(self, alert: ParityAlert) -> int | None:
         try:

@@ -12,8 +12,20 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?);
 -- name: insert_meter_value
 INSERT INTO meter_values (event_pk, meter, org_id, bucket_start, micros) VALUES (?, ?, ?, ?, ?);
 
+-- name: totals_past_bound
+-- The totals of the (org, meter, bucket) keys a batch touched that are past the bound.
+SELECT t.org_id, t.meter, t.bucket_start, t.micros
+FROM json_each(:keys) k
+CROSS JOIN bucket_totals t
+    ON t.meter = json_extract(k.value, '$[1]') AND t.org_id = json_extract(k.value, '$[0]')
+   AND t.bucket_start = json_extract(k.value, '$[2]')
+WHERE abs(t.micros) > :bound;
+
 -- name: mark_dirty
-INSERT OR IGNORE INTO dirty_buckets (org_id, bucket_start) VALUES (?, ?);
+-- A new event for a held bucket releases it: the rollup tries it again.
+INSERT INTO dirty_buckets (org_id, bucket_start) VALUES (?, ?)
+ON CONFLICT (org_id, bucket_start) DO UPDATE SET held_reason = NULL
+WHERE held_reason IS NOT NULL;
 
 -- name: usage
 SELECT org_id, meter, bucket_start, sum(micros)
@@ -43,7 +55,7 @@ DELETE FROM temp.rollup_meters;
 -- The next closed dirty buckets, in (org, bucket) order.
 INSERT INTO temp.rollup_batch (org_id, bucket_start)
 SELECT org_id, bucket_start FROM dirty_buckets
-WHERE bucket_start <= :last_start AND (:org IS NULL OR org_id = :org)
+WHERE bucket_start <= :last_start AND (:org IS NULL OR org_id = :org) AND held_reason IS NULL
   AND (:allowed IS NULL
        OR EXISTS (SELECT 1 FROM org_plans p
                   WHERE p.org_id = dirty_buckets.org_id
@@ -54,7 +66,7 @@ LIMIT :limit;
 
 -- name: unplanned_orgs
 SELECT DISTINCT d.org_id FROM dirty_buckets d
-WHERE d.bucket_start <= :last_start
+WHERE d.bucket_start <= :last_start AND d.held_reason IS NULL
   AND NOT EXISTS (SELECT 1 FROM org_plans p
                   WHERE p.org_id = d.org_id AND p.effective_from <= d.bucket_start)
 ORDER BY d.org_id;
@@ -108,9 +120,13 @@ INSERT INTO carries (org_id, meter, segment, exact_micros, quantity) VALUES (?, 
 ON CONFLICT (org_id, meter, segment) DO UPDATE SET exact_micros = excluded.exact_micros,
                                           quantity = excluded.quantity;
 
+-- name: hold_dirty
+UPDATE dirty_buckets SET held_reason = ? WHERE org_id = ? AND bucket_start = ?;
+
 -- name: clear_dirty
 DELETE FROM dirty_buckets
-WHERE (org_id, bucket_start) IN (SELECT org_id, bucket_start FROM temp.rollup_batch);
+WHERE (org_id, bucket_start) IN (SELECT org_id, bucket_start FROM temp.rollup_batch)
+  AND held_reason IS NULL;
 
 -- name: ledger
 SELECT id, identifier, org_id, meter, bucket_start, bucket_end, revision, value_micros,
@@ -266,10 +282,13 @@ SELECT (SELECT min(bucket_start) FROM bucket_totals WHERE meter = ?1),
 -- For a window covering much of the meter's history: one pass over its (org, bucket) totals
 -- in primary-key order (NOT INDEXED: the table's own key), so groups arrive in org order and
 -- nothing is sorted; bucket_totals is kept from meter_values by triggers (0002_parity.sql).
--- The answer is one JSON object {org: micros}: the whole aggregation runs in one step inside
--- SQLite (without Python's lock) instead of handing 10,000 rows to Python one by one.
-SELECT json_group_object(org_id, total) FROM (
-    SELECT org_id, sum(micros) AS total FROM bucket_totals NOT INDEXED
+-- The answer is one JSON object {org: [units, micros]}: the whole aggregation runs in one step
+-- inside SQLite (without Python's lock) instead of handing 10,000 rows to Python one by one.
+-- Whole units and the micro-units below them are summed apart: SQLite's sum() fails past
+-- 2^63 - 1, which ten buckets at the bound reach (units * 10^6 + micros is exact).
+SELECT json_group_object(org_id, json_array(units, micros)) FROM (
+    SELECT org_id, sum(micros / 1000000) AS units, sum(micros % 1000000) AS micros
+    FROM bucket_totals NOT INDEXED
     WHERE meter = :meter AND bucket_start >= :start AND bucket_start < :end
     GROUP BY org_id
 );
@@ -277,8 +296,9 @@ SELECT json_group_object(org_id, total) FROM (
 -- name: usage_by_org_narrow
 -- For a window much narrower than the history: only the window's rows, through the bucket
 -- index, then a small sort.
-SELECT json_group_object(org_id, total) FROM (
-    SELECT org_id, sum(micros) AS total FROM bucket_totals INDEXED BY bucket_totals_by_bucket
+SELECT json_group_object(org_id, json_array(units, micros)) FROM (
+    SELECT org_id, sum(micros / 1000000) AS units, sum(micros % 1000000) AS micros
+    FROM bucket_totals INDEXED BY bucket_totals_by_bucket
     WHERE meter = :meter AND bucket_start >= :start AND bucket_start < :end
     GROUP BY org_id
 );
@@ -407,7 +427,10 @@ LIMIT 1;
 SELECT state, reason, count(*) FROM ledger GROUP BY state, reason ORDER BY state, reason;
 
 -- name: dirty_backlog
-SELECT count(*), min(bucket_start) FROM dirty_buckets WHERE bucket_start <= :last_start;
+SELECT count(*) FILTER (WHERE held_reason IS NULL),
+       min(bucket_start) FILTER (WHERE held_reason IS NULL),
+       count(*) FILTER (WHERE held_reason IS NOT NULL)
+FROM dirty_buckets WHERE bucket_start <= :last_start;
 
 -- name: insert_alert
 INSERT INTO parity_alerts (meter, bucket_start, dedup_key, text, state, created_at)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from controlplane.interfaces import Carry, ChainRow, Org, PlanPeriod, RollupBatch, UsageTotal
 from controlplane.ledger import Reason, RowState, identifier
 from controlplane.rollup import plan_revisions, requantify
-from controlplane.units import MICROS
+from controlplane.units import MAX_MICROS, MICROS
 
 PRO = {"o": Org(org_id="o", customer="cus", plans=[PlanPeriod("pro", 0)], updated_at=0)}
 
@@ -35,7 +35,8 @@ def test_new_bucket_gets_revision_one_with_floor_quantity() -> None:
         2,
         RowState.PENDING,
     )
-    assert plan.carries == [Carry("o", "m", "billable", 2_500_000, 2)]
+    # the carry keeps what is not on the ledger in whole units: 0.5 unit
+    assert plan.carries == [Carry("o", "m", "billable", 500_000, 0)]
 
 
 def test_remainder_is_carried_into_later_rows() -> None:
@@ -126,3 +127,22 @@ def test_alternating_fractions_never_move_units_out_of_the_billed_chain() -> Non
     e_changed, e_exact, e_whole = requantify(excluded)
     assert b_whole == b_exact // MICROS == 2 and e_whole == e_exact // MICROS == 2
     assert sum(b_changed.values()) == 2 and sum(e_changed.values()) == 2
+
+
+def test_a_carry_read_as_lifetime_sums_gives_the_same_quantities() -> None:
+    """Stores written before carries kept only the fraction hold (exact, whole) sums."""
+    written = {0: 2_500_000}
+    lifetime = Carry("o", "m", "billable", 2_500_000, 2)
+    fraction = Carry("o", "m", "billable", 500_000, 0)
+    for carried in (lifetime, fraction):
+        plan = plan_revisions(batch({0: 3_700_000}, written=written, carry=carried), 3600)
+        assert [r.quantity for r in plan.rows] == [1]
+        assert plan.carries == [Carry("o", "m", "billable", 700_000, 0)]
+
+
+def test_a_bucket_total_past_the_bound_is_held_and_the_others_planned() -> None:
+    totals = {0: MAX_MICROS + 1, 3600: 2_000_000}
+    plan = plan_revisions(batch(totals), 3600)
+    assert [(r.bucket_start, r.quantity) for r in plan.rows] == [(3600, 2)]
+    (held,) = plan.held
+    assert (held.org_id, held.bucket_start) == ("o", 0) and "past the" in held.reason

@@ -1,0 +1,95 @@
+"""Every running total stays inside storage integers (issue: one client's values stopping the
+rollup): ingest refuses a batch that would take a bucket total past the bound, carries keep
+only the fraction below a unit, window sums are exact past 2^63 - 1, and a bucket the rollup
+cannot fold is held without stopping the others."""
+
+from __future__ import annotations
+
+import pytest
+
+from controlplane.errors import InvalidInput
+from controlplane.interfaces import HeldBucket, RollupBatch, RollupPlan, Storage
+from controlplane.units import MAX_MICROS
+from tests.contract.helpers import (
+    HOUR,
+    NOW,
+    UNIT,
+    B,
+    as_map,
+    assert_chains_floor,
+    event,
+    plan,
+    pro,
+    roll,
+)
+
+
+async def test_a_batch_taking_a_bucket_total_past_the_bound_is_refused_whole(
+    storage: Storage,
+) -> None:
+    await storage.insert_events([event("e1", "a", B[0], MAX_MICROS - UNIT)], HOUR)
+    before = await storage.usage(None, None, None, None)
+    batch = [event("e2", "a", B[1], UNIT), event("e3", "a", B[0] + 5, 2 * UNIT)]
+    with pytest.raises(InvalidInput) as info:
+        await storage.insert_events(batch, HOUR)
+    (problem,) = info.value.problems
+    assert "'e3'" in problem.message and "1000000000000" in problem.message
+    assert await storage.usage(None, None, None, None) == before  # e2 was not stored either
+    # up to the bound exactly is accepted
+    assert (await storage.insert_events([event("e4", "a", B[0], UNIT)], HOUR)).accepted == 1
+    assert as_map(await storage.usage("a", "gbs", B[0], B[1])) == {("a", "gbs", B[0]): MAX_MICROS}
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+async def test_a_batch_past_the_bound_on_its_own_is_refused(storage: Storage, sign: int) -> None:
+    half = sign * (MAX_MICROS // 2 + 1)
+    batch = [event(f"e{i}", "a", B[0] + i, half) for i in range(3)]
+    with pytest.raises(InvalidInput, match="'e1'"):
+        await storage.insert_events(batch, HOUR)
+    assert await storage.usage(None, None, None, None) == []
+
+
+async def test_rollup_carries_stay_small_over_a_history_past_storage_integers(
+    storage: Storage,
+) -> None:
+    """Twelve buckets near the bound total about 1.2e19 micro-units: past 2^63 - 1 for a
+    lifetime carry, which stopped the rollup for good."""
+    await pro(storage, "a")
+    value = MAX_MICROS - UNIT // 2  # a half unit carried from each bucket to the next
+    await storage.insert_events([event(f"e{i}", "a", B[i], value) for i in range(12)], HOUR)
+    rows = await roll(storage)
+    assert len(rows) == 12
+    assert sum(r.quantity for r in rows) == 12 * value // UNIT
+    assert_chains_floor(await storage.ledger())
+    # the parity window sum is exact past 2^63 - 1 as well
+    assert await storage.usage_by_org("gbs", B[0], B[12]) == {"a": 12 * value}
+
+
+def holding(org: str, bucket: int) -> object:
+    def planner(batch: RollupBatch) -> RollupPlan:
+        real = plan(batch)
+        return RollupPlan(
+            rows=[r for r in real.rows if (r.org_id, r.bucket_start) != (org, bucket)],
+            carries=real.carries,
+            held=[HeldBucket(org, bucket, "cannot fold")],
+        )
+
+    return planner
+
+
+async def test_a_held_bucket_keeps_its_mark_out_of_the_way_until_an_event_releases_it(
+    storage: Storage,
+) -> None:
+    await pro(storage, "a", "b")
+    await storage.insert_events([event("a1", "a", B[0], UNIT), event("b1", "b", B[0], UNIT)], HOUR)
+    done, rows = await storage.rollup_step(NOW, HOUR, 100, holding("a", B[0]))  # type: ignore[arg-type]
+    assert done == 2 and [r.org_id for r in rows] == ["b"]
+    backlog = await storage.dirty_backlog(NOW, HOUR)
+    assert (backlog.buckets, backlog.held) == (0, 1)
+    assert await storage.rollup_step(NOW, HOUR, 100, plan) == (0, [])  # passed by
+    assert await storage.unplanned_orgs(NOW, HOUR) == []
+
+    await storage.insert_events([event("a2", "a", B[0] + 9, UNIT)], HOUR)  # released
+    assert (await storage.dirty_backlog(NOW, HOUR)).held == 0
+    (row,) = await roll(storage)
+    assert (row.org_id, row.bucket_start, row.value_micros) == ("a", B[0], 2 * UNIT)
