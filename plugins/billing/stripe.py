@@ -19,7 +19,10 @@ what Stripe said (after retries)                             outcome
 ==========================================================  ==========================
 200, or the saved 200 replayed for the same key              ACCEPTED
 400 "An event already exists with identifier ..."             DUPLICATE
-other 4xx, including ``idempotency_error``                    REJECTED, Stripe's message
+400 ``idempotency_error`` (the key was used before with       AMBIGUOUS: Stripe saves a key's
+other parameters)                                             answer once the first request
+                                                              began, so that one may be applied
+other 4xx                                                     REJECTED, Stripe's message
 401/403 (the API key, not the event, is wrong)                RETRY
 429 / 409 / 5xx on every attempt                              RETRY (``retry_after`` set)
 a connection error or timeout on any attempt, and no
@@ -311,7 +314,16 @@ class StripeBilling(Billing):
                 error=exc,
             )
         if isinstance(exc, stripe.IdempotencyError):
-            return _Failure(Outcome.REJECTED, message, retryable=False, error=exc)
+            # Stripe compares a key's parameters with those of the first request it saved, and
+            # saves only once that request began: it may have been applied. Never REJECTED.
+            return _Failure(
+                Outcome.AMBIGUOUS,
+                "Stripe has this idempotency key from an earlier request with other parameters, "
+                f"which may have been applied: {message}",
+                retryable=False,
+                ambiguous=True,
+                error=exc,
+            )
         if isinstance(exc, stripe.InvalidRequestError):
             if message.startswith(DUPLICATE_MESSAGE):
                 return _Failure(Outcome.DUPLICATE, message, retryable=False, error=exc)

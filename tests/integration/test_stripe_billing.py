@@ -147,13 +147,39 @@ async def test_rejected_for_too_old_timestamp(billing: StripeBilling, bucket: in
     assert delivery.message is not None and "35 days" in delivery.message
 
 
-async def test_rejected_when_the_key_is_reused_with_other_params(
-    billing: StripeBilling, bucket: int
+async def test_key_reused_with_other_params_is_ambiguous_not_rejected(
+    billing: StripeBilling, emulator: StripeEmulator, bucket: int
 ) -> None:
     assert (await billing.send(event(bucket))).outcome is Outcome.ACCEPTED
     delivery = await billing.send(event(bucket, value=43))
-    assert delivery.outcome is Outcome.REJECTED
+    # Stripe answers 400 idempotency_error: the first request under the key was applied
+    assert delivery.outcome is Outcome.AMBIGUOUS
     assert delivery.message is not None and "same parameters" in delivery.message
+    assert "may have been applied" in delivery.message
+    assert emulator.state()["idempotency_errors"] == 1  # definite answer: not retried
+    assert counted(emulator, bucket) == 42
+
+
+async def test_lost_answer_then_customer_change_is_ambiguous_and_billed_once(
+    make_billing: BillingFactory, emulator: StripeEmulator, bucket: int
+) -> None:
+    """The first attempt is applied but its answer lost; the org's customer then changes and
+    the retry carries the new customer under the same key. Stripe has the event: the retry's
+    idempotency_error must not turn billed usage into a refusal."""
+    billing = make_billing(max_retries=0)
+    await billing.start()
+    emulator.set_faults(drop_next=1)
+    assert (await billing.send(event(bucket))).outcome is Outcome.AMBIGUOUS
+    assert counted(emulator, bucket) == 42  # applied at Stripe
+    retry = await billing.send(event(bucket, customer="cus_org2"))
+    assert retry.outcome is Outcome.AMBIGUOUS, retry
+    assert retry.message is not None and "may have been applied" in retry.message
+    assert emulator.state()["idempotency_errors"] == 1
+    assert counted(emulator, bucket) == 42
+    assert counted(emulator, bucket, customer="cus_org2") == 0
+    # the first attempt's parameters, sent again, are answered with Stripe's saved 200
+    assert (await billing.send(event(bucket))).outcome is Outcome.ACCEPTED
+    assert counted(emulator, bucket) == 42
 
 
 async def test_retry_when_every_attempt_gets_500(
