@@ -1,22 +1,49 @@
 """Stripe webhooks: verify, deduplicate, provision Pro, true up, record closed periods.
 
 Every delivery is checked first: the ``Stripe-Signature`` header against the raw body with the
-SDK (``stripe.Webhook.construct_event``, ``stripe.webhook_tolerance_seconds``, 300 s by
+SDK (``stripe.WebhookSignature.verify_header``, ``stripe.webhook_tolerance_seconds``, 300 s by
 default). A bad signature, a stale timestamp or a body changed after signing is refused with
 400 and nothing is done. (The SDK's age check is one-sided: a timestamp ahead of our clock is
 accepted, as Stripe's own libraries do; the signature still has to match.)
+
+A signed body is then decoded with msgspec, never with ``json.loads``: first its event id, then
+the whole event as the struct of its type (:class:`Event` of :class:`CheckoutSession`,
+:class:`Subscription` or :class:`Invoice`), so a field of the wrong type or a missing one is
+found before any work, with its path. What a signed delivery is answered:
+
+==================================================  ======  =======================================
+the delivery                                        answer  what is kept
+==================================================  ======  =======================================
+not a Stripe v1 event: not JSON, not an object,     400     nothing to record (no event id); an
+no usable ``id``, nested deeper than                        alert and ``webhook.not_an_event``
+:data:`MAX_DEPTH`, a v2 thin event
+an event id already recorded                        200     the recorded outcome, no work
+a handled type whose fields are unusable            200     ``unprocessable: <path>: <why>``, an
+(``data.object.period_start: expected int,                  alert and ``webhook.unprocessable``
+got str``)
+``checkout.session.completed`` whose customer is    200     ``refused: ...``, an alert and
+another org's                                               ``webhook.refused``; nothing provisioned
+processing failed midway (Stripe down, no catalog)  5xx     nothing: Stripe's retry redoes it
+==================================================  ======  =======================================
+
+Unusable and refused events are answered 2xx because Stripe resends an event it got no 2xx for
+for up to three days (docs.stripe.com/webhooks/process-undelivered-events), and the same signed
+bytes can never become usable: retries would only delay the alert. Alerts are stored as the
+``job:webhooks`` job's (``storage.record_alert``), at most one a second.
 
 Event ids are recorded once an event is processed to the end, in the same transaction as its
 storage changes; a redelivered id is answered 200 without work. When processing fails midway
 (Stripe unreachable, no catalog yet) the answer is 5xx and nothing is recorded, so Stripe's
 retry redoes it; every Stripe write is idempotent (an idempotency key, and a look for what a
-lost earlier attempt created, since Stripe forgets keys after 24 h). Work for one org is
-serialised in this process, so concurrent duplicates cannot race each other.
+lost earlier attempt created, since Stripe forgets keys after 24 h). Work for one org, and
+provisioning for one Stripe customer, is serialised in this process, so concurrent duplicates
+cannot race each other.
 
 Types handled:
 
 - ``checkout.session.completed`` in setup mode (org from ``client_reference_id`` or
-  ``metadata.org_id``, customer from the session or the org): unless the org has a live
+  ``metadata.org_id``, customer from the session or the org): one Stripe customer maps to one
+  org, so a customer that is already another org's is refused. Unless the org has a live
   subscription, one subscription with every price of the newest catalog version (metered
   prices without quantity; key ``sub:{org}:{version}``), the welcome credit once per org (key
   ``credit:{org}``), then the org is `pro` from now with its customer and subscription. 503
@@ -34,21 +61,25 @@ Types handled:
 from __future__ import annotations
 
 import asyncio
-import json
+import dataclasses
+import re
 import weakref
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Annotated, Any, Generic, TypeVar
 
 import msgspec
 import stripe
 import structlog
 
 from controlplane.catalog import stripe_call, stripe_client
-from controlplane.errors import ControlPlaneError
+from controlplane.errors import ControlPlaneError, StorageError
 from controlplane.interfaces import (
     AuditEntry,
     CatalogVersion,
     ClosedPeriod,
+    Org,
     OrgChange,
+    ParityAlert,
     WebhookRecord,
 )
 from controlplane.secrets import reveal
@@ -61,10 +92,17 @@ log = structlog.get_logger("webhooks")
 PRO_PLAN = "pro"
 FREE_PLAN = "free"
 ACTOR = "stripe-webhook"
+ALERTS = "job:webhooks"  # the webhook handler's alerts (ParityAlert.meter)
+MAX_DEPTH = 64  # JSON nesting a signed body may have; Stripe's events are far shallower
+MAX_TIMESTAMP = 253_402_300_799  # 9999-12-31T23:59:59Z
 
 
 class WebhookRejected(ControlPlaneError):
     """The webhook's signature or body is not valid; nothing was done."""
+
+
+class NotAnEvent(WebhookRejected):
+    """The body is correctly signed but is not a Stripe v1 event; nothing was done."""
 
 
 class WebhookNotConfigured(ControlPlaneError):
@@ -86,6 +124,132 @@ class WebhookResult(msgspec.Struct, frozen=True):
     duplicate: bool = False
 
 
+# the events, as decoded --------------------------------------------------------------------------
+
+T = TypeVar("T")
+StripeId = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+Timestamp = Annotated[int, msgspec.Meta(ge=0, le=MAX_TIMESTAMP)]
+MAX_ORG_ID = 256  # as an event's subject (controlplane.events.Text)
+
+
+class _Head(msgspec.Struct, frozen=True, kw_only=True):
+    id: StripeId
+    object: Any = None
+
+
+class Envelope(msgspec.Struct, frozen=True, kw_only=True):
+    """What every event has: enough to route and record it. `created` is checked only for
+    the handled types (in :class:`Event`); here it is kept when it is a usable timestamp."""
+
+    id: StripeId
+    type: StripeId
+    created: Any = None
+
+    @property
+    def created_at(self) -> int | None:
+        c = self.created
+        return c if type(c) is int and 0 <= c <= MAX_TIMESTAMP else None
+
+
+class EventData(msgspec.Struct, Generic[T], frozen=True):
+    object: T
+
+
+class Event(Envelope, Generic[T], frozen=True, kw_only=True):
+    """An event of a handled type, with its object decoded as `T`."""
+
+    created: Timestamp
+    data: EventData[T]
+
+
+class CheckoutSession(msgspec.Struct, frozen=True, kw_only=True):
+    id: StripeId
+    mode: str | None = None
+    client_reference_id: Annotated[str, msgspec.Meta(max_length=MAX_ORG_ID)] | None = None
+    customer: StripeId | None = None
+    metadata: dict[str, str] | None = None
+
+
+class Subscription(msgspec.Struct, frozen=True, kw_only=True):
+    id: StripeId
+    ended_at: Timestamp | None = None
+    canceled_at: Timestamp | None = None
+
+
+class InvoiceSubscriptionDetails(msgspec.Struct, frozen=True, kw_only=True):
+    subscription: StripeId | None = None
+
+
+class InvoiceParent(msgspec.Struct, frozen=True, kw_only=True):
+    subscription_details: InvoiceSubscriptionDetails | None = None
+
+
+class InvoiceTransitions(msgspec.Struct, frozen=True, kw_only=True):
+    finalized_at: Timestamp | None = None
+
+
+class Invoice(msgspec.Struct, frozen=True, kw_only=True):
+    id: StripeId
+    customer: StripeId | None = None
+    period_start: Timestamp
+    period_end: Timestamp
+    parent: InvoiceParent | None = None  # API 2025-03-31.basil and later
+    subscription: StripeId | None = None  # before basil
+    status_transitions: InvoiceTransitions | None = None
+
+
+class Unusable(Exception):
+    """A signed body's field that cannot be used: where, and why."""
+
+    def __init__(self, path: str, why: str) -> None:
+        super().__init__(f"{path}: {why}")
+        self.path = path
+        self.why = why
+
+
+_AT = re.compile(r"^(?P<why>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_MISSING = re.compile(r"^Object missing required field `(?P<field>[^`]*)`$")
+_STRING = re.compile(rb'"[^"]*"')  # once escaped backslashes and quotes are taken out
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def _too_deep(body: bytes) -> bool:
+    """Whether the JSON in `body` nests deeper than MAX_DEPTH (msgspec's decoder recurses).
+    Linear in the body's length: no pattern here can backtrack."""
+    unescaped = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    brackets = _STRING.sub(b"", unescaped).translate(None, _NOT_BRACKETS)
+    if len(brackets) <= MAX_DEPTH:
+        return False
+    depth = 0
+    for char in brackets:
+        depth += 1 if char in b"[{" else -1
+        if depth > MAX_DEPTH:
+            return True
+    return False
+
+
+def decode(body: bytes, kind: type[T]) -> T:
+    """`body` as `kind`; else Unusable, with the field's path (``data.object.period_end``)."""
+    if _too_deep(body):
+        raise Unusable("(body)", f"JSON nested deeper than {MAX_DEPTH} levels")
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        found = _AT.match(str(exc))
+        assert found is not None  # the pattern matches any text
+        why, path = found["why"], (found["path"] or "").lstrip(".")
+        if missing := _MISSING.match(why):
+            path, why = ".".join(p for p in (path, missing["field"]) if p), "required"
+        raise Unusable(path or "(body)", why.replace("`", "").lower()) from None
+    except msgspec.DecodeError as exc:
+        raise Unusable("(body)", str(exc).replace("`", "")) from None
+    except RecursionError:
+        raise Unusable("(body)", "JSON nested too deeply") from None
+
+
+# verifying and dispatching -----------------------------------------------------------------------
+
+
 _locks: weakref.WeakKeyDictionary[ControlPlane, dict[str, asyncio.Lock]] = (
     weakref.WeakKeyDictionary()
 )
@@ -95,63 +259,65 @@ def _lock(cp: ControlPlane, key: str) -> asyncio.Lock:
     return _locks.setdefault(cp, {}).setdefault(key, asyncio.Lock())
 
 
-def verify(cp: ControlPlane, body: bytes, signature: str | None) -> dict[str, Any]:
-    """The event, once its signature is checked against the raw body; else WebhookRejected."""
+def verify(cp: ControlPlane, body: bytes, signature: str | None) -> None:
+    """Check the signature against the raw body; WebhookRejected if it does not verify."""
     settings = cp.config.stripe
     if settings.webhook_secret is None:
         raise WebhookNotConfigured()
     secret = reveal(settings.webhook_secret, "stripe.webhook_secret")
     try:
-        stripe.Webhook.construct_event(
+        stripe.WebhookSignature.verify_header(
             body, signature or "", secret, tolerance=settings.webhook_tolerance_seconds
         )
     except stripe.SignatureVerificationError as exc:
         raise WebhookRejected(f"signature check failed: {exc.user_message or exc}") from None
-    except ValueError as exc:
-        raise WebhookRejected(f"not a Stripe v1 event: {exc}") from None
-    try:
-        event = json.loads(body)
-    except ValueError:
-        raise WebhookRejected("the body is not JSON") from None
-    if (
-        not isinstance(event, dict)
-        or not isinstance(event.get("id"), str)
-        or not isinstance(event.get("type"), str)
-        or not isinstance((event.get("data") or {}).get("object"), dict)
-    ):
-        raise WebhookRejected("not a Stripe event: id, type and data.object are required")
-    return event
+    except UnicodeDecodeError:
+        raise WebhookRejected("the body is not UTF-8") from None
 
 
 async def handle(cp: ControlPlane, body: bytes, signature: str | None) -> WebhookResult:
     """Verify and process one delivery (see the module docstring)."""
-    event = verify(cp, body, signature)
-    event_id, kind = event["id"], event["type"]
-    prior = await cp.storage.webhook_outcome(event_id)
+    verify(cp, body, signature)
+    try:
+        head = decode(body, _Head)
+        if head.object == "v2.core.event":
+            raise Unusable("object", "a v2 thin event: this endpoint takes v1 (snapshot) events")
+    except Unusable as exc:
+        text = f"A signed Stripe webhook delivery is not a Stripe v1 event ({exc}); refused."
+        log.warning("webhook.not_an_event", path=exc.path, error=exc.why)
+        await _alert(cp, f"not_an_event:{cp.now()}", text)
+        raise NotAnEvent(f"signed, but not a Stripe v1 event: {exc}") from None
+    try:
+        envelope, problem = decode(body, Envelope), None
+    except Unusable as exc:
+        envelope, problem = Envelope(id=head.id, type="unknown"), exc
+    prior = await cp.storage.webhook_outcome(envelope.id)
     if prior is not None:
-        log.info("webhook.duplicate", event_id=event_id, type=kind)
-        return WebhookResult(event_id, kind, prior, duplicate=True)
-    handler = HANDLERS.get(kind)
-    if handler is None:
-        return WebhookResult(event_id, kind, "ignored: type not handled")
-    result = await handler(cp, event)
-    log.info("webhook.processed", event_id=event_id, type=kind, outcome=result.outcome)
+        log.info("webhook.duplicate", event_id=envelope.id, type=envelope.type)
+        return WebhookResult(envelope.id, envelope.type, prior, duplicate=True)
+    if problem is not None:
+        return await _unprocessable(cp, envelope, problem)
+    route = ROUTES.get(envelope.type)
+    if route is None:
+        return WebhookResult(envelope.id, envelope.type, "ignored: type not handled")
+    try:
+        event = decode(body, route.event)
+    except Unusable as exc:
+        return await _unprocessable(cp, envelope, exc)
+    result = await route.run(cp, event)
+    log.info("webhook.processed", event_id=event.id, type=event.type, outcome=result.outcome)
     return result
 
 
-def _record(event: dict[str, Any], outcome: str) -> WebhookRecord:
-    created = event.get("created")
+def _record(event: Envelope, outcome: str) -> WebhookRecord:
     return WebhookRecord(
-        event_id=event["id"],
-        type=event["type"],
-        created=created if isinstance(created, int) else None,
-        outcome=outcome,
+        event_id=event.id, type=event.type, created=event.created_at, outcome=outcome
     )
 
 
 async def _finish(
     cp: ControlPlane,
-    event: dict[str, Any],
+    event: Envelope,
     outcome: str,
     *,
     org: OrgChange | None = None,
@@ -162,77 +328,165 @@ async def _finish(
         _record(event, outcome), cp.now(), org=org, closed=closed, audit=audit
     )
     if not fresh:
-        prior = await cp.storage.webhook_outcome(event["id"]) or outcome
-        return WebhookResult(event["id"], event["type"], prior, duplicate=True)
-    return WebhookResult(event["id"], event["type"], outcome)
+        prior = await cp.storage.webhook_outcome(event.id) or outcome
+        return WebhookResult(event.id, event.type, prior, duplicate=True)
+    return WebhookResult(event.id, event.type, outcome)
 
 
-async def _duplicate(cp: ControlPlane, event: dict[str, Any]) -> WebhookResult | None:
-    prior = await cp.storage.webhook_outcome(event["id"])
+async def _duplicate(cp: ControlPlane, event: Envelope) -> WebhookResult | None:
+    prior = await cp.storage.webhook_outcome(event.id)
     if prior is None:
         return None
-    return WebhookResult(event["id"], event["type"], prior, duplicate=True)
+    return WebhookResult(event.id, event.type, prior, duplicate=True)
+
+
+async def _alert(cp: ControlPlane, key: str, text: str) -> None:
+    """Store an alert where operators look (the job alerts); a storage failure is logged, not
+    raised, so the delivery's answer does not depend on it."""
+    now = cp.now()
+    alert = ParityAlert(
+        meter=ALERTS,
+        bucket_start=now,
+        dedup_key=f"{ALERTS}:{key}",
+        text=text,
+        state="pending" if cp.config.parity.alert.webhook_url is not None else "logged",
+        created_at=now,
+    )
+    try:
+        await cp.storage.record_alert(alert)
+    except StorageError as exc:
+        log.error("webhook.alert_failed", dedup_key=alert.dedup_key, error=str(exc))
+
+
+async def _unprocessable(cp: ControlPlane, event: Envelope, problem: Unusable) -> WebhookResult:
+    """Record a signed event that cannot be used as such, answered 2xx so Stripe stops
+    resending it, and raise an alert (once: a redelivery finds the record)."""
+    result = await _finish(cp, event, f"unprocessable: {problem}")
+    if not result.duplicate:
+        log.warning(
+            "webhook.unprocessable",
+            event_id=event.id,
+            type=event.type,
+            path=problem.path,
+            error=problem.why,
+        )
+        await _alert(
+            cp,
+            event.id,
+            f"Stripe event {event.id} ({event.type}) is unprocessable and was not applied: "
+            f"{problem}. Look at it in the Stripe Dashboard and apply it by hand if needed.",
+        )
+    return result
 
 
 # checkout.session.completed -------------------------------------------------------------------
 
 
-async def checkout_completed(cp: ControlPlane, event: dict[str, Any]) -> WebhookResult:
-    session = event["data"]["object"]
-    if session.get("mode") != "setup":
-        return await _finish(cp, event, f"ignored: mode {session.get('mode')}, not setup")
-    org_id = session.get("client_reference_id") or (session.get("metadata") or {}).get("org_id")
+async def checkout_completed(cp: ControlPlane, event: Event[CheckoutSession]) -> WebhookResult:
+    session = event.data.object
+    if session.mode != "setup":
+        return await _finish(cp, event, f"ignored: mode {session.mode}, not setup")
+    org_id = session.client_reference_id or (session.metadata or {}).get("org_id")
     if not org_id:
-        log.warning("webhook.no_org", event_id=event["id"], session=session.get("id"))
+        log.warning("webhook.no_org", event_id=event.id, session=session.id)
         return await _finish(cp, event, "ignored: no client_reference_id or metadata.org_id")
+    if len(org_id) > MAX_ORG_ID:
+        too_long = f"longer than {MAX_ORG_ID} characters"
+        return await _unprocessable(cp, event, Unusable("data.object.metadata.org_id", too_long))
     async with _lock(cp, org_id):
         if (dup := await _duplicate(cp, event)) is not None:
             return dup
         org = await cp.storage.get_org(org_id)
-        customer = session.get("customer") or (org.customer if org else None)
+        customer = session.customer or (org.customer if org else None)
         if not customer:
-            log.warning("webhook.no_customer", event_id=event["id"], org=org_id)
+            log.warning("webhook.no_customer", event_id=event.id, org=org_id)
             return await _finish(cp, event, "ignored: the session has no customer")
-        if org is not None and org.subscription and org.subscription_status == "active":
-            return await _finish(cp, event, f"no-op: {org_id} already has {org.subscription}")
-        version = await cp.storage.catalog_version()
-        if version is None:
-            raise CatalogNotPublished()
-        client = stripe_client(cp)
-        subscription = await _subscription(client, org_id, customer, version, session["id"])
-        credit = await _welcome_credit(client, org_id, customer, version, event)
-        at = cp.now()
-        after = {
-            "customer": customer,
-            "subscription": subscription,
-            "credit_grant": credit,
-            "catalog_version": version.version,
-            "plan": PRO_PLAN,
-            "effective_from": at,
-        }
-        return await _finish(
-            cp,
-            event,
-            f"provisioned: {subscription}",
-            org=OrgChange(
-                org_id=org_id,
-                customer=customer,
-                subscription=subscription,
-                subscription_status="active",
-                plan=PRO_PLAN,
-                effective_from=at,
-            ),
-            audit=(
-                AuditEntry(
-                    action="org.provisioned",
-                    subject=org_id,
-                    actor=ACTOR,
-                    reason=f"{event['type']} {event['id']}",
-                    before=msgspec.to_builtins(org) if org else None,
-                    after=after,
-                ),
-            ),
+        # Taken inside the org's lock, never the other way round: two orgs claiming one
+        # customer are decided one after the other.
+        async with _lock(cp, f"customer:{customer}"):
+            owner = await cp.storage.org_for_billing(subscription=None, customer=customer)
+            if owner is not None and owner != org_id:
+                return await _refused(cp, event, org_id, customer, owner)
+            if org is not None and org.subscription and org.subscription_status == "active":
+                return await _finish(cp, event, f"no-op: {org_id} already has {org.subscription}")
+            return await _provision(cp, event, org_id, customer, org)
+
+
+async def _refused(
+    cp: ControlPlane, event: Event[CheckoutSession], org_id: str, customer: str, owner: str
+) -> WebhookResult:
+    """One Stripe customer maps to one org: a checkout for another org is recorded, not
+    applied (answered 2xx, so Stripe stops resending it), and alerted."""
+    outcome = (
+        f"refused: customer {customer} is org {owner}'s; one Stripe customer maps to one org, "
+        f"so {org_id} was not provisioned"
+    )
+    result = await _finish(cp, event, outcome)
+    if not result.duplicate:
+        log.warning(
+            "webhook.refused",
+            event_id=event.id,
+            session=event.data.object.id,
+            org=org_id,
+            customer=customer,
+            owner=owner,
         )
+        await _alert(
+            cp,
+            event.id,
+            f"Stripe checkout {event.data.object.id} (event {event.id}) for org {org_id!r} used "
+            f"customer {customer}, which is org {owner!r}'s: refused, nothing provisioned. "
+            f"Give {org_id!r} its own Stripe customer and a new checkout.",
+        )
+    return result
+
+
+async def _provision(
+    cp: ControlPlane,
+    event: Event[CheckoutSession],
+    org_id: str,
+    customer: str,
+    org: Org | None,
+) -> WebhookResult:
+    version = await cp.storage.catalog_version()
+    if version is None:
+        raise CatalogNotPublished()
+    client = stripe_client(cp)
+    session = event.data.object
+    subscription = await _subscription(client, org_id, customer, version, session.id)
+    credit = await _welcome_credit(client, org_id, customer, version, event.created)
+    at = cp.now()
+    after = {
+        "customer": customer,
+        "subscription": subscription,
+        "credit_grant": credit,
+        "catalog_version": version.version,
+        "plan": PRO_PLAN,
+        "effective_from": at,
+    }
+    return await _finish(
+        cp,
+        event,
+        f"provisioned: {subscription}",
+        org=OrgChange(
+            org_id=org_id,
+            customer=customer,
+            subscription=subscription,
+            subscription_status="active",
+            plan=PRO_PLAN,
+            effective_from=at,
+        ),
+        audit=(
+            AuditEntry(
+                action="org.provisioned",
+                subject=org_id,
+                actor=ACTOR,
+                reason=f"{event.type} {event.id}",
+                before=msgspec.to_builtins(org) if org else None,
+                after=after,
+            ),
+        ),
+    )
 
 
 async def _subscription(
@@ -249,9 +503,12 @@ async def _subscription(
     for sub in page.data:
         plain = sub.to_dict()
         items = (plain.get("items") or {}).get("data") or []
-        ours = (plain.get("metadata") or {}).get("org_id") == org_id
-        if ours or any((i.get("price") or {}).get("id") in ids for i in items):
-            return str(plain["id"])  # made by an attempt whose answer was lost
+        owner = (plain.get("metadata") or {}).get("org_id")
+        ours = owner == org_id or (
+            owner is None and any((i.get("price") or {}).get("id") in ids for i in items)
+        )
+        if ours:  # made by an attempt whose answer was lost; never another org's
+            return str(plain["id"])
     params: Any = {
         "customer": customer,
         "items": [
@@ -283,7 +540,7 @@ async def _welcome_credit(
     org_id: str,
     customer: str,
     version: CatalogVersion,
-    event: dict[str, Any],
+    event_created: int,
 ) -> str | None:
     credit: dict[str, Any] | None = version.catalog.get("welcome_credit")
     if not credit:
@@ -309,7 +566,7 @@ async def _welcome_credit(
     }
     if credit.get("expires_after_days"):
         # From the event's time, so a retry sends the same parameters under the same key.
-        params["expires_at"] = int(event["created"]) + int(credit["expires_after_days"]) * 86400
+        params["expires_at"] = event_created + int(credit["expires_after_days"]) * 86400
     created = await stripe_call(
         "create credit grant",
         client.v1.billing.credit_grants.create_async(
@@ -322,18 +579,18 @@ async def _welcome_credit(
 # customer.subscription.deleted ------------------------------------------------------------------
 
 
-async def subscription_deleted(cp: ControlPlane, event: dict[str, Any]) -> WebhookResult:
-    sub = event["data"]["object"]
-    org_id = await cp.storage.org_for_billing(subscription=sub.get("id"), customer=None)
+async def subscription_deleted(cp: ControlPlane, event: Event[Subscription]) -> WebhookResult:
+    sub = event.data.object
+    org_id = await cp.storage.org_for_billing(subscription=sub.id, customer=None)
     if org_id is None:
         return await _finish(cp, event, "ignored: not an org's current subscription")
     async with _lock(cp, org_id):
         if (dup := await _duplicate(cp, event)) is not None:
             return dup
         org = await cp.storage.get_org(org_id)
-        if org is None or org.subscription != sub.get("id") or org.subscription_status != "active":
+        if org is None or org.subscription != sub.id or org.subscription_status != "active":
             return await _finish(cp, event, "ignored: stale subscription")
-        at = int(sub.get("ended_at") or sub.get("canceled_at") or event["created"])
+        at = sub.ended_at or sub.canceled_at or event.created
         return await _finish(
             cp,
             event,
@@ -346,7 +603,7 @@ async def subscription_deleted(cp: ControlPlane, event: dict[str, Any]) -> Webho
                     action="org.unsubscribed",
                     subject=org_id,
                     actor=ACTOR,
-                    reason=f"{event['type']} {event['id']}",
+                    reason=f"{event.type} {event.id}",
                     before={"subscription": org.subscription, "plan": PRO_PLAN},
                     after={"plan": FREE_PLAN, "effective_from": at},
                 ),
@@ -357,20 +614,18 @@ async def subscription_deleted(cp: ControlPlane, event: dict[str, Any]) -> Webho
 # invoices ----------------------------------------------------------------------------------------
 
 
-async def _invoice_org(cp: ControlPlane, invoice: dict[str, Any]) -> str | None:
-    details = (invoice.get("parent") or {}).get("subscription_details") or {}
-    subscription = details.get("subscription") or invoice.get("subscription")
-    return await cp.storage.org_for_billing(
-        subscription=subscription, customer=invoice.get("customer")
-    )
+async def _invoice_org(cp: ControlPlane, invoice: Invoice) -> str | None:
+    details = invoice.parent.subscription_details if invoice.parent else None
+    subscription = (details.subscription if details else None) or invoice.subscription
+    return await cp.storage.org_for_billing(subscription=subscription, customer=invoice.customer)
 
 
-async def invoice_created(cp: ControlPlane, event: dict[str, Any]) -> WebhookResult:
-    invoice = event["data"]["object"]
+async def invoice_created(cp: ControlPlane, event: Event[Invoice]) -> WebhookResult:
+    invoice = event.data.object
     org_id = await _invoice_org(cp, invoice)
     if org_id is None:
         return await _finish(cp, event, "ignored: no org for this invoice")
-    start, end = int(invoice.get("period_start") or 0), int(invoice.get("period_end") or 0)
+    start, end = invoice.period_start, invoice.period_end
     if end <= start:
         return await _finish(cp, event, "true-up: empty period")
     async with _lock(cp, org_id):
@@ -388,25 +643,31 @@ async def invoice_created(cp: ControlPlane, event: dict[str, Any]) -> WebhookRes
         return await _finish(cp, event, outcome)
 
 
-async def invoice_finalized(cp: ControlPlane, event: dict[str, Any]) -> WebhookResult:
-    invoice = event["data"]["object"]
+async def invoice_finalized(cp: ControlPlane, event: Event[Invoice]) -> WebhookResult:
+    invoice = event.data.object
     org_id = await _invoice_org(cp, invoice)
     if org_id is None:
         return await _finish(cp, event, "ignored: no org for this invoice")
-    start, end = int(invoice.get("period_start") or 0), int(invoice.get("period_end") or 0)
-    transitions = invoice.get("status_transitions") or {}
-    finalized_at = int(transitions.get("finalized_at") or event["created"])
+    start, end = invoice.period_start, invoice.period_end
+    transitions = invoice.status_transitions
+    finalized_at = (transitions.finalized_at if transitions else None) or event.created
     return await _finish(
         cp,
         event,
-        f"closed period [{start}, {end}) of {invoice['id']}",
-        closed=ClosedPeriod(invoice["id"], org_id, start, end, finalized_at),
+        f"closed period [{start}, {end}) of {invoice.id}",
+        closed=ClosedPeriod(invoice.id, org_id, start, end, finalized_at),
     )
 
 
-HANDLERS = {
-    "checkout.session.completed": checkout_completed,
-    "customer.subscription.deleted": subscription_deleted,
-    "invoice.created": invoice_created,
-    "invoice.finalized": invoice_finalized,
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Route(Generic[T]):
+    event: type[Event[T]]
+    run: Callable[[ControlPlane, Event[T]], Awaitable[WebhookResult]]
+
+
+ROUTES: dict[str, _Route[Any]] = {
+    "checkout.session.completed": _Route(Event[CheckoutSession], checkout_completed),
+    "customer.subscription.deleted": _Route(Event[Subscription], subscription_deleted),
+    "invoice.created": _Route(Event[Invoice], invoice_created),
+    "invoice.finalized": _Route(Event[Invoice], invoice_finalized),
 }

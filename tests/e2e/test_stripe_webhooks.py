@@ -9,6 +9,7 @@ answer; a correction for a finalized invoice lands in the current period.
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -93,7 +94,8 @@ class Stack:
         self.emulator = Emulator(tmp_path / "emulator.log")
         self.emulator.start()
         self.config = tmp_path / "cp.toml"
-        self.config.write_text(config_text(tmp_path / "cp.db", self.emulator))
+        self.db = tmp_path / "cp.db"
+        self.config.write_text(config_text(self.db, self.emulator))
         self.server = Server(self.config, tmp_path / "server.log")
         self.server.start()
         self.api = httpx.Client(base_url=self.server.url, headers=bearer(TOKEN), timeout=20)
@@ -182,6 +184,14 @@ class Stack:
 
     def ingest(self, events: list[dict[str, Any]]) -> None:
         self.api.post("/v1/events", json=events).raise_for_status()
+
+    def webhook_alerts(self) -> list[str]:
+        """The webhook handler's alerts, read from the control plane's database."""
+        with sqlite3.connect(f"file:{self.db}?mode=ro", uri=True) as db:
+            rows = db.execute(
+                "SELECT text FROM parity_alerts WHERE meter = 'job:webhooks' ORDER BY id"
+            ).fetchall()
+        return [text for (text,) in rows]
 
 
 @pytest.fixture
@@ -391,3 +401,63 @@ def test_true_up_and_correction_after_finalized(stack: Stack) -> None:
     assert sorted(line["quantity"] for line in final["lines"]["data"]) == sorted(
         line["quantity"] for line in invoice["lines"]["data"]
     )  # the finalized invoice did not take the correction
+
+
+def test_a_customer_already_another_orgs_is_refused(stack: Stack) -> None:
+    """One Stripe customer maps to one org: a second org's checkout with the first org's
+    customer is answered 200 (Stripe stops resending), recorded as refused and alerted, and
+    provisions nothing: no subscription link, no second welcome credit, no Pro plan."""
+    stack.cli("catalog", "publish")
+    customer = stack.customer("shared")
+    stack.checkout("first", customer)
+    stack.flush()
+    (sub,) = stack.subscriptions(customer)
+    assert stack.org("first")["plan"] == "pro" and stack.org("first")["subscription"] == sub.id
+
+    session = stack.checkout("second", customer)
+    stack.flush()
+    event = stack.event_of("checkout.session.completed", id=session)
+    assert len(stack.grants(customer)) == 1  # one welcome credit, the first org's
+    assert stack.api.get("/v1/orgs/second").status_code == 404  # never linked, not Pro
+    assert [s.id for s in stack.subscriptions(customer)] == [sub.id]
+    (delivery,) = stack.deliveries(event=event["id"])
+    assert delivery["status"] == 200, delivery
+    assert f"refused: customer {customer} is org first's" in delivery["response"]
+    (alert,) = stack.webhook_alerts()
+    assert event["id"] in alert and "'second'" in alert and "'first'" in alert
+
+    # redelivered: the recorded refusal is answered again, nothing more happens
+    stack.emu.post(f"/_emulator/events/{event['id']}/redeliver", json={}).raise_for_status()
+    stack.flush()
+    assert all(d["status"] == 200 for d in stack.deliveries(event=event["id"]))
+    assert len(stack.grants(customer)) == 1 and len(stack.webhook_alerts()) == 1
+
+    # the subscription's deletion downgrades its one org; no org is left Pro on it
+    stack.stripe.v1.subscriptions.cancel(sub.id)
+    stack.flush()
+    assert stack.org("first")["plan"] == "free"
+    assert stack.api.get("/v1/orgs/second").status_code == 404
+
+
+def test_a_subscription_made_for_another_org_is_never_adopted(stack: Stack) -> None:
+    """Provisioning reuses a subscription an earlier attempt made for the same org (its answer
+    lost), never one Stripe holds for another org on the customer."""
+    stack.cli("catalog", "publish")
+    customer = stack.customer("moved")
+    stack.checkout("old-owner", customer)
+    stack.flush()
+    (theirs,) = stack.subscriptions(customer)
+    stack.cli("orgs", "set", "old-owner", "--customer", stack.customer("elsewhere"))
+
+    stack.checkout("new-owner", customer)  # the customer is no org's now: provisioned
+    stack.flush()
+    mine = stack.org("new-owner")
+    assert mine["plan"] == "pro" and mine["customer"] == customer
+    assert mine["subscription"] not in (None, theirs.id)
+    assert {s.id for s in stack.subscriptions(customer)} == {theirs.id, mine["subscription"]}
+    assert stack.org("old-owner")["subscription"] == theirs.id
+
+    stack.stripe.v1.subscriptions.cancel(theirs.id)
+    stack.flush()
+    assert stack.org("old-owner")["plan"] == "free"
+    assert stack.org("new-owner")["plan"] == "pro"
