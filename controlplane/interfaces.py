@@ -135,6 +135,14 @@ class Claim(msgspec.Struct, frozen=True):
     until: int
 
 
+class Attempt(msgspec.Struct, frozen=True, array_like=True):
+    """What one delivery call of a ledger row is made with; a retry repeats all of it."""
+
+    customer: str
+    timestamp: int
+    key: str  # the idempotency key
+
+
 class SendItem(msgspec.Struct, frozen=True):
     """A ledger row the sender may deliver, with the org's provider customer at read time."""
 
@@ -482,6 +490,7 @@ class Storage(abc.ABC):
         claim: Claim | None = None,
         *,
         flag_versions: Mapping[str, int] | None = None,
+        series: Mapping[int, Attempt] | None = None,
     ) -> dict[int, int]:
         """Count a delivery attempt for each row before it is made, so that an ambiguous
         outcome (timeout, dropped connection, crash) is known afterwards. Returns the rows
@@ -493,7 +502,11 @@ class Storage(abc.ABC):
 
         With `flag_versions` (the runtime version of each flag the caller's snapshot was read
         at, 0 for none), raises FlagsChanged and counts nothing when a flag changed since:
-        checked in the same transaction, serialized with :meth:`write_flags`."""
+        checked in the same transaction, serialized with :meth:`write_flags`.
+
+        `series` gives, per row, what the call is made with: recorded on the row
+        (`attempt_customer`, `attempt_timestamp`, `attempt_key`, with `last_attempt_at`), so
+        that a retry repeats it. Releasing the only attempt clears them."""
 
     @abc.abstractmethod
     async def release_attempts(self, row_ids: Sequence[int]) -> None:
@@ -515,6 +528,21 @@ class Storage(abc.ABC):
         """Move rows the provider has cancelled (`sent`, or attempted without a definite
         answer) to `cancelled` with `reason`, each audited as ``ledger.cancelled``, in one
         transaction. Returns rows moved."""
+
+    @abc.abstractmethod
+    async def late_rows(self, period: ClosedPeriod) -> list[LedgerRow]:
+        """Rows of the period's org sent with a timestamp inside it whose first attempt came
+        at or after the invoice was finalized: they reached the provider too late for it."""
+
+    @abc.abstractmethod
+    async def reissue_rows(
+        self, row_ids: Sequence[int], at: int, actor: str, detail: str
+    ) -> list[NewRow]:
+        """For each row still `sent`: move it to `cancelled`/`reissued` with `detail` and
+        append the next revision of its bucket with the same value, `pending`, each audited
+        as ``ledger.reissued``, in one transaction; the rounding chains are re-derived. A
+        reissued row no longer counts toward its bucket's ledger total (its usage lives on in
+        the new revision). Returns the revisions appended."""
 
     @abc.abstractmethod
     async def live_claims(self, at: int) -> int:
@@ -740,11 +768,12 @@ class IngestSource(abc.ABC):
 class MeterEvent(msgspec.Struct, frozen=True):
     """One ledger row as the provider receives it."""
 
-    identifier: str  # also the idempotency key
+    identifier: str
     event_name: str
     customer: str
     value: int  # whole units
-    timestamp: int  # unix seconds, inside the row's bucket
+    timestamp: int  # unix seconds: inside the row's bucket, or the current billing period
+    idempotency_key: str = ""  # "": the identifier
 
 
 class Outcome(enum.StrEnum):

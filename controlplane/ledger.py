@@ -35,11 +35,12 @@ class Reason(enum.StrEnum):
     FREE_PLAN = "free_plan"
     TOO_OLD = "too_old"
     ROLLED_BACK = "rolled_back"
+    REISSUED = "reissued"  # reached the provider after its invoice was finalized: sent again
 
 
 BILLABLE = "billable"
 EXCLUDING = (Reason.FREE_PLAN, Reason.BEFORE_BILL_FROM, Reason.TOO_OLD)
-UNBILLED = (*EXCLUDING, Reason.ROLLED_BACK)
+UNBILLED = (*EXCLUDING, Reason.ROLLED_BACK, Reason.REISSUED)
 
 
 def segment(reason: str | None) -> str:
@@ -73,6 +74,7 @@ class NewRow(msgspec.Struct, frozen=True):
     quantity: int
     state: RowState
     reason: str | None = None
+    detail: str | None = None
 
     @property
     def identifier(self) -> str:
@@ -100,6 +102,11 @@ class LedgerRow(msgspec.Struct, frozen=True):
     created_at: int
     updated_at: int
     sent_at: int | None = None
+    # the current series of attempts: what a retry repeats (see Sender)
+    attempt_customer: str | None = None
+    attempt_timestamp: int | None = None
+    attempt_key: str | None = None  # the idempotency key
+    last_attempt_at: int | None = None
 
     def to_api(self) -> dict[str, object]:
         """The row as the API shows it: `value` as an exact decimal string."""

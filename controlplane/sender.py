@@ -38,6 +38,7 @@ import msgspec
 import structlog
 
 from controlplane.interfaces import (
+    Attempt,
     Billing,
     Claim,
     ClosedPeriod,
@@ -185,7 +186,7 @@ class Sender:
             )
             if not items:
                 break
-            batch = _Batch(at, read_clock, await self._stamps(items), versions_of(flags))
+            batch = _Batch(at, read_clock, await self._calls(items), versions_of(flags))
             decided, deliver = self._triage(items, bill_from, batch)
             exclusions = [s for s in decided if s.state is RowState.EXCLUDED]
             if exclusions:
@@ -210,15 +211,16 @@ class Sender:
         bill_from: int,
         batch: _Batch,
     ) -> tuple[list[Settlement], list[SendItem]]:
-        now, stamps = batch.at, batch.stamps
+        now = batch.at
         decided: list[Settlement] = []
         deliver: list[SendItem] = []
         max_age = self.billing.max_event_age_seconds
         for item in items:
             row = item.row
+            call = batch.calls[row.id]
             # A correction for a finalized period goes out stamped into the current one: its
             # age is that timestamp's, not its bucket's.
-            timestamp = stamps[row.id][0] if row.id in stamps else row.bucket_start
+            timestamp = call.attempt.timestamp if call.attempt else row.bucket_start
             unbillable: tuple[Reason, str | None] | None = None
             if row.bucket_start < bill_from:
                 unbillable = (Reason.BEFORE_BILL_FROM, None)
@@ -235,6 +237,8 @@ class Sender:
                 decided.append(_decide(item, RowState.HELD, Reason.AMBIGUOUS, detail))
             elif unbillable:
                 decided.append(_decide(item, RowState.EXCLUDED, *unbillable))
+            elif call.attempt is None:
+                decided.append(_decide(item, RowState.HELD, Reason.AMBIGUOUS, call.detail))
             elif item.customer is None:
                 if row.state is not RowState.HELD:
                     decided.append(_decide(item, RowState.HELD, Reason.NO_CUSTOMER))
@@ -301,7 +305,7 @@ class Sender:
     async def _deliver_group(
         self, items: list[SendItem], stats: SendStats, batch: _Batch, blocked: set[Lane]
     ) -> None:
-        at, stamps = batch.at, batch.stamps
+        at, calls = batch.at, batch.calls
         # Renew the hold on the rows (a pass can outlive it, e.g. backing off on 429s) and send
         # only rows still held with the quantity read: once a hold lapsed, another sender may
         # have taken a row, or re-derived its rounding chain.
@@ -311,6 +315,7 @@ class Sender:
             at,
             Claim(self.claimant, now, now + self.claim_seconds),
             flag_versions=batch.flag_versions,
+            series={i.row.id: a for i in items if (a := calls[i.row.id].attempt) is not None},
         )
         changed = [i.row.id for i in items if held.get(i.row.id, i.row.quantity) != i.row.quantity]
         if changed:  # read again on the next pass
@@ -329,9 +334,9 @@ class Sender:
                 async with slots:
                     await self.limiter.wait()
                     called.add(item.row.id)
-                    stamp = stamps.get(item.row.id)
+                    call = calls[item.row.id]
                     started = time.perf_counter()
-                    delivery = await self.billing.send(self._meter_event(item, stamp))
+                    delivery = await self.billing.send(self._meter_event(item, call.attempt))
                     if self.observe is not None:
                         self.observe(delivery.outcome, time.perf_counter() - started)
                 stats.calls += 1
@@ -342,8 +347,8 @@ class Sender:
                         if outcome is Outcome.DUPLICATE
                         else None
                     )
-                    if stamp is not None:
-                        detail = stamp[1] + (f"; {detail}" if detail else "")
+                    if call.detail is not None:
+                        detail = call.detail + (f"; {detail}" if detail else "")
                     results.append(_decide(item, RowState.SENT, None, detail, delivery.provider_id))
                 elif outcome is Outcome.REJECTED:
                     results.append(
@@ -369,56 +374,101 @@ class Sender:
         if skipped:  # recorded above, never made: they must not count toward `ambiguous`
             await self.storage.release_attempts(skipped)
 
-    def _meter_event(self, item: SendItem, stamp: tuple[int, str] | None = None) -> MeterEvent:
+    def _meter_event(self, item: SendItem, attempt: Attempt | None) -> MeterEvent:
         row = item.row
         meter = self.meters.by_name.get(row.meter)
+        if attempt is None:  # triage holds such rows: never here
+            raise ValueError(f"{row.identifier}: no call can be made for it")
         return MeterEvent(
             identifier=row.identifier,
             event_name=meter.config.provider_event_name if meter else row.meter,
-            customer=item.customer or "",
+            customer=attempt.customer,
             value=row.quantity,
-            timestamp=stamp[0] if stamp is not None else row.bucket_start,
+            timestamp=attempt.timestamp,
+            idempotency_key=attempt.key,
         )
 
-    async def _stamps(self, items: Sequence[SendItem]) -> dict[int, tuple[int, str]]:
-        """Rows whose bucket lies in a billing period whose invoice is already finalized: the
-        timestamp to send instead and the ledger detail that says so. The timestamp is the end
-        of the org's newest closed period, the first second of the current one. A retry
-        counts only the periods finalized by its first attempt, so it repeats the parameters
-        its idempotency key was first used with."""
+    async def _calls(self, items: Sequence[SendItem]) -> dict[int, _Call]:
+        """What each row's call is made with: customer, timestamp and idempotency key."""
         periods = await self.storage.closed_periods(sorted({i.row.org_id for i in items}))
         by_org: dict[str, list[ClosedPeriod]] = defaultdict(list)
         for period in periods:
             by_org[period.org_id].append(period)
-        out: dict[int, tuple[int, str]] = {}
-        for item in items:
-            row = item.row
-            closed = [
-                p
-                for p in by_org.get(row.org_id, ())
-                if row.first_attempt_at is None or p.finalized_at <= row.first_attempt_at
-            ]
-            if not closed:
-                continue
-            for period in closed:
-                if period.period_start <= row.bucket_start < period.period_end:
-                    current = max(p.period_end for p in closed)
-                    out[row.id] = (
-                        current,
-                        f"correction for finalized invoice {period.invoice_id}: "
-                        f"stamped into the current period (timestamp {current})",
-                    )
-                    break
-        return out
+        return {i.row.id: _call(i, by_org.get(i.row.org_id, [])) for i in items}
+
+
+class _Call(msgspec.Struct, frozen=True):
+    """A row's next call (None: it cannot be made, `detail` says why), and what the ledger
+    says about where it was stamped."""
+
+    attempt: Attempt | None
+    detail: str | None = None
+
+
+def _period_of(periods: Sequence[ClosedPeriod], timestamp: int) -> ClosedPeriod | None:
+    return next((p for p in periods if p.period_start <= timestamp < p.period_end), None)
+
+
+def _call(item: SendItem, closed: Sequence[ClosedPeriod]) -> _Call:
+    """The parameters of a row's next call (DESIGN §4, §13).
+
+    A retry repeats its series of attempts: the same customer (even after the org's customer
+    changed), timestamp and idempotency key, so the provider answers it as it did the first.
+    A row's first call is stamped inside its bucket, or, when the bucket's billing period was
+    already finalized, into the current period (the end of the org's newest finalized one).
+
+    When the period a series was stamped into has been finalized since, repeating it would
+    land usage where no invoice carries it. If every attempt came before that invoice was
+    finalized, a new series stamped into the current period goes out under a key of its own
+    and the same identifier: the provider answers "already exists" if an earlier attempt
+    arrived (then it is on that invoice), and bills it in the current period if none did.
+    An attempt at or after the finalization may have arrived too late for the invoice: the
+    row is held as ambiguous, for the provider's own records to settle."""
+    row = item.row
+    if row.attempt_customer is not None and row.attempt_timestamp is not None:
+        series = Attempt(row.attempt_customer, row.attempt_timestamp, row.attempt_key or "")
+        period = _period_of(closed, series.timestamp)
+        if period is None:
+            return _Call(series)
+        last = row.last_attempt_at if row.last_attempt_at is not None else row.first_attempt_at
+        if last is not None and last < period.finalized_at and item.customer is not None:
+            current = max(p.period_end for p in closed)
+            return _Call(
+                Attempt(item.customer, current, f"{row.identifier}@{current}"),
+                f"re-stamped into the current period (timestamp {current}): invoice "
+                f"{period.invoice_id} was finalized at {period.finalized_at}, after its "
+                f"attempts stamped {series.timestamp}",
+            )
+        return _Call(
+            None,
+            f"attempted (last at {last}) with timestamp {series.timestamp} in the period "
+            f"of invoice {period.invoice_id}, finalized at {period.finalized_at}: whether it "
+            "arrived in time for that invoice is for the provider's records to settle",
+        )
+    # A first call; or a retry of one attempted before rows kept their call's parameters,
+    # which counts only the periods finalized by its first attempt (as that call did).
+    done = [
+        p for p in closed if row.first_attempt_at is None or p.finalized_at <= row.first_attempt_at
+    ]
+    customer = item.customer or ""
+    period = _period_of(done, row.bucket_start)
+    if period is None:
+        return _Call(Attempt(customer, row.bucket_start, row.identifier))
+    current = max(p.period_end for p in done)
+    return _Call(
+        Attempt(customer, current, row.identifier),
+        f"correction for finalized invoice {period.invoice_id}: stamped into the current "
+        f"period (timestamp {current})",
+    )
 
 
 class _Batch(msgspec.Struct, frozen=True):
-    """One read of sendable rows: the pass's clock then, and the rows to stamp into the
-    current period (computed once per read, for triage and for the calls)."""
+    """One read of sendable rows: the pass's clock then, and each row's call (computed once
+    per read, for triage and for the calls)."""
 
     at: int
     read_clock: float  # time.monotonic() at the read
-    stamps: dict[int, tuple[int, str]]
+    calls: dict[int, _Call]
     flag_versions: dict[str, int]  # of the pass's flags: attempts are recorded only under them
 
     def now(self) -> int:

@@ -82,6 +82,7 @@ from controlplane.interfaces import (
     ParityAlert,
     WebhookRecord,
 )
+from controlplane.invoices import reissue_late
 from controlplane.secrets import reveal
 
 if TYPE_CHECKING:
@@ -651,12 +652,16 @@ async def invoice_finalized(cp: ControlPlane, event: Event[Invoice]) -> WebhookR
     start, end = invoice.period_start, invoice.period_end
     transitions = invoice.status_transitions
     finalized_at = (transitions.finalized_at if transitions else None) or event.created
-    return await _finish(
-        cp,
-        event,
-        f"closed period [{start}, {end}) of {invoice.id}",
-        closed=ClosedPeriod(invoice.id, org_id, start, end, finalized_at),
+    period = ClosedPeriod(invoice.id, org_id, start, end, finalized_at)
+    result = await _finish(
+        cp, event, f"closed period [{start}, {end}) of {invoice.id}", closed=period
     )
+    # Once the period is recorded closed (so the re-issues are stamped into the current one),
+    # on every delivery: a crash in between leaves the rows to the redelivery.
+    await reissue_late(
+        cp.storage, cp.billing, cp.meters, period, at=cp.now(), actor="stripe-webhook"
+    )
+    return result
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

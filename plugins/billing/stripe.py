@@ -9,10 +9,12 @@ Config::
     rate_limit = 25.0                      # calls/s the sender may make (test mode allows 25)
 
 Each meter event is sent with ``identifier`` = the ledger row identifier, the same value as the
-``Idempotency-Key``, ``timestamp`` and ``payload = {stripe_customer_id, value}``. The SDK's own
-retries are off; :meth:`StripeBilling.send` retries here, with the same idempotency key, on 429
-(honouring ``Retry-After``), 409, 5xx and connection errors, with capped exponential backoff and
-full jitter, and then answers:
+``Idempotency-Key`` (a retry re-stamped after its invoice was finalized uses
+``{identifier}@{timestamp}``, see the sender), ``timestamp`` and
+``payload = {stripe_customer_id, value}``. The SDK's own retries are off;
+:meth:`StripeBilling.send` retries here, with the same idempotency key, on 429 (honouring
+``Retry-After``), 409, 5xx and connection errors, with capped exponential backoff and full
+jitter, and then answers:
 
 ==========================================================  ==========================
 what Stripe said (after retries)                             outcome
@@ -157,7 +159,8 @@ class StripeBilling(Billing):
     # -- Billing ------------------------------------------------------------------------------
 
     async def send(self, event: MeterEvent) -> Delivery:
-        """Deliver one meter event; `event.identifier` is also the idempotency key."""
+        """Deliver one meter event under its idempotency key (by default its identifier)."""
+        key = event.idempotency_key or event.identifier
         client = self.client
         params: Any = {
             "event_name": event.event_name,
@@ -167,7 +170,8 @@ class StripeBilling(Billing):
         }
         result, failure = await self._attempts(
             lambda: client.v1.billing.meter_events.create_async(
-                params=params, options={"idempotency_key": event.identifier}
+                params=params,
+                options={"idempotency_key": key},
             ),
             what="meter_event",
             identifier=event.identifier,

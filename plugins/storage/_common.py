@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
 from controlplane.errors import FlagRefused, InvalidInput, Problem
 from controlplane.events import bucket_of
 from controlplane.interfaces import (
+    AuditEntry,
     AuditRecord,
     ChainRow,
     FlagsChanged,
@@ -23,7 +24,7 @@ from controlplane.interfaces import (
     StaticFlags,
     StoredEvent,
 )
-from controlplane.ledger import BILLABLE, LedgerRow, RowState, segment
+from controlplane.ledger import BILLABLE, LedgerRow, NewRow, RowState, segment
 from controlplane.units import MAX_MICROS, format_micros
 
 
@@ -47,6 +48,10 @@ def ledger_row(r: Sequence[Any]) -> LedgerRow:
         created_at=r[15],
         updated_at=r[16],
         sent_at=r[17],
+        attempt_customer=r[18],
+        attempt_timestamp=r[19],
+        attempt_key=r[20],
+        last_attempt_at=r[21],
     )
 
 
@@ -144,6 +149,44 @@ def check_bucket_bound(
                         )
                     ]
                 )
+
+
+class Reissue(NamedTuple):
+    """A sent row to re-issue (the `reissuable` query's columns)."""
+
+    id: int
+    identifier: str
+    org_id: str
+    meter: str
+    bucket_start: int
+    bucket_end: int
+    value_micros: int
+    quantity: int
+    last_revision: int  # of its bucket
+
+    def next(self, detail: str) -> NewRow:
+        """The revision that carries its usage from now on."""
+        return NewRow(
+            org_id=self.org_id,
+            meter=self.meter,
+            bucket_start=self.bucket_start,
+            bucket_end=self.bucket_end,
+            revision=self.last_revision + 1,
+            value_micros=self.value_micros,
+            quantity=self.quantity,
+            state=RowState.PENDING,
+            detail=f"re-issues {self.identifier}: {detail}",
+        )
+
+    def audit(self, new: NewRow, actor: str, detail: str) -> AuditEntry:
+        return AuditEntry(
+            action="ledger.reissued",
+            subject=self.identifier,
+            actor=actor,
+            reason=detail,
+            before={"state": "sent", "quantity": self.quantity},
+            after={"state": "cancelled", "reissued_as": new.identifier},
+        )
 
 
 STATIC_FLAGS = "static_flags"  # the settings key of the static layers' recorded flag values

@@ -42,6 +42,7 @@ from controlplane import migrations, sql
 from controlplane.errors import ConfigError, MigrationError, StorageError
 from controlplane.events import bucket_of
 from controlplane.interfaces import (
+    Attempt,
     AuditEntry,
     AuditRecord,
     Carry,
@@ -74,13 +75,14 @@ from controlplane.interfaces import (
     UsageTotal,
     WebhookRecord,
 )
-from controlplane.ledger import LedgerRow, NewRow, RowState
+from controlplane.ledger import LedgerRow, NewRow, Reason, RowState
 from controlplane.registry import PluginSpec, require
 from controlplane.rollup import carry, requantify
 from controlplane.secrets import Secret, check_url, reveal
 from controlplane.units import MAX_MICROS
 from plugins.storage._common import (
     STATIC_FLAGS,
+    Reissue,
     audit_record,
     bucket_sums,
     chains,
@@ -505,7 +507,7 @@ class PostgresStorage(Storage):
 
         rows = await self._tx("claim", work, CLAIM_LOCK)
         rows.sort(key=lambda r: r[0])
-        return [SendItem(row=ledger_row(r), customer=r[18]) for r in rows]
+        return [SendItem(row=ledger_row(r), customer=r[22]) for r in rows]
 
     async def release_claims(self, claimant: str) -> None:
         async def work(conn: Conn) -> None:
@@ -523,7 +525,11 @@ class PostgresStorage(Storage):
         claim: Claim | None = None,
         *,
         flag_versions: Mapping[str, int] | None = None,
+        series: Mapping[int, Attempt] | None = None,
     ) -> dict[int, int]:
+        ids = sorted(row_ids)
+        calls = [(series or {}).get(i) for i in ids]
+
         async def work(conn: Conn) -> dict[int, int]:
             if flag_versions is not None:
                 # shared: senders do not wait for each other, only for a flag write
@@ -531,10 +537,13 @@ class PostgresStorage(Storage):
                 check_flags_unchanged(flag_versions, await _flag_versions(conn))
             rows = await conn.fetch(
                 Q["record_attempts"],
-                sorted(row_ids),
+                ids,
                 at,
                 claim.claimant if claim else None,
                 claim.until if claim else None,
+                [c.customer if c else None for c in calls],
+                [c.timestamp if c else None for c in calls],
+                [c.key if c else None for c in calls],
             )
             return {r[0]: r[1] for r in rows}
 
@@ -635,6 +644,56 @@ class PostgresStorage(Storage):
             return len(found)
 
         return await self._tx("cancel rows", work, CHAIN_LOCK)
+
+    async def late_rows(self, period: ClosedPeriod) -> list[LedgerRow]:
+        rows = await self._all(
+            Q["late_rows"],
+            period.org_id,
+            period.period_start,
+            period.period_end,
+            period.finalized_at,
+        )
+        return [ledger_row(r) for r in rows]
+
+    async def reissue_rows(
+        self, row_ids: Sequence[int], at: int, actor: str, detail: str
+    ) -> list[NewRow]:
+        async def work(conn: Conn) -> list[NewRow]:
+            found = [Reissue(*r) for r in await conn.fetch(Q["reissuable"], sorted(row_ids))]
+            new: list[NewRow] = []
+            for old in found:
+                row = old.next(detail)
+                await conn.execute(
+                    Q["cancel_rows"],
+                    [old.id],
+                    Reason.REISSUED.value,
+                    f"{detail}; re-issued as {row.identifier}",
+                    at,
+                )
+                await conn.execute(
+                    Q["insert_reissue"],
+                    row.identifier,
+                    row.org_id,
+                    row.meter,
+                    row.bucket_start,
+                    row.bucket_end,
+                    row.revision,
+                    row.value_micros,
+                    row.quantity,
+                    row.detail,
+                    at,
+                )
+                new.append(row)
+            await self._append_audit(
+                conn,
+                [old.audit(row, actor, detail) for old, row in zip(found, new, strict=True)],
+                at,
+            )
+            if found:
+                await self._requantify(conn, [old.id for old in found], at, "")
+            return new
+
+        return await self._tx("reissue rows", work, CHAIN_LOCK)
 
     async def live_claims(self, at: int) -> int:
         ((count,),) = await self._all(Q["live_claims"], at)

@@ -78,6 +78,7 @@ JOIN bucket_totals t ON t.org_id = b.org_id AND t.bucket_start = b.bucket_start;
 SELECT l.org_id, l.meter, l.bucket_start, sum(l.value_micros)::bigint, max(l.revision)
 FROM unnest($1::text[], $2::bigint[]) AS b(org_id, bucket_start)
 JOIN ledger l ON l.org_id = b.org_id AND l.bucket_start = b.bucket_start
+WHERE NOT (l.state = 'cancelled' AND l.reason = 'reissued')  -- its usage is in the reissue
 GROUP BY l.org_id, l.bucket_start, l.meter;
 
 -- name: batch_carries
@@ -119,7 +120,8 @@ WHERE d.org_id = b.org_id AND d.bucket_start = b.bucket_start AND d.mark = b.mar
 -- name: ledger
 SELECT id, identifier, org_id, meter, bucket_start, bucket_end, revision, value_micros,
        quantity, state, reason, detail, attempts, first_attempt_at, provider_id,
-       created_at, updated_at, sent_at
+       created_at, updated_at, sent_at, attempt_customer, attempt_timestamp, attempt_key,
+       last_attempt_at
 FROM ledger
 WHERE ($1::text IS NULL OR org_id = $1)
   AND ($2::text IS NULL OR state = $2)
@@ -154,6 +156,7 @@ WHERE l.id = picked.id
 RETURNING l.id, l.identifier, l.org_id, l.meter, l.bucket_start, l.bucket_end, l.revision,
           l.value_micros, l.quantity, l.state, l.reason, l.detail, l.attempts,
           l.first_attempt_at, l.provider_id, l.created_at, l.updated_at, l.sent_at,
+          l.attempt_customer, l.attempt_timestamp, l.attempt_key, l.last_attempt_at,
           (SELECT customer FROM orgs WHERE org_id = l.org_id);
 
 -- name: release_claims
@@ -166,15 +169,26 @@ SELECT count(*) FILTER (WHERE state IN ('sent', 'cancelled') OR attempts > 0),
 FROM ledger WHERE bucket_start >= $1;
 
 -- name: record_attempts
-UPDATE ledger SET attempts = attempts + 1, first_attempt_at = coalesce(first_attempt_at, $2),
-                  updated_at = $2,
-                  claim_expires = CASE WHEN $3::text IS NULL THEN claim_expires ELSE $4 END
-WHERE id = ANY($1::bigint[]) AND ($3::text IS NULL OR claimed_by = $3)
-RETURNING id, quantity;
+-- $5, $6, $7: each row's customer, timestamp and idempotency key for this call (nulls: kept).
+UPDATE ledger l SET attempts = l.attempts + 1,
+                    first_attempt_at = coalesce(l.first_attempt_at, $2),
+                    last_attempt_at = $2, updated_at = $2,
+                    attempt_customer = coalesce(s.customer, l.attempt_customer),
+                    attempt_timestamp = coalesce(s.ts, l.attempt_timestamp),
+                    attempt_key = coalesce(s.key, l.attempt_key),
+                    claim_expires = CASE WHEN $3::text IS NULL THEN l.claim_expires ELSE $4 END
+FROM unnest($1::bigint[], $5::text[], $6::bigint[], $7::text[]) AS s(id, customer, ts, key)
+WHERE l.id = s.id AND ($3::text IS NULL OR l.claimed_by = $3)
+RETURNING l.id, l.quantity;
 
 -- name: release_attempts
+-- Calls not made: back to never attempted when it was the only one.
 UPDATE ledger SET attempts = attempts - 1,
-                  first_attempt_at = CASE WHEN attempts = 1 THEN NULL ELSE first_attempt_at END
+                  first_attempt_at = CASE WHEN attempts = 1 THEN NULL ELSE first_attempt_at END,
+                  last_attempt_at = CASE WHEN attempts = 1 THEN NULL ELSE last_attempt_at END,
+                  attempt_customer = CASE WHEN attempts = 1 THEN NULL ELSE attempt_customer END,
+                  attempt_timestamp = CASE WHEN attempts = 1 THEN NULL ELSE attempt_timestamp END,
+                  attempt_key = CASE WHEN attempts = 1 THEN NULL ELSE attempt_key END
 WHERE id = ANY($1::bigint[]) AND attempts > 0 AND state IN ('pending', 'held');
 
 -- name: settleable
@@ -224,6 +238,32 @@ FOR UPDATE;
 -- name: cancel_rows
 UPDATE ledger SET state = 'cancelled', reason = $2, detail = $3, updated_at = $4
 WHERE id = ANY($1::bigint[]);
+
+-- name: late_rows
+SELECT id, identifier, org_id, meter, bucket_start, bucket_end, revision, value_micros,
+       quantity, state, reason, detail, attempts, first_attempt_at, provider_id,
+       created_at, updated_at, sent_at, attempt_customer, attempt_timestamp, attempt_key,
+       last_attempt_at
+FROM ledger
+WHERE org_id = $1 AND state = 'sent' AND bucket_start < $3
+  AND coalesce(attempt_timestamp, bucket_start) >= $2
+  AND coalesce(attempt_timestamp, bucket_start) < $3
+  AND first_attempt_at >= $4
+ORDER BY id;
+
+-- name: reissuable
+SELECT id, identifier, org_id, meter, bucket_start, bucket_end, value_micros, quantity,
+       (SELECT max(r.revision) FROM ledger r
+        WHERE r.org_id = l.org_id AND r.meter = l.meter AND r.bucket_start = l.bucket_start)
+FROM ledger l
+WHERE id = ANY($1::bigint[]) AND state = 'sent'
+ORDER BY id
+FOR UPDATE;
+
+-- name: insert_reissue
+INSERT INTO ledger (identifier, org_id, meter, bucket_start, bucket_end, revision,
+                    value_micros, quantity, state, detail, created_at, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', $9, $10, $10);
 
 -- name: live_claims
 SELECT count(*) FROM ledger WHERE claimed_by IS NOT NULL AND claim_expires > $1;

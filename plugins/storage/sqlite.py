@@ -23,6 +23,7 @@ from controlplane import migrations, sql
 from controlplane.errors import ConfigError, MigrationError, StorageError
 from controlplane.events import bucket_of
 from controlplane.interfaces import (
+    Attempt,
     AuditEntry,
     AuditRecord,
     Carry,
@@ -55,12 +56,13 @@ from controlplane.interfaces import (
     UsageTotal,
     WebhookRecord,
 )
-from controlplane.ledger import LedgerRow, NewRow, RowState
+from controlplane.ledger import LedgerRow, NewRow, Reason, RowState
 from controlplane.registry import PluginSpec
 from controlplane.rollup import carry, requantify
 from controlplane.units import MAX_MICROS, MICROS
 from plugins.storage._common import (
     STATIC_FLAGS,
+    Reissue,
     audit_record,
     bucket_sums,
     chains,
@@ -439,7 +441,7 @@ class SQLiteStorage(Storage):
             await conn.executemany(
                 Q["claim_row"], [(claim.claimant, claim.until, r[0]) for r in rows]
             )
-        return [SendItem(row=ledger_row(r), customer=r[18]) for r in rows]
+        return [SendItem(row=ledger_row(r), customer=r[22]) for r in rows]
 
     async def release_claims(self, claimant: str) -> None:
         async with self._tx() as conn:
@@ -464,9 +466,13 @@ class SQLiteStorage(Storage):
         claim: Claim | None = None,
         *,
         flag_versions: Mapping[str, int] | None = None,
+        series: Mapping[int, Attempt] | None = None,
     ) -> dict[int, int]:
+        calls = series or {}
         params = {
-            "ids": _json.encode(list(row_ids)),
+            "series": _json.encode(
+                [[i, *(msgspec.structs.astuple(calls[i]) if i in calls else ())] for i in row_ids]
+            ),
             "at": at,
             "claimant": claim.claimant if claim else None,
             "until": claim.until if claim else None,
@@ -549,6 +555,54 @@ class SQLiteStorage(Storage):
             if found:  # they left the billable rounding chain: its fractions stay behind
                 await self._requantify(conn, [r[0] for r in found], at, "")
         return len(found)
+
+    async def late_rows(self, period: ClosedPeriod) -> list[LedgerRow]:
+        params = {
+            "org": period.org_id,
+            "start": period.period_start,
+            "end": period.period_end,
+            "finalized": period.finalized_at,
+        }
+        return [ledger_row(r) for r in await self._all(Q["late_rows"], params)]
+
+    async def reissue_rows(
+        self, row_ids: Sequence[int], at: int, actor: str, detail: str
+    ) -> list[NewRow]:
+        new: list[NewRow] = []
+        async with self._tx() as conn:
+            async with conn.execute(Q["reissuable"], (_json.encode(list(row_ids)),)) as cur:
+                found = [Reissue(*r) for r in await cur.fetchall()]
+            for old in found:
+                row = old.next(detail)
+                await conn.execute(
+                    Q["cancel_row"],
+                    (Reason.REISSUED.value, f"{detail}; re-issued as {row.identifier}", at, old.id),
+                )
+                await conn.execute(
+                    Q["insert_reissue"],
+                    (
+                        row.identifier,
+                        row.org_id,
+                        row.meter,
+                        row.bucket_start,
+                        row.bucket_end,
+                        row.revision,
+                        row.value_micros,
+                        row.quantity,
+                        row.detail,
+                        at,
+                        at,
+                    ),
+                )
+                new.append(row)
+            await self._append_audit(
+                conn,
+                [old.audit(row, actor, detail) for old, row in zip(found, new, strict=True)],
+                at,
+            )
+            if found:
+                await self._requantify(conn, [old.id for old in found], at, "")
+        return new
 
     async def live_claims(self, at: int) -> int:
         ((count,),) = await self._all(Q["live_claims"], (at,))

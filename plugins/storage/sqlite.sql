@@ -98,6 +98,7 @@ FROM temp.rollup_batch b
 CROSS JOIN temp.rollup_meters m
 CROSS JOIN ledger l
     ON l.org_id = b.org_id AND l.meter = m.meter AND l.bucket_start = b.bucket_start
+WHERE NOT (l.state = 'cancelled' AND l.reason = 'reissued')  -- its usage is in the reissue
 GROUP BY l.org_id, l.meter, l.bucket_start;
 
 -- name: batch_carries
@@ -115,6 +116,11 @@ INSERT INTO ledger (identifier, org_id, meter, bucket_start, bucket_end, revisio
                     value_micros, quantity, state, reason, created_at, updated_at)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
 
+-- name: insert_reissue
+INSERT INTO ledger (identifier, org_id, meter, bucket_start, bucket_end, revision,
+                    value_micros, quantity, state, detail, created_at, updated_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?);
+
 -- name: upsert_carry
 INSERT INTO carries (org_id, meter, segment, exact_micros, quantity) VALUES (?, ?, ?, ?, ?)
 ON CONFLICT (org_id, meter, segment) DO UPDATE SET exact_micros = excluded.exact_micros,
@@ -131,7 +137,8 @@ WHERE (org_id, bucket_start) IN (SELECT org_id, bucket_start FROM temp.rollup_ba
 -- name: ledger
 SELECT id, identifier, org_id, meter, bucket_start, bucket_end, revision, value_micros,
        quantity, state, reason, detail, attempts, first_attempt_at, provider_id,
-       created_at, updated_at, sent_at
+       created_at, updated_at, sent_at, attempt_customer, attempt_timestamp, attempt_key,
+       last_attempt_at
 FROM ledger
 WHERE (:org IS NULL OR org_id = :org)
   AND (:state IS NULL OR state = :state)
@@ -145,7 +152,8 @@ LIMIT :limit;
 -- name: sendable
 SELECT l.id, l.identifier, l.org_id, l.meter, l.bucket_start, l.bucket_end, l.revision,
        l.value_micros, l.quantity, l.state, l.reason, l.detail, l.attempts,
-       l.first_attempt_at, l.provider_id, l.created_at, l.updated_at, l.sent_at, o.customer
+       l.first_attempt_at, l.provider_id, l.created_at, l.updated_at, l.sent_at,
+       l.attempt_customer, l.attempt_timestamp, l.attempt_key, l.last_attempt_at, o.customer
 FROM ledger l LEFT JOIN orgs o ON o.org_id = l.org_id
 WHERE l.id > :after
   AND (l.state = 'pending'
@@ -172,16 +180,27 @@ SELECT coalesce(sum(state IN ('sent', 'cancelled') OR attempts > 0), 0),
 FROM ledger WHERE bucket_start >= ?;
 
 -- name: record_attempts
+-- :series is [[id, customer, timestamp, key], ...]: what each call is made with (nulls: kept).
 UPDATE ledger SET attempts = attempts + 1, first_attempt_at = coalesce(first_attempt_at, :at),
-                  updated_at = :at,
+                  last_attempt_at = :at, updated_at = :at,
+                  attempt_customer = coalesce(s.customer, attempt_customer),
+                  attempt_timestamp = coalesce(s.ts, attempt_timestamp),
+                  attempt_key = coalesce(s.key, attempt_key),
                   claim_expires = CASE WHEN :claimant IS NULL THEN claim_expires ELSE :until END
-WHERE id IN (SELECT value FROM json_each(:ids))
-  AND (:claimant IS NULL OR claimed_by = :claimant)
-RETURNING id, quantity;
+FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS customer,
+             json_extract(value, '$[2]') AS ts, json_extract(value, '$[3]') AS key
+      FROM json_each(:series)) AS s
+WHERE ledger.id = s.id AND (:claimant IS NULL OR claimed_by = :claimant)
+RETURNING ledger.id, ledger.quantity;
 
 -- name: release_attempt
+-- A call not made: back to never attempted when it was the only one.
 UPDATE ledger SET attempts = attempts - 1,
-                  first_attempt_at = CASE WHEN attempts = 1 THEN NULL ELSE first_attempt_at END
+                  first_attempt_at = CASE WHEN attempts = 1 THEN NULL ELSE first_attempt_at END,
+                  last_attempt_at = CASE WHEN attempts = 1 THEN NULL ELSE last_attempt_at END,
+                  attempt_customer = CASE WHEN attempts = 1 THEN NULL ELSE attempt_customer END,
+                  attempt_timestamp = CASE WHEN attempts = 1 THEN NULL ELSE attempt_timestamp END,
+                  attempt_key = CASE WHEN attempts = 1 THEN NULL ELSE attempt_key END
 WHERE id = ? AND attempts > 0 AND state IN ('pending', 'held');
 
 -- name: settleable
@@ -404,6 +423,26 @@ WHERE id IN (SELECT value FROM json_each(?))
 -- name: cancel_row
 UPDATE ledger SET state = 'cancelled', reason = ?, detail = ?, updated_at = ?
 WHERE id = ? AND (state = 'sent' OR (attempts > 0 AND state IN ('pending', 'held')));
+
+-- name: late_rows
+SELECT id, identifier, org_id, meter, bucket_start, bucket_end, revision, value_micros,
+       quantity, state, reason, detail, attempts, first_attempt_at, provider_id,
+       created_at, updated_at, sent_at, attempt_customer, attempt_timestamp, attempt_key,
+       last_attempt_at
+FROM ledger
+WHERE org_id = :org AND state = 'sent' AND bucket_start < :end
+  AND coalesce(attempt_timestamp, bucket_start) >= :start
+  AND coalesce(attempt_timestamp, bucket_start) < :end
+  AND first_attempt_at >= :finalized
+ORDER BY id;
+
+-- name: reissuable
+SELECT id, identifier, org_id, meter, bucket_start, bucket_end, value_micros, quantity,
+       (SELECT max(r.revision) FROM ledger r
+        WHERE r.org_id = l.org_id AND r.meter = l.meter AND r.bucket_start = l.bucket_start)
+FROM ledger l
+WHERE id IN (SELECT value FROM json_each(?)) AND state = 'sent'
+ORDER BY id;
 
 -- name: live_claims
 SELECT count(*) FROM ledger WHERE claimed_by IS NOT NULL AND claim_expires > ?;

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 import pytest
 
-from controlplane.interfaces import Claim, SeamRows, SendItem, Storage
+from controlplane.interfaces import Attempt, Claim, ClosedPeriod, SeamRows, SendItem, Storage
 from controlplane.ledger import LedgerRow, Reason, RowState
 from tests.contract.conftest import Store
 from tests.contract.helpers import (
@@ -461,3 +462,62 @@ async def test_an_exclusion_never_changes_a_sent_or_attempted_row(
     # Billable 0.6 (frozen at 1 unit), then 1.2 -> 1 - 1 = 0 (not 0, 1 as when free).
     assert [rows[r.id].quantity for r in (r1, r2)] == [1, 0]
     assert_chains_floor(rows.values())
+
+
+async def test_an_attempt_records_what_its_call_is_made_with(storage: Storage) -> None:
+    await pro(storage, "a")
+    r0, r1 = await lane_rows(storage, "a", UNIT, UNIT)
+    first = Attempt("cus_a", B[0], r0.identifier)
+    await storage.record_attempts([r0.id, r1.id], NOW, series={r0.id: first})
+    await storage.record_attempts([r0.id], NOW + 50)  # a retry: kept as it was
+    rows = by_id(await storage.ledger())
+    assert (
+        rows[r0.id].attempt_customer,
+        rows[r0.id].attempt_timestamp,
+        rows[r0.id].attempt_key,
+        rows[r0.id].last_attempt_at,
+    ) == ("cus_a", B[0], r0.identifier, NOW + 50)
+    assert (rows[r1.id].attempt_customer, rows[r1.id].last_attempt_at) == (None, NOW)
+    (item, _) = await storage.sendable(0, 100, claim=claim("s"))
+    assert item.row.attempt_key == r0.identifier and item.customer == "cus_a"
+    restamped = Attempt("cus_b", B[5], f"{r0.identifier}@{B[5]}")
+    await storage.record_attempts([r0.id], NOW + 60, series={r0.id: restamped})
+    row = by_id(await storage.ledger())[r0.id]
+    assert (row.attempt_customer, row.attempt_timestamp, row.attempt_key) == tuple(
+        msgspec.structs.astuple(restamped)
+    )
+    await storage.release_attempts([r1.id])  # its only attempt: nothing of it is left
+    row = by_id(await storage.ledger())[r1.id]
+    assert (row.attempts, row.last_attempt_at, row.attempt_key) == (0, None, None)
+
+
+async def test_rows_sent_after_the_invoice_was_finalized_are_found_and_re_issued(
+    storage: Storage,
+) -> None:
+    await pro(storage, "a")
+    r0, r1, r2 = await lane_rows(storage, "a", UNIT + UNIT // 2, UNIT, UNIT)
+    # r0 went out before the invoice was finalized, r1 after it, r2 into the next period
+    for row, at, stamp in ((r0, NOW - 100, B[0]), (r1, NOW + 10, B[1]), (r2, NOW + 10, B[2])):
+        await storage.record_attempts([row.id], at, series={row.id: Attempt("cus_a", stamp, "k")})
+        await storage.settle([settlement(row, RowState.SENT)], at, "sender")
+    period = ClosedPeriod("in_1", "a", B[0], B[2], NOW)
+    assert [r.id for r in await storage.late_rows(period)] == [r1.id]
+
+    (new,) = await storage.reissue_rows([r1.id], NOW + 20, "webhooks", "missed in_1")
+    assert (new.bucket_start, new.revision, new.value_micros) == (B[1], 2, UNIT)
+    rows = await storage.ledger()
+    old = by_id(rows)[r1.id]
+    assert (old.state, old.reason) == (RowState.CANCELLED, "reissued")
+    (reissued,) = [r for r in rows if r.revision == 2]
+    assert (reissued.state, reissued.quantity, reissued.identifier) == (
+        RowState.PENDING,
+        1,
+        new.identifier,
+    )
+    assert_chains_floor([r for r in rows if r.reason != "reissued"])
+    assert await storage.reissue_rows([r1.id], NOW + 30, "webhooks", "again") == []  # once
+    assert await storage.late_rows(period) == []
+    # the bucket's ledger total excludes the re-issued row: a rollup finds nothing to add
+    assert await roll(storage) == []
+    (audit,) = await storage.audit_log(action_prefix="ledger.reissued")
+    assert audit.subject == r1.identifier

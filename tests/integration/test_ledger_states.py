@@ -196,7 +196,12 @@ async def test_sent_row_carries_identifier_quantity_customer_and_bucket_timestam
     assert row.provider_id == row.identifier
     assert env.fake.events == {
         row.identifier: MeterEvent(
-            identifier=row.identifier, event_name="gbs", customer="cus_1", value=4, timestamp=b
+            identifier=row.identifier,
+            event_name="gbs",
+            customer="cus_1",
+            value=4,
+            timestamp=b,
+            idempotency_key=row.identifier,
         )
     }
     audit = await env.cp.storage.audit_log(action_prefix="ledger.sent")

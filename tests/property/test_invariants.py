@@ -389,12 +389,14 @@ class Pipeline:
             ), f"called for a {called_row.state}/{called_row.reason} row {row.identifier}"
             assert row.bucket_start >= bill_from, f"delivered before bill_from: {row}"
             assert row.bucket_start >= now - MAX_AGE, f"delivered too old a bucket: {row}"
+            # a retry goes to the customer its idempotency key was first used with
             assert event == MeterEvent(
                 identifier=row.identifier,
                 event_name=row.meter,
-                customer=self.customers[row.org_id],
+                customer=called_row.attempt_customer or self.customers[row.org_id],
                 value=row.quantity,
                 timestamp=row.bucket_start,
+                idempotency_key=row.identifier,
             )
             assert event.value != 0, "a quantity-0 row reached the provider"
             answers[row.identifier].append(outcome)

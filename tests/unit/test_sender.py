@@ -8,6 +8,7 @@ import pytest
 
 from controlplane.core import ControlPlane
 from controlplane.interfaces import ClosedPeriod, Outcome, WebhookRecord
+from controlplane.invoices import reissue_late
 from controlplane.ledger import RowState
 from controlplane.sender import RateLimiter
 from flags import FlagChange
@@ -74,24 +75,85 @@ async def test_a_row_whose_quantity_changed_under_the_sender_waits_for_the_next_
     assert [c.value for c in fake_billing.calls] == [read.quantity]
 
 
-async def test_a_retry_keeps_the_timestamp_of_its_first_attempt(
+async def finalize(cp: ControlPlane, at: int, invoice: str = "in_1") -> None:
+    """The invoice of o1's period holding T0 is finalized at `at`, and the webhook says so."""
+    await cp.storage.record_webhook(
+        WebhookRecord(f"evt_{invoice}", "invoice.finalized", at, "closed"),
+        at,
+        closed=ClosedPeriod(invoice, "o1", T0 - HOUR, T0 + HOUR, at),
+    )
+
+
+async def test_a_retry_repeats_its_first_attempt_while_its_period_is_open(
     cp: ControlPlane, clock: list[float], fake_billing: FakeBilling
 ) -> None:
     await live(cp)
     await cp.ingest([tick("e1", "o1", T0 + 5)], "http")
     await cp.rollup()
-    fake_billing.fail_next(Outcome.AMBIGUOUS)  # it may have arrived, stamped T0
+    fake_billing.fail_next(Outcome.AMBIGUOUS)
     assert (await cp.send()).ambiguous == 1
-    # Then the invoice of the period holding T0 is finalized.
-    finalized = int(clock[0]) + 60
-    await cp.storage.record_webhook(
-        WebhookRecord("evt_1", "invoice.finalized", finalized, "closed"),
-        finalized,
-        closed=ClosedPeriod("in_1", "o1", T0 - HOUR, T0 + HOUR, finalized),
-    )
+    # the org's customer changes before the retry: the retry still goes to the customer its
+    # idempotency key was first used with (another would be refused as a different request)
+    await cp.set_org("o1", customer="cus_2", plan=None, actor="t")
     clock[0] += 120
     assert (await cp.send()).sent == 1
-    assert [c.timestamp for c in fake_billing.calls] == [T0, T0]  # same parameters, same key
+    first, retry = fake_billing.calls
+    assert first == retry and (retry.customer, retry.timestamp) == ("cus_1", T0)
+    assert retry.idempotency_key == retry.identifier
+
+
+@pytest.mark.parametrize(
+    ("first", "detail"),
+    [
+        (Outcome.AMBIGUOUS, "provider already had this identifier"),  # it arrived, in time
+        (Outcome.RETRY, None),  # it never arrived: billed in the current period
+    ],
+)
+async def test_a_retry_after_its_invoice_was_finalized_is_re_stamped_under_a_key_of_its_own(
+    cp: ControlPlane,
+    clock: list[float],
+    fake_billing: FakeBilling,
+    first: Outcome,
+    detail: str | None,
+) -> None:
+    await live(cp)
+    await cp.ingest([tick("e1", "o1", T0 + 5)], "http")
+    await cp.rollup()
+    fake_billing.fail_next(first)
+    await cp.send()
+    await finalize(cp, int(clock[0]) + 60)  # after the attempt
+    clock[0] += 120
+    assert (await cp.send()).sent == 1
+    attempt, retry = fake_billing.calls
+    assert attempt.timestamp == T0 and attempt.idempotency_key == attempt.identifier
+    assert retry.identifier == attempt.identifier  # the provider dedupes on it
+    assert (
+        retry.timestamp == T0 + HOUR and retry.idempotency_key == f"{retry.identifier}@{T0 + HOUR}"
+    )
+    assert len(fake_billing.events) == 1  # billed once either way
+    (row,) = await cp.storage.ledger()
+    assert row.state is RowState.SENT and "re-stamped" in (row.detail or "")
+    assert detail is None or detail in (row.detail or "")
+
+
+async def test_a_retry_attempted_after_its_invoice_was_finalized_is_held_as_ambiguous(
+    cp: ControlPlane, clock: list[float], fake_billing: FakeBilling
+) -> None:
+    await live(cp)
+    await cp.ingest([tick("e1", "o1", T0 + 5)], "http")
+    await cp.rollup()
+    fake_billing.fail_next(Outcome.AMBIGUOUS)
+    await cp.send()
+    finalized = int(clock[0]) + 60
+    clock[0] += 120
+    fake_billing.fail_next(Outcome.RETRY)  # a retry after Stripe finalized, before we knew
+    await cp.send()
+    await finalize(cp, finalized)
+    clock[0] += 60
+    assert (await cp.send()).held == 1
+    (row,) = await cp.storage.ledger()
+    assert (row.state, row.reason) == (RowState.HELD, "ambiguous")
+    assert "in_1" in (row.detail or "") and len(fake_billing.calls) == 2
 
 
 async def test_a_late_correction_for_a_finalized_period_goes_out_even_past_the_window(
@@ -118,3 +180,37 @@ async def test_a_late_correction_for_a_finalized_period_goes_out_even_past_the_w
     await cp.set_org("o2", customer="cus_2", plan="pro", actor="t", effective_from=0)
     await cp.rollup()
     assert (await cp.send()).excluded == 1
+
+
+async def test_a_row_sent_after_stripe_finalized_its_invoice_is_re_issued_into_the_current_period(
+    cp: ControlPlane, clock: list[float], fake_billing: FakeBilling
+) -> None:
+    """Stripe finalized the invoice before the row went out, and the webhook said so after:
+    the usage is at Stripe but on no invoice. It is cancelled there and re-issued."""
+    await live(cp)
+    await cp.ingest([tick("e1", "o1", T0 + 5)], "http")
+    await cp.rollup()
+    finalized = int(clock[0]) - 60  # by Stripe's clock, a minute before the send
+    assert (await cp.send()).sent == 1
+    period = ClosedPeriod("in_1", "o1", T0 - HOUR, T0 + HOUR, finalized)
+    await finalize(cp, finalized)
+    (new,) = await reissue_late(
+        cp.storage, cp.billing, cp.meters, period, at=cp.now(), actor="webhooks"
+    )
+    assert (new.revision, new.state) == (2, RowState.PENDING)
+    first, _ = await cp.storage.ledger()
+    assert (first.state, first.reason) == (RowState.CANCELLED, "reissued")
+    assert "in_1" in (first.detail or "") and first.identifier in fake_billing.cancelled
+    assert (await cp.send()).sent == 1
+    original, again = fake_billing.calls
+    assert (again.identifier, again.value) == (new.identifier, original.value)
+    assert again.timestamp == T0 + HOUR  # the current period
+    # The bucket's ledger total is still its usage: a late event makes only its difference.
+    await cp.ingest([tick("e2", "o1", T0 + 9)], "http")
+    await cp.rollup()
+    rows = await cp.storage.ledger()
+    assert [(r.revision, r.value_micros) for r in rows][-1] == (3, 20_000_000)
+    # Nothing else is late for that invoice now.
+    assert await cp.storage.late_rows(period) == []
+    audit = await cp.storage.audit_log(action_prefix="ledger.reissued")
+    assert [a.subject for a in audit] == [first.identifier]

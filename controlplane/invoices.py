@@ -1,0 +1,60 @@
+"""Usage that missed its invoice: sent after the provider finalized the period's invoice.
+
+Stripe finalizes an invoice on its own clock; the control plane hears of it from
+``invoice.finalized``, possibly minutes later. A row sent in between, stamped inside that
+period, is at the provider but on no invoice: Stripe does not re-invoice a finalized period.
+When the webhook arrives, each such row is re-issued: cancelled at the provider (inside its
+24 h window; else left where no invoice carries it, and the ledger says so) and replaced by
+the next revision of its bucket, with the same usage, which the sender stamps into the
+current period. The ledger keeps the usage in exactly one row that bills it.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from controlplane.interfaces import Billing, ClosedPeriod, Outcome, Storage
+from controlplane.ledger import NewRow
+from controlplane.meters import MeterSet
+
+log = structlog.get_logger("invoices")
+
+
+async def reissue_late(
+    storage: Storage,
+    billing: Billing | None,
+    meters: MeterSet,
+    period: ClosedPeriod,
+    *,
+    at: int,
+    actor: str,
+) -> list[NewRow]:
+    """Re-issue the rows that reached the provider after `period`'s invoice was finalized.
+    Returns the revisions appended (the sender delivers them)."""
+    late = await storage.late_rows(period)
+    if not late:
+        return []
+    missed = (
+        f"reached the provider after invoice {period.invoice_id} was finalized (at "
+        f"{period.finalized_at}), so no invoice carries it"
+    )
+    cancelled: list[int] = []
+    kept: list[int] = []
+    for row in late:
+        meter = meters.by_name.get(row.meter)
+        event_name = meter.config.provider_event_name if meter else row.meter
+        delivery = None if billing is None else await billing.cancel(event_name, row.identifier)
+        ok = delivery is not None and delivery.outcome in (Outcome.ACCEPTED, Outcome.DUPLICATE)
+        (cancelled if ok else kept).append(row.id)
+    new = await storage.reissue_rows(cancelled, at, actor, f"{missed}; cancelled there")
+    new += await storage.reissue_rows(
+        kept, at, actor, f"{missed}; not cancelled there (it stays in the finalized period)"
+    )
+    log.warning(
+        "ledger.reissued",
+        invoice=period.invoice_id,
+        org=period.org_id,
+        rows=len(new),
+        cancelled_at_provider=len(cancelled),
+    )
+    return new
