@@ -177,8 +177,12 @@ async def watch(cp: ControlPlane, *, watching_since: float | None) -> WatchStats
             continue  # another process raised it this very second
         stats.alerts += 1
         log.warning("jobs.alert", job=status.job, dedup_key=alert.dedup_key, text=alert.text)
-    for job in scheduled_jobs(cp.config, legacy=cp.legacy is not None):
-        delivered, failed = await deliver_pending(cp, alert_key(job), kind="jobs")
+    from controlplane.rollup import HELD_ALERTS
+    from controlplane.webhooks import ALERTS as WEBHOOK_ALERTS
+
+    keys = [alert_key(j) for j in scheduled_jobs(cp.config, legacy=cp.legacy is not None)]
+    for key in [*keys, HELD_ALERTS, WEBHOOK_ALERTS]:  # and the alerts jobs raise on their own
+        delivered, failed = await deliver_pending(cp, key, kind="jobs")
         stats.delivered += delivered
         stats.failed += failed
     return stats

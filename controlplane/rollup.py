@@ -222,7 +222,7 @@ async def _alert_held(storage: Storage, bucket: HeldBucket) -> None:
     )
 
 
-HELD_ALERTS = "job:rollup"  # the rollup job's alerts, delivered by the job watcher
+HELD_ALERTS = "job:rollup:held"  # delivered by the job watcher, apart from job health alerts
 
 
 def watermark(now: float, grace_seconds: int) -> int:
