@@ -595,6 +595,7 @@ class OrgPut(msgspec.Struct, forbid_unknown_fields=True):
     plan: str | None = None
     effective_from: Seconds | None = None
     reason: str | None = None
+    force: bool = False  # a plan period before buckets already rolled up
 
 
 def _org_api(org: Any) -> dict[str, Any]:
@@ -620,15 +621,16 @@ def _org_api(org: Any) -> dict[str, Any]:
 async def put_org(
     request: Request[Any, Any, Any], cp: CP, org_id: FromPath[str], data: JSONBody[OrgPut]
 ) -> dict[str, Any]:
-    org = await cp.set_org(
+    update = await cp.set_org(
         org_id,
         customer=data.customer,
         plan=data.plan,
         actor=_actor(request),
         effective_from=data.effective_from,
         reason=data.reason,
+        force=data.force,
     )
-    return _org_api(org)
+    return {**_org_api(update.org), "notes": update.notes}
 
 
 @route(

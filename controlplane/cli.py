@@ -219,14 +219,18 @@ async def demo(args: argparse.Namespace, config: Config) -> int:
 async def orgs(args: argparse.Namespace, config: Config) -> int:
     async with _core(config) as cp:
         if args.action == "set":
-            org = await cp.set_org(
+            update = await cp.set_org(
                 args.org,
                 customer=args.customer,
                 plan=args.plan,
                 actor=args.actor,
                 effective_from=args.effective_from,
                 reason=args.reason,
+                force=args.force,
             )
+            for note in update.notes:
+                print(f"note: {note}", file=sys.stderr)
+            org = update.org
         else:
             org = await cp.storage.get_org(args.org)
             if org is None:
@@ -538,6 +542,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--effective-from", type=int, help="unix seconds (default: now)")
     o.add_argument("--reason")
     o.add_argument("--actor", default="cli")
+    o.add_argument(
+        "--force",
+        action="store_true",
+        help="start a plan before buckets already rolled up (they keep the plan they had)",
+    )
     o = osub.add_parser("show", parents=[common])
     o.add_argument("org")
     p.set_defaults(func=orgs)

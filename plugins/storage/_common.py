@@ -189,6 +189,21 @@ class Reissue(NamedTuple):
         )
 
 
+def check_customer_free(customer: str, org_id: str, owner: str | None) -> None:
+    """One provider customer maps to one org: refuse (InvalidInput) giving `org_id` a
+    customer another org has."""
+    if owner is not None:
+        raise InvalidInput(
+            [
+                Problem(
+                    field="customer",
+                    message=f"{customer} is already org {owner!r}'s customer; one provider "
+                    "customer bills one org (its usage and invoices would mix)",
+                )
+            ]
+        )
+
+
 STATIC_FLAGS = "static_flags"  # the settings key of the static layers' recorded flag values
 
 

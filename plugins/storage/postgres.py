@@ -87,6 +87,7 @@ from plugins.storage._common import (
     bucket_sums,
     chains,
     check_bucket_bound,
+    check_customer_free,
     check_flag_versions,
     check_flags_unchanged,
     check_static,
@@ -729,6 +730,10 @@ class PostgresStorage(Storage):
         audit: AuditEntry,
     ) -> Org:
         async def work(conn: Conn) -> None:
+            if customer is not None:  # one claim of a customer at a time
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(customer))
+                owner = await conn.fetchval(Q["customer_owner"], customer, org_id)
+                check_customer_free(customer, org_id, owner)
             await conn.execute(Q["upsert_org"], org_id, customer, at)
             if plan is not None:
                 await conn.execute(Q["upsert_plan"], org_id, effective_from, plan)

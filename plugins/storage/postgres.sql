@@ -398,6 +398,9 @@ SELECT subscription, subscription_status FROM orgs WHERE org_id = $1;
 -- name: org_by_subscription
 SELECT org_id FROM orgs WHERE subscription = $1 LIMIT 1;
 
+-- name: customer_owner
+SELECT org_id FROM orgs WHERE customer = $1 AND org_id <> $2 LIMIT 1;
+
 -- name: org_by_customer
 SELECT org_id FROM orgs WHERE customer = $1 ORDER BY updated_at DESC LIMIT 1;
 

@@ -67,6 +67,7 @@ from plugins.storage._common import (
     bucket_sums,
     chains,
     check_bucket_bound,
+    check_customer_free,
     check_flag_versions,
     check_flags_unchanged,
     check_static,
@@ -657,6 +658,10 @@ class SQLiteStorage(Storage):
         audit: AuditEntry,
     ) -> Org:
         async with self._tx() as conn:
+            if customer is not None:
+                async with conn.execute(Q["customer_owner"], (customer, org_id)) as cur:
+                    row = await cur.fetchone()
+                check_customer_free(customer, org_id, row[0] if row else None)
             await conn.execute(Q["upsert_org"], (org_id, customer, at))
             if plan is not None:
                 await conn.execute(Q["upsert_plan"], (org_id, effective_from, plan))

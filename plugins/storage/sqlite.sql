@@ -379,6 +379,9 @@ SELECT subscription, subscription_status FROM orgs WHERE org_id = ?;
 -- name: org_by_subscription
 SELECT org_id FROM orgs WHERE subscription = ? LIMIT 1;
 
+-- name: customer_owner
+SELECT org_id FROM orgs WHERE customer = ? AND org_id <> ? LIMIT 1;
+
 -- name: org_by_customer
 SELECT org_id FROM orgs WHERE customer = ? ORDER BY updated_at DESC LIMIT 1;
 

@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 
 from controlplane import cutover
-from controlplane.config import Config
 from controlplane.core import ControlPlane
 from controlplane.errors import ConfigError, FlagRefused
 from controlplane.interfaces import Delivery, MeterEvent
@@ -31,32 +30,9 @@ T = T0 + 4 * HOUR  # the clock fixture reads T0 + 10 h
 LIVE = {"SHADOW": "false", "BILL_FROM": str(T), "PRO_BILLING_AUTHORITY": "controlplane"}
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def build(
-    request: pytest.FixtureRequest,
-    make_config: Callable[..., Config],
-    clock: list[float],
-    fake_billing: FakeBilling,
-) -> Callable[..., ControlPlane]:
-    """ControlPlanes on one store of the parametrised backend (each call: a restart)."""
-    sections: dict[str, Any] = {}
-    if request.param == "postgres":
-        from tests.harness import fresh_database
-
-        dsn = fresh_database(request.getfixturevalue("postgres_dsn"))
-        sections["storage"] = {"backend": "postgres", "dsn": dsn}
-
-    def make(**more: Any) -> ControlPlane:
-        return ControlPlane(
-            make_config(**sections, **more), billing=fake_billing, clock=lambda: clock[0]
-        )
-
-    return make
-
-
 @pytest.fixture
-async def cp(build: Callable[..., ControlPlane]) -> AsyncIterator[ControlPlane]:
-    async with build() as plane:
+async def cp(build_on_each_backend: Callable[..., ControlPlane]) -> AsyncIterator[ControlPlane]:
+    async with build_on_each_backend() as plane:
         await plane.set_org("o1", customer="cus_1", plan="pro", actor="t", effective_from=0)
         yield plane
 
@@ -166,21 +142,21 @@ async def test_a_flag_change_after_the_attempts_are_recorded_is_refused(
 
 
 async def live_from_the_environment(
-    build: Callable[..., ControlPlane], monkeypatch: pytest.MonkeyPatch
+    build_on_each_backend: Callable[..., ControlPlane], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for name, value in LIVE.items():
         monkeypatch.setenv(name, value)
-    async with build() as cp:
+    async with build_on_each_backend() as cp:
         await cp.set_org("o1", customer="cus_1", plan="pro", actor="t", effective_from=0)
         await three_buckets(cp)
         assert (await cp.send()).sent == 3
 
 
 async def test_a_start_records_and_audits_the_static_layers(
-    build: Callable[..., ControlPlane], monkeypatch: pytest.MonkeyPatch
+    build_on_each_backend: Callable[..., ControlPlane], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    await live_from_the_environment(build, monkeypatch)
-    async with build() as cp:
+    await live_from_the_environment(build_on_each_backend, monkeypatch)
+    async with build_on_each_backend() as cp:
         audit = await cp.storage.audit_log(action_prefix="flag.")
     assert {(a.subject, a.actor) for a in audit} == {
         ("shadow", "environment"),
@@ -198,37 +174,37 @@ async def test_a_start_records_and_audits_the_static_layers(
     ],
 )
 async def test_an_environment_change_over_sent_rows_is_refused_at_start(
-    build: Callable[..., ControlPlane],
+    build_on_each_backend: Callable[..., ControlPlane],
     monkeypatch: pytest.MonkeyPatch,
     change: dict[str, str],
     rule: str,
 ) -> None:
-    await live_from_the_environment(build, monkeypatch)
+    await live_from_the_environment(build_on_each_backend, monkeypatch)
     for name, value in change.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=rule):
-        async with build():
+        async with build_on_each_backend():
             pass
     for name in change:  # undone: it starts, and nothing was recorded meanwhile
         monkeypatch.setenv(name, LIVE[name])
-    async with build() as cp:
+    async with build_on_each_backend() as cp:
         assert (await cp.flags()).legacy_bill_until == T
         assert len(await cp.storage.audit_log(action_prefix="flag.")) == 3
 
 
 async def test_a_config_file_change_is_guarded_and_audited_like_a_runtime_one(
-    build: Callable[..., ControlPlane],
+    build_on_each_backend: Callable[..., ControlPlane],
 ) -> None:
     flags = {"shadow": False, "bill_from": T, "authority": "controlplane"}
-    async with build(flags=flags) as cp:
+    async with build_on_each_backend(flags=flags) as cp:
         await cp.set_org("o1", customer="cus_1", plan="pro", actor="t", effective_from=0)
         await three_buckets(cp)
         assert (await cp.send()).sent == 3
     with pytest.raises(ConfigError, match=r"bill_from\.frozen"):
-        async with build(flags={**flags, "bill_from": T + 2 * HOUR}):
+        async with build_on_each_backend(flags={**flags, "bill_from": T + 2 * HOUR}):
             pass
     # A change the rules allow starts, and is audited with the layer it came from.
-    async with build(flags={**flags, "shadow": True}) as cp:
+    async with build_on_each_backend(flags={**flags, "shadow": True}) as cp:
         assert (await cp.flags()).shadow is True
         (last, *_) = await cp.storage.audit_log(action_prefix="flag.")
     assert (last.subject, last.actor, last.before, last.after) == (
