@@ -95,9 +95,10 @@ def plan_revisions(
         if so_far is None:
             so_far = chains[chain] = [0, 0]
         so_far[0] += diff
-        whole = floor_units(so_far[0])
-        quantity = whole - so_far[1]
-        so_far[1] = whole
+        quantity = floor_units(so_far[0]) - so_far[1]
+        if diff >= 0:
+            quantity = max(0, quantity)  # a chain that owes units pays them back (requantify)
+        so_far[1] += quantity
         touched.add(chain)
         rows.append(
             NewRow(
@@ -128,7 +129,8 @@ def requantify(chain: list[ChainRow]) -> tuple[dict[int, int], int, int]:
     """Re-derive the quantities of one rounding chain (rows of one segment, oldest first).
 
     Frozen rows keep theirs; each other row gets floor(exact so far) minus the units before
-    it, so the chain again sums to floor(its exact total). Returns (changed quantities by row
+    it (never below zero for usage), so the chain again sums to floor(its exact total) once
+    the frozen rows hold no more than that. Returns (changed quantities by row
     id, exact micros, whole units) — the chain's new carry.
     """
     exact = whole = 0
@@ -139,6 +141,12 @@ def requantify(chain: list[ChainRow]) -> tuple[dict[int, int], int, int]:
             whole += row.quantity
             continue
         quantity = floor_units(exact) - whole
+        if row.value_micros >= 0:
+            # Never below zero for usage: after rows left the chain (a rollback cancelled
+            # them) while rows that may have reached the provider stayed, those can hold
+            # more units than the chain's floor; later rows pay that back instead of going
+            # out negative.
+            quantity = max(0, quantity)
         whole += quantity
         if quantity != row.quantity:
             changed[row.id] = quantity

@@ -49,6 +49,7 @@ from hypothesis import event as note_event
 from hypothesis import strategies as st
 
 import controlplane.config
+from controlplane import cutover
 from controlplane.core import ControlPlane
 from controlplane.errors import FlagRefused, InvalidInput
 from controlplane.interfaces import Delivery, MeterEvent, Outcome
@@ -71,15 +72,18 @@ ALLOWED_REASONS: dict[RowState, set[str | None]] = {
     RowState.SENT: {None},
     RowState.HELD: {Reason.NO_CUSTOMER, Reason.PROVIDER_REJECTED, Reason.AMBIGUOUS},
     RowState.EXCLUDED: {Reason.BEFORE_BILL_FROM, Reason.FREE_PLAN, Reason.TOO_OLD},
+    RowState.CANCELLED: {Reason.ROLLED_BACK},
 }
 # DESIGN §4: pending -> sent | held | excluded; held -> pending again (or straight on) when the
-# cause is fixed; sent -> cancelled only by a rollback (not exercised here); excluded is final.
+# cause is fixed; sent (or attempted) -> cancelled only by a rollback; excluded is final.
 ALLOWED_MOVES: dict[RowState, set[RowState]] = {
     RowState.PENDING: {RowState.PENDING, RowState.SENT, RowState.HELD, RowState.EXCLUDED},
     RowState.HELD: {RowState.HELD, RowState.PENDING, RowState.SENT, RowState.EXCLUDED},
     RowState.SENT: {RowState.SENT},
     RowState.EXCLUDED: {RowState.EXCLUDED},
+    RowState.CANCELLED: {RowState.CANCELLED},
 }
+ROLLBACK_MOVES = {RowState.SENT, RowState.PENDING, RowState.HELD}  # may become cancelled
 
 
 class StripeLikeBilling(FakeBilling):
@@ -108,8 +112,9 @@ class StripeLikeBilling(FakeBilling):
 
 
 def chain(row: LedgerRow) -> str:
-    """The rounding chain of a row: billed here, or excluded for one reason."""
-    return str(row.reason) if row.state is RowState.EXCLUDED else "billable"
+    """The rounding chain of a row: billed here, or excluded (or cancelled) for one reason."""
+    unbilled = row.state in (RowState.EXCLUDED, RowState.CANCELLED)
+    return str(row.reason) if unbilled else "billable"
 
 
 def gbs_micros(mb: int, s: int) -> int:
@@ -156,6 +161,11 @@ class Pipeline:
         self.plans: dict[str, dict[int, str]] = defaultdict(dict)
         self.rows: dict[int, LedgerRow] = {}
         self.ambiguous_applied: set[str] = set()
+        # buckets a rollback handed back to the legacy biller: never delivered again
+        self.handed_back: set[tuple[str, str, int]] = set()
+        # (org, meter) with rows a rollback could not cancel: both billers have them, the
+        # rollback listed them for credit notes, so their billable chain no longer adds up
+        self.listed: set[tuple[str, str]] = set()
 
     def run(self, aw: Awaitable[T]) -> T:
         return self.loop.run_until_complete(aw)
@@ -187,7 +197,9 @@ class Pipeline:
         with sqlite3.connect(self.db) as conn:
             return conn.execute(sql).fetchall()
 
-    def settle_snapshot(self, expect_unchanged: bool) -> dict[int, LedgerRow]:
+    def settle_snapshot(
+        self, expect_unchanged: bool, rollback: bool = False
+    ) -> dict[int, LedgerRow]:
         """Check the rows against the previous step and remember them."""
         now = {r.id: r for r in self.ledger()}
         for row_id, before in self.rows.items():
@@ -207,8 +219,14 @@ class Pipeline:
             undelivered = before.state in (RowState.PENDING, RowState.HELD) and not before.attempts
             if not (undelivered or after.state is RowState.EXCLUDED):
                 assert after.quantity == before.quantity, (before, after)
-            assert after.state in ALLOWED_MOVES[before.state], (before, after)
-            if expect_unchanged:
+            cancelled = (
+                rollback
+                and before.state in ROLLBACK_MOVES
+                and after.state is RowState.CANCELLED
+                and (before.state is RowState.SENT or before.attempts > 0)
+            )
+            assert cancelled or after.state in ALLOWED_MOVES[before.state], (before, after)
+            if expect_unchanged and not cancelled:
                 assert (after.state, after.reason, after.attempts) == (
                     before.state,
                     before.reason,
@@ -230,8 +248,30 @@ class Pipeline:
         """What `cutover execute` does: all three flags in one change."""
         self.set_flags(False, "controlplane", bill_from)
 
-    def rollback(self) -> None:
-        self.set_flags(True, "legacy", "keep")
+    def rollback(self, cancel_sent: bool) -> None:
+        """`controlplane cutover rollback [--cancel-sent]`."""
+        result = self.run(
+            cutover.rollback(self.cp, actor="prop", reason="rollback", cancel_sent=cancel_sent)
+        )
+        self.settle_snapshot(expect_unchanged=True, rollback=True)
+        flags = self.run(self.cp.flags())
+        assert (flags.authority.value, flags.shadow) == ("legacy", True)
+        for r in self.rows.values():
+            if r.state is RowState.SENT or r.state is RowState.CANCELLED or r.attempts:
+                self.handed_back.add((r.org_id, r.meter, r.bucket_start))
+        # Rows that may have reached the provider and stay (listed for credit notes, or
+        # refused by it) keep their quantities after others left: their chain is settled by
+        # hand, and only promises it never goes negative.
+        cancelled = {
+            (r.org_id, r.meter) for r in self.rows.values() if r.state is RowState.CANCELLED
+        }
+        for r in self.rows.values():
+            stays = r.state not in (RowState.CANCELLED, RowState.EXCLUDED)
+            seen = r.attempts or r.state is RowState.SENT
+            if stays and seen and ((r.org_id, r.meter) in cancelled or not cancel_sent):
+                self.listed.add((r.org_id, r.meter))
+        for note in result.not_cancelled:
+            self.listed.add((note.org_id, note.meter))
 
     def ingest(self, batch: list[tuple[int, str, str, int, int, int, int]]) -> None:
         items = []
@@ -308,7 +348,13 @@ class Pipeline:
         self.send(answers, reject)
 
     def set_org(
-        self, org: str, customer: bool, plan: str | None, effective: int | None, half: bool
+        self,
+        org: str,
+        customer: bool,
+        plan: str | None,
+        effective: int | None,
+        half: bool,
+        force: bool = False,
     ) -> None:
         if not customer and plan is None:
             with pytest.raises(InvalidInput):
@@ -317,15 +363,23 @@ class Pipeline:
         effective_from = (
             0 if effective is None else self.bucket_now + effective * HOUR + (1800 if half else 0)
         )
-        self.run(
-            self.cp.set_org(
-                org,
-                customer=f"cus_{org}" if customer else None,
-                plan=plan,
-                actor="prop",
-                effective_from=effective_from,
+        before = self.run(self.cp.storage.get_org(org))
+        try:
+            self.run(
+                self.cp.set_org(
+                    org,
+                    customer=f"cus_{org}" if customer else None,
+                    plan=plan,
+                    actor="prop",
+                    effective_from=effective_from,
+                    force=force,
+                )
             )
-        )
+        except InvalidInput as exc:
+            # a plan period over buckets already rolled up under another plan, unforced
+            assert not force and [p.field for p in exc.problems] == ["effective_from"], exc
+            assert self.run(self.cp.storage.get_org(org)) == before, "a refused change changed"
+            return
         if customer:
             self.customers[org] = f"cus_{org}"
         if plan is not None:
@@ -388,6 +442,9 @@ class Pipeline:
                 called_row.state is RowState.HELD and called_row.reason == Reason.NO_CUSTOMER
             ), f"called for a {called_row.state}/{called_row.reason} row {row.identifier}"
             assert row.bucket_start >= bill_from, f"delivered before bill_from: {row}"
+            assert (row.org_id, row.meter, row.bucket_start) not in self.handed_back, (
+                f"delivered a bucket a rollback handed back to the legacy biller: {row}"
+            )
             assert row.bucket_start >= now - MAX_AGE, f"delivered too old a bucket: {row}"
             # a retry goes to the customer its idempotency key was first used with
             assert event == MeterEvent(
@@ -439,6 +496,8 @@ class Pipeline:
         self.settle_snapshot(expect_unchanged=True)
         flags = self.run(self.cp.flags())
         bill_from = flags.bill_from if flags.bill_from is not None else self.bucket_now - 8 * HOUR
+        if self.handed_back:  # a cutover after a rollback starts after what it handed back
+            bill_from = max(bill_from, max(b for _o, _m, b in self.handed_back) + HOUR)
         self.run(
             self.cp.set_flags(
                 [
@@ -465,7 +524,13 @@ class Pipeline:
         applied = {e.identifier for e in self.fake.applied}
         for org in ORGS:
             for meter in ("gbs", "calls"):
-                rows = [r for r in self.rows.values() if (r.org_id, r.meter) == (org, meter)]
+                if (org, meter) in self.listed:
+                    continue  # both billers have some of it: settled by credit notes
+                rows = [
+                    r
+                    for r in self.rows.values()
+                    if (r.org_id, r.meter) == (org, meter) and r.state is not RowState.CANCELLED
+                ]
                 quantity: Counter[str] = Counter()
                 for r in rows:
                     held_applied = r.state is RowState.HELD and r.identifier in applied
@@ -475,6 +540,7 @@ class Pipeline:
                     e.value
                     for e in self.fake.applied
                     if (e.customer, e.event_name) == (f"cus_{org}", meter)
+                    and e.identifier not in self.fake.cancelled
                 )
                 # the customer is billed exactly what the ledger says was sent, plus rows the
                 # provider applied without ever confirming (held as ambiguous) ...
@@ -536,6 +602,8 @@ class Pipeline:
             exact, whole = chains.get(key, (0, 0))
             chains[key] = (exact + r.value_micros, whole + r.quantity)
         for key, (exact, whole) in chains.items():
+            if key[2] != "billable" or key[:2] in self.listed:
+                continue  # handed back (or listed for credit notes): left as they were
             assert whole == exact // MICROS, (
                 f"rounding chain {key}: {whole} units for {exact} micro-units; rows "
                 + str(
@@ -565,7 +633,8 @@ class Pipeline:
             assert r.identifier == f"{r.org_id}:{r.meter}:{r.bucket_start}:{r.revision}"
             assert r.bucket_start % HOUR == 0 and r.bucket_end == r.bucket_start + HOUR
             assert r.reason in ALLOWED_REASONS[r.state], r
-            assert (r.sent_at is not None) == (r.state is RowState.SENT), r
+            if r.state is not RowState.CANCELLED:  # a cancelled row keeps when it was sent
+                assert (r.sent_at is not None) == (r.state is RowState.SENT), r
             revisions[(r.org_id, r.meter, r.bucket_start)].append(r.revision)
         for key, revs in revisions.items():
             assert revs == list(range(1, len(revs) + 1)), (key, revs)
@@ -576,6 +645,9 @@ class Pipeline:
         by_ident = {r.identifier: r for r in rows}
         for event in self.fake.applied:
             row = by_ident[event.identifier]
+            if row.state is RowState.CANCELLED:
+                assert event.identifier in self.fake.cancelled, f"cancelled only here: {row}"
+                continue
             assert row.state is RowState.SENT or (
                 event.identifier in self.ambiguous_applied
                 and row.state in (RowState.PENDING, RowState.HELD)
@@ -588,6 +660,8 @@ class Pipeline:
         for r in rows:
             if r.state is RowState.SENT and r.quantity:
                 assert r.identifier in applied_set, f"sent but never delivered: {r}"
+            if r.state is RowState.CANCELLED and r.quantity and r.identifier in applied_set:
+                assert r.identifier in self.fake.cancelled, f"cancelled only here: {r}"
             if r.quantity == 0:
                 assert r.identifier not in called
 
@@ -628,6 +702,7 @@ STEPS: dict[str, st.SearchStrategy[tuple[Any, ...]]] = {
         st.sampled_from([None, "pro", "pro", "free"]),
         st.one_of(st.none(), st.integers(-6, 2)),
         st.booleans(),
+        st.booleans(),  # forced
     ),
     "set_flags": step(
         "set_flags",
@@ -636,7 +711,7 @@ STEPS: dict[str, st.SearchStrategy[tuple[Any, ...]]] = {
         st.one_of(st.just("keep"), st.none(), BILL_FROM),
     ),
     "cutover": step("cutover", BILL_FROM),
-    "rollback": step("rollback"),
+    "rollback": step("rollback", st.booleans()),
     "drain": step("drain"),
 }
 
@@ -725,6 +800,36 @@ def test_delivery_is_exactly_once_under_provider_failures(
 ) -> None:
     """Cut over from the start and every org pro, so most sends reach the provider, which
     retries, refuses, loses answers and forgets identifiers after 24 h."""
+    pipeline = Pipeline()
+    try:
+        pipeline.start([("pro", c) for c in customers], bill_from)
+        replay(pipeline, schedule)
+    finally:
+        pipeline.close()
+
+
+@PROPERTY_SETTINGS
+@given(
+    customers=st.lists(st.booleans(), min_size=len(ORGS), max_size=len(ORGS)),
+    bill_from=BILL_FROM,
+    schedule=schedule_of(
+        {
+            "ingest": 3,
+            "scheduler": 3,
+            "send": 1,
+            "advance": 1,
+            "set_flags": 3,
+            "cutover": 2,
+            "rollback": 2,
+        }
+    ),
+)
+def test_cutovers_and_rollbacks_never_bill_a_bucket_twice(
+    customers: list[bool], bill_from: int, schedule: list[tuple[Any, ...]]
+) -> None:
+    """Live from the start, then any order of unforced flag changes, cutovers and rollbacks
+    (with and without cancelling at the provider) while usage flows: a bucket a rollback
+    handed back is never delivered again, and the books add up after every step."""
     pipeline = Pipeline()
     try:
         pipeline.start([("pro", c) for c in customers], bill_from)
