@@ -75,7 +75,7 @@ from controlplane.parity import (
 from controlplane.ratelimit import IngestLimiter, RateLimited
 from controlplane.secrets import reveal
 from controlplane.units import format_micros
-from controlplane.webhooks import WebhookRejected
+from controlplane.webhooks import NotAnEvent, WebhookRejected
 from flags import FLAGS, FlagChange
 
 log = structlog.get_logger("api")
@@ -907,10 +907,14 @@ async def stripe_webhook(
     ] = None,
 ) -> Response[Any]:
     """Authenticated by the `Stripe-Signature` header (HMAC-SHA256 over the raw body with
-    `stripe.webhook_secret`, 300 s tolerance): 400 when it does not verify, nothing done."""
+    `stripe.webhook_secret`, 300 s tolerance): 400 when it does not verify or is not a Stripe
+    v1 event, nothing done; a signed event that cannot be used or is refused is answered 200
+    with its recorded outcome (`unprocessable: ...`, `refused: ...`)."""
     body = await request.body()
     try:
         result = await cp.stripe_webhook(body, signature)
+    except NotAnEvent as exc:  # logged and alerted by the handler
+        return problem(400, "Not a Stripe event", exc.message)
     except WebhookRejected as exc:
         log.warning("webhook.rejected", error=exc.message)
         return problem(400, "Bad signature", exc.message)
