@@ -61,7 +61,7 @@ from controlplane.errors import (
     Problem,
     StorageError,
 )
-from controlplane.events import MAX_TS_MS, decode_body
+from controlplane.events import DEFAULT_SOURCE, MAX_TS_MS, decode_body
 from controlplane.ledger import RowState
 from controlplane.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from controlplane.parity import (
@@ -470,7 +470,7 @@ async def ingest_events(request: Request[Any, Any, Any], cp: CP) -> dict[str, in
             detail=f"{len(items)} events; at most {cp.config.server.max_batch_events} per batch",
         )
     limiter.charge(token, len(items))
-    result = await cp.ingest(items, "http")
+    result = await cp.ingest(items, DEFAULT_SOURCE)
     return {"accepted": result.accepted, "duplicates": result.duplicates}
 
 

@@ -23,6 +23,7 @@ import msgspec
 from controlplane import config as config_mod
 from controlplane.config import Config
 from controlplane.errors import ControlPlaneError, InvalidInput
+from controlplane.events import DEFAULT_SOURCE
 
 Handler = Callable[[argparse.Namespace, Config], Awaitable[int]]
 
@@ -177,6 +178,10 @@ async def ingest(args: argparse.Namespace, config: Config) -> int:
                 totals["rejected"] += len(batch)
         progress.update(progress.total, sum(totals.values()), final=True)
     verb = "would accept" if args.dry_run else "accepted"
+    print(
+        f"events without a source stored as source {args.source!r}; "
+        "duplicates are by (source, id), across HTTP, streams and files"
+    )
     print(
         f"{verb} {totals['accepted']}, duplicates {totals['duplicates']}, "
         f"rejected {totals['rejected']} (batches with an invalid event store nothing)"
@@ -518,7 +523,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--format", choices=["ndjson", "csv"])
     p.add_argument(
-        "--source", default="file", help="source for events that name none (default: file)"
+        "--source",
+        default=DEFAULT_SOURCE,
+        help=f"source for events that name none (default: {DEFAULT_SOURCE}, as over HTTP: "
+        "events are deduplicated by (source, id), so a backfill of events that also came in "
+        "live finds them duplicates)",
     )
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--dry-run", action="store_true", help="validate and report; store nothing")

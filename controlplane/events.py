@@ -21,6 +21,10 @@ from controlplane.meters import ExpressionError, MeterSet
 
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
+DEFAULT_SOURCE = "http"
+"""The `source` of an event that names none, over HTTP and in a file backfill alike: the same
+event id backfilled from a file after it came in live is a duplicate, not a second event."""
+
 
 class EventIn(msgspec.Struct, frozen=True):
     """An event as it arrives. Unknown CloudEvents attributes are accepted and not stored."""
