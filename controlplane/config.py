@@ -39,6 +39,9 @@ class ServerConfig(_Section, frozen=True):
     migrate_on_start: bool = True
     max_small_body_bytes: int = 1024 * 1024  # every body but ingest: flags, orgs, webhooks, ...
     metrics_require_token: bool = False  # GET /metrics needs a token with the `read` scope
+    # the event times ingest accepts (`time` and `ts` alike): 2000-01-01 on, a day ahead at most
+    event_time_min: int = 946_684_800
+    event_time_max_ahead_seconds: int = 86_400
 
 
 class TokenConfig(_Section, frozen=True):

@@ -106,7 +106,13 @@ class ControlPlane:
             legacy = _plugin("legacy", config.legacy)
         self.legacy = legacy
         self.ingestor = Ingestor(
-            self.storage, self.meters, config.rollup.bucket_seconds, config.server.max_batch_events
+            self.storage,
+            self.meters,
+            config.rollup.bucket_seconds,
+            config.server.max_batch_events,
+            earliest=config.server.event_time_min,
+            max_ahead_seconds=config.server.event_time_max_ahead_seconds,
+            clock=clock,
         )
         self._migrate = migrate
         self.ingest_sources: list[IngestSource] = []  # started by `serve` (start_ingest)

@@ -8,7 +8,9 @@ meter values are exact from the wire on.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any
@@ -101,35 +103,92 @@ def decode_body(body: bytes, content_type: str) -> list[Any]:
         raise InvalidInput([Problem(field="", message=f"malformed JSON: {exc}")]) from exc
 
 
-def _time_ms(event: EventIn) -> int:
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
+    r"(?:([Zz])|([+-])(\d{2}):(\d{2}))"
+)
+
+
+def parse_time(text: str) -> int:
+    """An RFC 3339 timestamp (`2026-01-01T10:00:00.5Z`, `...+02:00`) as unix milliseconds.
+    Raises ValueError for anything else (ISO 8601 variants included: `20260101T100000Z`,
+    week dates, no offset)."""
+    match = _RFC3339.fullmatch(text)
+    if match is None:
+        raise ValueError(f"not an RFC 3339 timestamp (like 2026-01-01T10:00:00Z): {text[:64]!r}")
+    year, month, day, hour, minute, second, fraction, z, sign, oh, om = match.groups()
+    if int(oh or 0) > 23 or int(om or 0) > 59:
+        raise ValueError(f"not a valid UTC offset: {text[:64]!r}")
+    try:
+        wall = datetime(
+            int(year), int(month), int(day), int(hour), int(minute), int(second), tzinfo=UTC
+        )
+    except ValueError as exc:
+        raise ValueError(f"not a valid date and time ({exc}): {text[:64]!r}") from None
+    offset = 0 if z else (int(oh) * 60 + int(om)) * 60 * (1 if sign == "+" else -1)
+    delta = wall - _EPOCH  # the wall clock read as UTC; integer arithmetic, no float rounding
+    seconds = delta.days * 86_400 + delta.seconds - offset
+    return seconds * 1000 + int((fraction or "0")[:3].ljust(3, "0"))
+
+
+def _time_ms(event: EventIn, window: tuple[int, int]) -> int:
+    """The event's instant in unix ms, from `time` or `ts`, inside `window` (ms) either way."""
     if event.time is not None and event.ts is not None:
         raise ValueError("time: give either time (RFC 3339) or ts (unix ms), not both")
     if event.ts is not None:
-        if not 0 <= event.ts <= MAX_TS_MS:
-            raise ValueError(f"ts: must be unix milliseconds from 0 to {MAX_TS_MS} (year 9999)")
-        return event.ts
-    if event.time is None:
+        field, at = "ts", event.ts
+    elif event.time is not None:
+        field, at = "time", parse_time_field(event.time)
+    else:
         raise ValueError("time: required (RFC 3339), or ts in unix milliseconds")
+    earliest, latest = window
+    if not earliest <= at <= latest:
+        raise ValueError(
+            f"{field}: {_iso(at)} is outside the accepted window, {_iso(earliest)} to "
+            f"{_iso(latest)} ([server] event_time_min, event_time_max_ahead_seconds)"
+        )
+    return at
+
+
+def parse_time_field(text: str) -> int:
     try:
-        parsed = datetime.fromisoformat(event.time)
-    except ValueError:
-        raise ValueError(f"time: not an RFC 3339 timestamp: {event.time!r}") from None
-    if parsed.tzinfo is None:
-        raise ValueError("time: must carry a UTC offset (e.g. 'Z')")
-    delta = parsed - _EPOCH  # integer arithmetic: no float rounding of the instant
-    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+        return parse_time(text)
+    except ValueError as exc:
+        raise ValueError(f"time: {exc}") from None
+
+
+def _iso(ms: int) -> str:
+    try:
+        return datetime.fromtimestamp(ms // 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, ValueError, OSError):
+        return f"{ms} ms"
 
 
 class Ingestor:
     """Validates batches and stores them; the one entry point every ingest plugin calls."""
 
     def __init__(
-        self, storage: Storage, meters: MeterSet, bucket_seconds: int, max_events: int
+        self,
+        storage: Storage,
+        meters: MeterSet,
+        bucket_seconds: int,
+        max_events: int,
+        *,
+        earliest: int = 946_684_800,
+        max_ahead_seconds: int = 86_400,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.storage = storage
         self.meters = meters
         self.bucket_seconds = bucket_seconds
         self.max_events = max_events
+        self.earliest = earliest
+        self.max_ahead_seconds = max_ahead_seconds
+        self.clock = clock
+
+    def window(self) -> tuple[int, int]:
+        """The event times accepted now, in unix ms: from `earliest` to a little ahead."""
+        return self.earliest * 1000, (int(self.clock()) + self.max_ahead_seconds) * 1000
 
     def prepare(self, items: Sequence[Any], default_source: str) -> tuple[list[StoredEvent], int]:
         """Validate a whole batch. Returns the events to store and the in-batch duplicates.
@@ -146,6 +205,7 @@ class Ingestor:
         duplicates = 0
         encode = _data_encoder.encode
         measure = self.meters.measure
+        window = self.window()
         for index, item in enumerate(items):
             if isinstance(item, EventIn):
                 event = item
@@ -157,7 +217,7 @@ class Ingestor:
                     problems.append(Problem(index=index, field=field, message=msg))
                     continue
             try:
-                time_ms = _time_ms(event)
+                time_ms = _time_ms(event, window)
             except ValueError as exc:
                 field, _, msg = str(exc).partition(": ")
                 problems.append(Problem(index=index, field=field, message=msg))

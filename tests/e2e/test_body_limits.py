@@ -55,7 +55,13 @@ async def test_streamed_bodies_over_the_limit_are_refused(server: Server) -> Non
         assert flags["shadow"]["source"] == "default"
 
         events = [
-            {"id": str(i), "type": "tick", "subject": "acme", "ts": 0, "data": {"mb": 1, "s": 1}}
+            {
+                "id": str(i),
+                "type": "tick",
+                "subject": "acme",
+                "ts": 1767225600000,
+                "data": {"mb": 1, "s": 1},
+            }
             for i in range(100)
         ]
         under = json.dumps(events).encode()

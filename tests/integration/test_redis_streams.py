@@ -316,7 +316,9 @@ async def test_invalid_entries_go_to_the_dead_letter_stream_and_the_rest_is_stor
     assert by_id[ids[2]][b"event"] == b"{not json"
     assert by_id[ids[3]][b"error"] == b"event: missing field `event` (the event as JSON)"
     assert json.loads(by_id[ids[3]][b"fields"]) == {"other": "1"}
-    assert by_id[ids[4]][b"error"] == b"[1].time: not an RFC 3339 timestamp: 'yesterday'"
+    assert by_id[ids[4]][b"error"] == (
+        b"[1].time: not an RFC 3339 timestamp (like 2026-01-01T10:00:00Z): 'yesterday'"
+    )
     assert all(
         d[b"stream"] == stream.encode() and d[b"group"] == GROUP.encode() for d in by_id.values()
     )
