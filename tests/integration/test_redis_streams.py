@@ -326,6 +326,27 @@ async def test_invalid_entries_go_to_the_dead_letter_stream_and_the_rest_is_stor
     assert sorted(e["id"] for e in logged) == [i.decode() for i in ids[1:5]]
 
 
+async def test_an_entry_the_store_refuses_for_its_values_is_dead_lettered_not_retried(
+    start: Start, r: Any, redis_url: str, stream: str
+) -> None:
+    """Two entries of one org that together take a bucket past the bound: the second is
+    refused by storage as invalid input, dead-lettered, and consumption goes on."""
+    mb = 600_000_000_000 // 20 * 1024  # 6e11 units each: 1.2e12 together, past 1e12
+    big = [tick(f"big{i}", "big", T0 + i, mb=mb) for i in (1, 2)]
+    ids = [await r.xadd(stream, entry(e)) for e in (big[0], big[1], ev("after"))]
+    plane, [source] = await start(section(redis_url, stream))
+
+    async def done() -> bool:
+        return source.stats.entries + source.stats.dead_lettered == 3
+
+    await eventually(done)
+    assert sorted(await stored(plane)) == ["after", "big"]
+    assert source.stats.dead_lettered == 1 and source.failing() is None
+    ((_, dead),) = await r.xrange(f"{stream}:dead")
+    assert dead[b"id"] == ids[1] and b"'big2'" in dead[b"error"]
+    assert await pending(r, stream) == 0
+
+
 async def test_an_entry_too_large_for_one_batch_is_dead_lettered_alone(
     make_config: Callable[..., Config], start: Start, r: Any, redis_url: str, stream: str
 ) -> None:
