@@ -11,6 +11,7 @@ import dataclasses
 import re
 import time
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from typing import Annotated, Any
@@ -61,7 +62,7 @@ from controlplane.errors import (
     Problem,
     StorageError,
 )
-from controlplane.events import DEFAULT_SOURCE, MAX_TS_MS, decode_body
+from controlplane.events import DEFAULT_SOURCE, MAX_TS_MS, TooManyEvents, decode_body
 from controlplane.ledger import RowState
 from controlplane.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from controlplane.parity import (
@@ -142,6 +143,10 @@ def _on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     if isinstance(exc, HTTPException):
         # keep the exception's headers: `Allow` on a 405, for one
         return problem(exc.status_code, "Request refused", exc.detail, headers=exc.headers)
+    if isinstance(exc, RecursionError):  # a body nested deeper than a decoder can follow
+        return problem(400, "Bad request", "the body is nested too deeply to decode")
+    if isinstance(exc, UnicodeDecodeError):
+        return problem(400, "Bad request", f"not valid UTF-8 ({exc.reason})")
     if isinstance(exc, StorageError | ConfigError | ControlPlaneError):
         log.error("api.error", error=str(exc), kind=type(exc).__name__)
         return problem(503, "Unavailable", str(exc))
@@ -188,6 +193,7 @@ _WHEN = {
     404: "Not found",
     409: "Refused by a rule (`rule` names it); nothing changed",
     413: "The body is over the size limit",
+    415: "A Content-Encoding other than gzip",
     422: "Invalid input (each problem listed in `errors`); nothing changed",
     429: "Over the token's ingest rate limit; retry after `Retry-After` seconds",
     503: "Storage (or another dependency) is unavailable",
@@ -385,13 +391,22 @@ async def _cp(state: State) -> ControlPlane:
 # request id and access log ---------------------------------------------------------------
 
 
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
+
+
+def _request_id(given: bytes) -> str:
+    """The caller's `X-Request-ID` when it is a plain token (letters, digits, `._:-`, at most
+    64), else a new one: never an error, whatever bytes the header holds."""
+    return given.decode() if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
 def request_id_middleware(app: ASGIApp) -> ASGIApp:
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != ScopeType.HTTP:
             await app(scope, receive, send)
             return
         headers = dict(scope.get("headers", []))
-        rid = headers.get(b"x-request-id", b"").decode()[:64] or uuid.uuid4().hex
+        rid = _request_id(headers.get(b"x-request-id", b""))
         started = time.perf_counter()
         status = 0
 
@@ -431,12 +446,34 @@ Reason = Annotated[str, msgspec.Meta(pattern=r"\S")]
 Seconds = Annotated[int, msgspec.Meta(ge=0, le=MAX_SECONDS)]
 
 
+def _decoded(body: bytes, encoding: str, limit: int) -> bytes:
+    """The body as sent before its `Content-Encoding`: gzip is decompressed, at most `limit`
+    bytes of it (413 past that: a small gzip can hold gigabytes); others are refused (415)."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "x-gzip"):
+        raise HTTPException(
+            status_code=415, detail=f"Content-Encoding {encoding[:32]!r}: only gzip is accepted"
+        )
+    inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        out = inflate.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise HTTPException(status_code=400, detail=f"not valid gzip: {exc}") from None
+    if len(out) > limit or inflate.unconsumed_tail:
+        raise HTTPException(status_code=413, detail=f"decompressed body over {limit} bytes")
+    if not inflate.eof:
+        raise HTTPException(status_code=400, detail="gzip body is truncated")
+    return out
+
+
 @post(
     "/v1/events",
     opt={"scope": "ingest"},
     status_code=200,
     summary="Ingest usage events",
-    responses=documented(*AUTH, 413, 422, 429),
+    responses=documented(*AUTH, 400, 413, 415, 422, 429),
     security=BEARER,
     operation_class=IngestOperation,
 )
@@ -462,13 +499,16 @@ async def ingest_events(request: Request[Any, Any, Any], cp: CP) -> dict[str, in
         if exc.status_code == 413:
             cp.metrics.refused("too_large")
         raise
-    items = decode_body(body, request.headers.get("content-type", "application/json"))
-    if len(items) > cp.config.server.max_batch_events:
-        cp.metrics.refused("too_large")
-        raise HTTPException(
-            status_code=413,
-            detail=f"{len(items)} events; at most {cp.config.server.max_batch_events} per batch",
+    body = _decoded(body, request.headers.get("content-encoding", ""), limit)
+    try:
+        items = decode_body(
+            body,
+            request.headers.get("content-type", "application/json"),
+            cp.config.server.max_batch_events,
         )
+    except TooManyEvents as exc:
+        cp.metrics.refused("too_large")
+        raise HTTPException(status_code=413, detail=exc.message) from None
     limiter.charge(token, len(items))
     result = await cp.ingest(items, DEFAULT_SOURCE)
     return {"accepted": result.accepted, "duplicates": result.duplicates}

@@ -179,9 +179,13 @@ async def ingest(args: argparse.Namespace, config: Config) -> int:
         progress.update(progress.total, sum(totals.values()), final=True)
     verb = "would accept" if args.dry_run else "accepted"
     print(
-        f"events without a source stored as source {args.source!r}; "
-        "duplicates are by (source, id), across HTTP, streams and files"
+        f"events that name no source {'would be' if args.dry_run else 'were'} stored under "
+        f"source {args.source!r}{' (as over HTTP)' if args.source == DEFAULT_SOURCE else ''}; "
+        "duplicates are by (source, id): an event already stored under the same source and id "
+        "is not stored again"
     )
+    if args.dry_run:
+        print("a dry run reads no stored events: its duplicates are those within the file")
     print(
         f"{verb} {totals['accepted']}, duplicates {totals['duplicates']}, "
         f"rejected {totals['rejected']} (batches with an invalid event store nothing)"
@@ -527,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_SOURCE,
         help=f"source for events that name none (default: {DEFAULT_SOURCE}, as over HTTP: "
         "events are deduplicated by (source, id), so a backfill of events that also came in "
-        "live finds them duplicates)",
+        "live finds them duplicates; for events that came from an [[ingest]] stream, give "
+        "that table's `source`)",
     )
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--dry-run", action="store_true", help="validate and report; store nothing")

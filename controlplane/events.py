@@ -8,6 +8,7 @@ meter values are exact from the wire on.
 
 from __future__ import annotations
 
+import io
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -66,21 +67,60 @@ def _field_of(exc: msgspec.ValidationError) -> tuple[str, str]:
     return field, msg
 
 
-def decode_body(body: bytes, content_type: str) -> list[Any]:
+class TooManyEvents(InvalidInput):
+    """The batch holds more events than one batch may; refused before it is decoded whole."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(f"more than {limit} events: at most {limit} per batch")
+
+
+class _Shell(msgspec.Struct):
+    """An event's place in a batch, its fields skipped: counting costs a small object each."""
+
+
+_shells = msgspec.json.Decoder(list[_Shell])
+_NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{},"))
+
+
+def _count(body: bytes) -> int | None:
+    """How many elements a JSON array holds, counted without decoding them, when it has no
+    string (its objects are all `{}`: the cheapest to send and the costliest to decode one by
+    one). None when it has strings, or brackets this does not flatten."""
+    if b'"' in body:
+        return None
+    inner = body.translate(None, _NOT_BRACKETS).strip()[1:-1]
+    for _ in range(64):
+        flat = inner.replace(b"{}", b"").replace(b"[]", b"")
+        if flat == inner:
+            break
+        inner = flat
+    if any(c in inner for c in b"[]{}"):
+        return None
+    return inner.count(b",") + 1 if body.strip()[1:-1].strip() else 0
+
+
+def decode_body(body: bytes, content_type: str, max_events: int | None = None) -> list[Any]:
     """The raw events of a request body: a JSON object, a JSON array, or NDJSON.
 
     Returns EventIn objects where the fast path succeeds, plain objects otherwise (validated
-    one by one later, so every bad event is reported). Raises InvalidInput on malformed JSON.
+    one by one later, so every bad event is reported). Raises InvalidInput on malformed JSON,
+    and TooManyEvents for a batch over `max_events`, found before it is decoded whole: memory
+    stays a small multiple of the body's size, however many tiny elements it holds.
     """
     media = content_type.split(";")[0].strip().lower()
     if media in NDJSON_TYPES:
         items: list[Any] = []
-        for n, line in enumerate(body.splitlines()):
-            if line.strip():
-                try:
-                    items.append(_any_decoder.decode(line))
-                except msgspec.DecodeError as exc:
-                    raise InvalidInput([Problem(field="", message=f"line {n + 1}: {exc}")]) from exc
+        for n, line in enumerate(io.BytesIO(body)):  # line by line: no list of every line
+            if not line.strip():
+                continue
+            if max_events is not None and len(items) >= max_events:
+                raise TooManyEvents(max_events)
+            try:
+                items.append(_any_decoder.decode(line))
+            except (msgspec.DecodeError, RecursionError) as exc:
+                why = "nested too deeply" if isinstance(exc, RecursionError) else exc
+                raise InvalidInput([Problem(field="", message=f"line {n + 1}: {why}")]) from None
         return items
     if media not in JSON_TYPES and media != "":
         raise InvalidInput(
@@ -90,17 +130,33 @@ def decode_body(body: bytes, content_type: str) -> list[Any]:
     stripped = body.lstrip()
     try:
         if stripped[:1] == b"[":
-            try:
-                return list(_batch_decoder.decode(body))
+            try:  # typed: stops at the first element that is no event
+                events = _batch_decoder.decode(body)
             except msgspec.ValidationError:
-                value = _any_decoder.decode(body)
-                return list(value)
+                # Every bad event is reported, so the batch is decoded again as plain JSON,
+                # once it is known to hold no more events than a batch may (counted as
+                # field-less objects: a small multiple of the body, however it is made).
+                try:
+                    count = _count(stripped)
+                    if count is None:
+                        count = len(_shells.decode(body))
+                except msgspec.ValidationError as exc:  # an element that is no object
+                    field, msg = _field_of(exc)
+                    raise InvalidInput([Problem(field=field, message=msg)]) from None
+                if max_events is not None and count > max_events:
+                    raise TooManyEvents(max_events) from None
+                return list(_any_decoder.decode(body))
+            if max_events is not None and len(events) > max_events:
+                raise TooManyEvents(max_events)
+            return list(events)
         try:
             return [_one_decoder.decode(body)]
         except msgspec.ValidationError:
             return [_any_decoder.decode(body)]
     except msgspec.DecodeError as exc:
         raise InvalidInput([Problem(field="", message=f"malformed JSON: {exc}")]) from exc
+    except RecursionError:
+        raise InvalidInput([Problem(field="", message="JSON nested too deeply")]) from None
 
 
 _RFC3339 = re.compile(

@@ -194,7 +194,25 @@ def compile_expression(source: str, *, boolean: bool = False) -> Evaluator:
         tree = ast.parse(source, mode="eval")
     except SyntaxError as exc:
         raise ConfigError(f"syntax error in {source!r}: {exc.msg}") from exc
+    except RecursionError:  # thousands of nested operators: no meter needs them
+        raise ConfigError(f"expression nested too deeply ({len(source)} characters)") from None
+    if (depth := _depth(tree)) > MAX_DEPTH:
+        raise ConfigError(f"expression nested {depth} levels deep; at most {MAX_DEPTH}")
     return _compile(tree.body, source, boolean)
+
+
+MAX_DEPTH = 32
+"""How deeply an expression's operations may nest (evaluation recurses once per level)."""
+
+
+def _depth(tree: ast.AST) -> int:
+    """The nesting depth of `tree`, walked without recursion."""
+    deepest, stack = 0, [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return deepest
 
 
 class Meter:

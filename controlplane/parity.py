@@ -549,9 +549,11 @@ def verify_signature(
     The reason given never reveals the expected signature."""
     if not timestamp or not signature:
         raise Unauthorized("signed requests need both X-Timestamp and X-Signature")
-    if not timestamp.isascii() or not timestamp.isdigit():
+    # at most 12 digits: any longer is no time this window contains (and int() of thousands
+    # of digits, or a float of it, fails)
+    if not timestamp.isascii() or not timestamp.isdigit() or len(timestamp) > 12:
         raise Unauthorized("X-Timestamp: expected unix seconds")
-    if abs(now - int(timestamp)) > window:
+    if abs(int(now) - int(timestamp)) > window:
         raise Unauthorized(f"X-Timestamp: outside the ±{window} s window; sign again")
     presented = signature.strip().lower().removeprefix("sha256=")
     expected = sign(secret, timestamp, path, query)
