@@ -55,8 +55,11 @@ value = "data.mb * data.s / 1024"
     backfill.write_text("".join(json.dumps(e) + "\n" for e in [*events, tick("e9", "acme", T0)]))
     assert main(["ingest", str(backfill), "--dry-run", "--config", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "source 'http'" in out and "would accept 4" in out  # a dry run reads no storage
+    assert "events that name no source would be stored under source 'http' (as over HTTP)" in out
+    assert "duplicates are by (source, id)" in out
+    assert "a dry run reads no stored events" in out and "would accept 4" in out
     assert main(["ingest", str(backfill), "--config", str(path)]) == 0
-    assert "accepted 1, duplicates 3" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "accepted 1, duplicates 3" in out and "were stored under source 'http'" in out
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT count(*) FROM usage_events").fetchone() == (4,)
