@@ -13,14 +13,34 @@ are ignored. ``XADD usage * event '{"id": "e1", "type": "usage_tick", "subject":
 **Delivery.** Entries are read with ``XREADGROUP`` (at most `batch_size` at a time), handed to
 the pipeline as one batch, and acknowledged (``XACK``) only after that batch was committed.
 Delivery is at least once; the pipeline's dedupe on ``(source, id)`` makes it exactly once.
-When storage fails, nothing is acknowledged: the entries stay pending and the same batch is
-retried with capped exponential backoff. The consumer never reads ahead of what storage has
-committed by more than one batch, so a slow or failing store holds the backlog in Redis.
 
-**Bad entries** (an event that fails validation, a missing ``event`` field, JSON that does not
-parse) are moved whole to the dead-letter stream (default ``<stream>:dead``) with the error,
-and acknowledged; the other entries of the same read are stored. An entry is the unit: an array
-entry with one bad event is dead-lettered with all of its events.
+What happens to a batch depends on how the sink fails:
+
+=========================================  ===============================================
+the sink                                   the consumer
+=========================================  ===============================================
+returns (the batch is committed)           acknowledges the batch's entries
+raises ``InvalidInput`` naming events      dead-letters the entries holding them, stores
+                                           the others
+raises ``InvalidInput`` about the batch    halves the batch until the entry at fault is
+as a whole (too many events; storage       alone, and dead-letters it: every other entry
+refusing a value: a bucket past its bound) is stored
+raises anything else (``StorageError``)    retries the same batch with capped exponential
+                                           backoff, acknowledges nothing, and reports it in
+                                           :meth:`~RedisStreamsIngest.failing` until a
+                                           store call answers
+=========================================  ===============================================
+
+``InvalidInput`` is permanent: the same entry would be refused again, so retrying it would
+only stop the stream behind it. Any other failure may pass, and retrying loses nothing. The
+consumer never reads ahead of what storage has committed by more than one batch, so a slow or
+failing store holds the backlog in Redis.
+
+**Bad entries** (an event that fails validation or that storage refuses for its values, a
+missing ``event`` field, JSON that does not parse) are moved whole to the dead-letter stream
+(default ``<stream>:dead``) with the error, acknowledged, logged (``ingest.redis.dead_lettered``)
+and counted (``stats.dead_lettered``); the other entries of the same read are stored. An entry
+is the unit: an array entry with one bad event is dead-lettered with all of its events.
 
 **Dead consumers.** Entries a consumer read but never acknowledged (it crashed) are taken over
 with ``XAUTOCLAIM`` by any consumer of the group once idle for `claim_idle_seconds`.
@@ -418,28 +438,36 @@ class RedisStreamsIngest(IngestSource):
     async def _store(self, items: Sequence[Any]) -> IngestResult:
         """Hand one batch to the sink, retrying with capped exponential backoff until it is
         committed. InvalidInput is the batch's fault and is raised; any other failure is
-        storage's, and retrying is the only way forward that loses nothing."""
+        storage's, and retrying is the only way forward that loses nothing. While it fails,
+        :meth:`failing` says so (``/readyz``, ``controlplane_ingest_source_up``)."""
         assert self._sink is not None
         delay = self.config.retry_base_seconds
         attempt = 0
         while True:
             try:
-                return await self._sink(items, self.config.source)
+                result = await self._sink(items, self.config.source)
             except InvalidInput:
+                self._failing = None  # storage answered: the entries are at fault, not it
                 raise
             except Exception as exc:
                 attempt += 1
                 self.stats.retries += 1
+                error = self._safe(exc)
+                since = self._failing[0] if self._failing else int(time.time())
+                self._failing = (since, f"cannot store events: {error}")
                 self._log.error(
                     "ingest.redis.store_failed",
                     events=len(items),
                     attempt=attempt,
                     retry_in=delay,
-                    error=self._safe(exc),
+                    error=error,
                 )
                 if await self._wait_stopping(delay):
                     raise _Stopped from exc
                 delay = min(delay * 2, self.config.retry_cap_seconds)
+            else:
+                self._failing = None
+                return result
 
     async def _ack(self, entries: list[_Entry], result: IngestResult) -> None:
         await self._client.xack(self.config.stream, self.config.group, *(e.id for e in entries))

@@ -220,6 +220,55 @@ async def test_storage_failure_leaves_entries_pending_until_they_are_committed(
     assert "database is locked" in failures[0]["error"]
 
 
+async def test_a_store_that_keeps_failing_is_reported_until_a_batch_is_committed(
+    start: Start, r: Any, redis_url: str, stream: str
+) -> None:
+    """A storage failure is not the entries' fault: the batch is retried, nothing is
+    dead-lettered, and /readyz and controlplane_ingest_source_up say the source is failing
+    (while Redis itself answers) until storage commits again."""
+    await r.xadd(stream, entry(ev("e1")))
+    broken = True
+
+    def patch(plane: ControlPlane) -> None:
+        insert = plane.storage.insert_events
+
+        async def flaky(events: Sequence[StoredEvent], bucket_seconds: int) -> IngestResult:
+            if broken:
+                raise StorageError("database is locked")
+            return await insert(events, bucket_seconds)
+
+        plane.storage.insert_events = flaky  # type: ignore[method-assign]
+
+    plane, [source] = await start(section(redis_url, stream), patch=patch)
+    label = f"redis_streams:{stream}"
+
+    async def retried() -> bool:
+        return source.stats.retries >= 3
+
+    await eventually(retried)
+    report = source.failing()
+    assert report is not None and report.startswith("failing since ")
+    assert "cannot store events: StorageError: database is locked" in report
+    ready = (await readyz.fn(cp=plane, state=State())).content
+    assert ready["checks"]["ingest"] == {label: report}
+    [up] = [m for m in await scrape(plane, watching_since=None) if m.name.endswith("source_up")]
+    assert [(s.labels, s.value) for s in up.samples] == [({"source": label}, 0)]
+    assert source.failing() == report  # still failing since the first attempt
+    assert source.stats.dead_lettered == 0 and await pending(r, stream) == 1
+
+    broken = False
+
+    async def recovered() -> bool:
+        return source.stats.entries == 1
+
+    await eventually(recovered)
+    assert source.failing() is None
+    ready = (await readyz.fn(cp=plane, state=State())).content
+    assert ready["checks"]["ingest"] == {label: "ok"}
+    assert await stored(plane) == {"e1": MICROS_PER_TICK}
+    assert await r.xlen(f"{stream}:dead") == 0
+
+
 # dead consumers -------------------------------------------------------------------------
 
 
@@ -329,22 +378,48 @@ async def test_invalid_entries_go_to_the_dead_letter_stream_and_the_rest_is_stor
 async def test_an_entry_the_store_refuses_for_its_values_is_dead_lettered_not_retried(
     start: Start, r: Any, redis_url: str, stream: str
 ) -> None:
-    """Two entries of one org that together take a bucket past the bound: the second is
-    refused by storage as invalid input, dead-lettered, and consumption goes on."""
+    """A poison entry between good ones, in one read: `big2` takes org big's bucket past the
+    bound together with `big1`, so storage refuses it (InvalidInput naming no index). It is
+    dead-lettered once, never retried as if storage had failed, and everything around it,
+    before and after, is stored."""
     mb = 600_000_000_000 // 20 * 1024  # 6e11 units each: 1.2e12 together, past 1e12
     big = [tick(f"big{i}", "big", T0 + i, mb=mb) for i in (1, 2)]
-    ids = [await r.xadd(stream, entry(e)) for e in (big[0], big[1], ev("after"))]
-    plane, [source] = await start(section(redis_url, stream))
+    payloads = [entry(e) for e in (ev("a"), ev("b"), big[0], ev("c"), big[1], ev("d"), ev("e"))]
+    ids = [await r.xadd(stream, p) for p in payloads]
+    with capture_logs() as logs:
+        plane, [source] = await start(section(redis_url, stream))
 
-    async def done() -> bool:
-        return source.stats.entries + source.stats.dead_lettered == 3
+        async def done() -> bool:
+            return source.stats.entries + source.stats.dead_lettered == 7
 
-    await eventually(done)
-    assert sorted(await stored(plane)) == ["after", "big"]
-    assert source.stats.dead_lettered == 1 and source.failing() is None
-    ((_, dead),) = await r.xrange(f"{stream}:dead")
-    assert dead[b"id"] == ids[1] and b"'big2'" in dead[b"error"]
+        await eventually(done)
+    assert await stored(plane) == {
+        **{i: MICROS_PER_TICK for i in "abcde"},
+        "big": 600_000_000_000 * 1_000_000,  # big1 alone
+    }
+    assert (source.stats.entries, source.stats.dead_lettered) == (6, 1)
+    assert source.stats.retries == 0  # refused input is not a storage failure: no retry
+    assert not [e for e in logs if e["event"] == "ingest.redis.store_failed"]
+    assert source.failing() is None
+    ready = (await readyz.fn(cp=plane, state=State())).content
+    assert ready["checks"]["ingest"] == {f"redis_streams:{stream}": "ok"}
     assert await pending(r, stream) == 0
+
+    ((_, dead),) = await r.xrange(f"{stream}:dead")
+    assert dead[b"id"] == ids[4] and dead[b"event"] == payloads[4]["event"]
+    assert b"'big2'" in dead[b"error"] and b"org 'big'" in dead[b"error"]
+    [logged] = [e for e in logs if e["event"] == "ingest.redis.dead_lettered"]
+    assert logged["id"] == ids[4].decode() and logged["log_level"] == "warning"
+    assert "'big2'" in logged["error"]
+
+    # Consumption goes on: a later entry is stored.
+    await r.xadd(stream, entry(ev("f")))
+
+    async def later() -> bool:
+        return "f" in await stored(plane)
+
+    await eventually(later)
+    assert source.stats.dead_lettered == 1
 
 
 async def test_an_entry_too_large_for_one_batch_is_dead_lettered_alone(
