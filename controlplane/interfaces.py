@@ -757,6 +757,11 @@ class IngestSource(abc.ABC):
         """None while the source consumes normally; else since when, and why, it cannot."""
         return None
 
+    @property
+    def dead_lettered(self) -> int:
+        """Entries this source set aside as invalid (a dead-letter stream) since it started."""
+        return 0
+
     @abc.abstractmethod
     async def close(self) -> None: ...
 

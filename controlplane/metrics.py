@@ -147,9 +147,15 @@ async def scrape(cp: ControlPlane, *, watching_since: float | None) -> list[Metr
             "1 while an [[ingest]] source consumes normally, 0 while it keeps failing.",
             ["source"],
         )
+        dead = CounterMetricFamily(
+            "controlplane_ingest_dead_lettered",
+            "Entries an [[ingest]] source set aside as invalid (its dead-letter stream).",
+            labels=["source"],
+        )
         for source in cp.ingest_sources:
             sources.add_metric([source.label], 0 if source.failing() else 1)
-        out.append(sources)
+            dead.add_metric([source.label], source.dead_lettered)
+        out.extend([sources, dead])
     up = _gauge("controlplane_storage_up", "1 when every storage read of this scrape succeeded.")
     try:
         await _read_storage(cp, out, watching_since)

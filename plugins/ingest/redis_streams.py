@@ -250,6 +250,10 @@ class RedisStreamsIngest(IngestSource):
     def label(self) -> str:
         return f"redis_streams:{self.config.stream}"
 
+    @property
+    def dead_lettered(self) -> int:
+        return self.stats.dead_lettered
+
     def failing(self) -> str | None:
         if self._failing is None:
             return None

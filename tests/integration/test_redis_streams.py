@@ -404,6 +404,9 @@ async def test_an_entry_the_store_refuses_for_its_values_is_dead_lettered_not_re
     ready = (await readyz.fn(cp=plane, state=State())).content
     assert ready["checks"]["ingest"] == {f"redis_streams:{stream}": "ok"}
     assert await pending(r, stream) == 0
+    exposition = (await plane.metrics.exposition(plane, watching_since=None)).decode()
+    label = f'source="redis_streams:{stream}"'
+    assert f"controlplane_ingest_dead_lettered_total{{{label}}} 1.0" in exposition
 
     ((_, dead),) = await r.xrange(f"{stream}:dead")
     assert dead[b"id"] == ids[4] and dead[b"event"] == payloads[4]["event"]
