@@ -5,7 +5,11 @@ cannot fold is held without stopping the others."""
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from controlplane.errors import InvalidInput
 from controlplane.interfaces import HeldBucket, RollupBatch, RollupPlan, Storage
@@ -93,3 +97,60 @@ async def test_a_held_bucket_keeps_its_mark_out_of_the_way_until_an_event_releas
     assert (await storage.dirty_backlog(NOW, HOUR)).held == 0
     (row,) = await roll(storage)
     assert (row.org_id, row.bucket_start, row.value_micros) == ("a", B[0], 2 * UNIT)
+
+
+VALUES = st.one_of(
+    st.integers(-MAX_MICROS, MAX_MICROS),
+    st.sampled_from([MAX_MICROS, -MAX_MICROS, MAX_MICROS // 2 + 1, UNIT // 2, 1, 0]),
+)
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    batches=st.lists(
+        st.lists(st.tuples(st.integers(0, 2), st.integers(0, 3), VALUES), min_size=1, max_size=5),
+        min_size=1,
+        max_size=8,
+    )
+)
+async def test_random_large_values_never_stop_the_rollup_nor_go_missing(
+    storage: Storage, batches: list[list[tuple[int, int, int]]]
+) -> None:
+    """Random values up to the bound, either way, in batches: each batch is stored whole or
+    refused whole (then nothing of it is stored), no total passes the bound, every rollup
+    pass completes, and the ledger holds exactly what is stored."""
+    run = uuid.uuid4().hex[:8]  # one store serves every example: orgs of their own
+    orgs = [f"{run}-{i}" for i in range(3)]
+    await pro(storage, *orgs)
+    expected: dict[tuple[str, str, int], int] = {}
+    for n, batch in enumerate(batches):
+        events = [
+            event(f"{run}-{n}-{i}", orgs[o], B[b] + i, v) for i, (o, b, v) in enumerate(batch)
+        ]
+        after = dict(expected)
+        for o, b, v in batch:
+            key = (orgs[o], "gbs", B[b])
+            after[key] = after.get(key, 0) + v
+        try:
+            await storage.insert_events(events, HOUR)
+        except InvalidInput:
+            pass  # refused whole: `expected` stays
+        else:
+            expected = after
+        stored = {k: v for k, v in as_map(await storage.usage(None, None, None, None)).items()}
+        assert {k: v for k, v in stored.items() if k[0] in orgs} == {
+            k: v for k, v in expected.items() if k in stored or v
+        }
+        assert all(abs(v) <= MAX_MICROS for v in stored.values())
+        await roll(storage)
+        ledger = [r for r in await storage.ledger(limit=100_000) if r.org_id in orgs]
+        folded: dict[tuple[str, str, int], int] = {}
+        for r in ledger:
+            key = (r.org_id, r.meter, r.bucket_start)
+            folded[key] = folded.get(key, 0) + r.value_micros
+        assert {k: v for k, v in folded.items() if v} == {k: v for k, v in expected.items() if v}
+        assert_chains_floor(ledger)
