@@ -302,7 +302,32 @@ async def record_static(
     runtime change and written, with one audit record per flag that moved, in one
     transaction. A refused change raises FlagRefused: the control plane does not start with
     it. The first record (a new store, or one from before static changes were recorded) is
-    the baseline: audited, not checked. Returns the flags whose value in force changed."""
+    the baseline: audited, not checked. Returns the flags whose value in force changed.
+
+    Replicas starting together record once: the others find it done when they try again."""
+    for attempt in range(3):
+        try:
+            return await _record_static(
+                storage,
+                static,
+                bucket_seconds=bucket_seconds,
+                at=at,
+                max_age_seconds=max_age_seconds,
+            )
+        except FlagRefused as exc:
+            if exc.rule != "version" or attempt == 2:
+                raise
+    return []  # never here: the last attempt returns or raises
+
+
+async def _record_static(
+    storage: Storage,
+    static: Mapping[str, FlagValue],
+    *,
+    bucket_seconds: int,
+    at: int,
+    max_age_seconds: int | None,
+) -> list[str]:
     values = {name: to_json(v.value) for name, v in static.items()}
     before = await storage.static_flags()
     if before == values:

@@ -244,3 +244,28 @@ async def test_fractions_of_rows_handed_back_do_not_leak_into_the_next_cutover(
     await cutover.execute(cp, t2, actor="ops", reason="again", force=True)
     assert (await cp.send()).sent == 1
     assert [e.value for e in fake_billing.calls] == [2, 2]
+
+
+async def test_replicas_starting_together_record_the_static_layers_once(
+    build_on_each_backend: Callable[..., ControlPlane], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica that read the record before another wrote it is refused by the write's
+    version check, reads again, finds it done, and starts."""
+    for name, value in LIVE.items():
+        monkeypatch.setenv(name, value)
+    async with build_on_each_backend():
+        pass  # the first replica records the layers
+    late = build_on_each_backend()
+    reads = 0
+    read = late.storage.static_flags
+
+    async def stale_once() -> Any:
+        nonlocal reads
+        reads += 1
+        return None if reads == 1 else await read()  # as before the first replica wrote
+
+    monkeypatch.setattr(late.storage, "static_flags", stale_once)
+    async with late as cp:
+        assert (await cp.flags()).legacy_bill_until == T
+        assert len(await cp.storage.audit_log(action_prefix="flag.")) == 3  # recorded once
+    assert reads == 2
