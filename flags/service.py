@@ -102,10 +102,12 @@ async def check_seam(seam: SeamReader, current: Snapshot, candidate: Snapshot) -
     cutting_over = (
         current.authority is Authority.LEGACY and candidate.authority is Authority.CONTROLPLANE
     )
-    if new is not None and (new != old or cutting_over):
-        live = current.authority is Authority.CONTROLPLANE and old is not None
-        low = min(old, new) if live and old is not None else new
-        if (await seam(low)).reached:
+    live = current.authority is Authority.CONTROLPLANE and old is not None
+    if (new is not None or live) and (new != old or cutting_over):
+        # while live, clearing T is a move too: from the old T on (else a cleared T could
+        # be set again anywhere)
+        low = min(x for x in (old, new) if x is not None) if live else new
+        if low is not None and (await seam(low)).reached:
             if live:
                 detail = (
                     f"rows at or after {low} were already sent, attempted or cancelled; moving "
@@ -119,13 +121,13 @@ async def check_seam(seam: SeamReader, current: Snapshot, candidate: Snapshot) -
                     "now; choose a T after them, or force with a reason"
                 )
             raise FlagRefused("bill_from.frozen", detail)
-    if old is not None and new is not None and new < old:
+    if new is not None and (old is None or new < old):  # a cleared T set again counts too
         excluded = (await seam(new)).excluded_before_bill_from
         if excluded:
             raise FlagRefused(
                 "bill_from.excluded",
-                f"{excluded} rows from {new} on were already excluded as before bill_from "
-                f"{old}; moving it earlier would leave them billed by neither side",
+                f"{excluded} rows from {new} on were already excluded as before an earlier "
+                "bill_from; moving it earlier would leave them billed by neither side",
             )
 
 

@@ -790,9 +790,9 @@ class PostgresStorage(Storage):
             await self._append_audit(conn, audit, at)
             return out
 
-        # the audit lock first: flag writers queue up, and each sees the last one's version;
-        # the flags lock waits for the senders recording attempts under the flags they read
-        return await self._tx("write flags", work, AUDIT_LOCK, FLAGS_LOCK)
+        # the flags lock first (it waits for the senders recording attempts under the flags
+        # they read, which take no other lock), then the audit lock, as every appender does
+        return await self._tx("write flags", work, FLAGS_LOCK, AUDIT_LOCK)
 
     async def static_flags(self) -> dict[str, Any] | None:
         rows = await self._all(Q["get_setting"], STATIC_FLAGS)

@@ -269,3 +269,15 @@ async def test_replicas_starting_together_record_the_static_layers_once(
         assert (await cp.flags()).legacy_bill_until == T
         assert len(await cp.storage.audit_log(action_prefix="flag.")) == 3  # recorded once
     assert reads == 2
+
+
+async def test_clearing_t_while_live_is_a_move_too(cp: ControlPlane) -> None:
+    """Shadow on, T cleared, T set again later, shadow off: the cleared T would have let the
+    buckets already sent go to the legacy biller as well."""
+    await three_buckets(cp)
+    await cutover.execute(cp, T, actor="ops", reason="go", force=True)
+    assert (await cp.send()).sent == 3
+    await set_flag(cp, "shadow", True)
+    with pytest.raises(FlagRefused, match=r"bill_from\.frozen"):
+        await set_flag(cp, "bill_from", None)
+    assert (await cp.flags()).bill_from == T
