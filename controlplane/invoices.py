@@ -36,25 +36,29 @@ async def reissue_late(
         return []
     missed = (
         f"reached the provider after invoice {period.invoice_id} was finalized (at "
-        f"{period.finalized_at}), so no invoice carries it"
+        f"{period.finalized_at}), so no invoice carries it; cancelled at the provider where "
+        "it allows (within 24 h), else left in the finalized period"
     )
-    cancelled: list[int] = []
-    kept: list[int] = []
+    # The ledger first: a crash after it leaves at most an event Stripe never invoices.
+    new = await storage.reissue_rows([r.id for r in late], at, actor, missed)
+    cancelled = 0
     for row in late:
         meter = meters.by_name.get(row.meter)
         event_name = meter.config.provider_event_name if meter else row.meter
         delivery = None if billing is None else await billing.cancel(event_name, row.identifier)
-        ok = delivery is not None and delivery.outcome in (Outcome.ACCEPTED, Outcome.DUPLICATE)
-        (cancelled if ok else kept).append(row.id)
-    new = await storage.reissue_rows(cancelled, at, actor, f"{missed}; cancelled there")
-    new += await storage.reissue_rows(
-        kept, at, actor, f"{missed}; not cancelled there (it stays in the finalized period)"
-    )
+        if delivery is not None and delivery.outcome in (Outcome.ACCEPTED, Outcome.DUPLICATE):
+            cancelled += 1
+        else:
+            log.warning(
+                "ledger.reissued_not_cancelled",
+                identifier=row.identifier,
+                outcome=delivery.outcome.value if delivery else "no billing backend",
+            )
     log.warning(
         "ledger.reissued",
         invoice=period.invoice_id,
         org=period.org_id,
         rows=len(new),
-        cancelled_at_provider=len(cancelled),
+        cancelled_at_provider=cancelled,
     )
     return new

@@ -293,7 +293,9 @@ async def handle(cp: ControlPlane, body: bytes, signature: str | None) -> Webhoo
     except Unusable as exc:
         envelope, problem = Envelope(id=head.id, type="unknown"), exc
     prior = await cp.storage.webhook_outcome(envelope.id)
-    if prior is not None:
+    # A redelivered invoice.finalized runs again (it is answered as a duplicate): the rows
+    # that missed the invoice may not all have been re-issued the first time.
+    if prior is not None and (problem is not None or envelope.type != "invoice.finalized"):
         log.info("webhook.duplicate", event_id=envelope.id, type=envelope.type)
         return WebhookResult(envelope.id, envelope.type, prior, duplicate=True)
     if problem is not None:
@@ -657,7 +659,7 @@ async def invoice_finalized(cp: ControlPlane, event: Event[Invoice]) -> WebhookR
         cp, event, f"closed period [{start}, {end}) of {invoice.id}", closed=period
     )
     # Once the period is recorded closed (so the re-issues are stamped into the current one),
-    # on every delivery: a crash in between leaves the rows to the redelivery.
+    # on every delivery, redeliveries included: a crash in between leaves the rows to them.
     await reissue_late(
         cp.storage, cp.billing, cp.meters, period, at=cp.now(), actor="stripe-webhook"
     )

@@ -164,14 +164,17 @@ class Reissue(NamedTuple):
     quantity: int
     last_revision: int  # of its bucket
 
-    def next(self, detail: str) -> NewRow:
-        """The revision that carries its usage from now on."""
+    def next(self, detail: str, taken: dict[tuple[str, str, int], int]) -> NewRow:
+        """The revision that carries its usage from now on: the bucket's next one (`taken`
+        holds the revisions already given in this transaction, per bucket)."""
+        bucket = (self.org_id, self.meter, self.bucket_start)
+        revision = taken[bucket] = taken.get(bucket, self.last_revision) + 1
         return NewRow(
             org_id=self.org_id,
             meter=self.meter,
             bucket_start=self.bucket_start,
             bucket_end=self.bucket_end,
-            revision=self.last_revision + 1,
+            revision=revision,
             value_micros=self.value_micros,
             quantity=self.quantity,
             state=RowState.PENDING,

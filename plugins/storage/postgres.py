@@ -662,8 +662,9 @@ class PostgresStorage(Storage):
         async def work(conn: Conn) -> list[NewRow]:
             found = [Reissue(*r) for r in await conn.fetch(Q["reissuable"], sorted(row_ids))]
             new: list[NewRow] = []
+            taken: dict[tuple[str, str, int], int] = {}
             for old in found:
-                row = old.next(detail)
+                row = old.next(detail, taken)
                 await conn.execute(
                     Q["cancel_rows"],
                     [old.id],

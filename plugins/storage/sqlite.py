@@ -573,8 +573,9 @@ class SQLiteStorage(Storage):
         async with self._tx() as conn:
             async with conn.execute(Q["reissuable"], (_json.encode(list(row_ids)),)) as cur:
                 found = [Reissue(*r) for r in await cur.fetchall()]
+            taken: dict[tuple[str, str, int], int] = {}
             for old in found:
-                row = old.next(detail)
+                row = old.next(detail, taken)
                 await conn.execute(
                     Q["cancel_row"],
                     (Reason.REISSUED.value, f"{detail}; re-issued as {row.identifier}", at, old.id),

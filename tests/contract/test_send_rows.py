@@ -521,3 +521,22 @@ async def test_rows_sent_after_the_invoice_was_finalized_are_found_and_re_issued
     assert await roll(storage) == []
     (audit,) = await storage.audit_log(action_prefix="ledger.reissued")
     assert audit.subject == r1.identifier
+
+
+async def test_two_late_rows_of_one_bucket_are_re_issued_as_two_new_revisions(
+    storage: Storage,
+) -> None:
+    await pro(storage, "a")
+    await storage.insert_events([event("a1", "a", B[1], UNIT)], HOUR)
+    await roll(storage)
+    await storage.insert_events([event("a2", "a", B[1] + 5, 2 * UNIT)], HOUR)  # a correction
+    await roll(storage)
+    first, correction = await storage.ledger()
+    for row in (first, correction):
+        await storage.record_attempts([row.id], NOW + 10, series={row.id: Attempt("c", B[1], "k")})
+        await storage.settle([settlement(row, RowState.SENT)], NOW + 10, "sender")
+    period = ClosedPeriod("in_1", "a", B[0], B[2], NOW)
+    assert len(await storage.late_rows(period)) == 2
+    new = await storage.reissue_rows([first.id, correction.id], NOW + 20, "webhooks", "late")
+    assert [(r.revision, r.value_micros) for r in new] == [(3, UNIT), (4, 2 * UNIT)]
+    assert await roll(storage) == []  # the bucket's ledger total is still its usage
