@@ -49,6 +49,7 @@ from controlplane.interfaces import (
     Settlement,
     Storage,
 )
+from controlplane.invoices import reissue_late
 from controlplane.ledger import Reason, RowState
 from controlplane.meters import MeterSet
 from flags.resolve import Snapshot
@@ -186,7 +187,8 @@ class Sender:
             )
             if not items:
                 break
-            batch = _Batch(at, read_clock, await self._calls(items), versions_of(flags))
+            calls, known = await self._calls(items)
+            batch = _Batch(at, read_clock, calls, versions_of(flags), known)
             decided, deliver = self._triage(items, bill_from, batch)
             exclusions = [s for s in decided if s.state is RowState.EXCLUDED]
             if exclusions:
@@ -370,6 +372,9 @@ class Sender:
 
         await asyncio.gather(*(lane(q) for q in lanes.values()))
         await self._settle(results, stats, at)
+        sent_ids = {r.row_id for r in results if r.state is RowState.SENT}
+        if sent_ids:
+            await self._reissue_late([i for i in items if i.row.id in sent_ids], batch)
         skipped = [i.row.id for i in items if i.row.id not in called]
         if skipped:  # recorded above, never made: they must not count toward `ambiguous`
             await self.storage.release_attempts(skipped)
@@ -388,13 +393,40 @@ class Sender:
             idempotency_key=attempt.key,
         )
 
-    async def _calls(self, items: Sequence[SendItem]) -> dict[int, _Call]:
-        """What each row's call is made with: customer, timestamp and idempotency key."""
+    async def _calls(self, items: Sequence[SendItem]) -> tuple[dict[int, _Call], frozenset[str]]:
+        """What each row's call is made with (customer, timestamp, idempotency key), and the
+        finalized invoices known when deciding it."""
         periods = await self.storage.closed_periods(sorted({i.row.org_id for i in items}))
         by_org: dict[str, list[ClosedPeriod]] = defaultdict(list)
         for period in periods:
             by_org[period.org_id].append(period)
-        return {i.row.id: _call(i, by_org.get(i.row.org_id, [])) for i in items}
+        calls = {i.row.id: _call(i, by_org.get(i.row.org_id, [])) for i in items}
+        return calls, frozenset(p.invoice_id for p in periods)
+
+    async def _reissue_late(self, sent: Sequence[SendItem], batch: _Batch) -> None:
+        """An invoice finalized while its rows were in flight (its webhook found them not yet
+        sent): re-issue those that reached the provider after it, as the webhook would."""
+        periods = await self.storage.closed_periods(sorted({i.row.org_id for i in sent}))
+        stamps = {
+            (i.row.org_id, attempt.timestamp)
+            for i in sent
+            if (attempt := batch.calls[i.row.id].attempt) is not None
+        }
+        for period in periods:
+            if period.invoice_id in batch.known_invoices:
+                continue
+            if any(
+                org == period.org_id and period.period_start <= ts < period.period_end
+                for org, ts in stamps
+            ):
+                await reissue_late(
+                    self.storage,
+                    self.billing,
+                    self.meters,
+                    period,
+                    at=batch.now(),
+                    actor=self.actor,
+                )
 
 
 class _Call(msgspec.Struct, frozen=True):
@@ -470,6 +502,7 @@ class _Batch(msgspec.Struct, frozen=True):
     read_clock: float  # time.monotonic() at the read
     calls: dict[int, _Call]
     flag_versions: dict[str, int]  # of the pass's flags: attempts are recorded only under them
+    known_invoices: frozenset[str]  # finalized invoices known at the read
 
     def now(self) -> int:
         """The pass's clock now (claims are renewed from it)."""

@@ -214,3 +214,33 @@ async def test_a_row_sent_after_stripe_finalized_its_invoice_is_re_issued_into_t
     assert await cp.storage.late_rows(period) == []
     audit = await cp.storage.audit_log(action_prefix="ledger.reissued")
     assert [a.subject for a in audit] == [first.identifier]
+
+
+async def test_a_row_in_flight_when_its_invoice_is_finalized_is_re_issued_by_the_sender(
+    cp: ControlPlane, clock: list[float], fake_billing: FakeBilling
+) -> None:
+    """The webhook runs while the call is in flight: it finds the row not yet sent. The
+    sender, settling it, sees the invoice finalized before the call and re-issues it."""
+    await live(cp)
+    await cp.ingest([tick("e1", "o1", T0 + 5)], "http")
+    await cp.rollup()
+    finalized = int(clock[0]) - 60
+    period = ClosedPeriod("in_1", "o1", T0 - HOUR, T0 + HOUR, finalized)
+    send = fake_billing.send
+
+    async def webhook_meanwhile(event: Any) -> Any:
+        delivery = await send(event)
+        await finalize(cp, finalized)
+        assert (
+            await reissue_late(cp.storage, cp.billing, cp.meters, period, at=cp.now(), actor="w")
+            == []
+        )
+        return delivery
+
+    fake_billing.send = webhook_meanwhile  # type: ignore[method-assign]
+    assert (await cp.send()).sent == 2  # the re-issue goes out in the same pass
+    first, again = await cp.storage.ledger()
+    assert (first.state, first.reason) == (RowState.CANCELLED, "reissued")
+    assert (again.revision, again.state) == (2, RowState.SENT)
+    assert [c.timestamp for c in fake_billing.calls] == [T0, T0 + HOUR]
+    assert first.identifier in fake_billing.cancelled
