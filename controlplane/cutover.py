@@ -383,6 +383,20 @@ async def rollback(
     async for row in _rows_at_provider(cp):
         attempted = row.state is not RowState.SENT  # attempted, outcome unknown
         unknown = "attempted without a definite answer (it may never have arrived); "
+        since = row.first_attempt_at if attempted else row.sent_at
+        if since is None or since <= cp.now() - window:
+            what = "first attempted" if attempted else "sent"
+            why = (
+                "kept with the rows that carry its fraction"
+                if not row.attempts
+                else "the provider cannot cancel"
+            )
+            kept.append(
+                _note(
+                    row, (unknown if attempted else "") + f"{what} more than {window} s ago: {why}"
+                )
+            )
+            continue
         if not row.attempts:  # sent without a call (below one unit): nothing to cancel there
             never = "never delivered (below one unit): handed back without a call"
             if await cp.storage.cancel_rows(
@@ -392,17 +406,6 @@ async def rollback(
             continue
         if cp.billing is None:
             kept.append(_note(row, "no billing backend configured"))
-            continue
-        since = row.first_attempt_at if attempted else row.sent_at
-        if since is None or since <= cp.now() - window:
-            what = "first attempted" if attempted else "sent"
-            kept.append(
-                _note(
-                    row,
-                    (unknown if attempted else "")
-                    + f"{what} more than {window} s ago: the provider cannot cancel",
-                )
-            )
             continue
         meter = cp.meters.by_name.get(row.meter)
         event_name = meter.config.provider_event_name if meter else row.meter

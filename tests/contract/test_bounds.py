@@ -132,14 +132,17 @@ async def test_random_large_values_never_stop_the_rollup_nor_go_missing(
             event(f"{run}-{n}-{i}", orgs[o], B[b] + i, v) for i, (o, b, v) in enumerate(batch)
         ]
         after = dict(expected)
+        past = False  # does a running total pass the bound, event by event?
         for o, b, v in batch:
             key = (orgs[o], "gbs", B[b])
             after[key] = after.get(key, 0) + v
+            past = past or abs(after[key]) > MAX_MICROS
         try:
             await storage.insert_events(events, HOUR)
         except InvalidInput:
-            pass  # refused whole: `expected` stays
+            assert past, "refused a batch inside the bound"  # refused whole: `expected` stays
         else:
+            assert not past, "stored a batch past the bound"
             expected = after
         stored = {k: v for k, v in as_map(await storage.usage(None, None, None, None)).items()}
         assert {k: v for k, v in stored.items() if k[0] in orgs} == {
