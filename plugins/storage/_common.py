@@ -124,31 +124,56 @@ def bucket_sums(events: Iterable[StoredEvent], bucket_seconds: int) -> dict[Buck
     return sums
 
 
-def check_bucket_bound(
-    events: Iterable[StoredEvent], bucket_seconds: int, before: Mapping[BucketKey, int]
-) -> None:
-    """Raise InvalidInput naming the first event that takes a bucket total (from `before`)
-    past :data:`MAX_MICROS` either way: the batch is refused whole, nothing is stored."""
+def _first_past(
+    events: Iterable[StoredEvent], bucket_seconds: int, before: Mapping[BucketKey, int], bound: int
+) -> tuple[StoredEvent, BucketKey, int] | None:
+    """The first event, in batch order, that takes a running total (from `before`) past
+    `bound` either way, with its key and the total it reaches."""
     running = dict(before)
     for e in events:
         bucket = bucket_of(e.time_ms, bucket_seconds)
         for meter, micros in e.values:
             key = (e.org_id, meter, bucket)
             total = running[key] = running.get(key, 0) + micros
-            if abs(total) > MAX_MICROS:
-                raise InvalidInput(
-                    [
-                        Problem(
-                            field="data",
-                            message=(
-                                f"event {e.event_id!r} (source {e.source!r}) would take the "
-                                f"{meter} usage of org {e.org_id!r} in the bucket starting "
-                                f"{bucket} to {format_micros(total)}; one bucket holds at "
-                                f"most {format_micros(MAX_MICROS)} either way"
-                            ),
-                        )
-                    ]
-                )
+            if abs(total) > bound:
+                return e, key, total
+    return None
+
+
+def _refuse(e: StoredEvent, key: BucketKey, what: str) -> InvalidInput:
+    org_id, meter, bucket = key
+    return InvalidInput(
+        [
+            Problem(
+                field="data",
+                message=(
+                    f"event {e.event_id!r} (source {e.source!r}) would take the {meter} usage "
+                    f"of org {org_id!r} in the bucket starting {bucket} {what}; one bucket "
+                    f"holds at most {format_micros(MAX_MICROS)} either way"
+                ),
+            )
+        ]
+    )
+
+
+def check_batch_alone(events: Iterable[StoredEvent], bucket_seconds: int) -> None:
+    """Before a batch is summed into stored totals: refuse it when its own running total for
+    a bucket passes twice the bound, which no stored total (itself within the bound) brings
+    back inside. Past this check no sum comes near the storage's integer limits."""
+    if past := _first_past(events, bucket_seconds, {}, 2 * MAX_MICROS):
+        e, key, total = past
+        raise _refuse(e, key, f"past the bound whatever it holds (this batch adds {total})")
+
+
+def check_bucket_bound(
+    events: Iterable[StoredEvent], bucket_seconds: int, before: Mapping[BucketKey, int]
+) -> None:
+    """Raise InvalidInput naming the first event, in batch order, that takes a bucket total
+    (from the stored totals `before`) past :data:`MAX_MICROS` either way: the batch is refused
+    whole, nothing is stored."""
+    if past := _first_past(events, bucket_seconds, before, MAX_MICROS):
+        e, key, total = past
+        raise _refuse(e, key, f"to {format_micros(total)}")
 
 
 class Reissue(NamedTuple):

@@ -79,13 +79,13 @@ from controlplane.ledger import LedgerRow, NewRow, Reason, RowState
 from controlplane.registry import PluginSpec, require
 from controlplane.rollup import carry, requantify
 from controlplane.secrets import Secret, check_url, reveal
-from controlplane.units import MAX_MICROS
 from plugins.storage._common import (
     STATIC_FLAGS,
     Reissue,
     audit_record,
     bucket_sums,
     chains,
+    check_batch_alone,
     check_bucket_bound,
     check_customer_free,
     check_flag_versions,
@@ -335,10 +335,11 @@ class PostgresStorage(Storage):
             pks = {(r[1], r[2]): r[0] for r in stored}
             values: list[tuple[int, str, str, int, int]] = []
             dirty: set[tuple[str, int]] = set()
-            for e in batch:
-                pk = pks.get((e.source, e.event_id))
-                if pk is None:
-                    continue
+            fresh = [e for e in batch if (e.source, e.event_id) in pks]
+            check_batch_alone(fresh, bucket_seconds)
+            added = bucket_sums(fresh, bucket_seconds)
+            for e in fresh:
+                pk = pks[(e.source, e.event_id)]
                 bucket = bucket_of(e.time_ms, bucket_seconds)
                 dirty.add((e.org_id, bucket))
                 values.extend((pk, meter, e.org_id, bucket, micros) for meter, micros in e.values)
@@ -350,17 +351,14 @@ class PostgresStorage(Storage):
                 totals = await conn.fetch(
                     Q["add_bucket_totals"], org_col, bucket_col, meter_col, micros_col
                 )
-                over = {(o, m, b): t for o, b, m, t in totals if abs(t) > MAX_MICROS}
-                if over:  # refused whole: the transaction rolls back
-                    fresh = [e for e in batch if (e.source, e.event_id) in pks]
-                    added = bucket_sums(fresh, bucket_seconds)
-                    before = {key: total - added[key] for key, total in over.items()}
-                    check_bucket_bound(fresh, bucket_seconds, before)
+                # refused whole when a total passed the bound on the way: the transaction
+                # rolls back
+                before = {(o, m, b): t - added[(o, m, b)] for o, b, m, t in totals}
+                check_bucket_bound(fresh, bucket_seconds, before)
             marks = sorted(dirty)
             await conn.execute(Q["mark_dirty"], [o for o, _ in marks], [b for _, b in marks])
             return len(stored)
 
-        check_bucket_bound(batch, bucket_seconds, {})  # the batch on its own
         accepted = await self._tx("ingest", work) if batch else 0
         return IngestResult(accepted=accepted, duplicates=len(events) - accepted)
 

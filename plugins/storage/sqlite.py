@@ -59,13 +59,14 @@ from controlplane.interfaces import (
 from controlplane.ledger import LedgerRow, NewRow, Reason, RowState
 from controlplane.registry import PluginSpec
 from controlplane.rollup import carry, requantify
-from controlplane.units import MAX_MICROS, MICROS
+from controlplane.units import MICROS
 from plugins.storage._common import (
     STATIC_FLAGS,
     Reissue,
     audit_record,
     bucket_sums,
     chains,
+    check_batch_alone,
     check_bucket_bound,
     check_customer_free,
     check_flag_versions,
@@ -263,7 +264,7 @@ class SQLiteStorage(Storage):
                     fresh.append(e)
                     next_pk += 1
                 if event_rows:
-                    check_bucket_bound(fresh, bucket_seconds, {})  # the batch on its own
+                    check_batch_alone(fresh, bucket_seconds)
                     await conn.executemany(Q["insert_event"], event_rows)
                     await conn.executemany(Q["insert_meter_value"], value_rows)
                     await conn.executemany(Q["mark_dirty"], sorted(dirty))
@@ -276,14 +277,12 @@ class SQLiteStorage(Storage):
         self, conn: aiosqlite.Connection, events: list[StoredEvent], bucket_seconds: int
     ) -> None:
         """Refuse the batch (InvalidInput, the transaction rolls back) when it took a bucket
-        total past the bound: name the event that did."""
+        total past the bound on the way, event by event: name the event that did."""
         added = bucket_sums(events, bucket_seconds)
-        params = {"keys": _json.encode(list(added)), "bound": MAX_MICROS}
-        async with conn.execute(Q["totals_past_bound"], params) as cur:
-            over = {(o, m, b): total for o, m, b, total in await cur.fetchall()}
-        if over:
-            before = {key: total - added[key] for key, total in over.items()}
-            check_bucket_bound(events, bucket_seconds, before)
+        async with conn.execute(Q["bucket_totals_of"], (_json.encode(list(added)),)) as cur:
+            after = {(o, m, b): total for o, m, b, total in await cur.fetchall()}
+        before = {key: total - added[key] for key, total in after.items()}
+        check_bucket_bound(events, bucket_seconds, before)
 
     async def usage(
         self, org_id: str | None, meter: str | None, start: int | None, end: int | None

@@ -12,14 +12,13 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?);
 -- name: insert_meter_value
 INSERT INTO meter_values (event_pk, meter, org_id, bucket_start, micros) VALUES (?, ?, ?, ?, ?);
 
--- name: totals_past_bound
--- The totals of the (org, meter, bucket) keys a batch touched that are past the bound.
+-- name: bucket_totals_of
+-- The totals of the (org, meter, bucket) keys a batch touched.
 SELECT t.org_id, t.meter, t.bucket_start, t.micros
-FROM json_each(:keys) k
+FROM json_each(?) k
 CROSS JOIN bucket_totals t
     ON t.meter = json_extract(k.value, '$[1]') AND t.org_id = json_extract(k.value, '$[0]')
-   AND t.bucket_start = json_extract(k.value, '$[2]')
-WHERE abs(t.micros) > :bound;
+   AND t.bucket_start = json_extract(k.value, '$[2]');
 
 -- name: mark_dirty
 -- A new event for a held bucket releases it: the rollup tries it again.

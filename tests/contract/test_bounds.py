@@ -53,6 +53,21 @@ async def test_a_batch_past_the_bound_on_its_own_is_refused(storage: Storage, si
     assert await storage.usage(None, None, None, None) == []
 
 
+async def test_the_bound_is_checked_from_the_stored_total_event_by_event(
+    storage: Storage,
+) -> None:
+    """A batch that on its own passes the bound is accepted when the stored total keeps every
+    step inside; one whose total passes the bound on the way and comes back is refused."""
+    await storage.insert_events([event("e1", "a", B[0], 1)], HOUR)
+    back = [event("e2", "a", B[0], -2549), event("e3", "a", B[0] + 1, 2548 - MAX_MICROS)]
+    assert (await storage.insert_events(back, HOUR)).accepted == 2
+    assert as_map(await storage.usage("a", "gbs", B[0], B[1])) == {("a", "gbs", B[0]): -MAX_MICROS}
+    there_and_back = [event("e4", "a", B[0], -1), event("e5", "a", B[0] + 1, 1)]
+    with pytest.raises(InvalidInput, match="'e4'"):
+        await storage.insert_events(there_and_back, HOUR)
+    assert as_map(await storage.usage("a", "gbs", B[0], B[1])) == {("a", "gbs", B[0]): -MAX_MICROS}
+
+
 async def test_rollup_carries_stay_small_over_a_history_past_storage_integers(
     storage: Storage,
 ) -> None:
