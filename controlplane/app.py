@@ -61,8 +61,9 @@ from controlplane.errors import (
     NotFound,
     Problem,
     StorageError,
+    Undecodable,
 )
-from controlplane.events import DEFAULT_SOURCE, MAX_TS_MS, TooManyEvents, decode_body
+from controlplane.events import DEFAULT_SOURCE, MAX_TS_MS, BatchTooLarge, decode_body, scan_json
 from controlplane.ledger import RowState
 from controlplane.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from controlplane.parity import (
@@ -113,6 +114,8 @@ def _problems(problems: list[Problem]) -> list[dict[str, Any]]:
 
 
 def _on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    if isinstance(exc, Undecodable):
+        return problem(400, "Bad request", exc.message, errors=_problems(exc.problems))
     if isinstance(exc, InvalidInput):
         return problem(422, "Invalid input", exc.message, errors=_problems(exc.problems))
     if isinstance(exc, Unauthorized):
@@ -145,8 +148,8 @@ def _on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
         return problem(exc.status_code, "Request refused", exc.detail, headers=exc.headers)
     if isinstance(exc, RecursionError):  # a body nested deeper than a decoder can follow
         return problem(400, "Bad request", "the body is nested too deeply to decode")
-    if isinstance(exc, UnicodeDecodeError):
-        return problem(400, "Bad request", f"not valid UTF-8 ({exc.reason})")
+    if isinstance(exc, UnicodeError):  # undecodable bytes (or unencodable text) sent
+        return problem(400, "Bad request", f"not valid UTF-8 ({getattr(exc, 'reason', exc)})")
     if isinstance(exc, StorageError | ConfigError | ControlPlaneError):
         log.error("api.error", error=str(exc), kind=type(exc).__name__)
         return problem(503, "Unavailable", str(exc))
@@ -310,12 +313,16 @@ def strict_body(
 
     async def check(request: Request[Any, Any, Any]) -> None:
         try:
-            raw = _json_numbers.decode(await request.body())
+            body = await request.body()
+            scan_json(body)
+            raw = _json_numbers.decode(body)
             msgspec.convert(raw, struct, strict=True)
         except msgspec.ValidationError as exc:
             field, message = _body_problem(str(exc))
         except msgspec.DecodeError as exc:
             field, message = "", f"malformed JSON: {exc}"
+        except Undecodable as exc:
+            field, message = "", exc.message
         else:
             return
         raise ValidationException(
@@ -446,6 +453,17 @@ Reason = Annotated[str, msgspec.Meta(pattern=r"\S")]
 Seconds = Annotated[int, msgspec.Meta(ge=0, le=MAX_SECONDS)]
 
 
+def _declared_length(value: str | None) -> int | None:
+    """`Content-Length` as sent, read without int() of an unbounded string (whose digits may
+    be thousands, or not ASCII): 400 when it is no number of bytes."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not (value.isascii() and value.isdigit()):
+        raise HTTPException(status_code=400, detail="Content-Length: not a number of bytes")
+    return int(value) if len(value) <= 18 else 10**18  # past any body limit
+
+
 def _decoded(body: bytes, encoding: str, limit: int) -> bytes:
     """The body as sent before its `Content-Encoding`: gzip is decompressed, at most `limit`
     bytes of it (413 past that: a small gzip can hold gigabytes); others are refused (415)."""
@@ -489,8 +507,8 @@ async def ingest_events(request: Request[Any, Any, Any], cp: CP) -> dict[str, in
         log.warning("ratelimit.refused", token=token, retry_after=exc.retry_after_header)
         raise
     limit = cp.config.server.max_body_bytes
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    declared = _declared_length(request.headers.get("content-length"))
+    if declared is not None and declared > limit:
         cp.metrics.refused("too_large")
         raise HTTPException(status_code=413, detail=f"body over {limit} bytes")
     try:
@@ -506,7 +524,7 @@ async def ingest_events(request: Request[Any, Any, Any], cp: CP) -> dict[str, in
             request.headers.get("content-type", "application/json"),
             cp.config.server.max_batch_events,
         )
-    except TooManyEvents as exc:
+    except BatchTooLarge as exc:
         cp.metrics.refused("too_large")
         raise HTTPException(status_code=413, detail=exc.message) from None
     limiter.charge(token, len(items))
@@ -1069,6 +1087,16 @@ async def cutover_rollback(
 # OpenFeature remote evaluation (OFREP) ----------------------------------------------------
 
 
+def _ofrep_check(body: bytes, key: str | None = None) -> None:
+    """OFREP's own checks, after the depth every JSON body is held to (as PARSE_ERROR)."""
+    try:
+        scan_json(body)
+    except Undecodable as exc:
+        details = {"key": key, "errorCode": "PARSE_ERROR", "errorDetails": exc.message}
+        raise ofrep.OfrepError(400, details) from None
+    ofrep.check_request(body, key)
+
+
 @post(
     "/ofrep/v1/evaluate/flags/{key:str}",
     opt={"scope": "read"},
@@ -1084,7 +1112,7 @@ async def ofrep_flag(
     key: Annotated[str, PathParameter(schema_extra={"enum": list(ofrep.KEYS)})],
 ) -> Response[Any]:
     try:
-        ofrep.check_request(await request.body(), key)
+        _ofrep_check(await request.body(), key)
         return Response(ofrep.evaluate(await cp.flags(), key), status_code=200)
     except ofrep.OfrepError as exc:
         return Response(exc.body, status_code=exc.status)
@@ -1104,7 +1132,7 @@ async def ofrep_flag(
 )
 async def ofrep_flags(request: Request[Any, Any, Any], cp: CP) -> Response[Any]:
     try:
-        ofrep.check_request(await request.body())
+        _ofrep_check(await request.body())
     except ofrep.OfrepError as exc:
         return Response(exc.body, status_code=exc.status)
     body, etag = ofrep.bulk(await cp.flags())

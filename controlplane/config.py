@@ -319,6 +319,11 @@ def _check_limits(config: Config) -> None:
     for key in ("max_body_bytes", "max_small_body_bytes", "max_batch_events"):
         if getattr(server, key) < 1:
             raise ConfigError(f"server.{key}: must be >= 1")
+    if not 0 <= server.event_time_min <= 253_402_300_799:
+        # before 1970, buckets would start at negative times
+        raise ConfigError("server.event_time_min: must be unix seconds, 0 (1970) to year 9999")
+    if server.event_time_max_ahead_seconds < 0:
+        raise ConfigError("server.event_time_max_ahead_seconds: must be >= 0")
     limits: list[tuple[str, float | None, int | None]] = [
         ("rate_limit", config.rate_limit.events_per_second, config.rate_limit.burst_events)
     ]

@@ -6,6 +6,7 @@
     ├── ConfigError (ValueError)          a setting is missing, misspelled or of the wrong type
     │   └── MissingExtraError (ImportError-like)  a plugin's optional driver is not installed
     ├── InvalidInput (ValueError)         a request or batch was refused; nothing was changed
+    │   └── Undecodable                   its body is no JSON that can be decoded safely
     ├── NotFound (LookupError)            the thing asked for does not exist
     ├── FlagRefused (ValueError)          a flag change broke a rule; no flag was changed
     ├── StorageError                      the storage plugin failed
@@ -69,6 +70,10 @@ class InvalidInput(ControlPlaneError, ValueError):
         )
         more = f" (and {len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
         super().__init__(f"{where}: {first.message}{more}" if where else first.message + more)
+
+
+class Undecodable(InvalidInput):
+    """The body cannot be decoded: malformed JSON, not UTF-8, or nested too deeply."""
 
 
 class NotFound(ControlPlaneError, LookupError):

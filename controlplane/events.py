@@ -3,22 +3,25 @@
 An event is ``{"id", "type", "subject" (the org), "source"?, "time" (RFC 3339) or "ts" (unix
 ms), "data"}``. A batch is validated whole; one bad event rejects the batch with every bad
 event's index and field, and nothing is stored. Numbers in `data` are decoded as `Decimal`, so
-meter values are exact from the wire on.
+meter values are exact from the wire on. A body's shape is read before it is decoded
+(:func:`scan_json`): one nested deeper than MAX_JSON_DEPTH, or holding more events or values
+than a batch may, is refused without being decoded, so memory stays a small multiple of it.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import msgspec
 
-from controlplane.errors import InvalidInput, Problem
+from controlplane.errors import InvalidInput, Problem, Undecodable
 from controlplane.interfaces import IngestResult, Storage, StoredEvent
 from controlplane.meters import ExpressionError, MeterSet
 
@@ -67,101 +70,151 @@ def _field_of(exc: msgspec.ValidationError) -> tuple[str, str]:
     return field, msg
 
 
-class TooManyEvents(InvalidInput):
-    """The batch holds more events than one batch may; refused before it is decoded whole."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        super().__init__(f"more than {limit} events: at most {limit} per batch")
+class BatchTooLarge(InvalidInput):
+    """The batch is larger than one batch may be; refused before it is decoded whole."""
 
 
-class _Shell(msgspec.Struct):
-    """An event's place in a batch, its fields skipped: counting costs a small object each."""
+MAX_JSON_DEPTH = 64
+"""How deeply JSON bodies may nest. msgspec's decoder recurses once per level, as do the
+encoders and the storage plugins reading `data` back: well inside the interpreter's own limit,
+every decode and re-encode of an accepted body is safe, wherever it happens."""
+
+VALUES_PER_EVENT = 64
+"""JSON values (array elements and object members) a batch may hold per event it may hold
+(`server.max_batch_events`), on average. Decoded, a value costs up to about a hundred bytes,
+so this bounds a request's memory whatever the body's shape: millions of `{}` or `1.0` inside
+one event's `data` are refused as surely as millions of events."""
 
 
-_shells = msgspec.json.Decoder(list[_Shell])
-_NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{},"))
+class JsonShape(NamedTuple):
+    """What decoding a body would make, known before decoding it (see :func:`scan_json`)."""
+
+    elements: int  # a top-level array's elements; 1 for any other value
+    values: int  # at least as many as its values (array elements, object members, lines)
 
 
-def _count(body: bytes) -> int | None:
-    """How many elements a JSON array holds, counted without decoding them, when it has no
-    string (its objects are all `{}`: the cheapest to send and the costliest to decode one by
-    one). None when it has strings, or brackets this does not flatten."""
-    if b'"' in body:
-        return None
-    inner = body.translate(None, _NOT_BRACKETS).strip()[1:-1]
-    for _ in range(64):
-        flat = inner.replace(b"{}", b"").replace(b"[]", b"")
-        if flat == inner:
-            break
-        inner = flat
-    if any(c in inner for c in b"[]{}"):
-        return None
-    return inner.count(b",") + 1 if body.strip()[1:-1].strip() else 0
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{},')
+_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 and -1 as signed bytes
+_CHUNK = 1 << 16  # bounds the pieces a pass over a chunk makes
+
+
+def scan_json(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> JsonShape:
+    """The shape of the JSON (or NDJSON) in `body`, read without decoding it: a few passes
+    in C, linear in its length, over copies no larger than it, so that a body can be refused
+    for its shape before it costs memory.
+
+    Raises Undecodable when it nests deeper than `max_depth` or a bracket closes none opened
+    (the decoders would recurse, or fail only after decoding what comes before). Other
+    malformations are left to the decoder, which names their position. Usable for any body:
+    webhooks, flags, OFREP as well as ingest.
+    """
+    if not 0 < max_depth < 255:
+        raise ValueError("max_depth: 1 to 254")
+    # escaped backslashes and quotes out first: every '"' left opens or closes a string
+    skeleton = body.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE)
+    skeleton = _outside_strings(skeleton.replace(b'""', b""))  # most strings: no [ ] { } ,
+    opens = skeleton.count(b"[") + skeleton.count(b"{")
+    values = opens + skeleton.count(b",") + body.count(b"\n") + 1
+    shallow = bytes(range(max_depth + 1))
+    depth = zeros = 0
+    for start in range(0, len(skeleton), _CHUNK):  # a chunk at a time: bounded copies
+        # A comma ends one element and starts the next: as "][" it takes the depth back to
+        # 0 between a top-level array's elements, and nowhere else.
+        steps = skeleton[start : start + _CHUNK].replace(b",", b"][").translate(_STEPS)
+        running = itertools.accumulate(memoryview(steps).cast("b"), initial=depth)
+        try:
+            depths = bytes(running)[1:]  # ValueError below 0 (or past 255)
+        except ValueError:
+            lowest = min(itertools.accumulate(memoryview(steps).cast("b"), initial=depth))
+            if lowest >= 0:
+                raise _too_deep(max_depth) from None
+            raise Undecodable(
+                [Problem(field="", message="malformed JSON: a bracket closes none opened")]
+            ) from None
+        if depths.translate(None, shallow):
+            raise _too_deep(max_depth)
+        zeros += depths.count(0)
+        depth = depths[-1] if depths else depth
+    elements = zeros if skeleton[:1] == b"[" else 1
+    return JsonShape(elements=elements, values=values)
+
+
+def _outside_strings(skeleton: bytes) -> bytes:
+    """`skeleton` without its strings (the text between a quote and the next)."""
+    if b'"' not in skeleton:
+        return skeleton
+    kept, inside = [], 0
+    for start in range(0, len(skeleton), _CHUNK):
+        pieces = skeleton[start : start + _CHUNK].split(b'"')
+        kept.append(b"".join(pieces[inside::2]))
+        inside ^= (len(pieces) - 1) & 1
+    return b"".join(kept)
+
+
+def _too_many_events(max_events: int) -> BatchTooLarge:
+    return BatchTooLarge(f"more than {max_events} events: at most {max_events} per batch")
+
+
+def _too_deep(max_depth: int) -> Undecodable:
+    return Undecodable([Problem(field="", message=f"JSON nested deeper than {max_depth} levels")])
 
 
 def decode_body(body: bytes, content_type: str, max_events: int | None = None) -> list[Any]:
     """The raw events of a request body: a JSON object, a JSON array, or NDJSON.
 
     Returns EventIn objects where the fast path succeeds, plain objects otherwise (validated
-    one by one later, so every bad event is reported). Raises InvalidInput on malformed JSON,
-    and TooManyEvents for a batch over `max_events`, found before it is decoded whole: memory
-    stays a small multiple of the body's size, however many tiny elements it holds.
+    one by one later, so every bad event is reported). Raises Undecodable (an InvalidInput)
+    for a body that is no JSON or nests deeper than MAX_JSON_DEPTH, and BatchTooLarge for one
+    of more than `max_events` events or `max_events * VALUES_PER_EVENT` values, found before
+    the body is decoded: memory stays a small multiple of the body's size, whatever its shape.
     """
     media = content_type.split(";")[0].strip().lower()
-    if media in NDJSON_TYPES:
+    ndjson = media in NDJSON_TYPES
+    if not ndjson and media not in JSON_TYPES and media != "":
+        raise InvalidInput(
+            f"unsupported content type {media!r}; use application/json, "
+            "application/x-ndjson or application/cloudevents-batch+json"
+        )
+    shape = scan_json(body)
+    if max_events is not None:
+        if not ndjson and shape.elements > max_events:
+            raise _too_many_events(max_events)
+        if shape.values > max_events * VALUES_PER_EVENT:
+            raise BatchTooLarge(
+                f"more than {max_events * VALUES_PER_EVENT} JSON values: a batch holds at most "
+                f"{VALUES_PER_EVENT} per event it may hold ({max_events}), on average; send "
+                "smaller batches"
+            )
+    if ndjson:
         items: list[Any] = []
         for n, line in enumerate(io.BytesIO(body)):  # line by line: no list of every line
             if not line.strip():
                 continue
             if max_events is not None and len(items) >= max_events:
-                raise TooManyEvents(max_events)
+                raise _too_many_events(max_events)
             try:
                 items.append(_any_decoder.decode(line))
-            except (msgspec.DecodeError, RecursionError) as exc:
-                why = "nested too deeply" if isinstance(exc, RecursionError) else exc
-                raise InvalidInput([Problem(field="", message=f"line {n + 1}: {why}")]) from None
+            except msgspec.DecodeError as exc:
+                raise Undecodable([Problem(field="", message=f"line {n + 1}: {exc}")]) from None
         return items
-    if media not in JSON_TYPES and media != "":
-        raise InvalidInput(
-            f"unsupported content type {media!r}; use application/json, "
-            "application/x-ndjson or application/cloudevents-batch+json"
-        )
-    stripped = body.lstrip()
     try:
-        if stripped[:1] == b"[":
+        if body.lstrip()[:1] == b"[":
             try:  # typed: stops at the first element that is no event
-                events = _batch_decoder.decode(body)
+                return list(_batch_decoder.decode(body))
             except msgspec.ValidationError:
-                # Every bad event is reported, so the batch is decoded again as plain JSON,
-                # once it is known to hold no more events than a batch may (counted as
-                # field-less objects: a small multiple of the body, however it is made).
-                try:
-                    count = _count(stripped)
-                    if count is None:
-                        count = len(_shells.decode(body))
-                except msgspec.ValidationError as exc:  # an element that is no object
-                    field, msg = _field_of(exc)
-                    raise InvalidInput([Problem(field=field, message=msg)]) from None
-                if max_events is not None and count > max_events:
-                    raise TooManyEvents(max_events) from None
+                # every bad event is reported: decoded again as plain JSON
                 return list(_any_decoder.decode(body))
-            if max_events is not None and len(events) > max_events:
-                raise TooManyEvents(max_events)
-            return list(events)
         try:
             return [_one_decoder.decode(body)]
         except msgspec.ValidationError:
             return [_any_decoder.decode(body)]
     except msgspec.DecodeError as exc:
-        raise InvalidInput([Problem(field="", message=f"malformed JSON: {exc}")]) from exc
-    except RecursionError:
-        raise InvalidInput([Problem(field="", message="JSON nested too deeply")]) from None
+        raise Undecodable([Problem(field="", message=f"malformed JSON: {exc}")]) from None
 
 
-_RFC3339 = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
-    r"(?:([Zz])|([+-])(\d{2}):(\d{2}))"
+_RFC3339 = re.compile(  # ASCII digits only: `\d` would take any script's digits
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,9}))?"
+    r"(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))"
 )
 
 

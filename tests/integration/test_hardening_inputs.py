@@ -1,6 +1,8 @@
 """No input is a 500, and a large body costs a bounded amount of memory (issue: bad input is
-never a 500 or an endless retry): undecodable headers, huge numbers in headers, JSON nested a
-thousand levels deep, Content-Encoding, config expressions nested thousands of levels deep."""
+never a 500 or an endless retry): undecodable headers, huge numbers in headers, JSON nested
+past 64 levels on every endpoint that reads a body, ingest bodies that are no JSON, oversize
+batches refused before they are decoded, Content-Encoding, config expressions nested
+thousands of levels deep, and the catch-all behind them."""
 
 from __future__ import annotations
 
@@ -13,9 +15,10 @@ from typing import Any
 
 import pytest
 from litestar.testing import AsyncTestClient
+from structlog.testing import capture_logs
 
 from controlplane import config as config_mod
-from controlplane.app import create_app
+from controlplane.app import _on_error, create_app
 from controlplane.config import Config
 from controlplane.core import ControlPlane
 from controlplane.errors import ConfigError
@@ -36,7 +39,7 @@ async def client(make_config: Callable[..., Config]) -> AsyncIterator[AsyncTestC
 async def test_a_request_id_that_is_not_utf8_is_replaced_not_a_500(
     client: AsyncTestClient[Any],
 ) -> None:
-    r = await client.get("/healthz", headers=[("x-request-id", "caf\xe9".encode("latin-1"))])
+    r = await client.get("/healthz", headers=[(b"x-request-id", "caf\xe9".encode("latin-1"))])
     assert r.status_code == 200
     assert len(r.headers["x-request-id"]) == 32  # a new one
     r = await client.get("/healthz", headers={"x-request-id": "abc-123"})
@@ -55,23 +58,90 @@ async def test_a_huge_signature_timestamp_is_a_401(
     assert "X-Timestamp" in r.json()["detail"]
 
 
+BODIES = [
+    ("POST", "/v1/events", "application/json"),
+    ("POST", "/v1/events", "application/x-ndjson"),
+    ("PUT", "/v1/flags/shadow", "application/json"),
+    ("PUT", "/v1/orgs/acme", "application/json"),
+    ("POST", "/v1/cutover/plan", "application/json"),
+    ("POST", "/v1/cutover/execute", "application/json"),
+]
+
+
+def event_nested(depth: int) -> bytes:
+    """An event whose JSON nests `depth` levels (the event's own object is the first)."""
+    inner = b'{"a":' * (depth - 1) + b"1" + b"}" * (depth - 1)
+    return json.dumps(tick("deep", "acme", T0)).encode()[:-1] + b',"more":' + inner + b"}"
+
+
+@pytest.mark.parametrize(("method", "path", "media"), BODIES)
+@pytest.mark.parametrize("body", [DEEP, DEEP_OBJECT, event_nested(65)], ids=["[", "{", "65"])
+async def test_json_nested_past_the_limit_is_a_400_naming_why(
+    client: AsyncTestClient[Any], method: str, path: str, media: str, body: bytes
+) -> None:
+    """Before, a thousand levels was an unhandled RecursionError (a 500, or a 422 on ingest),
+    and 950 levels were stored, to fail wherever they were decoded again."""
+    with capture_logs() as logs:
+        r = await client.request(
+            method, path, content=body, headers={**AUTH, "content-type": media}
+        )
+    assert r.status_code == 400, (path, r.status_code, r.text)
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert "JSON nested deeper than 64 levels" in r.json()["detail"]
+    assert not [e for e in logs if e["log_level"] in ("error", "critical")]
+
+
+async def test_json_nested_to_the_limit_is_stored(client: AsyncTestClient[Any]) -> None:
+    r = await client.post("/v1/events", content=event_nested(64), headers=AUTH)
+    assert r.json() == {"accepted": 1, "duplicates": 0}, r.text
+
+
+@pytest.mark.parametrize("path", ["/ofrep/v1/evaluate/flags", "/ofrep/v1/evaluate/flags/shadow"])
+async def test_ofrep_bodies_nested_past_the_limit_are_a_parse_error(
+    client: AsyncTestClient[Any], path: str
+) -> None:
+    for body in (DEEP_OBJECT, b'{"context":' + DEEP_OBJECT + b"}"):
+        r = await client.post(path, content=body, headers=AUTH)
+        assert r.status_code == 400, r.text
+        assert r.json()["errorCode"] == "PARSE_ERROR"
+        assert "nested deeper than 64 levels" in r.json()["errorDetails"]
+
+
 @pytest.mark.parametrize(
-    ("method", "path", "body"),
+    ("body", "media", "why"),
     [
-        ("POST", "/v1/events", DEEP),
-        ("POST", "/v1/events", DEEP_OBJECT),
-        ("PUT", "/v1/flags/shadow", DEEP_OBJECT),
-        ("PUT", "/v1/orgs/acme", DEEP),
-        ("POST", "/v1/cutover/plan", DEEP_OBJECT),
+        (b"\xff\xfe not JSON", "application/json", "malformed JSON"),
+        (b'{"id": "\xc3\x28"}', "application/json", "malformed JSON"),
+        (b'{"id": "a"}\n\xff\n', "application/x-ndjson", "line 2"),
+        (b"[{}]]", "application/json", "a bracket closes none opened"),
     ],
 )
-async def test_json_nested_a_thousand_levels_is_a_4xx(
-    client: AsyncTestClient[Any], method: str, path: str, body: bytes
+async def test_an_ingest_body_that_is_no_json_is_a_400(
+    client: AsyncTestClient[Any], body: bytes, media: str, why: str
 ) -> None:
-    headers = {**AUTH, "content-type": "application/json"}
-    r = await client.request(method, path, content=body, headers=headers)
-    assert 400 <= r.status_code < 500, (path, r.status_code, r.text)
-    assert r.headers["content-type"].startswith("application/problem+json")
+    """Undecodable bodies answer 400, as every other endpoint does (ingest said 422: the
+    status of well-formed input the rules refuse)."""
+    r = await client.post("/v1/events", content=body, headers={**AUTH, "content-type": media})
+    assert r.status_code == 400, r.text
+    assert why in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("length", "status"), [("9" * 5000, 413), ("9" * 19, 413), ("\xb2", 400), ("-1", 400)]
+)
+async def test_a_content_length_of_thousands_of_digits_or_none_is_a_4xx(
+    client: AsyncTestClient[Any], length: str, status: int
+) -> None:
+    """uvicorn refuses these itself; the app must not rely on it (int() of 5,000 digits
+    raises, and "\xb2" (superscript two) passes str.isdigit())."""
+    headers = [
+        (b"authorization", AUTH["Authorization"].encode()),
+        (b"content-length", length.encode("latin-1")),
+    ]
+    with capture_logs() as logs:
+        r = await client.post("/v1/events", content=b"{}", headers=headers)
+    assert r.status_code == status, r.text
+    assert not [e for e in logs if e["log_level"] in ("error", "critical")]
 
 
 async def test_gzip_bodies_are_decoded_and_other_encodings_refused(
@@ -92,35 +162,67 @@ async def test_gzip_bodies_are_decoded_and_other_encodings_refused(
     assert r.status_code == 413
 
 
+def oversize_bodies(limit: int) -> list[tuple[str, bytes, str]]:
+    """Bodies of at most `limit` bytes that decoded whole take 5 to 30 times their size: too
+    many events (empty, one holding a string, valid ones), one event holding millions of
+    values, NDJSON lines."""
+
+    def fill(unit: bytes, room: int, sep: bytes = b",") -> bytes:
+        return sep.join([unit] * (room // (len(unit) + len(sep))))
+
+    head = json.dumps(tick("big", "acme", T0)).encode()[:-1] + b',"more":['
+    bodies = [
+        ("{}", b"[" + fill(b"{}", limit - 2) + b"]", "application/json"),
+        ("{} and a string", b"[" + fill(b"{}", limit - 20) + b',{"a":"b"}]', "application/json"),
+        ("events", b"[" + fill(b'{"id":"1","type":"t","subject":"o"}', limit) + b"]", JSON),
+        ("{} in one event", head + fill(b"{}", limit - len(head) - 2) + b"]}", JSON),
+        ("1.0 in one event", head + fill(b"1.0", limit - len(head) - 2) + b"]}", JSON),
+        ("NDJSON", fill(b"{}", limit, b"\n"), "application/x-ndjson"),
+    ]
+    assert all(len(body) <= limit for _, body, _ in bodies)
+    return bodies
+
+
+JSON = "application/json"
+
+
 async def test_concurrent_oversize_batches_are_refused_in_bounded_memory(
     make_config: Callable[..., Config],
 ) -> None:
-    """Eight concurrent 10 MiB bodies of 3.5 million `{}` (or of small objects): each is
-    refused with 413 before it is decoded whole. Before, each became millions of objects."""
+    """Concurrent 10 MiB bodies of millions of tiny values, at the top level or inside one
+    event: each is refused with 413 before it is decoded. Before, each became millions of
+    objects (about 250 MB each), or, inside one event, was decoded and stored."""
     config = make_config()
     limit = config.server.max_body_bytes
-    tiny = b"[" + b",".join([b"{}"] * ((limit - 2) // 3)) + b"]"
-    small = b"[" + b",".join([b'{"a":1}'] * ((limit - 2) // 8)) + b"]"
-    ndjson = b"{}\n" * (limit // 3)
-    assert max(len(tiny), len(small), len(ndjson)) <= limit
+    bodies = oversize_bodies(limit)
     async with AsyncTestClient(app=create_app(config, cp=ControlPlane(config))) as client:
 
-        async def post(body: bytes, media: str) -> int:
+        async def post(body: bytes, media: str) -> tuple[int, str]:
             headers = {**AUTH, "content-type": media}
-            return (await client.post("/v1/events", content=body, headers=headers)).status_code
+            r = await client.post("/v1/events", content=body, headers=headers)
+            return r.status_code, r.json()["detail"]
 
-        bodies = [(tiny, "application/json"), (small, "application/json")] * 3
-        bodies += [(ndjson, "application/x-ndjson")] * 2
+        for name, body, media in bodies:  # one at a time: the bound per request
+            tracemalloc.start()
+            try:
+                status, detail = await post(body, media)
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            assert status == 413, (name, detail)
+            assert "events: at most 10000 per batch" in detail or "JSON values" in detail
+            # the request's copy of the body and the scan's: measured 2 to 3 times the
+            # body; decoded whole, these bodies took 20 to 30 times
+            assert peak < 4 * len(body), f"{name}: {peak / len(body):.1f} times the body"
         tracemalloc.start()
         try:
-            statuses = await asyncio.gather(*(post(b, m) for b, m in bodies))
+            answers = await asyncio.gather(*(post(body, media) for _, body, media in bodies))
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
-    assert statuses == [413] * len(bodies)
-    # At most twice the bodies themselves (measured: 60 MiB for the eight); decoded whole
-    # they took about 250 MB each.
-    assert peak < 2 * len(bodies) * limit, f"peak {peak / 2**20:.0f} MiB"
+    assert [status for status, _ in answers] == [413] * len(bodies)
+    total = sum(len(body) for _, body, _ in bodies)  # measured: half of it
+    assert peak < 2 * total, f"peak {peak / 2**20:.0f} MiB for {total / 2**20:.0f} MiB of bodies"
 
 
 def test_an_expression_nested_thousands_of_levels_is_a_config_error(tmp_path: Any) -> None:
@@ -131,3 +233,23 @@ def test_an_expression_nested_thousands_of_levels_is_a_config_error(tmp_path: An
     raw["meters"][0]["value"] = "-" * 40 + "data.mb"
     with pytest.raises(ConfigError, match=r"nested \d+ levels deep; at most 32"):
         config_mod.parse(raw)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"),
+        UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"),
+        RecursionError("maximum recursion depth exceeded"),
+    ],
+)
+def test_input_a_handler_cannot_decode_is_a_400_wherever_it_is_found(exc: Exception) -> None:
+    """The catch-all: undecodable input that reaches past every check is still a 400, not a
+    500 logged with a traceback."""
+    with capture_logs() as logs:
+        r = _on_error(None, exc)  # type: ignore[arg-type]  # only validation errors read it
+    assert r.status_code == 400 and r.media_type == "application/problem+json"
+    assert logs == []
+    with capture_logs() as logs:
+        assert _on_error(None, KeyError("a bug")).status_code == 500  # type: ignore[arg-type]
+    assert [e["event"] for e in logs] == ["api.unexpected"]

@@ -29,6 +29,14 @@ def test_scopes() -> None:
             s.authorize(header, "ingest")
 
 
+@pytest.mark.parametrize(
+    "header", ["Bearer \xff\xfe", "Bearer \udcff\ud800", "Bearer " + "9" * 100_000, "\x00"]
+)
+def test_undecodable_or_huge_tokens_are_unknown_not_an_error(header: str) -> None:
+    with pytest.raises(Unauthorized):
+        store().authorize(header, "ingest")
+
+
 def test_create_token_prints_config_that_accepts_it() -> None:
     import tomllib
 

@@ -124,6 +124,28 @@ def test_every_setting_is_documented_in_the_example() -> None:
         ({"jobs": {"stale_after_intervals": -1}}, "jobs.stale_after_intervals: must be >= 0"),
         ({"jobs": {"watch_interval_seconds": 0}}, "jobs.watch_interval_seconds: must be > 0"),
         ({"server": {"max_small_body_bytes": 0}}, "server.max_small_body_bytes: must be >= 1"),
+        ({"server": {"event_time_min": -1}}, "server.event_time_min: must be unix seconds"),
+        (
+            {"server": {"event_time_max_ahead_seconds": -60}},
+            "server.event_time_max_ahead_seconds: must be >= 0",
+        ),
+        (
+            {"meters": [{"name": "m", "event_type": "t", "value": "-" * 5000 + "data.x"}]},
+            "meters[0] (m): expression nested too deeply",
+        ),
+        (
+            {
+                "meters": [
+                    {
+                        "name": "m",
+                        "event_type": "t",
+                        "value": "data.x",
+                        "where": "not " * 40 + "data.x",
+                    }
+                ]
+            },
+            "levels deep; at most 32",
+        ),
     ],
 )
 def test_bad_config_names_the_setting(raw: dict[str, object], message: str) -> None:

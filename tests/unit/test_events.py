@@ -1,11 +1,25 @@
 from __future__ import annotations
 
+import json
+import tracemalloc
 from decimal import Decimal
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from controlplane.errors import InvalidInput
-from controlplane.events import EventIn, Ingestor, bucket_of, decode_body
+from controlplane.errors import InvalidInput, Undecodable
+from controlplane.events import (
+    MAX_JSON_DEPTH,
+    VALUES_PER_EVENT,
+    BatchTooLarge,
+    EventIn,
+    Ingestor,
+    bucket_of,
+    decode_body,
+    scan_json,
+)
 from controlplane.meters import MeterConfig, MeterSet
 
 
@@ -27,12 +41,110 @@ def test_decode_object_array_ndjson_and_cloudevents_batch() -> None:
 
 
 def test_malformed_json_and_unknown_media_type() -> None:
-    with pytest.raises(InvalidInput, match="malformed JSON"):
+    with pytest.raises(Undecodable, match="malformed JSON"):
         decode_body(b"{nope", "application/json")
-    with pytest.raises(InvalidInput, match="line 2"):
+    with pytest.raises(Undecodable, match="line 2"):
         decode_body(b'{"id":"1"}\n{bad', "application/x-ndjson")
+    with pytest.raises(Undecodable, match="a bracket closes none opened"):
+        decode_body(b"[{}]]" + b",{}" * 100, "application/json")
     with pytest.raises(InvalidInput, match="unsupported content type"):
         decode_body(b"{}", "text/plain")
+
+
+def nested(depth: int) -> bytes:
+    return b'{"a":' * depth + b"1" + b"}" * depth
+
+
+@pytest.mark.parametrize("media", ["application/json", "application/x-ndjson"])
+def test_json_nested_deeper_than_the_limit_is_undecodable_at_any_depth(media: str) -> None:
+    def event(depth: int) -> bytes:  # the event's own object is the first level
+        return b'{"id":"a","type":"tick","subject":"o","ts":1,"data":' + nested(depth - 1) + b"}"
+
+    assert len(decode_body(event(MAX_JSON_DEPTH), media)) == 1
+    for depth in (MAX_JSON_DEPTH + 1, 1000, 100_000):
+        with pytest.raises(Undecodable, match=f"JSON nested deeper than {MAX_JSON_DEPTH} levels"):
+            decode_body(event(depth), media)
+    with pytest.raises(Undecodable, match="nested deeper"):
+        decode_body(b"[" * 300 + b"]" * 300, media)  # past what a byte holds
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=30,
+)
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    return 0
+
+
+def _values(value: Any) -> int:
+    inner = (
+        value
+        if isinstance(value, list)
+        else list(value.values())
+        if isinstance(value, dict)
+        else []
+    )
+    return len(inner) + sum(map(_values, inner))
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=JSON, ascii_only=st.booleans())
+def test_the_shape_of_any_json_is_read_without_decoding_it(value: Any, ascii_only: bool) -> None:
+    """Strings holding quotes, backslashes, brackets and commas do not count as structure."""
+    body = json.dumps(value, ensure_ascii=ascii_only).encode()
+    limit = 3
+    if _depth(value) > limit:
+        with pytest.raises(Undecodable, match="nested deeper than 3 levels"):
+            scan_json(body, max_depth=limit)
+        return
+    shape = scan_json(body, max_depth=limit)
+    assert shape.elements == (max(len(value), 1) if isinstance(value, list) else 1)
+    assert _values(value) <= shape.values <= 2 * _values(value) + 2
+
+
+def test_oversize_batches_are_refused_before_they_are_decoded() -> None:
+    """A batch of too many events, or of an event holding millions of tiny values, is
+    refused for its shape: decoding either would take twenty times the body or more."""
+    size = 4 * 1024 * 1024
+    head = b'{"id":"a","type":"tick","subject":"o","ts":1,"data":{"x":['
+
+    def fill(unit: bytes, room: int) -> bytes:
+        return b",".join([unit] * (room // (len(unit) + 1)))
+
+    bodies = {
+        "events": b"[" + fill(b"{}", size) + b"]",
+        "events, one with a string": b"[" + fill(b"{}", size - 20) + b',{"a":"b"}]',
+        "valid events": b"[" + fill(b'{"id":"1","type":"t","subject":"o"}', size) + b"]",
+        "values in one event": head + fill(b"{}", size - 100) + b"]}}",
+        "decimals in one event": head + fill(b"1.0", size - 100) + b"]}}",
+        "NDJSON lines": fill(b"{}\n", size).replace(b",", b""),
+    }
+    for name, body in bodies.items():
+        media = "application/x-ndjson" if "NDJSON" in name else "application/json"
+        tracemalloc.start()
+        try:
+            with pytest.raises(BatchTooLarge):
+                decode_body(body, media, 10_000)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 2.5 * len(body), f"{name}: {peak / len(body):.1f} times the body"
+
+
+def test_a_batch_may_hold_a_bounded_number_of_values_per_event() -> None:
+    event = b'{"id":"a","type":"tick","subject":"o","ts":1,"data":{"x":[%s]}}'
+    allowed = ",".join(["1"] * (2 * VALUES_PER_EVENT - 20)).encode()
+    assert len(decode_body(event % allowed, "application/json", 2)) == 1
+    over = ",".join(["1"] * (2 * VALUES_PER_EVENT)).encode()
+    with pytest.raises(BatchTooLarge, match=f"at most {VALUES_PER_EVENT} per event"):
+        decode_body(event % over, "application/json", 2)
 
 
 T = 1_767_225_600_000  # 2026-01-01T00:00:00Z in ms
@@ -91,6 +203,14 @@ def test_bucket_of() -> None:
     assert bucket_of(7_200_000, 3600) == 7200
 
 
+def test_rfc_3339_spellings_are_accepted() -> None:
+    spellings = ["2026-01-01T10:00:00Z", "2026-01-01t10:00:00z", "2026-01-01T11:00:00.000+01:00"]
+    events, _ = ingestor().prepare(
+        [{"id": s, "type": "other", "subject": "o", "time": s} for s in spellings], "http"
+    )
+    assert {e.time_ms for e in events} == {1_767_261_600_000}
+
+
 @pytest.mark.parametrize(
     "spelling",
     [
@@ -100,6 +220,8 @@ def test_bucket_of() -> None:
         "2026-01-01T10:00Z",  # no seconds
         "2026-13-01T10:00:00Z",  # no such month
         "2026-01-01T10:00:00+24:00",  # no such offset
+        "\u0662\u0660\u0662\u0666-01-01T10:00:00Z",  # digits, but not ASCII ones
+        "2026-01-01T10:00:00.1234567890Z",  # more fraction digits than nanoseconds
     ],
 )
 def test_time_is_rfc_3339_only(spelling: str) -> None:

@@ -111,3 +111,25 @@ def test_meter_set_routes_by_event_type_and_refuses_duplicates() -> None:
     assert ms.measure("other", {"v": 2}) == ()
     with pytest.raises(ConfigError, match="duplicate meter names"):
         MeterSet([MeterConfig(name="a", event_type="t", value="1")] * 2)
+
+
+@pytest.mark.parametrize(
+    ("source", "boolean", "why"),
+    [
+        ("-" * 5000 + "data.x", False, "nested too deeply"),  # past the parser's recursion
+        ("(" * 500 + "data.x" + ")" * 500, False, "nested"),
+        ("not " * 5000 + "data.x", True, "nested too deeply"),
+        ("-" * 40 + "data.x", False, "at most 32"),  # evaluation would recurse 40 times
+    ],
+)
+def test_expressions_nested_past_the_limit_are_refused(
+    source: str, boolean: bool, why: str
+) -> None:
+    with pytest.raises(ConfigError, match=why):
+        compile_expression(source, boolean=boolean)
+    with pytest.raises(ConfigError, match=rf"meters\[0\] \(m\): .*{why}"):
+        meter(value="data.x" if boolean else source, where=source if boolean else None)
+
+
+def test_expressions_nested_to_the_limit_evaluate() -> None:
+    assert compile_expression("-" * 26 + "data.x")({"x": Decimal(2)}) == Decimal(2)
