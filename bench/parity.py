@@ -201,7 +201,7 @@ def _timed(conn: sqlite3.Connection, sql: str, params: dict[str, Any], n: int) -
 
 
 def raw_queries(db: Path, legacy_db: Path, start: int, end: int, n: int) -> dict[str, list[float]]:
-    from plugins.storage.sqlite import Q
+    from controlplane.plugins.storage.sqlite import Q
 
     conn = connect(db)
     legacy = sqlite3.connect(f"file:{legacy_db}?mode=ro", uri=True)

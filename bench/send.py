@@ -71,11 +71,11 @@ from bench._common import (
 )
 from controlplane import config as config_mod
 from controlplane.core import ControlPlane
+from controlplane.flags import FlagChange
 from controlplane.logs import configure
+from controlplane.plugins.billing.stripe import StripeBilling
 from controlplane.sender import SendStats
 from controlplane.units import MICROS
-from flags import FlagChange
-from plugins.billing.stripe import StripeBilling
 
 T = TypeVar("T")
 

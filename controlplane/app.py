@@ -64,6 +64,7 @@ from controlplane.errors import (
     Undecodable,
 )
 from controlplane.events import DEFAULT_SOURCE, MAX_TS_MS, BatchTooLarge, decode_body, scan_json
+from controlplane.flags import FLAGS, FlagChange
 from controlplane.ledger import RowState
 from controlplane.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from controlplane.parity import (
@@ -78,7 +79,6 @@ from controlplane.ratelimit import IngestLimiter, RateLimited
 from controlplane.secrets import reveal
 from controlplane.units import format_micros
 from controlplane.webhooks import NotAnEvent, WebhookRejected
-from flags import FLAGS, FlagChange
 
 log = structlog.get_logger("api")
 CP = NamedDependency[ControlPlane]

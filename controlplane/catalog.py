@@ -115,7 +115,7 @@ async def stripe_call(what: str, call: Awaitable[T]) -> T:
 
 
 def stripe_client(cp: ControlPlane) -> stripe.StripeClient:
-    from plugins.billing.stripe import StripeBilling
+    from controlplane.plugins.billing.stripe import StripeBilling
 
     if not isinstance(cp.billing, StripeBilling):
         raise ConfigError('billing: the catalog and webhooks need [billing] backend = "stripe"')

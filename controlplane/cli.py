@@ -133,7 +133,7 @@ class Progress:
 
 
 async def ingest(args: argparse.Namespace, config: Config) -> int:
-    from plugins.ingest.file import detect_format, read_lines
+    from controlplane.plugins.ingest.file import detect_format, read_lines
 
     path = Path(args.file)
     fmt = args.format or detect_format(path)
@@ -280,7 +280,7 @@ async def audit_cmd(args: argparse.Namespace, config: Config) -> int:
 
 
 async def flags(args: argparse.Namespace, config: Config) -> int:
-    from flags import FlagChange
+    from controlplane.flags import FlagChange
 
     async with _core(config) as cp:
         if args.action == "set":

@@ -19,6 +19,10 @@ from controlplane import audit, registry, rollup
 from controlplane.config import Config, backend_of
 from controlplane.errors import ConfigError, FlagRefused, InvalidInput, MigrationError, Problem
 from controlplane.events import Ingestor
+from controlplane.flags import FlagChange, Snapshot, resolve, set_flags
+from controlplane.flags.resolve import static_layers
+from controlplane.flags.service import DEFAULT_MAX_EVENT_AGE_SECONDS, record_static
+from controlplane.flags.service import check as check_flags
 from controlplane.interfaces import (
     AuditEntry,
     Billing,
@@ -47,10 +51,6 @@ from controlplane.parity import (
 from controlplane.parity_checker import CheckerStats
 from controlplane.rollup import LegacyPlans
 from controlplane.sender import Sender, SendStats
-from flags import FlagChange, Snapshot, resolve, set_flags
-from flags.resolve import static_layers
-from flags.service import DEFAULT_MAX_EVENT_AGE_SECONDS, record_static
-from flags.service import check as check_flags
 
 if TYPE_CHECKING:
     from controlplane.catalog import PublishResult

@@ -26,6 +26,10 @@ import msgspec
 import structlog
 
 from controlplane.errors import FlagRefused, InvalidInput, Problem
+from controlplane.flags import Authority, FlagChange, Snapshot
+from controlplane.flags.definitions import to_json
+from controlplane.flags.resolve import FlagValue
+from controlplane.flags.service import check, check_seam, check_window
 from controlplane.interfaces import (
     AuditEntry,
     AuditRecord,
@@ -36,10 +40,6 @@ from controlplane.interfaces import (
 from controlplane.ledger import LedgerRow, Reason, RowState
 from controlplane.parity_checker import settled_end
 from controlplane.units import format_micros
-from flags import Authority, FlagChange, Snapshot
-from flags.definitions import to_json
-from flags.resolve import FlagValue
-from flags.service import check, check_seam, check_window
 
 if TYPE_CHECKING:
     from controlplane.core import ControlPlane

@@ -13,8 +13,8 @@ from typing import Any
 
 from controlplane.core import ControlPlane
 from controlplane.errors import ConfigError
+from controlplane.flags import FlagChange
 from controlplane.units import format_micros
-from flags import FlagChange
 
 ORGS = ("acme", "globex", "initech")
 HOUR = 3600

@@ -28,8 +28,8 @@ from prometheus_client.registry import Collector
 
 from controlplane import health, rollup
 from controlplane.errors import ControlPlaneError
+from controlplane.flags import Authority
 from controlplane.interfaces import IngestResult, Outcome
-from flags import Authority
 
 if TYPE_CHECKING:
     from controlplane.core import ControlPlane

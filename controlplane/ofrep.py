@@ -20,8 +20,8 @@ from typing import Any
 
 import msgspec
 
-from flags import Snapshot
-from flags.definitions import to_json
+from controlplane.flags import Snapshot
+from controlplane.flags.definitions import to_json
 
 KEYS = ("shadow", "authority", "bill_from", "legacy_bill_until")
 

@@ -39,19 +39,19 @@ class PluginSpec(msgspec.Struct, frozen=True):
 # kind -> name -> "module:attribute" of its PluginSpec
 BUILTIN: dict[Kind, dict[str, str]] = {
     "storage": {
-        "postgres": "plugins.storage.postgres:spec",
-        "sqlite": "plugins.storage.sqlite:spec",
+        "postgres": "controlplane.plugins.storage.postgres:spec",
+        "sqlite": "controlplane.plugins.storage.sqlite:spec",
     },
     "ingest": {
-        "redis_streams": "plugins.ingest.redis_streams:spec",
+        "redis_streams": "controlplane.plugins.ingest.redis_streams:spec",
     },
     "billing": {
-        "fake": "plugins.billing.fake:spec",
-        "stripe": "plugins.billing.stripe:spec",
+        "fake": "controlplane.plugins.billing.fake:spec",
+        "stripe": "controlplane.plugins.billing.stripe:spec",
     },
     "legacy": {
-        "sql": "plugins.legacy.sql:spec",
-        "http": "plugins.legacy.http:spec",
+        "sql": "controlplane.plugins.legacy.sql:spec",
+        "http": "controlplane.plugins.legacy.http:spec",
     },
 }
 

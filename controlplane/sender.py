@@ -37,6 +37,8 @@ from collections.abc import Awaitable, Callable, Sequence
 import msgspec
 import structlog
 
+from controlplane.flags.resolve import Snapshot
+from controlplane.flags.service import versions_of
 from controlplane.interfaces import (
     Attempt,
     Billing,
@@ -52,8 +54,6 @@ from controlplane.interfaces import (
 from controlplane.invoices import reissue_late
 from controlplane.ledger import Reason, RowState
 from controlplane.meters import MeterSet
-from flags.resolve import Snapshot
-from flags.service import versions_of
 
 log = structlog.get_logger("sender")
 

@@ -11,9 +11,9 @@ CLI and kept in storage. Every runtime change is written with its audit record i
 transaction.
 """
 
-from flags.definitions import FLAGS, Authority, FlagSpec
-from flags.resolve import FlagValue, Snapshot, resolve
-from flags.service import FlagChange, set_flags
+from controlplane.flags.definitions import FLAGS, Authority, FlagSpec
+from controlplane.flags.resolve import FlagValue, Snapshot, resolve
+from controlplane.flags.service import FlagChange, set_flags
 
 __all__ = [
     "FLAGS",

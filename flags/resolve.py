@@ -10,8 +10,8 @@ import msgspec
 
 from controlplane.config import FlagsConfig
 from controlplane.errors import ConfigError
+from controlplane.flags.definitions import FLAGS, Authority, to_json
 from controlplane.interfaces import RuntimeFlag
-from flags.definitions import FLAGS, Authority, to_json
 
 Source = Literal["default", "config", "env", "runtime"]
 

@@ -10,6 +10,8 @@ import msgspec
 import structlog
 
 from controlplane.errors import FlagRefused, InvalidInput, Problem
+from controlplane.flags.definitions import FLAGS, Authority, to_json
+from controlplane.flags.resolve import FlagValue, Snapshot, resolve
 from controlplane.interfaces import (
     AuditEntry,
     FlagGuard,
@@ -18,8 +20,6 @@ from controlplane.interfaces import (
     StaticFlags,
     Storage,
 )
-from flags.definitions import FLAGS, Authority, to_json
-from flags.resolve import FlagValue, Snapshot, resolve
 
 log = structlog.get_logger("flags")
 

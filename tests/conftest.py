@@ -15,7 +15,7 @@ import pytest
 from controlplane import config as config_mod
 from controlplane.config import Config
 from controlplane.core import ControlPlane
-from plugins.billing.fake import FakeBilling
+from controlplane.plugins.billing.fake import FakeBilling
 
 TOKEN = "cp_test_token"
 READ_TOKEN = "cp_test_read_only"

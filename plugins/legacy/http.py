@@ -29,9 +29,9 @@ from controlplane.interfaces import (
     LegacySource,
     PluginConfig,
 )
+from controlplane.plugins.legacy._common import collect, unix_seconds
 from controlplane.registry import PluginSpec
 from controlplane.secrets import Secret, reveal
-from plugins.legacy._common import collect, unix_seconds
 
 _decoder = msgspec.json.Decoder(float_hook=Decimal)
 

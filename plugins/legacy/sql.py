@@ -32,9 +32,9 @@ from controlplane.interfaces import (
     LegacySource,
     PluginConfig,
 )
+from controlplane.plugins.legacy._common import collect, unix_seconds
 from controlplane.registry import PluginSpec, require
 from controlplane.secrets import Secret, check_url, reveal
-from plugins.legacy._common import collect, unix_seconds
 
 _PARAM = re.compile(r"(?<![:\w]):(start|end|org)\b")
 

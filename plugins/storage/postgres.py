@@ -31,7 +31,6 @@ import random
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
@@ -76,10 +75,7 @@ from controlplane.interfaces import (
     WebhookRecord,
 )
 from controlplane.ledger import LedgerRow, NewRow, Reason, RowState
-from controlplane.registry import PluginSpec, require
-from controlplane.rollup import carry, requantify
-from controlplane.secrets import Secret, check_url, reveal
-from plugins.storage._common import (
+from controlplane.plugins.storage._common import (
     STATIC_FLAGS,
     Reissue,
     audit_record,
@@ -95,8 +91,11 @@ from plugins.storage._common import (
     orgs_with_plans,
     parity_run,
 )
+from controlplane.registry import PluginSpec, require
+from controlplane.rollup import carry, requantify
+from controlplane.secrets import Secret, check_url, reveal
 
-Q = sql.load(Path(__file__).with_suffix(".sql"))
+Q = sql.load(__package__ or "", "postgres.sql")
 T = TypeVar("T")
 Conn = Any  # asyncpg.Connection: asyncpg ships no type hints
 log = structlog.get_logger("storage.postgres")

@@ -57,10 +57,7 @@ from controlplane.interfaces import (
     WebhookRecord,
 )
 from controlplane.ledger import LedgerRow, NewRow, Reason, RowState
-from controlplane.registry import PluginSpec
-from controlplane.rollup import carry, requantify
-from controlplane.units import MICROS
-from plugins.storage._common import (
+from controlplane.plugins.storage._common import (
     STATIC_FLAGS,
     Reissue,
     audit_record,
@@ -76,8 +73,11 @@ from plugins.storage._common import (
     orgs_with_plans,
     parity_run,
 )
+from controlplane.registry import PluginSpec
+from controlplane.rollup import carry, requantify
+from controlplane.units import MICROS
 
-Q = sql.load(Path(__file__).with_suffix(".sql"))
+Q = sql.load(__package__ or "", "sqlite.sql")
 _json = msgspec.json.Encoder()
 _decode = msgspec.json.Decoder()
 _org_totals = msgspec.json.Decoder(dict[str, tuple[int, int]])

@@ -90,7 +90,7 @@ async def store(
     backend: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[Store]:
     if backend == "sqlite":
-        from plugins.storage.sqlite import SQLiteStorage, SQLiteStorageConfig
+        from controlplane.plugins.storage.sqlite import SQLiteStorage, SQLiteStorageConfig
 
         config = SQLiteStorageConfig(path=str(tmp_path / "cp.db"), synchronous="normal")
         handle = Store("sqlite", lambda: SQLiteStorage(config))
@@ -100,7 +100,7 @@ async def store(
             await handle.close()
         return
 
-    from plugins.storage.postgres import PostgresStorage, PostgresStorageConfig
+    from controlplane.plugins.storage.postgres import PostgresStorage, PostgresStorageConfig
 
     server_dsn: str = request.getfixturevalue("postgres_dsn")
     async with _postgres_database(server_dsn) as dsn:

@@ -9,7 +9,7 @@ import pytest
 
 from controlplane.config import Config
 from controlplane.core import ControlPlane
-from plugins.billing.fake import FakeBilling
+from controlplane.plugins.billing.fake import FakeBilling
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -15,7 +15,7 @@ from controlplane.app import create_app
 from controlplane.cli import main
 from controlplane.config import Config
 from controlplane.core import ControlPlane
-from plugins.billing.fake import FakeBilling
+from controlplane.plugins.billing.fake import FakeBilling
 from tests.conftest import HOUR, READ_TOKEN, T0, TOKEN, tick, token_hash
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -138,7 +138,7 @@ async def test_ofrep_single_and_bulk(client: Any) -> None:
 
 
 def _live() -> list[Any]:
-    from flags import FlagChange
+    from controlplane.flags import FlagChange
 
     return [
         FlagChange("authority", "controlplane"),

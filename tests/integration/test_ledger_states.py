@@ -19,11 +19,11 @@ import pytest
 import controlplane.config
 from controlplane.core import ControlPlane
 from controlplane.errors import FlagRefused
+from controlplane.flags import FlagChange
 from controlplane.interfaces import Delivery, MeterEvent, Outcome
 from controlplane.ledger import LedgerRow, Reason, RowState
+from controlplane.plugins.billing.fake import FakeBilling
 from controlplane.units import MICROS
-from flags import FlagChange
-from plugins.billing.fake import FakeBilling
 
 HOUR = 3600
 DAY = 24 * HOUR

@@ -15,10 +15,10 @@ import pytest
 
 from controlplane.core import ControlPlane
 from controlplane.errors import InvalidInput
+from controlplane.flags import FlagChange
 from controlplane.interfaces import Outcome
 from controlplane.ledger import RowState
-from flags import FlagChange
-from plugins.billing.fake import FakeBilling
+from controlplane.plugins.billing.fake import FakeBilling
 from tests.conftest import HOUR, T0, tick
 
 

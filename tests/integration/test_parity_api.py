@@ -329,7 +329,7 @@ async def test_migration_fills_bucket_totals_from_existing_events(tmp_path: Path
             " applied_at INTEGER NOT NULL)"
         )
         conn.execute("INSERT INTO schema_migrations VALUES (?, ?, 0)", (first.name, first.checksum))
-    from plugins.storage.sqlite import SQLiteStorage, SQLiteStorageConfig
+    from controlplane.plugins.storage.sqlite import SQLiteStorage, SQLiteStorageConfig
 
     storage = SQLiteStorage(SQLiteStorageConfig(path=str(db)))
     await storage.start()

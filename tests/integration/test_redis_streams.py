@@ -23,7 +23,7 @@ from controlplane.core import ControlPlane
 from controlplane.errors import ConfigError, StorageError
 from controlplane.interfaces import IngestResult, StoredEvent
 from controlplane.metrics import scrape
-from plugins.ingest.redis_streams import RedisStreamsIngest, RedisStreamsIngestConfig
+from controlplane.plugins.ingest.redis_streams import RedisStreamsIngest, RedisStreamsIngestConfig
 from tests.conftest import HOUR, T0, TOKEN, free_port, raw_config, tick, token_hash
 
 GROUP = "controlplane"

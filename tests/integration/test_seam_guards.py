@@ -20,10 +20,10 @@ import pytest
 from controlplane import cutover
 from controlplane.core import ControlPlane
 from controlplane.errors import ConfigError, FlagRefused
+from controlplane.flags import FlagChange
 from controlplane.interfaces import Delivery, MeterEvent
 from controlplane.ledger import RowState
-from flags import FlagChange
-from plugins.billing.fake import FakeBilling
+from controlplane.plugins.billing.fake import FakeBilling
 from tests.conftest import HOUR, T0, tick
 
 T = T0 + 4 * HOUR  # the clock fixture reads T0 + 10 h

@@ -52,11 +52,11 @@ import controlplane.config
 from controlplane import cutover
 from controlplane.core import ControlPlane
 from controlplane.errors import FlagRefused, InvalidInput
+from controlplane.flags import FlagChange
 from controlplane.interfaces import Delivery, MeterEvent, Outcome
 from controlplane.ledger import LedgerRow, Reason, RowState
+from controlplane.plugins.billing.fake import FakeBilling
 from controlplane.units import MICROS
-from flags import FlagChange
-from plugins.billing.fake import FakeBilling
 
 T = TypeVar("T")
 

@@ -17,7 +17,7 @@ from controlplane.cli import main
 from controlplane.config import AuditConfig, Config
 from controlplane.core import ControlPlane
 from controlplane.errors import ConfigError
-from flags import FlagChange
+from controlplane.flags import FlagChange
 
 HMAC = {"algorithm": "hmac-sha256", "key": "audit-secret"}
 

@@ -62,10 +62,10 @@ def test_every_setting_is_documented_in_the_example() -> None:
         TokenConfig,
     )
     from controlplane.meters import MeterConfig
-    from plugins.ingest.redis_streams import RedisStreamsIngestConfig
-    from plugins.legacy.http import HTTPLegacyConfig
-    from plugins.legacy.sql import SQLLegacyConfig
-    from plugins.storage.sqlite import SQLiteStorageConfig
+    from controlplane.plugins.ingest.redis_streams import RedisStreamsIngestConfig
+    from controlplane.plugins.legacy.http import HTTPLegacyConfig
+    from controlplane.plugins.legacy.sql import SQLLegacyConfig
+    from controlplane.plugins.storage.sqlite import SQLiteStorageConfig
 
     expected = (
         _struct_keys(ServerConfig, "server")

@@ -13,6 +13,7 @@ from controlplane import cutover
 from controlplane.config import Config
 from controlplane.core import ControlPlane
 from controlplane.errors import FlagRefused, StorageError
+from controlplane.flags import FlagChange
 from controlplane.interfaces import (
     AuditEntry,
     Delivery,
@@ -23,8 +24,7 @@ from controlplane.interfaces import (
     ParityRun,
 )
 from controlplane.ledger import RowState
-from flags import FlagChange
-from plugins.billing.fake import FakeBilling
+from controlplane.plugins.billing.fake import FakeBilling
 from tests.conftest import HOUR, T0, tick
 
 # the clock fixture reads T0 + 10 h: settled buckets (settle 2 h) end at T0 + 8 h

@@ -10,7 +10,7 @@ import pytest
 
 from controlplane import config as config_mod
 from controlplane.cli import build_parser
-from flags import FLAGS
+from controlplane.flags import FLAGS
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 

@@ -10,9 +10,9 @@ import pytest
 from controlplane.config import Config
 from controlplane.core import ControlPlane
 from controlplane.errors import ConfigError, FlagRefused
-from flags import FlagChange
-from flags.resolve import resolve, static_layers
-from flags.service import check
+from controlplane.flags import FlagChange
+from controlplane.flags.resolve import resolve, static_layers
+from controlplane.flags.service import check
 from tests.conftest import HOUR, T0, tick
 
 LIVE = [FlagChange("authority", "controlplane"), FlagChange("shadow", False)]

@@ -4,10 +4,10 @@ import pytest
 
 from controlplane.config import FlagsConfig
 from controlplane.errors import ConfigError, FlagRefused
+from controlplane.flags.definitions import Authority, parse_authority, parse_bill_from, parse_bool
+from controlplane.flags.resolve import resolve, static_layers
+from controlplane.flags.service import check
 from controlplane.interfaces import RuntimeFlag
-from flags.definitions import Authority, parse_authority, parse_bill_from, parse_bool
-from flags.resolve import resolve, static_layers
-from flags.service import check
 
 
 def test_layers_default_config_env_runtime() -> None:

@@ -16,9 +16,9 @@ import pytest
 from controlplane import config as config_mod
 from controlplane.errors import ConfigError
 from controlplane.interfaces import CapabilityUnavailable, LegacyCapability, LegacyError
-from plugins.legacy._common import collect, exact, unix_seconds
-from plugins.legacy.http import HTTPLegacyConfig, HTTPLegacySource
-from plugins.legacy.sql import SQLLegacyConfig, SQLLegacySource, positional
+from controlplane.plugins.legacy._common import collect, exact, unix_seconds
+from controlplane.plugins.legacy.http import HTTPLegacyConfig, HTTPLegacySource
+from controlplane.plugins.legacy.sql import SQLLegacyConfig, SQLLegacySource, positional
 from tests.harness import HTTPRecorder, Request
 
 T0 = 1_767_225_600

@@ -20,7 +20,7 @@ def dsn(postgres_dsn: str) -> str:
 
 @pytest.fixture
 async def storage(dsn: str) -> AsyncIterator[Any]:
-    from plugins.storage.postgres import PostgresStorage, PostgresStorageConfig
+    from controlplane.plugins.storage.postgres import PostgresStorage, PostgresStorageConfig
 
     store = PostgresStorage(PostgresStorageConfig(dsn=dsn, retries=3))
     await store.start()
@@ -72,7 +72,7 @@ async def test_other_driver_errors_are_not_retried(storage: Any) -> None:
 
 
 async def test_connection_errors_do_not_show_the_password() -> None:
-    from plugins.storage.postgres import PostgresStorage, PostgresStorageConfig
+    from controlplane.plugins.storage.postgres import PostgresStorage, PostgresStorageConfig
 
     secret = "s3cret-password"
     dsn = f"postgresql://user:{secret}@127.0.0.1:{free_port()}/db"
@@ -87,7 +87,7 @@ async def test_a_dsn_that_does_not_parse_is_refused_without_showing_the_password
     secret: str,
 ) -> None:
     from controlplane.errors import ConfigError
-    from plugins.storage.postgres import PostgresStorage, PostgresStorageConfig
+    from controlplane.plugins.storage.postgres import PostgresStorage, PostgresStorageConfig
 
     dsn = f"postgresql://alice:{secret}@127.0.0.1:5432/db"
     store = PostgresStorage(PostgresStorageConfig(dsn=dsn))

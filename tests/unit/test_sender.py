@@ -7,12 +7,12 @@ from typing import Any
 import pytest
 
 from controlplane.core import ControlPlane
+from controlplane.flags import FlagChange
 from controlplane.interfaces import ClosedPeriod, Outcome, WebhookRecord
 from controlplane.invoices import reissue_late
 from controlplane.ledger import RowState
+from controlplane.plugins.billing.fake import FakeBilling
 from controlplane.sender import RateLimiter
-from flags import FlagChange
-from plugins.billing.fake import FakeBilling
 from tests.conftest import HOUR, T0, tick
 
 

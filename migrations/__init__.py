@@ -1,4 +1,5 @@
-"""Schema migrations: `migrations/<backend>/NNNN_name.sql`, applied in order, each recorded.
+"""Schema migrations: `<backend>/NNNN_name.sql` beside this file (package data, read through
+`importlib.resources`), applied in order, each recorded.
 
 Each file is applied in its own transaction and recorded with its SHA-256. The runner refuses
 to go on when the database has a migration this code does not know (a newer schema) or when an
@@ -9,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import re
-from pathlib import Path
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 
 import msgspec
 
 from controlplane.errors import MigrationError
 
-MIGRATIONS_ROOT = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS_ROOT: Traversable = files(__name__)
 NAME_PATTERN = re.compile(r"^(?P<number>\d{4})_(?P<name>[a-z0-9_]+)\.sql$")
 
 
@@ -32,10 +34,12 @@ def available(backend: str) -> list[Migration]:
     """The backend's migration files in order. Raises MigrationError on a misnamed file."""
     folder = MIGRATIONS_ROOT / backend
     found: list[Migration] = []
-    for path in sorted(folder.glob("*")):
+    for path in sorted(folder.iterdir(), key=lambda p: p.name):
+        if not path.is_file():
+            continue
         if not NAME_PATTERN.match(path.name):
             raise MigrationError(f"{path}: migration files are named NNNN_lower_snake.sql")
-        found.append(Migration(name=path.stem, sql=path.read_text()))
+        found.append(Migration(name=path.name.removesuffix(".sql"), sql=path.read_text()))
     numbers = [int(m.name[:4]) for m in found]
     if numbers != list(range(1, len(found) + 1)):
         raise MigrationError(f"{folder}: migration numbers must run 0001, 0002, ... without gaps")
