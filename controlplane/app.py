@@ -47,7 +47,7 @@ from litestar.params import (
 )
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from controlplane import __version__, cutover, ofrep
+from controlplane import __version__, ofrep, scrape
 from controlplane import health as job_health
 from controlplane.auth import Forbidden, Principal, TokenStore, Unauthorized
 from controlplane.catalog import catalog_api
@@ -66,7 +66,6 @@ from controlplane.errors import (
 from controlplane.events import DEFAULT_SOURCE, MAX_TS_MS, BatchTooLarge, decode_body, scan_json
 from controlplane.flags import FLAGS, FlagChange
 from controlplane.ledger import RowState
-from controlplane.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from controlplane.parity import (
     CleanSince,
     comparison_api,
@@ -76,6 +75,7 @@ from controlplane.parity import (
     window_problems,
 )
 from controlplane.ratelimit import IngestLimiter, RateLimited
+from controlplane.scrape import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from controlplane.secrets import reveal
 from controlplane.units import format_micros
 from controlplane.webhooks import NotAnEvent, WebhookRejected
@@ -803,7 +803,7 @@ def metrics_auth(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRo
     responses=documented(401, 403),  # only with server.metrics_require_token
 )
 async def prometheus_metrics(cp: CP, state: State) -> Response[bytes]:
-    body = await cp.metrics.exposition(cp, watching_since=_watching_since(state))
+    body = await scrape.exposition(cp, watching_since=_watching_since(state))
     return Response(body, media_type=METRICS_CONTENT_TYPE)
 
 
@@ -1018,7 +1018,7 @@ class CutoverRollbackBody(msgspec.Struct, forbid_unknown_fields=True):
     security=BEARER,
 )
 async def cutover_status(cp: CP) -> dict[str, Any]:
-    return msgspec.to_builtins(await cutover.status(cp))  # type: ignore[no-any-return]
+    return msgspec.to_builtins(await cp.cutover.status())  # type: ignore[no-any-return]
 
 
 @post(
@@ -1031,7 +1031,7 @@ async def cutover_status(cp: CP) -> dict[str, Any]:
     before_request=strict_body(CutoverPlanBody),
 )
 async def cutover_plan(cp: CP, data: JSONBody[CutoverPlanBody]) -> dict[str, Any]:
-    return msgspec.to_builtins(await cutover.plan(cp, data.at))  # type: ignore[no-any-return]
+    return msgspec.to_builtins(await cp.cutover.plan(data.at))  # type: ignore[no-any-return]
 
 
 @post(
@@ -1044,7 +1044,7 @@ async def cutover_plan(cp: CP, data: JSONBody[CutoverPlanBody]) -> dict[str, Any
     before_request=strict_body(CutoverPreflightBody),
 )
 async def cutover_preflight(cp: CP, data: JSONBody[CutoverPreflightBody]) -> dict[str, Any]:
-    report = await cutover.preflight(cp, data.at)
+    report = await cp.cutover.preflight(data.at)
     return msgspec.to_builtins(report)  # type: ignore[no-any-return]
 
 
@@ -1060,8 +1060,8 @@ async def cutover_preflight(cp: CP, data: JSONBody[CutoverPreflightBody]) -> dic
 async def cutover_execute(
     request: Request[Any, Any, Any], cp: CP, data: JSONBody[CutoverExecuteBody]
 ) -> dict[str, Any]:
-    report, snapshot = await cutover.execute(
-        cp, data.at, actor=_actor(request), reason=data.reason, force=data.force
+    report, snapshot = await cp.cutover.execute(
+        data.at, actor=_actor(request), reason=data.reason, force=data.force
     )
     return {"preflight": msgspec.to_builtins(report), **snapshot.to_api()}
 
@@ -1078,8 +1078,8 @@ async def cutover_execute(
 async def cutover_rollback(
     request: Request[Any, Any, Any], cp: CP, data: JSONBody[CutoverRollbackBody]
 ) -> dict[str, Any]:
-    result = await cutover.rollback(
-        cp, actor=_actor(request), reason=data.reason, cancel_sent=data.cancel_sent
+    result = await cp.cutover.rollback(
+        actor=_actor(request), reason=data.reason, cancel_sent=data.cancel_sent
     )
     return msgspec.to_builtins(result)  # type: ignore[no-any-return]
 

@@ -438,11 +438,10 @@ async def catalog(args: argparse.Namespace, config: Config) -> int:
 
 
 async def cutover_cmd(args: argparse.Namespace, config: Config) -> int:
-    from controlplane import cutover
 
     async with _core(config) as cp:
         if args.action == "plan":
-            plan = await cutover.plan(cp, args.at)
+            plan = await cp.cutover.plan(args.at)
             print(f"cutover at T = {plan.at} (now {plan.now})")
             print("now:   " + "\n       ".join(plan.before))
             print("after: " + "\n       ".join(plan.after))
@@ -456,14 +455,14 @@ async def cutover_cmd(args: argparse.Namespace, config: Config) -> int:
                 print(f"problem: {problem['rule']}: {problem['message']}")
             return 1 if plan.problems else 0
         if args.action == "preflight":
-            report = await cutover.preflight(cp, args.at)
+            report = await cp.cutover.preflight(args.at)
             for check in report.checks:
                 print(f"{check.status.upper():<5} {check.name:<26} {check.detail}")
             print(f"preflight for T = {report.at}: {'ready' if report.ok else 'NOT ready'}")
             return 0 if report.ok else 1
         if args.action == "execute":
-            report, snapshot = await cutover.execute(
-                cp, args.at, actor=args.actor, reason=args.reason, force=args.force
+            report, snapshot = await cp.cutover.execute(
+                args.at, actor=args.actor, reason=args.reason, force=args.force
             )
             for check in report.checks:
                 print(f"{check.status.upper():<5} {check.name:<26} {check.detail}")
@@ -473,8 +472,8 @@ async def cutover_cmd(args: argparse.Namespace, config: Config) -> int:
             )
             return 0
         if args.action == "rollback":
-            result = await cutover.rollback(
-                cp, actor=args.actor, reason=args.reason, cancel_sent=args.cancel_sent
+            result = await cp.cutover.rollback(
+                actor=args.actor, reason=args.reason, cancel_sent=args.cancel_sent
             )
             print("rolled back: authority=legacy, shadow=true")
             for row in result.cancelled:
@@ -488,7 +487,7 @@ async def cutover_cmd(args: argparse.Namespace, config: Config) -> int:
                 print(f"WARNING: {result.senders_still_running}")
                 return 1
             return 0
-        status = await cutover.status(cp)
+        status = await cp.cutover.status()
         print(f"stage: {status.stage}")
         print(f"legacy_bill_until: {json.dumps(status.flags['legacy_bill_until'])}")
         for entry in status.history:

@@ -17,6 +17,7 @@ import structlog
 
 from controlplane import audit, registry, rollup
 from controlplane.config import Config, backend_of
+from controlplane.cutover import Cutover
 from controlplane.errors import ConfigError, FlagRefused, InvalidInput, MigrationError, Problem
 from controlplane.events import Ingestor
 from controlplane.flags import FlagChange, Snapshot, resolve, set_flags
@@ -25,19 +26,25 @@ from controlplane.flags.service import DEFAULT_MAX_EVENT_AGE_SECONDS, record_sta
 from controlplane.flags.service import check as check_flags
 from controlplane.interfaces import (
     AuditEntry,
+    AuditRecord,
     Billing,
+    CatalogVersion,
     IngestResult,
     IngestSource,
     JobRun,
     LegacyCapability,
     LegacyError,
     LegacySource,
+    MigrationStatus,
     Org,
+    OrgDrift,
+    ParityRun,
     PlanPeriod,
     PluginConfig,
     Storage,
+    UsageTotal,
 )
-from controlplane.ledger import LedgerRow
+from controlplane.ledger import LedgerRow, RowState
 from controlplane.meters import MeterSet
 from controlplane.metrics import Metrics
 from controlplane.parity import (
@@ -48,7 +55,7 @@ from controlplane.parity import (
     compare,
     window_problems,
 )
-from controlplane.parity_checker import CheckerStats
+from controlplane.parity_checker import CheckerStats, ParityChecker, policy_of
 from controlplane.rollup import LegacyPlans
 from controlplane.sender import Sender, SendStats
 
@@ -337,6 +344,53 @@ class ControlPlane:
         """The org's ledger rows of buckets from `start` on (at most a page: enough to tell)."""
         return await self.storage.ledger(org_id=org_id, start=start, limit=10_000)
 
+    # reads: what the shells show ----------------------------------------------------------
+
+    async def storage_status(self) -> MigrationStatus:
+        """Reach storage and answer its migration status; raises when storage cannot answer."""
+        await self.storage.ping()
+        return await self.storage.migration_status()
+
+    async def usage(
+        self,
+        org_id: str | None = None,
+        meter: str | None = None,
+        start: int | None = None,
+        end: int | None = None,
+    ) -> list[UsageTotal]:
+        """Per-bucket usage totals computed from stored events, open buckets included."""
+        return await self.storage.usage(org_id, meter, start, end)
+
+    async def ledger(
+        self,
+        *,
+        org_id: str | None = None,
+        state: RowState | None = None,
+        start: int | None = None,
+        end: int | None = None,
+        limit: int = 1000,
+    ) -> list[LedgerRow]:
+        """Ledger rows of buckets in [start, end), at most `limit`."""
+        return await self.storage.ledger(
+            org_id=org_id, state=state, start=start, end=end, limit=limit
+        )
+
+    async def org(self, org_id: str) -> Org | None:
+        """The org's customer, plans and subscription; None when it was never set."""
+        return await self.storage.get_org(org_id)
+
+    async def audit_entries(self, action_prefix: str, limit: int = 100) -> list[AuditRecord]:
+        """Audit records whose action starts with `action_prefix`, newest first."""
+        return await self.storage.audit_log(action_prefix=action_prefix, limit=limit)
+
+    async def job_runs(self, job: str | None = None, limit: int = 50) -> list[JobRun]:
+        """Recorded passes of the scheduled jobs (of `job` alone, if given), newest first."""
+        return await self.storage.job_runs(job, limit)
+
+    async def catalog(self, version: int | None = None) -> CatalogVersion | None:
+        """A published catalog version; the newest when `version` is None."""
+        return await self.storage.catalog_version(version)
+
     # jobs ---------------------------------------------------------------------------------
 
     async def rollup(
@@ -498,8 +552,7 @@ class ControlPlane:
     # parity -------------------------------------------------------------------------------
 
     def parity_policy(self) -> Policy:
-        alert = self.config.parity.alert
-        return Policy.of(alert.relative, alert.min_units, alert.min_orgs, alert.consecutive_buckets)
+        return policy_of(self.config.parity.alert)
 
     def _parity_meter(self) -> str:
         meter = self.config.parity.meter
@@ -529,9 +582,45 @@ class ControlPlane:
 
     async def parity_check(self) -> CheckerStats:
         """One pass of the scheduled checker (see :mod:`controlplane.parity_checker`)."""
-        from controlplane import parity_checker
+        checker = ParityChecker(
+            storage=self.storage,
+            config=self.config.parity,
+            bucket_seconds=self.config.rollup.bucket_seconds,
+            grace_seconds=self.config.rollup.grace_seconds,
+            compare=self.parity,
+            clock=self.now,
+            has_legacy=self.legacy is not None,
+        )
+        return await checker.run()
 
-        return await parity_checker.run(self)
+    @property
+    def cutover(self) -> Cutover:
+        """The cutover steps (plan, preflight, execute, rollback, status) over this plane."""
+        return Cutover(
+            config=self.config,
+            storage=self.storage,
+            legacy=self.legacy,
+            billing=self.billing,
+            meters=self.meters,
+            now=self.now,
+            max_event_age_seconds=self.max_event_age_seconds,
+            flags=self.flags,
+            set_flags=self.set_flags,
+            parity_clean_since=self.parity_clean_since,
+        )
+
+    async def parity_runs(
+        self, *, limit: int = 100, start: int | None = None, end: int | None = None
+    ) -> list[ParityRun]:
+        """The checker's runs of the parity meter with bucket_start in [start, end), newest
+        bucket first."""
+        return await self.storage.parity_runs(
+            self.config.parity.meter, limit=limit, start=start, end=end
+        )
+
+    async def parity_run(self, run_id: int) -> tuple[ParityRun, list[OrgDrift]] | None:
+        """One stored run of the checker and the orgs that did not match."""
+        return await self.storage.parity_run(run_id)
 
     async def parity_clean_since(self) -> CleanSince:
         """Since when the checker has found parity clean without a break, up to the newest

@@ -1,30 +1,33 @@
-"""Cutover: a small state machine over the flags (DESIGN §6).
+"""Cutover: a small state machine over the flags (DESIGN §6), the steps of :class:`Cutover`.
 
-- :func:`plan` explains, for a boundary T, who bills which buckets now and after, and what
-  would change; it changes nothing.
-- :func:`preflight` runs every precondition and reports each as pass, fail, warn (cannot tell)
-  or not applicable.
-- :func:`execute` re-runs preflight, then sets ``authority = controlplane``, ``bill_from = T``
-  and ``shadow = false`` in one transaction, with one audit group that also holds the
-  ``cutover.execute`` record.
-- :func:`rollback` sets ``authority = legacy`` and ``shadow = true`` (one transaction, audited
-  ``cutover.rollback``) and, with ``cancel_sent``, cancels at the provider the rows sent less
-  than ``[cutover] cancel_window_seconds`` ago, listing the others for manual credit notes.
-- :func:`status` derives the stage (``shadow``, ``armed``, ``live``, ``rolled_back``) from the
-  flags and the audit history.
+- :meth:`~Cutover.plan` explains, for a boundary T, who bills which buckets now and after,
+  and what would change; it changes nothing.
+- :meth:`~Cutover.preflight` runs every precondition and reports each as pass, fail, warn
+  (cannot tell) or not applicable.
+- :meth:`~Cutover.execute` re-runs preflight, then sets ``authority = controlplane``,
+  ``bill_from = T`` and ``shadow = false`` in one transaction, with one audit group that also
+  holds the ``cutover.execute`` record.
+- :meth:`~Cutover.rollback` sets ``authority = legacy`` and ``shadow = true`` (one
+  transaction, audited ``cutover.rollback``) and, with ``cancel_sent``, cancels at the
+  provider the rows sent less than ``[cutover] cancel_window_seconds`` ago, listing the others
+  for manual credit notes.
+- :meth:`~Cutover.status` derives the stage (``shadow``, ``armed``, ``live``,
+  ``rolled_back``) from the flags and the audit history.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Literal, Protocol
 
 import msgspec
 import structlog
 
+from controlplane.config import Config
 from controlplane.errors import FlagRefused, InvalidInput, Problem
 from controlplane.flags import Authority, FlagChange, Snapshot
 from controlplane.flags.definitions import to_json
@@ -33,18 +36,37 @@ from controlplane.flags.service import check, check_seam, check_window
 from controlplane.interfaces import (
     AuditEntry,
     AuditRecord,
+    Billing,
     CapabilityUnavailable,
     LegacyError,
+    LegacySource,
     Outcome,
+    Storage,
 )
 from controlplane.ledger import LedgerRow, Reason, RowState
+from controlplane.meters import MeterSet
+from controlplane.parity import CleanSince
 from controlplane.parity_checker import settled_end
 from controlplane.units import format_micros
 
-if TYPE_CHECKING:
-    from controlplane.core import ControlPlane
-
 log = structlog.get_logger("cutover")
+
+
+class SetFlags(Protocol):
+    """The core's guarded, audited flag write (:meth:`ControlPlane.set_flags`)."""
+
+    async def __call__(
+        self,
+        changes: Sequence[FlagChange],
+        *,
+        actor: str,
+        reason: str,
+        force: bool = ...,
+        via: str | None = ...,
+        group_id: str | None = ...,
+        extra_audit: Sequence[AuditEntry] = ...,
+    ) -> Snapshot: ...
+
 
 PRO_PLAN = "pro"
 Status = Literal["pass", "fail", "warn", "n/a"]
@@ -150,193 +172,10 @@ def _at(current: Snapshot, at: int | None) -> int:
     return current.bill_from
 
 
-async def _guard_problems(cp: ControlPlane, current: Snapshot, at: int) -> list[dict[str, str]]:
-    candidate = _candidate(current, _live_values(at))
-    problems: list[dict[str, str]] = []
-    try:
-        check(candidate, cp.config.rollup.bucket_seconds)
-        check_window(current, candidate, cp.now(), cp.max_event_age_seconds())
-        await check_seam(cp.storage.seam, current, candidate)
-    except FlagRefused as exc:
-        problems.append({"rule": exc.rule, "message": exc.message})
-    return problems
-
-
-async def plan(cp: ControlPlane, at: int) -> Plan:
-    """What `execute` at T would do, from the current state. Changes nothing."""
-    current = await cp.flags()
-    after = _candidate(current, _live_values(at))
-    changes = [
-        FlagDiff(name, to_json(current.values[name].value), to_json(value))
-        for name, value in _live_values(at).items()
-        if current.values[name].value != value
-    ]
-    pending_from_t = pending_before_t = 0
-    async for row in _rows(cp, RowState.PENDING):
-        if row.bucket_start >= at:
-            pending_from_t += 1
-        else:
-            pending_before_t += 1
-    return Plan(
-        at=at,
-        now=cp.now(),
-        before=_who(current),
-        after=_who(after),
-        changes=changes,
-        pending_from_t=pending_from_t,
-        pending_before_t=pending_before_t,
-        problems=await _guard_problems(cp, current, at),
-    )
-
-
 # preflight ------------------------------------------------------------------------------------
 
 
-async def _check_t(cp: ControlPlane, current: Snapshot, at: int) -> Check:
-    problems = await _guard_problems(cp, current, at)
-    if problems:
-        return Check("t_valid", "fail", "; ".join(p["message"] for p in problems))
-    return Check(
-        "t_valid",
-        "pass",
-        f"{at} is a bucket boundary ({cp.config.rollup.bucket_seconds} s) inside the "
-        f"provider's window ({cp.max_event_age_seconds()} s)",
-    )
-
-
-async def _check_customers(cp: ControlPlane) -> Check:
-    missing = await cp.storage.orgs_without_customer(PRO_PLAN, cp.now())
-    if missing:
-        shown = ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else "")
-        return Check(
-            "pro_orgs_have_customer",
-            "fail",
-            f"{len(missing)} pro orgs have no provider customer: {shown}",
-        )
-    return Check("pro_orgs_have_customer", "pass", "every pro org has a provider customer")
-
-
-async def _check_parity(cp: ControlPlane) -> Check:
-    hours = cp.config.cutover.parity_clean_hours
-    if cp.legacy is None:
-        return Check(
-            "parity_clean",
-            "fail",
-            "parity history unavailable: no [legacy] source is configured, so the checker "
-            "never compared the two billers",
-        )
-    clean = await cp.parity_clean_since()
-    bucket = cp.config.rollup.bucket_seconds
-    horizon = settled_end(
-        cp.now(), cp.config.rollup.grace_seconds, cp.config.parity.settle_seconds, bucket
-    )
-    if clean.until is None:
-        return Check("parity_clean", "fail", "parity history unavailable: no checked bucket yet")
-    if clean.until < horizon:
-        return Check(
-            "parity_clean",
-            "fail",
-            f"the checker is behind: the newest checked bucket ends at {clean.until}, settled "
-            f"buckets end at {horizon}; run `controlplane parity checker`",
-        )
-    if clean.since is None or clean.seconds < hours * 3600:
-        return Check(
-            "parity_clean",
-            "fail",
-            f"parity clean for {clean.seconds // 3600} h ({clean.buckets} buckets) up to "
-            f"{clean.until}; {hours} h required ([cutover] parity_clean_hours)",
-        )
-    return Check(
-        "parity_clean",
-        "pass",
-        f"parity clean since {clean.since} ({clean.seconds // 3600} h, {clean.buckets} buckets) "
-        f"up to {clean.until}; {hours} h required",
-    )
-
-
-async def _check_legacy(cp: ControlPlane, at: int) -> Check:
-    name = "legacy_not_billed_from_t"
-    if cp.legacy is None:
-        return Check(name, "warn", "cannot tell: no [legacy] source is configured")
-    try:
-        until = await cp.legacy.billed_until()
-    except CapabilityUnavailable as exc:
-        return Check(name, "warn", f"cannot tell: {exc}")
-    except LegacyError as exc:
-        return Check(name, "fail", f"the legacy source failed: {exc}")
-    if until is None:
-        return Check(name, "pass", "the legacy biller has billed nothing yet")
-    if until <= at:
-        return Check(name, "pass", f"the legacy biller billed up to {until} (<= T {at})")
-    return Check(
-        name, "fail", f"the legacy biller already billed up to {until}, past T {at}: pick a later T"
-    )
-
-
-async def _check_catalog(cp: ControlPlane) -> Check:
-    catalog = cp.config.catalog
-    if not catalog.prices and not catalog.products:
-        return Check("catalog_published", "n/a", "no [catalog] is configured")
-    version = await cp.storage.catalog_version()
-    if version is None:
-        return Check(
-            "catalog_published", "fail", "no catalog version: run `controlplane catalog publish`"
-        )
-    return Check(
-        "catalog_published",
-        "pass",
-        f"catalog version {version.version} published at {version.published_at}",
-    )
-
-
-async def preflight(cp: ControlPlane, at: int | None = None) -> Preflight:
-    """Every precondition of a cutover at T (default: the current bill_from)."""
-    current = await cp.flags()
-    t = _at(current, at)
-    checks = [
-        await _check_t(cp, current, t),
-        await _check_customers(cp),
-        await _check_parity(cp),
-        await _check_legacy(cp, t),
-        await _check_catalog(cp),
-    ]
-    return Preflight(at=t, checked_at=cp.now(), ok=all(c.ok for c in checks), checks=checks)
-
-
 # execute and rollback -------------------------------------------------------------------------
-
-
-async def execute(
-    cp: ControlPlane, at: int | None, *, actor: str, reason: str, force: bool = False
-) -> tuple[Preflight, Snapshot]:
-    """Re-run preflight, then flip the three flags in one transaction and one audit group.
-
-    Raises FlagRefused (rule ``cutover.preflight``) when a check fails, unless forced."""
-    before = await cp.flags()
-    report = await preflight(cp, at)
-    if not report.ok and not force:
-        failed = [f"{c.name}: {c.detail}" for c in report.checks if not c.ok]
-        raise FlagRefused("cutover.preflight", "preflight failed: " + "; ".join(failed))
-    entry = AuditEntry(
-        action="cutover.execute",
-        subject=str(report.at),
-        actor=actor,
-        reason=reason,
-        before=before.to_api(),
-        after={"preflight": msgspec.to_builtins(report.checks), "at": report.at},
-        forced=force,
-    )
-    snapshot = await cp.set_flags(
-        [FlagChange(name, to_json(v)) for name, v in _live_values(report.at).items()],
-        actor=actor,
-        reason=reason,
-        force=force,
-        via="execute",
-        group_id=uuid.uuid4().hex,
-        extra_audit=[entry],
-    )
-    log.info("cutover.executed", at=report.at, actor=actor, forced=force)
-    return report, snapshot
 
 
 def _note(row: Any, note: str | None) -> RowNote:
@@ -350,126 +189,6 @@ def _note(row: Any, note: str | None) -> RowNote:
         sent_at=row.sent_at,
         note=note,
     )
-
-
-async def rollback(
-    cp: ControlPlane, *, actor: str, reason: str, cancel_sent: bool = False
-) -> RollbackResult:
-    """Authority back to legacy and shadow on; with `cancel_sent`, cancel recent sends."""
-    before = await cp.flags()
-    entry = AuditEntry(
-        action="cutover.rollback",
-        subject=str(before.bill_from),
-        actor=actor,
-        reason=reason,
-        before=before.to_api(),
-        after={"cancel_sent": cancel_sent},
-    )
-    snapshot = await cp.set_flags(
-        [FlagChange("authority", Authority.LEGACY.value), FlagChange("shadow", True)],
-        actor=actor,
-        reason=reason,
-        via="rollback",
-        group_id=uuid.uuid4().hex,
-        extra_audit=[entry],
-    )
-    log.info("cutover.rolled_back", actor=actor, cancel_sent=cancel_sent)
-    waiting = await _await_senders(cp)
-    cancelled: list[RowNote] = []
-    kept: list[RowNote] = []
-    if not cancel_sent:
-        return RollbackResult(snapshot.to_api(), cancelled, kept, waiting)
-    window = cp.config.cutover.cancel_window_seconds
-    async for row in _rows_at_provider(cp):
-        attempted = row.state is not RowState.SENT  # attempted, outcome unknown
-        unknown = "attempted without a definite answer (it may never have arrived); "
-        since = row.first_attempt_at if attempted else row.sent_at
-        if since is None or since <= cp.now() - window:
-            what = "first attempted" if attempted else "sent"
-            why = (
-                "kept with the rows that carry its fraction"
-                if not row.attempts
-                else "the provider cannot cancel"
-            )
-            kept.append(
-                _note(
-                    row, (unknown if attempted else "") + f"{what} more than {window} s ago: {why}"
-                )
-            )
-            continue
-        if not row.attempts:  # sent without a call (below one unit): nothing to cancel there
-            never = "never delivered (below one unit): handed back without a call"
-            if await cp.storage.cancel_rows(
-                [row.id], cp.now(), actor, Reason.ROLLED_BACK.value, never
-            ):
-                cancelled.append(_note(row, never))
-            continue
-        if cp.billing is None:
-            kept.append(_note(row, "no billing backend configured"))
-            continue
-        meter = cp.meters.by_name.get(row.meter)
-        event_name = meter.config.provider_event_name if meter else row.meter
-        delivery = await cp.billing.cancel(event_name, row.identifier)
-        if delivery.outcome in (Outcome.ACCEPTED, Outcome.DUPLICATE):
-            moved = await cp.storage.cancel_rows(
-                [row.id], cp.now(), actor, Reason.ROLLED_BACK.value, "cancelled at the provider"
-            )
-            if moved:
-                cancelled.append(_note(row, None))
-                continue
-        kept.append(
-            _note(
-                row,
-                (unknown if attempted else "")
-                + f"provider {delivery.outcome.value}: {delivery.message or 'no detail'}",
-            )
-        )
-    log.info("cutover.cancelled", cancelled=len(cancelled), not_cancelled=len(kept))
-    return RollbackResult(snapshot.to_api(), cancelled, kept, waiting)
-
-
-async def _rows(
-    cp: ControlPlane, state: RowState, attempted: bool | None = None, page: int = 5000
-) -> AsyncIterator[LedgerRow]:
-    """Every ledger row in `state` (and attempted or not), oldest first, page by page."""
-    after = 0
-    while rows := await cp.storage.ledger(
-        state=state, attempted=attempted, after_id=after, limit=page
-    ):
-        for row in rows:
-            yield row
-        after = rows[-1].id
-
-
-async def _rows_at_provider(cp: ControlPlane) -> AsyncIterator[LedgerRow]:
-    """Every row the provider may have: sent, or attempted without a definite answer (still
-    pending, or held as `ambiguous`; not rows the provider refused)."""
-    for state, attempted in (
-        (RowState.SENT, None),
-        (RowState.PENDING, True),
-        (RowState.HELD, True),
-    ):
-        async for row in _rows(cp, state, attempted):
-            if row.state is RowState.HELD and row.reason != Reason.AMBIGUOUS:
-                continue  # the provider answered no (or the row waits for a customer)
-            yield row
-
-
-async def _await_senders(cp: ControlPlane) -> str | None:
-    """Wait for send passes that read the flags before the rollback: each stops before its
-    next group of calls, and its claims go when it ends. None when none is left; else why
-    the lists may miss rows a sender still delivers."""
-    limit = cp.config.cutover.sender_wait_seconds
-    deadline = time.monotonic() + limit
-    while held := await cp.storage.live_claims(int(cp.now())):
-        if time.monotonic() >= deadline:
-            log.warning("cutover.senders_still_running", rows=held, waited_seconds=limit)
-            return (
-                f"after {limit} s, senders still held {held} rows: rows they deliver from now "
-                "on are not in these lists; run the rollback again once they stopped"
-            )
-        await asyncio.sleep(0.2)
-    return None
 
 
 # status ---------------------------------------------------------------------------------------
@@ -487,23 +206,342 @@ def stage_of(snapshot: Snapshot, history: list[AuditRecord]) -> Stage:
     return "shadow"
 
 
-async def status(cp: ControlPlane, limit: int = 50) -> CutoverStatus:
-    snapshot = await cp.flags()
-    history = await cp.storage.audit_log(action_prefix="cutover.", limit=limit)
-    return CutoverStatus(
-        stage=stage_of(snapshot, history),
-        flags=snapshot.to_api(),
-        history=[
-            {
-                "id": r.id,
-                "at": r.at,
-                "step": r.action.removeprefix("cutover."),
-                "t": int(r.subject) if r.subject.isdigit() else None,  # T, kept as the subject
-                "actor": r.actor,
-                "reason": r.reason,
-                "forced": r.forced,
-                "group_id": r.group_id,
-            }
-            for r in history
-        ],
-    )
+@dataclasses.dataclass(frozen=True)
+class Cutover:
+    """What the cutover steps need: `config` (its rollup, parity, catalog and cutover
+    sections), the stores, the legacy source and billing plugin when configured, the meters,
+    a clock, and the core's flag reads and writes (so that every flag change goes through the
+    same guarded, audited path) and its parity history."""
+
+    config: Config
+    storage: Storage
+    legacy: LegacySource | None
+    billing: Billing | None
+    meters: MeterSet
+    now: Callable[[], int]
+    max_event_age_seconds: Callable[[], int]
+    flags: Callable[[], Awaitable[Snapshot]]
+    set_flags: SetFlags
+    parity_clean_since: Callable[[], Awaitable[CleanSince]]
+
+    async def _guard_problems(self, current: Snapshot, at: int) -> list[dict[str, str]]:
+        candidate = _candidate(current, _live_values(at))
+        problems: list[dict[str, str]] = []
+        try:
+            check(candidate, self.config.rollup.bucket_seconds)
+            check_window(current, candidate, self.now(), self.max_event_age_seconds())
+            await check_seam(self.storage.seam, current, candidate)
+        except FlagRefused as exc:
+            problems.append({"rule": exc.rule, "message": exc.message})
+        return problems
+
+    async def plan(self, at: int) -> Plan:
+        """What `execute` at T would do, from the current state. Changes nothing."""
+        current = await self.flags()
+        after = _candidate(current, _live_values(at))
+        changes = [
+            FlagDiff(name, to_json(current.values[name].value), to_json(value))
+            for name, value in _live_values(at).items()
+            if current.values[name].value != value
+        ]
+        pending_from_t = pending_before_t = 0
+        async for row in self._rows(RowState.PENDING):
+            if row.bucket_start >= at:
+                pending_from_t += 1
+            else:
+                pending_before_t += 1
+        return Plan(
+            at=at,
+            now=self.now(),
+            before=_who(current),
+            after=_who(after),
+            changes=changes,
+            pending_from_t=pending_from_t,
+            pending_before_t=pending_before_t,
+            problems=await self._guard_problems(current, at),
+        )
+
+    async def _check_t(self, current: Snapshot, at: int) -> Check:
+        problems = await self._guard_problems(current, at)
+        if problems:
+            return Check("t_valid", "fail", "; ".join(p["message"] for p in problems))
+        return Check(
+            "t_valid",
+            "pass",
+            f"{at} is a bucket boundary ({self.config.rollup.bucket_seconds} s) inside the "
+            f"provider's window ({self.max_event_age_seconds()} s)",
+        )
+
+    async def _check_customers(self) -> Check:
+        missing = await self.storage.orgs_without_customer(PRO_PLAN, self.now())
+        if missing:
+            shown = ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else "")
+            return Check(
+                "pro_orgs_have_customer",
+                "fail",
+                f"{len(missing)} pro orgs have no provider customer: {shown}",
+            )
+        return Check("pro_orgs_have_customer", "pass", "every pro org has a provider customer")
+
+    async def _check_parity(self) -> Check:
+        hours = self.config.cutover.parity_clean_hours
+        if self.legacy is None:
+            return Check(
+                "parity_clean",
+                "fail",
+                "parity history unavailable: no [legacy] source is configured, so the checker "
+                "never compared the two billers",
+            )
+        clean = await self.parity_clean_since()
+        bucket = self.config.rollup.bucket_seconds
+        horizon = settled_end(
+            self.now(), self.config.rollup.grace_seconds, self.config.parity.settle_seconds, bucket
+        )
+        if clean.until is None:
+            return Check(
+                "parity_clean", "fail", "parity history unavailable: no checked bucket yet"
+            )
+        if clean.until < horizon:
+            return Check(
+                "parity_clean",
+                "fail",
+                f"the checker is behind: the newest checked bucket ends at {clean.until}, settled "
+                f"buckets end at {horizon}; run `controlplane parity checker`",
+            )
+        if clean.since is None or clean.seconds < hours * 3600:
+            return Check(
+                "parity_clean",
+                "fail",
+                f"parity clean for {clean.seconds // 3600} h ({clean.buckets} buckets) up to "
+                f"{clean.until}; {hours} h required ([cutover] parity_clean_hours)",
+            )
+        return Check(
+            "parity_clean",
+            "pass",
+            f"parity clean since {clean.since} ({clean.seconds // 3600} h, "
+            f"{clean.buckets} buckets) up to {clean.until}; {hours} h required",
+        )
+
+    async def _check_legacy(self, at: int) -> Check:
+        name = "legacy_not_billed_from_t"
+        if self.legacy is None:
+            return Check(name, "warn", "cannot tell: no [legacy] source is configured")
+        try:
+            until = await self.legacy.billed_until()
+        except CapabilityUnavailable as exc:
+            return Check(name, "warn", f"cannot tell: {exc}")
+        except LegacyError as exc:
+            return Check(name, "fail", f"the legacy source failed: {exc}")
+        if until is None:
+            return Check(name, "pass", "the legacy biller has billed nothing yet")
+        if until <= at:
+            return Check(name, "pass", f"the legacy biller billed up to {until} (<= T {at})")
+        return Check(
+            name,
+            "fail",
+            f"the legacy biller already billed up to {until}, past T {at}: pick a later T",
+        )
+
+    async def _check_catalog(self) -> Check:
+        catalog = self.config.catalog
+        if not catalog.prices and not catalog.products:
+            return Check("catalog_published", "n/a", "no [catalog] is configured")
+        version = await self.storage.catalog_version()
+        if version is None:
+            return Check(
+                "catalog_published",
+                "fail",
+                "no catalog version: run `controlplane catalog publish`",
+            )
+        return Check(
+            "catalog_published",
+            "pass",
+            f"catalog version {version.version} published at {version.published_at}",
+        )
+
+    async def preflight(self, at: int | None = None) -> Preflight:
+        """Every precondition of a cutover at T (default: the current bill_from)."""
+        current = await self.flags()
+        t = _at(current, at)
+        checks = [
+            await self._check_t(current, t),
+            await self._check_customers(),
+            await self._check_parity(),
+            await self._check_legacy(t),
+            await self._check_catalog(),
+        ]
+        return Preflight(at=t, checked_at=self.now(), ok=all(c.ok for c in checks), checks=checks)
+
+    async def execute(
+        self, at: int | None, *, actor: str, reason: str, force: bool = False
+    ) -> tuple[Preflight, Snapshot]:
+        """Re-run preflight, then flip the three flags in one transaction and one audit group.
+
+        Raises FlagRefused (rule ``cutover.preflight``) when a check fails, unless forced."""
+        before = await self.flags()
+        report = await self.preflight(at)
+        if not report.ok and not force:
+            failed = [f"{c.name}: {c.detail}" for c in report.checks if not c.ok]
+            raise FlagRefused("cutover.preflight", "preflight failed: " + "; ".join(failed))
+        entry = AuditEntry(
+            action="cutover.execute",
+            subject=str(report.at),
+            actor=actor,
+            reason=reason,
+            before=before.to_api(),
+            after={"preflight": msgspec.to_builtins(report.checks), "at": report.at},
+            forced=force,
+        )
+        snapshot = await self.set_flags(
+            [FlagChange(name, to_json(v)) for name, v in _live_values(report.at).items()],
+            actor=actor,
+            reason=reason,
+            force=force,
+            via="execute",
+            group_id=uuid.uuid4().hex,
+            extra_audit=[entry],
+        )
+        log.info("cutover.executed", at=report.at, actor=actor, forced=force)
+        return report, snapshot
+
+    async def rollback(
+        self, *, actor: str, reason: str, cancel_sent: bool = False
+    ) -> RollbackResult:
+        """Authority back to legacy and shadow on; with `cancel_sent`, cancel recent sends."""
+        before = await self.flags()
+        entry = AuditEntry(
+            action="cutover.rollback",
+            subject=str(before.bill_from),
+            actor=actor,
+            reason=reason,
+            before=before.to_api(),
+            after={"cancel_sent": cancel_sent},
+        )
+        snapshot = await self.set_flags(
+            [FlagChange("authority", Authority.LEGACY.value), FlagChange("shadow", True)],
+            actor=actor,
+            reason=reason,
+            via="rollback",
+            group_id=uuid.uuid4().hex,
+            extra_audit=[entry],
+        )
+        log.info("cutover.rolled_back", actor=actor, cancel_sent=cancel_sent)
+        waiting = await self._await_senders()
+        cancelled: list[RowNote] = []
+        kept: list[RowNote] = []
+        if not cancel_sent:
+            return RollbackResult(snapshot.to_api(), cancelled, kept, waiting)
+        window = self.config.cutover.cancel_window_seconds
+        async for row in self._rows_at_provider():
+            attempted = row.state is not RowState.SENT  # attempted, outcome unknown
+            unknown = "attempted without a definite answer (it may never have arrived); "
+            since = row.first_attempt_at if attempted else row.sent_at
+            if since is None or since <= self.now() - window:
+                what = "first attempted" if attempted else "sent"
+                why = (
+                    "kept with the rows that carry its fraction"
+                    if not row.attempts
+                    else "the provider cannot cancel"
+                )
+                kept.append(
+                    _note(
+                        row,
+                        (unknown if attempted else "") + f"{what} more than {window} s ago: {why}",
+                    )
+                )
+                continue
+            if not row.attempts:  # sent without a call (below one unit): nothing to cancel there
+                never = "never delivered (below one unit): handed back without a call"
+                if await self.storage.cancel_rows(
+                    [row.id], self.now(), actor, Reason.ROLLED_BACK.value, never
+                ):
+                    cancelled.append(_note(row, never))
+                continue
+            if self.billing is None:
+                kept.append(_note(row, "no billing backend configured"))
+                continue
+            meter = self.meters.by_name.get(row.meter)
+            event_name = meter.config.provider_event_name if meter else row.meter
+            delivery = await self.billing.cancel(event_name, row.identifier)
+            if delivery.outcome in (Outcome.ACCEPTED, Outcome.DUPLICATE):
+                moved = await self.storage.cancel_rows(
+                    [row.id],
+                    self.now(),
+                    actor,
+                    Reason.ROLLED_BACK.value,
+                    "cancelled at the provider",
+                )
+                if moved:
+                    cancelled.append(_note(row, None))
+                    continue
+            kept.append(
+                _note(
+                    row,
+                    (unknown if attempted else "")
+                    + f"provider {delivery.outcome.value}: {delivery.message or 'no detail'}",
+                )
+            )
+        log.info("cutover.cancelled", cancelled=len(cancelled), not_cancelled=len(kept))
+        return RollbackResult(snapshot.to_api(), cancelled, kept, waiting)
+
+    async def _rows(
+        self, state: RowState, attempted: bool | None = None, page: int = 5000
+    ) -> AsyncIterator[LedgerRow]:
+        """Every ledger row in `state` (and attempted or not), oldest first, page by page."""
+        after = 0
+        while rows := await self.storage.ledger(
+            state=state, attempted=attempted, after_id=after, limit=page
+        ):
+            for row in rows:
+                yield row
+            after = rows[-1].id
+
+    async def _rows_at_provider(self) -> AsyncIterator[LedgerRow]:
+        """Every row the provider may have: sent, or attempted without a definite answer (still
+        pending, or held as `ambiguous`; not rows the provider refused)."""
+        for state, attempted in (
+            (RowState.SENT, None),
+            (RowState.PENDING, True),
+            (RowState.HELD, True),
+        ):
+            async for row in self._rows(state, attempted):
+                if row.state is RowState.HELD and row.reason != Reason.AMBIGUOUS:
+                    continue  # the provider answered no (or the row waits for a customer)
+                yield row
+
+    async def _await_senders(self) -> str | None:
+        """Wait for send passes that read the flags before the rollback: each stops before its
+        next group of calls, and its claims go when it ends. None when none is left; else why
+        the lists may miss rows a sender still delivers."""
+        limit = self.config.cutover.sender_wait_seconds
+        deadline = time.monotonic() + limit
+        while held := await self.storage.live_claims(int(self.now())):
+            if time.monotonic() >= deadline:
+                log.warning("cutover.senders_still_running", rows=held, waited_seconds=limit)
+                return (
+                    f"after {limit} s, senders still held {held} rows: rows they deliver from now "
+                    "on are not in these lists; run the rollback again once they stopped"
+                )
+            await asyncio.sleep(0.2)
+        return None
+
+    async def status(self, limit: int = 50) -> CutoverStatus:
+        snapshot = await self.flags()
+        history = await self.storage.audit_log(action_prefix="cutover.", limit=limit)
+        return CutoverStatus(
+            stage=stage_of(snapshot, history),
+            flags=snapshot.to_api(),
+            history=[
+                {
+                    "id": r.id,
+                    "at": r.at,
+                    "step": r.action.removeprefix("cutover."),
+                    "t": int(r.subject) if r.subject.isdigit() else None,  # T, kept as the subject
+                    "actor": r.actor,
+                    "reason": r.reason,
+                    "forced": r.forced,
+                    "group_id": r.group_id,
+                }
+                for r in history
+            ],
+        )

@@ -25,6 +25,9 @@ import msgspec
 import structlog
 
 from controlplane.interfaces import ParityAlert
+from controlplane.parity_checker import ACTIVE_STATES, deliver_pending
+from controlplane.rollup import HELD_ALERTS
+from controlplane.webhooks import ALERTS as WEBHOOK_ALERTS
 
 if TYPE_CHECKING:
     from controlplane.config import Config
@@ -147,8 +150,6 @@ def is_unhealthy(status: JobStatus, alert_after_failures: int) -> bool:
 
 async def watch(cp: ControlPlane, *, watching_since: float | None) -> WatchStats:
     """One watcher pass: alert on each stale or failing job, then deliver pending job alerts."""
-    from controlplane.parity_checker import ACTIVE_STATES, deliver_pending
-
     config = cp.config.jobs
     stats = WatchStats()
     now = cp.now()
@@ -177,12 +178,11 @@ async def watch(cp: ControlPlane, *, watching_since: float | None) -> WatchStats
             continue  # another process raised it this very second
         stats.alerts += 1
         log.warning("jobs.alert", job=status.job, dedup_key=alert.dedup_key, text=alert.text)
-    from controlplane.rollup import HELD_ALERTS
-    from controlplane.webhooks import ALERTS as WEBHOOK_ALERTS
-
     keys = [alert_key(j) for j in scheduled_jobs(cp.config, legacy=cp.legacy is not None)]
     for key in [*keys, HELD_ALERTS, WEBHOOK_ALERTS]:  # and the alerts jobs raise on their own
-        delivered, failed = await deliver_pending(cp, key, kind="jobs")
+        delivered, failed = await deliver_pending(
+            cp.storage, cp.config.parity.alert, key, cp.now, kind="jobs"
+        )
         stats.delivered += delivered
         stats.failed += failed
     return stats

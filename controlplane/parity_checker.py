@@ -17,18 +17,17 @@ is retried on later passes until the suppression window (at least an hour) has p
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
+from collections.abc import Awaitable, Callable
 
 import httpx
 import msgspec
 import structlog
 
 from controlplane import parity
-from controlplane.interfaces import LegacyError, ParityAlert, ParityRun
+from controlplane.config import ParityAlertConfig, ParityConfig
+from controlplane.interfaces import LegacyError, ParityAlert, ParityRun, Storage
 from controlplane.secrets import reveal
-
-if TYPE_CHECKING:
-    from controlplane.core import ControlPlane
 
 log = structlog.get_logger("parity")
 
@@ -54,131 +53,153 @@ def settled_end(now: int, grace_seconds: int, settle_seconds: int, bucket_second
     return horizon - horizon % bucket_seconds
 
 
-async def run(cp: ControlPlane) -> CheckerStats:
-    """One checker pass."""
-    stats = CheckerStats()
-    if cp.legacy is None:
-        stats.skipped = "no legacy source configured ([legacy])"
+@dataclasses.dataclass(frozen=True)
+class ParityChecker:
+    """What a checker pass needs: the stored runs and alerts, `[parity]`, the bucket timing,
+    the comparison of one window (:meth:`ControlPlane.parity`) and a clock."""
+
+    storage: Storage
+    config: ParityConfig
+    bucket_seconds: int
+    grace_seconds: int
+    compare: Callable[[int, int], Awaitable[parity.Comparison]]
+    clock: Callable[[], int]
+    has_legacy: bool
+
+    async def run(self) -> CheckerStats:
+        """One checker pass."""
+        stats = CheckerStats()
+        if not self.has_legacy:
+            stats.skipped = "no legacy source configured ([legacy])"
+            return stats
+        config = self.config
+        bucket = self.bucket_seconds
+        policy = policy_of(config.alert)
+        end = settled_end(self.clock(), self.grace_seconds, config.settle_seconds, bucket)
+        newest = await self.storage.parity_runs(config.meter, limit=1)
+        previous: ParityRun | None = newest[0] if newest else None
+        start = previous.bucket_end if previous else end - config.backfill_buckets * bucket
+        try:
+            await self._check(stats, start, end, previous, policy)
+        except LegacyError:
+            # The bucket is not recorded, so the next pass checks it again; alerts raised
+            # before the failure are still delivered.
+            await self._deliver_into(stats)
+            raise
+        await self._deliver_into(stats)
         return stats
-    config = cp.config.parity
-    bucket = cp.config.rollup.bucket_seconds
-    meter = config.meter
-    policy = cp.parity_policy()
-    end = settled_end(cp.now(), cp.config.rollup.grace_seconds, config.settle_seconds, bucket)
-    newest = await cp.storage.parity_runs(meter, limit=1)
-    previous: ParityRun | None = newest[0] if newest else None
-    start = previous.bucket_end if previous else end - config.backfill_buckets * bucket
-    try:
-        await _check(cp, stats, start, end, previous, policy)
-    except LegacyError:
-        # The bucket is not recorded, so the next pass checks it again; alerts raised before
-        # the failure are still delivered.
-        await _deliver_into(cp, stats)
-        raise
-    await _deliver_into(cp, stats)
-    return stats
 
-
-async def _deliver_into(cp: ControlPlane, stats: CheckerStats) -> None:
-    delivered, failed = await deliver_pending(cp)
-    stats.delivered, stats.failed = delivered, failed
-
-
-async def _check(
-    cp: ControlPlane,
-    stats: CheckerStats,
-    start: int,
-    end: int,
-    previous: ParityRun | None,
-    policy: parity.Policy,
-) -> None:
-    config = cp.config.parity
-    bucket = cp.config.rollup.bucket_seconds
-    meter = config.meter
-    while start + bucket <= end and stats.checked < MAX_BUCKETS_PER_PASS:
-        comparison = await cp.parity(start, start + bucket)
-        now = cp.now()
-        record = parity.to_run(comparison, now, previous)
-        alert = await _alert_for(cp, comparison, record, policy, now)
-        run_id = await cp.storage.record_parity_run(record, parity.drifts(comparison), alert)
-        if run_id is None:  # checked meanwhile by another process: continue from its record
-            newest = await cp.storage.parity_runs(meter, limit=1, start=start, end=start + 1)
-            previous = newest[0] if newest else None
-            start += bucket
-            continue
-        record = msgspec.structs.replace(record, id=run_id)
-        stats.checked += 1
-        stats.clean += record.clean
-        stats.mismatched += not record.clean
-        stats.alarming += record.alarming
-        log.info(
-            "parity.checked",
-            meter=meter,
-            bucket_start=start,
-            status="clean" if record.clean else "mismatch",
-            orgs=record.orgs,
-            mismatches=record.mismatches,
-            alarming=record.alarming,
+    async def _deliver_into(self, stats: CheckerStats) -> None:
+        delivered, failed = await deliver_pending(
+            self.storage, self.config.alert, self.config.meter, self.clock
         )
-        if alert is not None:
-            stats.alerts += 1
-            if alert.state == "suppressed":
-                stats.suppressed += 1
-                log.info(
-                    "parity.alert_suppressed",
-                    meter=meter,
-                    bucket_start=start,
-                    dedup_key=alert.dedup_key,
-                    suppress_seconds=config.alert.suppress_seconds,
-                )
-            else:
-                log.warning(
-                    "parity.alert",
-                    meter=meter,
-                    bucket_start=start,
-                    dedup_key=alert.dedup_key,
-                    text=alert.text,
-                )
-        previous = record
-        start += bucket
+        stats.delivered, stats.failed = delivered, failed
+
+    async def _check(
+        self,
+        stats: CheckerStats,
+        start: int,
+        end: int,
+        previous: ParityRun | None,
+        policy: parity.Policy,
+    ) -> None:
+        config = self.config
+        bucket = self.bucket_seconds
+        meter = config.meter
+        while start + bucket <= end and stats.checked < MAX_BUCKETS_PER_PASS:
+            comparison = await self.compare(start, start + bucket)
+            now = self.clock()
+            record = parity.to_run(comparison, now, previous)
+            alert = await self._alert_for(comparison, record, policy, now)
+            run_id = await self.storage.record_parity_run(record, parity.drifts(comparison), alert)
+            if run_id is None:  # checked meanwhile by another process: continue from its record
+                newest = await self.storage.parity_runs(meter, limit=1, start=start, end=start + 1)
+                previous = newest[0] if newest else None
+                start += bucket
+                continue
+            record = msgspec.structs.replace(record, id=run_id)
+            stats.checked += 1
+            stats.clean += record.clean
+            stats.mismatched += not record.clean
+            stats.alarming += record.alarming
+            log.info(
+                "parity.checked",
+                meter=meter,
+                bucket_start=start,
+                status="clean" if record.clean else "mismatch",
+                orgs=record.orgs,
+                mismatches=record.mismatches,
+                alarming=record.alarming,
+            )
+            if alert is not None:
+                stats.alerts += 1
+                if alert.state == "suppressed":
+                    stats.suppressed += 1
+                    log.info(
+                        "parity.alert_suppressed",
+                        meter=meter,
+                        bucket_start=start,
+                        dedup_key=alert.dedup_key,
+                        suppress_seconds=config.alert.suppress_seconds,
+                    )
+                else:
+                    log.warning(
+                        "parity.alert",
+                        meter=meter,
+                        bucket_start=start,
+                        dedup_key=alert.dedup_key,
+                        text=alert.text,
+                    )
+            previous = record
+            start += bucket
+
+    async def _alert_for(
+        self,
+        comparison: parity.Comparison,
+        record: ParityRun,
+        policy: parity.Policy,
+        now: int,
+    ) -> ParityAlert | None:
+        bucket = self.bucket_seconds
+        if not parity.should_alert(record, bucket, policy.consecutive):
+            return None
+        config = self.config.alert
+        recent = await self.storage.parity_alerts(
+            record.meter, since=now - config.suppress_seconds, states=ACTIVE_STATES, limit=1
+        )
+        if recent and config.suppress_seconds > 0:
+            state = "suppressed"
+        else:
+            state = "pending" if config.webhook_url is not None else "logged"
+        return ParityAlert(
+            meter=record.meter,
+            bucket_start=record.bucket_start,
+            dedup_key=parity.dedup_key(record),
+            text=parity.alert_text(comparison, record, policy, bucket),
+            state=state,
+            created_at=now,
+        )
 
 
-async def _alert_for(
-    cp: ControlPlane,
-    comparison: parity.Comparison,
-    record: ParityRun,
-    policy: parity.Policy,
-    now: int,
-) -> ParityAlert | None:
-    bucket = cp.config.rollup.bucket_seconds
-    if not parity.should_alert(record, bucket, policy.consecutive):
-        return None
-    config = cp.config.parity.alert
-    recent = await cp.storage.parity_alerts(
-        record.meter, since=now - config.suppress_seconds, states=ACTIVE_STATES, limit=1
-    )
-    if recent and config.suppress_seconds > 0:
-        state = "suppressed"
-    else:
-        state = "pending" if config.webhook_url is not None else "logged"
-    return ParityAlert(
-        meter=record.meter,
-        bucket_start=record.bucket_start,
-        dedup_key=parity.dedup_key(record),
-        text=parity.alert_text(comparison, record, policy, bucket),
-        state=state,
-        created_at=now,
+def policy_of(alert: ParityAlertConfig) -> parity.Policy:
+    """The alarm policy `[parity.alert]` sets."""
+    return parity.Policy.of(
+        alert.relative, alert.min_units, alert.min_orgs, alert.consecutive_buckets
     )
 
 
 async def deliver_pending(
-    cp: ControlPlane, key: str | None = None, *, kind: str = "parity"
+    storage: Storage,
+    config: ParityAlertConfig,
+    key: str,
+    clock: Callable[[], int],
+    *,
+    kind: str = "parity",
 ) -> tuple[int, int]:
-    """POST every pending alert of `key` (default: the parity meter's) to the webhook; returns
-    (delivered, given up). `kind` prefixes the log events (``parity.alert_sent``, ...)."""
-    config = cp.config.parity.alert
-    key = cp.config.parity.meter if key is None else key
-    pending = await cp.storage.parity_alerts(key, states=["pending"], limit=50)
+    """POST every pending alert of `key` (a meter, or a job's ``job:<name>``) to the webhook
+    of `[parity.alert]`; returns (delivered, given up). `kind` prefixes the log events
+    (``parity.alert_sent``, ...)."""
+    pending = await storage.parity_alerts(key, states=["pending"], limit=50)
     if not pending:
         return 0, 0
     delivered = failed = 0
@@ -186,9 +207,9 @@ async def deliver_pending(
     url = reveal(config.webhook_url, "parity.alert.webhook_url") if config.webhook_url else None
     async with httpx.AsyncClient(timeout=config.timeout_seconds) as client:
         for alert in reversed(pending):  # oldest first
-            now = cp.now()
+            now = clock()
             if url is None:
-                await cp.storage.update_parity_alert(
+                await storage.update_parity_alert(
                     alert.id, state="logged", attempts=alert.attempts, sent_at=None, error=None
                 )
                 continue
@@ -204,7 +225,7 @@ async def deliver_pending(
             attempts = alert.attempts + 1
             if error is None:
                 delivered += 1
-                await cp.storage.update_parity_alert(
+                await storage.update_parity_alert(
                     alert.id, state="sent", attempts=attempts, sent_at=now, error=None
                 )
                 log.info(f"{kind}.alert_sent", dedup_key=alert.dedup_key, attempts=attempts)
@@ -212,7 +233,7 @@ async def deliver_pending(
             final = now - alert.created_at >= give_up_after
             if final:
                 failed += 1
-            await cp.storage.update_parity_alert(
+            await storage.update_parity_alert(
                 alert.id,
                 state="failed" if final else "pending",
                 attempts=attempts,

@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 
 from controlplane import config as config_mod
-from controlplane import cutover
 from controlplane.core import ControlPlane
 from controlplane.interfaces import LegacyCapability, LegacySource
 from controlplane.ledger import RowState
@@ -157,13 +156,13 @@ async def test_full_cutover_then_rollback(tmp_path: Path, emulator: Emulator) ->
         await hour(T)
         assert emulator.state()["meter_events_accepted"] == 0  # shadow: nothing sent
 
-        report = await cutover.preflight(cp, T)
+        report = await cp.cutover.preflight(T)
         assert report.ok, report.checks
         statuses = {c.name: c.status for c in report.checks}
         assert statuses["parity_clean"] == "pass"
         assert statuses["legacy_not_billed_from_t"] == "pass"
-        _, flags = await cutover.execute(cp, T, actor="e2e", reason="cutover")
-        assert flags.legacy_bill_until == T and (await cutover.status(cp)).stage == "live"
+        _, flags = await cp.cutover.execute(T, actor="e2e", reason="cutover")
+        assert flags.legacy_bill_until == T and (await cp.cutover.status()).stage == "live"
 
         await hour(LAST)  # usage after T, the legacy biller keeps to its side
         clock[0] = LAST + HOUR
@@ -192,11 +191,11 @@ async def test_full_cutover_then_rollback(tmp_path: Path, emulator: Emulator) ->
         assert all(r.bucket_start < T for r in excluded)
 
         # rollback within 24 h: the sends are cancelled at the emulator
-        result = await cutover.rollback(cp, actor="e2e", reason="roll back", cancel_sent=True)
+        result = await cp.cutover.rollback(actor="e2e", reason="roll back", cancel_sent=True)
         assert result.not_cancelled == []
         assert len(result.cancelled) == len(sent)
         for org in ORGS:
             assert summaries(emulator, meter_id, customers[org], T, LAST + HOUR) == 0
         assert len(await cp.storage.ledger(state=RowState.CANCELLED, limit=100_000)) == len(sent)
-        status = await cutover.status(cp)
+        status = await cp.cutover.status()
         assert status.stage == "rolled_back" and (await cp.flags()).legacy_bill_until is None

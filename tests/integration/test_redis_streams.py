@@ -22,8 +22,8 @@ from controlplane.config import Config
 from controlplane.core import ControlPlane
 from controlplane.errors import ConfigError, StorageError
 from controlplane.interfaces import IngestResult, StoredEvent
-from controlplane.metrics import scrape
 from controlplane.plugins.ingest.redis_streams import RedisStreamsIngest, RedisStreamsIngestConfig
+from controlplane.scrape import exposition, scrape
 from tests.conftest import HOUR, T0, TOKEN, free_port, raw_config, tick, token_hash
 
 GROUP = "controlplane"
@@ -404,9 +404,9 @@ async def test_an_entry_the_store_refuses_for_its_values_is_dead_lettered_not_re
     ready = (await readyz.fn(cp=plane, state=State())).content
     assert ready["checks"]["ingest"] == {f"redis_streams:{stream}": "ok"}
     assert await pending(r, stream) == 0
-    exposition = (await plane.metrics.exposition(plane, watching_since=None)).decode()
+    text = (await exposition(plane, watching_since=None)).decode()
     label = f'source="redis_streams:{stream}"'
-    assert f"controlplane_ingest_dead_lettered_total{{{label}}} 1.0" in exposition
+    assert f"controlplane_ingest_dead_lettered_total{{{label}}} 1.0" in text
 
     ((_, dead),) = await r.xrange(f"{stream}:dead")
     assert dead[b"id"] == ids[4] and dead[b"event"] == payloads[4]["event"]

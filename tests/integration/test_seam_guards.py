@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 
-from controlplane import cutover
 from controlplane.core import ControlPlane
 from controlplane.errors import ConfigError, FlagRefused
 from controlplane.flags import FlagChange
@@ -53,9 +52,9 @@ async def test_a_second_cutover_cannot_reach_back_over_rows_handed_back(
     cp: ControlPlane, fake_billing: FakeBilling
 ) -> None:
     await three_buckets(cp)
-    await cutover.execute(cp, T, actor="ops", reason="go", force=True)
+    await cp.cutover.execute(T, actor="ops", reason="go", force=True)
     assert (await cp.send()).sent == 3
-    result = await cutover.rollback(cp, actor="ops", reason="bad", cancel_sent=True)
+    result = await cp.cutover.rollback(actor="ops", reason="bad", cancel_sent=True)
     assert len(result.cancelled) == 3
     calls = len(fake_billing.calls)
 
@@ -82,7 +81,7 @@ async def test_moving_t_earlier_while_live_is_refused_over_rows_sent_after_it(
     cp: ControlPlane,
 ) -> None:
     await three_buckets(cp)
-    await cutover.execute(cp, T + HOUR, actor="ops", reason="go", force=True)
+    await cp.cutover.execute(T + HOUR, actor="ops", reason="go", force=True)
     assert (await cp.send()).sent == 2
     with pytest.raises(FlagRefused, match=r"bill_from\.frozen"):
         await set_flag(cp, "bill_from", T)
@@ -98,7 +97,7 @@ async def test_a_flag_change_between_claim_and_attempt_stops_the_send_pass(
     it recorded its attempts: the guard sees nothing sent, so the move is allowed, and the
     sender must then send nothing under the T it read."""
     await three_buckets(cp)
-    await cutover.execute(cp, T, actor="ops", reason="go", force=True)
+    await cp.cutover.execute(T, actor="ops", reason="go", force=True)
     record = cp.storage.record_attempts
 
     async def moved_first(*args: Any, **kw: Any) -> dict[int, int]:
@@ -120,7 +119,7 @@ async def test_a_flag_change_after_the_attempts_are_recorded_is_refused(
     """The other order: the attempts commit first, so the guard in the flag write's
     transaction sees rows the provider may have, and refuses the move."""
     await three_buckets(cp)
-    await cutover.execute(cp, T, actor="ops", reason="go", force=True)
+    await cp.cutover.execute(T, actor="ops", reason="go", force=True)
     refusals: list[str] = []
     send = fake_billing.send
 
@@ -225,11 +224,11 @@ async def test_fractions_of_rows_handed_back_do_not_leak_into_the_next_cutover(
     # o1: 2.79 units at T, sent as 2 (0.79 carried); o2: 0.19 units, sent as 0 without a call
     await cp.ingest([tick("a", "o1", T + 5, mb=143), tick("b", "o2", T + 5, mb=10)], "http")
     await cp.rollup(until=T + HOUR)
-    await cutover.execute(cp, T, actor="ops", reason="go", force=True)
+    await cp.cutover.execute(T, actor="ops", reason="go", force=True)
     assert (await cp.send()).sent == 2
     assert [e.value for e in fake_billing.calls] == [2]
 
-    result = await cutover.rollback(cp, actor="ops", reason="bad", cancel_sent=True)
+    result = await cp.cutover.rollback(actor="ops", reason="bad", cancel_sent=True)
     assert {r.org_id: r.note for r in result.cancelled} == {
         "o1": None,
         "o2": "never delivered (below one unit): handed back without a call",
@@ -241,7 +240,7 @@ async def test_fractions_of_rows_handed_back_do_not_leak_into_the_next_cutover(
     t2 = T + 2 * HOUR
     await cp.ingest([tick("c", "o1", t2 + 5, mb=143)], "http")
     await cp.rollup(until=t2 + HOUR)
-    await cutover.execute(cp, t2, actor="ops", reason="again", force=True)
+    await cp.cutover.execute(t2, actor="ops", reason="again", force=True)
     assert (await cp.send()).sent == 1
     assert [e.value for e in fake_billing.calls] == [2, 2]
 
@@ -275,7 +274,7 @@ async def test_clearing_t_while_live_is_a_move_too(cp: ControlPlane) -> None:
     """Shadow on, T cleared, T set again later, shadow off: the cleared T would have let the
     buckets already sent go to the legacy biller as well."""
     await three_buckets(cp)
-    await cutover.execute(cp, T, actor="ops", reason="go", force=True)
+    await cp.cutover.execute(T, actor="ops", reason="go", force=True)
     assert (await cp.send()).sent == 3
     await set_flag(cp, "shadow", True)
     with pytest.raises(FlagRefused, match=r"bill_from\.frozen"):

@@ -17,6 +17,7 @@ from controlplane.config import Config
 from controlplane.core import ControlPlane
 from controlplane.ledger import RowState
 from controlplane.rollup import HELD_ALERTS
+from controlplane.scrape import exposition
 from controlplane.units import MAX_MICROS
 from tests.conftest import HOUR, T0, TOKEN, tick
 
@@ -83,5 +84,5 @@ async def test_a_bucket_stored_past_the_bound_is_held_alerted_and_the_others_rol
     backlog = await cp.storage.dirty_backlog(cp.now(), HOUR)
     assert (backlog.buckets, backlog.held) == (0, 1)
     assert (await cp.rollup()).held == 0  # passed by, not retried on every pass
-    exposition = await cp.metrics.exposition(cp, watching_since=None)
-    assert "controlplane_rollup_held_buckets 1.0" in exposition.decode()
+    body = await exposition(cp, watching_since=None)
+    assert "controlplane_rollup_held_buckets 1.0" in body.decode()

@@ -49,7 +49,6 @@ from hypothesis import event as note_event
 from hypothesis import strategies as st
 
 import controlplane.config
-from controlplane import cutover
 from controlplane.core import ControlPlane
 from controlplane.errors import FlagRefused, InvalidInput
 from controlplane.flags import FlagChange
@@ -251,7 +250,7 @@ class Pipeline:
     def rollback(self, cancel_sent: bool) -> None:
         """`controlplane cutover rollback [--cancel-sent]`."""
         result = self.run(
-            cutover.rollback(self.cp, actor="prop", reason="rollback", cancel_sent=cancel_sent)
+            self.cp.cutover.rollback(actor="prop", reason="rollback", cancel_sent=cancel_sent)
         )
         self.settle_snapshot(expect_unchanged=True, rollback=True)
         flags = self.run(self.cp.flags())

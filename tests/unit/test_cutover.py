@@ -89,7 +89,7 @@ async def live_with_one_row(cp: ControlPlane) -> None:
     """One pending row for o1's bucket T, and the control plane live from T."""
     await cp.ingest([tick("a", "o1", T + 5)], "http")
     await cp.rollup(until=T + HOUR)
-    await cutover.execute(cp, T, actor="ops", reason="go")
+    await cp.cutover.execute(T, actor="ops", reason="go")
 
 
 async def clean_runs(cp: ControlPlane, start: int, end: int, dirty: int | None = None) -> None:
@@ -136,7 +136,7 @@ async def test_plan_explains_who_bills_what_and_changes_nothing(ready: ControlPl
     await ready.ingest([tick("a", "o1", T - HOUR + 5), tick("b", "o1", T + 5)], "http")
     await ready.rollup(until=T + HOUR)
     before = await ready.flags()
-    plan = await cutover.plan(ready, T)
+    plan = await ready.cutover.plan(T)
     assert plan.before == [
         "legacy biller: every bucket",
         "control plane: computes in shadow, sends nothing",
@@ -156,7 +156,7 @@ async def test_plan_explains_who_bills_what_and_changes_nothing(ready: ControlPl
 
 
 async def test_plan_names_the_rules_execute_would_meet(ready: ControlPlane) -> None:
-    plan = await cutover.plan(ready, T + 1)
+    plan = await ready.cutover.plan(T + 1)
     assert [p["rule"] for p in plan.problems] == ["bill_from.aligned"]
 
 
@@ -164,7 +164,7 @@ async def test_plan_names_the_rules_execute_would_meet(ready: ControlPlane) -> N
 
 
 async def test_preflight_passes_when_every_precondition_holds(ready: ControlPlane) -> None:
-    report = await cutover.preflight(ready, T)
+    report = await ready.cutover.preflight(T)
     assert report.ok, report
     assert {c.name: c.status for c in report.checks} == {
         "t_valid": "pass",
@@ -176,15 +176,15 @@ async def test_preflight_passes_when_every_precondition_holds(ready: ControlPlan
 
 
 async def test_preflight_fails_on_a_misaligned_or_too_old_t(ready: ControlPlane) -> None:
-    assert by_name(await cutover.preflight(ready, T + 7))["t_valid"].status == "fail"
-    old = await cutover.preflight(ready, T - 40 * 86400)
+    assert by_name(await ready.cutover.preflight(T + 7))["t_valid"].status == "fail"
+    old = await ready.cutover.preflight(T - 40 * 86400)
     assert not old.ok and "days" in by_name(old)["t_valid"].detail
 
 
 async def test_preflight_fails_when_a_pro_org_has_no_customer(ready: ControlPlane) -> None:
     await ready.set_org("o2", customer=None, plan="pro", actor="t", effective_from=0)
     await ready.set_org("o3", customer=None, plan="free", actor="t", effective_from=0)
-    check = by_name(await cutover.preflight(ready, T))["pro_orgs_have_customer"]
+    check = by_name(await ready.cutover.preflight(T))["pro_orgs_have_customer"]
     assert check.status == "fail" and "o2" in check.detail and "o3" not in check.detail
 
 
@@ -192,10 +192,10 @@ async def test_preflight_fails_when_parity_is_not_clean_long_enough(
     build: Callable[..., ControlPlane],
 ) -> None:
     async with build(Legacy(), cutover={"parity_clean_hours": 3}) as cp:
-        check = by_name(await cutover.preflight(cp, T))["parity_clean"]
+        check = by_name(await cp.cutover.preflight(T))["parity_clean"]
         assert check.status == "fail" and "unavailable" in check.detail
         await clean_runs(cp, T0 + 3 * HOUR, T0 + 8 * HOUR, dirty=T0 + 6 * HOUR)
-        check = by_name(await cutover.preflight(cp, T))["parity_clean"]
+        check = by_name(await cp.cutover.preflight(T))["parity_clean"]
         assert check.status == "fail" and "clean for 1 h" in check.detail
 
 
@@ -204,7 +204,7 @@ async def test_preflight_fails_when_the_checker_lags_behind_now(
 ) -> None:
     async with build(Legacy()) as cp:
         await clean_runs(cp, T0, T0 + 6 * HOUR)  # 6 h clean, but ends 2 h before the horizon
-        check = by_name(await cutover.preflight(cp, T))["parity_clean"]
+        check = by_name(await cp.cutover.preflight(T))["parity_clean"]
         assert check.status == "fail" and "behind" in check.detail
 
 
@@ -212,7 +212,7 @@ async def test_preflight_without_legacy_source_reports_parity_unavailable(
     build: Callable[..., ControlPlane],
 ) -> None:
     async with build() as cp:
-        report = by_name(await cutover.preflight(cp, T))
+        report = by_name(await cp.cutover.preflight(T))
         assert report["parity_clean"].status == "fail"
         assert "parity history unavailable" in report["parity_clean"].detail
         assert report["legacy_not_billed_from_t"].status == "warn"
@@ -220,13 +220,13 @@ async def test_preflight_without_legacy_source_reports_parity_unavailable(
 
 async def test_preflight_legacy_billed_until(build: Callable[..., ControlPlane]) -> None:
     async with build(Legacy(billed_until=T + HOUR)) as cp:
-        check = by_name(await cutover.preflight(cp, T))["legacy_not_billed_from_t"]
+        check = by_name(await cp.cutover.preflight(T))["legacy_not_billed_from_t"]
         assert check.status == "fail" and str(T + HOUR) in check.detail
     async with build(Legacy(billed_until=None)) as cp:
-        check = by_name(await cutover.preflight(cp, T))["legacy_not_billed_from_t"]
+        check = by_name(await cp.cutover.preflight(T))["legacy_not_billed_from_t"]
         assert check.status == "pass"
     async with build(Legacy(can_tell=False)) as cp:
-        check = by_name(await cutover.preflight(cp, T))["legacy_not_billed_from_t"]
+        check = by_name(await cp.cutover.preflight(T))["legacy_not_billed_from_t"]
         assert check.status == "warn" and check.ok
         assert check.detail.startswith("cannot tell: legacy plugin")
         assert "billed_until" in check.detail
@@ -234,19 +234,19 @@ async def test_preflight_legacy_billed_until(build: Callable[..., ControlPlane])
 
 async def test_preflight_catalog(build: Callable[..., ControlPlane]) -> None:
     async with build(catalog=CATALOG) as cp:
-        check = by_name(await cutover.preflight(cp, T))["catalog_published"]
+        check = by_name(await cp.cutover.preflight(T))["catalog_published"]
         assert check.status == "fail" and "catalog publish" in check.detail
         await publish(cp)
-        assert by_name(await cutover.preflight(cp, T))["catalog_published"].status == "pass"
+        assert by_name(await cp.cutover.preflight(T))["catalog_published"].status == "pass"
     async with build() as cp:
-        assert by_name(await cutover.preflight(cp, T))["catalog_published"].status == "n/a"
+        assert by_name(await cp.cutover.preflight(T))["catalog_published"].status == "n/a"
 
 
 # execute --------------------------------------------------------------------------------------
 
 
 async def test_execute_sets_the_three_flags_with_one_audit_group(ready: ControlPlane) -> None:
-    report, flags = await cutover.execute(ready, T, actor="ops", reason="go live")
+    report, flags = await ready.cutover.execute(T, actor="ops", reason="go live")
     assert report.ok and flags.sending and flags.legacy_bill_until == T
     entries = await ready.storage.audit_log(limit=10)
     group = entries[0].group_id
@@ -257,7 +257,7 @@ async def test_execute_sets_the_three_flags_with_one_audit_group(ready: ControlP
         "flag.set:bill_from",
         "flag.set:shadow",
     ]
-    assert (await cutover.status(ready)).stage == "live"
+    assert (await ready.cutover.status()).stage == "live"
 
 
 async def test_execute_refuses_when_preflight_fails_and_changes_nothing(
@@ -266,11 +266,11 @@ async def test_execute_refuses_when_preflight_fails_and_changes_nothing(
     await ready.set_org("o2", customer=None, plan="pro", actor="t", effective_from=0)
     before = await ready.flags()
     with pytest.raises(FlagRefused) as info:
-        await cutover.execute(ready, T, actor="ops", reason="go")
+        await ready.cutover.execute(T, actor="ops", reason="go")
     assert info.value.rule == "cutover.preflight" and "pro_orgs_have_customer" in str(info.value)
     assert await ready.flags() == before
     assert await ready.storage.audit_log(action_prefix="cutover.") == []
-    _, flags = await cutover.execute(ready, T, actor="ops", reason="go anyway", force=True)
+    _, flags = await ready.cutover.execute(T, actor="ops", reason="go anyway", force=True)
     assert flags.sending
     assert (await ready.storage.audit_log(action_prefix="cutover."))[0].forced
 
@@ -287,7 +287,7 @@ async def test_execute_failing_midway_changes_nothing(
 
     monkeypatch.setattr(storage, "_append_audit", boom)
     with pytest.raises(StorageError):
-        await cutover.execute(ready, T, actor="ops", reason="go")
+        await ready.cutover.execute(T, actor="ops", reason="go")
     monkeypatch.setattr(storage, "_append_audit", original)
     assert await ready.flags() == before
     assert not [
@@ -303,14 +303,14 @@ async def test_rollback_cancels_recent_sends_and_lists_the_rest(
 ) -> None:
     await ready.ingest([tick("a", "o1", T + 5), tick("b", "o1", T + HOUR + 5, mb=2048)], "http")
     await ready.rollup(until=T + 2 * HOUR)
-    await cutover.execute(ready, T, actor="ops", reason="go")
+    await ready.cutover.execute(T, actor="ops", reason="go")
     first = await ready.send(until=T + HOUR)
     assert first.sent == 1
     clock[0] += 25 * HOUR  # the first row is now too old to cancel
     assert (await ready.send()).sent == 1
-    assert (await cutover.status(ready)).stage == "live"
+    assert (await ready.cutover.status()).stage == "live"
 
-    result = await cutover.rollback(ready, actor="ops", reason="bad invoice", cancel_sent=True)
+    result = await ready.cutover.rollback(actor="ops", reason="bad invoice", cancel_sent=True)
     assert result.flags["flags"]["authority"]["value"] == "legacy"
     assert [r.identifier for r in result.cancelled] == [f"o1:gbs:{T + HOUR}:1"]
     (kept,) = result.not_cancelled
@@ -322,7 +322,7 @@ async def test_rollback_cancels_recent_sends_and_lists_the_rest(
     audit = await ready.storage.audit_log(action_prefix="ledger.cancelled")
     assert [a.subject for a in audit] == [row.identifier]
 
-    status = await cutover.status(ready)
+    status = await ready.cutover.status()
     assert status.stage == "rolled_back"
     assert [h["step"] for h in status.history] == ["rollback", "execute"]
     # after the rollback, the legacy biller bills everything again
@@ -332,7 +332,7 @@ async def test_rollback_cancels_recent_sends_and_lists_the_rest(
 async def test_rollback_without_cancel_keeps_sent_rows(ready: ControlPlane) -> None:
     await live_with_one_row(ready)
     await ready.send()
-    result = await cutover.rollback(ready, actor="ops", reason="pause")
+    result = await ready.cutover.rollback(actor="ops", reason="pause")
     assert result.cancelled == [] and result.not_cancelled == []
     assert len(await ready.storage.ledger(state=RowState.SENT)) == 1
 
@@ -345,7 +345,7 @@ async def test_rollback_also_settles_rows_attempted_without_an_answer(
     assert (await ready.send()).ambiguous == 1
     (row,) = await ready.storage.ledger()
     assert (row.state, row.attempts) == (RowState.PENDING, 1)
-    result = await cutover.rollback(ready, actor="ops", reason="bad", cancel_sent=True)
+    result = await ready.cutover.rollback(actor="ops", reason="bad", cancel_sent=True)
     assert [r.identifier for r in result.cancelled] == [row.identifier]
     assert fake_billing.cancelled == {row.identifier}
     (cancelled,) = await ready.storage.ledger(state=RowState.CANCELLED)
@@ -360,7 +360,7 @@ async def test_rollback_lists_an_attempted_row_the_provider_does_not_know(
     await live_with_one_row(ready)
     (row,) = await ready.storage.ledger()
     await ready.storage.record_attempts([row.id], ready.now())  # a crash right after this
-    result = await cutover.rollback(ready, actor="ops", reason="bad", cancel_sent=True)
+    result = await ready.cutover.rollback(actor="ops", reason="bad", cancel_sent=True)
     (kept,) = result.not_cancelled
     assert kept.identifier == row.identifier and result.cancelled == []
     assert (kept.note or "").startswith("attempted without a definite answer")
@@ -372,14 +372,14 @@ async def test_rollback_leaves_out_rows_the_provider_refused(
     await live_with_one_row(ready)
     fake_billing.fail_next(Outcome.REJECTED)  # a definite no: nothing was billed
     assert (await ready.send()).held == 1
-    result = await cutover.rollback(ready, actor="ops", reason="bad", cancel_sent=True)
+    result = await ready.cutover.rollback(actor="ops", reason="bad", cancel_sent=True)
     assert result.cancelled == [] and result.not_cancelled == []  # no credit note for it
 
 
 async def test_rollback_waits_for_a_running_send_pass_and_lists_what_it_sent(
     ready: ControlPlane, clock: list[float], fake_billing: FakeBilling
 ) -> None:
-    await cutover.execute(ready, T, actor="ops", reason="go")
+    await ready.cutover.execute(T, actor="ops", reason="go")
     clock[0] = T + 41 * HOUR
     await ready.ingest([tick(f"e{i}", "o1", T + i * HOUR + 5) for i in range(40)], "http")
     await ready.rollup()
@@ -395,7 +395,7 @@ async def test_rollback_waits_for_a_running_send_pass_and_lists_what_it_sent(
     sending = asyncio.create_task(ready.send())
     await calling.wait()  # the pass is delivering its first group of 32 rows
     rolling = asyncio.create_task(
-        cutover.rollback(ready, actor="ops", reason="bad", cancel_sent=True)
+        ready.cutover.rollback(actor="ops", reason="bad", cancel_sent=True)
     )
     await asyncio.sleep(0.5)
     assert not rolling.done()  # flags flipped; waiting for the pass
@@ -412,10 +412,10 @@ async def test_rollback_waits_for_a_running_send_pass_and_lists_what_it_sent(
 
 
 async def test_stages(ready: ControlPlane) -> None:
-    assert (await cutover.status(ready)).stage == "shadow"
+    assert (await ready.cutover.status()).stage == "shadow"
     await ready.set_flags([FlagChange("bill_from", T)], actor="t", reason="arm")
-    assert (await cutover.status(ready)).stage == "armed"
-    await cutover.execute(ready, None, actor="t", reason="go")  # T from bill_from
-    assert (await cutover.status(ready)).stage == "live"
-    await cutover.rollback(ready, actor="t", reason="back")
-    assert (await cutover.status(ready)).stage == "rolled_back"
+    assert (await ready.cutover.status()).stage == "armed"
+    await ready.cutover.execute(None, actor="t", reason="go")  # T from bill_from
+    assert (await ready.cutover.status()).stage == "live"
+    await ready.cutover.rollback(actor="t", reason="back")
+    assert (await ready.cutover.status()).stage == "rolled_back"
