@@ -54,8 +54,11 @@ event_name = "memory_gb_seconds"
 class Process:
     """A child process whose output goes to a log file (shown when a test fails)."""
 
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path = ROOT
+    ) -> None:
         self.args = args
+        self.cwd = cwd
         self.log_path = log
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -63,7 +66,7 @@ class Process:
     def start(self) -> None:
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            self.args, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=self.env
+            self.args, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.cwd, env=self.env
         )
 
     def kill(self) -> None:
