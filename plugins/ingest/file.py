@@ -3,6 +3,9 @@
 CSV: a header row with `id`, `type`, `subject`, `time` or `ts`, optional `source`, and the
 event's data either as a `data` column holding a JSON object or as `data.<field>` columns
 (numbers are read exactly, as decimals).
+
+Each JSON line and `data` cell is scanned before it is decoded, as request bodies are
+(:func:`controlplane.events.scan_json`): nested past 64 levels is an error naming the line.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any, BinaryIO
 import msgspec
 
 from controlplane.errors import InvalidInput, Problem
+from controlplane.events import scan_json
 
 _decoder = msgspec.json.Decoder(float_hook=Decimal)
 
@@ -26,6 +30,9 @@ class Line(msgspec.Struct, frozen=True):
     event: Any  # the raw event object
 
 
+MAX_INT_DIGITS = 19  # a cell past 10^19 stays a Decimal (the meters bound it), never int()
+
+
 def _cell(text: str) -> Any:
     if text == "":
         return None
@@ -33,7 +40,16 @@ def _cell(text: str) -> Any:
         number = Decimal(text)
     except InvalidOperation:
         return text
-    return int(number) if number == number.to_integral_value() and "." not in text else number
+    if not number.is_finite():
+        return text  # "NaN", "Infinity": text, which no meter takes as a number
+    whole = number.adjusted() < MAX_INT_DIGITS and number == number.to_integral_value()
+    return int(number) if whole and "." not in text else number
+
+
+def _decode(raw: bytes | str) -> Any:
+    body = raw.encode() if isinstance(raw, str) else raw
+    scan_json(body)
+    return _decoder.decode(body)
 
 
 def _csv_event(row: dict[str, str]) -> dict[str, Any]:
@@ -44,7 +60,7 @@ def _csv_event(row: dict[str, str]) -> dict[str, Any]:
             raise ValueError("more cells than header columns")
         if key == "data":
             if value:
-                data.update(_decoder.decode(value))
+                data.update(_decode(value))
         elif key.startswith("data."):
             cell = _cell(value)
             if cell is not None:
@@ -67,19 +83,22 @@ def read_lines(stream: BinaryIO, fmt: str) -> Iterator[Line]:
             for row in reader:
                 try:
                     yield Line(number=reader.line_num, event=_csv_event(row))
-                except (ValueError, msgspec.DecodeError) as exc:
-                    raise InvalidInput(
-                        [Problem(field="", message=f"line {reader.line_num}: {exc}")]
-                    ) from exc
+                except (ValueError, msgspec.DecodeError, InvalidInput) as exc:
+                    raise _on_line(reader.line_num, exc) from exc
         finally:
             text.detach()  # leave the caller's stream open
         return
     for number, raw in enumerate(stream, start=1):
         if raw.strip():
             try:
-                yield Line(number=number, event=_decoder.decode(raw))
-            except msgspec.DecodeError as exc:
-                raise InvalidInput([Problem(field="", message=f"line {number}: {exc}")]) from exc
+                yield Line(number=number, event=_decode(raw))
+            except (msgspec.DecodeError, InvalidInput) as exc:
+                raise _on_line(number, exc) from exc
+
+
+def _on_line(number: int, exc: Exception) -> InvalidInput:
+    why = "; ".join(p.message for p in exc.problems) if isinstance(exc, InvalidInput) else exc
+    return InvalidInput([Problem(field="", message=f"line {number}: {why}")])
 
 
 def detect_format(path: Path) -> str:
