@@ -9,8 +9,14 @@ Secrets may be read from the environment, see :mod:`controlplane.secrets`.
 
 from __future__ import annotations
 
+import difflib
+import enum
+import os
 import re
 import tomllib
+import types
+import typing
+from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
@@ -231,17 +237,72 @@ def backend_of(plugin_config: PluginConfig) -> str:
     return str(tag) if tag is not None else ""
 
 
-def _explain(exc: msgspec.ValidationError, prefix: str) -> ConfigError:
-    """`storage.path: Expected str, got int` from msgspec's message and path."""
+def _explain(exc: msgspec.ValidationError, prefix: str, root: type) -> ConfigError:
+    """`storage.path: Expected str, got int` from msgspec's message and path, with the nearest
+    known setting for an unknown one and the allowed values for a bad choice. `root` is the
+    struct decoded at `prefix`."""
     match = _MSGSPEC_PATH.match(str(exc))
     msg = match.group("msg") if match else str(exc)
-    path = prefix + ((match.group("path") or "") if match else "")
+    inner = ((match.group("path") or "") if match else "").replace("$", "").lstrip(".")
     unknown = _UNKNOWN.match(msg)
     if unknown:
-        path = f"{path}.{unknown.group('field')}" if path else unknown.group("field")
-        msg = "unknown setting" if unknown.group("what") == "contains unknown" else "required"
-    path = path.replace("$", "").lstrip(".")
+        field = unknown.group("field")
+        if unknown.group("what") == "contains unknown":
+            msg = "unknown setting" + _nearest(field, _settings_of(_type_at(root, inner)))
+        else:
+            msg = "required"
+        inner = f"{inner}.{field}" if inner else field
+    elif msg.startswith("Invalid enum value"):
+        choices = _choices(_type_at(root, inner))
+        if choices:
+            msg += f" (expected one of {', '.join(repr(c) for c in choices)})"
+    path = ".".join(p for p in (prefix, inner) if p).replace(".[", "[")
     return ConfigError(f"{path}: {msg}" if path else msg)
+
+
+_STEP = re.compile(r"[^.\[\]]+|\[\d+\]")
+
+
+def _type_at(root: Any, path: str) -> Any:
+    """The type of the setting at `path` (`parity.alert.relative`, `meters[0].aggregation`)
+    under the struct type `root`, or None when it cannot be told."""
+    tp = root
+    for step in _STEP.findall(path):
+        tp = _strip_none(tp)
+        if step.startswith("["):
+            args = typing.get_args(tp)
+            tp = args[0] if args else None
+        elif isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+            tp = {f.encode_name: f.type for f in msgspec.structs.fields(tp)}.get(step)
+        else:
+            return None
+    return _strip_none(tp)
+
+
+def _strip_none(tp: Any) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return tp
+
+
+def _settings_of(tp: Any) -> list[str]:
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        return [f.encode_name for f in msgspec.structs.fields(tp)]
+    return []
+
+
+def _choices(tp: Any) -> list[Any]:
+    if typing.get_origin(tp) is Literal:
+        return list(typing.get_args(tp))
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return [member.value for member in tp]
+    return []
+
+
+def _nearest(name: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _decode_plugin(section: str, raw: Any, kind: registry.Kind) -> PluginConfig:
@@ -255,7 +316,7 @@ def _decode_plugin(section: str, raw: Any, kind: registry.Kind) -> PluginConfig:
     try:
         decoded = msgspec.convert(raw, spec.config)
     except msgspec.ValidationError as exc:
-        raise _explain(exc, section) from exc
+        raise _explain(exc, section, spec.config) from exc
     if not isinstance(decoded, PluginConfig):
         raise ConfigError(f"{section}: plugin {name!r} has no PluginConfig")
     return decoded
@@ -291,7 +352,7 @@ def parse(raw: dict[str, Any], source: str = "") -> Config:
     try:
         config = msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
-        raise _explain(exc, "") from exc
+        raise _explain(exc, "", Config) from exc
     config = msgspec.structs.replace(config, source=source, **plugins)
     _check(config)
     return config
@@ -404,16 +465,31 @@ def _check_catalog(config: Config) -> None:
         raise ConfigError("stripe.webhook_tolerance_seconds: must be > 0")
 
 
+ENV_CONFIG = "CONTROLPLANE_CONFIG"
+EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"  # in a checkout
+
+
 def default_path() -> Path:
-    """`./controlplane.toml` when present, else the shipped `config.example.toml`."""
+    """The config file used without ``--config``: ``$CONTROLPLANE_CONFIG``, else
+    ``./controlplane.toml``, else the repository's ``config.example.toml`` (in a source
+    checkout). Raises ConfigError when there is none."""
+    named = os.environ.get(ENV_CONFIG)
+    if named:
+        return Path(named)
     local = Path("controlplane.toml")
     if local.exists():
         return local
-    return Path(__file__).resolve().parent.parent / "config.example.toml"
+    if EXAMPLE.exists():
+        return EXAMPLE
+    raise ConfigError(
+        f"no config file: pass --config, set ${ENV_CONFIG}, or create ./controlplane.toml"
+    )
 
 
 def load(path: str | Path | None = None) -> Config:
-    """Read and check the config file; raises ConfigError naming the bad setting."""
+    """Read and check the config file; raises ConfigError naming the file and the bad
+    setting. Relative paths in it (``storage.path``, a ``sqlite:`` legacy DSN) are read
+    from the file's folder, wherever the command runs."""
     file = Path(path) if path else default_path()
     try:
         text = file.read_text()
@@ -421,6 +497,24 @@ def load(path: str | Path | None = None) -> Config:
         raise ConfigError(f"cannot read config {file}: {exc.strerror}") from exc
     try:
         raw = tomllib.loads(text)
+        return parse(_paths_from(raw, file.resolve().parent), source=str(file))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{file}: {exc}") from exc
-    return parse(raw, source=str(file))
+    except ConfigError as exc:
+        raise ConfigError(f"{file}: {exc}") from exc
+
+
+def _paths_from(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """`raw` with the relative file paths it names made absolute against `folder`."""
+    storage = raw.get("storage")
+    if isinstance(storage, dict) and storage.get("backend", "sqlite") == "sqlite":
+        path = storage.get("path")
+        if isinstance(path, str) and path != ":memory:" and not Path(path).is_absolute():
+            raw = {**raw, "storage": {**storage, "path": str(folder / path)}}
+    legacy = raw.get("legacy")
+    if isinstance(legacy, dict) and isinstance(legacy.get("dsn"), str):
+        dsn: str = legacy["dsn"]
+        scheme, _, rest = dsn.partition(":")
+        if scheme == "sqlite" and rest and not rest.startswith("/"):  # sqlite:relative/path
+            raw = {**raw, "legacy": {**legacy, "dsn": f"sqlite://{folder / rest}"}}
+    return raw

@@ -159,6 +159,92 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
         config_mod.load(tmp_path / "nope.toml")
 
 
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"rolup": {}}, "rolup: unknown setting (did you mean 'rollup'?)"),
+        ({"server": {"prot": 80}}, "server.prot: unknown setting (did you mean 'port'?)"),
+        ({"parity": {"alert": {"relativ": 1}}}, "parity.alert.relativ: unknown setting (did "),
+        ({"storage": {"backend": "sqlite", "pth": "x"}}, "(did you mean 'path'?)"),
+        (
+            {"meters": [{"name": "m", "event_type": "t", "aggregation": "summ"}]},
+            "meters[0].aggregation: Invalid enum value 'summ' (expected one of 'sum', 'count')",
+        ),
+        ({"logging": {"level": "loud"}}, "(expected one of 'debug', 'info', 'warning', 'error')"),
+    ],
+)
+def test_bad_config_suggests_the_nearest_setting_and_lists_allowed_values(
+    raw: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        config_mod.parse(raw)
+    assert message in str(err.value)
+
+
+def test_a_setting_like_none_gets_no_suggestion() -> None:
+    with pytest.raises(ConfigError) as err:
+        config_mod.parse({"zzzz": 1})
+    assert str(err.value) == "zzzz: unknown setting"
+
+
+def test_errors_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "cp.toml"
+    path.write_text("[rollup]\ngrace_secnds = 1\n")
+    with pytest.raises(ConfigError) as err:
+        config_mod.load(path)
+    assert str(err.value) == (
+        f"{path}: rollup.grace_secnds: unknown setting (did you mean 'grace_seconds'?)"
+    )
+
+
+def test_relative_paths_are_read_from_the_config_files_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    (folder / "cp.toml").write_text(
+        '[storage]\nbackend = "sqlite"\npath = "data/cp.db"\n'
+        '[legacy]\nbackend = "sql"\ndsn = "sqlite:legacy.db"\nquery = "SELECT 1"\n'
+        '[parity]\nmeter = "m"\n[[meters]]\nname = "m"\nevent_type = "t"\nvalue = "data.x"\n'
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = config_mod.load(Path("../conf/cp.toml"))
+    assert config.storage.path == str(folder.resolve() / "data" / "cp.db")  # type: ignore[attr-defined]
+    assert reveal(config.legacy.dsn, "dsn") == f"sqlite://{folder.resolve()}/legacy.db"  # type: ignore[union-attr]
+
+
+def test_absolute_paths_and_memory_stay_as_written(tmp_path: Path) -> None:
+    path = tmp_path / "cp.toml"
+    path.write_text('[storage]\nbackend = "sqlite"\npath = ":memory:"\n')
+    assert config_mod.load(path).storage.path == ":memory:"  # type: ignore[attr-defined]
+    path.write_text('[storage]\nbackend = "sqlite"\npath = "/var/lib/cp.db"\n')
+    assert config_mod.load(path).storage.path == "/var/lib/cp.db"  # type: ignore[attr-defined]
+
+
+def test_the_config_file_is_found_by_env_then_folder_then_the_example(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(config_mod.ENV_CONFIG, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert config_mod.default_path() == config_mod.EXAMPLE  # a source checkout
+    (tmp_path / "controlplane.toml").write_text("")
+    assert config_mod.default_path() == Path("controlplane.toml")
+    monkeypatch.setenv(config_mod.ENV_CONFIG, str(tmp_path / "named.toml"))
+    assert config_mod.default_path() == tmp_path / "named.toml"
+
+
+def test_without_any_config_file_the_error_says_how_to_name_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(config_mod.ENV_CONFIG, raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(config_mod, "EXAMPLE", tmp_path / "installed" / "config.example.toml")
+    with pytest.raises(ConfigError, match="pass --config, set \\$CONTROLPLANE_CONFIG"):
+        config_mod.load()
+
+
 def test_secret_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CP_TEST_SECRET", "s3cret")
     assert reveal(EnvSecret(env="CP_TEST_SECRET"), "x") == "s3cret"
