@@ -27,6 +27,7 @@ from controlplane import registry
 from controlplane.errors import ConfigError
 from controlplane.interfaces import PluginConfig
 from controlplane.meters import MeterConfig
+from controlplane.plans import DEFAULT_PLANS, FREE, PRO, PlanConfig
 from controlplane.secrets import Secret
 
 Scope = Literal["ingest", "read", "admin", "parity"]
@@ -190,6 +191,13 @@ class StripeConfig(_Section, frozen=True):
     webhook_tolerance_seconds: int = 300
 
 
+class LegacyPluginConfig(PluginConfig, kw_only=True, frozen=True):
+    """Base of every legacy source's config section (`[legacy]`)."""
+
+    # the legacy biller's plan names -> configured plans (a name that is one needs no entry)
+    plan_map: dict[str, str] = {}
+
+
 class Config(_Section, frozen=True):
     server: ServerConfig = ServerConfig()
     storage: PluginConfig = PluginConfig()  # replaced by the chosen plugin's config
@@ -199,6 +207,7 @@ class Config(_Section, frozen=True):
     flags: FlagsConfig = FlagsConfig()
     billing: PluginConfig | None = None
     meters: list[MeterConfig] = []
+    plans: list[PlanConfig] = msgspec.field(default_factory=lambda: list(DEFAULT_PLANS))
     logging: LoggingConfig = LoggingConfig()
     legacy: PluginConfig | None = None
     ingest: list[PluginConfig] = []  # `[[ingest]]`: each decoded by its plugin's config
@@ -370,9 +379,29 @@ def _check(config: Config) -> None:
     from controlplane.meters import MeterSet
 
     MeterSet(config.meters)  # compiles every expression: errors name the meter
+    _check_plans(config)
     _check_limits(config)
     _check_parity(config)
     _check_catalog(config)
+
+
+def _check_plans(config: Config) -> None:
+    names = [p.name for p in config.plans]
+    if len(set(names)) != len(names):
+        raise ConfigError("plans: plan names must be unique")
+    billable = {p.name: p.billable for p in config.plans}
+    if billable.get(FREE) is not False or billable.get(PRO) is not True:
+        raise ConfigError(
+            f"plans: {FREE!r} (billable = false) and {PRO!r} (billable = true) are required: "
+            "orgs no one gave a plan are free, and the Stripe webhooks provision pro"
+        )
+    legacy = config.legacy
+    if isinstance(legacy, LegacyPluginConfig):
+        for answer, plan in sorted(legacy.plan_map.items()):
+            if plan not in billable:
+                raise ConfigError(
+                    f"legacy.plan_map.{answer}: unknown plan {plan!r}; known: {sorted(billable)}"
+                )
 
 
 def _check_limits(config: Config) -> None:

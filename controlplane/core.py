@@ -16,7 +16,7 @@ import msgspec
 import structlog
 
 from controlplane import audit, registry, rollup
-from controlplane.config import Config, backend_of
+from controlplane.config import Config, LegacyPluginConfig, backend_of
 from controlplane.cutover import Cutover
 from controlplane.errors import ConfigError, FlagRefused, InvalidInput, MigrationError, Problem
 from controlplane.events import Ingestor
@@ -56,6 +56,7 @@ from controlplane.parity import (
     window_problems,
 )
 from controlplane.parity_checker import CheckerStats, ParityChecker, policy_of
+from controlplane.plans import Plans
 from controlplane.rollup import LegacyPlans
 from controlplane.sender import Sender, SendStats
 
@@ -127,6 +128,10 @@ class ControlPlane:
         self._legacy_plan_cache: dict[str, tuple[str | None, float]] = {}
         self._stack = contextlib.AsyncExitStack()
         self.metrics = Metrics()  # this plane's own Prometheus registry
+        self.plans = Plans(
+            config.plans,
+            config.legacy.plan_map if isinstance(config.legacy, LegacyPluginConfig) else None,
+        )
 
     async def __aenter__(self) -> ControlPlane:
         await self.start()
@@ -275,6 +280,8 @@ class ControlPlane:
             raise InvalidInput([Problem(field="", message="give customer and/or plan")])
         if not org_id.strip():
             raise InvalidInput([Problem(field="org", message="must not be empty")])
+        if plan is not None:
+            self.plans.check(plan)
         before = await self.storage.get_org(org_id)
         at = self.now()
         start = at if effective_from is None else effective_from
@@ -416,6 +423,7 @@ class ControlPlane:
                 batch_buckets=self.config.rollup.batch_buckets,
                 org_id=org_id,
                 legacy=legacy,
+                plans=self.plans,
             )
 
     async def _legacy_plans(self, closed_before: int, org_id: str | None) -> LegacyPlans | None:
@@ -602,6 +610,7 @@ class ControlPlane:
             legacy=self.legacy,
             billing=self.billing,
             meters=self.meters,
+            plans=self.plans,
             now=self.now,
             max_event_age_seconds=self.max_event_age_seconds,
             flags=self.flags,

@@ -47,6 +47,7 @@ from controlplane.ledger import LedgerRow, Reason, RowState
 from controlplane.meters import MeterSet
 from controlplane.parity import CleanSince
 from controlplane.parity_checker import settled_end
+from controlplane.plans import Plans
 from controlplane.units import format_micros
 
 log = structlog.get_logger("cutover")
@@ -68,7 +69,6 @@ class SetFlags(Protocol):
     ) -> Snapshot: ...
 
 
-PRO_PLAN = "pro"
 Status = Literal["pass", "fail", "warn", "n/a"]
 Stage = Literal["shadow", "armed", "live", "rolled_back"]
 
@@ -218,6 +218,7 @@ class Cutover:
     legacy: LegacySource | None
     billing: Billing | None
     meters: MeterSet
+    plans: Plans
     now: Callable[[], int]
     max_event_age_seconds: Callable[[], int]
     flags: Callable[[], Awaitable[Snapshot]]
@@ -273,15 +274,19 @@ class Cutover:
         )
 
     async def _check_customers(self) -> Check:
-        missing = await self.storage.orgs_without_customer(PRO_PLAN, self.now())
+        name = "billable_orgs_have_customer"
+        missing: list[str] = []
+        for plan in self.plans.billable:
+            missing += await self.storage.orgs_without_customer(plan, self.now())
         if missing:
             shown = ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else "")
             return Check(
-                "pro_orgs_have_customer",
+                name,
                 "fail",
-                f"{len(missing)} pro orgs have no provider customer: {shown}",
+                f"{len(missing)} orgs on a billable plan have no provider customer: {shown}",
             )
-        return Check("pro_orgs_have_customer", "pass", "every pro org has a provider customer")
+        plans = ", ".join(self.plans.billable)
+        return Check(name, "pass", f"every org on a billable plan ({plans}) has a customer")
 
     async def _check_parity(self) -> Check:
         hours = self.config.cutover.parity_clean_hours

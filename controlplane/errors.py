@@ -6,7 +6,8 @@
     ├── ConfigError (ValueError)          a setting is missing, misspelled or of the wrong type
     │   └── MissingExtraError (ImportError-like)  a plugin's optional driver is not installed
     ├── InvalidInput (ValueError)         a request or batch was refused; nothing was changed
-    │   └── Undecodable                   its body is no JSON that can be decoded safely
+    │   ├── Undecodable                   its body is no JSON that can be decoded safely
+    │   └── InvalidChoice                 a value is none of those accepted (a plan name)
     ├── NotFound (LookupError)            the thing asked for does not exist
     ├── FlagRefused (ValueError)          a flag change broke a rule; no flag was changed
     ├── StorageError                      the storage plugin failed
@@ -74,6 +75,10 @@ class InvalidInput(ControlPlaneError, ValueError):
 
 class Undecodable(InvalidInput):
     """The body cannot be decoded: malformed JSON, not UTF-8, or nested too deeply."""
+
+
+class InvalidChoice(InvalidInput):
+    """A value is none of those accepted; nothing was changed."""
 
 
 class NotFound(ControlPlaneError, LookupError):

@@ -28,11 +28,12 @@ from controlplane.interfaces import (
     Storage,
 )
 from controlplane.ledger import NewRow, Reason, RowState, segment
+from controlplane.plans import DEFAULT_PLANS, FREE, Plans
 from controlplane.units import MAX_MICROS, MICROS, floor_units, format_micros
 
-log = structlog.get_logger("rollup")
+DEFAULT = Plans(DEFAULT_PLANS)
 
-FREE_PLAN = "free"
+log = structlog.get_logger("rollup")
 
 
 class RollupStats(msgspec.Struct):
@@ -54,14 +55,19 @@ class LegacyPlans(msgspec.Struct, frozen=True):
 
 
 def plan_revisions(
-    batch: RollupBatch, bucket_seconds: int, legacy_plans: Mapping[str, str] | None = None
+    batch: RollupBatch,
+    bucket_seconds: int,
+    legacy_plans: Mapping[str, str] | None = None,
+    plans: Plans = DEFAULT,
 ) -> RollupPlan:
     """Decide the revisions for one batch of closed dirty buckets (pure).
 
     The org's plan at the bucket's start decides the row's segment: the plan stored here,
-    else the legacy biller's answer (`legacy_plans`), else `free`. `free` rows are excluded
-    at once, with a rounding carry of their own. The boundary T is left to the sender: it may
-    still move until rows are sent, and an excluded row is final.
+    else the legacy biller's answer (`legacy_plans`, mapped through `plans`), else `free`.
+    Rows of a plan that is not billable are excluded at once (``free_plan``), with a rounding
+    carry of their own. A bucket whose plan is none of `plans` is held, never guessed. The
+    boundary T is left to the sender: it may still move until rows are sent, and an excluded
+    row is final.
     """
     legacy = legacy_plans or {}
     totals = {(t.org_id, t.meter, t.bucket_start): t.value_micros for t in batch.totals}
@@ -88,8 +94,11 @@ def plan_revisions(
         if (org_id, bucket_start) in held:
             continue
         org = batch.orgs.get(org_id)
-        plan = (org.plan_at(bucket_start) if org else None) or legacy.get(org_id) or FREE_PLAN
-        reason = Reason.FREE_PLAN if plan == FREE_PLAN else None
+        billable, why = _billable(plans, org_id, org.plan_at(bucket_start) if org else None, legacy)
+        if billable is None:
+            held[(org_id, bucket_start)] = HeldBucket(org_id, bucket_start, why)
+            continue
+        reason = None if billable else Reason.FREE_PLAN
         chain = (org_id, meter, segment(reason))
         so_far = chains.get(chain)
         if so_far is None:
@@ -115,6 +124,30 @@ def plan_revisions(
         )
     carries = [carry(*chain, *chains[chain]) for chain in sorted(touched)]
     return RollupPlan(rows=rows, carries=carries, held=list(held.values()))
+
+
+def _billable(
+    plans: Plans, org_id: str, stored: str | None, legacy: Mapping[str, str]
+) -> tuple[bool | None, str]:
+    """Whether the org's usage in a bucket is billed (None: its plan is unknown), and why."""
+    known = ", ".join(plans.names)
+    if stored is not None:
+        why = (
+            f"org {org_id!r} is on plan {stored!r}, which is not configured (plans: {known}): "
+            "set its plan (`controlplane orgs set`)"
+        )
+        return plans.is_billable(stored), why
+    answer = legacy.get(org_id)
+    if answer is None:
+        return plans.is_billable(FREE), ""
+    plan = plans.from_legacy(answer)
+    if plan is None:
+        return None, (
+            f"the legacy biller says org {org_id!r} is on plan {answer!r}, which maps to no "
+            f"configured plan (plans: {known}): add it to [legacy] plan_map, or set the "
+            "org's plan (`controlplane orgs set`)"
+        )
+    return plans.is_billable(plan), ""
 
 
 def carry(org_id: str, meter: str, chain: str, exact: int, whole: int) -> Carry:
@@ -161,6 +194,7 @@ async def run(
     batch_buckets: int = 5000,
     org_id: str | None = None,
     legacy: LegacyPlans | None = None,
+    plans: Plans = DEFAULT,
 ) -> RollupStats:
     """Roll up every dirty bucket that ends at or before `closed_before`. With `legacy`, a
     bucket no stored plan covers waits unless the legacy biller answered for its org (also
@@ -171,7 +205,7 @@ async def run(
     held: list[HeldBucket] = []  # by the step in progress
 
     def planner(batch: RollupBatch) -> RollupPlan:
-        plan = plan_revisions(batch, bucket_seconds, legacy.plans if legacy else None)
+        plan = plan_revisions(batch, bucket_seconds, legacy.plans if legacy else None, plans)
         held[:] = plan.held
         return plan
 

@@ -21,13 +21,13 @@ from urllib.parse import quote
 import httpx
 import msgspec
 
+from controlplane.config import LegacyPluginConfig
 from controlplane.errors import ConfigError
 from controlplane.interfaces import (
     CapabilityUnavailable,
     LegacyCapability,
     LegacyError,
     LegacySource,
-    PluginConfig,
 )
 from controlplane.plugins.legacy._common import collect, unix_seconds
 from controlplane.registry import PluginSpec
@@ -36,7 +36,7 @@ from controlplane.secrets import Secret, reveal
 _decoder = msgspec.json.Decoder(float_hook=Decimal)
 
 
-class HTTPLegacyConfig(PluginConfig, tag="http", tag_field="backend", frozen=True):
+class HTTPLegacyConfig(LegacyPluginConfig, tag="http", tag_field="backend", frozen=True):
     url: str
     token: Secret | None = None
     billed_until_url: str | None = None

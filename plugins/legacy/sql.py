@@ -24,13 +24,13 @@ from typing import Any
 
 import aiosqlite
 
+from controlplane.config import LegacyPluginConfig
 from controlplane.errors import ConfigError
 from controlplane.interfaces import (
     CapabilityUnavailable,
     LegacyCapability,
     LegacyError,
     LegacySource,
-    PluginConfig,
 )
 from controlplane.plugins.legacy._common import collect, unix_seconds
 from controlplane.registry import PluginSpec, require
@@ -39,7 +39,7 @@ from controlplane.secrets import Secret, check_url, reveal
 _PARAM = re.compile(r"(?<![:\w]):(start|end|org)\b")
 
 
-class SQLLegacyConfig(PluginConfig, tag="sql", tag_field="backend", frozen=True):
+class SQLLegacyConfig(LegacyPluginConfig, tag="sql", tag_field="backend", frozen=True):
     dsn: Secret
     query: str
     billed_until_query: str | None = None

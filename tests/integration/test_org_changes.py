@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from controlplane.core import ControlPlane
-from controlplane.errors import InvalidInput
+from controlplane.errors import InvalidChoice, InvalidInput
 from controlplane.flags import FlagChange
 from controlplane.interfaces import Outcome
 from controlplane.ledger import RowState
@@ -61,6 +61,22 @@ async def test_a_forced_retroactive_plan_change_says_which_buckets_keep_their_pl
     assert entry.forced
     rows = await cp.storage.ledger()
     assert [r.state for r in rows] == [RowState.PENDING] * 3  # kept as rolled up
+
+
+async def test_a_plan_outside_the_configured_set_is_refused_and_changes_nothing(
+    cp: ControlPlane,
+) -> None:
+    """`orgs set --plan fre` was stored, and the rollup billed it (every plan but `free`)."""
+    audit = await cp.storage.audit_log(action_prefix="org.")
+    with pytest.raises(InvalidChoice) as info:
+        await cp.set_org("o2", customer="cus_2", plan="fre", actor="t")
+    (problem,) = info.value.problems
+    assert (problem.field, problem.message) == (
+        "plan",
+        "unknown plan 'fre'; known plans: free, pro",
+    )
+    assert await cp.storage.get_org("o2") is None
+    assert await cp.storage.audit_log(action_prefix="org.") == audit
 
 
 async def test_one_provider_customer_bills_one_org(cp: ControlPlane) -> None:

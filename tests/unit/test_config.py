@@ -62,6 +62,7 @@ def test_every_setting_is_documented_in_the_example() -> None:
         TokenConfig,
     )
     from controlplane.meters import MeterConfig
+    from controlplane.plans import PlanConfig
     from controlplane.plugins.ingest.redis_streams import RedisStreamsIngestConfig
     from controlplane.plugins.legacy.http import HTTPLegacyConfig
     from controlplane.plugins.legacy.sql import SQLLegacyConfig
@@ -75,6 +76,7 @@ def test_every_setting_is_documented_in_the_example() -> None:
         | _struct_keys(LoggingConfig, "logging")
         | _struct_keys(TokenConfig, "auth.tokens")
         | _struct_keys(MeterConfig, "meters")
+        | _struct_keys(PlanConfig, "plans")
         | _struct_keys(SQLiteStorageConfig, "storage")
         | _struct_keys(ParityConfig, "parity")
         | _struct_keys(ParityAlertConfig, "parity.alert")
@@ -171,6 +173,16 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
             "meters[0].aggregation: Invalid enum value 'summ' (expected one of 'sum', 'count')",
         ),
         ({"logging": {"level": "loud"}}, "(expected one of 'debug', 'info', 'warning', 'error')"),
+        ({"plans": [{"name": "pro", "billable": True}]}, "plans: 'free' (billable = false) and"),
+        (
+            {"plans": [{"name": "free", "billable": True}, {"name": "pro", "billable": True}]},
+            "plans: 'free' (billable = false) and 'pro' (billable = true) are required",
+        ),
+        (
+            {"legacy": {"backend": "http", "url": "http://l", "plan_map": {"ent": "gold"}}},
+            "legacy.plan_map.ent: unknown plan 'gold'; known: ['free', 'pro']",
+        ),
+        ({"plans": [{"name": "free", "billable": "no"}]}, "plans[0].billable: Expected `bool`"),
     ],
 )
 def test_bad_config_suggests_the_nearest_setting_and_lists_allowed_values(

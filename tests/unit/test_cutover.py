@@ -168,7 +168,7 @@ async def test_preflight_passes_when_every_precondition_holds(ready: ControlPlan
     assert report.ok, report
     assert {c.name: c.status for c in report.checks} == {
         "t_valid": "pass",
-        "pro_orgs_have_customer": "pass",
+        "billable_orgs_have_customer": "pass",
         "parity_clean": "pass",
         "legacy_not_billed_from_t": "pass",
         "catalog_published": "pass",
@@ -184,8 +184,24 @@ async def test_preflight_fails_on_a_misaligned_or_too_old_t(ready: ControlPlane)
 async def test_preflight_fails_when_a_pro_org_has_no_customer(ready: ControlPlane) -> None:
     await ready.set_org("o2", customer=None, plan="pro", actor="t", effective_from=0)
     await ready.set_org("o3", customer=None, plan="free", actor="t", effective_from=0)
-    check = by_name(await ready.cutover.preflight(T))["pro_orgs_have_customer"]
+    check = by_name(await ready.cutover.preflight(T))["billable_orgs_have_customer"]
     assert check.status == "fail" and "o2" in check.detail and "o3" not in check.detail
+
+
+async def test_preflight_looks_at_every_billable_plan(build: Callable[..., Any]) -> None:
+    plans = [
+        {"name": "free", "billable": False},
+        {"name": "pro", "billable": True},
+        {"name": "team", "billable": True},
+        {"name": "trial", "billable": False},
+    ]
+    async with build(plans=plans) as cp:
+        await cp.set_org("o1", customer="cus_1", plan="pro", actor="t", effective_from=0)
+        await cp.set_org("o2", customer=None, plan="team", actor="t", effective_from=0)
+        await cp.set_org("o3", customer=None, plan="trial", actor="t", effective_from=0)
+        check = by_name(await cp.cutover.preflight(T))["billable_orgs_have_customer"]
+        assert check.status == "fail" and "1 orgs" in check.detail
+        assert "o2" in check.detail and "o3" not in check.detail
 
 
 async def test_preflight_fails_when_parity_is_not_clean_long_enough(
@@ -267,7 +283,9 @@ async def test_execute_refuses_when_preflight_fails_and_changes_nothing(
     before = await ready.flags()
     with pytest.raises(FlagRefused) as info:
         await ready.cutover.execute(T, actor="ops", reason="go")
-    assert info.value.rule == "cutover.preflight" and "pro_orgs_have_customer" in str(info.value)
+    assert info.value.rule == "cutover.preflight" and "billable_orgs_have_customer" in str(
+        info.value
+    )
     assert await ready.flags() == before
     assert await ready.storage.audit_log(action_prefix="cutover.") == []
     _, flags = await ready.cutover.execute(T, actor="ops", reason="go anyway", force=True)

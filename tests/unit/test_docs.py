@@ -27,6 +27,7 @@ SECTIONS = {
     "flags": config_mod.FlagsConfig,
     "logging": config_mod.LoggingConfig,
     "meters": config_mod.MeterConfig,
+    "plans": config_mod.PlanConfig,
     "parity": config_mod.ParityConfig,
     "parity.alert": config_mod.ParityAlertConfig,
     "catalog": config_mod.CatalogConfig,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from controlplane.interfaces import Carry, ChainRow, Org, PlanPeriod, RollupBatch, UsageTotal
 from controlplane.ledger import Reason, RowState, identifier
+from controlplane.plans import PlanConfig, Plans
 from controlplane.rollup import plan_revisions, requantify
 from controlplane.units import MAX_MICROS, MICROS
 
@@ -146,3 +147,48 @@ def test_a_bucket_total_past_the_bound_is_held_and_the_others_planned() -> None:
     assert [(r.bucket_start, r.quantity) for r in plan.rows] == [(3600, 2)]
     (held,) = plan.held
     assert (held.org_id, held.bucket_start) == ("o", 0) and "past the" in held.reason
+
+
+PLANS = Plans(
+    [
+        PlanConfig(name="free", billable=False),
+        PlanConfig(name="trial", billable=False),
+        PlanConfig(name="pro", billable=True),
+        PlanConfig(name="team", billable=True),
+    ],
+    plan_map={"enterprise": "team", "starter": "free"},
+)
+
+
+def test_a_plan_bills_by_its_billable_setting_not_by_its_name() -> None:
+    orgs = {"o": Org("o", None, [PlanPeriod("team", 0), PlanPeriod("trial", 3600)], 0)}
+    plan = plan_revisions(batch({0: MICROS, 3600: MICROS}, orgs=orgs), 3600, plans=PLANS)
+    assert [(r.state, r.reason) for r in plan.rows] == [
+        (RowState.PENDING, None),
+        (RowState.EXCLUDED, Reason.FREE_PLAN),
+    ]
+
+
+def test_a_stored_plan_outside_the_set_is_held_with_its_reason_never_billed() -> None:
+    """A typo stored before plans were a closed set (`fre`) was billed: every name but
+    exactly `free` was."""
+    typo = {"o": Org("o", None, [PlanPeriod("fre", 0)], 0)}
+    plan = plan_revisions(batch({0: MICROS, 3600: MICROS}, orgs=typo), 3600, plans=PLANS)
+    assert plan.rows == [] and plan.carries == []
+    assert [(h.org_id, h.bucket_start) for h in plan.held] == [("o", 0), ("o", 3600)]
+    assert "plan 'fre', which is not configured (plans: free, pro, team, trial)" in (
+        plan.held[0].reason
+    )
+
+
+def test_legacy_answers_map_through_plan_map_and_an_unmapped_one_is_held() -> None:
+    plan = plan_revisions(batch({0: MICROS}, orgs={}), 3600, {"o": "enterprise"}, PLANS)
+    assert plan.rows[0].state is RowState.PENDING  # enterprise -> team, billable
+    plan = plan_revisions(batch({0: MICROS}, orgs={}), 3600, {"o": "starter"}, PLANS)
+    assert plan.rows[0].reason is Reason.FREE_PLAN  # starter -> free
+    plan = plan_revisions(batch({0: MICROS}, orgs={}), 3600, {"o": "team"}, PLANS)
+    assert plan.rows[0].state is RowState.PENDING  # already a plan's name
+    plan = plan_revisions(batch({0: MICROS}, orgs={}), 3600, {"o": "platinum"}, PLANS)
+    assert plan.rows == [] and len(plan.held) == 1
+    assert "plan 'platinum', which maps to no configured plan" in plan.held[0].reason
+    assert "[legacy] plan_map" in plan.held[0].reason
