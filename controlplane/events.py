@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import io
 import itertools
-import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, NamedTuple
 
@@ -24,6 +22,7 @@ import msgspec
 from controlplane.errors import InvalidInput, Problem, Undecodable
 from controlplane.interfaces import IngestResult, Storage, StoredEvent
 from controlplane.meters import ExpressionError, MeterSet
+from controlplane.times import iso, parse_time
 
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
@@ -49,7 +48,6 @@ _one_decoder = msgspec.json.Decoder(EventIn, float_hook=Decimal)
 _any_decoder = msgspec.json.Decoder(float_hook=Decimal)
 _data_encoder = msgspec.json.Encoder(decimal_format="number")
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_TS_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, as far as `time` can say
 
 JSON_TYPES = (
@@ -212,34 +210,6 @@ def decode_body(body: bytes, content_type: str, max_events: int | None = None) -
         raise Undecodable([Problem(field="", message=f"malformed JSON: {exc}")]) from None
 
 
-_RFC3339 = re.compile(  # ASCII digits only: `\d` would take any script's digits
-    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,9}))?"
-    r"(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))"
-)
-
-
-def parse_time(text: str) -> int:
-    """An RFC 3339 timestamp (`2026-01-01T10:00:00.5Z`, `...+02:00`) as unix milliseconds.
-    Raises ValueError for anything else (ISO 8601 variants included: `20260101T100000Z`,
-    week dates, no offset)."""
-    match = _RFC3339.fullmatch(text)
-    if match is None:
-        raise ValueError(f"not an RFC 3339 timestamp (like 2026-01-01T10:00:00Z): {text[:64]!r}")
-    year, month, day, hour, minute, second, fraction, z, sign, oh, om = match.groups()
-    if int(oh or 0) > 23 or int(om or 0) > 59:
-        raise ValueError(f"not a valid UTC offset: {text[:64]!r}")
-    try:
-        wall = datetime(
-            int(year), int(month), int(day), int(hour), int(minute), int(second), tzinfo=UTC
-        )
-    except ValueError as exc:
-        raise ValueError(f"not a valid date and time ({exc}): {text[:64]!r}") from None
-    offset = 0 if z else (int(oh) * 60 + int(om)) * 60 * (1 if sign == "+" else -1)
-    delta = wall - _EPOCH  # the wall clock read as UTC; integer arithmetic, no float rounding
-    seconds = delta.days * 86_400 + delta.seconds - offset
-    return seconds * 1000 + int((fraction or "0")[:3].ljust(3, "0"))
-
-
 def _time_ms(event: EventIn, window: tuple[int, int]) -> int:
     """The event's instant in unix ms, from `time` or `ts`, inside `window` (ms) either way."""
     if event.time is not None and event.ts is not None:
@@ -253,8 +223,9 @@ def _time_ms(event: EventIn, window: tuple[int, int]) -> int:
     earliest, latest = window
     if not earliest <= at <= latest:
         raise ValueError(
-            f"{field}: {_iso(at)} is outside the accepted window, {_iso(earliest)} to "
-            f"{_iso(latest)} ([server] event_time_min, event_time_max_ahead_seconds)"
+            f"{field}: {iso(at // 1000)} is outside the accepted window, "
+            f"{iso(earliest // 1000)} to {iso(latest // 1000)} "
+            "([server] event_time_min, event_time_max_ahead_seconds)"
         )
     return at
 
@@ -264,13 +235,6 @@ def parse_time_field(text: str) -> int:
         return parse_time(text)
     except ValueError as exc:
         raise ValueError(f"time: {exc}") from None
-
-
-def _iso(ms: int) -> str:
-    try:
-        return datetime.fromtimestamp(ms // 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    except (OverflowError, ValueError, OSError):
-        return f"{ms} ms"
 
 
 class Ingestor:

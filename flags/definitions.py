@@ -8,6 +8,8 @@ from typing import Any
 
 import msgspec
 
+from controlplane.times import MAX_SECONDS, parse_instant
+
 
 class Authority(enum.StrEnum):
     LEGACY = "legacy"
@@ -28,23 +30,17 @@ def parse_bool(value: Any) -> bool:
     raise ValueError(f"expected true or false, got {value!r}")
 
 
-MAX_BILL_FROM = 253_402_300_799  # 9999-12-31T23:59:59Z; larger overflows storage integers
+MAX_BILL_FROM = MAX_SECONDS  # 9999-12-31T23:59:59Z; larger overflows storage integers
 
 
 def parse_bill_from(value: Any) -> int | None:
+    """T: unix seconds or an RFC 3339 time (`2026-01-01T00:00:00Z`); null (or "") unsets it."""
     if value is None or (isinstance(value, str) and value.strip().lower() in {"", "null", "none"}):
         return None
-    if isinstance(value, bool):
-        raise ValueError(f"expected unix seconds or null, got {value!r}")
-    if isinstance(value, int):
-        seconds = value
-    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        seconds = int(value.strip())
-    else:
-        raise ValueError(f"expected unix seconds or null, got {value!r}")
-    if not 0 <= seconds <= MAX_BILL_FROM:
-        raise ValueError(f"expected unix seconds from 0 to {MAX_BILL_FROM} (year 9999)")
-    return seconds
+    try:
+        return parse_instant(value)
+    except ValueError as exc:
+        raise ValueError(f"{exc}, or null") from None
 
 
 def parse_authority(value: Any) -> Authority:
@@ -82,7 +78,7 @@ FLAGS: dict[str, FlagSpec] = {
             default=None,
             env=("BILL_FROM",),
             parse=parse_bill_from,
-            description="the boundary T (unix seconds): bill buckets starting at or after T",
+            description="the boundary T (unix seconds or RFC 3339): bill buckets from T on",
         ),
         FlagSpec(
             name="authority",
