@@ -44,7 +44,7 @@ def _core(config: Config, migrate: bool = True) -> Any:
 def serve(args: argparse.Namespace, config: Config) -> int:
     import uvicorn
 
-    from controlplane.app import create_app
+    from controlplane.http.app import create_app
 
     if args.no_migrate:
         config = msgspec.structs.replace(

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from litestar.testing import AsyncTestClient
 
-from controlplane.app import create_app
 from controlplane.config import Config
 from controlplane.core import ControlPlane
+from controlplane.http.app import create_app
 from tests.conftest import HOUR, READ_TOKEN, T0, TOKEN, tick
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -12,9 +12,9 @@ import pytest
 from litestar.testing import AsyncTestClient
 from structlog.testing import capture_logs
 
-from controlplane.app import create_app
 from controlplane.config import Config, TokenConfig
 from controlplane.core import ControlPlane
+from controlplane.http.app import create_app
 from tests.conftest import READ_TOKEN, T0, TOKEN, tick, token_hash
 from tests.integration.test_api import stored
 

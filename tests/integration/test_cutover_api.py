@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from litestar.testing import AsyncTestClient
 
-from controlplane.app import create_app
 from controlplane.cli import main
 from controlplane.config import Config
 from controlplane.core import ControlPlane
+from controlplane.http.app import create_app
 from controlplane.plugins.billing.fake import FakeBilling
 from tests.conftest import HOUR, READ_TOKEN, T0, TOKEN, tick, token_hash
 

@@ -18,10 +18,11 @@ from litestar.testing import AsyncTestClient
 from structlog.testing import capture_logs
 
 from controlplane import config as config_mod
-from controlplane.app import _on_error, create_app
 from controlplane.config import Config
 from controlplane.core import ControlPlane
 from controlplane.errors import ConfigError
+from controlplane.http.app import create_app
+from controlplane.http.problems import on_error
 from tests.conftest import T0, TOKEN, raw_config, tick
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -247,9 +248,9 @@ def test_input_a_handler_cannot_decode_is_a_400_wherever_it_is_found(exc: Except
     """The catch-all: undecodable input that reaches past every check is still a 400, not a
     500 logged with a traceback."""
     with capture_logs() as logs:
-        r = _on_error(None, exc)  # type: ignore[arg-type]  # only validation errors read it
+        r = on_error(None, exc)  # type: ignore[arg-type]  # only validation errors read it
     assert r.status_code == 400 and r.media_type == "application/problem+json"
     assert logs == []
     with capture_logs() as logs:
-        assert _on_error(None, KeyError("a bug")).status_code == 500  # type: ignore[arg-type]
+        assert on_error(None, KeyError("a bug")).status_code == 500  # type: ignore[arg-type]
     assert [e["event"] for e in logs] == ["api.unexpected"]

@@ -14,9 +14,9 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from controlplane import config as config_mod
-from controlplane.app import create_app
 from controlplane.cli import main
 from controlplane.core import ControlPlane
+from controlplane.http.app import create_app
 from tests.conftest import T0, TOKEN, tick, token_hash
 
 

@@ -12,9 +12,9 @@ from litestar.testing import AsyncTestClient
 from structlog.testing import capture_logs
 
 from controlplane import health
-from controlplane.app import create_app
 from controlplane.config import Config
 from controlplane.core import ControlPlane
+from controlplane.http.app import create_app
 from controlplane.interfaces import JobRun
 from tests.harness import HTTPRecorder
 

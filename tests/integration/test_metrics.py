@@ -14,10 +14,10 @@ import pytest
 from litestar.testing import AsyncTestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from controlplane.app import create_app
 from controlplane.config import Config
 from controlplane.core import ControlPlane
 from controlplane.flags import FlagChange
+from controlplane.http.app import create_app
 from controlplane.interfaces import JobRun, Outcome, ParityRun
 from controlplane.plugins.billing.fake import FakeBilling
 from tests.conftest import HOUR, READ_TOKEN, T0, TOKEN, tick

@@ -15,9 +15,9 @@ from litestar.testing import AsyncTestClient
 from structlog.testing import capture_logs
 
 from controlplane import cli, parity
-from controlplane.app import create_app
 from controlplane.config import Config
 from controlplane.core import ControlPlane
+from controlplane.http.app import create_app
 from tests.conftest import HOUR, READ_TOKEN, T0, TOKEN, tick
 from tests.harness import HTTPRecorder, Request
 

@@ -29,9 +29,9 @@ from structlog.testing import capture_logs
 
 from controlplane import config as config_mod
 from controlplane import parity
-from controlplane.app import create_app
 from controlplane.config import Config
 from controlplane.core import ControlPlane
+from controlplane.http.app import create_app
 from tests.conftest import HOUR, T0, TOKEN, raw_config, tick
 from tests.harness import HTTPRecorder
 

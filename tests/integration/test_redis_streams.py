@@ -11,16 +11,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from litestar.datastructures import State
 from litestar.testing import AsyncTestClient
 from structlog.testing import capture_logs
 
 from controlplane import config as config_mod
-from controlplane.app import create_app, readyz
 from controlplane.config import Config
 from controlplane.core import ControlPlane
 from controlplane.errors import ConfigError, StorageError
+from controlplane.http.app import create_app
+from controlplane.http.controllers.health import readiness
 from controlplane.interfaces import IngestResult, StoredEvent
 from controlplane.plugins.ingest.redis_streams import RedisStreamsIngest, RedisStreamsIngestConfig
 from controlplane.scrape import exposition, scrape
@@ -249,7 +251,7 @@ async def test_a_store_that_keeps_failing_is_reported_until_a_batch_is_committed
     report = source.failing()
     assert report is not None and report.startswith("failing since ")
     assert "cannot store events: StorageError: database is locked" in report
-    ready = (await readyz.fn(cp=plane, state=State())).content
+    ready = msgspec.to_builtins(await readiness(plane, State()))
     assert ready["checks"]["ingest"] == {label: report}
     [up] = [m for m in await scrape(plane, watching_since=None) if m.name.endswith("source_up")]
     assert [(s.labels, s.value) for s in up.samples] == [({"source": label}, 0)]
@@ -263,7 +265,7 @@ async def test_a_store_that_keeps_failing_is_reported_until_a_batch_is_committed
 
     await eventually(recovered)
     assert source.failing() is None
-    ready = (await readyz.fn(cp=plane, state=State())).content
+    ready = msgspec.to_builtins(await readiness(plane, State()))
     assert ready["checks"]["ingest"] == {label: "ok"}
     assert await stored(plane) == {"e1": MICROS_PER_TICK}
     assert await r.xlen(f"{stream}:dead") == 0
@@ -401,7 +403,7 @@ async def test_an_entry_the_store_refuses_for_its_values_is_dead_lettered_not_re
     assert source.stats.retries == 0  # refused input is not a storage failure: no retry
     assert not [e for e in logs if e["event"] == "ingest.redis.store_failed"]
     assert source.failing() is None
-    ready = (await readyz.fn(cp=plane, state=State())).content
+    ready = msgspec.to_builtins(await readiness(plane, State()))
     assert ready["checks"]["ingest"] == {f"redis_streams:{stream}": "ok"}
     assert await pending(r, stream) == 0
     text = (await exposition(plane, watching_since=None)).decode()
@@ -547,7 +549,7 @@ async def test_a_source_that_cannot_reach_redis_reports_it_and_recovers(
 
     await eventually(reported)
     assert source.failing().startswith("failing since ")  # type: ignore[union-attr]
-    ready = (await readyz.fn(cp=plane, state=State())).content
+    ready = msgspec.to_builtins(await readiness(plane, State()))
     [up] = [m for m in await scrape(plane, watching_since=None) if m.name.endswith("source_up")]
     # HTTP ingest still works: the replica stays ready and says what cannot consume
     assert ready["status"] == "ready"

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from litestar.testing import AsyncTestClient
 
-from controlplane.app import create_app
 from controlplane.config import Config
 from controlplane.core import ControlPlane
+from controlplane.http.app import create_app
 from controlplane.ledger import RowState
 from controlplane.rollup import HELD_ALERTS
 from controlplane.scrape import exposition

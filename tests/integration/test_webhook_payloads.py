@@ -18,9 +18,9 @@ import stripe
 from litestar.testing import AsyncTestClient
 from structlog.testing import capture_logs
 
-from controlplane.app import create_app
 from controlplane.config import Config
 from controlplane.core import ControlPlane
+from controlplane.http.app import create_app
 from controlplane.interfaces import AuditEntry, OrgChange, PlanPeriod, WebhookRecord
 from controlplane.webhooks import ALERTS, MAX_DEPTH
 from tests.conftest import HOUR, T0

@@ -1,0 +1,1 @@
+"""One module per resource; each controller declares its security, scope and guards once."""

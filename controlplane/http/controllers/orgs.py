@@ -1,0 +1,108 @@
+"""`/v1/orgs/{org_id}`: an org's provider customer and plan history."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Controller, HttpMethod, Request, Response, get, put, route
+from litestar.params import FromPath, JSONBody
+
+from controlplane.errors import NotFound
+from controlplane.http.guards import BEARER, actor, require_scope
+from controlplane.http.params import CP, Seconds, strict_body
+from controlplane.http.problems import AUTH, BODY, documented
+from controlplane.interfaces import Org, PlanPeriod
+
+
+class OrgPut(msgspec.Struct, forbid_unknown_fields=True):
+    customer: str | None = None
+    plan: str | None = None
+    effective_from: Seconds | None = None
+    reason: str | None = None
+    force: bool = False  # a plan period before buckets already rolled up
+
+
+class OrgDetails(msgspec.Struct):
+    org_id: str
+    customer: str | None
+    plan: str | None  # the newest plan period's
+    plans: list[PlanPeriod]  # oldest first
+    updated_at: int
+    subscription: str | None
+    subscription_status: str | None
+
+    @classmethod
+    def of(cls, org: Org) -> OrgDetails:
+        return cls(**_details(org))
+
+
+class OrgChanged(OrgDetails):
+    """The org as changed, and what the change means for usage already rolled up."""
+
+    notes: list[str]
+
+
+def _details(org: Org) -> dict[str, Any]:
+    return {
+        "org_id": org.org_id,
+        "customer": org.customer,
+        "plan": org.plans[-1].plan if org.plans else None,
+        "plans": org.plans,
+        "updated_at": org.updated_at,
+        "subscription": org.subscription,
+        "subscription_status": org.subscription_status,
+    }
+
+
+class OrgsController(Controller):
+    """A read needs the `read` scope; a change needs `admin`; OPTIONS needs no token."""
+
+    path = "/v1/orgs/{org_id:str}"
+    tags = ["orgs"]
+    security = BEARER
+    guards = [require_scope]
+    opt = {"scope": "read"}
+
+    @route(
+        http_method=HttpMethod.OPTIONS,
+        opt={"scope": None},
+        include_in_schema=False,
+        status_code=204,
+    )
+    async def allowed_methods(self) -> Response[None]:
+        """OPTIONS, with no token. litestar's own answer would list the methods of only one of
+        the handlers sharing this path. Named to sort first: litestar registers a controller's
+        handlers in name order, and keeps its own OPTIONS handler if another comes first."""
+        return Response(None, status_code=204, headers={"Allow": "GET, OPTIONS, PUT"})
+
+    @put(
+        opt={"scope": "admin"},
+        summary="Set an org's customer or plan",
+        responses=documented(*AUTH, *BODY),
+        before_request=strict_body(OrgPut),
+    )
+    async def put_org(
+        self,
+        request: Request[Any, Any, Any],
+        cp: CP,
+        org_id: FromPath[str],
+        data: JSONBody[OrgPut],
+    ) -> OrgChanged:
+        update = await cp.set_org(
+            org_id,
+            customer=data.customer,
+            plan=data.plan,
+            actor=actor(request),
+            effective_from=data.effective_from,
+            reason=data.reason,
+            force=data.force,
+        )
+        return OrgChanged(**_details(update.org), notes=update.notes)
+
+    @get(summary="An org's customer and plan history", responses=documented(*AUTH, 404))
+    async def get_org(self, cp: CP, org_id: FromPath[str]) -> OrgDetails:
+        org = await cp.org(org_id)
+        if org is None:
+            raise NotFound(f"no org {org_id!r}")
+        return OrgDetails.of(org)
