@@ -48,6 +48,7 @@ from controlplane.meters import MeterSet
 from controlplane.parity import CleanSince
 from controlplane.parity_checker import settled_end
 from controlplane.plans import Plans
+from controlplane.times import iso
 from controlplane.units import format_micros
 
 log = structlog.get_logger("cutover")
@@ -138,14 +139,28 @@ class CutoverStatus(msgspec.Struct, frozen=True):
 
 
 def _who(snapshot: Snapshot) -> list[str]:
-    t = snapshot.bill_from
-    if snapshot.sending and t is not None:
-        return [
-            f"legacy biller: buckets starting before {t}",
-            f"control plane: buckets starting at or after {t} (sending)",
-        ]
-    shadow = "computes in shadow, sends nothing" if snapshot.shadow else "does not send"
-    return ["legacy biller: every bucket", f"control plane: {shadow}"]
+    """Who bills which buckets under `snapshot`, for every combination of the three flags:
+    the legacy biller bills before ``legacy_bill_until`` (everything while it is unset)."""
+    t = snapshot.legacy_bill_until
+    if t is None:
+        legacy = "legacy biller: every bucket"
+        if snapshot.authority is Authority.CONTROLPLANE:  # authority without T
+            cp = "control plane: sends nothing until bill_from (T) is set"
+        elif snapshot.shadow:
+            cp = "control plane: computes in shadow, sends nothing"
+        else:
+            cp = "control plane: sends nothing (authority is legacy)"
+        return [legacy, cp]
+    when = f"{t} ({iso(t)})"
+    legacy = f"legacy biller: buckets starting before {when}"
+    if snapshot.shadow:  # a paused cutover: nobody bills from T on yet, nothing is lost
+        cp = (
+            f"control plane: buckets starting at or after {when}, computed in shadow and "
+            "sent once shadow is off (paused: not billed yet)"
+        )
+    else:
+        cp = f"control plane: buckets starting at or after {when} (sending)"
+    return [legacy, cp]
 
 
 def _candidate(current: Snapshot, values: dict[str, Any]) -> Snapshot:

@@ -25,6 +25,7 @@ from controlplane.interfaces import (
 )
 from controlplane.ledger import RowState
 from controlplane.plugins.billing.fake import FakeBilling
+from controlplane.times import iso
 from tests.conftest import HOUR, T0, tick
 
 # the clock fixture reads T0 + 10 h: settled buckets (settle 2 h) end at T0 + 8 h
@@ -142,8 +143,8 @@ async def test_plan_explains_who_bills_what_and_changes_nothing(ready: ControlPl
         "control plane: computes in shadow, sends nothing",
     ]
     assert plan.after == [
-        f"legacy biller: buckets starting before {T}",
-        f"control plane: buckets starting at or after {T} (sending)",
+        f"legacy biller: buckets starting before {T} ({iso(T)})",
+        f"control plane: buckets starting at or after {T} ({iso(T)}) (sending)",
     ]
     assert [(c.flag, c.before, c.after) for c in plan.changes] == [
         ("authority", "legacy", "controlplane"),
@@ -153,6 +154,31 @@ async def test_plan_explains_who_bills_what_and_changes_nothing(ready: ControlPl
     assert (plan.pending_from_t, plan.pending_before_t) == (1, 1)
     assert plan.problems == []
     assert await ready.flags() == before
+
+
+@pytest.mark.parametrize(
+    ("values", "who"),
+    [
+        ({"authority": "legacy", "shadow": False}, ["every bucket", "authority is legacy"]),
+        ({"authority": "legacy", "bill_from": T}, ["every bucket", "computes in shadow"]),
+        ({"authority": "controlplane"}, ["every bucket", "until bill_from (T) is set"]),
+        (  # a paused cutover: legacy_bill_until is T, the control plane sends nothing yet
+            {"authority": "controlplane", "bill_from": T},
+            [f"before {T} ", f"at or after {T} ({iso(T)}), computed in shadow and sent once"],
+        ),
+    ],
+)
+async def test_plan_says_truthfully_who_bills_what_under_every_flag_combination(
+    ready: ControlPlane, values: dict[str, Any], who: list[str]
+) -> None:
+    """Authority controlplane with shadow on was described as "legacy biller: every bucket"
+    while legacy_bill_until was T."""
+    changes = [FlagChange(name, value) for name, value in values.items()]
+    await ready.set_flags(changes, actor="t", reason="r", force=True)
+    plan = await ready.cutover.plan(T)
+    assert len(plan.before) == 2
+    for line, says in zip(plan.before, who, strict=True):
+        assert says in line, (line, says)
 
 
 async def test_plan_names_the_rules_execute_would_meet(ready: ControlPlane) -> None:
