@@ -29,7 +29,7 @@ class OfrepEvaluation(msgspec.Struct, kw_only=True):
     """A flag without a value (reason DISABLED) has no `value`: the SDK uses its default."""
 
     key: str
-    value: Any | msgspec.UnsetType = msgspec.UNSET
+    value: Any = msgspec.UNSET  # absent, not null, when the flag has no value
     reason: str  # STATIC or DISABLED
     variant: str
     metadata: OfrepMetadata

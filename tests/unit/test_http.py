@@ -1,0 +1,102 @@
+"""The HTTP shell's contract, read off the built app: who may call each operation, and that
+/schema describes every answer. (Behaviour over HTTP: tests/integration/test_api*.py.)"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from litestar import Litestar
+from litestar.routes import HTTPRoute
+
+from controlplane.config import Config
+from controlplane.http.app import create_app
+
+# (method, path) -> the guard and what it asks for; OPTIONS and litestar's own answers aside
+ACCESS = {
+    ("POST", "/v1/events"): ("require_scope", "ingest"),
+    ("GET", "/v1/usage"): ("require_scope", "read"),
+    ("GET", "/v1/ledger"): ("require_scope", "read"),
+    ("GET", "/v1/flags"): ("require_scope", "read"),
+    ("GET", "/v1/flags/audit"): ("require_scope", "read"),
+    ("PUT", "/v1/flags/{name:str}"): ("require_scope", "admin"),
+    ("GET", "/v1/orgs/{org_id:str}"): ("require_scope", "read"),
+    ("PUT", "/v1/orgs/{org_id:str}"): ("require_scope", "admin"),
+    ("GET", "/v1/jobs"): ("require_scope", "read"),
+    ("GET", "/v1/catalog"): ("require_scope", "read"),
+    ("GET", "/v1/cutover"): ("require_scope", "read"),
+    ("POST", "/v1/cutover/plan"): ("require_scope", "admin"),
+    ("POST", "/v1/cutover/preflight"): ("require_scope", "admin"),
+    ("POST", "/v1/cutover/execute"): ("require_scope", "admin"),
+    ("POST", "/v1/cutover/rollback"): ("require_scope", "admin"),
+    ("POST", "/ofrep/v1/evaluate/flags"): ("require_scope", "read"),
+    ("POST", "/ofrep/v1/evaluate/flags/{key:str}"): ("require_scope", "read"),
+    ("GET", "/v1/parity/runs"): ("any_scope", ("read", "parity")),
+    ("GET", "/v1/parity/runs/{run_id:int}"): ("any_scope", ("read", "parity")),
+    ("GET", "/v1/parity/clean-since"): ("any_scope", ("read", "parity")),
+    ("GET", "/internal/usage-parity"): ("parity_auth", None),  # a token, or a signature
+    ("GET", "/metrics"): ("metrics_auth", None),  # a token only when configured
+    ("GET", "/healthz"): (None, None),
+    ("GET", "/readyz"): (None, None),
+    ("POST", "/webhooks/stripe"): (None, None),  # its signature
+}
+OPEN_IN_SCHEMA = {  # no bearer token in the document
+    ("get", "/healthz"),
+    ("get", "/readyz"),
+    ("get", "/metrics"),
+    ("get", "/internal/usage-parity"),
+    ("post", "/webhooks/stripe"),
+}
+
+
+@pytest.fixture
+def app(make_config: Callable[..., Config]) -> Litestar:
+    return create_app(make_config())
+
+
+def _access(app: Litestar) -> dict[tuple[str, str], tuple[str | None, Any]]:
+    found: dict[tuple[str, str], tuple[str | None, Any]] = {}
+    for route in app.routes:
+        if not isinstance(route, HTTPRoute):
+            continue
+        for method, (handler, _) in route.route_handler_map.items():
+            if method in ("OPTIONS", "HEAD"):
+                continue
+            guards = [g.__name__ for layer in handler.ownership_layers for g in layer.guards or []]
+            assert len(guards) <= 1, (method, route.path, guards)  # declared once
+            guard = guards[0] if guards else None
+            wants = handler.opt.get("scope", handler.opt.get("scopes"))
+            found[(method, route.path)] = (guard, wants)
+    return {k: v for k, v in found.items() if not k[1].startswith("/schema")}
+
+
+def test_every_operation_asks_for_what_it_should(app: Litestar) -> None:
+    assert _access(app) == ACCESS
+
+
+def test_options_on_an_org_needs_no_token(app: Litestar) -> None:
+    [route] = [r for r in app.routes if r.path == "/v1/orgs/{org_id:str}"]
+    assert isinstance(route, HTTPRoute)
+    handler, _ = route.route_handler_map["OPTIONS"]
+    assert handler.opt["scope"] is None
+
+
+def test_schema_describes_every_answer_and_who_may_ask(app: Litestar) -> None:
+    document = app.openapi_schema.to_schema()
+    operations = [
+        (method, path, operation)
+        for path, item in document["paths"].items()
+        for method, operation in item.items()
+        if isinstance(operation, dict) and "responses" in operation
+    ]
+    assert len(operations) == len(ACCESS)
+    for method, path, operation in operations:
+        [answer] = [a for s, a in operation["responses"].items() if s.startswith("2")]
+        if path == "/metrics":
+            continue  # text, not JSON
+        schema = answer["content"]["application/json"]["schema"]
+        name = schema["$ref"].removeprefix("#/components/schemas/")
+        assert document["components"]["schemas"][name]["properties"], (method, path)
+        bearer = (method, path) not in OPEN_IN_SCHEMA
+        assert (operation.get("security") == [{"bearer": []}]) is bearer, (method, path)
