@@ -7,7 +7,7 @@
     │   └── MissingExtraError (ImportError-like)  a plugin's optional driver is not installed
     ├── InvalidInput (ValueError)         a request or batch was refused; nothing was changed
     │   ├── Undecodable                   its body is no JSON that can be decoded safely
-    │   └── InvalidChoice                 a value is none of those accepted (a plan name)
+    │   └── BadValue                      a value is none the field takes (a plan, a time)
     ├── NotFound (LookupError)            the thing asked for does not exist
     ├── FlagRefused (ValueError)          a flag change broke a rule; no flag was changed
     ├── StorageError                      the storage plugin failed
@@ -77,8 +77,9 @@ class Undecodable(InvalidInput):
     """The body cannot be decoded: malformed JSON, not UTF-8, or nested too deeply."""
 
 
-class InvalidChoice(InvalidInput):
-    """A value is none of those accepted; nothing was changed."""
+class BadValue(InvalidInput):
+    """A value is none the field takes (an unknown plan, a malformed time); nothing was
+    changed."""
 
 
 class NotFound(ControlPlaneError, LookupError):

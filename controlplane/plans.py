@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import msgspec
 
-from controlplane.errors import InvalidChoice, Problem
+from controlplane.errors import BadValue, Problem
 
 FREE = "free"  # an org no one gave a plan
 PRO = "pro"  # what a Stripe checkout provisions
@@ -54,10 +54,10 @@ class Plans:
         return None if plan is None else plan.billable
 
     def check(self, name: str, field: str = "plan") -> str:
-        """`name` when it is a configured plan; else InvalidChoice naming the known ones."""
+        """`name` when it is a configured plan; else BadValue naming the known ones."""
         if name not in self.by_name:
             message = f"unknown plan {name!r}; known plans: {', '.join(self.names)}"
-            raise InvalidChoice([Problem(field=field, message=message)])
+            raise BadValue([Problem(field=field, message=message)])
         return name
 
     def from_legacy(self, answer: str) -> str | None:

@@ -21,6 +21,7 @@ from controlplane.errors import (
     ConfigError,
     ControlPlaneError,
     FlagRefused,
+    BadValue,
     InvalidInput,
     NotFound,
     Problem,
@@ -60,7 +61,7 @@ def _problems(problems: list[Problem]) -> list[dict[str, Any]]:
 
 def on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     """The app's one exception handler: every error, as a problem+json answer."""
-    if isinstance(exc, Undecodable):
+    if isinstance(exc, Undecodable | BadValue):
         return problem(400, "Bad request", exc.message, errors=_problems(exc.problems))
     if isinstance(exc, InvalidInput):
         return problem(422, "Invalid input", exc.message, errors=_problems(exc.problems))

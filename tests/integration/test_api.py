@@ -194,6 +194,11 @@ async def test_orgs(client: Any) -> None:
     await client.put("/v1/orgs/acme", json={"customer": "cus_9"}, headers=AUTH)
     body = (await client.get("/v1/orgs/acme", headers=READ)).json()
     assert body["customer"] == "cus_9" and body["plans"] == [{"plan": "pro", "effective_from": 100}]
+    r = await client.put("/v1/orgs/acme", json={"plan": "fre"}, headers=AUTH)
+    assert r.status_code == 400, r.text
+    assert r.json()["errors"] == [
+        {"field": "plan", "message": "unknown plan 'fre'; known plans: free, pro"}
+    ]
 
 
 async def test_health_readiness_and_schema(client: Any) -> None:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from controlplane.core import ControlPlane
-from controlplane.errors import InvalidChoice, InvalidInput
+from controlplane.errors import BadValue, InvalidInput
 from controlplane.flags import FlagChange
 from controlplane.interfaces import Outcome
 from controlplane.ledger import RowState
@@ -68,7 +68,7 @@ async def test_a_plan_outside_the_configured_set_is_refused_and_changes_nothing(
 ) -> None:
     """`orgs set --plan fre` was stored, and the rollup billed it (every plan but `free`)."""
     audit = await cp.storage.audit_log(action_prefix="org.")
-    with pytest.raises(InvalidChoice) as info:
+    with pytest.raises(BadValue) as info:
         await cp.set_org("o2", customer="cus_2", plan="fre", actor="t")
     (problem,) = info.value.problems
     assert (problem.field, problem.message) == (
