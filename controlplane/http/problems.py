@@ -18,10 +18,10 @@ from litestar.openapi import ResponseSpec
 
 from controlplane.auth import Forbidden, Unauthorized
 from controlplane.errors import (
+    BadValue,
     ConfigError,
     ControlPlaneError,
     FlagRefused,
-    BadValue,
     InvalidInput,
     NotFound,
     Problem,
