@@ -25,7 +25,12 @@ from controlplane.http.controllers.parity import ParityRunsController, UsagePari
 from controlplane.http.controllers.usage import UsageController
 from controlplane.http.controllers.webhooks import WebhooksController
 from controlplane.http.middleware import request_id_middleware
-from controlplane.http.openapi import document_bodies, document_window, openapi_config
+from controlplane.http.openapi import (
+    document_bodies,
+    document_plans,
+    document_window,
+    openapi_config,
+)
 from controlplane.http.params import provide_cp
 from controlplane.http.problems import on_error
 from controlplane.ratelimit import IngestLimiter
@@ -95,5 +100,6 @@ def create_app(
         debug=False,
     )
     document_bodies(app.openapi_schema, BODIES)
+    document_plans(app.openapi_schema, [p.name for p in config.plans])
     document_window(app.openapi_schema, config.rollup.bucket_seconds)
     return app

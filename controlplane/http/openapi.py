@@ -125,6 +125,13 @@ def document_bodies(openapi: OpenAPI, bodies: tuple[type[msgspec.Struct], ...]) 
         openapi.components.schemas[name] = schema
 
 
+def document_plans(openapi: OpenAPI, plans: list[str]) -> None:
+    """An org's plan is one of this config's plans (an unknown one is refused)."""
+    body = (openapi.components.schemas or {}).get("OrgPut")
+    if isinstance(body, dict):  # msgspec's plain JSON Schema (see document_bodies)
+        body["properties"]["plan"] = {"anyOf": [{"enum": plans}, {"type": "null"}]}
+
+
 def document_window(openapi: OpenAPI, bucket_seconds: int) -> None:
     """The parity window's bounds are bucket boundaries of this config."""
     item = (openapi.paths or {}).get("/internal/usage-parity")

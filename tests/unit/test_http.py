@@ -100,3 +100,9 @@ def test_schema_describes_every_answer_and_who_may_ask(app: Litestar) -> None:
         assert document["components"]["schemas"][name]["properties"], (method, path)
         bearer = (method, path) not in OPEN_IN_SCHEMA
         assert (operation.get("security") == [{"bearer": []}]) is bearer, (method, path)
+
+
+def test_schema_names_the_configured_plans(app: Litestar) -> None:
+    """An unknown plan is refused, so the document offers only the configured ones."""
+    body = app.openapi_schema.to_schema()["components"]["schemas"]["OrgPut"]
+    assert body["properties"]["plan"] == {"anyOf": [{"enum": ["free", "pro"]}, {"type": "null"}]}
