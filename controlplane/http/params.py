@@ -7,7 +7,7 @@ import contextlib
 import re
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated, Any, overload
 
 import msgspec
 from litestar import Request
@@ -17,11 +17,11 @@ from litestar.exceptions import ValidationException
 from litestar.params import FromQuery, QueryParameter
 
 from controlplane.core import ControlPlane
-from controlplane.errors import Undecodable
+from controlplane.errors import BadValue, Problem, Undecodable
 from controlplane.events import scan_json
+from controlplane.times import MAX_SECONDS, parse_instant
 
 Org = FromQuery[str | None]
-MAX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z: larger values overflow storage integers
 _SECONDS = {"minimum": 0, "maximum": MAX_SECONDS}  # litestar drops ge/le of Optional parameters
 From = Annotated[
     int | None, QueryParameter(name="from", ge=0, le=MAX_SECONDS, schema_extra=_SECONDS)
@@ -32,6 +32,35 @@ MAX_ID = 2**53 - 1  # ids: the largest integer every JSON client (and float) hol
 # body fields: a reason must say something; times are unix seconds storage can hold
 Reason = Annotated[str, msgspec.Meta(pattern=r"\S")]
 Seconds = Annotated[int, msgspec.Meta(ge=0, le=MAX_SECONDS)]
+# a time a person writes: unix seconds, or RFC 3339 with an offset (read with `seconds`)
+Instant = (
+    Seconds
+    | Annotated[
+        str,
+        msgspec.Meta(
+            description="an RFC 3339 time with an offset, on a whole second",
+            examples=["2026-01-01T00:00:00Z"],
+        ),
+    ]
+)
+
+
+@overload
+def seconds(value: int | str, field: str) -> int: ...
+
+
+@overload
+def seconds(value: int | str | None, field: str) -> int | None: ...
+
+
+def seconds(value: int | str | None, field: str) -> int | None:
+    """Unix seconds from an :data:`Instant` body field; BadValue (400) naming `field`."""
+    if value is None:
+        return None
+    try:
+        return parse_instant(value)
+    except ValueError as exc:
+        raise BadValue([Problem(field=field, message=str(exc))]) from None
 
 
 def strict_body(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -209,3 +210,42 @@ async def test_health_readiness_and_schema(client: Any) -> None:
     assert "/v1/events" in schema["paths"] and "/v1/flags/{name}" in schema["paths"]
     r = await client.get("/healthz", headers={"X-Request-ID": "abc"})
     assert r.headers["x-request-id"] == "abc"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("shadow", "false", "shadow takes a JSON boolean (true or false), got a string"),
+        ("shadow", "yes", "shadow takes a JSON boolean (true or false), got a string"),
+        ("shadow", 0, "shadow takes a JSON boolean (true or false), got a number"),
+        ("bill_from", True, "bill_from takes unix seconds, an RFC 3339 string or null, got a "),
+        ("authority", None, 'authority takes a string ("legacy" or "controlplane"), got null'),
+    ],
+)
+async def test_a_flag_takes_only_its_json_types(
+    client: Any, name: str, value: Any, message: str
+) -> None:
+    """`PUT /v1/flags/shadow` took "false" and "yes" as strings, as the environment does."""
+    r = await client.put(f"/v1/flags/{name}", json={"value": value, "reason": "x"}, headers=AUTH)
+    assert r.status_code == 400, r.text
+    (error,) = r.json()["errors"]
+    assert error["field"] == "value" and error["message"].startswith(message)
+    assert (await client.get("/v1/flags", headers=READ)).json()["flags"][name]["version"] == 0
+
+
+async def test_times_are_unix_seconds_or_rfc_3339_and_answered_as_unix_seconds(
+    client: Any,
+) -> None:
+    iso = datetime.fromtimestamp(T0, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    r = await client.put("/v1/flags/bill_from", json={"value": iso, "reason": "plan"}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["flags"]["bill_from"]["value"] == T0
+    r = await client.put("/v1/orgs/acme", json={"plan": "pro", "effective_from": iso}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["plans"] == [{"plan": "pro", "effective_from": T0}]
+    r = await client.post("/v1/cutover/plan", json={"at": iso}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["at"] == T0
+    for bad in ("2026-01-01T00:00:00", "yesterday", "2026-01-01T00:00:00.5Z"):
+        r = await client.put(
+            "/v1/orgs/acme", json={"plan": "free", "effective_from": bad}, headers=AUTH
+        )
+        assert r.status_code == 400, r.text
+        assert r.json()["errors"][0]["field"] == "effective_from"

@@ -11,21 +11,21 @@ from litestar.params import JSONBody
 from controlplane.cutover import CutoverStatus, Plan, Preflight, RollbackResult
 from controlplane.http.controllers.flags import FlagState, FlagValues
 from controlplane.http.guards import BEARER, actor, require_scope
-from controlplane.http.params import CP, Reason, Seconds, strict_body
+from controlplane.http.params import CP, Instant, Reason, seconds, strict_body
 from controlplane.http.problems import AUTH, BODY, documented
 
 
 class CutoverPlanBody(msgspec.Struct, forbid_unknown_fields=True):
-    at: Seconds
+    at: Instant
 
 
 class CutoverPreflightBody(msgspec.Struct, forbid_unknown_fields=True):
-    at: Seconds | None = None
+    at: Instant | None = None
 
 
 class CutoverExecuteBody(msgspec.Struct, forbid_unknown_fields=True):
     reason: Reason
-    at: Seconds | None = None
+    at: Instant | None = None
     force: bool = False
 
 
@@ -66,7 +66,7 @@ class CutoverController(Controller):
         before_request=strict_body(CutoverPlanBody),
     )
     async def cutover_plan(self, cp: CP, data: JSONBody[CutoverPlanBody]) -> Plan:
-        return await cp.cutover.plan(data.at)
+        return await cp.cutover.plan(seconds(data.at, "at"))
 
     @post(
         "/preflight",
@@ -76,7 +76,7 @@ class CutoverController(Controller):
         before_request=strict_body(CutoverPreflightBody),
     )
     async def cutover_preflight(self, cp: CP, data: JSONBody[CutoverPreflightBody]) -> Preflight:
-        return await cp.cutover.preflight(data.at)
+        return await cp.cutover.preflight(seconds(data.at, "at"))
 
     @post(
         "/execute",
@@ -89,7 +89,7 @@ class CutoverController(Controller):
         self, request: Request[Any, Any, Any], cp: CP, data: JSONBody[CutoverExecuteBody]
     ) -> CutoverExecuted:
         report, snapshot = await cp.cutover.execute(
-            data.at, actor=actor(request), reason=data.reason, force=data.force
+            seconds(data.at, "at"), actor=actor(request), reason=data.reason, force=data.force
         )
         flags = FlagValues.of(snapshot)
         return CutoverExecuted(report, flags.flags, flags.legacy_bill_until)

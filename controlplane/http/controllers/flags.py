@@ -84,7 +84,7 @@ class FlagsController(Controller):
         if name not in FLAGS:
             raise NotFound(f"unknown flag {name!r}; known: {sorted(FLAGS)}")
         snapshot = await cp.set_flags(
-            [FlagChange(name=name, value=data.value)],
+            [FlagChange(name=name, value=FLAGS[name].from_json(data.value))],
             actor=actor(request),
             reason=data.reason,
             force=data.force,

@@ -10,7 +10,7 @@ from litestar.params import FromPath, JSONBody
 
 from controlplane.errors import NotFound
 from controlplane.http.guards import BEARER, actor, require_scope
-from controlplane.http.params import CP, Seconds, strict_body
+from controlplane.http.params import CP, Instant, seconds, strict_body
 from controlplane.http.problems import AUTH, BODY, documented
 from controlplane.interfaces import Org, PlanPeriod
 
@@ -18,7 +18,7 @@ from controlplane.interfaces import Org, PlanPeriod
 class OrgPut(msgspec.Struct, forbid_unknown_fields=True):
     customer: str | None = None
     plan: str | None = None
-    effective_from: Seconds | None = None
+    effective_from: Instant | None = None
     reason: str | None = None
     force: bool = False  # a plan period before buckets already rolled up
 
@@ -94,7 +94,7 @@ class OrgsController(Controller):
             customer=data.customer,
             plan=data.plan,
             actor=actor(request),
-            effective_from=data.effective_from,
+            effective_from=seconds(data.effective_from, "effective_from"),
             reason=data.reason,
             force=data.force,
         )

@@ -13,9 +13,10 @@ from litestar.params import FromQuery, PathParameter, QueryParameter
 
 from controlplane.errors import NotFound
 from controlplane.http.guards import BEARER, any_scope, parity_auth
-from controlplane.http.params import CP, MAX_ID, MAX_SECONDS, From, Limit, To
+from controlplane.http.params import CP, MAX_ID, From, Limit, To
 from controlplane.http.problems import AUTH, documented
 from controlplane.parity import CleanSince, comparison_api, drift_api, run_api, window_problems
+from controlplane.times import MAX_SECONDS
 
 # the answers: every amount is an exact decimal string ---------------------------------------
 
