@@ -7,7 +7,8 @@
     │   └── MissingExtraError (ImportError-like)  a plugin's optional driver is not installed
     ├── InvalidInput (ValueError)         a request or batch was refused; nothing was changed
     │   ├── Undecodable                   its body is no JSON that can be decoded safely
-    │   └── BadValue                      a value is none the field takes (a plan, a time)
+    │   ├── BadValue                      a value is none the field takes (a plan, a time)
+    │   └── UnsupportedMediaType          a body of a content type the endpoint does not read
     ├── NotFound (LookupError)            the thing asked for does not exist
     ├── FlagRefused (ValueError)          a flag change broke a rule; no flag was changed
     ├── StorageError                      the storage plugin failed
@@ -80,6 +81,10 @@ class Undecodable(InvalidInput):
 class BadValue(InvalidInput):
     """A value is none the field takes (an unknown plan, a malformed time); nothing was
     changed."""
+
+
+class UnsupportedMediaType(InvalidInput):
+    """The body's content type is not one the endpoint reads; nothing was changed."""
 
 
 class NotFound(ControlPlaneError, LookupError):

@@ -19,7 +19,7 @@ from typing import Annotated, Any, NamedTuple
 
 import msgspec
 
-from controlplane.errors import InvalidInput, Problem, Undecodable
+from controlplane.errors import InvalidInput, Problem, Undecodable, UnsupportedMediaType
 from controlplane.interfaces import IngestResult, Storage, StoredEvent
 from controlplane.meters import ExpressionError, MeterSet
 from controlplane.times import iso, parse_time
@@ -169,7 +169,7 @@ def decode_body(body: bytes, content_type: str, max_events: int | None = None) -
     media = content_type.split(";")[0].strip().lower()
     ndjson = media in NDJSON_TYPES
     if not ndjson and media not in JSON_TYPES and media != "":
-        raise InvalidInput(
+        raise UnsupportedMediaType(
             f"unsupported content type {media!r}; use application/json, "
             "application/x-ndjson or application/cloudevents-batch+json"
         )

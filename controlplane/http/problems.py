@@ -27,6 +27,7 @@ from controlplane.errors import (
     Problem,
     StorageError,
     Undecodable,
+    UnsupportedMediaType,
 )
 from controlplane.ratelimit import RateLimited
 
@@ -61,6 +62,8 @@ def _problems(problems: list[Problem]) -> list[dict[str, Any]]:
 
 def on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     """The app's one exception handler: every error, as a problem+json answer."""
+    if isinstance(exc, UnsupportedMediaType):
+        return problem(415, "Unsupported media type", exc.message)
     if isinstance(exc, Undecodable | BadValue):
         return problem(400, "Bad request", exc.message, errors=_problems(exc.problems))
     if isinstance(exc, InvalidInput):

@@ -56,6 +56,12 @@ async def test_ingest_json_object_array_ndjson_and_cloudevents_batch(client: Any
     )
     assert r.json() == {"accepted": 1, "duplicates": 0}
     assert stored(client) == 6
+    for media in ("text/plain", "application/xml", "multipart/form-data; boundary=x"):
+        r = await client.post(
+            "/v1/events", content=json.dumps(one), headers={**AUTH, "Content-Type": media}
+        )
+        assert r.status_code == 415 and "unsupported content type" in r.json()["detail"], r.text
+    assert stored(client) == 6
 
 
 async def test_duplicates_are_counted_never_stored_twice(client: Any) -> None:
