@@ -51,6 +51,14 @@ class ServerConfig(_Section, frozen=True):
     event_time_max_ahead_seconds: int = 86_400
 
 
+class EventsConfig(_Section, frozen=True):
+    """What ingest does with usage events, whichever source they come from."""
+
+    # an event whose type no meter reads: "accept" (stored, counted as unmetered in the
+    # answer and the metrics) or "reject" (its batch is refused, 422, naming event and type)
+    unknown_types: Literal["accept", "reject"] = "accept"
+
+
 class TokenConfig(_Section, frozen=True):
     name: str
     sha256: Secret  # hex sha256 of the token, never the token itself
@@ -200,6 +208,7 @@ class LegacyPluginConfig(PluginConfig, kw_only=True, frozen=True):
 
 class Config(_Section, frozen=True):
     server: ServerConfig = ServerConfig()
+    events: EventsConfig = EventsConfig()
     storage: PluginConfig = PluginConfig()  # replaced by the chosen plugin's config
     auth: AuthConfig = AuthConfig()
     rollup: RollupConfig = RollupConfig()

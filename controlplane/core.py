@@ -120,6 +120,7 @@ class ControlPlane:
             config.server.max_batch_events,
             earliest=config.server.event_time_min,
             max_ahead_seconds=config.server.event_time_max_ahead_seconds,
+            unknown_types=config.events.unknown_types,
             clock=clock,
         )
         self._migrate = migrate

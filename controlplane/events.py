@@ -15,7 +15,7 @@ import itertools
 import time
 from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 
@@ -237,6 +237,9 @@ def parse_time_field(text: str) -> int:
         raise ValueError(f"time: {exc}") from None
 
 
+UNMETERED_TYPES_SHOWN = 5  # an ingest answer lists at most this many unmetered types
+
+
 class Ingestor:
     """Validates batches and stores them; the one entry point every ingest plugin calls."""
 
@@ -249,9 +252,11 @@ class Ingestor:
         *,
         earliest: int = 946_684_800,
         max_ahead_seconds: int = 86_400,
+        unknown_types: Literal["accept", "reject"] = "accept",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.storage = storage
+        self.unknown_types = unknown_types
         self.meters = meters
         self.bucket_seconds = bucket_seconds
         self.max_events = max_events
@@ -295,6 +300,9 @@ class Ingestor:
                 field, _, msg = str(exc).partition(": ")
                 problems.append(Problem(index=index, field=field, message=msg))
                 continue
+            if self.unknown_types == "reject" and event.type not in self.meters.by_type:
+                problems.append(Problem(index=index, field="type", message=self._unknown(event)))
+                continue
             try:
                 values = measure(event.type, event.data)
             except ExpressionError as exc:
@@ -321,14 +329,34 @@ class Ingestor:
             raise InvalidInput(problems)
         return out, duplicates
 
+    def _unknown(self, event: EventIn) -> str:
+        known = ", ".join(sorted(self.meters.by_type)) or "none"
+        return (
+            f"no meter reads events of type {event.type[:100]!r} (meters read: {known}); "
+            '[events] unknown_types = "reject" refuses them'
+        )
+
+    def unmetered(self, events: Sequence[StoredEvent]) -> dict[str, int]:
+        """How many of `events` no meter reads, by type: stored, never billed."""
+        counts: dict[str, int] = {}
+        for e in events:
+            if e.type not in self.meters.by_type:
+                counts[e.type] = counts.get(e.type, 0) + 1
+        return counts
+
     async def ingest(self, items: Sequence[Any], default_source: str) -> IngestResult:
-        """Validate and store one batch, all or nothing; returns only after commit."""
+        """Validate and store one batch, all or nothing; returns only after commit. The
+        answer counts the events no meter reads (`unmetered`), listing their first types."""
         events, in_batch_duplicates = self.prepare(items, default_source)
+        unmetered = self.unmetered(events)
         if not events:
             return IngestResult(accepted=0, duplicates=in_batch_duplicates)
         stored = await self.storage.insert_events(events, self.bucket_seconds)
         return IngestResult(
-            accepted=stored.accepted, duplicates=stored.duplicates + in_batch_duplicates
+            accepted=stored.accepted,
+            duplicates=stored.duplicates + in_batch_duplicates,
+            unmetered=sum(unmetered.values()),
+            unmetered_types=dict(list(unmetered.items())[:UNMETERED_TYPES_SHOWN]),
         )
 
 

@@ -42,9 +42,14 @@ class StoredEvent(msgspec.Struct, frozen=True, array_like=True):
     values: tuple[tuple[str, int], ...]  # (meter, micro-units) for each meter it feeds
 
 
-class IngestResult(msgspec.Struct, frozen=True):
+class IngestResult(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A stored batch: events accepted, duplicates of stored ones, and how many no meter
+    reads (`unmetered`, stored but never billed: its first types in `unmetered_types`)."""
+
     accepted: int
     duplicates: int
+    unmetered: int = 0
+    unmetered_types: dict[str, int] = {}
 
 
 class UsageTotal(msgspec.Struct, frozen=True):

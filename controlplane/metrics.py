@@ -16,6 +16,7 @@ from controlplane.interfaces import IngestResult, Outcome
 
 SEND_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 REFUSALS = ("too_large", "rate_limited")
+MAX_TYPE_LABELS = 100  # event types are the client's: a bounded number of series
 
 
 class Metrics:
@@ -42,6 +43,15 @@ class Metrics:
             ["source"],
             registry=r,
         )
+        self.events_unmetered = Counter(
+            "controlplane_events_unmetered",
+            "Usage events of a type no meter reads (stored, never billed), by type; counted "
+            f"per valid batch, redeliveries included; types past the first {MAX_TYPE_LABELS} "
+            "are counted as `other`.",
+            ["type"],
+            registry=r,
+        )
+        self._type_labels: set[str] = set()
         self.ingest_refused = Counter(
             "controlplane_ingest_refused",
             "POST /v1/events requests refused before validation (too_large: 413, "
@@ -73,6 +83,21 @@ class Metrics:
     def ingested(self, source: str, result: IngestResult) -> None:
         self.events_ingested.labels(source).inc(result.accepted)
         self.events_duplicate.labels(source).inc(result.duplicates)
+        if result.unmetered:
+            self.unmetered(result)
+
+    def unmetered(self, result: IngestResult) -> None:
+        """Count a batch's unmetered events: its listed types by name (the first
+        :data:`MAX_TYPE_LABELS` types seen), the rest as `other`."""
+        other = result.unmetered
+        for event_type, events in result.unmetered_types.items():
+            if event_type not in self._type_labels and len(self._type_labels) < MAX_TYPE_LABELS:
+                self._type_labels.add(event_type)
+            if event_type in self._type_labels:
+                self.events_unmetered.labels(event_type).inc(events)
+                other -= events
+        if other:
+            self.events_unmetered.labels("other").inc(other)
 
     def rejected(self, source: str, events: int) -> None:
         self.events_rejected.labels(source).inc(events)

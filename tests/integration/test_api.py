@@ -255,3 +255,38 @@ async def test_times_are_unix_seconds_or_rfc_3339_and_answered_as_unix_seconds(
         )
         assert r.status_code == 400, r.text
         assert r.json()["errors"][0]["field"] == "effective_from"
+
+
+async def test_events_no_meter_reads_are_counted_in_the_answer_and_the_metrics(
+    client: Any,
+) -> None:
+    """`usage_tik` (a typo) was answered {"accepted": 1}, stored and never billed, silently."""
+    typos = [{**tick(f"t{i}", "acme", T0), "type": f"tik{i % 7}"} for i in range(9)]
+    r = await client.post("/v1/events", json=[tick("ok", "acme", T0), *typos], headers=AUTH)
+    assert r.status_code == 200
+    body = r.json()
+    assert (body["accepted"], body["unmetered"]) == (10, 9)
+    assert body["unmetered_types"] == {"tik0": 2, "tik1": 2, "tik2": 1, "tik3": 1, "tik4": 1}
+    assert stored(client) == 10  # accepted: stored, and said so
+    metrics = (await client.get("/metrics")).text
+    assert 'controlplane_events_unmetered_total{type="tik0"} 2.0' in metrics
+    assert 'controlplane_events_unmetered_total{type="other"} 2.0' in metrics  # tik5, tik6
+    assert (await client.post("/v1/events", json=tick("ok2", "acme", T0), headers=AUTH)).json() == {
+        "accepted": 1,
+        "duplicates": 0,
+    }
+
+
+async def test_events_no_meter_reads_can_be_refused(
+    make_config: Callable[..., Config], clock: list[float]
+) -> None:
+    config = make_config(events={"unknown_types": "reject"})
+    plane = ControlPlane(config, clock=lambda: clock[0])
+    async with AsyncTestClient(app=create_app(config, cp=plane)) as c:
+        batch = [tick("ok", "acme", T0), {**tick("typo", "acme", T0), "type": "usage_tik"}]
+        r = await c.post("/v1/events", json=batch, headers=AUTH)
+        assert r.status_code == 422
+        (error,) = r.json()["errors"]
+        assert (error["index"], error["field"]) == (1, "type")
+        assert error["message"].startswith("no meter reads events of type 'usage_tik'")
+        assert (await plane.usage()) == []  # nothing of the batch

@@ -70,6 +70,7 @@ def test_every_setting_is_documented_in_the_example() -> None:
 
     expected = (
         _struct_keys(ServerConfig, "server")
+        | _struct_keys(config_mod.EventsConfig, "events")
         | _struct_keys(RollupConfig, "rollup")
         | _struct_keys(SenderConfig, "sender")
         | _struct_keys(FlagsConfig, "flags")

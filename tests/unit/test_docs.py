@@ -21,6 +21,7 @@ def _fields(struct: type) -> list[str]:
 
 SECTIONS = {
     "server": config_mod.ServerConfig,
+    "events": config_mod.EventsConfig,
     "auth.tokens": config_mod.TokenConfig,
     "rollup": config_mod.RollupConfig,
     "sender": config_mod.SenderConfig,
