@@ -32,6 +32,7 @@ from controlplane.interfaces import (
     IngestResult,
     IngestSource,
     JobRun,
+    LedgerCount,
     LegacyCapability,
     LegacyError,
     LegacySource,
@@ -56,7 +57,8 @@ from controlplane.parity import (
     window_problems,
 )
 from controlplane.parity_checker import CheckerStats, ParityChecker, policy_of
-from controlplane.plans import Plans
+from controlplane.capabilities import Issued, Keys
+from controlplane.plans import FREE, Plans
 from controlplane.rollup import LegacyPlans
 from controlplane.sender import Sender, SendStats
 
@@ -129,6 +131,7 @@ class ControlPlane:
         self._legacy_plan_cache: dict[str, tuple[str | None, float]] = {}
         self._stack = contextlib.AsyncExitStack()
         self.metrics = Metrics()  # this plane's own Prometheus registry
+        self.capability_keys = Keys(config.capabilities)
         self.plans = Plans(
             config.plans,
             config.legacy.plan_map if isinstance(config.legacy, LegacyPluginConfig) else None,
@@ -395,9 +398,76 @@ class ControlPlane:
         """Recorded passes of the scheduled jobs (of `job` alone, if given), newest first."""
         return await self.storage.job_runs(job, limit)
 
+    async def ledger_counts(self) -> list[LedgerCount]:
+        """Ledger rows per (state, reason); pairs without rows are absent."""
+        return await self.storage.ledger_counts()
+
+    async def cancel_preview(self, limit: int = 100) -> tuple[list[LedgerRow], list[LedgerRow]]:
+        """What `cutover rollback --cancel-sent` would do now, changing nothing: the sent rows
+        inside ``[cutover] cancel_window_seconds`` (to cancel at the provider) and those past
+        it (for manual credit notes), newest first, at most `limit` of each."""
+        horizon = self.now() - self.config.cutover.cancel_window_seconds
+        cancel: list[LedgerRow] = []
+        credit: list[LedgerRow] = []
+        after = 0
+        while rows := await self.storage.ledger(state=RowState.SENT, after_id=after, limit=5000):
+            for row in rows:
+                (cancel if row.sent_at is not None and row.sent_at > horizon else credit).append(
+                    row
+                )
+            after = rows[-1].id
+        return cancel[::-1][:limit], credit[::-1][:limit]
+
     async def catalog(self, version: int | None = None) -> CatalogVersion | None:
         """A published catalog version; the newest when `version` is None."""
         return await self.storage.catalog_version(version)
+
+    async def plan_now(self, org_id: str) -> str:
+        """The org's plan now: its stored plan, else the legacy biller's (mapped through
+        ``[legacy] plan_map``; an answer it does not map is refused), else `free`."""
+        org = await self.storage.get_org(org_id)
+        stored = org.plan_at(self.now()) if org else None
+        if stored is not None:
+            return stored
+        legacy = self.legacy
+        if legacy is None or LegacyCapability.PLAN not in legacy.capabilities():
+            return FREE
+        answer = await legacy.plan(org_id)
+        if answer is None:
+            return FREE
+        plan = self.plans.from_legacy(answer)
+        if plan is None:
+            raise BadValue(
+                [
+                    Problem(
+                        field="plan",
+                        message=f"the legacy biller's plan {answer!r} maps to no configured "
+                        "plan: add it to [legacy] plan_map, or set the org's plan",
+                    )
+                ]
+            )
+        return plan
+
+    async def issue_capability(self, org_id: str, *, actor: str) -> Issued:
+        """A signed capability token stating the org's plan now and its entitlements
+        (:mod:`controlplane.capabilities`); audited by digest, never by token."""
+        plan = await self.plan_now(org_id)
+        issued = self.capability_keys.issue(
+            org_id, plan, self.plans.entitlements(plan), self.now()
+        )
+        entry = AuditEntry(
+            action="capability.issued",
+            subject=org_id,
+            actor=actor,
+            after={
+                "plan": plan,
+                "kid": issued.kid,
+                "expires_at": issued.expires_at,
+                "digest": issued.digest,
+            },
+        )
+        await self.storage.append_audit([entry], self.now())
+        return issued
 
     # jobs ---------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from litestar.di import Provide
 from controlplane.auth import TokenStore
 from controlplane.config import Config
 from controlplane.core import ControlPlane
+from controlplane.http import console
 from controlplane.http.controllers import cutover
 from controlplane.http.controllers.catalog import CatalogController
 from controlplane.http.controllers.events import EventsController
@@ -89,13 +90,21 @@ def create_app(
             WebhooksController,
             cutover.CutoverController,
             OfrepController,
+            console.router(),
         ],
         dependencies={"cp": Provide(provide_cp)},
         lifespan=[lifespan],
         exception_handlers={Exception: on_error},
         middleware=[request_id_middleware],
         request_max_body_size=config.server.max_small_body_bytes,
-        state=State({"tokens": TokenStore(config.auth), "limiter": IngestLimiter(config)}),
+        state=State(
+            {
+                "tokens": TokenStore(config.auth),
+                "limiter": IngestLimiter(config),
+                "console_sessions": console.Sessions(),
+            }
+        ),
+        template_config=console.template_config(),
         openapi_config=openapi_config(),
         debug=False,
     )

@@ -13,6 +13,8 @@ from litestar.routes import HTTPRoute
 from controlplane.config import Config
 from controlplane.http.app import create_app
 
+CONSOLE_PAGES = ("", "/parity", "/ledger", "/cutover", "/orgs", "/audit")
+CUTOVER_STEPS = ("plan", "preflight", "execute", "rollback")
 # (method, path) -> the guard and what it asks for; OPTIONS and litestar's own answers aside
 ACCESS = {
     ("POST", "/v1/events"): ("require_scope", "ingest"),
@@ -40,6 +42,13 @@ ACCESS = {
     ("GET", "/healthz"): (None, None),
     ("GET", "/readyz"): (None, None),
     ("POST", "/webhooks/stripe"): (None, None),  # its signature
+    # the console (controlplane/http/console): a session cookie, its CSRF token on every form
+    **{("GET", f"/console{p}"): ("console_session", "read") for p in CONSOLE_PAGES},
+    **{("POST", f"/console/cutover/{s}"): ("console_session", "admin") for s in CUTOVER_STEPS},
+    ("GET", "/console/sign-in"): ("console_session", None),
+    ("POST", "/console/sign-in"): ("console_session", None),  # the token, and its CSRF token
+    ("POST", "/console/sign-out"): ("console_session", "read"),
+    ("GET", "/console/static/{file_path:path}"): (None, None),  # the stylesheet
 }
 OPEN_IN_SCHEMA = {  # no bearer token in the document
     ("get", "/healthz"),
@@ -90,7 +99,8 @@ def test_schema_describes_every_answer_and_who_may_ask(app: Litestar) -> None:
         for method, operation in item.items()
         if isinstance(operation, dict) and "responses" in operation
     ]
-    assert len(operations) == len(ACCESS)
+    api = [k for k in ACCESS if not k[1].startswith("/console")]  # the console is HTML
+    assert len(operations) == len(api)
     for method, path, operation in operations:
         [answer] = [a for s, a in operation["responses"].items() if s.startswith("2")]
         if path == "/metrics":

@@ -1,0 +1,206 @@
+"""The console's pages (GET, scope `read`): overview, parity, ledger, cutover, orgs, audit.
+
+Each page reads the core (never storage) and renders one template; the cutover page is also
+what the cutover actions (:mod:`controlplane.http.console.actions`) answer with.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Controller, Request, get
+from litestar.datastructures import State
+from litestar.params import FromQuery
+from litestar.response import Template
+
+from controlplane import health as job_health
+from controlplane.core import ControlPlane
+from controlplane.http.console import charts
+from controlplane.http.console.session import Session, console_session, current
+from controlplane.http.params import CP
+from controlplane.ledger import RowState
+from controlplane.units import format_micros
+
+NAV = [
+    ("overview", "/console/", "Overview"),
+    ("parity", "/console/parity", "Parity"),
+    ("ledger", "/console/ledger", "Ledger"),
+    ("cutover", "/console/cutover", "Cutover"),
+    ("orgs", "/console/orgs", "Orgs"),
+    ("audit", "/console/audit", "Audit"),
+]
+CHART_RUNS = 720  # runs drawn on the parity chart: 30 days of hourly buckets
+TABLE_ROWS = 200  # rows listed in a page's tables
+
+
+def render(
+    request: Request[Any, Any, Any], session: Session, page: str, code: int = 200, **context: Any
+) -> Template:
+    """The page's template with what every page shows: the navigation, who is signed in, and
+    the session's CSRF token for its forms (never the bearer token)."""
+    return Template(
+        template_name=f"{page}.html",
+        context={
+            "nav": NAV,
+            "page": page,
+            "user": session.name,
+            "scopes": sorted(session.scopes),
+            "admin": session.admin,
+            "csrf": session.csrf,
+            **context,
+        },
+        status_code=code,
+    )
+
+
+def _units(micros: int | None) -> str:
+    return "absent" if micros is None else format_micros(micros)
+
+
+def _watching_since(state: State) -> float | None:
+    jobs = state.get("jobs")
+    started: float | None = None if jobs is None else jobs.started_at
+    return started
+
+
+async def cutover_context(cp: ControlPlane) -> dict[str, Any]:
+    """What the cutover page shows besides an action's result."""
+    status = await cp.cutover.status(limit=20)
+    to_cancel, credit_notes = await cp.cancel_preview()
+    return {
+        "status": status,
+        "flags": status.flags,
+        "t": status.flags["legacy_bill_until"] or status.flags["flags"]["bill_from"]["value"],
+        "to_cancel": [r.to_api() for r in to_cancel],
+        "credit_notes": [r.to_api() for r in credit_notes],
+        "cancel_window": cp.config.cutover.cancel_window_seconds,
+        "bucket_seconds": cp.config.rollup.bucket_seconds,
+        "now": cp.now(),
+    }
+
+
+class ConsolePages(Controller):
+    """Every page needs a session with the `read` scope."""
+
+    path = "/console"
+    include_in_schema = False
+    guards = [console_session]
+    opt = {"scope": "read"}
+
+    @get("/")
+    async def overview(self, request: Request[Any, Any, Any], cp: CP, state: State) -> Template:
+        session = current(request)
+        status = await cp.cutover.status(limit=5)
+        jobs = await job_health.statuses(cp, now=cp.clock(), watching_since=_watching_since(state))
+        runs = await cp.parity_runs(limit=1)
+        return render(
+            request,
+            session,
+            "overview",
+            status=status,
+            flags=status.flags,
+            jobs=[{"job": j.job, **j.to_api()} for j in jobs],
+            last_run=runs[0] if runs else None,
+            last_drift=charts.drift_percent(runs[0]) if runs else None,
+            clean=await cp.parity_clean_since(),
+            legacy=cp.legacy is not None,
+            meter=cp.config.parity.meter,
+        )
+
+    @get("/parity")
+    async def parity(
+        self, request: Request[Any, Any, Any], cp: CP, run: FromQuery[int | None] = None
+    ) -> Template:
+        session = current(request)
+        runs = await cp.parity_runs(limit=CHART_RUNS)
+        chosen = run
+        if chosen is None:  # the newest run that did not match
+            chosen = next((r.id for r in runs if not r.clean), None)
+        details = await cp.parity_run(chosen) if chosen is not None else None
+        tolerance = cp.config.parity.tolerance * 100
+        return render(
+            request,
+            session,
+            "parity",
+            chart=charts.drift_chart(runs, tolerance),
+            points=charts.points(runs)[::-1][:TABLE_ROWS],
+            runs_total=len(runs),
+            chart_limit=CHART_RUNS,
+            run=details[0] if details else None,
+            mismatching=[
+                {
+                    "org_id": d.org_id,
+                    "controlplane": _units(d.controlplane_micros),
+                    "legacy": _units(d.legacy_micros),
+                }
+                for d in (details[1] if details else [])
+            ],
+            clean=await cp.parity_clean_since(),
+            meter=cp.config.parity.meter,
+            tolerance=tolerance.normalize(),
+            legacy=cp.legacy is not None,
+        )
+
+    @get("/ledger")
+    async def ledger(
+        self, request: Request[Any, Any, Any], cp: CP, org: FromQuery[str | None] = None
+    ) -> Template:
+        session = current(request)
+        org = (org or "").strip() or None
+        counts = await cp.ledger_counts()
+        held = await cp.ledger(state=RowState.HELD, limit=TABLE_ROWS)
+        rows = await cp.ledger(org_id=org, limit=TABLE_ROWS) if org else []
+        return render(
+            request,
+            session,
+            "ledger",
+            counts=sorted(counts, key=lambda c: (c.state, c.reason or "")),
+            held=[r.to_api() for r in held],
+            org=org,
+            rows=[r.to_api() for r in rows],
+            limit=TABLE_ROWS,
+        )
+
+    @get("/cutover")
+    async def cutover(self, request: Request[Any, Any, Any], cp: CP) -> Template:
+        session = current(request)
+        return render(request, session, "cutover", **await cutover_context(cp))
+
+    @get("/orgs")
+    async def orgs(
+        self, request: Request[Any, Any, Any], cp: CP, org: FromQuery[str | None] = None
+    ) -> Template:
+        session = current(request)
+        org = (org or "").strip() or None
+        found = await cp.org(org) if org else None
+        return render(request, session, "orgs", org=org, found=found)
+
+    @get("/audit")
+    async def audit(
+        self, request: Request[Any, Any, Any], cp: CP, verify: FromQuery[bool] = False
+    ) -> Template:
+        session = current(request)
+        entries = await cp.audit_entries("", limit=TABLE_ROWS)
+        verified: dict[str, Any] | None = None
+        if verify:
+            checked, broken = await cp.verify_audit()
+            verified = {
+                "checked": checked,
+                "broken_id": broken.id if broken else None,
+                "reason": broken.reason if broken else None,
+            }
+        return render(
+            request,
+            session,
+            "audit",
+            entries=[
+                {
+                    **msgspec.structs.asdict(e),
+                    "before": msgspec.json.encode(e.before).decode()[:300],
+                    "after": msgspec.json.encode(e.after).decode()[:300],
+                }
+                for e in entries
+            ],
+            verified=verified,
+        )
