@@ -206,6 +206,23 @@ class LegacyPluginConfig(PluginConfig, kw_only=True, frozen=True):
     plan_map: dict[str, str] = {}
 
 
+class CapabilityKeyConfig(_Section, frozen=True):
+    """One ``[[capabilities.keys]]`` entry: the first listed signs, every one verifies."""
+
+    kid: str
+    private_key: Secret  # an Ed25519 private key, PEM (PKCS #8), best from the environment
+
+
+class CapabilitiesConfig(_Section, frozen=True):
+    """Capability tokens (`controlplane.capabilities`)."""
+
+    keys: list[CapabilityKeyConfig] = []
+    lifetime_seconds: int = 3600
+    audience: str = "controlplane"
+    issuer: str = "controlplane"
+    max_skew_seconds: int = 60
+
+
 class Config(_Section, frozen=True):
     server: ServerConfig = ServerConfig()
     events: EventsConfig = EventsConfig()
@@ -227,6 +244,7 @@ class Config(_Section, frozen=True):
     audit: AuditConfig = AuditConfig()
     rate_limit: RateLimitConfig = RateLimitConfig()
     jobs: JobsConfig = JobsConfig()
+    capabilities: CapabilitiesConfig = CapabilitiesConfig()
     source: str = ""  # the file it was read from
 
     @property
@@ -389,6 +407,7 @@ def _check(config: Config) -> None:
 
     MeterSet(config.meters)  # compiles every expression: errors name the meter
     _check_plans(config)
+    _check_capabilities(config)
     _check_limits(config)
     _check_parity(config)
     _check_catalog(config)
@@ -411,6 +430,17 @@ def _check_plans(config: Config) -> None:
                 raise ConfigError(
                     f"legacy.plan_map.{answer}: unknown plan {plan!r}; known: {sorted(billable)}"
                 )
+
+
+def _check_capabilities(config: Config) -> None:
+    caps = config.capabilities
+    if caps.lifetime_seconds < 1:
+        raise ConfigError("capabilities.lifetime_seconds: must be >= 1")
+    if caps.max_skew_seconds < 0:
+        raise ConfigError("capabilities.max_skew_seconds: must be >= 0")
+    kids = [k.kid for k in caps.keys]
+    if len(set(kids)) != len(kids) or not all(kids):
+        raise ConfigError("capabilities.keys: each kid must be unique and non-empty")
 
 
 def _check_limits(config: Config) -> None:

@@ -16,9 +16,17 @@ import msgspec
 import structlog
 
 from controlplane import audit, registry, rollup
+from controlplane.capabilities import Issued, Keys
 from controlplane.config import Config, LegacyPluginConfig, backend_of
 from controlplane.cutover import Cutover
-from controlplane.errors import ConfigError, FlagRefused, InvalidInput, MigrationError, Problem
+from controlplane.errors import (
+    BadValue,
+    ConfigError,
+    FlagRefused,
+    InvalidInput,
+    MigrationError,
+    Problem,
+)
 from controlplane.events import Ingestor
 from controlplane.flags import FlagChange, Snapshot, resolve, set_flags
 from controlplane.flags.resolve import static_layers
@@ -57,7 +65,6 @@ from controlplane.parity import (
     window_problems,
 )
 from controlplane.parity_checker import CheckerStats, ParityChecker, policy_of
-from controlplane.capabilities import Issued, Keys
 from controlplane.plans import FREE, Plans
 from controlplane.rollup import LegacyPlans
 from controlplane.sender import Sender, SendStats
@@ -452,9 +459,7 @@ class ControlPlane:
         """A signed capability token stating the org's plan now and its entitlements
         (:mod:`controlplane.capabilities`); audited by digest, never by token."""
         plan = await self.plan_now(org_id)
-        issued = self.capability_keys.issue(
-            org_id, plan, self.plans.entitlements(plan), self.now()
-        )
+        issued = self.capability_keys.issue(org_id, plan, self.plans.entitlements(plan), self.now())
         entry = AuditEntry(
             action="capability.issued",
             subject=org_id,

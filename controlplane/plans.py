@@ -25,6 +25,7 @@ class PlanConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_onl
 
     name: str
     billable: bool  # usage of orgs on it is sent to the provider; else excluded (free_plan)
+    entitlements: dict[str, str | int | bool] = {}  # stated in its capability tokens
 
 
 DEFAULT_PLANS = [PlanConfig(name=FREE, billable=False), PlanConfig(name=PRO, billable=True)]
@@ -59,6 +60,11 @@ class Plans:
             message = f"unknown plan {name!r}; known plans: {', '.join(self.names)}"
             raise BadValue([Problem(field=field, message=message)])
         return name
+
+    def entitlements(self, name: str) -> dict[str, str | int | bool]:
+        """What `name` entitles an org to, as its capability tokens state it."""
+        plan = self.by_name.get(name)
+        return dict(plan.entitlements) if plan else {}
 
     def from_legacy(self, answer: str) -> str | None:
         """The configured plan the legacy biller's `answer` means; None when it means none

@@ -15,6 +15,7 @@ from controlplane.config import Config
 from controlplane.core import ControlPlane
 from controlplane.http import console
 from controlplane.http.controllers import cutover
+from controlplane.http.controllers.capabilities import CapabilitiesController, JwksController
 from controlplane.http.controllers.catalog import CatalogController
 from controlplane.http.controllers.events import EventsController
 from controlplane.http.controllers.flags import FlagPut, FlagsController
@@ -90,6 +91,8 @@ def create_app(
             WebhooksController,
             cutover.CutoverController,
             OfrepController,
+            CapabilitiesController,
+            JwksController,
             console.router(),
         ],
         dependencies={"cp": Provide(provide_cp)},

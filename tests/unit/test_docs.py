@@ -40,6 +40,8 @@ SECTIONS = {
     "rate_limit": config_mod.RateLimitConfig,
     "jobs": config_mod.JobsConfig,
     "audit": config_mod.AuditConfig,
+    "capabilities": config_mod.CapabilitiesConfig,
+    "capabilities.keys": config_mod.CapabilityKeyConfig,
 }
 
 

@@ -42,6 +42,8 @@ ACCESS = {
     ("GET", "/healthz"): (None, None),
     ("GET", "/readyz"): (None, None),
     ("POST", "/webhooks/stripe"): (None, None),  # its signature
+    ("POST", "/v1/orgs/{org_id:str}/capabilities"): ("require_scope", "admin"),
+    ("GET", "/.well-known/jwks.json"): (None, None),  # public keys, for offline verification
     # the console (controlplane/http/console): a session cookie, its CSRF token on every form
     **{("GET", f"/console{p}"): ("console_session", "read") for p in CONSOLE_PAGES},
     **{("POST", f"/console/cutover/{s}"): ("console_session", "admin") for s in CUTOVER_STEPS},
@@ -56,6 +58,7 @@ OPEN_IN_SCHEMA = {  # no bearer token in the document
     ("get", "/metrics"),
     ("get", "/internal/usage-parity"),
     ("post", "/webhooks/stripe"),
+    ("get", "/.well-known/jwks.json"),
 }
 
 

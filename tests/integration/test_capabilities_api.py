@@ -1,0 +1,79 @@
+"""Capability tokens over HTTP: issued for an org's plan now (admin), verified offline with
+the published keys; the audit trail keeps a digest, never the token."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from litestar.testing import AsyncTestClient
+
+from controlplane.config import Config
+from controlplane.core import ControlPlane
+from controlplane.http.app import create_app
+from tests.conftest import READ_TOKEN, TOKEN
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+READ = {"Authorization": f"Bearer {READ_TOKEN}"}
+KEY = Ed25519PrivateKey.generate()
+PEM = KEY.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode()
+
+
+@pytest.fixture
+async def client(
+    make_config: Callable[..., Config], clock: list[float]
+) -> AsyncIterator[AsyncTestClient[Any]]:
+    config = make_config(
+        capabilities={"keys": [{"kid": "k1", "private_key": PEM}], "lifetime_seconds": 600},
+        plans=[
+            {"name": "free", "billable": False},
+            {"name": "pro", "billable": True, "entitlements": {"sandboxes": 10, "gpu": True}},
+        ],
+    )
+    plane = ControlPlane(config, clock=lambda: clock[0])
+    async with AsyncTestClient(app=create_app(config, cp=plane)) as c:
+        c.plane = plane  # type: ignore[attr-defined]
+        yield c
+
+
+async def test_a_token_for_the_orgs_plan_verifies_offline(client: Any, clock: list[float]) -> None:
+    await client.put("/v1/orgs/acme", json={"plan": "pro", "effective_from": 0}, headers=AUTH)
+    r = await client.post("/v1/orgs/acme/capabilities", headers=AUTH)
+    assert r.status_code == 200, r.text
+    issued = r.json()
+    assert (issued["org"], issued["plan"], issued["kid"]) == ("acme", "pro", "k1")
+    assert issued["expires_at"] == int(clock[0]) + 600
+
+    jwks = (await client.get("/.well-known/jwks.json")).json()  # no token needed
+    (jwk,) = jwks["keys"]
+    key = jwt.PyJWK.from_dict(jwk).key
+    claims = jwt.decode(
+        issued["token"],
+        key,
+        algorithms=["EdDSA"],
+        audience="controlplane",
+        options={"verify_exp": False, "verify_nbf": False, "verify_iat": False},
+    )
+    assert (claims["sub"], claims["plan"], claims["ent"]) == (
+        "acme",
+        "pro",
+        {"sandboxes": 10, "gpu": True},
+    )
+
+    # an org without a stored plan (and no legacy biller) is free
+    free = (await client.post("/v1/orgs/globex/capabilities", headers=AUTH)).json()
+    assert free["plan"] == "free"
+
+    (record, *_) = await client.plane.audit_entries("capability.")
+    assert record.subject == "globex" and record.after["digest"] == free["digest"]
+    assert free["token"] not in str(record)
+
+
+async def test_issuing_needs_admin(client: Any) -> None:
+    r = await client.post("/v1/orgs/acme/capabilities", headers=READ)
+    assert r.status_code == 403
+    assert await client.plane.audit_entries("capability.") == []
