@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from litestar import Request, Response, Router
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.response import Redirect, Template
@@ -36,8 +37,14 @@ HEADERS = {
 }
 
 
+def _json(value: Any) -> str:
+    """A flag value as the API writes it: `true`, `null`, `"legacy"` without quotes."""
+    return value if isinstance(value, str) else msgspec.json.encode(value).decode()
+
+
 def _engine(engine: JinjaTemplateEngine) -> None:
     engine.engine.filters["iso"] = iso
+    engine.engine.filters["json"] = _json
 
 
 def template_config() -> TemplateConfig[JinjaTemplateEngine]:

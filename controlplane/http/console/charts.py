@@ -122,9 +122,11 @@ def drift_chart(runs: list[ParityRun], tolerance_percent: Decimal) -> str:
             f"data-status={quoteattr(p.status)}><title>{escape(p.label)}</title>"
             f"{_marker(p.status, x_of(i), y_of(p.drift_percent))}</g>"
         )
-    for i in sorted({0, len(pts) - 1}):
+    for i, anchor in ((0, "start"), (len(pts) - 1, "end")):
+        if i == 0 and anchor == "end":
+            continue  # one run: one label
         out.append(
-            f'<text x="{x_of(i):.1f}" y="{HEIGHT - BOTTOM + 18}" text-anchor="middle" '
+            f'<text x="{x_of(i):.1f}" y="{HEIGHT - BOTTOM + 18}" text-anchor="{anchor}" '
             f'class="tick">{escape(iso(pts[i].bucket_start)[:16])}</text>'
         )
     out.append("</svg>")
