@@ -392,6 +392,24 @@ def test_a_read_token_sees_no_action_and_forged_posts_change_nothing(
     admin.close()
 
 
+def test_axe_core_finds_no_violation(browser: Browser, server: Server) -> None:
+    """axe-core (shipped inside the axe-playwright-python package, nothing fetched) on every
+    page: labels, contrast, landmarks, table headers, names of images."""
+    from axe_playwright_python.sync_playwright import Axe
+
+    axe = Axe()
+    page = signed_in(browser, server, TOKEN)
+    for name in [*PAGES, "parity?run=1", "audit?verify=true", "ledger?org=acme"]:
+        page.goto(f"{server.url}/console/{'' if name == 'overview' else name}")
+        results = axe.run(page)
+        assert results.violations_count == 0, (name, results.generate_report())
+    page.context.clear_cookies()
+    page.goto(f"{server.url}/console/sign-in")
+    results = axe.run(page)
+    assert results.violations_count == 0, ("sign-in", results.generate_report())
+    page.close()
+
+
 def test_every_control_is_labelled(browser: Browser, server: Server) -> None:
     page = signed_in(browser, server, TOKEN)
     for name in PAGES:
