@@ -266,6 +266,21 @@ def test_the_parity_page_draws_one_point_per_stored_run(
     expect(page.locator("#mismatching")).to_contain_text("300")
     expect(page.locator("#clean-since")).not_to_have_text("not clean")
     shoot(page, shots, "parity")
+
+    # the worst orgs of a chosen window; a window off the bucket boundaries is refused
+    page.get_by_label("From (unix seconds or RFC 3339, a bucket boundary)").fill(str(DRIFTING))
+    page.get_by_label("To (exclusive)").fill(
+        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(DRIFTING + HOUR))
+    )
+    page.get_by_role("button", name="Compare").click()
+    worst = page.locator("#worst tbody tr")
+    expect(worst).to_have_count(2)
+    expect(worst.first.locator("th")).to_have_text("globex")
+    expect(worst.first.locator("td").nth(2)).to_have_text("10")
+    expect(page.locator("#window-summary")).to_contain_text("1 of 2 orgs mismatching")
+    page.get_by_label("To (exclusive)").fill(str(DRIFTING + 60))
+    page.get_by_role("button", name="Compare").click()
+    expect(page.locator("#window-error")).to_contain_text("to")
     page.close()
 
 
@@ -351,8 +366,14 @@ def test_orgs_and_ledger_pages(browser: Browser, server: Server, shots: Path) ->
     expect(page.get_by_role("table", name="Rows by state and reason")).to_be_visible()
     page.get_by_label("Org id").fill("acme")
     page.get_by_role("button", name="Show rows").click()
-    expect(page.get_by_role("table", name="Ledger rows of acme (the oldest 200)")).to_be_visible()
+    rows = page.get_by_role("table", name="Ledger rows of acme (the oldest 200)")
+    expect(rows).to_be_visible()
+    expect(rows.locator("tbody tr").first).to_contain_text("gbs")
     shoot(page, shots, "ledger")
+    rows.get_by_role("link", name="History").first.click()  # one row's revisions
+    history = page.get_by_role("table", name="Every revision of the row, oldest first")
+    expect(history.locator("tbody tr")).to_have_count(1)
+    expect(history.locator("tbody tr td").nth(4)).not_to_be_empty()
     page.close()
 
 
@@ -399,7 +420,15 @@ def test_axe_core_finds_no_violation(browser: Browser, server: Server) -> None:
 
     axe = Axe()
     page = signed_in(browser, server, TOKEN)
-    for name in [*PAGES, "parity?run=1", "audit?verify=true", "ledger?org=acme"]:
+    for name in [
+        *PAGES,
+        "parity?run=1",
+        f"parity?from={DRIFTING}&to={DRIFTING + HOUR}",
+        "audit?verify=true",
+        "ledger?org=acme",
+        f"ledger?org=acme&meter=gbs&bucket={FIRST}",
+        "orgs?org=acme",
+    ]:
         page.goto(f"{server.url}/console/{'' if name == 'overview' else name}")
         results = axe.run(page)
         assert results.violations_count == 0, (name, results.generate_report())

@@ -6,20 +6,24 @@ what the cutover actions (:mod:`controlplane.http.console.actions`) answer with.
 
 from __future__ import annotations
 
-from typing import Any
+from decimal import Decimal
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, get
 from litestar.datastructures import State
-from litestar.params import FromQuery
+from litestar.params import FromQuery, QueryParameter
 from litestar.response import Template
 
 from controlplane import health as job_health
 from controlplane.core import ControlPlane
+from controlplane.errors import ControlPlaneError
 from controlplane.http.console import charts
 from controlplane.http.console.session import Session, console_session, current
 from controlplane.http.params import CP
 from controlplane.ledger import RowState
+from controlplane.parity import comparison_api
+from controlplane.times import parse_instant
 from controlplane.units import format_micros
 
 NAV = [
@@ -56,6 +60,28 @@ def render(
 
 def _units(micros: int | None) -> str:
     return "absent" if micros is None else format_micros(micros)
+
+
+WORST_ORGS = 20
+
+
+async def _window(cp: ControlPlane, start: str, end: str) -> dict[str, Any]:
+    """The worst orgs of a parity comparison over [start, end), or the error that stopped it."""
+    try:
+        comparison = comparison_api(await cp.parity(parse_instant(start), parse_instant(end)))
+    except ValueError as exc:  # a malformed time, or an unaligned window (InvalidInput)
+        return {"error": str(exc)}
+    except ControlPlaneError as exc:  # the legacy source failed
+        return {"error": exc.message}
+
+    def badness(org: dict[str, Any]) -> tuple[bool, bool, Decimal, Decimal]:
+        rel, absolute = org["relative_drift"], Decimal(org["absolute_drift"] or 0)
+        return (bool(org["within_tolerance"]), rel is not None, -Decimal(rel or 0), -absolute)
+
+    return {
+        "summary": comparison["summary"],
+        "worst": sorted(comparison["orgs"], key=badness)[:WORST_ORGS],
+    }
 
 
 def _watching_since(state: State) -> float | None:
@@ -110,9 +136,23 @@ class ConsolePages(Controller):
 
     @get("/parity")
     async def parity(
-        self, request: Request[Any, Any, Any], cp: CP, run: FromQuery[int | None] = None
+        self,
+        request: Request[Any, Any, Any],
+        cp: CP,
+        run: FromQuery[int | None] = None,
+        start: Annotated[str | None, QueryParameter(name="from")] = None,
+        end: Annotated[str | None, QueryParameter(name="to")] = None,
     ) -> Template:
         session = current(request)
+        bucket = cp.config.rollup.bucket_seconds
+        settled = cp.now() - cp.now() % bucket
+        window: dict[str, Any] = {
+            "from": start or str(settled - 24 * 3600),
+            "to": end or str(settled),
+            "asked": start is not None or end is not None,
+        }
+        if window["asked"]:
+            window.update(await _window(cp, window["from"], window["to"]))
         runs = await cp.parity_runs(limit=CHART_RUNS)
         chosen = run
         if chosen is None:  # the newest run that did not match
@@ -140,17 +180,30 @@ class ConsolePages(Controller):
             meter=cp.config.parity.meter,
             tolerance=tolerance.normalize(),
             legacy=cp.legacy is not None,
+            window=window,
         )
 
     @get("/ledger")
     async def ledger(
-        self, request: Request[Any, Any, Any], cp: CP, org: FromQuery[str | None] = None
+        self,
+        request: Request[Any, Any, Any],
+        cp: CP,
+        org: FromQuery[str | None] = None,
+        meter: FromQuery[str | None] = None,
+        bucket: FromQuery[int | None] = None,
     ) -> Template:
         session = current(request)
         org = (org or "").strip() or None
         counts = await cp.ledger_counts()
         held = await cp.ledger(state=RowState.HELD, limit=TABLE_ROWS)
         rows = await cp.ledger(org_id=org, limit=TABLE_ROWS) if org else []
+        history: list[dict[str, Any]] = []
+        if org and meter and bucket is not None:  # every revision of one bucket's row
+            history = [
+                r.to_api()
+                for r in await cp.ledger(org_id=org, start=bucket, end=bucket + 1, limit=1000)
+                if r.meter == meter
+            ]
         return render(
             request,
             session,
@@ -160,6 +213,9 @@ class ConsolePages(Controller):
             org=org,
             rows=[r.to_api() for r in rows],
             limit=TABLE_ROWS,
+            history=history,
+            meter=meter,
+            bucket=bucket,
         )
 
     @get("/cutover")
