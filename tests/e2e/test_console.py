@@ -209,6 +209,7 @@ def test_sign_in_gives_a_strict_httponly_session_and_shows_the_flags(
     page = signed_in(browser, server, TOKEN)
     [cookie] = [c for c in page.context.cookies() if c["name"] == "cp_console"]
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/console"
+    assert not cookie["secure"]  # plain HTTP here; over HTTPS it is Secure (tests/unit)
     assert TOKEN not in cookie["value"] and TOKEN not in page.content()
 
     flags = api(server, "GET", "/v1/flags")
