@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -54,6 +55,7 @@ from controlplane.interfaces import (
     UsageTotal,
 )
 from controlplane.ledger import LedgerRow, RowState
+from controlplane.ledger import Reason as LedgerReason
 from controlplane.meters import MeterSet
 from controlplane.metrics import Metrics
 from controlplane.parity import (
@@ -88,6 +90,15 @@ class OrgUpdate(msgspec.Struct, frozen=True):
 
     org: Org
     notes: list[str]
+
+
+class RollbackPreview(msgspec.Struct, frozen=True):
+    """What a rollback with ``cancel_sent`` would do now (:meth:`ControlPlane.cancel_preview`)."""
+
+    to_cancel: list[LedgerRow]  # inside the cancel window: cancelled at the provider
+    to_cancel_count: int
+    credit_notes: list[LedgerRow]  # past it: manual credit notes
+    credit_notes_count: int
 
 
 class ControlPlane:
@@ -409,21 +420,38 @@ class ControlPlane:
         """Ledger rows per (state, reason); pairs without rows are absent."""
         return await self.storage.ledger_counts()
 
-    async def cancel_preview(self, limit: int = 100) -> tuple[list[LedgerRow], list[LedgerRow]]:
-        """What `cutover rollback --cancel-sent` would do now, changing nothing: the sent rows
-        inside ``[cutover] cancel_window_seconds`` (to cancel at the provider) and those past
-        it (for manual credit notes), newest first, at most `limit` of each."""
+    async def cancel_preview(self, limit: int = 100) -> RollbackPreview:
+        """What `cutover rollback --cancel-sent` would do now, changing nothing. The rows the
+        provider may have (sent, or attempted without a definite answer) from inside
+        ``[cutover] cancel_window_seconds`` are cancelled at the provider; older ones need
+        manual credit notes. Lists the newest `limit` of each, and counts them all."""
         horizon = self.now() - self.config.cutover.cancel_window_seconds
-        cancel: list[LedgerRow] = []
-        credit: list[LedgerRow] = []
-        after = 0
-        while rows := await self.storage.ledger(state=RowState.SENT, after_id=after, limit=5000):
-            for row in rows:
-                (cancel if row.sent_at is not None and row.sent_at > horizon else credit).append(
-                    row
-                )
-            after = rows[-1].id
-        return cancel[::-1][:limit], credit[::-1][:limit]
+        cancel: deque[LedgerRow] = deque(maxlen=limit)
+        credit: deque[LedgerRow] = deque(maxlen=limit)
+        counts = [0, 0]
+        for state, attempted in (
+            (RowState.SENT, None),
+            (RowState.PENDING, True),
+            (RowState.HELD, True),
+        ):
+            after = 0
+            while rows := await self.storage.ledger(
+                state=state, attempted=attempted, after_id=after, limit=5000
+            ):
+                for row in rows:
+                    if row.state is RowState.HELD and row.reason != LedgerReason.AMBIGUOUS:
+                        continue  # the provider answered no: nothing to cancel there
+                    since = row.sent_at if row.state is RowState.SENT else row.first_attempt_at
+                    recent = since is not None and since > horizon
+                    (cancel if recent else credit).append(row)
+                    counts[0 if recent else 1] += 1
+                after = rows[-1].id
+        return RollbackPreview(
+            to_cancel=sorted(cancel, key=lambda r: -r.id),
+            to_cancel_count=counts[0],
+            credit_notes=sorted(credit, key=lambda r: -r.id),
+            credit_notes_count=counts[1],
+        )
 
     async def catalog(self, version: int | None = None) -> CatalogVersion | None:
         """A published catalog version; the newest when `version` is None."""

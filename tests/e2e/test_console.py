@@ -337,7 +337,8 @@ def test_plan_preflight_execute_and_roll_back_a_cutover(
     expect(page.locator("#legacy-bill-until")).to_contain_text(str(t))
 
     nav(page, "Cutover")
-    expect(page.get_by_role("table", name="Sent less than 86400 s ago")).to_be_visible()
+    preview = page.get_by_role("table", name="Sent (or attempted) less than 86400 s ago")
+    expect(preview).to_contain_text("None.")  # nothing was sent: no billing configured
     page.locator("#rollback-reason").fill("back to legacy")
     page.get_by_label("Cancel rows sent less than").check()
     page.get_by_role("button", name="Roll back").click()

@@ -93,7 +93,9 @@ class ConsoleActions(Controller):
             return signin_page(
                 request, f"token {principal.name!r} lacks the 'read' scope the console needs", 403
             )
-        session = sessions_of(request).open(principal)
+        sessions = sessions_of(request)
+        sessions.close(request.cookies.get(COOKIE))  # a new sign-in never keeps an old id
+        session = sessions.open(principal)
         log.info("console.signed_in", actor=principal.name)
         redirect = Redirect(path="/console/", status_code=303)
         redirect.set_cookie(session_cookie(request, session.id, SESSION_SECONDS))

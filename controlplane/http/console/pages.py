@@ -93,13 +93,15 @@ def _watching_since(state: State) -> float | None:
 async def cutover_context(cp: ControlPlane) -> dict[str, Any]:
     """What the cutover page shows besides an action's result."""
     status = await cp.cutover.status(limit=20)
-    to_cancel, credit_notes = await cp.cancel_preview()
+    preview = await cp.cancel_preview()
     return {
         "status": status,
         "flags": status.flags,
         "t": status.flags["legacy_bill_until"] or status.flags["flags"]["bill_from"]["value"],
-        "to_cancel": [r.to_api() for r in to_cancel],
-        "credit_notes": [r.to_api() for r in credit_notes],
+        "to_cancel": [r.to_api() for r in preview.to_cancel],
+        "to_cancel_count": preview.to_cancel_count,
+        "credit_notes": [r.to_api() for r in preview.credit_notes],
+        "credit_notes_count": preview.credit_notes_count,
         "cancel_window": cp.config.cutover.cancel_window_seconds,
         "bucket_seconds": cp.config.rollup.bucket_seconds,
         "now": cp.now(),
