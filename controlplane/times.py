@@ -13,6 +13,10 @@ from typing import Any
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
 
+RFC3339_PATTERN = (  # as documented in OpenAPI; dates and offsets are checked by parse_time
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})$"
+)
 _RFC3339 = re.compile(  # ASCII digits only: `\d` would take any script's digits
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,9}))?"
     r"(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))"

@@ -8,7 +8,6 @@ from typing import Any
 
 import msgspec
 
-from controlplane.errors import BadValue, Problem
 from controlplane.times import MAX_SECONDS, parse_instant
 
 
@@ -62,19 +61,6 @@ class FlagSpec(msgspec.Struct, frozen=True):
     env: tuple[str, ...]
     parse: Callable[[Any], Any]  # from text (environment, CLI) or JSON
     description: str
-    json_types: tuple[type, ...]  # the JSON values the API takes: no "false" for false
-    json_doc: str  # ... as said in an error
-
-    def from_json(self, value: Any) -> Any:
-        """`value` from a JSON body, when its JSON type is one this flag takes; else
-        BadValue naming the field (the value is then parsed as any other)."""
-        kind = type(value)
-        if kind not in self.json_types:
-            got = {bool: "a boolean", int: "a number", float: "a number", str: "a string"}
-            what = "null" if value is None else got.get(kind, f"an {kind.__name__}")
-            message = f"{self.name} takes {self.json_doc}, got {what}"
-            raise BadValue([Problem(field="value", message=message)])
-        return value
 
 
 FLAGS: dict[str, FlagSpec] = {
@@ -86,8 +72,6 @@ FLAGS: dict[str, FlagSpec] = {
             env=("SHADOW",),
             parse=parse_bool,
             description="compute everything, send nothing",
-            json_types=(bool,),
-            json_doc="a JSON boolean (true or false)",
         ),
         FlagSpec(
             name="bill_from",
@@ -95,8 +79,6 @@ FLAGS: dict[str, FlagSpec] = {
             env=("BILL_FROM",),
             parse=parse_bill_from,
             description="the boundary T (unix seconds or RFC 3339): bill buckets from T on",
-            json_types=(int, str, type(None)),
-            json_doc="unix seconds, an RFC 3339 string or null",
         ),
         FlagSpec(
             name="authority",
@@ -104,8 +86,6 @@ FLAGS: dict[str, FlagSpec] = {
             env=("PRO_BILLING_AUTHORITY", "AUTHORITY"),
             parse=parse_authority,
             description="who bills: legacy or controlplane",
-            json_types=(str,),
-            json_doc='a string ("legacy" or "controlplane")',
         ),
     )
 }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
+import msgspec
 from litestar import Litestar, Router
 from litestar.datastructures import State
 from litestar.di import Provide
@@ -18,7 +19,7 @@ from controlplane.http.controllers import cutover
 from controlplane.http.controllers.capabilities import CapabilitiesController, JwksController
 from controlplane.http.controllers.catalog import CatalogController
 from controlplane.http.controllers.events import EventsController
-from controlplane.http.controllers.flags import FlagPut, FlagsController
+from controlplane.http.controllers.flags import FLAG_BODIES, FlagsController
 from controlplane.http.controllers.health import HealthController, MetricsController
 from controlplane.http.controllers.jobs import JobsController
 from controlplane.http.controllers.ofrep import OfrepController
@@ -37,7 +38,11 @@ from controlplane.http.params import provide_cp
 from controlplane.http.problems import on_error
 from controlplane.ratelimit import IngestLimiter
 
-BODIES = (FlagPut, OrgPut, *cutover.BODIES)  # the JSON bodies `strict_body` checks
+BODIES: tuple[type[msgspec.Struct], ...] = (
+    *FLAG_BODIES.values(),
+    OrgPut,
+    *cutover.BODIES,
+)  # the JSON bodies `strict_body` checks
 
 
 def create_app(

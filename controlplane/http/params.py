@@ -17,9 +17,9 @@ from litestar.exceptions import ValidationException
 from litestar.params import FromQuery, QueryParameter
 
 from controlplane.core import ControlPlane
-from controlplane.errors import BadValue, Problem, Undecodable
+from controlplane.errors import InvalidInput, Problem, Undecodable
 from controlplane.events import scan_json
-from controlplane.times import MAX_SECONDS, parse_instant
+from controlplane.times import MAX_SECONDS, RFC3339_PATTERN, parse_instant
 
 Org = FromQuery[str | None]
 _SECONDS = {"minimum": 0, "maximum": MAX_SECONDS}  # litestar drops ge/le of Optional parameters
@@ -38,6 +38,7 @@ Instant = (
     | Annotated[
         str,
         msgspec.Meta(
+            pattern=RFC3339_PATTERN,
             description="an RFC 3339 time with an offset, on a whole second",
             examples=["2026-01-01T00:00:00Z"],
         ),
@@ -54,13 +55,14 @@ def seconds(value: int | str | None, field: str) -> int | None: ...
 
 
 def seconds(value: int | str | None, field: str) -> int | None:
-    """Unix seconds from an :data:`Instant` body field; BadValue (400) naming `field`."""
+    """Unix seconds from an :data:`Instant` body field (its spelling already checked against
+    the schema); an impossible date, offset or fraction of a second is 422 naming `field`."""
     if value is None:
         return None
     try:
         return parse_instant(value)
     except ValueError as exc:
-        raise BadValue([Problem(field=field, message=str(exc))]) from None
+        raise InvalidInput([Problem(field=field, message=str(exc))]) from None
 
 
 def strict_body(

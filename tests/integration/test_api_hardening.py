@@ -176,12 +176,13 @@ async def test_openapi_documents_problems_limits_and_bodies(client: Any) -> None
         "application/cloudevents-batch+json",
         "application/x-ndjson",
     }
-    put_flag = schema["paths"]["/v1/flags/{name}"]["put"]
-    assert put_flag["parameters"][0]["schema"]["enum"] == ["authority", "bill_from", "shadow"]
-    assert put_flag["security"] == [{"bearer": []}]
-    flag_body = schema["components"]["schemas"]["FlagPut"]
-    assert flag_body["additionalProperties"] is False
-    assert flag_body["properties"]["reason"]["pattern"] == "\\S"
+    for flag in ("authority", "bill_from", "shadow"):  # each flag's body says its value type
+        put_flag = schema["paths"][f"/v1/flags/{flag}"]["put"]
+        assert put_flag["security"] == [{"bearer": []}]
+    shadow = schema["components"]["schemas"]["ShadowPut"]
+    assert shadow["additionalProperties"] is False and shadow["required"] == ["value", "reason"]
+    assert shadow["properties"]["value"] == {"type": "boolean"}
+    assert shadow["properties"]["reason"]["pattern"] == "\\S"
     window = schema["paths"]["/internal/usage-parity"]["get"]["parameters"][0]
     assert (window["name"], window["required"], window["schema"]["multipleOf"]) == (
         "from",
@@ -212,7 +213,7 @@ async def test_numbers_beyond_what_storage_holds_are_refused_not_500(client: Any
         json={"value": 3600 * 10**22, "reason": "far", "force": True},
         headers=AUTH,
     )
-    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "value"
+    assert r.status_code == 400 and r.json()["errors"][0]["field"] == "value"
     r = await client.get("/v1/catalog", params={"version": 10**30}, headers=READ)
     assert r.status_code == 400 and r.json()["errors"][0]["field"] == "version"
     assert (await client.get(f"/v1/parity/runs/{10**30}", headers=READ)).status_code == 400

@@ -77,3 +77,15 @@ async def test_issuing_needs_admin(client: Any) -> None:
     r = await client.post("/v1/orgs/acme/capabilities", headers=READ)
     assert r.status_code == 403
     assert await client.plane.audit_entries("capability.") == []
+
+
+async def test_without_keys_issuing_is_404(
+    make_config: Callable[..., Config], clock: list[float]
+) -> None:
+    config = make_config()
+    plane = ControlPlane(config, clock=lambda: clock[0])
+    async with AsyncTestClient(app=create_app(config, cp=plane)) as c:
+        r = await c.post("/v1/orgs/acme/capabilities", headers=AUTH)
+        assert r.status_code == 404 and "[[capabilities.keys]]" in r.json()["detail"]
+        assert (await c.get("/.well-known/jwks.json")).json() == {"keys": []}
+

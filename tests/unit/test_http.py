@@ -11,6 +11,7 @@ from litestar import Litestar
 from litestar.routes import HTTPRoute
 
 from controlplane.config import Config
+from controlplane.flags import FLAGS
 from controlplane.http.app import create_app
 
 CONSOLE_PAGES = ("", "/parity", "/ledger", "/cutover", "/orgs", "/audit")
@@ -22,7 +23,7 @@ ACCESS = {
     ("GET", "/v1/ledger"): ("require_scope", "read"),
     ("GET", "/v1/flags"): ("require_scope", "read"),
     ("GET", "/v1/flags/audit"): ("require_scope", "read"),
-    ("PUT", "/v1/flags/{name:str}"): ("require_scope", "admin"),
+    **{("PUT", f"/v1/flags/{flag}"): ("require_scope", "admin") for flag in FLAGS},
     ("GET", "/v1/orgs/{org_id:str}"): ("require_scope", "read"),
     ("PUT", "/v1/orgs/{org_id:str}"): ("require_scope", "admin"),
     ("GET", "/v1/jobs"): ("require_scope", "read"),

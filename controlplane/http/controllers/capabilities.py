@@ -10,6 +10,7 @@ from litestar import Controller, Request, get, post
 from litestar.params import FromPath
 
 from controlplane.capabilities import Issued
+from controlplane.errors import NotFound
 from controlplane.http.guards import BEARER, actor, require_scope
 from controlplane.http.params import CP
 from controlplane.http.problems import AUTH, documented
@@ -40,11 +41,13 @@ class CapabilitiesController(Controller):
     @post(
         status_code=200,
         summary="Issue a signed capability token stating the org's plan now",
-        responses=documented(*AUTH, 400, 409),
+        responses=documented(*AUTH, 400, 404),
     )
     async def issue_capability(
         self, request: Request[Any, Any, Any], cp: CP, org_id: FromPath[str]
     ) -> Issued:
+        if not cp.config.capabilities.keys:
+            raise NotFound("capability tokens are not configured: no [[capabilities.keys]]")
         return await cp.issue_capability(org_id, actor=actor(request))
 
 

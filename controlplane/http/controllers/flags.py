@@ -2,23 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any, Literal
 
 import msgspec
 from litestar import Controller, Request, get, put
-from litestar.params import JSONBody, PathParameter
+from litestar.params import JSONBody
 
-from controlplane.errors import NotFound
-from controlplane.flags import FLAGS, FlagChange, Snapshot
+from controlplane.flags import FlagChange, Snapshot
 from controlplane.http.guards import BEARER, actor, require_scope
-from controlplane.http.params import CP, Limit, Reason, strict_body
+from controlplane.http.params import CP, Instant, Limit, Reason, seconds, strict_body
 from controlplane.http.problems import AUTH, BODY, documented
 
 
-class FlagPut(msgspec.Struct, forbid_unknown_fields=True):
-    value: Any
+class ShadowPut(msgspec.Struct, forbid_unknown_fields=True):
+    value: bool
     reason: Reason
     force: bool = False
+
+
+class BillFromPut(msgspec.Struct, forbid_unknown_fields=True):
+    value: Instant | None
+    reason: Reason
+    force: bool = False
+
+
+class AuthorityPut(msgspec.Struct, forbid_unknown_fields=True):
+    value: Literal["legacy", "controlplane", "cell", "edge"]  # cell, edge: aliases
+    reason: Reason
+    force: bool = False
+
+
+FLAG_BODIES: dict[str, type[msgspec.Struct]] = {
+    "shadow": ShadowPut,
+    "bill_from": BillFromPut,
+    "authority": AuthorityPut,
+}
 
 
 class FlagState(msgspec.Struct):
@@ -67,29 +85,51 @@ class FlagsController(Controller):
     async def get_flags(self, cp: CP) -> FlagValues:
         return FlagValues.of(await cp.flags())
 
-    @put(
-        "/{name:str}",
-        opt={"scope": "admin"},
-        summary="Set a flag's runtime value",
-        responses=documented(*AUTH, *BODY, 404, 409),
-        before_request=strict_body(FlagPut),
-    )
-    async def put_flag(
-        self,
-        request: Request[Any, Any, Any],
-        cp: CP,
-        name: Annotated[str, PathParameter(schema_extra={"enum": sorted(FLAGS)})],
-        data: JSONBody[FlagPut],
-    ) -> FlagValues:
-        if name not in FLAGS:
-            raise NotFound(f"unknown flag {name!r}; known: {sorted(FLAGS)}")
+    async def _set(self, request: Request[Any, Any, Any], cp: CP, name: str, body: Any) -> Any:
         snapshot = await cp.set_flags(
-            [FlagChange(name=name, value=FLAGS[name].from_json(data.value))],
+            [FlagChange(name=name, value=body.value)],
             actor=actor(request),
-            reason=data.reason,
-            force=data.force,
+            reason=body.reason,
+            force=body.force,
         )
         return FlagValues.of(snapshot)
+
+    @put(
+        "/shadow",
+        opt={"scope": "admin"},
+        summary="Set shadow: true computes everything and sends nothing",
+        responses=documented(*AUTH, *BODY, 409),
+        before_request=strict_body(ShadowPut),
+    )
+    async def put_shadow(
+        self, request: Request[Any, Any, Any], cp: CP, data: JSONBody[ShadowPut]
+    ) -> FlagValues:
+        return await self._set(request, cp, "shadow", data)  # type: ignore[no-any-return]
+
+    @put(
+        "/bill_from",
+        opt={"scope": "admin"},
+        summary="Set bill_from, the boundary T (unix seconds or RFC 3339; null unsets it)",
+        responses=documented(*AUTH, *BODY, 409),
+        before_request=strict_body(BillFromPut),
+    )
+    async def put_bill_from(
+        self, request: Request[Any, Any, Any], cp: CP, data: JSONBody[BillFromPut]
+    ) -> FlagValues:
+        at = BillFromPut(seconds(data.value, "value"), data.reason, data.force)
+        return await self._set(request, cp, "bill_from", at)  # type: ignore[no-any-return]
+
+    @put(
+        "/authority",
+        opt={"scope": "admin"},
+        summary="Set authority: who bills, legacy or controlplane",
+        responses=documented(*AUTH, *BODY, 409),
+        before_request=strict_body(AuthorityPut),
+    )
+    async def put_authority(
+        self, request: Request[Any, Any, Any], cp: CP, data: JSONBody[AuthorityPut]
+    ) -> FlagValues:
+        return await self._set(request, cp, "authority", data)  # type: ignore[no-any-return]
 
     @get(
         "/audit",
