@@ -23,6 +23,7 @@ from controlplane.http.console.session import (
     SESSION_SECONDS,
     SIGNIN_COOKIE,
     Refused,
+    Session,
     check_csrf,
     console_session,
     current,
@@ -111,7 +112,7 @@ class ConsoleActions(Controller):
         redirect.delete_cookie(COOKIE, path="/console")
         return redirect
 
-    async def _step(self, request: Request[Any, Any, Any]) -> tuple[Any, dict[str, str]]:
+    async def _step(self, request: Request[Any, Any, Any]) -> tuple[Session, dict[str, str]]:
         """The (admin) session of a cutover step, after its CSRF check, and the form."""
         session = current(request)
         form = await form_of(request)
@@ -119,7 +120,7 @@ class ConsoleActions(Controller):
         return session, form
 
     async def _answer(
-        self, request: Request[Any, Any, Any], cp: CP, session: Any, **result: Any
+        self, request: Request[Any, Any, Any], cp: CP, session: Session, **result: Any
     ) -> Template:
         status = 409 if result.get("error") else 200
         return render(request, session, "cutover", status, **await cutover_context(cp), **result)

@@ -58,6 +58,12 @@ def render(
     )
 
 
+def _short(value: Any, length: int = 300) -> str:
+    """An audit record's before or after as JSON, cut to `length` characters."""
+    text = msgspec.json.encode(value).decode()
+    return text if len(text) <= length else text[: length - 1] + "…"
+
+
 def _units(micros: int | None) -> str:
     return "absent" if micros is None else format_micros(micros)
 
@@ -255,8 +261,8 @@ class ConsolePages(Controller):
             entries=[
                 {
                     **msgspec.structs.asdict(e),
-                    "before": msgspec.json.encode(e.before).decode()[:300],
-                    "after": msgspec.json.encode(e.after).decode()[:300],
+                    "before": _short(e.before),
+                    "after": _short(e.after),
                 }
                 for e in entries
             ],
