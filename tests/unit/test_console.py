@@ -9,6 +9,7 @@ from decimal import Decimal
 
 import pytest
 from litestar.testing import AsyncTestClient
+from structlog.testing import capture_logs
 
 from controlplane.auth import Principal
 from controlplane.config import Config
@@ -122,7 +123,13 @@ async def test_the_cutover_page_shows_what_a_rollback_would_cancel(
     await cp.rollup(until=t + HOUR)
     await cp.cutover.execute(t, actor="ops", reason="go", force=True)
     await cp.send()
-    csrf = await sign_in(client, TOKEN)
+    with capture_logs() as logs:
+        csrf = await sign_in(client, TOKEN)
+    assert {"event": "console.signed_in", "actor": "tester", "log_level": "info"} in [
+        {k: v for k, v in e.items() if k in ("event", "actor", "log_level")} for e in logs
+    ]
+    session_id = client.cookies.get("cp_console")
+    assert session_id and TOKEN not in repr(logs) and session_id not in repr(logs)  # unlogged
 
     page = (await client.get("/console/cutover")).text
     to_cancel = page.split('id="to-cancel"')[1].split("</table>")[0]
