@@ -190,6 +190,18 @@ class ControlPlane:
     async def close(self) -> None:
         await self._stack.aclose()
 
+    @staticmethod
+    async def migrate_storage(config: Config) -> tuple[list[str], MigrationStatus]:
+        """Apply pending schema migrations with the configured storage alone (no billing, no
+        flag checks, nothing else started): the migrations applied now, and the status after."""
+        storage: Storage = _plugin("storage", config.storage)
+        await storage.start()
+        try:
+            applied = await storage.migrate()
+            return applied, await storage.migration_status()
+        finally:
+            await storage.close()
+
     async def _record_static_flags(self) -> None:
         """A change of `[flags]` or the environment since the last start keeps the same rules
         as a runtime change, and is audited: refused, the control plane does not start."""

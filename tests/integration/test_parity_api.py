@@ -15,6 +15,7 @@ from litestar.testing import AsyncTestClient
 from structlog.testing import capture_logs
 
 from controlplane import cli, parity
+from controlplane.cli.commands.parity import parity as parity_cmd
 from controlplane.config import Config
 from controlplane.core import ControlPlane
 from controlplane.http.app import create_app
@@ -493,7 +494,7 @@ async def test_runs_endpoints(
 async def _check_cli(config: Config, *argv: str) -> int:
     args = cli.build_parser().parse_args(["parity", "check", *argv])
     assert isinstance(args, argparse.Namespace)
-    return await cli.parity(args, config)
+    return await parity_cmd(args, config)
 
 
 async def test_cli_parity_check_prints_a_table_and_exits_non_zero_on_mismatch(

@@ -1,0 +1,1 @@
+"""One module per command group; each adds its parsers to the CLI with ``register``."""

@@ -1,0 +1,86 @@
+"""`controlplane`: the command line, a thin shell over the core.
+
+Every command takes ``--config`` (default ``./controlplane.toml`` when present, else the
+shipped ``config.example.toml``).
+
+This module assembles the parser from the command groups (``controlplane.cli.commands``, one
+module each, every one adding its own parsers) and runs the chosen command: it loads the config
+and logging, and turns failures into exit codes (2 for a control plane error, 130 when
+interrupted); a command's own result is its exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from controlplane import config as config_mod
+from controlplane.cli.commands import (
+    audit,
+    catalog,
+    cutover,
+    demo,
+    flags,
+    ingest,
+    jobs,
+    migrate,
+    orgs,
+    parity,
+    serve,
+    stripe_emulator,
+    token,
+)
+from controlplane.errors import ControlPlaneError
+
+# in the order `--help` lists them
+GROUPS = [
+    serve,
+    migrate,
+    ingest,
+    jobs,
+    orgs,
+    flags,
+    cutover,
+    audit,
+    token,
+    demo,
+    parity,
+    catalog,
+    stripe_emulator,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="controlplane", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", help="config file (default: ./controlplane.toml, else config.example.toml)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for group in GROUPS:
+        group.register(sub, common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == [stripe_emulator.NAME]:  # the emulator parses its own options
+        return stripe_emulator.run(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        if getattr(args, "no_config", False):
+            return int(args.func(args, None))
+        config = config_mod.load(args.config)
+        from controlplane.logs import configure
+
+        configure(config.logging)
+        if getattr(args, "sync", False):
+            return int(args.func(args, config))
+        return int(asyncio.run(args.func(args, config)))
+    except ControlPlaneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
