@@ -88,4 +88,3 @@ async def test_without_keys_issuing_is_404(
         r = await c.post("/v1/orgs/acme/capabilities", headers=AUTH)
         assert r.status_code == 404 and "[[capabilities.keys]]" in r.json()["detail"]
         assert (await c.get("/.well-known/jwks.json")).json() == {"keys": []}
-
