@@ -1,0 +1,483 @@
+"""The storage contracts: one narrow abstract class per domain, and :class:`Storage`, all of them.
+
+A service takes the contracts it uses (the sender a :class:`SendStore`, the parity checker a
+:class:`ParityStore`); a storage plugin implements :class:`Storage`, so one class serves every
+domain and a missing method fails when the class is built.
+
+=================  =========================================================================
+contract           holds
+=================  =========================================================================
+StorageLifecycle   start, close, migrations, ping, pinned settings, exclusive jobs
+EventStore         usage events and the bucket totals computed from them
+LedgerStore        the rollup's writes, ledger reads, the dirty backlog
+SendStore          claims, attempts, settlements, cancellations, re-issues, the seam
+OrgStore           orgs, customers, plan periods
+FlagStore          runtime flags, the static layers' record
+AuditStore         the hash-chained audit log
+ParityStore        parity runs, mismatches, alerts
+CatalogStore       published catalog versions
+WebhookStore       processed webhook events, closed billing periods
+JobStore           scheduled job runs
+=================  =========================================================================
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+from controlplane.interfaces.records import (
+    Attempt,
+    AuditEntry,
+    AuditRecord,
+    CatalogVersion,
+    Claim,
+    ClosedPeriod,
+    DirtyBacklog,
+    FlagGuard,
+    FlagWrite,
+    IngestResult,
+    JobRun,
+    LedgerCount,
+    MigrationStatus,
+    Org,
+    OrgChange,
+    OrgDrift,
+    ParityAlert,
+    ParityRun,
+    RollupPlanner,
+    RuntimeFlag,
+    SeamRows,
+    SendItem,
+    Settlement,
+    StaticFlags,
+    StoredEvent,
+    UsageTotal,
+    WebhookRecord,
+)
+from controlplane.ledger import LedgerRow, NewRow, RowState
+
+
+class StorageLifecycle(abc.ABC):
+    """Opening, closing and schema: what every store does before and after the rest.
+
+    All plugins share one lifecycle: ``await start()`` once before use, ``await close()`` once
+    at shutdown."""
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Open connections. Does not migrate."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release every resource; safe to call twice."""
+
+    @abc.abstractmethod
+    async def migrate(self) -> list[str]:
+        """Apply pending migrations in order; return the names applied."""
+
+    @abc.abstractmethod
+    async def migration_status(self) -> MigrationStatus:
+        """Applied and pending migrations. Raises MigrationError when the two disagree."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise StorageError when the store cannot answer."""
+
+    @abc.abstractmethod
+    async def pin_setting(self, key: str, value: str) -> None:
+        """Record a setting that must never change once data depends on it (e.g. bucket size).
+
+        Raises ConfigError when a different value was pinned before.
+        """
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, job: str, *, wait: bool = False) -> AsyncIterator[bool]:
+        """Hold `job` exclusively among every process sharing this store while the block
+        runs; yields False (without waiting, unless `wait`) when another one holds it.
+
+        A store only one process can use has nothing to arbitrate: the default yields True.
+        """
+        yield True
+
+
+class EventStore(abc.ABC):
+    """Usage events, and the per-bucket totals computed from them (never from the ledger)."""
+
+    @abc.abstractmethod
+    async def insert_events(
+        self, events: Sequence[StoredEvent], bucket_seconds: int
+    ) -> IngestResult:
+        """Store a batch in one transaction, skipping (source, event_id) pairs already stored,
+        and mark every (org, bucket) it touched dirty. Returns after commit."""
+
+    @abc.abstractmethod
+    async def usage(
+        self, org_id: str | None, meter: str | None, start: int | None, end: int | None
+    ) -> list[UsageTotal]:
+        """Per-bucket totals computed from stored events (open and closed buckets)."""
+
+    @abc.abstractmethod
+    async def usage_by_org(self, meter: str, start: int, end: int) -> dict[str, int]:
+        """Per org, the exact sum (micro-units) of `meter` over buckets starting in
+        [start, end), computed from stored events (never from the ledger). Orgs without
+        events for the meter in the window are absent."""
+
+
+class LedgerStore(abc.ABC):
+    """The rollup's writes into the ledger, and reads of the ledger and its backlog."""
+
+    @abc.abstractmethod
+    async def rollup_step(
+        self,
+        closed_before: int,
+        bucket_seconds: int,
+        limit: int,
+        planner: RollupPlanner,
+        org_id: str | None = None,
+        unplanned_allowed: Sequence[str] | None = None,
+    ) -> tuple[int, list[NewRow]]:
+        """Take up to `limit` dirty buckets ending at or before `closed_before` (and of
+        `org_id` when given), let `planner` decide the revisions, write them and clear those
+        dirty marks in one transaction (the marks of buckets the plan holds are kept, with
+        the reason, and skipped until ingest marks them dirty again). Returns (buckets taken,
+        rows written).
+
+        With `unplanned_allowed`, a bucket whose start no stored plan covers is taken only if
+        its org is listed (the legacy biller answered for it); the others stay dirty."""
+
+    @abc.abstractmethod
+    async def unplanned_orgs(self, closed_before: int, bucket_seconds: int) -> list[str]:
+        """Orgs with a dirty bucket ending at or before `closed_before` whose start no stored
+        plan covers: the rollup asks the legacy biller about them."""
+
+    @abc.abstractmethod
+    async def dirty_backlog(self, closed_before: int, bucket_seconds: int) -> DirtyBacklog:
+        """Dirty buckets ending at or before `closed_before` (those the rollup would take
+        now): how many, and the start of the oldest."""
+
+    @abc.abstractmethod
+    async def ledger(
+        self,
+        *,
+        org_id: str | None = None,
+        state: RowState | None = None,
+        start: int | None = None,
+        end: int | None = None,
+        limit: int = 1000,
+        attempted: bool | None = None,
+        after_id: int = 0,
+    ) -> list[LedgerRow]:
+        """Ledger rows, oldest first, filtered by org, state, bucket start in [start, end) and
+        whether a delivery was attempted; `after_id` pages on."""
+
+    @abc.abstractmethod
+    async def ledger_counts(self) -> list[LedgerCount]:
+        """Ledger rows per (state, reason); pairs without rows are absent."""
+
+    @abc.abstractmethod
+    async def late_rows(self, period: ClosedPeriod) -> list[LedgerRow]:
+        """Rows of the period's org sent with a timestamp inside it whose first attempt came
+        at or after the invoice was finalized: they reached the provider too late for it."""
+
+
+class SendStore(abc.ABC):
+    """The sender's side of the ledger: claims, attempts, settlements, cancellations and
+    re-issues, and the seam the cutover rules read."""
+
+    @abc.abstractmethod
+    async def sendable(
+        self,
+        after_id: int,
+        limit: int,
+        org_id: str | None = None,
+        until: int | None = None,
+        *,
+        claim: Claim,
+    ) -> list[SendItem]:
+        """Claim and return the rows the sender may act on, by id: `pending`, and
+        `held`/`no_customer` rows whose org now has a customer. Optionally one org, and
+        buckets starting before `until`.
+
+        Rows claimed by another live claimant are skipped, and so is every row of an
+        (org, meter) another claimant is working on: one sender per rounding chain and per
+        provider lane. A claim lapses at `claim.until`; a dead sender's rows are then taken
+        over."""
+
+    @abc.abstractmethod
+    async def release_claims(self, claimant: str) -> None:
+        """Drop every claim `claimant` still holds (the end of a sender pass)."""
+
+    @abc.abstractmethod
+    async def live_claims(self, at: int) -> int:
+        """Rows a sender holds a claim on that lasts past `at` (a send pass in progress)."""
+
+    @abc.abstractmethod
+    async def seam(self, bucket_start: int) -> SeamRows:
+        """What the ledger holds for buckets starting at or after `bucket_start`, for the
+        rules that keep the cutover seam: rows the provider may have, rows excluded as
+        before `bill_from`."""
+
+    @abc.abstractmethod
+    async def record_attempts(
+        self,
+        row_ids: Sequence[int],
+        at: int,
+        claim: Claim | None = None,
+        *,
+        flag_versions: Mapping[str, int] | None = None,
+        series: Mapping[int, Attempt] | None = None,
+    ) -> dict[int, int]:
+        """Count a delivery attempt for each row before it is made, so that an ambiguous
+        outcome (timeout, dropped connection, crash) is known afterwards. Returns the rows
+        counted, with their quantity now.
+
+        With `claim`, only rows its claimant still holds are counted, and the hold is renewed
+        until `claim.until`: after a hold lapsed, another sender may have taken a row, or
+        re-derived its quantity, and the caller must not send what it read before.
+
+        With `flag_versions` (the runtime version of each flag the caller's snapshot was read
+        at, 0 for none), raises FlagsChanged and counts nothing when a flag changed since:
+        checked in the same transaction, serialized with :meth:`write_flags`.
+
+        `series` gives, per row, what the call is made with: recorded on the row
+        (`attempt_customer`, `attempt_timestamp`, `attempt_key`, with `last_attempt_at`), so
+        that a retry repeats it. Releasing the only attempt clears them."""
+
+    @abc.abstractmethod
+    async def release_attempts(self, row_ids: Sequence[int]) -> None:
+        """Take back attempts recorded by `record_attempts` for calls that were not made."""
+
+    @abc.abstractmethod
+    async def settle(
+        self, settlements: Sequence[Settlement], at: int, actor: str, claimant: str = ""
+    ) -> int:
+        """Apply sender decisions in one transaction: each row still `pending` (or `held`)
+        moves to its new state and leaves its claim; every move to `sent` is audited.
+        An exclusion re-derives the quantities of its rounding chain, leaving alone the rows
+        another live claimant holds. Returns rows moved."""
+
+    @abc.abstractmethod
+    async def cancel_rows(
+        self, row_ids: Sequence[int], at: int, actor: str, reason: str, detail: str | None = None
+    ) -> int:
+        """Move rows the provider has cancelled (`sent`, or attempted without a definite
+        answer) to `cancelled` with `reason`, each audited as ``ledger.cancelled``, in one
+        transaction. Returns rows moved."""
+
+    @abc.abstractmethod
+    async def reissue_rows(
+        self, row_ids: Sequence[int], at: int, actor: str, detail: str
+    ) -> list[NewRow]:
+        """For each row still `sent`: move it to `cancelled`/`reissued` with `detail` and
+        append the next revision of its bucket with the same value, `pending`, each audited
+        as ``ledger.reissued``, in one transaction; the rounding chains are re-derived. A
+        reissued row no longer counts toward its bucket's ledger total (its usage lives on in
+        the new revision). Returns the revisions appended."""
+
+
+class OrgStore(abc.ABC):
+    """Orgs: their provider customer and plan periods."""
+
+    @abc.abstractmethod
+    async def get_org(self, org_id: str) -> Org | None: ...
+
+    @abc.abstractmethod
+    async def set_org(
+        self,
+        org_id: str,
+        *,
+        customer: str | None,
+        plan: str | None,
+        effective_from: int,
+        at: int,
+        audit: AuditEntry,
+    ) -> Org:
+        """Set the org's provider customer and/or start a plan period; audited."""
+
+    @abc.abstractmethod
+    async def orgs_without_customer(self, plan: str, at: int) -> list[str]:
+        """Stored orgs on `plan` at `at` that have no provider customer (for cutover
+        preflight)."""
+
+
+class FlagStore(abc.ABC):
+    """Runtime flag values, and the record of the static layers' values."""
+
+    @abc.abstractmethod
+    async def runtime_flags(self) -> dict[str, RuntimeFlag]: ...
+
+    @abc.abstractmethod
+    async def write_flags(
+        self,
+        writes: Sequence[FlagWrite],
+        audit: Sequence[AuditEntry],
+        at: int,
+        *,
+        guard: FlagGuard | None = None,
+        flag_versions: Mapping[str, int] | None = None,
+        static: StaticFlags | None = None,
+    ) -> dict[str, RuntimeFlag]:
+        """Write every flag and its audit rows in one transaction, or nothing.
+
+        Raises FlagRefused (rule `version`) when a flag changed since it was read: a written
+        one, or any in `flag_versions`. `guard` runs inside the transaction before anything
+        is written, reading the seam as that transaction sees it; no attempt is recorded
+        between its check and the write. With `static`, the static layers' values are
+        recorded as `static.after` if they still are `static.before` (else `version`)."""
+
+    @abc.abstractmethod
+    async def static_flags(self) -> dict[str, Any] | None:
+        """The static layers' flag values as last recorded (None: never)."""
+
+
+class AuditStore(abc.ABC):
+    """The append-only, hash-chained audit log."""
+
+    sign: Callable[[str], str] | None = None
+    """Signs each new audit record's hash (set from `[audit]` by the control plane)."""
+
+    @abc.abstractmethod
+    async def append_audit(self, entries: Sequence[AuditEntry], at: int) -> None: ...
+
+    @abc.abstractmethod
+    async def audit_log(
+        self, *, action_prefix: str | None = None, limit: int = 100
+    ) -> list[AuditRecord]:
+        """Newest first."""
+
+    @abc.abstractmethod
+    async def audit_chain(self, after_id: int, limit: int) -> list[AuditRecord]:
+        """Audit records with id > `after_id`, oldest first: the chain, page by page."""
+
+
+class ParityStore(abc.ABC):
+    """The parity checker's runs, their mismatching orgs, and the alerts raised."""
+
+    @abc.abstractmethod
+    async def record_parity_run(
+        self, run: ParityRun, drifts: Sequence[OrgDrift], alert: ParityAlert | None
+    ) -> int | None:
+        """Store a checked bucket with its mismatching orgs and the alert it raised, in one
+        transaction. Returns the run's id, or None when that bucket was already checked
+        (nothing is written then)."""
+
+    @abc.abstractmethod
+    async def parity_runs(
+        self, meter: str, *, limit: int = 100, start: int | None = None, end: int | None = None
+    ) -> list[ParityRun]:
+        """Stored runs of `meter` with bucket_start in [start, end), newest bucket first."""
+
+    @abc.abstractmethod
+    async def parity_run(self, run_id: int) -> tuple[ParityRun, list[OrgDrift]] | None:
+        """One stored run and its mismatching orgs."""
+
+    @abc.abstractmethod
+    async def parity_clean_tail(self, meter: str) -> list[int]:
+        """Bucket starts of the clean runs of `meter` newer than its newest unclean run,
+        newest first (all clean runs when none is unclean)."""
+
+    @abc.abstractmethod
+    async def parity_alerts(
+        self,
+        meter: str,
+        *,
+        since: int | None = None,
+        states: Sequence[str] | None = None,
+        limit: int = 100,
+    ) -> list[ParityAlert]:
+        """Alerts of `meter` created at or after `since`, in `states`, newest first."""
+
+    @abc.abstractmethod
+    async def record_alert(self, alert: ParityAlert) -> int | None:
+        """Store an alert raised outside a parity run (a job's: `meter` is ``job:<name>``).
+        Returns its id, or None when an alert with the same (`meter`, `bucket_start`) exists
+        (nothing is written then)."""
+
+    @abc.abstractmethod
+    async def update_parity_alert(
+        self, alert_id: int, *, state: str, attempts: int, sent_at: int | None, error: str | None
+    ) -> None:
+        """Record a delivery attempt's outcome."""
+
+
+class CatalogStore(abc.ABC):
+    """Published price catalog versions."""
+
+    @abc.abstractmethod
+    async def catalog_version(self, version: int | None = None) -> CatalogVersion | None:
+        """A published catalog version (the newest when `version` is None)."""
+
+    @abc.abstractmethod
+    async def publish_catalog(
+        self, catalog: dict[str, Any], digest: str, actor: str, at: int, audit: AuditEntry
+    ) -> CatalogVersion:
+        """Store `catalog` as the next version with its audit record, in one transaction."""
+
+
+class WebhookStore(abc.ABC):
+    """Provider webhook events processed, with the org and period changes they bring."""
+
+    @abc.abstractmethod
+    async def webhook_outcome(self, event_id: str) -> str | None:
+        """The recorded outcome of a processed webhook event, or None if not processed."""
+
+    @abc.abstractmethod
+    async def record_webhook(
+        self,
+        record: WebhookRecord,
+        at: int,
+        *,
+        org: OrgChange | None = None,
+        closed: ClosedPeriod | None = None,
+        audit: Sequence[AuditEntry] = (),
+    ) -> bool:
+        """Apply a webhook's storage changes and mark its event processed, in one transaction.
+        Returns False (and changes nothing) when the event was already recorded."""
+
+    @abc.abstractmethod
+    async def org_for_billing(
+        self, *, subscription: str | None, customer: str | None
+    ) -> str | None:
+        """The org whose current subscription is `subscription`, else whose customer is
+        `customer`."""
+
+    @abc.abstractmethod
+    async def closed_periods(self, org_ids: Sequence[str]) -> list[ClosedPeriod]:
+        """Finalized billing periods of these orgs, oldest first."""
+
+
+class JobStore(abc.ABC):
+    """Scheduled job runs."""
+
+    @abc.abstractmethod
+    async def record_job_run(self, run: JobRun) -> None: ...
+
+    @abc.abstractmethod
+    async def job_runs(self, job: str | None = None, limit: int = 50) -> list[JobRun]:
+        """Newest first."""
+
+    @abc.abstractmethod
+    async def last_job_success(self, job: str) -> float | None:
+        """When the newest run of `job` that did not fail (outcome `ok` or `skipped`) ended,
+        or None when none did."""
+
+
+class Storage(
+    StorageLifecycle,
+    EventStore,
+    LedgerStore,
+    SendStore,
+    OrgStore,
+    FlagStore,
+    AuditStore,
+    ParityStore,
+    CatalogStore,
+    WebhookStore,
+    JobStore,
+):
+    """Durable state: every storage contract, implemented by one plugin class."""
