@@ -1,13 +1,12 @@
-"""What the storage plugins share: rows read back into records, and rounding chains.
-
-Both plugins select ledger and parity rows with the same columns in the same order.
+"""What the storage plugins share besides the base class: rows read back into records (by
+column name), the ingest bound, and rounding chains.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 
@@ -27,84 +26,51 @@ from controlplane.interfaces import (
 from controlplane.ledger import BILLABLE, LedgerRow, NewRow, RowState, segment
 from controlplane.units import MAX_MICROS, format_micros
 
-
-def ledger_row(r: Sequence[Any]) -> LedgerRow:
-    return LedgerRow(
-        id=r[0],
-        identifier=r[1],
-        org_id=r[2],
-        meter=r[3],
-        bucket_start=r[4],
-        bucket_end=r[5],
-        revision=r[6],
-        value_micros=r[7],
-        quantity=r[8],
-        state=RowState(r[9]),
-        reason=r[10],
-        detail=r[11],
-        attempts=r[12],
-        first_attempt_at=r[13],
-        provider_id=r[14],
-        created_at=r[15],
-        updated_at=r[16],
-        sent_at=r[17],
-        attempt_customer=r[18],
-        attempt_timestamp=r[19],
-        attempt_key=r[20],
-        last_attempt_at=r[21],
-    )
-
-
+S = TypeVar("S", bound=msgspec.Struct)
 _decode = msgspec.json.Decoder()
 
 
-def audit_record(r: Sequence[Any]) -> AuditRecord:
-    return AuditRecord(
-        id=r[0],
-        at=r[1],
-        action=r[2],
-        subject=r[3],
-        actor=r[4],
-        reason=r[5],
-        before=None if r[6] is None else _decode.decode(r[6]),
-        after=None if r[7] is None else _decode.decode(r[7]),
-        forced=bool(r[8]),
-        group_id=r[9],
-        prev_hash=r[10],
-        hash=r[11],
-        signature=r[12],
+def from_row(cls: type[S], row: Any, **decoded: Any) -> S:
+    """The record `cls` from a driver row, field by column name (`decoded`: fields the caller
+    decoded itself, e.g. JSON). Columns the record has no field for are ignored; SQLite's
+    0 and 1 are read as booleans."""
+    return msgspec.convert({**dict(row), **decoded}, cls, strict=False)
+
+
+def ledger_row(row: Any) -> LedgerRow:
+    return from_row(LedgerRow, row)
+
+
+def _json_or_none(text: str | None) -> Any:
+    return None if text is None else _decode.decode(text)
+
+
+def audit_record(row: Any) -> AuditRecord:
+    return from_row(
+        AuditRecord,
+        row,
+        before=_json_or_none(row["before"]),
+        after=_json_or_none(row["after"]),
     )
 
 
-def parity_run(r: Sequence[Any]) -> ParityRun:
-    return ParityRun(
-        id=r[0],
-        meter=r[1],
-        bucket_start=r[2],
-        bucket_end=r[3],
-        checked_at=r[4],
-        orgs=r[5],
-        mismatches=r[6],
-        material=r[7],
-        controlplane_micros=r[8],
-        legacy_micros=r[9],
-        worst_org=r[10],
-        worst_drift_micros=r[11],
-        worst_relative=r[12],
-        clean=bool(r[13]),
-        alarming=bool(r[14]),
-        alarm_since=r[15],
-    )
+def parity_run(row: Any) -> ParityRun:
+    return from_row(ParityRun, row)
 
 
-def orgs_with_plans(rows: Iterable[Sequence[Any]]) -> dict[str, Org]:
-    """Orgs from (org, customer, updated at, plan, effective from) rows, an org's plans in
+def org_record(row: Any, plans: Iterable[Any]) -> Org:
+    """An org from its row and its plan periods' rows, oldest first."""
+    return from_row(Org, row, plans=[from_row(PlanPeriod, p) for p in plans])
+
+
+def orgs_with_plans(rows: Iterable[Any]) -> dict[str, Org]:
+    """Orgs from (org_id, customer, updated_at, plan, effective_from) rows, an org's plans in
     order; an org without plans has one row with plan NULL."""
     found: dict[str, tuple[str | None, int, list[PlanPeriod]]] = {}
-    for org_id, customer, updated_at, plan, effective_from in rows:
-        entry = found.setdefault(org_id, (customer, updated_at, []))
-        if plan is not None:
-            entry[2].append(PlanPeriod(plan=plan, effective_from=effective_from))
+    for r in rows:
+        entry = found.setdefault(r["org_id"], (r["customer"], r["updated_at"], []))
+        if r["plan"] is not None:
+            entry[2].append(PlanPeriod(plan=r["plan"], effective_from=r["effective_from"]))
     return {
         org_id: Org(org_id=org_id, customer=c, plans=p, updated_at=u)
         for org_id, (c, u, p) in found.items()
@@ -177,7 +143,7 @@ def check_bucket_bound(
 
 
 class Reissue(NamedTuple):
-    """A sent row to re-issue (the `reissuable` query's columns)."""
+    """A sent row to re-issue (the `reissuable` query's columns, by name)."""
 
     id: int
     identifier: str
@@ -262,20 +228,23 @@ def check_static(static: StaticFlags, stored: str | None) -> None:
         )
 
 
-def chains(rows: Iterable[Sequence[Any]]) -> dict[str, list[ChainRow]]:
+def chains(rows: Iterable[Any]) -> dict[str, list[ChainRow]]:
     """One (org, meter)'s ledger rows, oldest first, as rounding chains by segment.
 
-    Each row is (id, value, quantity, state, reason, attempts, held by another claimant).
-    A row is frozen once it may be on its way to the provider: attempted, sent (or cancelled
-    after), or claimed by another sender. Rows never offered to the provider keep moving:
-    pending ones, those held before any attempt (`no_customer`), and excluded ones. The
-    billable chain is always present, so it is reset even when it emptied.
+    Each row has the columns id, value_micros, quantity, state, reason, attempts and held (by
+    another claimant). A row is frozen once it may be on its way to the provider: attempted,
+    sent (or cancelled after), or claimed by another sender. Rows never offered to the
+    provider keep moving: pending ones, those held before any attempt (`no_customer`), and
+    excluded ones. The billable chain is always present, so it is reset even when it emptied.
     """
     movable = {RowState.PENDING.value, RowState.HELD.value, RowState.EXCLUDED.value}
     out: dict[str, list[ChainRow]] = {BILLABLE: []}
-    for row_id, value, quantity, state, reason, attempts, held in rows:
-        frozen = state not in movable or attempts > 0 or bool(held)
+    for r in rows:
+        state = r["state"]
+        frozen = state not in movable or r["attempts"] > 0 or bool(r["held"])
         if state == RowState.EXCLUDED.value:
             frozen = False  # never sent: its units may move
-        out.setdefault(segment(reason), []).append(ChainRow(row_id, value, quantity, frozen))
+        out.setdefault(segment(r["reason"]), []).append(
+            ChainRow(r["id"], r["value_micros"], r["quantity"], frozen)
+        )
     return out

@@ -1,3 +1,21 @@
+-- name: ping
+SELECT 1;
+
+-- name: advisory_xact_lock
+SELECT pg_advisory_xact_lock($1);
+
+-- name: advisory_xact_lock_shared
+SELECT pg_advisory_xact_lock_shared($1);
+
+-- name: advisory_lock
+SELECT pg_advisory_lock($1);
+
+-- name: try_advisory_lock
+SELECT pg_try_advisory_lock($1);
+
+-- name: advisory_unlock
+SELECT pg_advisory_unlock($1);
+
 -- name: get_setting
 SELECT value FROM settings WHERE key = $1;
 
@@ -43,7 +61,7 @@ ORDER BY o, b
 ON CONFLICT (org_id, bucket_start) DO UPDATE SET mark = excluded.mark, held_reason = NULL;
 
 -- name: usage
-SELECT org_id, meter, bucket_start, micros
+SELECT org_id, meter, bucket_start, micros AS value_micros
 FROM bucket_totals
 WHERE ($1::text IS NULL OR org_id = $1)
   AND ($2::text IS NULL OR meter = $2)
@@ -70,12 +88,13 @@ WHERE d.bucket_start <= $1 AND d.held_reason IS NULL
 ORDER BY d.org_id;
 
 -- name: batch_totals
-SELECT t.org_id, t.meter, t.bucket_start, t.micros
+SELECT t.org_id, t.meter, t.bucket_start, t.micros AS value_micros
 FROM unnest($1::text[], $2::bigint[]) AS b(org_id, bucket_start)
 JOIN bucket_totals t ON t.org_id = b.org_id AND t.bucket_start = b.bucket_start;
 
 -- name: batch_ledger
-SELECT l.org_id, l.meter, l.bucket_start, sum(l.value_micros)::bigint, max(l.revision)
+SELECT l.org_id, l.meter, l.bucket_start, sum(l.value_micros)::bigint AS value_micros,
+       max(l.revision) AS revision
 FROM unnest($1::text[], $2::bigint[]) AS b(org_id, bucket_start)
 JOIN ledger l ON l.org_id = b.org_id AND l.bucket_start = b.bucket_start
 WHERE NOT (l.state = 'cancelled' AND l.reason = 'reissued')  -- its usage is in the reissue
@@ -157,15 +176,15 @@ RETURNING l.id, l.identifier, l.org_id, l.meter, l.bucket_start, l.bucket_end, l
           l.value_micros, l.quantity, l.state, l.reason, l.detail, l.attempts,
           l.first_attempt_at, l.provider_id, l.created_at, l.updated_at, l.sent_at,
           l.attempt_customer, l.attempt_timestamp, l.attempt_key, l.last_attempt_at,
-          (SELECT customer FROM orgs WHERE org_id = l.org_id);
+          (SELECT customer FROM orgs WHERE org_id = l.org_id) AS customer;
 
 -- name: release_claims
 UPDATE ledger SET claimed_by = NULL, claim_expires = NULL WHERE claimed_by = $1;
 
 -- name: seam
 -- Rows the provider has, or had: sent, attempted, or cancelled by a rollback.
-SELECT count(*) FILTER (WHERE state IN ('sent', 'cancelled') OR attempts > 0),
-       count(*) FILTER (WHERE state = 'excluded' AND reason = 'before_bill_from')
+SELECT count(*) FILTER (WHERE state IN ('sent', 'cancelled') OR attempts > 0) AS reached,
+       count(*) FILTER (WHERE state = 'excluded' AND reason = 'before_bill_from') AS excluded
 FROM ledger WHERE bucket_start >= $1;
 
 -- name: record_attempts
@@ -255,6 +274,7 @@ ORDER BY id;
 SELECT id, identifier, org_id, meter, bucket_start, bucket_end, value_micros, quantity,
        (SELECT max(r.revision) FROM ledger r
         WHERE r.org_id = l.org_id AND r.meter = l.meter AND r.bucket_start = l.bucket_start)
+       AS last_revision
 FROM ledger l
 WHERE id = ANY($1::bigint[]) AND state = 'sent'
 ORDER BY id
@@ -336,7 +356,7 @@ LIMIT $2;
 
 -- name: usage_by_org
 -- numeric: a window's sum may pass 2^63 - 1 (ten buckets at the bound do)
-SELECT org_id, sum(micros) FROM bucket_totals
+SELECT org_id, sum(micros) AS micros FROM bucket_totals
 WHERE meter = $1 AND bucket_start >= $2 AND bucket_start < $3
 GROUP BY org_id;
 
@@ -445,12 +465,12 @@ ORDER BY id DESC
 LIMIT 1;
 
 -- name: ledger_counts
-SELECT state, reason, count(*) FROM ledger GROUP BY state, reason ORDER BY state, reason;
+SELECT state, reason, count(*) AS rows FROM ledger GROUP BY state, reason ORDER BY state, reason;
 
 -- name: dirty_backlog
-SELECT count(*) FILTER (WHERE held_reason IS NULL),
-       min(bucket_start) FILTER (WHERE held_reason IS NULL),
-       count(*) FILTER (WHERE held_reason IS NOT NULL)
+SELECT count(*) FILTER (WHERE held_reason IS NULL) AS buckets,
+       min(bucket_start) FILTER (WHERE held_reason IS NULL) AS oldest_start,
+       count(*) FILTER (WHERE held_reason IS NOT NULL) AS held
 FROM dirty_buckets WHERE bucket_start <= $1;
 
 -- name: insert_alert
@@ -458,3 +478,13 @@ INSERT INTO parity_alerts (meter, bucket_start, dedup_key, text, state, created_
 VALUES ($1, $2, $3, $4, $5, $6)
 ON CONFLICT (meter, bucket_start) DO NOTHING
 RETURNING id;
+
+-- name: create_schema_migrations
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    name text PRIMARY KEY, checksum text NOT NULL, applied_at bigint NOT NULL);
+
+-- name: schema_migrations
+SELECT name, checksum FROM schema_migrations;
+
+-- name: record_migration
+INSERT INTO schema_migrations (name, checksum, applied_at) VALUES ($1, $2, $3);

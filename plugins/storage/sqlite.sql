@@ -1,3 +1,6 @@
+-- name: ping
+SELECT 1;
+
 -- name: existing_events
 SELECT source, event_id FROM usage_events
 WHERE (source, event_id) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?));
@@ -27,12 +30,12 @@ ON CONFLICT (org_id, bucket_start) DO UPDATE SET held_reason = NULL
 WHERE held_reason IS NOT NULL;
 
 -- name: usage
-SELECT org_id, meter, bucket_start, sum(micros)
+SELECT org_id, meter, bucket_start, sum(micros) AS value_micros
 FROM meter_values
-WHERE (:org IS NULL OR org_id = :org)
-  AND (:meter IS NULL OR meter = :meter)
-  AND (:start IS NULL OR bucket_start >= :start)
-  AND (:end IS NULL OR bucket_start < :end)
+WHERE (?1 IS NULL OR org_id = ?1)
+  AND (?2 IS NULL OR meter = ?2)
+  AND (?3 IS NULL OR bucket_start >= ?3)
+  AND (?4 IS NULL OR bucket_start < ?4)
 GROUP BY org_id, meter, bucket_start
 ORDER BY org_id, meter, bucket_start;
 
@@ -65,7 +68,7 @@ LIMIT :limit;
 
 -- name: unplanned_orgs
 SELECT DISTINCT d.org_id FROM dirty_buckets d
-WHERE d.bucket_start <= :last_start AND d.held_reason IS NULL
+WHERE d.bucket_start <= ?1 AND d.held_reason IS NULL
   AND NOT EXISTS (SELECT 1 FROM org_plans p
                   WHERE p.org_id = d.org_id AND p.effective_from <= d.bucket_start)
 ORDER BY d.org_id;
@@ -85,14 +88,15 @@ SELECT meter FROM m WHERE meter IS NOT NULL;
 -- name: batch_totals
 -- From the per-bucket totals that ingest keeps with the events (migration 0002). CROSS JOIN
 -- fixes the join order: the batch drives, each total is one primary-key lookup.
-SELECT t.org_id, t.meter, t.bucket_start, t.micros
+SELECT t.org_id, t.meter, t.bucket_start, t.micros AS value_micros
 FROM temp.rollup_batch b
 CROSS JOIN temp.rollup_meters m
 CROSS JOIN bucket_totals t
     ON t.meter = m.meter AND t.org_id = b.org_id AND t.bucket_start = b.bucket_start;
 
 -- name: batch_ledger
-SELECT l.org_id, l.meter, l.bucket_start, sum(l.value_micros), max(l.revision)
+SELECT l.org_id, l.meter, l.bucket_start, sum(l.value_micros) AS value_micros,
+       max(l.revision) AS revision
 FROM temp.rollup_batch b
 CROSS JOIN temp.rollup_meters m
 CROSS JOIN ledger l
@@ -110,23 +114,29 @@ FROM orgs o LEFT JOIN org_plans p ON p.org_id = o.org_id
 WHERE o.org_id IN (SELECT DISTINCT org_id FROM temp.rollup_batch)
 ORDER BY o.org_id, p.effective_from;
 
--- name: insert_row
+-- name: insert_rows
 INSERT INTO ledger (identifier, org_id, meter, bucket_start, bucket_end, revision,
                     value_micros, quantity, state, reason, created_at, updated_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11);
 
 -- name: insert_reissue
 INSERT INTO ledger (identifier, org_id, meter, bucket_start, bucket_end, revision,
                     value_micros, quantity, state, detail, created_at, updated_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?);
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, ?10, ?10);
 
 -- name: upsert_carry
 INSERT INTO carries (org_id, meter, segment, exact_micros, quantity) VALUES (?, ?, ?, ?, ?)
 ON CONFLICT (org_id, meter, segment) DO UPDATE SET exact_micros = excluded.exact_micros,
                                           quantity = excluded.quantity;
 
+-- name: upsert_carries
+INSERT INTO carries (org_id, meter, segment, exact_micros, quantity) VALUES (?1, ?2, ?3, ?4, ?5)
+ON CONFLICT (org_id, meter, segment) DO UPDATE SET exact_micros = excluded.exact_micros,
+                                          quantity = excluded.quantity;
+
 -- name: hold_dirty
-UPDATE dirty_buckets SET held_reason = ? WHERE org_id = ? AND bucket_start = ?;
+-- ?3, the mark, is PostgreSQL's: one writer at a time needs none.
+UPDATE dirty_buckets SET held_reason = ?4 WHERE org_id = ?1 AND bucket_start = ?2;
 
 -- name: clear_dirty
 DELETE FROM dirty_buckets
@@ -139,60 +149,63 @@ SELECT id, identifier, org_id, meter, bucket_start, bucket_end, revision, value_
        created_at, updated_at, sent_at, attempt_customer, attempt_timestamp, attempt_key,
        last_attempt_at
 FROM ledger
-WHERE (:org IS NULL OR org_id = :org)
-  AND (:state IS NULL OR state = :state)
-  AND (:start IS NULL OR bucket_start >= :start)
-  AND (:end IS NULL OR bucket_start < :end)
-  AND (:attempted IS NULL OR (attempts > 0) = :attempted)
-  AND id > :after
+WHERE (?1 IS NULL OR org_id = ?1)
+  AND (?2 IS NULL OR state = ?2)
+  AND (?3 IS NULL OR bucket_start >= ?3)
+  AND (?4 IS NULL OR bucket_start < ?4)
+  AND (?6 IS NULL OR (attempts > 0) = ?6)
+  AND id > ?7
 ORDER BY id
-LIMIT :limit;
+LIMIT ?5;
 
 -- name: sendable
-SELECT l.id, l.identifier, l.org_id, l.meter, l.bucket_start, l.bucket_end, l.revision,
-       l.value_micros, l.quantity, l.state, l.reason, l.detail, l.attempts,
-       l.first_attempt_at, l.provider_id, l.created_at, l.updated_at, l.sent_at,
-       l.attempt_customer, l.attempt_timestamp, l.attempt_key, l.last_attempt_at, o.customer
-FROM ledger l LEFT JOIN orgs o ON o.org_id = l.org_id
-WHERE l.id > :after
-  AND (l.state = 'pending'
-       OR (l.state = 'held' AND l.reason = 'no_customer' AND o.customer IS NOT NULL))
-  AND (:org IS NULL OR l.org_id = :org)
-  AND (:until IS NULL OR l.bucket_start < :until)
-  AND NOT EXISTS (
-        SELECT 1 FROM ledger c INDEXED BY ledger_claims
-        WHERE c.org_id = l.org_id AND c.meter = l.meter AND c.claimed_by IS NOT NULL
-          AND c.claimed_by <> :claimant AND c.claim_expires > :at)
-ORDER BY l.id
-LIMIT :limit;
-
--- name: claim_row
-UPDATE ledger SET claimed_by = ?, claim_expires = ? WHERE id = ?;
+-- Claims the rows it returns (in no particular order).
+UPDATE ledger SET claimed_by = ?5, claim_expires = ?7
+WHERE id IN (
+    SELECT l.id FROM ledger l LEFT JOIN orgs o ON o.org_id = l.org_id
+    WHERE l.id > ?1
+      AND (l.state = 'pending'
+           OR (l.state = 'held' AND l.reason = 'no_customer' AND o.customer IS NOT NULL))
+      AND (?3 IS NULL OR l.org_id = ?3)
+      AND (?4 IS NULL OR l.bucket_start < ?4)
+      AND NOT EXISTS (
+            SELECT 1 FROM ledger c INDEXED BY ledger_claims
+            WHERE c.org_id = l.org_id AND c.meter = l.meter AND c.claimed_by IS NOT NULL
+              AND c.claimed_by <> ?5 AND c.claim_expires > ?6)
+    ORDER BY l.id
+    LIMIT ?2)
+RETURNING id, identifier, org_id, meter, bucket_start, bucket_end, revision, value_micros,
+          quantity, state, reason, detail, attempts, first_attempt_at, provider_id,
+          created_at, updated_at, sent_at, attempt_customer, attempt_timestamp, attempt_key,
+          last_attempt_at, (SELECT customer FROM orgs WHERE orgs.org_id = ledger.org_id) AS customer;
 
 -- name: release_claims
 UPDATE ledger SET claimed_by = NULL, claim_expires = NULL WHERE claimed_by = ?;
 
 -- name: seam
 -- Rows the provider has, or had: sent, attempted, or cancelled by a rollback.
-SELECT coalesce(sum(state IN ('sent', 'cancelled') OR attempts > 0), 0),
-       coalesce(sum(state = 'excluded' AND reason = 'before_bill_from'), 0)
-FROM ledger WHERE bucket_start >= ?;
+SELECT coalesce(sum(state IN ('sent', 'cancelled') OR attempts > 0), 0) AS reached,
+       coalesce(sum(state = 'excluded' AND reason = 'before_bill_from'), 0) AS excluded
+FROM ledger WHERE bucket_start >= ?1;
 
 -- name: record_attempts
--- :series is [[id, customer, timestamp, key], ...]: what each call is made with (nulls: kept).
-UPDATE ledger SET attempts = attempts + 1, first_attempt_at = coalesce(first_attempt_at, :at),
-                  last_attempt_at = :at, updated_at = :at,
+-- ?1 the row ids; ?5, ?6, ?7 (JSON arrays in the same order): each row's customer, timestamp
+-- and idempotency key for this call (nulls: kept).
+UPDATE ledger SET attempts = attempts + 1, first_attempt_at = coalesce(first_attempt_at, ?2),
+                  last_attempt_at = ?2, updated_at = ?2,
                   attempt_customer = coalesce(s.customer, attempt_customer),
                   attempt_timestamp = coalesce(s.ts, attempt_timestamp),
                   attempt_key = coalesce(s.key, attempt_key),
-                  claim_expires = CASE WHEN :claimant IS NULL THEN claim_expires ELSE :until END
-FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS customer,
-             json_extract(value, '$[2]') AS ts, json_extract(value, '$[3]') AS key
-      FROM json_each(:series)) AS s
-WHERE ledger.id = s.id AND (:claimant IS NULL OR claimed_by = :claimant)
-RETURNING ledger.id, ledger.quantity;
+                  claim_expires = CASE WHEN ?3 IS NULL THEN claim_expires ELSE ?4 END
+FROM (SELECT i.value AS id, c.value AS customer, t.value AS ts, k.value AS key
+      FROM json_each(?1) i
+      JOIN json_each(?5) c ON c.key = i.key
+      JOIN json_each(?6) t ON t.key = i.key
+      JOIN json_each(?7) k ON k.key = i.key) AS s
+WHERE ledger.id = s.id AND (?3 IS NULL OR claimed_by = ?3)
+RETURNING ledger.id AS id, ledger.quantity AS quantity;
 
--- name: release_attempt
+-- name: release_attempts
 -- A call not made: back to never attempted when it was the only one.
 UPDATE ledger SET attempts = attempts - 1,
                   first_attempt_at = CASE WHEN attempts = 1 THEN NULL ELSE first_attempt_at END,
@@ -200,33 +213,35 @@ UPDATE ledger SET attempts = attempts - 1,
                   attempt_customer = CASE WHEN attempts = 1 THEN NULL ELSE attempt_customer END,
                   attempt_timestamp = CASE WHEN attempts = 1 THEN NULL ELSE attempt_timestamp END,
                   attempt_key = CASE WHEN attempts = 1 THEN NULL ELSE attempt_key END
-WHERE id = ? AND attempts > 0 AND state IN ('pending', 'held');
+WHERE id = ?1 AND attempts > 0 AND state IN ('pending', 'held');
 
 -- name: settleable
 SELECT id FROM ledger
 WHERE id IN (SELECT value FROM json_each(?)) AND state IN ('pending', 'held');
 
--- name: settle_row
-UPDATE ledger SET state = ?, reason = ?, detail = ?, provider_id = coalesce(?, provider_id),
-                  sent_at = ?, updated_at = ?, claimed_by = NULL, claim_expires = NULL
-WHERE id = ? AND state IN ('pending', 'held');
+-- name: settle_rows
+UPDATE ledger SET state = ?2, reason = ?3, detail = ?4, provider_id = coalesce(?5, provider_id),
+                  sent_at = ?6, updated_at = ?7, claimed_by = NULL, claim_expires = NULL
+WHERE id = ?1 AND state IN ('pending', 'held');
 
 -- name: row_chains
-SELECT DISTINCT org_id, meter FROM ledger WHERE id IN (SELECT value FROM json_each(?));
+SELECT DISTINCT org_id, meter FROM ledger WHERE id IN (SELECT value FROM json_each(?1))
+ORDER BY org_id, meter;
 
 -- name: chain_rows
 -- `held`: another live claimant holds the row; it may be about to send its quantity.
 SELECT id, value_micros, quantity, state, reason, attempts,
-       coalesce(claimed_by <> :claimant AND claim_expires > :at, 0) AS held
+       coalesce(claimed_by <> ?3 AND claim_expires > ?4, 0) AS held
 FROM ledger
-WHERE org_id = :org AND meter = :meter
+WHERE org_id = ?1 AND meter = ?2
 ORDER BY id;
 
--- name: set_quantity
-UPDATE ledger SET quantity = ?, updated_at = ? WHERE id = ?;
+-- name: set_quantities
+UPDATE ledger SET quantity = ?2, updated_at = ?3 WHERE id = ?1;
 
 -- name: get_org
-SELECT org_id, customer, updated_at FROM orgs WHERE org_id = ?;
+SELECT org_id, customer, updated_at, subscription, subscription_status
+FROM orgs WHERE org_id = ?1;
 
 -- name: org_plans
 SELECT plan, effective_from FROM org_plans WHERE org_id = ? ORDER BY effective_from;
@@ -263,9 +278,9 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
 SELECT id, at, action, subject, actor, reason, before, after, forced, group_id, prev_hash, hash,
        signature
 FROM audit_log
-WHERE (:prefix IS NULL OR substr(action, 1, length(:prefix)) = :prefix)
+WHERE (?1 IS NULL OR substr(action, 1, length(?1)) = ?1)
 ORDER BY id DESC
-LIMIT :limit;
+LIMIT ?2;
 
 -- name: audit_chain
 SELECT id, at, action, subject, actor, reason, before, after, forced, group_id, prev_hash, hash,
@@ -277,15 +292,19 @@ INSERT INTO job_runs (job, started_at, ended_at, outcome, counts, error) VALUES 
 
 -- name: job_runs
 SELECT job, started_at, ended_at, outcome, counts, error FROM job_runs
-WHERE (:job IS NULL OR job = :job)
+WHERE (?1 IS NULL OR job = ?1)
 ORDER BY id DESC
-LIMIT :limit;
+LIMIT ?2;
 
 -- name: get_setting
 SELECT value FROM settings WHERE key = ?;
 
+-- name: get_setting_for_update
+-- The write transaction holds the only writer's lock already.
+SELECT value FROM settings WHERE key = ?;
+
 -- name: put_setting
-INSERT INTO settings (key, value) VALUES (?, ?);
+INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING;
 
 -- name: upsert_setting
 INSERT INTO settings (key, value) VALUES (?, ?)
@@ -326,7 +345,8 @@ INSERT INTO parity_runs (meter, bucket_start, bucket_end, checked_at, orgs, mism
                          controlplane_micros, legacy_micros, worst_org, worst_drift_micros,
                          worst_relative, clean, alarming, alarm_since)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (meter, bucket_start) DO NOTHING;
+ON CONFLICT (meter, bucket_start) DO NOTHING
+RETURNING id;
 
 -- name: insert_parity_mismatch
 INSERT INTO parity_mismatches (run_id, org_id, controlplane_micros, legacy_micros)
@@ -337,11 +357,11 @@ SELECT id, meter, bucket_start, bucket_end, checked_at, orgs, mismatches, materi
        controlplane_micros, legacy_micros, worst_org, worst_drift_micros, worst_relative,
        clean, alarming, alarm_since
 FROM parity_runs
-WHERE meter = :meter
-  AND (:start IS NULL OR bucket_start >= :start)
-  AND (:end IS NULL OR bucket_start < :end)
+WHERE meter = ?1
+  AND (?2 IS NULL OR bucket_start >= ?2)
+  AND (?3 IS NULL OR bucket_start < ?3)
 ORDER BY bucket_start DESC
-LIMIT :limit;
+LIMIT ?4;
 
 -- name: parity_run
 SELECT id, meter, bucket_start, bucket_end, checked_at, orgs, mismatches, material,
@@ -355,19 +375,19 @@ WHERE run_id = ? ORDER BY org_id;
 
 -- name: parity_clean_tail
 SELECT bucket_start FROM parity_runs
-WHERE meter = :meter AND clean = 1
+WHERE meter = ?1 AND clean = 1
   AND bucket_start > coalesce(
-        (SELECT max(bucket_start) FROM parity_runs WHERE meter = :meter AND clean = 0), -1)
+        (SELECT max(bucket_start) FROM parity_runs WHERE meter = ?1 AND clean = 0), -1)
 ORDER BY bucket_start DESC;
 
 -- name: parity_alerts
 SELECT id, meter, bucket_start, dedup_key, text, state, created_at, attempts, sent_at, error
 FROM parity_alerts
-WHERE meter = :meter
-  AND (:since IS NULL OR created_at >= :since)
-  AND (:states IS NULL OR state IN (SELECT value FROM json_each(:states)))
+WHERE meter = ?1
+  AND (?2 IS NULL OR created_at >= ?2)
+  AND (?3 IS NULL OR state IN (SELECT value FROM json_each(?3)))
 ORDER BY id DESC
-LIMIT :limit;
+LIMIT ?4;
 
 -- name: update_parity_alert
 UPDATE parity_alerts SET state = ?, attempts = ?, sent_at = ?, error = ? WHERE id = ?;
@@ -404,7 +424,8 @@ SELECT outcome FROM webhook_events WHERE event_id = ?;
 
 -- name: insert_webhook_event
 INSERT INTO webhook_events (event_id, type, created, processed_at, outcome) VALUES (?, ?, ?, ?, ?)
-ON CONFLICT (event_id) DO NOTHING;
+ON CONFLICT (event_id) DO NOTHING
+RETURNING event_id;
 
 -- name: insert_closed_period
 INSERT INTO closed_periods (invoice_id, org_id, period_start, period_end, finalized_at)
@@ -420,11 +441,12 @@ ORDER BY org_id, period_start;
 -- Sent rows, and rows attempted without a definite answer (the provider may have them).
 SELECT id, identifier, quantity, state FROM ledger
 WHERE id IN (SELECT value FROM json_each(?))
-  AND (state = 'sent' OR (attempts > 0 AND state IN ('pending', 'held')));
+  AND (state = 'sent' OR (attempts > 0 AND state IN ('pending', 'held')))
+ORDER BY id;
 
--- name: cancel_row
-UPDATE ledger SET state = 'cancelled', reason = ?, detail = ?, updated_at = ?
-WHERE id = ? AND (state = 'sent' OR (attempts > 0 AND state IN ('pending', 'held')));
+-- name: cancel_rows
+UPDATE ledger SET state = 'cancelled', reason = ?2, detail = ?3, updated_at = ?4
+WHERE id = ?1 AND (state = 'sent' OR (attempts > 0 AND state IN ('pending', 'held')));
 
 -- name: late_rows
 SELECT id, identifier, org_id, meter, bucket_start, bucket_end, revision, value_micros,
@@ -432,16 +454,17 @@ SELECT id, identifier, org_id, meter, bucket_start, bucket_end, revision, value_
        created_at, updated_at, sent_at, attempt_customer, attempt_timestamp, attempt_key,
        last_attempt_at
 FROM ledger
-WHERE org_id = :org AND state = 'sent' AND bucket_start < :end
-  AND coalesce(attempt_timestamp, bucket_start) >= :start
-  AND coalesce(attempt_timestamp, bucket_start) < :end
-  AND first_attempt_at >= :finalized
+WHERE org_id = ?1 AND state = 'sent' AND bucket_start < ?3
+  AND coalesce(attempt_timestamp, bucket_start) >= ?2
+  AND coalesce(attempt_timestamp, bucket_start) < ?3
+  AND first_attempt_at >= ?4
 ORDER BY id;
 
 -- name: reissuable
 SELECT id, identifier, org_id, meter, bucket_start, bucket_end, value_micros, quantity,
        (SELECT max(r.revision) FROM ledger r
         WHERE r.org_id = l.org_id AND r.meter = l.meter AND r.bucket_start = l.bucket_start)
+       AS last_revision
 FROM ledger l
 WHERE id IN (SELECT value FROM json_each(?)) AND state = 'sent'
 ORDER BY id;
@@ -450,11 +473,11 @@ ORDER BY id;
 SELECT count(*) FROM ledger WHERE claimed_by IS NOT NULL AND claim_expires > ?;
 
 -- name: plan_orgs_without_customer
--- Orgs whose plan in force at :at is :plan and that have no provider customer.
+-- Orgs whose plan in force at ?2 is ?1 and that have no provider customer.
 SELECT o.org_id FROM orgs o
 WHERE o.customer IS NULL
-  AND (SELECT p.plan FROM org_plans p WHERE p.org_id = o.org_id AND p.effective_from <= :at
-       ORDER BY p.effective_from DESC LIMIT 1) = :plan
+  AND (SELECT p.plan FROM org_plans p WHERE p.org_id = o.org_id AND p.effective_from <= ?2
+       ORDER BY p.effective_from DESC LIMIT 1) = ?1
 ORDER BY o.org_id;
 
 -- name: last_job_success
@@ -465,15 +488,26 @@ ORDER BY id DESC
 LIMIT 1;
 
 -- name: ledger_counts
-SELECT state, reason, count(*) FROM ledger GROUP BY state, reason ORDER BY state, reason;
+SELECT state, reason, count(*) AS rows FROM ledger GROUP BY state, reason ORDER BY state, reason;
 
 -- name: dirty_backlog
-SELECT count(*) FILTER (WHERE held_reason IS NULL),
-       min(bucket_start) FILTER (WHERE held_reason IS NULL),
-       count(*) FILTER (WHERE held_reason IS NOT NULL)
-FROM dirty_buckets WHERE bucket_start <= :last_start;
+SELECT count(*) FILTER (WHERE held_reason IS NULL) AS buckets,
+       min(bucket_start) FILTER (WHERE held_reason IS NULL) AS oldest_start,
+       count(*) FILTER (WHERE held_reason IS NOT NULL) AS held
+FROM dirty_buckets WHERE bucket_start <= ?1;
 
 -- name: insert_alert
 INSERT INTO parity_alerts (meter, bucket_start, dedup_key, text, state, created_at)
 VALUES (?, ?, ?, ?, ?, ?)
-ON CONFLICT (meter, bucket_start) DO NOTHING;
+ON CONFLICT (meter, bucket_start) DO NOTHING
+RETURNING id;
+
+-- name: create_schema_migrations
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    name TEXT PRIMARY KEY, checksum TEXT NOT NULL, applied_at INTEGER NOT NULL);
+
+-- name: schema_migrations
+SELECT name, checksum FROM schema_migrations;
+
+-- name: record_migration
+INSERT INTO schema_migrations (name, checksum, applied_at) VALUES (?1, ?2, ?3);

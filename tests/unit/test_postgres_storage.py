@@ -37,15 +37,15 @@ async def test_transient_failures_are_retried_until_the_transaction_commits(stor
     async def work(conn: Any) -> int:
         nonlocal calls
         calls += 1
-        await conn.execute("INSERT INTO settings (key, value) VALUES ($1, $2)", f"k{calls}", "v")
+        await conn.execute("put_setting", f"k{calls}", "v")
         if calls < 3:
             raise asyncpg.exceptions.SerializationError("could not serialize access")
         return calls
 
     assert await storage._tx("test", work) == 3
     # the failed attempts rolled back: only the third attempt's row is there
-    rows = await storage._all("SELECT key FROM settings WHERE key LIKE 'k%' ORDER BY key")
-    assert [r[0] for r in rows] == ["k3"]
+    assert [await storage._all("get_setting", f"k{i}") for i in (1, 2)] == [[], []]
+    assert [r["value"] for r in await storage._all("get_setting", "k3")] == ["v"]
 
 
 async def test_a_transient_failure_that_persists_ends_as_storage_error(storage: Any) -> None:
@@ -64,7 +64,7 @@ async def test_other_driver_errors_are_not_retried(storage: Any) -> None:
     async def work(conn: Any) -> None:
         nonlocal calls
         calls += 1
-        await conn.execute("SELECT * FROM no_such_table")
+        await conn.raw.execute("SELECT * FROM no_such_table")
 
     with pytest.raises(StorageError, match="UndefinedTableError"):
         await storage._tx("test", work)
