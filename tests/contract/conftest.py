@@ -1,4 +1,5 @@
-"""The storage contract suite's fixtures: every test runs once per storage plugin.
+"""The storage contract suite's fixtures: every test runs once per storage plugin, each named
+once in :data:`BACKENDS`.
 
 `store` is one empty store of the parametrised backend (a SQLite file, or a fresh PostgreSQL
 database created for the test and dropped after it); `await store.open()` gives another started
@@ -14,13 +15,12 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 from controlplane.interfaces import Storage
-
-BACKENDS = ["sqlite", "postgres"]
 
 
 class Store:
@@ -47,27 +47,31 @@ class Store:
         self._open.clear()
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    """The backend's name; for PostgreSQL, also makes sure the session's server runs.
-
-    (A sync fixture: the server is started with `asyncio.run`, outside the test's loop.)"""
-    name: str = request.param
-    if name == "postgres":
-        request.getfixturevalue("postgres_dsn")
-    return name
-
-
 def _with_database(dsn: str, database: str) -> str:
     parts = urlsplit(dsn)
     return urlunsplit(parts._replace(path=f"/{database}"))
 
 
+Make = Callable[[], Storage]
+
+
 @contextlib.asynccontextmanager
-async def _postgres_database(server_dsn: str) -> AsyncIterator[str]:
+async def _sqlite(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Make]:
+    """A SQLite file in the test's folder."""
+    from controlplane.plugins.storage.sqlite import SQLiteStorage, SQLiteStorageConfig
+
+    config = SQLiteStorageConfig(path=str(tmp_path / "cp.db"), synchronous="normal")
+    yield lambda: SQLiteStorage(config)
+
+
+@contextlib.asynccontextmanager
+async def _postgres(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Make]:
     """A fresh, empty database on the session's server, dropped afterwards."""
     import asyncpg
 
+    from controlplane.plugins.storage.postgres import PostgresStorage, PostgresStorageConfig
+
+    server_dsn: str = request.getfixturevalue("postgres_dsn")
     name = f"cp_{uuid.uuid4().hex}"
     admin = _with_database(server_dsn, "postgres")
     conn = await asyncpg.connect(admin, timeout=30)
@@ -75,8 +79,9 @@ async def _postgres_database(server_dsn: str) -> AsyncIterator[str]:
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
+    config = PostgresStorageConfig(dsn=_with_database(server_dsn, name))
     try:
-        yield _with_database(server_dsn, name)
+        yield lambda: PostgresStorage(config)
     finally:
         conn = await asyncpg.connect(admin, timeout=30)
         try:
@@ -85,27 +90,40 @@ async def _postgres_database(server_dsn: str) -> AsyncIterator[str]:
             await conn.close()
 
 
+class Backend(NamedTuple):
+    """A storage plugin under test: how to get an empty store of it, and the session fixture
+    (a server) it needs started first, outside the test's event loop."""
+
+    name: str
+    empty_store: Callable[
+        [pytest.FixtureRequest, Path], contextlib.AbstractAsyncContextManager[Make]
+    ]
+    server: str | None = None
+
+
+BACKENDS = [  # every storage plugin; a new one is one entry here
+    Backend("sqlite", _sqlite),
+    Backend("postgres", _postgres, server="postgres_dsn"),
+]
+
+
+@pytest.fixture(params=BACKENDS, ids=[b.name for b in BACKENDS])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """The backend under test; makes sure the server it needs runs.
+
+    (A sync fixture: a server is started with `asyncio.run`, outside the test's loop.)"""
+    chosen: Backend = request.param
+    if chosen.server:
+        request.getfixturevalue(chosen.server)
+    return chosen
+
+
 @pytest.fixture
 async def store(
-    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+    backend: Backend, request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[Store]:
-    if backend == "sqlite":
-        from controlplane.plugins.storage.sqlite import SQLiteStorage, SQLiteStorageConfig
-
-        config = SQLiteStorageConfig(path=str(tmp_path / "cp.db"), synchronous="normal")
-        handle = Store("sqlite", lambda: SQLiteStorage(config))
-        try:
-            yield handle
-        finally:
-            await handle.close()
-        return
-
-    from controlplane.plugins.storage.postgres import PostgresStorage, PostgresStorageConfig
-
-    server_dsn: str = request.getfixturevalue("postgres_dsn")
-    async with _postgres_database(server_dsn) as dsn:
-        pg_config = PostgresStorageConfig(dsn=dsn)
-        handle = Store("postgres", lambda: PostgresStorage(pg_config))
+    async with backend.empty_store(request, tmp_path) as make:
+        handle = Store(backend.name, make)
         try:
             yield handle
         finally:

@@ -95,3 +95,43 @@ async def test_bucket_size_cannot_change_under_existing_data(tmp_path: Path) -> 
             await storage.pin_setting("bucket_seconds", "60")
     finally:
         await storage.close()
+
+
+class _Session(migrations.Session):
+    """The runner's dialect part, in memory: what it applied, and one migration that fails."""
+
+    errors = (RuntimeError,)
+
+    def __init__(self, applied: dict[str, str] | None = None, failing: str = "") -> None:
+        self.recorded = dict(applied or {})
+        self.failing = failing
+        self.runs: list[str] = []
+
+    async def applied(self) -> dict[str, str]:
+        return dict(self.recorded)
+
+    async def apply(self, migration: migrations.Migration, at: int) -> None:
+        self.runs.append(migration.name)
+        if migration.name == self.failing:
+            raise RuntimeError("syntax error")
+        self.recorded[migration.name] = migration.checksum
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_the_runner_applies_each_backend_pending_files_in_order(backend: str) -> None:
+    known = migrations.available(backend)
+    session = _Session({known[0].name: known[0].checksum})
+    assert await migrations.migrate(session, backend) == [m.name for m in known[1:]]
+    assert session.runs == [m.name for m in known[1:]]
+    assert await migrations.status(session, backend) == (sorted(m.name for m in known), [])
+    assert await migrations.migrate(session, backend) == []
+
+
+async def test_the_runner_stops_at_a_failing_migration_naming_it() -> None:
+    known = migrations.available("sqlite")
+    session = _Session(failing=known[1].name)
+    with pytest.raises(MigrationError, match=f"migration {known[1].name} failed: syntax error"):
+        await migrations.migrate(session, "sqlite")
+    assert session.runs == [known[0].name, known[1].name]  # nothing after it was tried
+    applied, pending = await migrations.status(session, "sqlite")
+    assert applied == [known[0].name] and pending == [m.name for m in known[1:]]
