@@ -1,0 +1,395 @@
+"""The ledger's storage methods, shared by the SQL plugins: usage, rollup, ledger reads,
+sending.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Mapping, Sequence
+
+from controlplane.interfaces import (
+    Attempt,
+    AuditEntry,
+    Carry,
+    Claim,
+    ClosedPeriod,
+    DirtyBacklog,
+    LedgerCount,
+    RollupBatch,
+    RollupPlanner,
+    SeamRows,
+    SendItem,
+    Settlement,
+    UsageTotal,
+)
+from controlplane.interfaces.storage import EventStore, LedgerStore, SendStore
+from controlplane.ledger import LedgerRow, NewRow, Reason, RowState
+from controlplane.plugins.storage._common import (
+    Reissue,
+    chains,
+    check_flags_unchanged,
+    from_row,
+    ledger_row,
+    orgs_with_plans,
+)
+from controlplane.plugins.storage.base.driver import (
+    CHAIN_LOCK,
+    CLAIM_LOCK,
+    FLAGS_LOCK,
+    Connection,
+    DirtyBatch,
+    Row,
+    SQLDriver,
+    read_flag_versions,
+    read_seam,
+)
+from controlplane.rollup import carry, requantify
+
+
+class SQLEvents(SQLDriver, EventStore):
+    """Usage read back; storing events and summing them per org are the dialect's."""
+
+    async def usage(
+        self, org_id: str | None, meter: str | None, start: int | None, end: int | None
+    ) -> list[UsageTotal]:
+        rows = await self._all("usage", org_id, meter, start, end)
+        return [from_row(UsageTotal, r) for r in rows]
+
+
+class SQLLedger(SQLDriver, LedgerStore):
+    """The rollup's step (its batch taken by the dialect) and the ledger's reads."""
+
+    @abc.abstractmethod
+    async def _take_dirty(
+        self,
+        conn: Connection,
+        last_start: int,
+        org_id: str | None,
+        limit: int,
+        allowed: list[str] | None,
+    ) -> DirtyBatch:
+        """Take the rollup's next dirty buckets (see :meth:`rollup_step`)."""
+
+    async def rollup_step(
+        self,
+        closed_before: int,
+        bucket_seconds: int,
+        limit: int,
+        planner: RollupPlanner,
+        org_id: str | None = None,
+        unplanned_allowed: Sequence[str] | None = None,
+    ) -> tuple[int, list[NewRow]]:
+        last_start = closed_before - bucket_seconds
+        allowed = None if unplanned_allowed is None else list(unplanned_allowed)
+        now = int(time.time())
+
+        async def work(conn: Connection) -> tuple[int, list[NewRow]]:
+            batch = await self._take_dirty(conn, last_start, org_id, limit, allowed)
+            if not batch.buckets:
+                return 0, []
+            totals = [
+                from_row(UsageTotal, r)
+                for r in await conn.fetch("batch_totals", *batch.bucket_args)
+            ]
+            ledger_sums: list[UsageTotal] = []
+            revisions: dict[tuple[str, str, int], int] = {}
+            for r in await conn.fetch("batch_ledger", *batch.bucket_args):
+                total = from_row(UsageTotal, r)
+                ledger_sums.append(total)
+                revisions[(total.org_id, total.meter, total.bucket_start)] = r["revision"]
+            carries = [
+                from_row(Carry, r) for r in await conn.fetch("batch_carries", *batch.org_args)
+            ]
+            orgs = orgs_with_plans(await conn.fetch("batch_orgs", *batch.org_args))
+            plan = planner(
+                RollupBatch(
+                    totals=totals,
+                    ledger_sums=ledger_sums,
+                    revisions=revisions,
+                    carries=carries,
+                    orgs=orgs,
+                )
+            )
+            await conn.bulk(
+                "insert_rows",
+                [
+                    (
+                        r.identifier,
+                        r.org_id,
+                        r.meter,
+                        r.bucket_start,
+                        r.bucket_end,
+                        r.revision,
+                        r.value_micros,
+                        r.quantity,
+                        r.state.value,
+                        r.reason,
+                    )
+                    for r in plan.rows
+                ],
+                now,
+            )
+            await conn.bulk(
+                "upsert_carries",
+                [(c.org_id, c.meter, c.segment, c.exact_micros, c.quantity) for c in plan.carries],
+            )
+            await conn.bulk(
+                "hold_dirty",
+                [
+                    (
+                        h.org_id,
+                        h.bucket_start,
+                        batch.marks.get((h.org_id, h.bucket_start)),
+                        h.reason,
+                    )
+                    for h in plan.held
+                ],
+            )
+            await conn.execute("clear_dirty", *batch.clear_args)
+            return batch.buckets, plan.rows
+
+        return await self._tx("rollup", work, CHAIN_LOCK)
+
+    async def unplanned_orgs(self, closed_before: int, bucket_seconds: int) -> list[str]:
+        rows = await self._all("unplanned_orgs", closed_before - bucket_seconds)
+        return [r["org_id"] for r in rows]
+
+    async def dirty_backlog(self, closed_before: int, bucket_seconds: int) -> DirtyBacklog:
+        (row,) = await self._all("dirty_backlog", closed_before - bucket_seconds)
+        return from_row(DirtyBacklog, row)
+
+    async def ledger(
+        self,
+        *,
+        org_id: str | None = None,
+        state: RowState | None = None,
+        start: int | None = None,
+        end: int | None = None,
+        limit: int = 1000,
+        attempted: bool | None = None,
+        after_id: int = 0,
+    ) -> list[LedgerRow]:
+        rows = await self._all(
+            "ledger",
+            org_id,
+            state.value if state else None,
+            start,
+            end,
+            limit,
+            attempted,
+            after_id,
+        )
+        return [ledger_row(r) for r in rows]
+
+    async def ledger_counts(self) -> list[LedgerCount]:
+        rows = await self._all("ledger_counts")
+        return [LedgerCount(r["state"], r["reason"], r["rows"]) for r in rows]
+
+    async def late_rows(self, period: ClosedPeriod) -> list[LedgerRow]:
+        rows = await self._all(
+            "late_rows",
+            period.org_id,
+            period.period_start,
+            period.period_end,
+            period.finalized_at,
+        )
+        return [ledger_row(r) for r in rows]
+
+
+class SQLSending(SQLDriver, SendStore):
+    """Claims, attempts, settlements, cancellations and re-issues, and the seam."""
+
+    async def sendable(
+        self,
+        after_id: int,
+        limit: int,
+        org_id: str | None = None,
+        until: int | None = None,
+        *,
+        claim: Claim,
+    ) -> list[SendItem]:
+        async def work(conn: Connection) -> list[Row]:
+            return await conn.fetch(
+                "sendable", after_id, limit, org_id, until, claim.claimant, claim.at, claim.until
+            )
+
+        # claim transactions run one at a time, so the test of the lanes in use is exact
+        rows = await self._tx("claim", work, CLAIM_LOCK)
+        rows.sort(key=lambda r: r["id"])
+        return [SendItem(row=ledger_row(r), customer=r["customer"]) for r in rows]
+
+    async def release_claims(self, claimant: str) -> None:
+        await self._tx("release claims", lambda conn: conn.execute("release_claims", claimant))
+
+    async def live_claims(self, at: int) -> int:
+        (row,) = await self._all("live_claims", at)
+        return int(row[0])
+
+    async def seam(self, bucket_start: int) -> SeamRows:
+        return await self._read("read", lambda conn: read_seam(conn, bucket_start))
+
+    async def record_attempts(
+        self,
+        row_ids: Sequence[int],
+        at: int,
+        claim: Claim | None = None,
+        *,
+        flag_versions: Mapping[str, int] | None = None,
+        series: Mapping[int, Attempt] | None = None,
+    ) -> dict[int, int]:
+        ids = sorted(row_ids)
+        calls = [(series or {}).get(i) for i in ids]
+
+        async def work(conn: Connection) -> dict[int, int]:
+            if flag_versions is not None:
+                # shared: senders do not wait for each other, only for a flag write
+                await conn.lock(FLAGS_LOCK, shared=True)
+                check_flags_unchanged(flag_versions, await read_flag_versions(conn))
+            rows = await conn.fetch(
+                "record_attempts",
+                self._array(ids),
+                at,
+                claim.claimant if claim else None,
+                claim.until if claim else None,
+                self._array([c.customer if c else None for c in calls]),
+                self._array([c.timestamp if c else None for c in calls]),
+                self._array([c.key if c else None for c in calls]),
+            )
+            return {r["id"]: r["quantity"] for r in rows}
+
+        return await self._tx("record attempts", work)
+
+    async def release_attempts(self, row_ids: Sequence[int]) -> None:
+        await self._tx(
+            "release attempts",
+            lambda conn: conn.bulk("release_attempts", [(i,) for i in row_ids]),
+        )
+
+    async def settle(
+        self, settlements: Sequence[Settlement], at: int, actor: str, claimant: str = ""
+    ) -> int:
+        excluding = any(s.state is RowState.EXCLUDED for s in settlements)
+
+        async def work(conn: Connection) -> int:
+            ids = self._array(sorted(s.row_id for s in settlements))
+            open_ids = {r["id"] for r in await conn.fetch("settleable", ids)}
+            moving = [s for s in settlements if s.row_id in open_ids]
+            if not moving:
+                return 0
+            await conn.bulk(
+                "settle_rows",
+                [
+                    (
+                        s.row_id,
+                        s.state.value,
+                        s.reason,
+                        s.detail,
+                        s.provider_id,
+                        at if s.state is RowState.SENT else None,
+                    )
+                    for s in moving
+                ],
+                at,
+            )
+            sent = [
+                AuditEntry(
+                    action="ledger.sent",
+                    subject=s.identifier,
+                    actor=actor,
+                    after={
+                        "quantity": s.quantity,
+                        "customer": s.customer,
+                        "provider_id": s.provider_id,
+                    },
+                )
+                for s in moving
+                if s.state is RowState.SENT
+            ]
+            excluded = [s.row_id for s in moving if s.state is RowState.EXCLUDED]
+            if excluded:
+                await self._requantify(conn, excluded, at, claimant)
+            await self._append_audit(conn, sent, at)
+            return len(moving)
+
+        return await self._tx("settle", work, *((CHAIN_LOCK,) if excluding else ()))
+
+    async def _requantify(
+        self, conn: Connection, row_ids: list[int], at: int, claimant: str
+    ) -> None:
+        """Rows just excluded (or cancelled) left the billable rounding chain: re-derive the
+        quantities of every chain of their (org, meter) and store the carries."""
+        for pair in await conn.fetch("row_chains", self._array(row_ids)):
+            org_id, meter = pair["org_id"], pair["meter"]
+            rows = await conn.fetch("chain_rows", org_id, meter, claimant, at)
+            for name, chain in chains(rows).items():
+                changed, exact, whole = requantify(chain)
+                await conn.bulk("set_quantities", list(changed.items()), at)
+                c = carry(org_id, meter, name, exact, whole)
+                await conn.execute("upsert_carry", org_id, meter, name, c.exact_micros, c.quantity)
+
+    async def cancel_rows(
+        self, row_ids: Sequence[int], at: int, actor: str, reason: str, detail: str | None = None
+    ) -> int:
+        async def work(conn: Connection) -> int:
+            found = await conn.fetch("cancellable", self._array(sorted(row_ids)))
+            if not found:
+                return 0
+            await conn.bulk("cancel_rows", [(r["id"],) for r in found], reason, detail, at)
+            await self._append_audit(
+                conn,
+                [
+                    AuditEntry(
+                        action="ledger.cancelled",
+                        subject=r["identifier"],
+                        actor=actor,
+                        reason=reason,
+                        before={"state": r["state"]},
+                        after={"state": "cancelled", "quantity": r["quantity"]},
+                    )
+                    for r in found
+                ],
+                at,
+            )
+            # they left the billable rounding chain: its fractions stay behind
+            await self._requantify(conn, [r["id"] for r in found], at, "")
+            return len(found)
+
+        return await self._tx("cancel rows", work, CHAIN_LOCK)
+
+    async def reissue_rows(
+        self, row_ids: Sequence[int], at: int, actor: str, detail: str
+    ) -> list[NewRow]:
+        async def work(conn: Connection) -> list[NewRow]:
+            rows = await conn.fetch("reissuable", self._array(sorted(row_ids)))
+            found = [Reissue(**dict(r)) for r in rows]
+            new: list[NewRow] = []
+            taken: dict[tuple[str, str, int], int] = {}
+            for old in found:
+                row = old.next(detail, taken)
+                why = f"{detail}; re-issued as {row.identifier}"
+                await conn.bulk("cancel_rows", [(old.id,)], Reason.REISSUED.value, why, at)
+                await conn.execute(
+                    "insert_reissue",
+                    row.identifier,
+                    row.org_id,
+                    row.meter,
+                    row.bucket_start,
+                    row.bucket_end,
+                    row.revision,
+                    row.value_micros,
+                    row.quantity,
+                    row.detail,
+                    at,
+                )
+                new.append(row)
+            await self._append_audit(
+                conn,
+                [old.audit(row, actor, detail) for old, row in zip(found, new, strict=True)],
+                at,
+            )
+            if found:
+                await self._requantify(conn, [old.id for old in found], at, "")
+            return new
+
+        return await self._tx("reissue rows", work, CHAIN_LOCK)
