@@ -13,7 +13,7 @@ written so far sum to floor(exact usage so far); the remainder is carried, never
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import msgspec
 import structlog
@@ -27,7 +27,7 @@ from controlplane.interfaces import (
     RollupPlan,
     Storage,
 )
-from controlplane.ledger import NewRow, Reason, RowState, segment
+from controlplane.ledger import BILLABLE, NewRow, Reason, RowState, segment
 from controlplane.plans import DEFAULT_PLANS, FREE, Plans
 from controlplane.units import MAX_MICROS, MICROS, floor_units, format_micros
 
@@ -184,6 +184,50 @@ def requantify(chain: list[ChainRow]) -> tuple[dict[int, int], int, int]:
         if quantity != row.quantity:
             changed[row.id] = quantity
     return changed, exact, whole
+
+
+class ChainMember(msgspec.Struct, frozen=True):
+    """One ledger row of an (org, meter), as its rounding chains are re-derived from it."""
+
+    id: int
+    value_micros: int
+    quantity: int
+    state: RowState
+    reason: str | None
+    attempts: int
+    held: bool  # another live claimant holds it: it may be about to send its quantity
+
+
+_MOVABLE = frozenset({RowState.PENDING, RowState.HELD, RowState.EXCLUDED})
+
+
+def rechain(
+    org_id: str, meter: str, rows: Iterable[ChainMember]
+) -> tuple[dict[int, int], list[Carry]]:
+    """Re-derive every rounding chain (one per segment) of one (org, meter) from its ledger
+    rows, oldest first, after rows left the billable chain (excluded, cancelled, re-issued).
+    Returns the quantities that change, by row id, and each chain's carry.
+
+    A row is frozen once it may be on its way to the provider: attempted, sent (or cancelled
+    after), or held by another sender. Rows never offered to the provider keep moving:
+    pending ones, those held before any attempt (`no_customer`), and excluded ones. The
+    billable chain is always present, so its carry is reset even when it emptied.
+    """
+    segments: dict[str, list[ChainRow]] = {BILLABLE: []}
+    for r in rows:
+        frozen = r.state not in _MOVABLE or r.attempts > 0 or r.held
+        if r.state is RowState.EXCLUDED:
+            frozen = False  # never sent: its units may move
+        segments.setdefault(segment(r.reason), []).append(
+            ChainRow(r.id, r.value_micros, r.quantity, frozen)
+        )
+    changed: dict[int, int] = {}
+    carries: list[Carry] = []
+    for name, chain in segments.items():
+        moved, exact, whole = requantify(chain)
+        changed.update(moved)
+        carries.append(carry(org_id, meter, name, exact, whole))
+    return changed, carries
 
 
 async def run(

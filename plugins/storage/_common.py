@@ -1,5 +1,5 @@
 """What the storage plugins share besides the base class: rows read back into records (by
-column name), the ingest bound, and rounding chains.
+column name), the ingest bound, and the checks made inside write transactions.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from controlplane.events import bucket_of
 from controlplane.interfaces import (
     AuditEntry,
     AuditRecord,
-    ChainRow,
     FlagsChanged,
     Org,
     ParityRun,
@@ -23,7 +22,7 @@ from controlplane.interfaces import (
     StaticFlags,
     StoredEvent,
 )
-from controlplane.ledger import BILLABLE, LedgerRow, NewRow, RowState, segment
+from controlplane.ledger import LedgerRow, NewRow, RowState
 from controlplane.units import MAX_MICROS, format_micros
 
 S = TypeVar("S", bound=msgspec.Struct)
@@ -226,25 +225,3 @@ def check_static(static: StaticFlags, stored: str | None) -> None:
         raise FlagRefused(
             "version", "another process recorded the static flag layers meanwhile; retry"
         )
-
-
-def chains(rows: Iterable[Any]) -> dict[str, list[ChainRow]]:
-    """One (org, meter)'s ledger rows, oldest first, as rounding chains by segment.
-
-    Each row has the columns id, value_micros, quantity, state, reason, attempts and held (by
-    another claimant). A row is frozen once it may be on its way to the provider: attempted,
-    sent (or cancelled after), or claimed by another sender. Rows never offered to the
-    provider keep moving: pending ones, those held before any attempt (`no_customer`), and
-    excluded ones. The billable chain is always present, so it is reset even when it emptied.
-    """
-    movable = {RowState.PENDING.value, RowState.HELD.value, RowState.EXCLUDED.value}
-    out: dict[str, list[ChainRow]] = {BILLABLE: []}
-    for r in rows:
-        state = r["state"]
-        frozen = state not in movable or r["attempts"] > 0 or bool(r["held"])
-        if state == RowState.EXCLUDED.value:
-            frozen = False  # never sent: its units may move
-        out.setdefault(segment(r["reason"]), []).append(
-            ChainRow(r["id"], r["value_micros"], r["quantity"], frozen)
-        )
-    return out

@@ -241,11 +241,6 @@ UPDATE ledger l SET quantity = t.q, updated_at = $3
 FROM unnest($1::bigint[], $2::bigint[]) AS t(id, q)
 WHERE l.id = t.id;
 
--- name: upsert_carry
-INSERT INTO carries (org_id, meter, segment, exact_micros, quantity) VALUES ($1, $2, $3, $4, $5)
-ON CONFLICT (org_id, meter, segment) DO UPDATE SET exact_micros = excluded.exact_micros,
-                                                   quantity = excluded.quantity;
-
 -- name: cancellable
 -- Sent rows, and rows attempted without a definite answer (the provider may have them).
 SELECT id, identifier, quantity, state FROM ledger

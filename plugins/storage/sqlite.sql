@@ -124,11 +124,6 @@ INSERT INTO ledger (identifier, org_id, meter, bucket_start, bucket_end, revisio
                     value_micros, quantity, state, detail, created_at, updated_at)
 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, ?10, ?10);
 
--- name: upsert_carry
-INSERT INTO carries (org_id, meter, segment, exact_micros, quantity) VALUES (?, ?, ?, ?, ?)
-ON CONFLICT (org_id, meter, segment) DO UPDATE SET exact_micros = excluded.exact_micros,
-                                          quantity = excluded.quantity;
-
 -- name: upsert_carries
 INSERT INTO carries (org_id, meter, segment, exact_micros, quantity) VALUES (?1, ?2, ?3, ?4, ?5)
 ON CONFLICT (org_id, meter, segment) DO UPDATE SET exact_micros = excluded.exact_micros,

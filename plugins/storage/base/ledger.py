@@ -27,7 +27,6 @@ from controlplane.interfaces.storage import EventStore, LedgerStore, SendStore
 from controlplane.ledger import LedgerRow, NewRow, Reason, RowState
 from controlplane.plugins.storage._common import (
     Reissue,
-    chains,
     check_flags_unchanged,
     from_row,
     ledger_row,
@@ -44,7 +43,7 @@ from controlplane.plugins.storage.base.driver import (
     read_flag_versions,
     read_seam,
 )
-from controlplane.rollup import carry, requantify
+from controlplane.rollup import ChainMember, rechain
 
 
 class SQLEvents(SQLDriver, EventStore):
@@ -317,16 +316,17 @@ class SQLSending(SQLDriver, SendStore):
     async def _requantify(
         self, conn: Connection, row_ids: list[int], at: int, claimant: str
     ) -> None:
-        """Rows just excluded (or cancelled) left the billable rounding chain: re-derive the
-        quantities of every chain of their (org, meter) and store the carries."""
+        """Rows just excluded (or cancelled) left the billable rounding chain: store what
+        :func:`controlplane.rollup.rechain` re-derives for every chain of their (org, meter)."""
         for pair in await conn.fetch("row_chains", self._array(row_ids)):
             org_id, meter = pair["org_id"], pair["meter"]
             rows = await conn.fetch("chain_rows", org_id, meter, claimant, at)
-            for name, chain in chains(rows).items():
-                changed, exact, whole = requantify(chain)
-                await conn.bulk("set_quantities", list(changed.items()), at)
-                c = carry(org_id, meter, name, exact, whole)
-                await conn.execute("upsert_carry", org_id, meter, name, c.exact_micros, c.quantity)
+            changed, carries = rechain(org_id, meter, [from_row(ChainMember, r) for r in rows])
+            await conn.bulk("set_quantities", list(changed.items()), at)
+            await conn.bulk(
+                "upsert_carries",
+                [(c.org_id, c.meter, c.segment, c.exact_micros, c.quantity) for c in carries],
+            )
 
     async def cancel_rows(
         self, row_ids: Sequence[int], at: int, actor: str, reason: str, detail: str | None = None
