@@ -11,7 +11,7 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import structlog
@@ -37,7 +37,9 @@ from controlplane.interfaces import (
     AuditEntry,
     AuditRecord,
     Billing,
+    CatalogPublisher,
     CatalogVersion,
+    ClosedPeriod,
     IngestResult,
     IngestSource,
     JobRun,
@@ -51,8 +53,11 @@ from controlplane.interfaces import (
     ParityRun,
     PlanPeriod,
     PluginConfig,
+    PublishResult,
     Storage,
+    TrueUp,
     UsageTotal,
+    WebhookResult,
 )
 from controlplane.ledger import LedgerRow, RowState
 from controlplane.ledger import Reason as LedgerReason
@@ -70,10 +75,6 @@ from controlplane.parity_checker import CheckerStats, ParityChecker, policy_of
 from controlplane.plans import FREE, Plans
 from controlplane.rollup import LegacyPlans
 from controlplane.sender import Sender, SendStats
-
-if TYPE_CHECKING:
-    from controlplane.catalog import PublishResult
-    from controlplane.webhooks import WebhookResult
 
 log = structlog.get_logger("core")
 T = TypeVar("T")
@@ -760,15 +761,43 @@ class ControlPlane:
     # catalog and webhooks -----------------------------------------------------------------
 
     async def catalog_publish(self, *, actor: str, dry_run: bool = False) -> PublishResult:
-        """Make the provider match `[catalog]` and store the resolved ids as a new version
-        (see :mod:`controlplane.catalog`). Returns a PublishResult."""
-        from controlplane import catalog
-
-        return await catalog.publish(self, actor=actor, dry_run=dry_run)
+        """Make the provider match `[catalog]` and store the resolved ids as a new version,
+        through the billing plugin's CatalogPublisher capability (Stripe's:
+        :mod:`controlplane.plugins.billing.stripe.catalog`). Returns a PublishResult."""
+        catalog = self.config.catalog
+        if not catalog.prices:
+            raise ConfigError("catalog: no prices configured; an empty catalog is never published")
+        if not isinstance(self.billing, CatalogPublisher):
+            raise ConfigError('billing: the catalog and webhooks need [billing] backend = "stripe"')
+        return await self.billing.publish_catalog(
+            self.storage, catalog, self.config.meters, actor=actor, dry_run=dry_run, now=self.now
+        )
 
     async def stripe_webhook(self, body: bytes, signature: str | None) -> WebhookResult:
-        """Verify and process one Stripe webhook delivery (see :mod:`controlplane.webhooks`).
-        Returns a WebhookResult; raises WebhookRejected for a bad signature."""
-        from controlplane import webhooks
+        """Verify and process one Stripe webhook delivery (see
+        :mod:`controlplane.plugins.billing.stripe.webhooks`), configured by `[stripe]` whatever
+        the billing plugin. Returns a WebhookResult; raises WebhookRejected for a bad
+        signature."""
+        from controlplane.invoices import reissue_late
+        from controlplane.plugins.billing.stripe.webhooks import ACTOR, StripeWebhooks
 
-        return await webhooks.handle(self, body, signature)
+        async def true_up(org_id: str, until: int) -> TrueUp:
+            rolled = await self.rollup(until=until, org_id=org_id)
+            sent = await self.send(org_id=org_id, until=until)
+            return TrueUp(rolled.rows, sent.sent, sent.retry + sent.ambiguous, sent.skipped)
+
+        async def reissue(period: ClosedPeriod) -> object:
+            return await reissue_late(
+                self.storage, self.billing, self.meters, period, at=self.now(), actor=ACTOR
+            )
+
+        receiver = StripeWebhooks(
+            storage=self.storage,
+            settings=self.config.stripe,
+            billing=self.billing,
+            now=self.now,
+            alerts_delivered=self.config.parity.alert.webhook_url is not None,
+            true_up=true_up,
+            reissue=reissue,
+        )
+        return await receiver.receive(body, signature)

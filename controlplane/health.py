@@ -24,10 +24,9 @@ from typing import TYPE_CHECKING
 import msgspec
 import structlog
 
-from controlplane.interfaces import ParityAlert
+from controlplane.interfaces import WEBHOOK_ALERTS, ParityAlert
 from controlplane.parity_checker import ACTIVE_STATES, deliver_pending
 from controlplane.rollup import HELD_ALERTS
-from controlplane.webhooks import ALERTS as WEBHOOK_ALERTS
 
 if TYPE_CHECKING:
     from controlplane.config import Config

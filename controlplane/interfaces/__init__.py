@@ -8,7 +8,8 @@ Plugins are chosen by name in the config (``backend = "sqlite"``) and resolved t
 - :mod:`.storage`: :class:`Storage`, the composition of the narrow per-domain contracts
   (:class:`EventStore`, :class:`LedgerStore`, :class:`SendStore`, ...);
 - :mod:`.ingest`: :class:`IngestSource`;
-- :mod:`.billing`: :class:`Billing`;
+- :mod:`.billing`: :class:`Billing`, and its optional capabilities :class:`CatalogPublisher`
+  and :class:`WebhookReceiver`;
 - :mod:`.legacy`: :class:`LegacySource`;
 - :mod:`.records`: the structs they take and return.
 
@@ -18,10 +19,21 @@ Every public name is importable from this package: ``from controlplane.interface
 from __future__ import annotations
 
 from controlplane.interfaces.billing import (
+    WEBHOOK_ALERTS,
     Billing,
+    CatalogAction,
+    CatalogPublisher,
     Delivery,
     MeterEvent,
+    NotAnEvent,
     Outcome,
+    PublishResult,
+    ReissueCallback,
+    TrueUp,
+    TrueUpCallback,
+    WebhookReceiver,
+    WebhookRejected,
+    WebhookResult,
 )
 from controlplane.interfaces.ingest import (
     EventSink,
@@ -87,6 +99,7 @@ from controlplane.interfaces.storage import (
 )
 
 __all__ = [
+    "WEBHOOK_ALERTS",
     "Attempt",
     "AuditEntry",
     "AuditRecord",
@@ -94,6 +107,8 @@ __all__ = [
     "Billing",
     "CapabilityUnavailable",
     "Carry",
+    "CatalogAction",
+    "CatalogPublisher",
     "CatalogStore",
     "CatalogVersion",
     "ChainRow",
@@ -119,6 +134,7 @@ __all__ = [
     "LegacySource",
     "MeterEvent",
     "MigrationStatus",
+    "NotAnEvent",
     "Org",
     "OrgChange",
     "OrgDrift",
@@ -129,6 +145,8 @@ __all__ = [
     "ParityStore",
     "PlanPeriod",
     "PluginConfig",
+    "PublishResult",
+    "ReissueCallback",
     "RollupBatch",
     "RollupPlan",
     "RollupPlanner",
@@ -142,7 +160,12 @@ __all__ = [
     "Storage",
     "StorageLifecycle",
     "StoredEvent",
+    "TrueUp",
+    "TrueUpCallback",
     "UsageTotal",
+    "WebhookReceiver",
     "WebhookRecord",
+    "WebhookRejected",
+    "WebhookResult",
     "WebhookStore",
 ]

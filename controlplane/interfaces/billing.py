@@ -1,12 +1,29 @@
-"""The billing provider contract: what the sender delivers meter events through."""
+"""The billing provider contract: what the sender delivers meter events through, and the
+provider-specific work a billing plugin may also offer.
+
+:class:`Billing` is required of every billing plugin. The rest is optional and declared by
+subclassing, the way a legacy source lists its :class:`~controlplane.interfaces.LegacyCapability`:
+the core asks ``isinstance(billing, CatalogPublisher)``, never for a plugin's class.
+
+- :class:`CatalogPublisher`: make the provider's meters, products and prices match
+  ``[catalog]`` and store the resolved ids as a catalog version;
+- :class:`WebhookReceiver`: the provider's signed webhook deliveries, verified and applied.
+  The core builds one from what it needs (storage, its config section, a clock, the billing
+  plugin, and the callbacks :data:`TrueUpCallback` and :data:`ReissueCallback`).
+"""
 
 from __future__ import annotations
 
 import abc
 import enum
-from typing import ClassVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ClassVar
 
 import msgspec
+
+from controlplane.errors import ControlPlaneError
+from controlplane.interfaces.records import CatalogVersion, ClosedPeriod
+from controlplane.interfaces.storage import CatalogStore
 
 
 class MeterEvent(msgspec.Struct, frozen=True):
@@ -62,3 +79,93 @@ class Billing(abc.ABC):
     @abc.abstractmethod
     async def cancel(self, event_name: str, identifier: str) -> Delivery:
         """Cancel a delivered meter event by identifier (where the provider allows it)."""
+
+
+# optional capabilities ---------------------------------------------------------------------------
+
+
+class CatalogAction(msgspec.Struct, frozen=True):
+    """One step of a catalog publish: `create`, `update`, `reactivate` or `keep`."""
+
+    kind: str
+    what: str  # "meter" | "product" | "price"
+    key: str
+    detail: str = ""
+
+
+class PublishResult(msgspec.Struct, frozen=True):
+    """What a catalog publish did (or, in a dry run, would do)."""
+
+    actions: list[CatalogAction]
+    dry_run: bool
+    changed: bool  # a new version was (or, in a dry run, would be) stored
+    version: CatalogVersion | None  # the version now in force (None: nothing published yet)
+
+
+class CatalogPublisher(abc.ABC):
+    """Optional capability of a :class:`Billing` plugin: publish the price catalog."""
+
+    @abc.abstractmethod
+    async def publish_catalog(
+        self,
+        store: CatalogStore,
+        catalog: Any,
+        meters: Sequence[Any],
+        *,
+        actor: str,
+        dry_run: bool,
+        now: Callable[[], int],
+    ) -> PublishResult:
+        """Make the provider match `catalog` (the ``[catalog]`` section, a
+        :class:`controlplane.config.CatalogConfig`) and every configured meter (`meters`,
+        :class:`controlplane.meters.MeterConfig`), then store the resolved catalog in `store`
+        as a new version stamped `now()`, unless it equals the newest one. With `dry_run`
+        the provider is only read and nothing is stored. (The config types sit above the
+        contracts, hence `Any` here.)"""
+
+
+WEBHOOK_ALERTS = "job:webhooks"
+"""Where a webhook receiver stores its alerts (:attr:`ParityAlert.meter`, as a job's)."""
+
+
+class WebhookRejected(ControlPlaneError):
+    """The webhook's signature or body is not valid; nothing was done."""
+
+
+class NotAnEvent(WebhookRejected):
+    """The body is correctly signed but is not a provider event; nothing was done."""
+
+
+class WebhookResult(msgspec.Struct, frozen=True):
+    """What one webhook delivery was answered: the event, and what was done with it."""
+
+    event_id: str
+    type: str
+    outcome: str
+    duplicate: bool = False
+
+
+class TrueUp(msgspec.Struct, frozen=True):
+    """One org's usage rolled up and sent up to a time (an invoice's true-up)."""
+
+    rows: int  # ledger rows the rollup wrote
+    sent: int  # rows delivered
+    undelivered: int  # rows not delivered yet (to retry, or ambiguous)
+    skipped: str | None = None  # why sending was skipped, if it was
+
+
+TrueUpCallback = Callable[[str, int], Awaitable[TrueUp]]
+"""Roll up (grace ignored) and send one org's buckets before a time: ``(org_id, until)``."""
+
+ReissueCallback = Callable[[ClosedPeriod], Awaitable[object]]
+"""Re-issue the rows that reached the provider after a period's invoice was finalized."""
+
+
+class WebhookReceiver(abc.ABC):
+    """A provider's signed webhook deliveries, verified and applied."""
+
+    @abc.abstractmethod
+    async def receive(self, body: bytes, signature: str | None) -> WebhookResult:
+        """Verify and process one delivery (its raw body and signature header). Raises
+        WebhookRejected (NotAnEvent for a signed body that is not an event) when nothing was
+        done."""

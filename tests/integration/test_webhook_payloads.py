@@ -22,7 +22,7 @@ from controlplane.config import Config
 from controlplane.core import ControlPlane
 from controlplane.http.app import create_app
 from controlplane.interfaces import AuditEntry, OrgChange, PlanPeriod, WebhookRecord
-from controlplane.webhooks import ALERTS, MAX_DEPTH
+from controlplane.plugins.billing.stripe.webhooks import ALERTS, MAX_DEPTH
 from tests.conftest import HOUR, T0
 
 SECRET = "whsec_payloads_test"

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from controlplane import config as config_mod
-from controlplane.catalog import amount_params, minor_units
 from controlplane.errors import ConfigError
+from controlplane.plugins.billing.stripe.catalog import amount_params, minor_units
 from tests.conftest import raw_config
 
 

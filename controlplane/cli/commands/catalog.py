@@ -23,7 +23,7 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
 
 async def catalog(args: argparse.Namespace, config: Config) -> int:
-    from controlplane.catalog import catalog_api
+    from controlplane.plugins.billing.stripe.catalog import catalog_api
 
     async with core(config) as cp:
         if args.action == "show":

@@ -8,11 +8,11 @@ import msgspec
 from litestar import Controller, get
 from litestar.params import QueryParameter
 
-from controlplane.catalog import catalog_api
 from controlplane.errors import NotFound
 from controlplane.http.guards import BEARER, require_scope
 from controlplane.http.params import CP, MAX_ID
 from controlplane.http.problems import AUTH, documented
+from controlplane.plugins.billing.stripe.catalog import catalog_api
 
 
 class PublishedCatalog(msgspec.Struct):

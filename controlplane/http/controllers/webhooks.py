@@ -11,7 +11,7 @@ from litestar.params import HeaderParameter
 
 from controlplane.http.params import CP
 from controlplane.http.problems import documented, problem
-from controlplane.webhooks import NotAnEvent, WebhookRejected
+from controlplane.interfaces import NotAnEvent, WebhookRejected
 
 log = structlog.get_logger("api")
 

@@ -56,6 +56,13 @@ Types handled:
 - ``invoice.finalized``: the period is recorded as closed, keyed by invoice id; later
   corrections for it are stamped into the current period (see :mod:`controlplane.sender`).
 - anything else: 200, ignored.
+
+:class:`StripeWebhooks` is the :class:`~controlplane.interfaces.WebhookReceiver`. It is given
+what it needs, never the control plane: the storage, the ``[stripe]`` section, a clock, whether
+alerts are delivered (``parity.alert.webhook_url``), the billing plugin (provisioning needs
+:class:`~controlplane.plugins.billing.stripe.StripeBilling`'s client; everything else works
+whatever the billing plugin), and two callbacks from the core: the true-up (roll up and send one
+org up to a time) and the re-issue of rows that missed a finalized invoice.
 """
 
 from __future__ import annotations
@@ -65,45 +72,57 @@ import dataclasses
 import re
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
 import msgspec
 import stripe
 import structlog
 
-from controlplane.catalog import stripe_call, stripe_client
-from controlplane.errors import ControlPlaneError, StorageError
+from controlplane.config import StripeConfig
+from controlplane.errors import ConfigError, ControlPlaneError, StorageError
 from controlplane.interfaces import (
+    WEBHOOK_ALERTS,
     AuditEntry,
+    Billing,
     CatalogVersion,
     ClosedPeriod,
+    NotAnEvent,
     Org,
     OrgChange,
     ParityAlert,
+    ReissueCallback,
+    Storage,
+    TrueUpCallback,
+    WebhookReceiver,
     WebhookRecord,
+    WebhookRejected,
+    WebhookResult,
 )
-from controlplane.invoices import reissue_late
+from controlplane.plugins.billing.stripe.catalog import stripe_call
+from controlplane.plugins.billing.stripe.client import StripeBilling
 from controlplane.secrets import reveal
-
-if TYPE_CHECKING:
-    from controlplane.core import ControlPlane
 
 log = structlog.get_logger("webhooks")
 
 PRO_PLAN = "pro"
 FREE_PLAN = "free"
 ACTOR = "stripe-webhook"
-ALERTS = "job:webhooks"  # the webhook handler's alerts (ParityAlert.meter)
+ALERTS = WEBHOOK_ALERTS  # the webhook handler's alerts (ParityAlert.meter)
 MAX_DEPTH = 64  # JSON nesting a signed body may have; Stripe's events are far shallower
 MAX_TIMESTAMP = 253_402_300_799  # 9999-12-31T23:59:59Z
 
 
-class WebhookRejected(ControlPlaneError):
-    """The webhook's signature or body is not valid; nothing was done."""
-
-
-class NotAnEvent(WebhookRejected):
-    """The body is correctly signed but is not a Stripe v1 event; nothing was done."""
+__all__ = [
+    "ALERTS",
+    "MAX_DEPTH",
+    "CatalogNotPublished",
+    "NotAnEvent",
+    "StripeWebhooks",
+    "TrueUpIncomplete",
+    "WebhookNotConfigured",
+    "WebhookRejected",
+    "WebhookResult",
+]
 
 
 class WebhookNotConfigured(ControlPlaneError):
@@ -116,13 +135,6 @@ class CatalogNotPublished(ControlPlaneError):
 
 class TrueUpIncomplete(ControlPlaneError):
     """The true-up could not deliver every row yet; Stripe will retry the event."""
-
-
-class WebhookResult(msgspec.Struct, frozen=True):
-    event_id: str
-    type: str
-    outcome: str
-    duplicate: bool = False
 
 
 # the events, as decoded --------------------------------------------------------------------------
@@ -248,21 +260,45 @@ def decode(body: bytes, kind: type[T]) -> T:
         raise Unusable("(body)", "JSON nested too deeply") from None
 
 
+# the receiver ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class StripeWebhooks(WebhookReceiver):
+    """Stripe's webhook deliveries, with what handling them needs (see the module docstring)."""
+
+    storage: Storage
+    settings: StripeConfig  # the [stripe] section
+    billing: Billing | None  # provisioning needs StripeBilling's client
+    now: Callable[[], int]
+    alerts_delivered: bool  # alerts are POSTed (parity.alert.webhook_url), not only logged
+    true_up: TrueUpCallback
+    reissue: ReissueCallback
+
+    async def receive(self, body: bytes, signature: str | None) -> WebhookResult:
+        return await handle(self, body, signature)
+
+
+def stripe_client(billing: Billing | None) -> stripe.StripeClient:
+    """The billing plugin's Stripe client; ConfigError when billing is not Stripe."""
+    if not isinstance(billing, StripeBilling):
+        raise ConfigError('billing: the catalog and webhooks need [billing] backend = "stripe"')
+    return billing.client
+
+
 # verifying and dispatching -----------------------------------------------------------------------
 
-
-_locks: weakref.WeakKeyDictionary[ControlPlane, dict[str, asyncio.Lock]] = (
-    weakref.WeakKeyDictionary()
-)
+# Per store (so per control plane): work for one org, or one customer, is serialised.
+_locks: weakref.WeakKeyDictionary[Storage, dict[str, asyncio.Lock]] = weakref.WeakKeyDictionary()
 
 
-def _lock(cp: ControlPlane, key: str) -> asyncio.Lock:
-    return _locks.setdefault(cp, {}).setdefault(key, asyncio.Lock())
+def _lock(hooks: StripeWebhooks, key: str) -> asyncio.Lock:
+    return _locks.setdefault(hooks.storage, {}).setdefault(key, asyncio.Lock())
 
 
-def verify(cp: ControlPlane, body: bytes, signature: str | None) -> None:
+def verify(hooks: StripeWebhooks, body: bytes, signature: str | None) -> None:
     """Check the signature against the raw body; WebhookRejected if it does not verify."""
-    settings = cp.config.stripe
+    settings = hooks.settings
     if settings.webhook_secret is None:
         raise WebhookNotConfigured()
     secret = reveal(settings.webhook_secret, "stripe.webhook_secret")
@@ -276,9 +312,9 @@ def verify(cp: ControlPlane, body: bytes, signature: str | None) -> None:
         raise WebhookRejected("the body is not UTF-8") from None
 
 
-async def handle(cp: ControlPlane, body: bytes, signature: str | None) -> WebhookResult:
+async def handle(hooks: StripeWebhooks, body: bytes, signature: str | None) -> WebhookResult:
     """Verify and process one delivery (see the module docstring)."""
-    verify(cp, body, signature)
+    verify(hooks, body, signature)
     try:
         head = decode(body, _Head)
         if head.object == "v2.core.event":
@@ -286,28 +322,28 @@ async def handle(cp: ControlPlane, body: bytes, signature: str | None) -> Webhoo
     except Unusable as exc:
         text = f"A signed Stripe webhook delivery is not a Stripe v1 event ({exc}); refused."
         log.warning("webhook.not_an_event", path=exc.path, error=exc.why)
-        await _alert(cp, f"not_an_event:{cp.now()}", text)
+        await _alert(hooks, f"not_an_event:{hooks.now()}", text)
         raise NotAnEvent(f"signed, but not a Stripe v1 event: {exc}") from None
     try:
         envelope, problem = decode(body, Envelope), None
     except Unusable as exc:
         envelope, problem = Envelope(id=head.id, type="unknown"), exc
-    prior = await cp.storage.webhook_outcome(envelope.id)
+    prior = await hooks.storage.webhook_outcome(envelope.id)
     # A redelivered invoice.finalized runs again (it is answered as a duplicate): the rows
     # that missed the invoice may not all have been re-issued the first time.
     if prior is not None and (problem is not None or envelope.type != "invoice.finalized"):
         log.info("webhook.duplicate", event_id=envelope.id, type=envelope.type)
         return WebhookResult(envelope.id, envelope.type, prior, duplicate=True)
     if problem is not None:
-        return await _unprocessable(cp, envelope, problem)
+        return await _unprocessable(hooks, envelope, problem)
     route = ROUTES.get(envelope.type)
     if route is None:
         return WebhookResult(envelope.id, envelope.type, "ignored: type not handled")
     try:
         event = decode(body, route.event)
     except Unusable as exc:
-        return await _unprocessable(cp, envelope, exc)
-    result = await route.run(cp, event)
+        return await _unprocessable(hooks, envelope, exc)
+    result = await route.run(hooks, event)
     log.info("webhook.processed", event_id=event.id, type=event.type, outcome=result.outcome)
     return result
 
@@ -319,7 +355,7 @@ def _record(event: Envelope, outcome: str) -> WebhookRecord:
 
 
 async def _finish(
-    cp: ControlPlane,
+    hooks: StripeWebhooks,
     event: Envelope,
     outcome: str,
     *,
@@ -327,44 +363,46 @@ async def _finish(
     closed: ClosedPeriod | None = None,
     audit: tuple[AuditEntry, ...] = (),
 ) -> WebhookResult:
-    fresh = await cp.storage.record_webhook(
-        _record(event, outcome), cp.now(), org=org, closed=closed, audit=audit
+    fresh = await hooks.storage.record_webhook(
+        _record(event, outcome), hooks.now(), org=org, closed=closed, audit=audit
     )
     if not fresh:
-        prior = await cp.storage.webhook_outcome(event.id) or outcome
+        prior = await hooks.storage.webhook_outcome(event.id) or outcome
         return WebhookResult(event.id, event.type, prior, duplicate=True)
     return WebhookResult(event.id, event.type, outcome)
 
 
-async def _duplicate(cp: ControlPlane, event: Envelope) -> WebhookResult | None:
-    prior = await cp.storage.webhook_outcome(event.id)
+async def _duplicate(hooks: StripeWebhooks, event: Envelope) -> WebhookResult | None:
+    prior = await hooks.storage.webhook_outcome(event.id)
     if prior is None:
         return None
     return WebhookResult(event.id, event.type, prior, duplicate=True)
 
 
-async def _alert(cp: ControlPlane, key: str, text: str) -> None:
+async def _alert(hooks: StripeWebhooks, key: str, text: str) -> None:
     """Store an alert where operators look (the job alerts); a storage failure is logged, not
     raised, so the delivery's answer does not depend on it."""
-    now = cp.now()
+    now = hooks.now()
     alert = ParityAlert(
         meter=ALERTS,
         bucket_start=now,
         dedup_key=f"{ALERTS}:{key}",
         text=text,
-        state="pending" if cp.config.parity.alert.webhook_url is not None else "logged",
+        state="pending" if hooks.alerts_delivered else "logged",
         created_at=now,
     )
     try:
-        await cp.storage.record_alert(alert)
+        await hooks.storage.record_alert(alert)
     except StorageError as exc:
         log.error("webhook.alert_failed", dedup_key=alert.dedup_key, error=str(exc))
 
 
-async def _unprocessable(cp: ControlPlane, event: Envelope, problem: Unusable) -> WebhookResult:
+async def _unprocessable(
+    hooks: StripeWebhooks, event: Envelope, problem: Unusable
+) -> WebhookResult:
     """Record a signed event that cannot be used as such, answered 2xx so Stripe stops
     resending it, and raise an alert (once: a redelivery finds the record)."""
-    result = await _finish(cp, event, f"unprocessable: {problem}")
+    result = await _finish(hooks, event, f"unprocessable: {problem}")
     if not result.duplicate:
         log.warning(
             "webhook.unprocessable",
@@ -374,7 +412,7 @@ async def _unprocessable(cp: ControlPlane, event: Envelope, problem: Unusable) -
             error=problem.why,
         )
         await _alert(
-            cp,
+            hooks,
             event.id,
             f"Stripe event {event.id} ({event.type}) is unprocessable and was not applied: "
             f"{problem}. Look at it in the Stripe Dashboard and apply it by hand if needed.",
@@ -385,38 +423,40 @@ async def _unprocessable(cp: ControlPlane, event: Envelope, problem: Unusable) -
 # checkout.session.completed -------------------------------------------------------------------
 
 
-async def checkout_completed(cp: ControlPlane, event: Event[CheckoutSession]) -> WebhookResult:
+async def checkout_completed(hooks: StripeWebhooks, event: Event[CheckoutSession]) -> WebhookResult:
     session = event.data.object
     if session.mode != "setup":
-        return await _finish(cp, event, f"ignored: mode {session.mode}, not setup")
+        return await _finish(hooks, event, f"ignored: mode {session.mode}, not setup")
     org_id = session.client_reference_id or (session.metadata or {}).get("org_id")
     if not org_id:
         log.warning("webhook.no_org", event_id=event.id, session=session.id)
-        return await _finish(cp, event, "ignored: no client_reference_id or metadata.org_id")
+        return await _finish(hooks, event, "ignored: no client_reference_id or metadata.org_id")
     if len(org_id) > MAX_ORG_ID:
         too_long = f"longer than {MAX_ORG_ID} characters"
-        return await _unprocessable(cp, event, Unusable("data.object.metadata.org_id", too_long))
-    async with _lock(cp, org_id):
-        if (dup := await _duplicate(cp, event)) is not None:
+        return await _unprocessable(hooks, event, Unusable("data.object.metadata.org_id", too_long))
+    async with _lock(hooks, org_id):
+        if (dup := await _duplicate(hooks, event)) is not None:
             return dup
-        org = await cp.storage.get_org(org_id)
+        org = await hooks.storage.get_org(org_id)
         customer = session.customer or (org.customer if org else None)
         if not customer:
             log.warning("webhook.no_customer", event_id=event.id, org=org_id)
-            return await _finish(cp, event, "ignored: the session has no customer")
+            return await _finish(hooks, event, "ignored: the session has no customer")
         # Taken inside the org's lock, never the other way round: two orgs claiming one
         # customer are decided one after the other.
-        async with _lock(cp, f"customer:{customer}"):
-            owner = await cp.storage.org_for_billing(subscription=None, customer=customer)
+        async with _lock(hooks, f"customer:{customer}"):
+            owner = await hooks.storage.org_for_billing(subscription=None, customer=customer)
             if owner is not None and owner != org_id:
-                return await _refused(cp, event, org_id, customer, owner)
+                return await _refused(hooks, event, org_id, customer, owner)
             if org is not None and org.subscription and org.subscription_status == "active":
-                return await _finish(cp, event, f"no-op: {org_id} already has {org.subscription}")
-            return await _provision(cp, event, org_id, customer, org)
+                return await _finish(
+                    hooks, event, f"no-op: {org_id} already has {org.subscription}"
+                )
+            return await _provision(hooks, event, org_id, customer, org)
 
 
 async def _refused(
-    cp: ControlPlane, event: Event[CheckoutSession], org_id: str, customer: str, owner: str
+    hooks: StripeWebhooks, event: Event[CheckoutSession], org_id: str, customer: str, owner: str
 ) -> WebhookResult:
     """One Stripe customer maps to one org: a checkout for another org is recorded, not
     applied (answered 2xx, so Stripe stops resending it), and alerted."""
@@ -424,7 +464,7 @@ async def _refused(
         f"refused: customer {customer} is org {owner}'s; one Stripe customer maps to one org, "
         f"so {org_id} was not provisioned"
     )
-    result = await _finish(cp, event, outcome)
+    result = await _finish(hooks, event, outcome)
     if not result.duplicate:
         log.warning(
             "webhook.refused",
@@ -435,7 +475,7 @@ async def _refused(
             owner=owner,
         )
         await _alert(
-            cp,
+            hooks,
             event.id,
             f"Stripe checkout {event.data.object.id} (event {event.id}) for org {org_id!r} used "
             f"customer {customer}, which is org {owner!r}'s: refused, nothing provisioned. "
@@ -445,20 +485,20 @@ async def _refused(
 
 
 async def _provision(
-    cp: ControlPlane,
+    hooks: StripeWebhooks,
     event: Event[CheckoutSession],
     org_id: str,
     customer: str,
     org: Org | None,
 ) -> WebhookResult:
-    version = await cp.storage.catalog_version()
+    version = await hooks.storage.catalog_version()
     if version is None:
         raise CatalogNotPublished()
-    client = stripe_client(cp)
+    client = stripe_client(hooks.billing)
     session = event.data.object
     subscription = await _subscription(client, org_id, customer, version, session.id)
     credit = await _welcome_credit(client, org_id, customer, version, event.created)
-    at = cp.now()
+    at = hooks.now()
     after = {
         "customer": customer,
         "subscription": subscription,
@@ -468,7 +508,7 @@ async def _provision(
         "effective_from": at,
     }
     return await _finish(
-        cp,
+        hooks,
         event,
         f"provisioned: {subscription}",
         org=OrgChange(
@@ -582,20 +622,20 @@ async def _welcome_credit(
 # customer.subscription.deleted ------------------------------------------------------------------
 
 
-async def subscription_deleted(cp: ControlPlane, event: Event[Subscription]) -> WebhookResult:
+async def subscription_deleted(hooks: StripeWebhooks, event: Event[Subscription]) -> WebhookResult:
     sub = event.data.object
-    org_id = await cp.storage.org_for_billing(subscription=sub.id, customer=None)
+    org_id = await hooks.storage.org_for_billing(subscription=sub.id, customer=None)
     if org_id is None:
-        return await _finish(cp, event, "ignored: not an org's current subscription")
-    async with _lock(cp, org_id):
-        if (dup := await _duplicate(cp, event)) is not None:
+        return await _finish(hooks, event, "ignored: not an org's current subscription")
+    async with _lock(hooks, org_id):
+        if (dup := await _duplicate(hooks, event)) is not None:
             return dup
-        org = await cp.storage.get_org(org_id)
+        org = await hooks.storage.get_org(org_id)
         if org is None or org.subscription != sub.id or org.subscription_status != "active":
-            return await _finish(cp, event, "ignored: stale subscription")
+            return await _finish(hooks, event, "ignored: stale subscription")
         at = sub.ended_at or sub.canceled_at or event.created
         return await _finish(
-            cp,
+            hooks,
             event,
             f"free from {at}",
             org=OrgChange(
@@ -617,59 +657,56 @@ async def subscription_deleted(cp: ControlPlane, event: Event[Subscription]) -> 
 # invoices ----------------------------------------------------------------------------------------
 
 
-async def _invoice_org(cp: ControlPlane, invoice: Invoice) -> str | None:
+async def _invoice_org(hooks: StripeWebhooks, invoice: Invoice) -> str | None:
     details = invoice.parent.subscription_details if invoice.parent else None
     subscription = (details.subscription if details else None) or invoice.subscription
-    return await cp.storage.org_for_billing(subscription=subscription, customer=invoice.customer)
+    return await hooks.storage.org_for_billing(subscription=subscription, customer=invoice.customer)
 
 
-async def invoice_created(cp: ControlPlane, event: Event[Invoice]) -> WebhookResult:
+async def invoice_created(hooks: StripeWebhooks, event: Event[Invoice]) -> WebhookResult:
     invoice = event.data.object
-    org_id = await _invoice_org(cp, invoice)
+    org_id = await _invoice_org(hooks, invoice)
     if org_id is None:
-        return await _finish(cp, event, "ignored: no org for this invoice")
+        return await _finish(hooks, event, "ignored: no org for this invoice")
     start, end = invoice.period_start, invoice.period_end
     if end <= start:
-        return await _finish(cp, event, "true-up: empty period")
-    async with _lock(cp, org_id):
-        if (dup := await _duplicate(cp, event)) is not None:
+        return await _finish(hooks, event, "true-up: empty period")
+    async with _lock(hooks, org_id):
+        if (dup := await _duplicate(hooks, event)) is not None:
             return dup
-        rolled = await cp.rollup(until=end, org_id=org_id)
-        sent = await cp.send(org_id=org_id, until=end)
-        if sent.retry or sent.ambiguous:
+        done = await hooks.true_up(org_id, end)
+        if done.undelivered:
             raise TrueUpIncomplete(
-                f"true-up for {org_id}: {sent.retry + sent.ambiguous} rows not delivered yet"
+                f"true-up for {org_id}: {done.undelivered} rows not delivered yet"
             )
-        outcome = f"true-up to {end}: {rolled.rows} rows, {sent.sent} sent" + (
-            f" (sending skipped: {sent.skipped})" if sent.skipped else ""
+        outcome = f"true-up to {end}: {done.rows} rows, {done.sent} sent" + (
+            f" (sending skipped: {done.skipped})" if done.skipped else ""
         )
-        return await _finish(cp, event, outcome)
+        return await _finish(hooks, event, outcome)
 
 
-async def invoice_finalized(cp: ControlPlane, event: Event[Invoice]) -> WebhookResult:
+async def invoice_finalized(hooks: StripeWebhooks, event: Event[Invoice]) -> WebhookResult:
     invoice = event.data.object
-    org_id = await _invoice_org(cp, invoice)
+    org_id = await _invoice_org(hooks, invoice)
     if org_id is None:
-        return await _finish(cp, event, "ignored: no org for this invoice")
+        return await _finish(hooks, event, "ignored: no org for this invoice")
     start, end = invoice.period_start, invoice.period_end
     transitions = invoice.status_transitions
     finalized_at = (transitions.finalized_at if transitions else None) or event.created
     period = ClosedPeriod(invoice.id, org_id, start, end, finalized_at)
     result = await _finish(
-        cp, event, f"closed period [{start}, {end}) of {invoice.id}", closed=period
+        hooks, event, f"closed period [{start}, {end}) of {invoice.id}", closed=period
     )
     # Once the period is recorded closed (so the re-issues are stamped into the current one),
     # on every delivery, redeliveries included: a crash in between leaves the rows to them.
-    await reissue_late(
-        cp.storage, cp.billing, cp.meters, period, at=cp.now(), actor="stripe-webhook"
-    )
+    await hooks.reissue(period)
     return result
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Route(Generic[T]):
     event: type[Event[T]]
-    run: Callable[[ControlPlane, Event[T]], Awaitable[WebhookResult]]
+    run: Callable[[StripeWebhooks, Event[T]], Awaitable[WebhookResult]]
 
 
 ROUTES: dict[str, _Route[Any]] = {

@@ -1,4 +1,6 @@
-"""The price catalog: make Stripe match `[catalog]`, then store the resolved ids as a version.
+"""The price catalog: make Stripe match `[catalog]`, then store the resolved ids as a version
+(:meth:`StripeBilling.publish_catalog <controlplane.plugins.billing.stripe.StripeBilling>`, the
+:class:`~controlplane.interfaces.CatalogPublisher` capability).
 
 `publish` is idempotent. It finds each object before it creates anything:
 
@@ -27,9 +29,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import stripe
@@ -37,11 +39,14 @@ import structlog
 
 from controlplane.config import CatalogConfig, CatalogPriceConfig
 from controlplane.errors import BillingError, ConfigError
-from controlplane.interfaces import AuditEntry, CatalogVersion
+from controlplane.interfaces import (
+    AuditEntry,
+    CatalogAction,
+    CatalogStore,
+    CatalogVersion,
+    PublishResult,
+)
 from controlplane.meters import MeterConfig
-
-if TYPE_CHECKING:
-    from controlplane.core import ControlPlane
 
 log = structlog.get_logger("catalog")
 T = TypeVar("T")
@@ -82,20 +87,7 @@ def product_id(key: str) -> str:
     return PRODUCT_PREFIX + key
 
 
-class Action(msgspec.Struct, frozen=True):
-    """One step of a publish: `create`, `update`, `reactivate` or `keep`."""
-
-    kind: str
-    what: str  # "meter" | "product" | "price"
-    key: str
-    detail: str = ""
-
-
-class PublishResult(msgspec.Struct, frozen=True):
-    actions: list[Action]
-    dry_run: bool
-    changed: bool  # a new version was (or, in a dry run, would be) stored
-    version: CatalogVersion | None  # the version now in force (None: nothing published yet)
+Action = CatalogAction  # one step of a publish (the record is the capability's)
 
 
 def _plain(obj: Any) -> dict[str, Any]:
@@ -114,26 +106,24 @@ async def stripe_call(what: str, call: Awaitable[T]) -> T:
         raise BillingError(f"Stripe {what}: {exc.user_message or type(exc).__name__}") from exc
 
 
-def stripe_client(cp: ControlPlane) -> stripe.StripeClient:
-    from controlplane.plugins.billing.stripe import StripeBilling
-
-    if not isinstance(cp.billing, StripeBilling):
-        raise ConfigError('billing: the catalog and webhooks need [billing] backend = "stripe"')
-    return cp.billing.client
-
-
 def digest(catalog: dict[str, Any]) -> str:
     text = json.dumps(catalog, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 class _Publisher:
-    def __init__(self, cp: ControlPlane, dry_run: bool) -> None:
-        self.cp = cp
-        self.client = stripe_client(cp)
+    def __init__(
+        self,
+        client: stripe.StripeClient,
+        catalog: CatalogConfig,
+        meters: Sequence[MeterConfig],
+        dry_run: bool,
+    ) -> None:
+        self.client = client
         self.dry_run = dry_run
         self.actions: list[Action] = []
-        self.catalog: CatalogConfig = cp.config.catalog
+        self.catalog = catalog
+        self.meter_configs = meters
 
     def act(self, kind: str, what: str, key: str, detail: str = "") -> None:
         self.actions.append(Action(kind, what, key, detail))
@@ -150,7 +140,7 @@ class _Publisher:
         async for meter in page.auto_paging_iter():
             existing.setdefault(meter.event_name, meter)
         out: dict[str, dict[str, Any]] = {}
-        for m in self.cp.config.meters:
+        for m in self.meter_configs:
             out[m.name] = {
                 "event_name": m.provider_event_name,
                 "id": await self._meter(m, existing),
@@ -319,32 +309,41 @@ def _differences(
     return out
 
 
-async def publish(cp: ControlPlane, *, actor: str, dry_run: bool = False) -> PublishResult:
-    """Make Stripe match the configured catalog, then store it as a new version (unless
-    nothing changed). With `dry_run`, Stripe is only read and nothing is stored."""
-    catalog = cp.config.catalog
+async def publish(
+    client: stripe.StripeClient,
+    store: CatalogStore,
+    catalog: CatalogConfig,
+    meters: Sequence[MeterConfig],
+    *,
+    actor: str,
+    dry_run: bool = False,
+    now: Callable[[], int],
+) -> PublishResult:
+    """Make Stripe match `catalog` (with every configured meter), then store it in `store` as
+    a new version stamped `now()` (unless nothing changed). With `dry_run`, Stripe is only
+    read and nothing is stored."""
     if not catalog.prices:
         raise ConfigError("catalog: no prices configured; an empty catalog is never published")
-    publisher = _Publisher(cp, dry_run)
+    publisher = _Publisher(client, catalog, meters, dry_run)
     welcome = publisher.welcome_credit()
-    meters = await publisher.meters()
+    meter_ids = await publisher.meters()
     products = await publisher.products()
-    prices = await publisher.prices(meters)
+    prices = await publisher.prices(meter_ids)
     resolved: dict[str, Any] = {
-        "meters": meters,
+        "meters": meter_ids,
         "products": products,
         "prices": prices,
         "welcome_credit": welcome,
     }
-    newest = await cp.storage.catalog_version()
+    newest = await store.catalog_version()
     changed = newest is None or newest.digest != digest(resolved)
     if dry_run or not changed:
         return PublishResult(publisher.actions, dry_run, changed, newest)
-    version = await cp.storage.publish_catalog(
+    version = await store.publish_catalog(
         resolved,
         digest(resolved),
         actor,
-        cp.now(),
+        now(),
         AuditEntry(
             action="catalog.publish",
             subject="catalog",

@@ -43,15 +43,27 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal
 from typing import Any, ClassVar, TypeVar
 
 import stripe
 import structlog
 
+from controlplane.config import CatalogConfig
 from controlplane.errors import BillingError
-from controlplane.interfaces import Billing, Delivery, MeterEvent, Outcome, PluginConfig
+from controlplane.interfaces import (
+    Billing,
+    CatalogPublisher,
+    CatalogStore,
+    Delivery,
+    MeterEvent,
+    Outcome,
+    PluginConfig,
+    PublishResult,
+)
+from controlplane.meters import MeterConfig
+from controlplane.plugins.billing.stripe.catalog import publish as _publish
 from controlplane.registry import PluginSpec
 from controlplane.secrets import Secret, reveal
 
@@ -106,8 +118,9 @@ class _Failure:
     error: stripe.StripeError | None = None
 
 
-class StripeBilling(Billing):
-    """Meter events, cancellations and meter totals on Stripe (or the Stripe emulator)."""
+class StripeBilling(Billing, CatalogPublisher):
+    """Meter events, cancellations and meter totals on Stripe (or the Stripe emulator), and
+    the price catalog published to it."""
 
     name: ClassVar[str] = "stripe"
     max_event_age_seconds: ClassVar[int | None] = 35 * 86400
@@ -198,6 +211,25 @@ class StripeBilling(Billing):
         if failure is None:
             return Delivery(Outcome.ACCEPTED, provider_id=_request_id(result, identifier))
         return _delivery(failure)
+
+    # -- CatalogPublisher -----------------------------------------------------------------------
+
+    async def publish_catalog(
+        self,
+        store: CatalogStore,
+        catalog: CatalogConfig,
+        meters: Sequence[MeterConfig],
+        *,
+        actor: str,
+        dry_run: bool,
+        now: Callable[[], int],
+    ) -> PublishResult:
+        """Make Stripe match `[catalog]` (see :mod:`.catalog`)."""
+        return await _publish(
+            self.client, store, catalog, meters, actor=actor, dry_run=dry_run, now=now
+        )
+
+    # -- meter totals (the parity checks) -------------------------------------------------------
 
     async def meter_totals(self, customer: str, event_name: str, start: int, end: int) -> int:
         """What Stripe has aggregated for `customer` on the meter of `event_name` over
