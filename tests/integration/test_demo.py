@@ -8,7 +8,7 @@ from controlplane import demo
 from controlplane.config import Config
 from controlplane.core import ControlPlane
 from controlplane.ledger import RowState
-from controlplane.stripe_emulator import StripeEmulator, serve_emulator
+from stripe_emulator import StripeEmulator, serve_emulator
 
 
 async def test_demo_shadow_then_cutover_delivers_the_ledger(

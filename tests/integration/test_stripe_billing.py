@@ -16,7 +16,7 @@ from controlplane.interfaces import MeterEvent, Outcome, PluginConfig
 from controlplane.plugins.billing.stripe import StripeBilling, StripeBillingConfig
 from controlplane.registry import spec_for
 from controlplane.secrets import EnvSecret
-from controlplane.stripe_emulator import StripeEmulator, serve_emulator
+from stripe_emulator import StripeEmulator, serve_emulator
 
 DAY = 86_400
 API_KEY = "sk_test_plugin_secret_value_42"

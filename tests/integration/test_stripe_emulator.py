@@ -11,7 +11,7 @@ import httpx
 import pytest
 import stripe
 
-from controlplane.stripe_emulator import (
+from stripe_emulator import (
     StripeEmulator,
     parse_form,
     serve_emulator,
@@ -565,7 +565,7 @@ def test_command_line_serves_until_stopped(tmp_path: Any) -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     process = subprocess.Popen(
-        [sys.executable, "-m", "controlplane.stripe_emulator", "--port", str(port), "--seed", "1"],
+        [sys.executable, "-m", "stripe_emulator", "--port", str(port), "--seed", "1"],
         stdout=subprocess.PIPE,
         text=True,
     )

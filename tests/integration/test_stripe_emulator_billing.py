@@ -17,7 +17,7 @@ import httpx
 import pytest
 import stripe
 
-from controlplane.stripe_emulator import (
+from stripe_emulator import (
     EmulatorServer,
     StripeEmulator,
     WebhookSettings,

@@ -21,7 +21,7 @@ from controlplane.config import Config
 from controlplane.core import ControlPlane
 from controlplane.interfaces import AuditEntry
 from controlplane.plugins.billing.stripe.webhooks import ALERTS, WebhookResult
-from controlplane.stripe_emulator import StripeEmulator, serve_emulator
+from stripe_emulator import StripeEmulator, serve_emulator
 
 API_KEY = "sk_test_webhook_customers"
 SECRET = "whsec_webhook_customers"

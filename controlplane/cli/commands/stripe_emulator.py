@@ -19,6 +19,6 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
 
 def run(argv: list[str]) -> int:
-    from controlplane import stripe_emulator as emulator  # imported only when it runs
+    import stripe_emulator as emulator  # imported only when it runs
 
     return emulator.main(argv)
