@@ -3,7 +3,7 @@
 Each ``/v1`` request is authenticated, routed, parsed (form-encoded bodies exactly as the SDK
 sends them, ``a[b][c]=v`` and ``items[0][price]=p``; query strings on GET), rate-limited,
 delayed (``latency_ms``), then run synchronously, hence atomically, by its resource's handler.
-Every reply carries ``Request-Id``.
+Every reply carries ``Request-Id``. Stripe's rules applied here, to every endpoint:
 
 - ``Authorization: Bearer sk_...`` (or ``rk_...``; or Basic with the key as user name, as
   ``curl -u sk_test_...:`` sends) on every ``/v1`` call, else 401.
@@ -87,6 +87,9 @@ class StripeEmulator(
     :meth:`meter_total`; billing: :meth:`complete_checkout`, :meth:`close_period`,
     :meth:`finalize_invoice`; webhooks: :meth:`set_webhooks`, :meth:`release_webhooks`,
     :meth:`redeliver`, :meth:`wait_for_webhooks` and the :attr:`deliveries` log.
+
+    Each resource's endpoints come from its mixin, all over
+    :class:`~stripe_emulator.state.EmulatorState`; this class adds the request pipeline.
     """
 
     # -- ASGI ---------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ _HOOK_PATH = re.compile(
 async def handle(
     emulator: StripeEmulator, method: str, path: str, query: str, body: bytes
 ) -> Reply:
+    """Answer one ``/_emulator/...`` request (JSON in and out; no auth)."""
     try:
         data: Json = msgspec.json.decode(body) if body.strip() else {}
         if not isinstance(data, dict):

@@ -77,7 +77,7 @@ class Faults:
 
 @dataclasses.dataclass(slots=True)
 class WebhookSettings:
-    """Webhook delivery; see the module docstring for what each setting does."""
+    """Webhook delivery; the ``webhooks`` module docstring says what each setting does."""
 
     max_attempts: int = 4
     retry_base: float = 0.05  # seconds (real time) before the first retry, doubling each time

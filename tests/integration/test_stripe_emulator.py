@@ -596,3 +596,23 @@ async def test_malformed_payload_is_a_400_not_a_crash(emulator: StripeEmulator) 
         )
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "payload[stripe_customer_id]"
+
+
+def test_the_emulator_imports_nothing_from_the_control_plane() -> None:
+    """The emulator is a double of Stripe, not of the product: no module of it imports
+    `controlplane`, so it runs (and is right or wrong) on its own."""
+    import ast
+    from pathlib import Path
+
+    import stripe_emulator
+
+    package = Path(stripe_emulator.__file__).parent
+    imported: set[str] = set()
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+    assert "stripe_emulator.app" in imported  # the walk saw the package's own imports
+    assert not {name for name in imported if name.split(".")[0] == "controlplane"}
