@@ -39,10 +39,7 @@ from stripe_emulator.params import (
     str_list_param,
     str_param,
 )
-from stripe_emulator.shapes import (
-    PRICE_SHAPE,
-    PRODUCT_SHAPE,
-)
+from stripe_emulator.shapes import PRICE_SHAPE, PRODUCT_SHAPE
 from stripe_emulator.state import EmulatorState
 
 MAX_LOOKUP_KEY_LENGTH = 200

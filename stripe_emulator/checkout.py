@@ -29,10 +29,7 @@ from stripe_emulator.params import (
     str_param,
 )
 from stripe_emulator.records import DAY
-from stripe_emulator.shapes import (
-    CHECKOUT_SESSION_SHAPE,
-    SETUP_INTENT_SHAPE,
-)
+from stripe_emulator.shapes import CHECKOUT_SESSION_SHAPE, SETUP_INTENT_SHAPE
 from stripe_emulator.state import EmulatorState
 
 CHECKOUT_LIFETIME_SECONDS = DAY

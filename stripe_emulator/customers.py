@@ -15,9 +15,7 @@ from stripe_emulator.params import (
     only_params,
     str_param,
 )
-from stripe_emulator.shapes import (
-    CUSTOMER_SHAPE,
-)
+from stripe_emulator.shapes import CUSTOMER_SHAPE
 from stripe_emulator.state import EmulatorState
 
 _CUSTOMER_FIELDS = frozenset(

@@ -34,9 +34,7 @@ from stripe_emulator.params import (
     only_params,
     str_param,
 )
-from stripe_emulator.shapes import (
-    INVOICE_SHAPE,
-)
+from stripe_emulator.shapes import INVOICE_SHAPE
 from stripe_emulator.state import EmulatorState
 
 

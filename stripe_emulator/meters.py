@@ -46,9 +46,7 @@ from stripe_emulator.params import (
     str_param,
 )
 from stripe_emulator.records import DAY, AcceptedEvent, EmulatedMeter
-from stripe_emulator.shapes import (
-    METER_SHAPE,
-)
+from stripe_emulator.shapes import METER_SHAPE
 from stripe_emulator.state import IDENTIFIER_MEMORY_SECONDS, EmulatorState
 
 CANCEL_WINDOW_SECONDS = DAY

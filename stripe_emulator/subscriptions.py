@@ -33,9 +33,7 @@ from stripe_emulator.params import (
     str_param,
 )
 from stripe_emulator.records import SubscriptionState
-from stripe_emulator.shapes import (
-    SUBSCRIPTION_SHAPE,
-)
+from stripe_emulator.shapes import SUBSCRIPTION_SHAPE
 from stripe_emulator.state import EmulatorState
 
 _SUBSCRIPTION_FIELDS = frozenset(

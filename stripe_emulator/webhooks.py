@@ -64,10 +64,7 @@ from stripe_emulator.params import (
     str_list_param,
     str_param,
 )
-from stripe_emulator.records import (
-    DAY,
-    EventDelivery,
-)
+from stripe_emulator.records import DAY, EventDelivery
 from stripe_emulator.state import EmulatorState, WebhookSettings
 
 API_VERSION = "2026-10-28.endive"  # the stripe SDK 16.1.0 pin, carried by every event
