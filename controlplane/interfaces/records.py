@@ -156,6 +156,7 @@ class Settlement(msgspec.Struct, frozen=True):
     provider_id: str | None = None
     customer: str | None = None
     quantity: int = 0
+    audit: AuditEntry | None = None  # appended when the row moves (the sender's record)
 
 
 class SeamRows(msgspec.Struct, frozen=True):

@@ -253,13 +253,12 @@ class SendStore(abc.ABC):
         """Take back attempts recorded by `record_attempts` for calls that were not made."""
 
     @abc.abstractmethod
-    async def settle(
-        self, settlements: Sequence[Settlement], at: int, actor: str, claimant: str = ""
-    ) -> int:
+    async def settle(self, settlements: Sequence[Settlement], at: int, claimant: str = "") -> int:
         """Apply sender decisions in one transaction: each row still `pending` (or `held`)
-        moves to its new state and leaves its claim; every move to `sent` is audited.
-        An exclusion re-derives the quantities of its rounding chain, leaving alone the rows
-        another live claimant holds. Returns rows moved."""
+        moves to its new state and leaves its claim, and its settlement's `audit` record (if
+        any) is appended; a settlement whose row moved already appends nothing. An exclusion
+        re-derives the quantities of its rounding chain, leaving alone the rows another live
+        claimant holds. Returns rows moved."""
 
     @abc.abstractmethod
     async def cancel_rows(

@@ -6,7 +6,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from controlplane import rollup
+from controlplane import rollup, sender
 from controlplane.interfaces import (
     AuditEntry,
     Claim,
@@ -69,8 +69,10 @@ def settlement(
     detail: str | None = None,
     provider_id: str | None = None,
     customer: str | None = None,
+    actor: str = "sender",
 ) -> Settlement:
-    return Settlement(
+    """A sender's decision, with the audit record the sender gives it (a move to `sent`)."""
+    decided = Settlement(
         row_id=row.id,
         identifier=row.identifier,
         state=state,
@@ -80,6 +82,7 @@ def settlement(
         customer=customer,
         quantity=row.quantity,
     )
+    return sender.audited([decided], actor)[0]
 
 
 async def pro(storage: Storage, *orgs: str, customer: bool = True, since: int = 0) -> None:

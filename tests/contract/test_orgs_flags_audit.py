@@ -218,7 +218,7 @@ async def test_audit_records_form_one_hash_chain_across_every_writer(
     await storage.insert_events([event("e1", "a", B[0], UNIT)], 3600)
     assert len(await roll(storage)) == 1
     (item,) = await storage.sendable(0, 10, claim=claim("s"))
-    await storage.settle([settlement(item.row, RowState.SENT, customer="cus_a")], NOW, "s", "s")
+    await storage.settle([settlement(item.row, RowState.SENT, customer="cus_a")], NOW, "s")
     await storage.cancel_rows([item.row.id], NOW + 3, "ops", "rolled_back")
     await storage.append_audit([entry("a.last", forced=True)], NOW + 4)
 

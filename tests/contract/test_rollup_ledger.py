@@ -273,7 +273,6 @@ async def test_ledger_counts_rows_per_state_and_reason(storage: Storage) -> None
             settlement(b2, RowState.HELD, Reason.NO_CUSTOMER),
         ],
         NOW,
-        "sender",
         "s",
     )
     counts = await storage.ledger_counts()

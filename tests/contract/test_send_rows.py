@@ -87,7 +87,6 @@ async def test_held_rows_come_back_only_when_their_org_has_a_customer(storage: S
             settlement(c0, RowState.HELD, Reason.PROVIDER_REJECTED, detail="no such meter"),
         ],
         NOW,
-        "sender",
         "s1",
     )
     assert moved == 3
@@ -102,9 +101,7 @@ async def test_held_rows_come_back_only_when_their_org_has_a_customer(storage: S
         (RowState.HELD, Reason.NO_CUSTOMER.value, "cus_b")
     }
     # A held row settles like a pending one.
-    assert (
-        await storage.settle([settlement(b0, RowState.SENT, customer="cus_b")], NOW, "s", "s1") == 1
-    )
+    assert await storage.settle([settlement(b0, RowState.SENT, customer="cus_b")], NOW, "s1") == 1
     assert (await storage.ledger(org_id="b"))[0].state is RowState.SENT
 
 
@@ -200,7 +197,7 @@ async def test_settle_moves_rows_clears_claims_and_audits_sends(
     assert await other.sendable(0, 100, claim=claim("B")) == []
 
     sent = settlement(r0, RowState.SENT, provider_id="mev_0", customer="cus_a")
-    assert await storage.settle([sent], NOW, "sender", "A") == 1
+    assert await storage.settle([sent], NOW, "A") == 1
     row = by_id(await storage.ledger())[r0.id]
     assert (row.state, row.reason, row.provider_id) == (RowState.SENT, None, "mev_0")
     assert (row.sent_at, row.updated_at, row.quantity) == (NOW, NOW, 2)
@@ -211,7 +208,7 @@ async def test_settle_moves_rows_clears_claims_and_audits_sends(
     # Settling cleared A's claim: the lane's other rows are free for B.
     assert ids(await other.sendable(0, 100, claim=claim("B"))) == [r1.id, r2.id]
     rejected = settlement(r1, RowState.HELD, Reason.PROVIDER_REJECTED, detail="bad customer")
-    assert await other.settle([rejected], NOW + 1, "sender", "B") == 1
+    assert await other.settle([rejected], NOW + 1, "B") == 1
     row = by_id(await storage.ledger())[r1.id]
     assert (row.state, row.reason, row.detail, row.sent_at) == (
         RowState.HELD,
@@ -226,7 +223,7 @@ async def test_settle_moves_rows_clears_claims_and_audits_sends(
         settlement(r0, RowState.HELD, Reason.AMBIGUOUS),
         settlement(r2, RowState.SENT, provider_id="mev_2", customer="cus_a"),
     ]
-    assert await other.settle(late, NOW + 2, "sender", "B") == 1
+    assert await other.settle(late, NOW + 2, "B") == 1
     rows = by_id(await storage.ledger())
     assert (rows[r0.id].state, rows[r0.id].provider_id, rows[r0.id].sent_at) == (
         RowState.SENT,
@@ -236,7 +233,7 @@ async def test_settle_moves_rows_clears_claims_and_audits_sends(
     assert (rows[r2.id].state, rows[r2.id].sent_at) == (RowState.SENT, NOW + 2)
     audit = await storage.audit_log(action_prefix="ledger.sent")
     assert [r.subject for r in audit] == [r2.identifier, r0.identifier]
-    assert await storage.settle([sent], NOW + 3, "sender", "A") == 0
+    assert await storage.settle([sent], NOW + 3, "A") == 0
     assert len(await storage.audit_log(action_prefix="ledger.sent")) == 2
     assert await storage.sendable(0, 100, claim=claim("C")) == []
 
@@ -274,7 +271,6 @@ async def test_seam_counts_rows_reached_and_excluded_before_bill_from(storage: S
             settlement(a2, RowState.SENT, customer="cus_a"),
         ],
         NOW,
-        "sender",
         "s",
     )
     await storage.record_attempts([a3.id], NOW)
@@ -295,7 +291,6 @@ async def test_cancel_rows_moves_sent_rows_and_audits_each(storage: Storage) -> 
             settlement(r1, RowState.SENT, customer="cus_a", provider_id="mev_1"),
         ],
         NOW,
-        "sender",
         "s",
     )
     await storage.release_claims("s")
@@ -340,7 +335,7 @@ async def test_attempts_on_a_held_row_are_taken_back_too(storage: Storage) -> No
     await pro(storage, "a", customer=False)
     (r0,) = await lane_rows(storage, "a", UNIT)
     await storage.sendable(0, 100, claim=claim("s"))
-    await storage.settle([settlement(r0, RowState.HELD, Reason.NO_CUSTOMER)], NOW, "s", "s")
+    await storage.settle([settlement(r0, RowState.HELD, Reason.NO_CUSTOMER)], NOW, "s")
     await storage.record_attempts([r0.id], NOW)
     await storage.release_attempts([r0.id])
     (row,) = await storage.ledger()
@@ -387,7 +382,7 @@ async def test_an_exclusion_re_derives_its_chain_and_the_carry(storage: Storage)
     await storage.sendable(0, 100, claim=claim("A"))
 
     excluded = settlement(r0, RowState.EXCLUDED, Reason.BEFORE_BILL_FROM)
-    assert await storage.settle([excluded], NOW, "sender", "A") == 1
+    assert await storage.settle([excluded], NOW, "A") == 1
     rows = by_id(await storage.ledger())
     assert (rows[r0.id].state, rows[r0.id].reason) == (RowState.EXCLUDED, "before_bill_from")
     # The billable chain is now 0.6, 1.2: 0 then 1 unit (it was 1 then 0).
@@ -411,10 +406,10 @@ async def test_an_exclusion_re_derives_rows_held_before_any_attempt(storage: Sto
     assert [r.quantity for r in (r0, r1)] == [0, 1]
     await storage.sendable(0, 100, claim=claim("A"))
     held = settlement(r1, RowState.HELD, Reason.NO_CUSTOMER)
-    assert await storage.settle([held], NOW, "sender", "A") == 1
+    assert await storage.settle([held], NOW, "A") == 1
 
     excluded = settlement(r0, RowState.EXCLUDED, Reason.BEFORE_BILL_FROM)
-    assert await storage.settle([excluded], NOW, "sender", "A") == 1
+    assert await storage.settle([excluded], NOW, "A") == 1
     rows = by_id(await storage.ledger())
     assert (rows[r1.id].state, rows[r1.id].quantity) == (RowState.HELD, 0)
     assert_chains_floor(rows.values())
@@ -432,7 +427,7 @@ async def test_an_exclusion_leaves_alone_rows_another_live_claimant_holds(
 
     at = NOW + 120 if lapsed else NOW + 30
     excluded = settlement(r0, RowState.EXCLUDED, Reason.BEFORE_BILL_FROM)
-    assert await storage.settle([excluded], at, "sender", "A") == 1
+    assert await storage.settle([excluded], at, "A") == 1
     rows = by_id(await storage.ledger())
     if lapsed:  # B is gone: its row is re-derived like any other
         assert [rows[r.id].quantity for r in (r1, r2)] == [0, 1]
@@ -452,12 +447,12 @@ async def test_an_exclusion_never_changes_a_sent_or_attempted_row(
     assert [r.quantity for r in (r0, r1, r2)] == [1, 1, 0]
     await storage.sendable(0, 100, claim=claim("A"))
     if decided == "sent":
-        await storage.settle([settlement(r1, RowState.SENT, customer="cus_a")], NOW, "s", "A")
+        await storage.settle([settlement(r1, RowState.SENT, customer="cus_a")], NOW, "A")
     else:
         await storage.record_attempts([r1.id], NOW)
 
     excluded = settlement(r0, RowState.EXCLUDED, Reason.BEFORE_BILL_FROM)
-    assert await storage.settle([excluded], NOW, "sender", "A") == 1
+    assert await storage.settle([excluded], NOW, "A") == 1
     rows = by_id(await storage.ledger())
     # Billable 0.6 (frozen at 1 unit), then 1.2 -> 1 - 1 = 0 (not 0, 1 as when free).
     assert [rows[r.id].quantity for r in (r1, r2)] == [1, 0]
@@ -499,7 +494,7 @@ async def test_rows_sent_after_the_invoice_was_finalized_are_found_and_re_issued
     # r0 went out before the invoice was finalized, r1 after it, r2 into the next period
     for row, at, stamp in ((r0, NOW - 100, B[0]), (r1, NOW + 10, B[1]), (r2, NOW + 10, B[2])):
         await storage.record_attempts([row.id], at, series={row.id: Attempt("cus_a", stamp, "k")})
-        await storage.settle([settlement(row, RowState.SENT)], at, "sender")
+        await storage.settle([settlement(row, RowState.SENT)], at)
     period = ClosedPeriod("in_1", "a", B[0], B[2], NOW)
     assert [r.id for r in await storage.late_rows(period)] == [r1.id]
 
@@ -534,7 +529,7 @@ async def test_two_late_rows_of_one_bucket_are_re_issued_as_two_new_revisions(
     first, correction = await storage.ledger()
     for row in (first, correction):
         await storage.record_attempts([row.id], NOW + 10, series={row.id: Attempt("c", B[1], "k")})
-        await storage.settle([settlement(row, RowState.SENT)], NOW + 10, "sender")
+        await storage.settle([settlement(row, RowState.SENT)], NOW + 10)
     period = ClosedPeriod("in_1", "a", B[0], B[2], NOW)
     assert len(await storage.late_rows(period)) == 2
     new = await storage.reissue_rows([first.id, correction.id], NOW + 20, "webhooks", "late")

@@ -265,9 +265,7 @@ class SQLSending(SQLDriver, SendStore):
             lambda conn: conn.bulk("release_attempts", [(i,) for i in row_ids]),
         )
 
-    async def settle(
-        self, settlements: Sequence[Settlement], at: int, actor: str, claimant: str = ""
-    ) -> int:
+    async def settle(self, settlements: Sequence[Settlement], at: int, claimant: str = "") -> int:
         excluding = any(s.state is RowState.EXCLUDED for s in settlements)
 
         async def work(conn: Connection) -> int:
@@ -291,24 +289,11 @@ class SQLSending(SQLDriver, SendStore):
                 ],
                 at,
             )
-            sent = [
-                AuditEntry(
-                    action="ledger.sent",
-                    subject=s.identifier,
-                    actor=actor,
-                    after={
-                        "quantity": s.quantity,
-                        "customer": s.customer,
-                        "provider_id": s.provider_id,
-                    },
-                )
-                for s in moving
-                if s.state is RowState.SENT
-            ]
+            audit = [s.audit for s in moving if s.audit is not None]
             excluded = [s.row_id for s in moving if s.state is RowState.EXCLUDED]
             if excluded:
                 await self._requantify(conn, excluded, at, claimant)
-            await self._append_audit(conn, sent, at)
+            await self._append_audit(conn, audit, at)
             return len(moving)
 
         return await self._tx("settle", work, *((CHAIN_LOCK,) if excluding else ()))
