@@ -25,7 +25,7 @@ import msgspec
 
 from controlplane import registry
 from controlplane.errors import ConfigError
-from controlplane.interfaces import PluginConfig
+from controlplane.interfaces import PluginConfig, StorageConfig
 from controlplane.meters import MeterConfig
 from controlplane.plans import DEFAULT_PLANS, FREE, PRO, PlanConfig
 from controlplane.secrets import Secret
@@ -250,6 +250,13 @@ class Config(_Section, frozen=True):
     @property
     def storage_backend(self) -> str:
         return backend_of(self.storage)
+
+    @property
+    def storage_where(self) -> str:
+        """Where the configured storage keeps the data (no secrets): a path, a database."""
+        if isinstance(self.storage, StorageConfig):
+            return self.storage.where()
+        return self.storage_backend
 
 
 PLUGIN_SECTIONS: dict[str, registry.Kind] = {

@@ -26,6 +26,7 @@ from controlplane.errors import (
     FlagRefused,
     InvalidInput,
     MigrationError,
+    NoDatabase,
     Problem,
 )
 from controlplane.events import Ingestor
@@ -114,6 +115,7 @@ class ControlPlane:
         legacy: LegacySource | None = None,
         clock: Callable[[], float] = time.time,
         migrate: bool = True,
+        create: bool = True,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -144,7 +146,8 @@ class ControlPlane:
             unknown_types=config.events.unknown_types,
             clock=clock,
         )
-        self._migrate = migrate
+        self._migrate = migrate and create
+        self._create = create  # false: read an existing database only (NoDatabase otherwise)
         self.ingest_sources: list[IngestSource] = []  # started by `serve` (start_ingest)
         # org -> (the legacy biller's plan or None, when asked): see _legacy_plans
         self._legacy_plan_cache: dict[str, tuple[str | None, float]] = {}
@@ -165,13 +168,15 @@ class ControlPlane:
 
     async def start(self) -> None:
         try:
-            await self.storage.start()
+            await self.storage.start(create=self._create)
             self._stack.push_async_callback(self.storage.close)
             if self._migrate:
                 applied = await self.storage.migrate()
                 if applied:
                     log.info("storage.migrated", applied=applied)
             status = await self.storage.migration_status()
+            if not status.applied and not self._create:
+                raise NoDatabase(f"no control plane database at {self.config.storage_where}")
             if not status.current:
                 raise MigrationError(
                     f"pending migrations {status.pending}: run `controlplane migrate`"

@@ -151,7 +151,7 @@ def _who(snapshot: Snapshot) -> list[str]:
         else:
             cp = "control plane: sends nothing (authority is legacy)"
         return [legacy, cp]
-    when = f"{t} ({iso(t)})"
+    when = f"{iso(t)} ({t})"
     legacy = f"legacy biller: buckets starting before {when}"
     if snapshot.shadow:  # a paused cutover: nobody bills from T on yet, nothing is lost
         cp = (

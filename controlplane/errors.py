@@ -13,7 +13,8 @@
     ├── FlagRefused (ValueError)          a flag change broke a rule; no flag was changed
     ├── StorageError                      the storage plugin failed
     │   ├── TransientStorageError         the same call may succeed when retried
-    │   └── MigrationError                the schema and the code disagree
+    │   ├── MigrationError                the schema and the code disagree
+    │   └── NoDatabase                    a read-only command found no database to read
     └── BillingError                      the billing provider failed unclassifiably
 
 Each error's docstring is its default message.
@@ -109,6 +110,10 @@ class TransientStorageError(StorageError):
 
 class MigrationError(StorageError):
     """The database schema does not match this version of the control plane."""
+
+
+class NoDatabase(StorageError):
+    """There is no database to read: check --config, or run `controlplane migrate`."""
 
 
 class BillingError(ControlPlaneError):

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from controlplane import config as config_mod
 from controlplane.config import Config
@@ -54,6 +55,15 @@ def raw_config(db: Path, **sections: Any) -> dict[str, Any]:
     }
     raw.update(sections)
     return raw
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was() -> Iterator[None]:
+    """A test that runs a CLI command configures logging (warnings only, by default): put
+    back what the next test's `capture_logs()` expects."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 @pytest.fixture

@@ -20,6 +20,15 @@ class PluginConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
     """Base of every plugin's config section; the `backend` key names the plugin."""
 
 
+class StorageConfig(PluginConfig, frozen=True):
+    """Base of every storage plugin's config section."""
+
+    def where(self) -> str:
+        """Where the data lives, as people name it (a file, a host and database), with no
+        secret in it: the CLI says it beside the config file it read."""
+        return type(self).__name__
+
+
 class StoredEvent(msgspec.Struct, frozen=True, array_like=True):
     """A validated usage event, with the meter values it carries, ready to store."""
 

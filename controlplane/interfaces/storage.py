@@ -69,8 +69,9 @@ class StorageLifecycle(abc.ABC):
     name: ClassVar[str]
 
     @abc.abstractmethod
-    async def start(self) -> None:
-        """Open connections. Does not migrate."""
+    async def start(self, *, create: bool = True) -> None:
+        """Open connections. Does not migrate. With `create` false, raises NoDatabase rather
+        than create a database that is not there (what read-only commands need)."""
 
     @abc.abstractmethod
     async def close(self) -> None:

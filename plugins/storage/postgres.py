@@ -36,13 +36,14 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import structlog
 
 from controlplane import migrations, sql
 from controlplane.errors import ConfigError, StorageError
 from controlplane.events import bucket_of
-from controlplane.interfaces import IngestResult, PluginConfig, StoredEvent
+from controlplane.interfaces import IngestResult, StorageConfig, StoredEvent
 from controlplane.plugins.storage._common import (
     bucket_sums,
     check_batch_alone,
@@ -66,12 +67,22 @@ def _lock_key(name: str) -> int:
 MIGRATE_LOCK = _lock_key("migrate")
 
 
-class PostgresStorageConfig(PluginConfig, tag="postgres", tag_field="backend", frozen=True):
+class PostgresStorageConfig(StorageConfig, tag="postgres", tag_field="backend", frozen=True):
     dsn: Secret = "postgresql://localhost/controlplane"
     min_connections: int = 2
     max_connections: int = 10
     command_timeout_seconds: float = 60.0
     retries: int = 5  # attempts for a transaction that failed transiently
+
+    def where(self) -> str:
+        """`PostgreSQL database NAME on HOST`: never the user name or the password."""
+        try:
+            parts = urlsplit(reveal(self.dsn, "storage.dsn"))
+            host = parts.hostname or "localhost"
+        except (ConfigError, ValueError):
+            return "PostgreSQL (storage.dsn)"
+        database = parts.path.lstrip("/") or "(default)"
+        return f"PostgreSQL database {database} on {host}"
 
 
 class PostgresConnection(Connection):
@@ -117,7 +128,8 @@ class PostgresStorage(SQLStorage):
 
     # lifecycle ----------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, create: bool = True) -> None:
+        # PostgreSQL never creates a database here: `create` has nothing to refuse
         if self.config.min_connections < 1 or self.config.max_connections < 2:
             raise ConfigError("storage.max_connections: at least 2 (one holds job locks)")
         pg = self._pg = require("asyncpg", "postgres", "postgres")

@@ -23,9 +23,9 @@ import aiosqlite
 import msgspec
 
 from controlplane import migrations, sql
-from controlplane.errors import ConfigError, StorageError
+from controlplane.errors import ConfigError, NoDatabase, StorageError
 from controlplane.events import bucket_of
-from controlplane.interfaces import IngestResult, PluginConfig, StoredEvent
+from controlplane.interfaces import IngestResult, StorageConfig, StoredEvent
 from controlplane.plugins.storage._common import (
     bucket_sums,
     check_batch_alone,
@@ -41,10 +41,13 @@ _json = msgspec.json.Encoder()
 _org_totals = msgspec.json.Decoder(dict[str, tuple[int, int]])
 
 
-class SQLiteStorageConfig(PluginConfig, tag="sqlite", tag_field="backend", frozen=True):
+class SQLiteStorageConfig(StorageConfig, tag="sqlite", tag_field="backend", frozen=True):
     path: str = "controlplane.db"
     synchronous: Literal["full", "normal"] = "full"
     busy_timeout_ms: int = 10_000
+
+    def where(self) -> str:
+        return self.path
 
 
 class SQLiteConnection(Connection):
@@ -80,14 +83,17 @@ class SQLiteStorage(SQLStorage):
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()
+        self._existing = f"{Path(config.path).resolve().as_uri()}?mode=rw"  # never creates
 
     # lifecycle ----------------------------------------------------------------------------
 
-    async def _connect(self) -> aiosqlite.Connection:
+    async def _connect(self, create: bool) -> aiosqlite.Connection:
         path = self.config.path
-        if path != ":memory:":
+        if create:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        conn = await aiosqlite.connect(path, isolation_level=None)
+            conn = await aiosqlite.connect(path, isolation_level=None)
+        else:  # an existing file only: SQLite's `mode=rw` never creates one
+            conn = await aiosqlite.connect(self._existing, uri=True, isolation_level=None)
         conn.row_factory = sqlite3.Row  # read by column name
         await conn.execute(f"PRAGMA busy_timeout = {int(self.config.busy_timeout_ms)}")
         await conn.execute("PRAGMA journal_mode = WAL")
@@ -97,14 +103,21 @@ class SQLiteStorage(SQLStorage):
         await conn.execute("PRAGMA temp_store = MEMORY")
         return conn
 
-    async def start(self) -> None:
+    async def start(self, *, create: bool = True) -> None:
         if self.config.path == ":memory:":
             raise ConfigError("storage.path: ':memory:' cannot be shared by reader and writer")
+        if not create and not self._exists():  # a stat: no connection thread to clean up
+            raise NoDatabase(f"no database at {self.config.path}")
         try:
-            self._writer = await self._connect()
-            self._reader = await self._connect()
+            self._writer = await self._connect(create)
+            self._reader = await self._connect(create)
         except sqlite3.Error as exc:
+            if not create:
+                raise NoDatabase(f"no database at {self.config.path}") from exc
             raise StorageError(f"cannot open SQLite database {self.config.path}: {exc}") from exc
+
+    def _exists(self) -> bool:
+        return Path(self.config.path).is_file()
 
     async def close(self) -> None:
         for conn in (self._reader, self._writer):

@@ -225,7 +225,7 @@ def test_publish_is_idempotent_and_shown(stack: Stack) -> None:
     memory = next(p for p in found if p.lookup_key == "pro_memory_gb_seconds")
     assert memory.unit_amount_decimal == Decimal("0.04")  # 0.0004 dollars, exactly, in cents
     assert len(stack.stripe.v1.billing.meters.list().data) == 1
-    audit = json.loads(stack.cli("catalog", "show"))
+    audit = json.loads(stack.cli("catalog", "show", "--json"))
     assert audit["version"] == 1
 
 

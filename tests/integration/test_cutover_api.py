@@ -16,6 +16,7 @@ from controlplane.config import Config
 from controlplane.core import ControlPlane
 from controlplane.http.app import create_app
 from controlplane.plugins.billing.fake import FakeBilling
+from controlplane.times import iso
 from tests.conftest import HOUR, READ_TOKEN, T0, TOKEN, tick, token_hash
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -172,28 +173,30 @@ meter = "gbs"
     return path
 
 
-def test_cli_cutover_commands(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # in process: keep the CLI from reconfiguring (and caching) the test session's loggers
-    monkeypatch.setattr("controlplane.logs.configure", lambda config: None)
+def test_cli_cutover_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = str(_write_config(tmp_path))
     t = int(time.time()) // HOUR * HOUR - 2 * HOUR
+    assert main(["cutover", "status", "--config", config]) == 2  # read-only: creates nothing
+    assert f"no database at {tmp_path / 'cli.db'}" in capsys.readouterr().err
+    assert not (tmp_path / "cli.db").exists()
+    assert main(["migrate", "--config", config]) == 0
     assert main(["cutover", "status", "--config", config]) == 0
     assert "stage: shadow" in capsys.readouterr().out
     assert main(["cutover", "plan", "--at", str(t), "--config", config]) == 0
     out = capsys.readouterr().out
-    assert "change: authority 'legacy' -> 'controlplane'" in out
+    assert "change: authority legacy -> controlplane" in out and "'" not in out
     assert main(["cutover", "plan", "--at", str(t + 1), "--config", config]) == 1
-    assert "bill_from.aligned" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.count("bill_from.aligned") == 1, out  # the rule, named once
     assert main(["cutover", "preflight", "--at", str(t), "--config", config]) == 1
     out = capsys.readouterr().out
-    assert "FAIL  parity_clean" in out and "N/A   catalog_published" in out
+    checks = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:-1]}
+    assert checks["parity_clean"] == "FAIL" and checks["catalog_published"] == "N/A"
     assert main(["cutover", "execute", "--at", str(t), "--reason", "x", "--config", config]) == 2
     assert "cutover.preflight" in capsys.readouterr().err
     argv = ["cutover", "execute", "--at", str(t), "--reason", "x", "--force"]
     assert main([*argv, "--config", config]) == 0
-    assert f"legacy_bill_until={t}" in capsys.readouterr().out
+    assert f"legacy_bill_until {iso(t)} ({t})" in capsys.readouterr().out
     assert (
         main(["cutover", "rollback", "--reason", "undo", "--cancel-sent", "--config", config]) == 0
     )

@@ -143,8 +143,8 @@ async def test_plan_explains_who_bills_what_and_changes_nothing(ready: ControlPl
         "control plane: computes in shadow, sends nothing",
     ]
     assert plan.after == [
-        f"legacy biller: buckets starting before {T} ({iso(T)})",
-        f"control plane: buckets starting at or after {T} ({iso(T)}) (sending)",
+        f"legacy biller: buckets starting before {iso(T)} ({T})",
+        f"control plane: buckets starting at or after {iso(T)} ({T}) (sending)",
     ]
     assert [(c.flag, c.before, c.after) for c in plan.changes] == [
         ("authority", "legacy", "controlplane"),
@@ -164,7 +164,7 @@ async def test_plan_explains_who_bills_what_and_changes_nothing(ready: ControlPl
         ({"authority": "controlplane"}, ["every bucket", "until bill_from (T) is set"]),
         (  # a paused cutover: legacy_bill_until is T, the control plane sends nothing yet
             {"authority": "controlplane", "bill_from": T},
-            [f"before {T} ", f"at or after {T} ({iso(T)}), computed in shadow and sent once"],
+            [f"before {iso(T)} ({T})", f"at or after {iso(T)} ({T}), computed in shadow and sent"],
         ),
     ],
 )

@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from controlplane.cli.common import Subparsers, core
+from controlplane.cli.common import Subparsers, core, json_option, print_json
 from controlplane.config import Config
 
 
 def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("audit", parents=[common], help="the tamper-evident audit chain")
     asub = p.add_subparsers(dest="action", required=True)
-    v = asub.add_parser(
-        "verify", parents=[common], help="walk the chain; exit 1 at the first broken link"
+    v = json_option(
+        asub.add_parser(
+            "verify", parents=[common], help="walk the chain; exit 1 at the first broken link"
+        )
     )
     v.add_argument(
         "--signed-from",
@@ -36,7 +38,7 @@ async def audit_cmd(args: argparse.Namespace, config: Config) -> int:
         print(f'public_key = "{public}"  # auditors need only this one')
         return 0
     signed_from = args.signed_from or config.audit.signed_from
-    async with core(config) as cp:
+    async with core(config, readonly=True) as cp:
         signed = ""
         if cp.audit_keys:
             signed = f" (signed from record {signed_from})" if signed_from else " (all signed)"
@@ -47,6 +49,9 @@ async def audit_cmd(args: argparse.Namespace, config: Config) -> int:
         checked, broken = await cp.verify_audit(
             progress if sys.stderr.isatty() else None, signed_from=signed_from
         )
+    if args.json:
+        print_json({"records": checked, "intact": broken is None, "broken": broken})
+        return 0 if broken is None else 1
     if broken is None:
         print(f"audit chain intact: {checked:,} records{signed}")
         return 0

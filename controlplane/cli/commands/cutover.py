@@ -3,90 +3,155 @@
 from __future__ import annotations
 
 import argparse
-import json
+from typing import TYPE_CHECKING
 
-from controlplane.cli.common import Subparsers, core, unix_time
+from controlplane.cli.common import (
+    Subparsers,
+    core,
+    flag_text,
+    json_option,
+    print_json,
+    print_table,
+    unix_time,
+    when,
+)
 from controlplane.config import Config
+
+if TYPE_CHECKING:
+    from controlplane.cutover import Preflight, RowNote
+
+AT = "T: unix seconds or RFC 3339 (2026-01-01T00:00:00Z)"
 
 
 def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("cutover", parents=[common], help="plan, check, execute, roll back")
     xsub = p.add_subparsers(dest="action", required=True)
-    xsub.add_parser("status", parents=[common], help="the stage and its history")
-    x = xsub.add_parser("plan", parents=[common], help="who bills what before and after T")
-    x.add_argument("--at", type=unix_time, required=True, help="T: unix seconds or RFC 3339")
-    x = xsub.add_parser("preflight", parents=[common], help="every precondition; exit 1 on fail")
-    x.add_argument("--at", type=unix_time, help="T (default: the current bill_from)")
-    x = xsub.add_parser("execute", parents=[common], help="preflight, then flip the flags")
-    x.add_argument("--at", type=unix_time, help="T (default: the current bill_from)")
-    x.add_argument("--reason", required=True)
+    json_option(xsub.add_parser("status", parents=[common], help="the stage and its history"))
+    x = json_option(
+        xsub.add_parser("plan", parents=[common], help="who bills what before and after T")
+    )
+    x.add_argument("--at", type=unix_time, required=True, help=AT)
+    x = json_option(
+        xsub.add_parser("preflight", parents=[common], help="every precondition; exit 1 on fail")
+    )
+    x.add_argument("--at", type=unix_time, help=f"{AT} (default: the current bill_from)")
+    x = json_option(
+        xsub.add_parser("execute", parents=[common], help="preflight, then flip the flags")
+    )
+    x.add_argument("--at", type=unix_time, help=f"{AT} (default: the current bill_from)")
+    x.add_argument("--reason", required=True, help="why, for the audit log")
     x.add_argument("--force", action="store_true", help="execute despite failed checks")
-    x.add_argument("--actor", default="cli")
-    x = xsub.add_parser("rollback", parents=[common], help="authority back to legacy")
-    x.add_argument("--reason", required=True)
+    x.add_argument("--actor", default="cli", help="who, for the audit log (default: cli)")
+    x = json_option(xsub.add_parser("rollback", parents=[common], help="authority back to legacy"))
+    x.add_argument("--reason", required=True, help="why, for the audit log")
     x.add_argument(
         "--cancel-sent", action="store_true", help="cancel at the provider rows sent < 24 h ago"
     )
-    x.add_argument("--actor", default="cli")
+    x.add_argument("--actor", default="cli", help="who, for the audit log (default: cli)")
     p.set_defaults(func=cutover_cmd)
 
 
 async def cutover_cmd(args: argparse.Namespace, config: Config) -> int:
-    async with core(config) as cp:
+    async with core(config, readonly=args.action in ("status", "plan")) as cp:
         if args.action == "plan":
             plan = await cp.cutover.plan(args.at)
-            print(f"cutover at T = {plan.at} (now {plan.now})")
+            if args.json:
+                print_json(plan)
+                return 1 if plan.problems else 0
+            print(f"cutover at T = {when(plan.at)} ({plan.at}); now {when(plan.now)}")
             print("now:   " + "\n       ".join(plan.before))
             print("after: " + "\n       ".join(plan.after))
             for change in plan.changes:
-                print(f"change: {change.flag} {change.before!r} -> {change.after!r}")
+                before, after = (flag_text(change.flag, v) for v in (change.before, change.after))
+                print(f"change: {change.flag} {before} -> {after}")
             print(
                 f"pending rows at or after T (sent after execute): {plan.pending_from_t}; "
                 f"before T (excluded, the legacy biller bills them): {plan.pending_before_t}"
             )
             for problem in plan.problems:
-                print(f"problem: {problem['rule']}: {problem['message']}")
+                print(f"problem: {_refusal(problem['rule'], problem['message'])}")
             return 1 if plan.problems else 0
         if args.action == "preflight":
             report = await cp.cutover.preflight(args.at)
-            for check in report.checks:
-                print(f"{check.status.upper():<5} {check.name:<26} {check.detail}")
-            print(f"preflight for T = {report.at}: {'ready' if report.ok else 'NOT ready'}")
+            if args.json:
+                print_json(report)
+            else:
+                _checks(report)
+                verdict = "ready" if report.ok else "NOT ready"
+                print(f"preflight for T = {when(report.at)} ({report.at}): {verdict}")
             return 0 if report.ok else 1
         if args.action == "execute":
             report, snapshot = await cp.cutover.execute(
                 args.at, actor=args.actor, reason=args.reason, force=args.force
             )
-            for check in report.checks:
-                print(f"{check.status.upper():<5} {check.name:<26} {check.detail}")
+            if args.json:
+                print_json({"preflight": report, "flags": snapshot.to_api()})
+                return 0
+            _checks(report)
             print(
-                f"executed: authority=controlplane, bill_from={snapshot.bill_from}, "
-                f"shadow=false; legacy_bill_until={snapshot.legacy_bill_until}"
+                f"executed: authority controlplane, bill_from "
+                f"{flag_text('bill_from', snapshot.bill_from)}, shadow no; legacy_bill_until "
+                f"{flag_text('bill_from', snapshot.legacy_bill_until)}"
             )
             return 0
         if args.action == "rollback":
             result = await cp.cutover.rollback(
                 actor=args.actor, reason=args.reason, cancel_sent=args.cancel_sent
             )
-            print("rolled back: authority=legacy, shadow=true")
-            for row in result.cancelled:
-                print(f"cancelled      {row.identifier}  {row.quantity} units ({row.value})")
-            for row in result.not_cancelled:
-                print(
-                    f"NOT cancelled  {row.identifier}  {row.quantity} units ({row.value}) "
-                    f"sent_at={row.sent_at}: {row.note} -> issue a credit note"
-                )
-            if result.senders_still_running:
-                print(f"WARNING: {result.senders_still_running}")
-                return 1
-            return 0
+            if args.json:
+                print_json(result)
+            else:
+                print("rolled back: authority legacy, shadow yes")
+                _rows("cancelled at the provider", result.cancelled)
+                _rows("NOT cancelled (issue a credit note for each)", result.not_cancelled)
+                if result.senders_still_running:
+                    print(f"WARNING: {result.senders_still_running}")
+            return 1 if result.senders_still_running else 0
         status = await cp.cutover.status()
-        print(f"stage: {status.stage}")
-        print(f"legacy_bill_until: {json.dumps(status.flags['legacy_bill_until'])}")
-        for entry in status.history:
-            forced = " (forced)" if entry["forced"] else ""
-            print(
-                f"{entry['at']}  {entry['step']:<8} T={json.dumps(entry['t'])}  "
-                f"by {entry['actor']}{forced}: {entry['reason']}"
+    if args.json:
+        print_json(status)
+        return 0
+    print(f"stage: {status.stage}")
+    print(f"legacy_bill_until: {flag_text('bill_from', status.flags['legacy_bill_until'])}")
+    if status.history:
+        rows = [["at", "step", "T", "by", "forced", "reason"]]
+        for e in status.history:
+            forced = "yes" if e["forced"] else "no"
+            rows.append(
+                [when(e["at"]), e["step"], when(e["t"]), e["actor"], forced, e["reason"] or "-"]
             )
+        print_table(rows)
     return 0
+
+
+def _refusal(rule: str, message: str) -> str:
+    """`rule: message`, once: a refusal's message may already start with its rule."""
+    return message if message.startswith(rule) else f"{rule}: {message}"
+
+
+def _checks(report: Preflight) -> None:
+    print_table(
+        [["check", "status", "detail"]]
+        + [[c.name, c.status.upper(), c.detail] for c in report.checks],
+    )
+
+
+def _rows(title: str, rows: list[RowNote]) -> None:
+    if not rows:
+        return
+    print(f"{title}:")
+    table = [["identifier", "org", "meter", "bucket", "quantity", "value", "sent", "note"]]
+    for r in rows:
+        table.append(
+            [
+                r.identifier,
+                r.org_id,
+                r.meter,
+                when(r.bucket_start),
+                str(r.quantity),
+                r.value,
+                when(r.sent_at),
+                r.note or "",
+            ]
+        )
+    print_table(table)

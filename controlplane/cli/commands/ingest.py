@@ -8,18 +8,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from controlplane.cli.common import Subparsers, core
+from controlplane.cli.common import Subparsers, core, json_option, print_json
 from controlplane.config import Config
 from controlplane.errors import InvalidInput
 from controlplane.events import DEFAULT_SOURCE
 
 
 def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "ingest", parents=[common], help="backfill events from an NDJSON or CSV file"
+    p = json_option(
+        sub.add_parser(
+            "ingest", parents=[common], help="backfill events from an NDJSON or CSV file"
+        )
     )
-    p.add_argument("file")
-    p.add_argument("--format", choices=["ndjson", "csv"])
+    p.add_argument("file", help="the file to read (NDJSON: one event per line; CSV: a header)")
+    p.add_argument("--format", choices=["ndjson", "csv"], help="default: from the file's extension")
     p.add_argument(
         "--source",
         default=DEFAULT_SOURCE,
@@ -28,7 +30,12 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         "live finds them duplicates; for events that came from an [[ingest]] stream, give "
         "that table's `source`)",
     )
-    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=1000,
+        help="events per transaction (default 1000): a batch with an invalid event stores none",
+    )
     p.add_argument("--dry-run", action="store_true", help="validate and report; store nothing")
     p.set_defaults(func=ingest)
 
@@ -102,6 +109,9 @@ async def ingest(args: argparse.Namespace, config: Config) -> int:
                 reasons.append(exc.message)
                 totals["rejected"] += len(batch)
         progress.update(progress.total, sum(totals.values()), final=True)
+    if args.json:
+        print_json({**totals, "dry_run": args.dry_run, "source": args.source, "errors": reasons})
+        return 1 if totals["rejected"] else 0
     verb = "would accept" if args.dry_run else "accepted"
     print(
         f"events that name no source {'would be' if args.dry_run else 'were'} stored under "

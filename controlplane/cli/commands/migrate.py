@@ -17,5 +17,6 @@ async def migrate(args: argparse.Namespace, config: Config) -> int:
     from controlplane.core import ControlPlane
 
     applied, status = await ControlPlane.migrate_storage(config)
-    print(f"applied: {', '.join(applied) or 'nothing'}; schema at {status.applied[-1]}")
+    print(f"database {config.storage_where}: schema at {status.applied[-1]}")
+    print(f"applied now: {', '.join(applied) or 'nothing (it was current)'}")
     return 0

@@ -5,45 +5,79 @@ from __future__ import annotations
 import argparse
 import sys
 
-from controlplane.cli.common import Subparsers, core, print_json, print_table, unix_time
+from controlplane.cli.common import (
+    Subparsers,
+    core,
+    json_option,
+    print_counts,
+    print_json,
+    print_table,
+    text,
+    unix_time,
+    when,
+)
 from controlplane.config import Config
 
 
 def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("parity", parents=[common], help="usage parity with the legacy biller")
     psub = p.add_subparsers(dest="action", required=True)
-    c = psub.add_parser("check", parents=[common], help="compare a window; exit 1 on mismatch")
-    c.add_argument("--from", dest="start", type=unix_time, required=True, help="unix seconds")
-    c.add_argument("--to", dest="end", type=unix_time, required=True, help="unix seconds")
+    c = json_option(
+        psub.add_parser("check", parents=[common], help="compare a window; exit 1 on mismatch")
+    )
+    window = "unix seconds or RFC 3339, aligned to a bucket"
+    c.add_argument("--from", dest="start", type=unix_time, required=True, help=window)
+    c.add_argument("--to", dest="end", type=unix_time, required=True, help=window)
     c.add_argument("--all", action="store_true", help="list every org, not only mismatches")
-    psub.add_parser("checker", parents=[common], help="one pass of the scheduled checker")
-    r = psub.add_parser("runs", parents=[common], help="the checker's runs and clean-since")
-    r.add_argument("--limit", type=int, default=24)
+    json_option(
+        psub.add_parser("checker", parents=[common], help="one pass of the scheduled checker")
+    )
+    r = json_option(
+        psub.add_parser("runs", parents=[common], help="the checker's runs and clean-since")
+    )
+    r.add_argument("--limit", type=int, default=24, help="newest N runs (default 24)")
     p.set_defaults(func=parity)
 
 
 async def parity(args: argparse.Namespace, config: Config) -> int:
     from controlplane.parity import comparison_api, run_api
 
-    async with core(config) as cp:
+    async with core(config, readonly=args.action != "checker") as cp:
         if args.action == "checker":
             stats = await cp.record("parity", cp.parity_check)
-            print_json(stats)
+            print_counts(stats, as_json=args.json)
             return 0
         if args.action == "runs":
-            runs = await cp.parity_runs(limit=args.limit)
+            runs = [run_api(run) for run in await cp.parity_runs(limit=args.limit)]
             clean = await cp.parity_clean_since()
-            print(f"clean since: {clean.since} (buckets {clean.buckets}, up to {clean.until})")
-            for run in runs:
-                r = run_api(run)
-                print(
-                    f"{r['bucket_start']}  {r['status']:<8}  orgs {r['orgs']}  mismatches "
-                    f"{r['mismatches']}  alarming {str(r['alarming']).lower()}  totals "
-                    f"{r['totals']['controlplane']} vs {r['totals']['legacy']}"
-                )
+            if args.json:
+                print_json({"clean_since": clean, "runs": runs})
+                return 0
+            print(
+                f"clean since {when(clean.since)} ({clean.buckets} buckets, checked up to "
+                f"{when(clean.until)})"
+            )
+            if runs:
+                rows = [["bucket", "status", "orgs", "mismatches", "alarming", "cp", "legacy"]]
+                for r in runs:
+                    rows.append(
+                        [
+                            when(r["bucket_start"]),
+                            r["status"],
+                            str(r["orgs"]),
+                            str(r["mismatches"]),
+                            text(r["alarming"]),
+                            r["totals"]["controlplane"],
+                            text(r["totals"]["legacy"]),
+                        ]
+                    )
+                print_table(rows)
             return 0
         comparison = await cp.parity(args.start, args.end)
     report = comparison_api(comparison, mismatches_only=not args.all)
+    if args.json:
+        print_json(report)
+        return {"no_legacy": 3, "mismatch": 1}.get(report["summary"]["status"], 0)
     summary = report["summary"]
     rows = [["org", "controlplane", "legacy", "drift", "relative", "ok"]]
     for org in report["orgs"]:
@@ -64,7 +98,8 @@ async def parity(args: argparse.Namespace, config: Config) -> int:
     totals = summary["totals"]
     worst = summary["worst"]
     print(
-        f"{comparison.meter} [{comparison.start}, {comparison.end}): {summary['orgs']} orgs, "
+        f"{comparison.meter} [{when(comparison.start)}, {when(comparison.end)}): "
+        f"{summary['orgs']} orgs, "
         f"{summary['mismatches']} mismatches (tolerance {report['tolerance']}); totals: "
         f"control plane {totals['controlplane']}, legacy {totals['legacy'] or '-'}"
         + (f"; worst {worst['org_id']} ({worst['relative_drift'] or 'inf'})" if worst else "")
