@@ -297,7 +297,8 @@ class OrgStore(abc.ABC):
         at: int,
         audit: AuditEntry,
     ) -> Org:
-        """Set the org's provider customer and/or start a plan period; audited."""
+        """Set the org's provider customer and/or start a plan period; audited. A plan change
+        releases the buckets the rollup held for the org (an unknown plan): it tries them again."""
 
     @abc.abstractmethod
     async def orgs_without_customer(self, plan: str, at: int) -> list[str]:

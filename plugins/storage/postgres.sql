@@ -295,6 +295,10 @@ INSERT INTO orgs (org_id, customer, updated_at) VALUES ($1, $2, $3)
 ON CONFLICT (org_id) DO UPDATE SET customer = coalesce(excluded.customer, orgs.customer),
                                    updated_at = excluded.updated_at;
 
+-- name: release_org_buckets
+-- The org's plan changed: the rollup tries the buckets it held (an unknown plan) again.
+UPDATE dirty_buckets SET held_reason = NULL WHERE org_id = $1 AND held_reason IS NOT NULL;
+
 -- name: upsert_plan
 INSERT INTO org_plans (org_id, effective_from, plan) VALUES ($1, $2, $3)
 ON CONFLICT (org_id, effective_from) DO UPDATE SET plan = excluded.plan;

@@ -16,9 +16,10 @@ import pytest
 from controlplane.core import ControlPlane
 from controlplane.errors import BadValue, InvalidInput
 from controlplane.flags import FlagChange
-from controlplane.interfaces import Outcome
+from controlplane.interfaces import AuditEntry, Outcome
 from controlplane.ledger import RowState
 from controlplane.plugins.billing.fake import FakeBilling
+from controlplane.rollup import RollupStats
 from tests.conftest import HOUR, T0, tick
 
 
@@ -107,3 +108,23 @@ async def test_a_new_customer_bills_what_is_sent_from_then_on(
     assert "cus_1 -> cus_2" in note
     await cp.send()
     assert [e.customer for e in fake_billing.calls] == ["cus_1", "cus_1", "cus_2", "cus_2"]
+
+
+async def test_fixing_an_unknown_plan_releases_the_buckets_the_rollup_held(
+    cp: ControlPlane,
+) -> None:
+    """A plan stored before it left `[[plans]]` holds the org's buckets with the reason; setting
+    a known plan releases them, and the next rollup bills them (they waited for new events)."""
+    audit = AuditEntry(action="org.set", subject="o3", actor="older config")
+    await cp.storage.set_org(
+        "o3", customer="cus_3", plan="team", effective_from=0, at=T0, audit=audit
+    )
+    await cp.ingest([tick("o3-e", "o3", T0 + 4 * HOUR + 5)], "http")
+    held = await cp.rollup(until=T0 + 5 * HOUR)
+    assert held.held == 1 and held.rows == 0
+    assert await cp.rollup(until=T0 + 5 * HOUR) == RollupStats()  # passed by, not retried
+    await cp.set_org("o3", customer=None, plan="pro", actor="t", effective_from=0)
+    again = await cp.rollup(until=T0 + 5 * HOUR)
+    assert (again.held, again.rows) == (0, 1)
+    (row,) = [r for r in await cp.storage.ledger() if r.org_id == "o3"]
+    assert row.state is RowState.PENDING

@@ -70,6 +70,7 @@ class SQLOrgs(SQLDriver, OrgStore):
             await conn.execute("upsert_org", org_id, customer, at)
             if plan is not None:
                 await conn.execute("upsert_plan", org_id, effective_from, plan)
+                await conn.execute("release_org_buckets", org_id)
             await self._append_audit(conn, [audit], at)
 
         await self._tx("set org", work)
