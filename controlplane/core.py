@@ -27,6 +27,7 @@ from controlplane.errors import (
     InvalidInput,
     MigrationError,
     NoDatabase,
+    NotFound,
     Problem,
 )
 from controlplane.events import Ingestor
@@ -503,7 +504,10 @@ class ControlPlane:
 
     async def issue_capability(self, org_id: str, *, actor: str) -> Issued:
         """A signed capability token stating the org's plan now and its entitlements
-        (:mod:`controlplane.capabilities`); audited by digest, never by token."""
+        (:mod:`controlplane.capabilities`); audited by digest, never by token. NotFound when
+        no signing key is configured."""
+        if not self.config.capabilities.keys:
+            raise NotFound("capability tokens are not configured: no [[capabilities.keys]]")
         plan = await self.plan_now(org_id)
         issued = self.capability_keys.issue(org_id, plan, self.plans.entitlements(plan), self.now())
         entry = AuditEntry(

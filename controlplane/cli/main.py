@@ -24,6 +24,7 @@ from controlplane import __version__
 from controlplane import config as config_mod
 from controlplane.cli.commands import (
     audit,
+    capability,
     catalog,
     cutover,
     demo,
@@ -50,6 +51,7 @@ GROUPS = [
     cutover,
     audit,
     token,
+    capability,
     demo,
     parity,
     catalog,

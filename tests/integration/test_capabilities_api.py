@@ -88,3 +88,30 @@ async def test_without_keys_issuing_is_404(
         r = await c.post("/v1/orgs/acme/capabilities", headers=AUTH)
         assert r.status_code == 404 and "[[capabilities.keys]]" in r.json()["detail"]
         assert (await c.get("/.well-known/jwks.json")).json() == {"keys": []}
+
+
+def test_the_cli_issues_the_token_alone_on_stdout(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from controlplane.cli import main
+
+    monkeypatch.setenv("CP_CAPABILITY_KEY", PEM)
+    config = tmp_path / "cp.toml"
+    config.write_text(
+        f'[storage]\nbackend = "sqlite"\npath = "{tmp_path / "cp.db"}"\n'
+        '[[capabilities.keys]]\nkid = "k1"\nprivate_key = { env = "CP_CAPABILITY_KEY" }\n'
+    )
+    assert main(["orgs", "set", "acme", "--plan", "pro", "--config", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["capability", "issue", "acme", "--config", str(config)]) == 0
+    out, err = capsys.readouterr()
+    (token,) = out.split()
+    claims = jwt.decode(token, KEY.public_key(), algorithms=["EdDSA"], audience="controlplane")
+    assert (claims["sub"], claims["plan"]) == ("acme", "pro")
+    assert "plan pro, key k1" in err and token not in err
+
+    config.write_text(f'[storage]\nbackend = "sqlite"\npath = "{tmp_path / "cp.db"}"\n')
+    assert main(["capability", "issue", "acme", "--config", str(config)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: capability tokens are not configured: no [[capabilities.keys]]"
+    ]

@@ -10,7 +10,6 @@ from litestar import Controller, Request, get, post
 from litestar.params import FromPath
 
 from controlplane.capabilities import Issued
-from controlplane.errors import NotFound
 from controlplane.http.guards import BEARER, actor, require_scope
 from controlplane.http.params import CP
 from controlplane.http.problems import AUTH, documented
@@ -46,8 +45,6 @@ class CapabilitiesController(Controller):
     async def issue_capability(
         self, request: Request[Any, Any, Any], cp: CP, org_id: FromPath[str]
     ) -> Issued:
-        if not cp.config.capabilities.keys:
-            raise NotFound("capability tokens are not configured: no [[capabilities.keys]]")
         return await cp.issue_capability(org_id, actor=actor(request))
 
 
