@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -27,6 +28,8 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from tests.conftest import READ_TOKEN, TOKEN, token_hash
 from tests.e2e.processes import ROOT, Server, base_config, bearer
@@ -75,6 +78,13 @@ def seed(tmp: Path) -> tuple[Path, Path]:
     return events, legacy
 
 
+CAPABILITY_KEY = (
+    Ed25519PrivateKey.generate()
+    .private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    .decode()
+)
+
+
 def config_text(tmp: Path, legacy: Path) -> str:
     group = "GROUP BY org_id"
     return (
@@ -95,6 +105,10 @@ backfill_buckets = 40
 
 [cutover]
 parity_clean_hours = 6
+
+[[capabilities.keys]]
+kid = "k1"
+private_key = '''{CAPABILITY_KEY}'''
 
 [legacy]
 backend = "sql"
@@ -365,6 +379,12 @@ def test_orgs_and_ledger_pages(browser: Browser, server: Server, shots: Path) ->
     page.get_by_label("Org id").press("Enter")
     expect(page.locator("#customer")).to_have_text("cus_globex")
     expect(page.locator("#plans")).to_contain_text("pro")
+    page.get_by_role("button", name="Issue a token for globex").click()
+    token = page.get_by_label(re.compile("^Token for globex")).input_value()
+    assert token.count(".") == 2  # a JWT, shown once
+    issued = page.get_by_role("table", name=re.compile("^Issued for globex"))
+    expect(issued.locator("tbody tr")).to_have_count(1)
+    expect(issued.locator("tbody tr")).to_contain_text("pro")
     shoot(page, shots, "orgs")
 
     nav(page, "Ledger")

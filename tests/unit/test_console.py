@@ -147,3 +147,44 @@ async def test_the_cutover_page_shows_what_a_rollback_would_cancel(
     )
     assert answer.status_code == 200 and "1 need manual credit notes" in answer.text
     assert (await cp.cutover.status()).history[0]["actor"] == "tester"
+
+
+async def test_the_orgs_page_issues_a_capability_token_once_and_lists_digests(
+    make_config: Callable[..., Config], clock: list[float]
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        NoEncryption,
+        PrivateFormat,
+    )
+
+    pem = (
+        Ed25519PrivateKey.generate()
+        .private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+        .decode()
+    )
+    cp = ControlPlane(
+        make_config(capabilities={"keys": [{"kid": "k1", "private_key": pem}]}),
+        clock=lambda: clock[0],
+    )
+    async with AsyncTestClient(create_app(cp.config, cp=cp), base_url="https://c.test") as client:
+        await cp.set_org("acme", customer="cus_1", plan="pro", actor="t", effective_from=0)
+        csrf = await sign_in(client, TOKEN)
+        page = (await client.get("/console/orgs?org=acme")).text
+        assert "No capability token was issued for acme" in page and "Issue a token" in page
+
+        refused = await client.post("/console/orgs/capabilities", data={"org": "acme"})
+        assert refused.status_code == 403  # no CSRF token: nothing issued
+        assert await cp.audit_entries("capability.") == []
+
+        answer = await client.post("/console/orgs/capabilities", data={"csrf": csrf, "org": "acme"})
+        assert answer.status_code == 200
+        (record,) = await cp.audit_entries("capability.")
+        token = answer.text.split('<textarea id="token" readonly rows="4">')[1].split("<")[0]
+        claims = cp.capability_keys.verify(token, org="acme", at=int(clock[0]))
+        assert claims.plan == "pro" and record.actor == "tester"
+
+        again = (await client.get("/console/orgs?org=acme")).text
+        assert token not in again  # shown once
+        assert record.after["digest"] in again.split('id="issued"')[1]

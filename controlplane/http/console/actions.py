@@ -1,9 +1,11 @@
-"""The console's forms (POST): sign-in and sign-out, and the cutover steps.
+"""The console's forms (POST): sign-in and sign-out, the cutover steps, and issuing a
+capability token.
 
-Every cutover step needs a session with the `admin` scope and the session's CSRF token, and
-runs the same core operation as the API (:attr:`ControlPlane.cutover`), audited with the
-token's name as the actor. A refused step changes nothing and is answered with the cutover
-page naming why.
+Every cutover step (and issuing a token) needs a session with the `admin` scope and the
+session's CSRF token, and runs the same core operation as the API
+(:attr:`ControlPlane.cutover`, :meth:`ControlPlane.issue_capability`), audited with the
+token's name as the actor. A refused step changes nothing and is answered with its page
+naming why.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from litestar.response import Redirect, Template
 
 from controlplane.auth import Unauthorized
 from controlplane.errors import ControlPlaneError
-from controlplane.http.console.pages import cutover_context, render
+from controlplane.http.console.pages import cutover_context, org_context, render
 from controlplane.http.console.session import (
     COOKIE,
     SESSION_SECONDS,
@@ -177,3 +179,17 @@ class ConsoleActions(Controller):
         except ControlPlaneError as exc:
             return await self._answer(request, cp, session, error=exc.message)
         return await self._answer(request, cp, session, rolled_back=result)
+
+    @post("/orgs/capabilities", status_code=200)
+    async def issue_capability(self, request: Request[Any, Any, Any], cp: CP) -> Template:
+        """A capability token for the org, shown once on the page (audited by digest)."""
+        session, form = await self._step(request)
+        org = form.get("org", "").strip()
+        if not org:
+            raise Refused("org: required", status=400)
+        try:
+            token = await cp.issue_capability(org, actor=session.name)
+        except ControlPlaneError as exc:
+            context = await org_context(cp, org)
+            return render(request, session, "orgs", 409, **context, error=exc.message)
+        return render(request, session, "orgs", **await org_context(cp, org), token=token)

@@ -71,6 +71,24 @@ def _units(micros: int | None) -> str:
 WORST_ORGS = 20
 
 
+async def org_context(cp: ControlPlane, org: str | None) -> dict[str, Any]:
+    """What the orgs page shows for `org`: the org, and the capability tokens issued for it
+    (by digest: the audit trail never holds a token)."""
+    org = (org or "").strip() or None
+    found = await cp.org(org) if org else None
+    issued = [
+        {"at": e.at, "actor": e.actor, **e.after}
+        for e in await cp.audit_entries("capability.issued", limit=TABLE_ROWS)
+        if org and e.subject == org and isinstance(e.after, dict)
+    ]
+    return {
+        "org": org,
+        "found": found,
+        "issued": issued,
+        "capabilities": bool(cp.config.capabilities.keys),
+    }
+
+
 async def _window(cp: ControlPlane, start: str, end: str) -> dict[str, Any]:
     """The worst orgs of a parity comparison over [start, end), or the error that stopped it."""
     try:
@@ -236,9 +254,7 @@ class ConsolePages(Controller):
         self, request: Request[Any, Any, Any], cp: CP, org: FromQuery[str | None] = None
     ) -> Template:
         session = current(request)
-        org = (org or "").strip() or None
-        found = await cp.org(org) if org else None
-        return render(request, session, "orgs", org=org, found=found)
+        return render(request, session, "orgs", **await org_context(cp, org))
 
     @get("/audit")
     async def audit(
