@@ -120,3 +120,13 @@ def test_schema_names_the_configured_plans(app: Litestar) -> None:
     """An unknown plan is refused, so the document offers only the configured ones."""
     body = app.openapi_schema.to_schema()["components"]["schemas"]["OrgPut"]
     assert body["properties"]["plan"] == {"anyOf": [{"enum": ["free", "pro"]}, {"type": "null"}]}
+
+
+def test_the_ledger_api_shows_every_field_of_a_ledger_row() -> None:
+    """`LedgerEntry` is `LedgerRow` as JSON shows it (`value` for `value_micros`): a column
+    added to the ledger must be added to the API too, or this fails."""
+    from controlplane.http.controllers.usage import LedgerEntry
+    from controlplane.ledger import LedgerRow
+
+    row = [f for f in LedgerRow.__struct_fields__ if f != "value_micros"]
+    assert list(LedgerEntry.__struct_fields__) == [*row, "value"]
