@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import msgspec
 import structlog
 
-from controlplane import audit, registry, rollup
+from controlplane import audit, orgs, registry, rollup
 from controlplane.capabilities import Issued, Keys
 from controlplane.config import Config, LegacyPluginConfig, backend_of
 from controlplane.cutover import Cutover
@@ -53,7 +53,6 @@ from controlplane.interfaces import (
     Org,
     OrgDrift,
     ParityRun,
-    PlanPeriod,
     PluginConfig,
     PublishResult,
     Storage,
@@ -65,6 +64,7 @@ from controlplane.ledger import LedgerRow, RowState
 from controlplane.ledger import Reason as LedgerReason
 from controlplane.meters import MeterSet
 from controlplane.metrics import Metrics
+from controlplane.orgs import OrgUpdate
 from controlplane.parity import (
     CleanSince,
     Comparison,
@@ -86,13 +86,6 @@ LEGACY_PLAN_LOOKUPS = 8  # legacy plan questions in flight at once
 def _plugin(kind: str, section: PluginConfig) -> Any:
     """The plugin of `kind` that a config section selects, built from that section."""
     return registry.spec_for(kind, backend_of(section)).factory(section)
-
-
-class OrgUpdate(msgspec.Struct, frozen=True):
-    """An org as changed, and what the change means for usage already rolled up."""
-
-    org: Org
-    notes: list[str]
 
 
 class RollbackPreview(msgspec.Struct, frozen=True):
@@ -309,88 +302,21 @@ class ControlPlane:
         reason: str | None = None,
         force: bool = False,
     ) -> OrgUpdate:
-        """Set the org's provider customer and/or start a plan period (audited); the answer
-        says what the change means for usage already rolled up.
-
-        A plan period starting before buckets already rolled up under another plan is refused
-        unless forced (``effective_from`` names them): those buckets keep the plan they were
-        rolled up under, and only their later corrections would follow the new plan.
-        A new customer bills everything sent from now on, corrections of earlier buckets
-        included; a retry of a call already made goes to the customer it was made for."""
-        if customer is None and plan is None:
-            raise InvalidInput([Problem(field="", message="give customer and/or plan")])
-        if not org_id.strip():
-            raise InvalidInput([Problem(field="org", message="must not be empty")])
-        if plan is not None:
-            self.plans.check(plan)
-        before = await self.storage.get_org(org_id)
-        at = self.now()
-        start = at if effective_from is None else effective_from
-        notes: list[str] = []
-        rolled: list[int] = []
-        if plan is not None:
-            periods = [p for p in (before.plans if before else []) if p.effective_from != start]
-            after = Org(
-                org_id,
-                customer,
-                sorted([*periods, PlanPeriod(plan, start)], key=lambda p: p.effective_from),
-                at,
-            )
-            rolled = sorted(
-                {
-                    r.bucket_start
-                    for r in await self._rows_from(org_id, start)
-                    if (before.plan_at(r.bucket_start) if before else None)
-                    != after.plan_at(r.bucket_start)
-                }
-            )
-            if rolled:
-                what = (
-                    f"{len(rolled)} buckets from {rolled[0]} on (the plan period would start "
-                    f"at {start}) were already rolled up under another plan"
-                )
-                if not force:
-                    raise InvalidInput(
-                        [
-                            Problem(
-                                field="effective_from",
-                                message=f"{what}; start the plan after {rolled[-1]}, "
-                                "or force it: those buckets keep the plan they were rolled up "
-                                "under, and only their later corrections follow the new plan",
-                            )
-                        ]
-                    )
-                notes.append(
-                    f"forced: {what}; they keep it, and only their later corrections follow "
-                    f"plan {plan!r}"
-                )
-        if customer is not None and before is not None and before.customer not in (None, customer):
-            notes.append(
-                f"customer {before.customer} -> {customer}: everything sent from now on, "
-                f"corrections of earlier buckets included, goes to {customer}; a retry of a "
-                f"call already made for {before.customer} goes to {before.customer}"
-            )
-        org = await self.storage.set_org(
+        """Set the org's provider customer and/or start a plan period, audited
+        (:func:`controlplane.orgs.set_org`)."""
+        return await orgs.set_org(
+            self.storage,
+            self.storage,
+            self.plans,
             org_id,
             customer=customer,
             plan=plan,
-            effective_from=start,
-            at=at,
-            audit=AuditEntry(
-                action="org.set",
-                subject=org_id,
-                actor=actor,
-                reason=reason,
-                before=msgspec.to_builtins(before) if before else None,
-                after={"customer": customer, "plan": plan, "effective_from": start},
-                forced=force and bool(rolled),
-            ),
+            actor=actor,
+            at=self.now(),
+            effective_from=effective_from,
+            reason=reason,
+            force=force,
         )
-        return OrgUpdate(org, notes)
-
-    async def _rows_from(self, org_id: str, start: int) -> list[LedgerRow]:
-        """The org's ledger rows of buckets from `start` on (at most a page: enough to tell)."""
-        return await self.storage.ledger(org_id=org_id, start=start, limit=10_000)
 
     # reads: what the shells show ----------------------------------------------------------
 

@@ -61,3 +61,12 @@ def test_no_shell_touches_storage() -> None:
         if isinstance(node, ast.Attribute) and node.attr == "storage"
     ]
     assert not touching, f"shell code reaching into storage: {touching}"
+
+
+MAX_LINES = 800  # a module past it does several things: split it by what it does
+
+
+def test_no_module_is_past_the_size_where_it_does_several_things() -> None:
+    sizes = {path: len(path.read_text().splitlines()) for path in _modules(*PACKAGES)}
+    large = [f"{path.relative_to(ROOT)}: {n}" for path, n in sizes.items() if n > MAX_LINES]
+    assert large == [], large

@@ -48,6 +48,7 @@ ACCESS = {
     # the console (controlplane/http/console): a session cookie, its CSRF token on every form
     **{("GET", f"/console{p}"): ("console_session", "read") for p in CONSOLE_PAGES},
     **{("POST", f"/console/cutover/{s}"): ("console_session", "admin") for s in CUTOVER_STEPS},
+    ("POST", "/console/orgs/capabilities"): ("console_session", "admin"),
     ("GET", "/console/sign-in"): ("console_session", None),
     ("POST", "/console/sign-in"): ("console_session", None),  # the token, and its CSRF token
     ("POST", "/console/sign-out"): ("console_session", "read"),
