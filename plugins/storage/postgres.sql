@@ -299,6 +299,12 @@ ON CONFLICT (org_id) DO UPDATE SET customer = coalesce(excluded.customer, orgs.c
 INSERT INTO org_plans (org_id, effective_from, plan) VALUES ($1, $2, $3)
 ON CONFLICT (org_id, effective_from) DO UPDATE SET plan = excluded.plan;
 
+-- name: org_subscription_statuses
+-- Orgs with a provider subscription, by its status.
+SELECT subscription_status AS status, COUNT(*) AS orgs FROM orgs
+WHERE subscription_status IS NOT NULL
+GROUP BY subscription_status ORDER BY subscription_status;
+
 -- name: plan_orgs_without_customer
 -- Orgs whose plan in force at $2 is $1 and that have no provider customer.
 SELECT o.org_id FROM orgs o
