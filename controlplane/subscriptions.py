@@ -52,32 +52,41 @@ def plan_steps(
     since: int,
     *,
     ended_at: int | None = None,
+    unpaid_since: int | None = None,
 ) -> list[PlanStep]:
     """The plan periods that make `plans` follow a subscription in `status` since `since`.
 
+    `unpaid_since` is when the payment the subscription still waits for first failed (its
+    latest invoice's finalization, the invoice attempted and unpaid), which Stripe holds
+    whatever order the events came in: a grace period runs from it, and a subscription that
+    ended or went ``unpaid`` after failed payments is free no later than the end of
+    ``past_due``'s grace.
+
     - paid: the paid plan from `since` (unless already in force), and every later period
       that is not the paid plan (a grace end written ahead) overwritten with it;
-    - grace: nothing now; a paid org is free from ``since + grace``, unless a downgrade is
-      already written at or before then;
-    - otherwise: a paid org is free from `ended_at` (the subscription's end) or `since`.
-      An org that is not on the paid plan then keeps its plan: an ``incomplete`` first
-      payment leaves it as it was.
+    - grace: nothing now; a paid org is free from ``unpaid_since (else since) + grace``,
+      unless a downgrade is already written at or before then;
+    - otherwise: a paid org is free from `ended_at` (the subscription's end) or `since`, or
+      from the end of the dunning grace if that is earlier. An org that is not on the paid
+      plan keeps its plan: an ``incomplete`` first payment leaves it as it was.
     """
     if is_paid(policy, status):
         steps = [PlanStep(PRO, since)] if plan_at(plans, since) != PRO else []
-        steps += [
-            PlanStep(PRO, p.effective_from)
-            for p in plans
-            if p.effective_from > since and p.plan != PRO
-        ]
-        return steps
+        later = [p for p in plans if p.effective_from > since and p.plan != PRO]
+        return steps + [PlanStep(PRO, p.effective_from) for p in later]
     grace = policy.grace_seconds.get(status)  # type: ignore[call-overload]
-    at = since if grace is not None else (ended_at if ended_at is not None else since)
-    if plan_at(plans, at) != PRO:
-        return []
     if grace is not None:
-        end = since + int(grace)
-        if any(p.plan != PRO and since < p.effective_from <= end for p in plans):
+        start = unpaid_since if unpaid_since is not None else since
+        if plan_at(plans, start) != PRO:
+            return []
+        end = start + int(grace)
+        if any(p.plan != PRO and start < p.effective_from <= end for p in plans):
             return []  # already downgraded by then
         return [PlanStep(FREE, end)]
+    at = ended_at if ended_at is not None else since
+    dunning = policy.grace_seconds.get("past_due")
+    if unpaid_since is not None and dunning is not None:
+        at = min(at, unpaid_since + int(dunning))
+    if plan_at(plans, at) != PRO:
+        return []
     return [PlanStep(FREE, at)]

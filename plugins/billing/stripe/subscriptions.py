@@ -26,6 +26,7 @@ from controlplane.plugins.billing.stripe.catalog import stripe_call
 
 ENDED = frozenset({"canceled", "incomplete_expired"})
 AWAITING_PAYMENT = frozenset({"incomplete", "past_due", "unpaid"})
+DUNNING = frozenset({"past_due", "unpaid", "canceled"})  # where failed renewals lead (SUB-6)
 
 
 class SubscriptionState(msgspec.Struct, frozen=True, kw_only=True):
@@ -36,6 +37,7 @@ class SubscriptionState(msgspec.Struct, frozen=True, kw_only=True):
     ended_at: int | None = None
     canceled_at: int | None = None
     latest_invoice: str | None = None
+    unpaid_since: int | None = None  # when its latest invoice, still unpaid, was finalized
 
 
 def state_of(sub: Any) -> SubscriptionState:
@@ -68,10 +70,22 @@ async def make_invoice_default(client: stripe.StripeClient, customer: str, pm: s
 
 
 async def retrieve(client: stripe.StripeClient, subscription: str) -> SubscriptionState:
+    """The subscription as Stripe holds it now; for one that payments failed for, when its
+    latest invoice (attempted, still unpaid) was finalized."""
     sub = await stripe_call(
         "retrieve subscription", client.v1.subscriptions.retrieve_async(subscription)
     )
-    return state_of(sub)
+    state = state_of(sub)
+    if state.status not in DUNNING or not state.latest_invoice:
+        return state
+    invoice = await stripe_call(
+        "retrieve invoice", client.v1.invoices.retrieve_async(state.latest_invoice)
+    )
+    plain = invoice.to_dict()
+    finalized = (plain.get("status_transitions") or {}).get("finalized_at")
+    if plain.get("status") in ("open", "uncollectible") and plain.get("attempted") and finalized:
+        return msgspec.structs.replace(state, unpaid_since=int(finalized))
+    return state
 
 
 async def find_or_create(

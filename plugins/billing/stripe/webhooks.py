@@ -631,7 +631,14 @@ async def _apply_status(
 ) -> WebhookResult:
     policy = hooks.settings.plan_policy
     ended_at = state.ended_at or state.canceled_at if state.status in subs.ENDED else None
-    steps = plan_steps(policy, org.plans, state.status, event.created, ended_at=ended_at)
+    steps = plan_steps(
+        policy,
+        org.plans,
+        state.status,
+        event.created,
+        ended_at=ended_at,
+        unpaid_since=state.unpaid_since,
+    )
     if not steps and state.status == org.subscription_status:
         return await _finish(hooks, event, f"unchanged: {state.id} is {state.status}")
     if steps and is_paid(policy, state.status):
