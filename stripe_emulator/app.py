@@ -36,6 +36,7 @@ from typing import Any
 from stripe_emulator import hooks
 from stripe_emulator.catalog import CatalogMixin
 from stripe_emulator.checkout import CheckoutMixin
+from stripe_emulator.clocks import ClocksMixin
 from stripe_emulator.collection import CollectionMixin
 from stripe_emulator.credit_grants import CreditGrantsMixin
 from stripe_emulator.customers import CustomersMixin
@@ -80,6 +81,7 @@ class StripeEmulator(
     CollectionMixin,
     CreditGrantsMixin,
     CheckoutMixin,
+    ClocksMixin,
     EventsMixin,
     EmulatorState,
 ):
@@ -325,6 +327,9 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/webhook_endpoints/{id}", StripeEmulator.retrieve_webhook_endpoint),
     Route("POST", "/v1/webhook_endpoints/{id}", StripeEmulator.update_webhook_endpoint),
     Route("DELETE", "/v1/webhook_endpoints/{id}", StripeEmulator.delete_webhook_endpoint),
+    Route("POST", "/v1/test_helpers/test_clocks", StripeEmulator.create_test_clock),
+    Route("GET", "/v1/test_helpers/test_clocks/{id}", StripeEmulator.retrieve_test_clock),
+    Route("POST", "/v1/test_helpers/test_clocks/{id}/advance", StripeEmulator.advance_test_clock),
     Route("GET", "/v1/events", StripeEmulator.list_events),
     Route("GET", "/v1/events/{id}", StripeEmulator.retrieve_event),
 )

@@ -26,7 +26,7 @@ Test hooks, without auth (JSON bodies; errors are ``{"error": {...}}`` with a 4x
   ``event``, ``type``, ``endpoint``, ``url``, ``attempt``, ``status``, ``error``, ``ok``,
   ``will_retry``, ``duplicate``, ``redelivery``, ``signed_at``, ``at``, ``response``; plus
   ``pending`` and ``held``), ``POST /_emulator/webhook_endpoints`` ``{"url", "enabled_events",
-  "secret"?}`` (register with a chosen secret, e.g. the one in a config file).
+  "secret"?, "api_version"?}`` (register with a chosen secret, e.g. the one in a config file).
 """
 
 from __future__ import annotations
@@ -90,8 +90,12 @@ async def handle(
             events = data.get("enabled_events", ["*"])
             if not isinstance(events, list):
                 raise ValueError("enabled_events must be a list of event types")
+            version = data.get("api_version")
             endpoint = emulator.add_webhook_endpoint(
-                str(data["url"]), [str(e) for e in events], secret=data.get("secret")
+                str(data["url"]),
+                [str(e) for e in events],
+                secret=data.get("secret"),
+                api_version=None if version is None else str(version),
             )
             return json_reply(200, endpoint, "")
         if (method, path) == ("GET", "/_emulator/deliveries"):

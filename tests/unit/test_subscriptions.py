@@ -22,9 +22,7 @@ def apply(plans: list[PlanPeriod], steps: list[PlanStep]) -> list[PlanPeriod]:
 
 def test_paid_status_makes_a_free_org_pro_and_nothing_more_when_pro() -> None:
     assert plan_steps(POLICY, [], "active", T0) == [PlanStep("pro", T0)]
-    assert plan_steps(POLICY, [PlanPeriod("free", T0 - 9)], "trialing", T0) == [
-        PlanStep("pro", T0)
-    ]
+    assert plan_steps(POLICY, [PlanPeriod("free", T0 - 9)], "trialing", T0) == [PlanStep("pro", T0)]
     assert plan_steps(POLICY, PRO, "active", T0 + 5) == []
 
 
@@ -62,7 +60,8 @@ def test_an_ending_after_failed_payments_is_free_from_the_grace_end_in_any_order
         PRO, plan_steps(POLICY, PRO, "canceled", ended, ended_at=ended, unpaid_since=failed)
     )
     reverse = apply(
-        reverse, plan_steps(POLICY, reverse, "canceled", failed, ended_at=ended, unpaid_since=failed)
+        reverse,
+        plan_steps(POLICY, reverse, "canceled", failed, ended_at=ended, unpaid_since=failed),
     )
     assert in_order == reverse == [PlanPeriod("pro", T0), PlanPeriod("free", T0 + 8 * DAY)]
 
