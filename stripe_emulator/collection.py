@@ -130,7 +130,10 @@ class CollectionMixin(EmulatorState):
             return None
         pm = payment_method or self.charge_method(sub, invoice["customer"])
         decline = self.charge_decline(pm)
-        invoice.update(attempted=True, attempt_count=int(invoice["attempt_count"]) + 1)
+        if automatic or not invoice["attempted"]:
+            # manual attempts after the first do not count toward the retry schedule
+            invoice["attempt_count"] = int(invoice["attempt_count"]) + 1
+        invoice["attempted"] = True
         if decline is None:
             self._paid(invoice, state, request)
             return None
