@@ -8,10 +8,15 @@
   licensed prices: on a metered one it is refused with ``You cannot set the quantity for
   metered plans.``, and metered items carry no ``quantity``. The billing period is on the items
   (``current_period_start``/``_end``, the basil shape); months keep the anchor's day, clamped
-  to the month's end. New subscriptions are ``active`` (payments are not emulated, and no
-  ``subscription_create`` invoice is made). The list leaves canceled ones out unless
-  ``status=canceled``/``ended``/``all``. Cancelling sets ``canceled``; a canceled subscription
-  cannot be canceled again.
+  to the month's end. A new subscription gets a first invoice (``subscription_create``: its
+  licensed items for the first period), finalized in the request and, per ``payment_behavior``
+  (default ``allow_incomplete``), paid: ``active`` when paid or nothing is due, ``incomplete``
+  when declined, a 402 and nothing created with ``error_if_incomplete``, ``incomplete``
+  without an attempt with ``default_incomplete`` (SUB-2, SUB-9 to SUB-12; see ``collection``
+  for what follows). ``default_payment_method`` must be the customer's (a test token is made
+  and attached). Only ``active``, ``trialing``, ``past_due`` and ``unpaid`` subscriptions
+  renew. The list leaves canceled ones out unless ``status=canceled``/``ended``/``all``.
+  Cancelling sets ``canceled``; an ended subscription cannot be canceled again.
 """
 
 from __future__ import annotations

@@ -43,13 +43,17 @@ Types handled:
 
 - ``checkout.session.completed`` in setup mode (org from ``client_reference_id`` or
   ``metadata.org_id``, customer from the session or the org): one Stripe customer maps to one
-  org, so a customer that is already another org's is refused. Unless the org has a live
-  subscription, one subscription with every price of the newest catalog version (metered
-  prices without quantity; key ``sub:{org}:{version}``), the welcome credit once per org (key
-  ``credit:{org}``), then the org is `pro` from now with its customer and subscription. 503
-  when no catalog is published.
-- ``customer.subscription.deleted`` for the org's current subscription: `free` from the
-  subscription's end (``ended_at``, else ``canceled_at``, else the event's time). Other
+  org, so a customer that is already another org's is refused. Unless the org has a
+  subscription whose status keeps the paid plan: the Checkout's SetupIntent payment method
+  becomes the customer's invoice default, then one subscription with every price of the
+  newest catalog version (metered prices without quantity; key ``sub:{org}:{version}``; see
+  :mod:`~controlplane.plugins.billing.stripe.subscriptions`). Only when its status is paid
+  (``[stripe.plan_policy]``): the welcome credit once per org (key ``credit:{org}``), then the
+  org is `pro` from now. Otherwise (``incomplete``) the subscription and status are stored,
+  the plan is left as it was, and an alert is raised. 503 when no catalog is published.
+- ``customer.subscription.updated`` / ``.deleted`` for the org's current subscription: the
+  subscription is retrieved (its own state decides, never arrival order), its status stored
+  and the plan set by :func:`controlplane.subscriptions.plan_steps`, audited. Other
   subscriptions are ignored.
 - ``invoice.created``: true-up; the org's buckets up to the invoice's ``period_end`` are rolled
   up (grace ignored) and sent before the answer. 503 if some could not be delivered yet.
