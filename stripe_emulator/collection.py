@@ -140,7 +140,12 @@ class CollectionMixin(EmulatorState):
         if automatic and invoice["billing_reason"] != "subscription_create":
             self._schedule_retry(invoice)
         self._emit("invoice.payment_failed", invoice, request)
-        if state is None or not automatic or invoice["billing_reason"] == "subscription_create":
+        if (
+            state is None
+            or not state.active  # ended: its status stays as it is
+            or not automatic
+            or invoice["billing_reason"] == "subscription_create"
+        ):
             return decline
         if invoice["next_payment_attempt"] is None:  # retries used up (SUB-6)
             self._retries_exhausted(state, request)
@@ -226,7 +231,7 @@ class CollectionMixin(EmulatorState):
                 invoice = self.invoices[ident]
                 state = self._invoice_state(invoice)
                 if invoice["status"] == "open" and (
-                    state is None or state.obj["status"] != "unpaid"
+                    state is None or (state.cycling and state.obj["status"] != "unpaid")
                 ):
                     self.collect(invoice)
             else:

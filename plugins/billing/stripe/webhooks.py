@@ -455,9 +455,10 @@ async def checkout_completed(hooks: StripeWebhooks, event: Event[CheckoutSession
             owner = await hooks.storage.org_for_billing(subscription=None, customer=customer)
             if owner is not None and owner != org_id:
                 return await _refused(hooks, event, org_id, customer, owner)
-            policy = hooks.settings.plan_policy
-            kept = set(policy.paid) | set(policy.grace_seconds)
-            if org is not None and org.subscription and org.subscription_status in kept:
+            # An unpaid subscription (incomplete, past_due...) is provisioned again: the new
+            # checkout's card becomes the default and pays its open invoice.
+            paid = hooks.settings.plan_policy.paid
+            if org is not None and org.subscription and org.subscription_status in paid:
                 return await _finish(
                     hooks, event, f"no-op: {org_id} already has {org.subscription}"
                 )
@@ -586,10 +587,10 @@ async def _not_paid(
         await _alert(
             hooks,
             f"{sub.status}:{sub.id}",
-            f"Stripe subscription {sub.id} for org {org_id!r} is {sub.status}: its first "
-            "invoice could not be paid, so the org was not moved to the paid plan. It becomes "
-            "paid when the invoice is paid (Stripe expires an incomplete subscription after "
-            "23 hours); a new checkout with another card retries the payment.",
+            f"Stripe subscription {sub.id} for org {org_id!r} is {sub.status} after checkout "
+            f"{event.data.object.id}: its invoice could not be paid, so the org was not moved "
+            "to the paid plan. It is when the invoice is paid (Stripe expires an incomplete "
+            "subscription after 23 hours); a new checkout with another card retries it.",
         )
     return result
 
@@ -602,8 +603,8 @@ async def subscription_changed(hooks: StripeWebhooks, event: Event[Subscription]
 
     Decided by the subscription's own state, never by arrival order: with the Stripe billing
     plugin the subscription is retrieved, so an old, redelivered or out-of-order event applies
-    the status Stripe holds now. Without it (tests, other providers) the event's own object is
-    used, and an event older than one already applied for the subscription changes nothing."""
+    the status Stripe holds now. Without it (a control plane whose billing plugin is not
+    Stripe, as in some tests) the event's own object is used, and then arrival order matters."""
     sub = event.data.object
     org_id = await hooks.storage.org_for_billing(subscription=sub.id, customer=None)
     if org_id is None:
@@ -646,7 +647,7 @@ async def _apply_status(
     if not steps and state.status == org.subscription_status:
         return await _finish(hooks, event, f"unchanged: {state.id} is {state.status}")
     if steps and is_paid(policy, state.status):
-        await _credit_on_payment(hooks, org)
+        await _credit_on_payment(hooks, org, event.created)
     plans = tuple(PlanPeriod(s.plan, s.effective_from) for s in steps)
     outcome = ", ".join(f"{s.plan} from {s.effective_from}" for s in steps) or (
         f"status {state.status}: plan unchanged"
@@ -676,13 +677,13 @@ async def _apply_status(
     )
 
 
-async def _credit_on_payment(hooks: StripeWebhooks, org: Org) -> None:
+async def _credit_on_payment(hooks: StripeWebhooks, org: Org, event_created: int) -> None:
     """An org that becomes paid after an unpaid start gets its welcome credit then (once)."""
     version = await hooks.storage.catalog_version()
     if version is None or not isinstance(hooks.billing, StripeBilling) or not org.customer:
         return
     await subs.welcome_credit(
-        hooks.billing.client, org.org_id, org.customer, version, org.updated_at
+        hooks.billing.client, org.org_id, org.customer, version, event_created
     )
 
 
