@@ -74,7 +74,8 @@ def plan_steps(
         steps = [PlanStep(PRO, since)] if plan_at(plans, since) != PRO else []
         later = [p for p in plans if p.effective_from > since and p.plan != PRO]
         return steps + [PlanStep(PRO, p.effective_from) for p in later]
-    grace = policy.grace_seconds.get(status)  # type: ignore[call-overload]
+    graces = {str(k): v for k, v in policy.grace_seconds.items()}
+    grace = graces.get(status)
     if grace is not None:
         start = unpaid_since if unpaid_since is not None else since
         if plan_at(plans, start) != PRO:
@@ -84,7 +85,7 @@ def plan_steps(
             return []  # already downgraded by then
         return [PlanStep(FREE, end)]
     at = ended_at if ended_at is not None else since
-    dunning = policy.grace_seconds.get("past_due")
+    dunning = graces.get("past_due")
     if unpaid_since is not None and dunning is not None:
         at = min(at, unpaid_since + int(dunning))
     if plan_at(plans, at) != PRO:
