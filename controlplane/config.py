@@ -192,11 +192,38 @@ class AuditConfig(_Section, frozen=True):
     signed_from: int | None = None
 
 
+SubscriptionStatus = Literal[
+    "incomplete",
+    "incomplete_expired",
+    "trialing",
+    "active",
+    "past_due",
+    "canceled",
+    "unpaid",
+    "paused",
+]
+SUBSCRIPTION_STATUSES: tuple[str, ...] = typing.get_args(SubscriptionStatus)
+
+
+class PlanPolicyConfig(_Section, frozen=True):
+    """`[stripe.plan_policy]`: what an org's Stripe subscription status means for its plan.
+
+    An org is on the paid plan while its subscription is in `paid`; a status in
+    `grace_seconds` keeps the paid plan that long after the status was reported, then free;
+    every other status moves a paid org to free (and leaves any other org's plan alone)."""
+
+    paid: list[SubscriptionStatus] = msgspec.field(default_factory=lambda: ["active", "trialing"])
+    grace_seconds: dict[SubscriptionStatus, int] = msgspec.field(
+        default_factory=lambda: {"past_due": 7 * 86_400}
+    )
+
+
 class StripeConfig(_Section, frozen=True):
     """Stripe webhooks (`POST /webhooks/stripe`)."""
 
     webhook_secret: Secret | None = None  # the endpoint's whsec_... signing secret
     webhook_tolerance_seconds: int = 300
+    plan_policy: PlanPolicyConfig = PlanPolicyConfig()
 
 
 class LegacyPluginConfig(PluginConfig, kw_only=True, frozen=True):
@@ -418,6 +445,7 @@ def _check(config: Config) -> None:
     _check_limits(config)
     _check_parity(config)
     _check_catalog(config)
+    _check_plan_policy(config.stripe.plan_policy)
 
 
 def _check_plans(config: Config) -> None:
@@ -505,6 +533,23 @@ def _check_parity(config: Config) -> None:
             f"parity.meter: no meter named {parity.meter!r}; "
             f"known: {sorted(m.name for m in config.meters)}"
         )
+
+
+def _check_plan_policy(policy: PlanPolicyConfig) -> None:
+    where = "stripe.plan_policy"
+    if len(set(policy.paid)) != len(policy.paid):
+        raise ConfigError(f"{where}.paid: each status at most once")
+    for status in ("incomplete", "incomplete_expired"):
+        if status in policy.paid:
+            raise ConfigError(
+                f"{where}.paid: {status!r} is never paid (its first invoice is not paid)"
+            )
+    both = sorted(set(policy.paid) & set(policy.grace_seconds))
+    if both:
+        raise ConfigError(f"{where}: {both} both in paid and in grace_seconds; choose one")
+    for status, seconds in policy.grace_seconds.items():
+        if seconds < 0:
+            raise ConfigError(f"{where}.grace_seconds.{status}: must be >= 0")
 
 
 def _check_catalog(config: Config) -> None:

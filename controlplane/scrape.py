@@ -101,6 +101,15 @@ async def _read_storage(cp: ControlPlane, out: list[Metric], watching_since: flo
         rows.add_metric([count.state, count.reason or ""], count.rows)
     out.append(rows)
 
+    subscriptions = _gauge(
+        "controlplane_org_subscriptions",
+        "Orgs with a provider subscription, by its status (incomplete: not paid, not Pro).",
+        ["status"],
+    )
+    for status, orgs in (await cp.storage.subscription_statuses()).items():
+        subscriptions.add_metric([status], orgs)
+    out.append(subscriptions)
+
     closed_before = rollup.watermark(now, config.rollup.grace_seconds)
     backlog = await cp.storage.dirty_backlog(closed_before, config.rollup.bucket_seconds)
     lag = 0.0

@@ -14,7 +14,10 @@ from a test with ``async with serve_emulator(StripeEmulator()) as url: ...``.
 Emulated endpoints (form-encoded bodies exactly as the SDK sends them, ``a[b][c]=v`` and
 ``items[0][price]=p``; query strings on GET):
 
-- ``POST /v1/customers``, ``GET /v1/customers/{id}``, ``GET /v1/customers``
+- ``POST /v1/customers`` (``payment_method``, ``invoice_settings``), ``POST`` and ``GET``
+  ``/v1/customers/{id}``, ``GET /v1/customers``
+- ``GET /v1/payment_methods`` (``customer``), ``GET /v1/payment_methods/{id}``,
+  ``POST /v1/payment_methods/{id}/attach`` and ``/detach`` (Stripe's test cards)
 - ``POST /v1/billing/meters``, ``GET /v1/billing/meters``, ``GET /v1/billing/meters/{id}``,
   ``POST /v1/billing/meters/{id}/deactivate`` and ``/reactivate``
 - ``POST /v1/billing/meter_events``
@@ -28,7 +31,7 @@ Emulated endpoints (form-encoded bodies exactly as the SDK sends them, ``a[b][c]
 - ``POST /v1/subscriptions``, ``GET /v1/subscriptions`` (``customer``, ``price``, ``status``),
   ``GET /v1/subscriptions/{id}``, ``DELETE /v1/subscriptions/{id}`` (cancel; ``invoice_now``)
 - ``GET /v1/invoices`` (``customer``, ``subscription``, ``status``), ``GET /v1/invoices/{id}``,
-  ``POST /v1/invoices/{id}/finalize``
+  ``POST /v1/invoices/{id}/finalize``, ``POST /v1/invoices/{id}/pay``
 - ``POST /v1/billing/credit_grants``, ``GET /v1/billing/credit_grants`` (``customer``),
   ``GET /v1/billing/credit_grants/{id}``, ``POST .../{id}/void`` and ``/expire``,
   ``GET /v1/billing/credit_balance_summary``
@@ -38,15 +41,19 @@ Emulated endpoints (form-encoded bodies exactly as the SDK sends them, ``a[b][c]
   ``disabled``) and ``DELETE`` ``/v1/webhook_endpoints/{id}``
 - ``GET /v1/events`` (``type`` with ``*`` wildcards, ``types[]``, ``delivery_success``,
   ``created``), ``GET /v1/events/{id}``
+- ``POST /v1/test_helpers/test_clocks``, ``GET .../{id}``, ``POST .../{id}/advance``
 
 Where each part lives (each module's docstring lists the Stripe rules it enforces):
 
 - ``app``: :class:`StripeEmulator`, the ASGI app; the ``/v1`` pipeline (auth, routing, rate
   limit, injected faults, idempotency keys); ``hooks``: the ``/_emulator/`` test hooks.
-- ``customers``, ``meters`` (meters, meter events, adjustments, summaries), ``catalog``
-  (products, prices), ``subscriptions``, ``invoices``, ``credit_grants``, ``checkout``
-  (sessions, setup intents), ``webhooks`` (events, webhook endpoints, signed delivery): one
-  mixin each over ``state`` (the account's objects, its clock and its faults).
+- ``customers``, ``payment_methods`` (test cards, attaching, charging), ``meters`` (meters,
+  meter events, adjustments, summaries), ``catalog`` (products, prices), ``subscriptions``
+  (``payment_behavior``, the first invoice), ``invoices``, ``collection`` (payment attempts,
+  retries, ``past_due``/``unpaid``/``canceled``, 23-hour expiry), ``credit_grants``,
+  ``checkout`` (sessions, setup intents), ``clocks`` (test clocks), ``webhooks`` (events,
+  webhook endpoints, signed delivery; ``versions`` renders events in an endpoint's API
+  version): one mixin each over ``state`` (the account's objects, its clock and its faults).
 - ``params`` (form encoding, parameter checks, pagination), ``errors``, ``records``,
   ``shapes`` (response shapes from Stripe's OpenAPI fixtures).
 - ``server``: :func:`serve_emulator`, :func:`serve_emulator_in_thread`, :class:`EmulatorServer`

@@ -36,6 +36,8 @@ from typing import Any
 from stripe_emulator import hooks
 from stripe_emulator.catalog import CatalogMixin
 from stripe_emulator.checkout import CheckoutMixin
+from stripe_emulator.clocks import ClocksMixin
+from stripe_emulator.collection import CollectionMixin
 from stripe_emulator.credit_grants import CreditGrantsMixin
 from stripe_emulator.customers import CustomersMixin
 from stripe_emulator.errors import (
@@ -49,6 +51,7 @@ from stripe_emulator.errors import (
 from stripe_emulator.invoices import InvoicesMixin
 from stripe_emulator.meters import MetersMixin
 from stripe_emulator.params import ApiRequest, parse_form
+from stripe_emulator.payment_methods import PaymentMethodsMixin
 from stripe_emulator.records import Reply, SavedResponse, error_reply, json_reply
 from stripe_emulator.state import EmulatorState
 from stripe_emulator.subscriptions import SubscriptionsMixin
@@ -70,12 +73,15 @@ DROPPING: contextvars.ContextVar[bool] = contextvars.ContextVar(
 
 class StripeEmulator(
     CustomersMixin,
+    PaymentMethodsMixin,
     MetersMixin,
     CatalogMixin,
     SubscriptionsMixin,
     InvoicesMixin,
+    CollectionMixin,
     CreditGrantsMixin,
     CheckoutMixin,
+    ClocksMixin,
     EventsMixin,
     EmulatorState,
 ):
@@ -285,6 +291,11 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/customers", StripeEmulator.create_customer),
     Route("GET", "/v1/customers", StripeEmulator.list_customers),
     Route("GET", "/v1/customers/{id}", StripeEmulator.retrieve_customer),
+    Route("POST", "/v1/customers/{id}", StripeEmulator.update_customer),
+    Route("GET", "/v1/payment_methods", StripeEmulator.list_payment_methods),
+    Route("GET", "/v1/payment_methods/{id}", StripeEmulator.retrieve_payment_method),
+    Route("POST", "/v1/payment_methods/{id}/attach", StripeEmulator.attach_payment_method),
+    Route("POST", "/v1/payment_methods/{id}/detach", StripeEmulator.detach_payment_method),
     Route("POST", "/v1/products", StripeEmulator.create_product),
     Route("GET", "/v1/products", StripeEmulator.list_products),
     Route("GET", "/v1/products/{id}", StripeEmulator.retrieve_product),
@@ -300,6 +311,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/invoices", StripeEmulator.list_invoices),
     Route("GET", "/v1/invoices/{id}", StripeEmulator.retrieve_invoice),
     Route("POST", "/v1/invoices/{id}/finalize", StripeEmulator.finalize_invoice_request),
+    Route("POST", "/v1/invoices/{id}/pay", StripeEmulator.pay_invoice_request),
     Route("POST", "/v1/billing/credit_grants", StripeEmulator.create_credit_grant),
     Route("GET", "/v1/billing/credit_grants", StripeEmulator.list_credit_grants),
     Route("GET", "/v1/billing/credit_grants/{id}", StripeEmulator.retrieve_credit_grant),
@@ -315,6 +327,9 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/webhook_endpoints/{id}", StripeEmulator.retrieve_webhook_endpoint),
     Route("POST", "/v1/webhook_endpoints/{id}", StripeEmulator.update_webhook_endpoint),
     Route("DELETE", "/v1/webhook_endpoints/{id}", StripeEmulator.delete_webhook_endpoint),
+    Route("POST", "/v1/test_helpers/test_clocks", StripeEmulator.create_test_clock),
+    Route("GET", "/v1/test_helpers/test_clocks/{id}", StripeEmulator.retrieve_test_clock),
+    Route("POST", "/v1/test_helpers/test_clocks/{id}/advance", StripeEmulator.advance_test_clock),
     Route("GET", "/v1/events", StripeEmulator.list_events),
     Route("GET", "/v1/events/{id}", StripeEmulator.retrieve_event),
 )

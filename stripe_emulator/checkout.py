@@ -9,14 +9,15 @@
   expire with ``checkout.session.expired``). Completing one (a test hook, or visiting its
   ``url``) creates a customer only if none was given and ``customer_creation=always`` (setup
   mode creates none otherwise), a succeeded SetupIntent with a new payment method, and sets
-  ``status=complete``, ``payment_status=no_payment_required``.
+  ``status=complete``, ``payment_status=no_payment_required``. The payment method is attached to
+  the customer but not made its invoice default (CO-3, CO-4).
 """
 
 from __future__ import annotations
 
 import copy
 
-from stripe_emulator.errors import EmulatedError, Json, invalid, no_such, one_of
+from stripe_emulator.errors import EmulatedError, Json, card_error, invalid, no_such, one_of
 from stripe_emulator.params import (
     ApiRequest,
     currency_param,
@@ -28,6 +29,7 @@ from stripe_emulator.params import (
     str_list_param,
     str_param,
 )
+from stripe_emulator.payment_methods import TEST_CARDS
 from stripe_emulator.records import DAY
 from stripe_emulator.shapes import CHECKOUT_SESSION_SHAPE, SETUP_INTENT_SHAPE
 from stripe_emulator.state import EmulatorState
@@ -147,18 +149,32 @@ class CheckoutMixin(EmulatorState):
         return session
 
     def complete_checkout(
-        self, session_id: str, *, email: str | None = None, name: str | None = None
+        self,
+        session_id: str,
+        *,
+        email: str | None = None,
+        name: str | None = None,
+        payment_method: str = "pm_card_visa",
     ) -> Json:
         """What a customer finishing the hosted page does: for a setup session, a customer is
         created if ``customer_creation=always`` and none was given (Stripe creates none for
-        ``if_required`` in setup mode), a SetupIntent succeeds with a new payment method and
-        the session becomes ``complete``. Emits ``customer.created`` (when created),
-        ``setup_intent.created``, ``setup_intent.succeeded``, ``checkout.session.completed``."""
+        ``if_required`` in setup mode), a SetupIntent succeeds with a new payment method made
+        from the test token `payment_method` and attached to the customer (CO-1, CO-3; the
+        customer's invoice default is left as it was, CO-4), and the session becomes
+        ``complete``. A card of the decline family cannot be set up (402 ``card_error``, PM-3)
+        and the session stays open. Emits ``customer.created`` (when created),
+        ``payment_method.attached``, ``setup_intent.created``, ``setup_intent.succeeded``,
+        ``checkout.session.completed``."""
         session = self._checkout_session(session_id)
         if session["status"] != "open":
             raise invalid(
                 "session", f"Checkout Session {session_id} is {session['status']}, not open."
             )
+        if payment_method not in TEST_CARDS:
+            raise invalid("payment_method", f"Not a test payment method: {payment_method!r}.")
+        card = TEST_CARDS[payment_method]
+        if card.attach_decline is not None:
+            raise card_error(*card.attach_decline)
         customer_id = session["customer"]
         if customer_id is None and session["customer_creation"] == "always":
             fields: Json = {"email": email or session["customer_email"] or "customer@example.com"}
@@ -169,6 +185,9 @@ class CheckoutMixin(EmulatorState):
             self._emit("customer.created", customer)
         known = self.customers.get(customer_id) if customer_id else None
         email = email or (known or {}).get("email") or session["customer_email"]
+        pm = self.payment_method_for(payment_method, "payment_method")
+        if customer_id:
+            self.attach(pm, customer_id)
         now = int(self.now())
         setup = copy.deepcopy(SETUP_INTENT_SHAPE)
         setup_id = self._new_id("seti", 24)
@@ -179,7 +198,7 @@ class CheckoutMixin(EmulatorState):
             created=now,
             customer=customer_id,
             latest_attempt=self._new_id("setatt", 24),
-            payment_method=self._new_id("pm", 24),
+            payment_method=pm["id"],
             payment_method_types=list(session["payment_method_types"]),
         )
         self.setup_intents[setup_id] = setup

@@ -38,6 +38,7 @@ class EmulatedError(Exception):
         type: str = "invalid_request_error",  # Stripe's own field name
         param: str | None = None,
         code: str | None = None,
+        decline_code: str | None = None,
         headers: Sequence[tuple[str, str]] = (),
     ) -> None:
         super().__init__(message)
@@ -46,6 +47,7 @@ class EmulatedError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.decline_code = decline_code
         self.headers = tuple(headers)
 
     def body(self) -> Json:
@@ -54,6 +56,8 @@ class EmulatedError(Exception):
             error["param"] = self.param
         if self.code is not None:
             error["code"] = self.code
+        if self.decline_code is not None:
+            error["decline_code"] = self.decline_code
         return {"error": error}
 
 
@@ -73,3 +77,19 @@ def no_such(kind: str, ident: str, param: str, status: int = 400) -> EmulatedErr
 
 def one_of(*names: str) -> EmulatedError:
     return invalid(names[0], f"You may only specify one of these parameters: {', '.join(names)}.")
+
+
+def card_error(code: str, decline_code: str | None, param: str | None = None) -> EmulatedError:
+    """A declined card: HTTP 402 ``card_error`` (the SDK raises ``stripe.CardError``)."""
+    message = CARD_MESSAGES.get(code, "Your card was declined.")
+    return EmulatedError(
+        402, message, type="card_error", code=code, decline_code=decline_code, param=param
+    )
+
+
+CARD_MESSAGES = {
+    "card_declined": "Your card was declined.",
+    "expired_card": "Your card has expired.",
+    "incorrect_cvc": "Your card's security code is incorrect.",
+    "processing_error": "An error occurred while processing your card. Try again in a little bit.",
+}

@@ -8,14 +8,17 @@ Test hooks, without auth (JSON bodies; errors are ``{"error": {...}}`` with a 4x
 - ``POST /_emulator/clock`` ``{"advance": seconds}``: what falls due on the way happens
   (period ends, automatic finalizations, session expiries).
 - ``POST /_emulator/faults``, ``POST /_emulator/reset``.
-- ``POST /_emulator/checkout/{id}/complete`` ``{"email"?, "name"?}``: the customer finishes the
-  session; answers the session. ``GET /_emulator/checkout/{id}`` (the session's ``url``) does
-  the same and redirects (303) to ``success_url`` with ``{CHECKOUT_SESSION_ID}`` filled in.
+- ``POST /_emulator/checkout/{id}/complete`` ``{"email"?, "name"?, "payment_method"?}``: the
+  customer finishes the session with a test card (default ``pm_card_visa``; a card of the
+  decline family is refused with 402); answers the session. ``GET /_emulator/checkout/{id}``
+  (the session's ``url``) does the same and redirects (303) to ``success_url`` with
+  ``{CHECKOUT_SESSION_ID}`` filled in.
 - ``POST /_emulator/subscriptions/{id}/advance`` ``{"at": "period_end"|"now"}``: close the
   current period, by moving the clock to its end (default) or by ending it now and restarting
   the cycle there; answers ``{"invoice", "subscription", "now"}``.
 - ``POST /_emulator/invoices/{id}/finalize``; ``POST /_emulator/billing``
-  ``{"invoice_finalize_delay": seconds|null}``.
+  ``{"invoice_finalize_delay": seconds|null, "payment_retry_days": [days...],
+  "failed_subscription": "canceled"|"unpaid"}`` (each optional; see ``collection``).
 - ``GET``/``POST /_emulator/webhooks`` (settings), ``POST /_emulator/webhooks/release``,
   ``POST /_emulator/webhooks/flush`` ``{"timeout": s}`` (wait until nothing is queued or in
   flight; answers ``{"idle", "pending"}``), ``POST /_emulator/events/{id}/redeliver``
@@ -23,7 +26,7 @@ Test hooks, without auth (JSON bodies; errors are ``{"error": {...}}`` with a 4x
   ``event``, ``type``, ``endpoint``, ``url``, ``attempt``, ``status``, ``error``, ``ok``,
   ``will_retry``, ``duplicate``, ``redelivery``, ``signed_at``, ``at``, ``response``; plus
   ``pending`` and ``held``), ``POST /_emulator/webhook_endpoints`` ``{"url", "enabled_events",
-  "secret"?}`` (register with a chosen secret, e.g. the one in a config file).
+  "secret"?, "api_version"?}`` (register with a chosen secret, e.g. the one in a config file).
 """
 
 from __future__ import annotations
@@ -87,8 +90,12 @@ async def handle(
             events = data.get("enabled_events", ["*"])
             if not isinstance(events, list):
                 raise ValueError("enabled_events must be a list of event types")
+            version = data.get("api_version")
             endpoint = emulator.add_webhook_endpoint(
-                str(data["url"]), [str(e) for e in events], secret=data.get("secret")
+                str(data["url"]),
+                [str(e) for e in events],
+                secret=data.get("secret"),
+                api_version=None if version is None else str(version),
             )
             return json_reply(200, endpoint, "")
         if (method, path) == ("GET", "/_emulator/deliveries"):
@@ -108,18 +115,27 @@ async def handle(
                 "",
             )
         if (method, path) == ("POST", "/_emulator/billing"):
+            collection = emulator.set_collection(
+                payment_retry_days=data.get("payment_retry_days"),
+                failed_subscription=data.get("failed_subscription"),
+            )
             if "invoice_finalize_delay" in data:
                 delay = data["invoice_finalize_delay"]
                 if delay is not None and float(delay) < 0:
                     raise ValueError("invoice_finalize_delay must not be negative")
                 emulator.invoice_finalize_delay = None if delay is None else float(delay)
-            return json_reply(200, {"invoice_finalize_delay": emulator.invoice_finalize_delay}, "")
+            return json_reply(
+                200, {"invoice_finalize_delay": emulator.invoice_finalize_delay, **collection}, ""
+            )
         match = _HOOK_PATH.match(path)
         if match is not None:
             kind, ident, action = match.group("kind", "id", "action")
             if (method, kind, action) == ("POST", "checkout", "complete"):
                 session = emulator.complete_checkout(
-                    ident, email=data.get("email"), name=data.get("name")
+                    ident,
+                    email=data.get("email"),
+                    name=data.get("name"),
+                    payment_method=str(data.get("payment_method", "pm_card_visa")),
                 )
                 return json_reply(200, session, "")
             if (method, kind, action) == ("GET", "checkout", None):

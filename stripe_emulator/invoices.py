@@ -15,9 +15,11 @@
   /v1/invoices/{id}/finalize`` or automatically ``invoice_finalize_delay`` seconds (emulator
   clock; default 3600, ``None`` never, then ``auto_advance`` is false) after creation, as
   ``automatically_finalizes_at`` says. Finalizing sets ``open``, a ``number``, applies billing
-  credits and freezes the invoice: later usage or cancellations no longer change it. A
+  credits and freezes the invoice: later usage or cancellations no longer change it; an
+  automatically advancing ``charge_automatically`` invoice is then paid (``collection``). A
   cancellation with ``invoice_now=true`` bills the usage so far on a last invoice
-  (``billing_reason=subscription_update``). Invoices are never paid.
+  (``billing_reason=subscription_update``). A subscription's first invoice
+  (``subscription_create``) is made when it is created (``subscriptions``).
 """
 
 from __future__ import annotations
@@ -70,9 +72,14 @@ class InvoicesMixin(EmulatorState):
         bool_param(request.params, "auto_advance")
         return self.finalize_invoice(request.args["id"], request)
 
-    def finalize_invoice(self, invoice_id: str, request: ApiRequest | None = None) -> Json:
+    def finalize_invoice(
+        self, invoice_id: str, request: ApiRequest | None = None, *, collect: bool = True
+    ) -> Json:
         """Finalize a draft (``draft`` -> ``open``): usage is counted a last time, billing
-        credits are applied to metered lines, a number is assigned, ``invoice.finalized`` sent."""
+        credits are applied to metered lines, a number is assigned, ``invoice.finalized`` sent.
+        Then, when `collect` and the invoice ``auto_advance``s, a ``charge_automatically``
+        subscription invoice is paid (see ``collection``), unless the subscription is
+        ``unpaid`` (SUB-7)."""
         invoice = self._invoice(invoice_id)
         if invoice["status"] != "draft":
             raise invalid(
@@ -92,6 +99,15 @@ class InvoicesMixin(EmulatorState):
         self._auto_finalize.pop(invoice_id, None)
         self._reschedule()
         self._emit("invoice.finalized", invoice, request)
+        state = self.subscriptions.get(invoice_subscription(invoice) or "")
+        if (
+            collect
+            and invoice["auto_advance"]
+            and invoice["collection_method"] == "charge_automatically"
+            and state is not None
+            and state.obj["status"] != "unpaid"
+        ):
+            self.collect(invoice, request)
         return invoice
 
     def _line(self, item: Json, start: int, end: int, quantity: int) -> Json:

@@ -87,7 +87,14 @@ class SubscriptionState:
 
     @property
     def active(self) -> bool:
-        return bool(self.obj["status"] != "canceled")
+        """Not ended (``canceled`` and ``incomplete_expired`` are terminal)."""
+        return self.obj["status"] not in ("canceled", "incomplete_expired")
+
+    @property
+    def cycling(self) -> bool:
+        """Renews at each period end: ``incomplete`` ones wait for their first payment (SUB-3)
+        and ``unpaid`` ones keep making invoices (SUB-7)."""
+        return self.obj["status"] in ("active", "trialing", "past_due", "unpaid")
 
 
 @dataclasses.dataclass(slots=True)

@@ -203,7 +203,16 @@ class EmulatorState:
         """
         if seconds < 0:
             raise ValueError("the emulator clock only moves forward")
-        self._offset += seconds
+        target = self._offset + seconds
+        # Step to each due time on the way, so what happens is stamped when it falls due and
+        # in order (a renewal, its finalization an hour later, the payment retries...).
+        while self._due_at - self._clock() <= target:
+            due = self._due_at
+            self._offset = max(self._offset, due - self._clock())
+            self._run_due()
+            if self._due_at <= due:  # pragma: no cover - nothing moved: do not spin
+                break
+        self._offset = target
         self._run_due()
         return self.now()
 
@@ -293,7 +302,7 @@ class EmulatorState:
         if now < self._due_at:
             return
         for state in list(self.subscriptions.values()):
-            while state.active and state.bounds()[1] <= now:
+            while state.cycling and state.bounds()[1] <= now:
                 self._close_period(state)
         for invoice_id, when in sorted(self._auto_finalize.items(), key=lambda kv: kv[1]):
             if when <= now and self.invoices[invoice_id]["status"] == "draft":
@@ -301,14 +310,16 @@ class EmulatorState:
         for session in list(self.checkout_sessions.values()):
             if session["status"] == "open" and session["expires_at"] <= now:
                 self._expire_session(session)
+        self._run_collection(now)
         self._reschedule()
 
     def _reschedule(self) -> None:
         """Note when something next falls due, and wake up then (a timer on the loop)."""
         due = min(
             (
-                *(s.bounds()[1] for s in self.subscriptions.values() if s.active),
+                *(s.bounds()[1] for s in self.subscriptions.values() if s.cycling),
                 *self._auto_finalize.values(),
+                *self._collection_due(),
                 *(
                     s["expires_at"]
                     for s in self.checkout_sessions.values()
@@ -478,7 +489,34 @@ class EmulatorState:
             request: ApiRequest | None = None,
         ) -> Json: ...
 
-        def finalize_invoice(self, invoice_id: str, request: ApiRequest | None = None) -> Json: ...
+        def finalize_invoice(
+            self, invoice_id: str, request: ApiRequest | None = None, *, collect: bool = True
+        ) -> Json: ...
+
+        _incomplete_until: dict[str, int]
+
+        def payment_method_for(self, ref: str, param: str) -> Json: ...
+
+        def attach(self, pm: Json, customer: str, request: ApiRequest | None = None) -> Json: ...
+
+        def customer_payment_method(self, ref: str, customer: str, param: str) -> str: ...
+
+        def charge_decline(self, pm_id: str | None) -> tuple[str, str] | None: ...
+
+        def charge_method(self, sub: Json | None, customer_id: str) -> str | None: ...
+
+        def collect(
+            self,
+            invoice: Json,
+            request: ApiRequest | None = None,
+            *,
+            payment_method: str | None = None,
+            automatic: bool = True,
+        ) -> tuple[str, str] | None: ...
+
+        def _collection_due(self) -> list[float]: ...
+
+        def _run_collection(self, now: float) -> None: ...
 
         def _line(self, item: Json, start: int, end: int, quantity: int) -> Json: ...
 

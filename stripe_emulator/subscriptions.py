@@ -8,17 +8,24 @@
   licensed prices: on a metered one it is refused with ``You cannot set the quantity for
   metered plans.``, and metered items carry no ``quantity``. The billing period is on the items
   (``current_period_start``/``_end``, the basil shape); months keep the anchor's day, clamped
-  to the month's end. New subscriptions are ``active`` (payments are not emulated, and no
-  ``subscription_create`` invoice is made). The list leaves canceled ones out unless
-  ``status=canceled``/``ended``/``all``. Cancelling sets ``canceled``; a canceled subscription
-  cannot be canceled again.
+  to the month's end. A new subscription gets a first invoice (``subscription_create``: its
+  licensed items for the first period), finalized in the request and, per ``payment_behavior``
+  (default ``allow_incomplete``), paid: ``active`` when paid or nothing is due, ``incomplete``
+  when declined, a 402 and nothing created with ``error_if_incomplete``, ``incomplete``
+  without an attempt with ``default_incomplete`` (SUB-2, SUB-9 to SUB-12; see ``collection``
+  for what follows). ``default_payment_method`` must be the customer's (a test token is made
+  and attached). Only ``active``, ``trialing``, ``past_due`` and ``unpaid`` subscriptions
+  renew. The list leaves canceled ones out unless ``status=canceled``/``ended``/``all``.
+  Cancelling sets ``canceled``; an ended subscription cannot be canceled again.
 """
 
 from __future__ import annotations
 
 import copy
+from decimal import ROUND_HALF_UP, Decimal
 
-from stripe_emulator.errors import EmulatedError, Json, invalid, missing, no_such
+from stripe_emulator.collection import INCOMPLETE_SECONDS
+from stripe_emulator.errors import EmulatedError, Json, card_error, invalid, missing, no_such
 from stripe_emulator.invoices import invoice_subscription
 from stripe_emulator.params import (
     LIST_FIELDS,
@@ -143,7 +150,40 @@ class SubscriptionsMixin(EmulatorState):
             raise invalid("payment_behavior", f"Invalid payment_behavior: '{behavior}'.")
         str_param(params, "proration_behavior")
         bool_param(params, "off_session")
+        behavior = behavior or "allow_incomplete"  # SUB-10: the default
+        if behavior == "pending_if_incomplete":
+            raise invalid(
+                "payment_behavior",
+                "`pending_if_incomplete` is only valid when updating a subscription.",
+            )  # SUB-13
         # all validated
+        pm_ref = str_param(params, "default_payment_method")
+        default_pm = (
+            self.customer_payment_method(pm_ref, customer, "default_payment_method")
+            if pm_ref
+            else None
+        )
+        automatic = collection == "charge_automatically"
+        due = sum(
+            _amount(price, quantity)
+            for price, quantity, _ in chosen
+            if quantity is not None  # licensed: billed in advance on the first invoice
+        )
+        pm = default_pm or self.charge_method(None, customer)
+        decline = self.charge_decline(pm) if automatic and due > 0 else None
+        if decline is not None and behavior == "error_if_incomplete":
+            if pm is None:
+                raise EmulatedError(
+                    400,
+                    "This customer has no attached payment source or default payment method. "
+                    "Please consider adding a default payment method.",
+                    code="resource_missing",
+                )
+            raise card_error(*decline)  # SUB-12: 402, nothing created
+        if decline is not None or (behavior == "default_incomplete" and automatic and due > 0):
+            status = "incomplete"  # SUB-3, SUB-11
+        else:
+            status = "active"  # paid, nothing to pay, or send_invoice (SUB-9)
         now = int(self.now())
         first = chosen[0][0]["recurring"]
         state = SubscriptionState(
@@ -167,10 +207,11 @@ class SubscriptionsMixin(EmulatorState):
             currency=chosen[0][0]["currency"],
             customer=customer,
             days_until_due=days_until_due,
-            default_payment_method=str_param(params, "default_payment_method") or None,
+            default_payment_method=default_pm,
             description=description,
             metadata=metadata,
             start_date=now,
+            status=status,
         )
         sub["items"] = {
             "object": "list",
@@ -180,9 +221,32 @@ class SubscriptionsMixin(EmulatorState):
             "url": f"/v1/subscription_items?subscription={sub_id}",
         }
         self.subscriptions[sub_id] = state
-        self._reschedule()
         self._emit("customer.subscription.created", sub, request)
+        self._first_invoice(state, behavior, request)
+        if sub["status"] == "incomplete":
+            self._incomplete_until[sub_id] = now + INCOMPLETE_SECONDS  # SUB-4
+        self._reschedule()
         return sub
+
+    def _first_invoice(self, state: SubscriptionState, behavior: str, request: ApiRequest) -> None:
+        """The ``subscription_create`` invoice: the licensed items for the first period, in
+        advance; finalized in the request and, unless ``default_incomplete``, paid (SUB-2)."""
+        sub = state.obj
+        start, end = state.bounds()
+        lines = [
+            self._line(item, start, end, int(item["quantity"]))
+            for item in sub["items"]["data"]
+            if item["price"]["recurring"]["usage_type"] == "licensed"
+        ]
+        now = int(sub["created"])
+        invoice = self._new_invoice(sub, now, now, lines, "subscription_create", now)
+        sub["latest_invoice"] = invoice["id"]
+        self._emit("invoice.created", invoice, request)
+        if sub["collection_method"] != "charge_automatically":
+            return  # finalized by its own schedule; send_invoice is active regardless (SUB-9)
+        self.finalize_invoice(invoice["id"], request, collect=False)
+        if behavior != "default_incomplete" or int(invoice["amount_remaining"]) <= 0:
+            self.collect(invoice, request)
 
     def _subscription_item(
         self,
@@ -261,8 +325,8 @@ class SubscriptionsMixin(EmulatorState):
         if not state.active:
             raise invalid(
                 "subscription",
-                f"This subscription ({state.obj['id']}) is already canceled; a canceled "
-                "subscription cannot be canceled again.",
+                f"This subscription ({state.obj['id']}) is already {state.obj['status']}; an "
+                "ended subscription cannot be canceled again.",
             )
         invoice_now = bool(bool_param(params, "invoice_now"))
         bool_param(params, "prorate")  # no prorations are emulated
@@ -290,8 +354,11 @@ class SubscriptionsMixin(EmulatorState):
         the current emulator time instead and restarts the billing cycle there.
         """
         state = self._subscription(subscription_id)
-        if not state.active:
-            raise invalid("subscription", f"Subscription {subscription_id} is canceled.")
+        if not state.cycling:
+            raise invalid(
+                "subscription",
+                f"Subscription {subscription_id} is {state.obj['status']}: it does not renew.",
+            )
         start, end = state.bounds()
         if at == "now":
             now = int(self.now())
@@ -354,3 +421,8 @@ class SubscriptionsMixin(EmulatorState):
             self._emit("customer.subscription.updated", sub, request, previous=previous)
         self._emit("invoice.created", invoice, request)
         return invoice
+
+
+def _amount(price: Json, quantity: int) -> int:
+    unit = Decimal(price["unit_amount_decimal"])
+    return int((unit * quantity).quantize(Decimal(1), rounding=ROUND_HALF_UP))

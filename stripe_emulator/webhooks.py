@@ -5,7 +5,8 @@
 with ``*`` wildcards, ``types[]``, ``delivery_success``, ``created``), ``GET /v1/events/{id}``.
 
 - Events: each of these changes is recorded as a v1 ``event`` (``evt_...``, ``api_version``
-  ``2026-10-28.endive``, ``data.object`` a snapshot, ``data.previous_attributes`` on
+  ``2026-10-28.endive``, sent to an endpoint created with an older ``api_version`` rendered in
+  that version, see ``versions``; ``data.object`` a snapshot, ``data.previous_attributes`` on
   ``*.updated``, ``request.id``/``request.idempotency_key`` of the API call behind it, null for
   test hooks and time passing, ``pending_webhooks`` = endpoints not yet answering 2xx),
   listed newest first and kept 30 days: ``customer.created``, ``product.created/updated``,
@@ -66,8 +67,8 @@ from stripe_emulator.params import (
 )
 from stripe_emulator.records import DAY, EventDelivery
 from stripe_emulator.state import EmulatorState, WebhookSettings
+from stripe_emulator.versions import API_VERSION, check_version, render
 
-API_VERSION = "2026-10-28.endive"  # the stripe SDK 16.1.0 pin, carried by every event
 EVENT_RETENTION_SECONDS = 30 * DAY
 MAX_EVENT_TYPES = 20
 
@@ -94,7 +95,9 @@ class EventsMixin(EmulatorState):
             events,
             description=str_param(params, "description") or None,
             metadata=metadata_param(params) or {},
-            api_version=str_param(params, "api_version") or None,
+            api_version=check_version(version)
+            if (version := str_param(params, "api_version"))
+            else None,
         )
         return endpoint
 
@@ -108,9 +111,12 @@ class EventsMixin(EmulatorState):
         metadata: Json | None = None,
         api_version: str | None = None,
     ) -> Json:
-        """Register an endpoint directly (no HTTP), optionally with a chosen signing secret;
-        returns it with its ``secret``, which, as on Stripe, no later read shows."""
+        """Register an endpoint directly (no HTTP), optionally with a chosen signing secret and
+        ``api_version`` (events are rendered in it, see ``versions``); returns it with its
+        ``secret``, which, as on Stripe, no later read shows."""
         _webhook_url(url)
+        if api_version is not None:
+            check_version(api_version)
         _check_event_types(list(enabled_events))
         endpoint: Json = {
             "id": self._new_id("we", 24),
@@ -247,13 +253,18 @@ class EventsMixin(EmulatorState):
         self.counters.events_emitted += 1
         if endpoints:
             self._undelivered[event["id"]] = set(endpoints)
-            body = msgspec.json.encode(event)
             for endpoint in endpoints:
+                body = self._rendered(event, endpoint)
                 self._enqueue(EventDelivery(event["id"], endpoint, body))
                 if self._draw_duplicate():
                     self.counters.webhook_duplicates += 1
                     self._enqueue(EventDelivery(event["id"], endpoint, body, duplicate=True))
         return event
+
+    def _rendered(self, event: Json, endpoint: str) -> bytes:
+        """The exact JSON `endpoint` is sent: `event` in the endpoint's API version (VER-2)."""
+        version = self.webhook_endpoints[endpoint]["api_version"]
+        return msgspec.json.encode(render(event, version, self.prices))
 
     def set_webhooks(self, **changes: Any) -> WebhookSettings:
         """Change webhook settings (the fields of :class:`WebhookSettings`). Turning ``hold``
@@ -301,8 +312,8 @@ class EventsMixin(EmulatorState):
                 for e in self.webhook_endpoints.values()
                 if e["status"] == "enabled" and _subscribed(e["enabled_events"], event["type"])
             ]
-        body = msgspec.json.encode(event)
         for target in targets:
+            body = self._rendered(event, target)
             self._enqueue(EventDelivery(event_id, target, body, redelivery=True))
         return len(targets)
 

@@ -69,7 +69,7 @@ class Org(msgspec.Struct, frozen=True):
     plans: list[PlanPeriod]  # oldest first
     updated_at: int
     subscription: str | None = None  # the provider subscription provisioned for it
-    subscription_status: str | None = None  # "active" | "canceled"
+    subscription_status: str | None = None  # Stripe's: "active", "incomplete", "past_due"...
 
     def plan_at(self, when: int) -> str | None:
         """The plan in force at `when`, or None when no stored plan covers it."""
@@ -351,3 +351,4 @@ class OrgChange(msgspec.Struct, frozen=True):
     subscription_status: str | None = None  # None: keep
     plan: str | None = None  # None: no new plan period
     effective_from: int = 0
+    plans: tuple[PlanPeriod, ...] = ()  # further plan periods, each upserted by its start

@@ -305,6 +305,10 @@ class OrgStore(abc.ABC):
         """Stored orgs on `plan` at `at` that have no provider customer (for cutover
         preflight)."""
 
+    @abc.abstractmethod
+    async def subscription_statuses(self) -> dict[str, int]:
+        """How many orgs have a provider subscription in each status (for the metrics)."""
+
 
 class FlagStore(abc.ABC):
     """Runtime flag values, and the record of the static layers' values."""

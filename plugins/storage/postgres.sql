@@ -303,6 +303,12 @@ UPDATE dirty_buckets SET held_reason = NULL WHERE org_id = $1 AND held_reason IS
 INSERT INTO org_plans (org_id, effective_from, plan) VALUES ($1, $2, $3)
 ON CONFLICT (org_id, effective_from) DO UPDATE SET plan = excluded.plan;
 
+-- name: org_subscription_statuses
+-- Orgs with a provider subscription, by its status.
+SELECT subscription_status AS status, COUNT(*) AS orgs FROM orgs
+WHERE subscription_status IS NOT NULL
+GROUP BY subscription_status ORDER BY subscription_status;
+
 -- name: plan_orgs_without_customer
 -- Orgs whose plan in force at $2 is $1 and that have no provider customer.
 SELECT o.org_id FROM orgs o

@@ -471,6 +471,12 @@ ORDER BY id;
 -- name: live_claims
 SELECT count(*) FROM ledger WHERE claimed_by IS NOT NULL AND claim_expires > ?;
 
+-- name: org_subscription_statuses
+-- Orgs with a provider subscription, by its status.
+SELECT subscription_status AS status, COUNT(*) AS orgs FROM orgs
+WHERE subscription_status IS NOT NULL
+GROUP BY subscription_status ORDER BY subscription_status;
+
 -- name: plan_orgs_without_customer
 -- Orgs whose plan in force at ?2 is ?1 and that have no provider customer.
 SELECT o.org_id FROM orgs o

@@ -176,3 +176,40 @@ async def test_org_for_billing_by_subscription_then_customer(storage: Storage) -
     assert await storage.record_webhook(record, NOW + 1, org=renewed)
     assert await find(subscription="sub_3", customer=None) == "a"
     assert await find(subscription="sub_1", customer=None) is None
+
+
+async def test_subscription_lifecycle_changes_write_several_plan_periods(
+    storage: Storage,
+) -> None:
+    """A lifecycle event may write more than one plan period at once (the paid plan from now,
+    and a grace end written ahead overwritten with it); statuses are counted per status."""
+    assert await storage.subscription_statuses() == {}
+    start = OrgChange("a", customer="cus_a", subscription="sub_1", subscription_status="incomplete")
+    assert await storage.record_webhook(
+        WebhookRecord("evt_1", "checkout.session.completed", NOW, "incomplete"), NOW, org=start
+    )
+    other = OrgChange("b", customer="cus_b", subscription="sub_2", subscription_status="active")
+    assert await storage.record_webhook(
+        WebhookRecord("evt_2", "checkout.session.completed", NOW, "ok"), NOW, org=other
+    )
+    assert await storage.subscription_statuses() == {"active": 1, "incomplete": 1}
+    org = await storage.get_org("a")
+    assert org is not None and org.plans == [] and org.subscription_status == "incomplete"
+
+    paid = OrgChange(
+        "a",
+        subscription_status="active",
+        plans=(PlanPeriod("pro", B[1]), PlanPeriod("free", B[5])),
+    )
+    assert await storage.record_webhook(
+        WebhookRecord("evt_3", "customer.subscription.updated", B[1], "paid"), NOW, org=paid
+    )
+    recovered = OrgChange("a", plans=(PlanPeriod("pro", B[5]),))  # the status kept
+    assert await storage.record_webhook(
+        WebhookRecord("evt_4", "customer.subscription.updated", B[2], "paid"), NOW, org=recovered
+    )
+    org = await storage.get_org("a")
+    assert org is not None
+    assert org.plans == [PlanPeriod("pro", B[1]), PlanPeriod("pro", B[5])]
+    assert org.subscription_status == "active"
+    assert await storage.subscription_statuses() == {"active": 2}

@@ -232,8 +232,9 @@ def test_publish_is_idempotent_and_shown(stack: Stack) -> None:
 def test_checkout_provisions_exactly_once(stack: Stack) -> None:
     stack.cli("catalog", "publish")
     customer = stack.customer("acme")
-    # the completion's events (setup intent created, succeeded, session completed) go twice
-    stack.emu.post("/_emulator/webhooks", json={"duplicate_next": 3}).raise_for_status()
+    # the completion's events (payment method attached, setup intent created, succeeded,
+    # session completed) go twice
+    stack.emu.post("/_emulator/webhooks", json={"duplicate_next": 4}).raise_for_status()
     stack.checkout("acme", customer)
     stack.flush()
     event = stack.event_of("checkout.session.completed", customer=customer)
@@ -397,7 +398,7 @@ def test_true_up_and_correction_after_finalized(stack: Stack) -> None:
     assert f"correction for finalized invoice {invoice_id}" in late["detail"]
     assert "current period" in late["detail"]
     final = stack.stripe.v1.invoices.retrieve(invoice_id).to_dict()
-    assert final["status"] == "open"
+    assert final["status"] == "paid"  # charged to the checkout's card, the invoice default
     assert sorted(line["quantity"] for line in final["lines"]["data"]) == sorted(
         line["quantity"] for line in invoice["lines"]["data"]
     )  # the finalized invoice did not take the correction

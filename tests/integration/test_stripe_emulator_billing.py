@@ -123,8 +123,15 @@ async def until(condition: Callable[[], bool], within: float = 3.0) -> None:
 async def metered_setup(
     client: stripe.StripeClient, *, interval: str = "day", unit: str = "0.5"
 ) -> tuple[str, str, str, str]:
-    """A customer, a meter, a metered price on it and a licensed price: their ids."""
-    customer = await client.v1.customers.create_async(params={"email": "org@example.com"})
+    """A customer (paying with pm_card_visa), a meter, a metered price on it and a licensed
+    price: their ids."""
+    customer = await client.v1.customers.create_async(
+        params={
+            "email": "org@example.com",
+            "payment_method": "pm_card_visa",
+            "invoice_settings": {"default_payment_method": "pm_card_visa"},
+        }
+    )
     meter = await client.v1.billing.meters.create_async(
         params={
             "display_name": "API calls",
@@ -630,7 +637,8 @@ async def test_period_end_invoice_counts_the_meter_events_then_finalizes(
     renewed = await client.v1.subscriptions.retrieve_async(sub.id)
     assert renewed["items"].data[0].current_period_start == end
     assert renewed.latest_invoice == invoice["id"]
-    await until(lambda: receiver.types() == ["invoice.created"])
+    first = ["invoice.created", "invoice.finalized"]  # the subscription_create invoice
+    await until(lambda: receiver.types() == [*first, "invoice.created"])
 
     # usage reported late for the closed period (a true-up) lands on the draft
     await meter_event(client, customer, 5, start + 2)
@@ -639,19 +647,20 @@ async def test_period_end_invoice_counts_the_meter_events_then_finalizes(
 
     emulator.advance(3600)  # automatic finalization, one hour after creation
     final = await client.v1.invoices.retrieve_async(invoice["id"])
-    assert final.status == "open" and final.number is not None
+    assert final.status == "paid" and final.number is not None  # charged pm_card_visa
     assert final.status_transitions.finalized_at is not None
     await meter_event(client, customer, 50, start + 3)  # after finalization: not re-invoiced
     final = await client.v1.invoices.retrieve_async(invoice["id"])
     assert final.lines.data[0].quantity == 12 and final.total == 6 + 1000
-    await until(lambda: receiver.types() == ["invoice.created", "invoice.finalized"])
+    await until(lambda: receiver.types() == [*first, "invoice.created", "invoice.finalized"])
     assert registered.secret is not None
     for headers, body in receiver.requests:
         stripe.Webhook.construct_event(body, headers["stripe-signature"], registered.secret)
-    finalized = receiver.events()[1]["data"]["object"]
+    finalized = receiver.events()[3]["data"]["object"]
     assert finalized["id"] == invoice["id"] and finalized["status"] == "open"
     listed = await client.v1.invoices.list_async(params={"customer": customer})
-    assert [i.id for i in listed.data] == [invoice["id"]]
+    assert [i.billing_reason for i in listed.data] == ["subscription_cycle", "subscription_create"]
+    assert listed.data[0].id == invoice["id"]
 
 
 async def test_manual_finalization_applies_billing_credits(
@@ -723,14 +732,16 @@ async def test_the_clock_closes_every_period_it_passes(
     )
     start = sub["items"].data[0].current_period_start
     emulator.advance(3 * DAY - (emulator.now() - start) + 1)
-    invoices = (await client.v1.invoices.list_async(params={"subscription": sub.id})).data
+    listed = (await client.v1.invoices.list_async(params={"subscription": sub.id})).data
+    invoices = [i for i in listed if i.billing_reason == "subscription_cycle"]
     assert [(i.period_start - start, i.period_end - start) for i in reversed(invoices)] == [
         (0, DAY),
         (DAY, 2 * DAY),
         (2 * DAY, 3 * DAY),
     ]
-    # each finalizes an hour after its period's end: the last one is still a draft
-    assert [i.status for i in reversed(invoices)] == ["open", "open", "draft"]
+    # each finalizes an hour after its period's end (then, with no usage, is paid at once):
+    # the last one is still a draft
+    assert [i.status for i in reversed(invoices)] == ["paid", "paid", "draft"]
     renewed = await client.v1.subscriptions.retrieve_async(sub.id)
     assert renewed["items"].data[0].current_period_start == start + 3 * DAY
     updates = await client.v1.events.list_async(params={"type": "customer.subscription.updated"})

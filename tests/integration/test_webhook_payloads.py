@@ -298,3 +298,36 @@ async def test_usable_events_are_still_applied(hooks: Hooks) -> None:
     org = await hooks.plane.storage.get_org(ORG)
     assert org is not None and org.plans[-1] == PlanPeriod("free", T0 + 9)
     assert await hooks.alerts() == []
+
+
+async def test_subscription_updates_follow_the_plan_policy_audited(hooks: Hooks) -> None:
+    """Without the Stripe plugin the event's own subscription decides (with it, the product
+    retrieves the subscription: tests/e2e/test_subscription_lifecycle.py)."""
+
+    def updated(status: str, at: int) -> dict[str, Any]:
+        sub = {"id": SUBSCRIPTION, "object": "subscription", "status": status}
+        return {**event("customer.subscription.updated", sub), "created": at}
+
+    grace_end = T0 + 2 * HOUR + 7 * 86_400
+    past_due = updated("past_due", T0 + 2 * HOUR)
+    r = await hooks.post(json.dumps(past_due))
+    assert r.status_code == 200 and r.json()["outcome"] == f"free from {grace_end}"
+    again = await hooks.post(json.dumps(past_due))
+    assert again.json()["duplicate"] is True
+    org = await hooks.plane.storage.get_org(ORG)
+    assert org is not None and org.subscription_status == "past_due"
+    assert org.plans == [PlanPeriod("pro", T0), PlanPeriod("free", grace_end)]
+    assert org.plan_at(grace_end - 1) == "pro"
+
+    r = await hooks.post(json.dumps(updated("active", T0 + 3 * HOUR)))
+    assert r.json()["outcome"] == f"pro from {grace_end}"  # the downgrade written ahead, undone
+    r = await hooks.post(json.dumps(updated("active", T0 + 4 * HOUR)))
+    assert r.json()["outcome"] == f"unchanged: {SUBSCRIPTION} is active"
+    org = await hooks.plane.storage.get_org(ORG)
+    assert org is not None and org.plan_at(grace_end + 1) == "pro"
+    audit = await hooks.plane.storage.audit_log(action_prefix="org.subscription")
+    assert [a.after["status"] for a in reversed(audit) if a.after] == ["past_due", "active"]
+
+    missing = {"id": SUBSCRIPTION, "object": "subscription"}
+    r = await hooks.post(json.dumps(event("customer.subscription.updated", missing)))
+    assert r.json()["outcome"] == "unprocessable: data.object.status: required"

@@ -125,6 +125,22 @@ def test_every_setting_is_documented_in_the_example() -> None:
             "auth.tokens[0].burst_events: must be >= 1",
         ),
         ({"jobs": {"stale_after_intervals": -1}}, "jobs.stale_after_intervals: must be >= 0"),
+        (
+            {"stripe": {"plan_policy": {"paid": ["active", "incomplete"]}}},
+            "stripe.plan_policy.paid: 'incomplete' is never paid",
+        ),
+        (
+            {"stripe": {"plan_policy": {"paid": ["active", "past_due"]}}},
+            "stripe.plan_policy: ['past_due'] both in paid and in grace_seconds",
+        ),
+        (
+            {"stripe": {"plan_policy": {"grace_seconds": {"past_due": -1}}}},
+            "stripe.plan_policy.grace_seconds.past_due: must be >= 0",
+        ),
+        (
+            {"stripe": {"plan_policy": {"paid": ["actve"]}}},
+            "stripe.plan_policy.paid[0]",
+        ),
         ({"jobs": {"watch_interval_seconds": 0}}, "jobs.watch_interval_seconds: must be > 0"),
         ({"server": {"max_small_body_bytes": 0}}, "server.max_small_body_bytes: must be >= 1"),
         ({"server": {"event_time_min": -1}}, "server.event_time_min: must be unix seconds"),

@@ -36,6 +36,7 @@ SECTIONS = {
     "catalog.prices": config_mod.CatalogPriceConfig,
     "catalog.welcome_credit": config_mod.WelcomeCreditConfig,
     "stripe": config_mod.StripeConfig,
+    "stripe.plan_policy": config_mod.PlanPolicyConfig,
     "cutover": config_mod.CutoverConfig,
     "rate_limit": config_mod.RateLimitConfig,
     "jobs": config_mod.JobsConfig,

@@ -43,13 +43,17 @@ Types handled:
 
 - ``checkout.session.completed`` in setup mode (org from ``client_reference_id`` or
   ``metadata.org_id``, customer from the session or the org): one Stripe customer maps to one
-  org, so a customer that is already another org's is refused. Unless the org has a live
-  subscription, one subscription with every price of the newest catalog version (metered
-  prices without quantity; key ``sub:{org}:{version}``), the welcome credit once per org (key
-  ``credit:{org}``), then the org is `pro` from now with its customer and subscription. 503
-  when no catalog is published.
-- ``customer.subscription.deleted`` for the org's current subscription: `free` from the
-  subscription's end (``ended_at``, else ``canceled_at``, else the event's time). Other
+  org, so a customer that is already another org's is refused. Unless the org has a
+  subscription whose status keeps the paid plan: the Checkout's SetupIntent payment method
+  becomes the customer's invoice default, then one subscription with every price of the
+  newest catalog version (metered prices without quantity; key ``sub:{org}:{version}``; see
+  :mod:`~controlplane.plugins.billing.stripe.subscriptions`). Only when its status is paid
+  (``[stripe.plan_policy]``): the welcome credit once per org (key ``credit:{org}``), then the
+  org is `pro` from now. Otherwise (``incomplete``) the subscription and status are stored,
+  the plan is left as it was, and an alert is raised. 503 when no catalog is published.
+- ``customer.subscription.updated`` / ``.deleted`` for the org's current subscription: the
+  subscription is retrieved (its own state decides, never arrival order), its status stored
+  and the plan set by :func:`controlplane.subscriptions.plan_steps`, audited. Other
   subscriptions are ignored.
 - ``invoice.created``: true-up; the org's buckets up to the invoice's ``period_end`` are rolled
   up (grace ignored) and sent before the answer. 503 if some could not be delivered yet.
@@ -84,12 +88,12 @@ from controlplane.interfaces import (
     WEBHOOK_ALERTS,
     AuditEntry,
     Billing,
-    CatalogVersion,
     ClosedPeriod,
     NotAnEvent,
     Org,
     OrgChange,
     ParityAlert,
+    PlanPeriod,
     ReissueCallback,
     Storage,
     TrueUpCallback,
@@ -98,9 +102,10 @@ from controlplane.interfaces import (
     WebhookRejected,
     WebhookResult,
 )
-from controlplane.plugins.billing.stripe.catalog import stripe_call
+from controlplane.plugins.billing.stripe import subscriptions as subs
 from controlplane.plugins.billing.stripe.client import StripeBilling
 from controlplane.secrets import reveal
+from controlplane.subscriptions import is_paid, plan_at, plan_steps
 
 log = structlog.get_logger("webhooks")
 
@@ -181,10 +186,12 @@ class CheckoutSession(msgspec.Struct, frozen=True, kw_only=True):
     client_reference_id: Annotated[str, msgspec.Meta(max_length=MAX_ORG_ID)] | None = None
     customer: StripeId | None = None
     metadata: dict[str, str] | None = None
+    setup_intent: StripeId | None = None
 
 
 class Subscription(msgspec.Struct, frozen=True, kw_only=True):
     id: StripeId
+    status: Annotated[str, msgspec.Meta(max_length=64)] | None = None
     ended_at: Timestamp | None = None
     canceled_at: Timestamp | None = None
 
@@ -448,7 +455,10 @@ async def checkout_completed(hooks: StripeWebhooks, event: Event[CheckoutSession
             owner = await hooks.storage.org_for_billing(subscription=None, customer=customer)
             if owner is not None and owner != org_id:
                 return await _refused(hooks, event, org_id, customer, owner)
-            if org is not None and org.subscription and org.subscription_status == "active":
+            # An unpaid subscription (incomplete, past_due...) is provisioned again: the new
+            # checkout's card becomes the default and pays its open invoice.
+            paid = hooks.settings.plan_policy.paid
+            if org is not None and org.subscription and org.subscription_status in paid:
                 return await _finish(
                     hooks, event, f"no-op: {org_id} already has {org.subscription}"
                 )
@@ -496,12 +506,24 @@ async def _provision(
         raise CatalogNotPublished()
     client = stripe_client(hooks.billing)
     session = event.data.object
-    subscription = await _subscription(client, org_id, customer, version, session.id)
-    credit = await _welcome_credit(client, org_id, customer, version, event.created)
+    pm = None
+    if session.setup_intent:
+        pm = await subs.checkout_payment_method(client, session.setup_intent)
+        if pm is not None:
+            await subs.make_invoice_default(client, customer, pm)
+    sub = await subs.find_or_create(client, org_id, customer, version, session.id)
+    if pm is not None and sub.status in subs.AWAITING_PAYMENT:
+        sub = await subs.retry_payment(client, sub, pm)  # a new card for an unpaid subscription
+    policy = hooks.settings.plan_policy
+    before = msgspec.to_builtins(org) if org else None
+    if not is_paid(policy, sub.status):
+        return await _not_paid(hooks, event, org_id, customer, sub, before)
+    credit = await subs.welcome_credit(client, org_id, customer, version, event.created)
     at = hooks.now()
     after = {
         "customer": customer,
-        "subscription": subscription,
+        "subscription": sub.id,
+        "subscription_status": sub.status,
         "credit_grant": credit,
         "catalog_version": version.version,
         "plan": PRO_PLAN,
@@ -510,12 +532,12 @@ async def _provision(
     return await _finish(
         hooks,
         event,
-        f"provisioned: {subscription}",
+        f"provisioned: {sub.id}",
         org=OrgChange(
             org_id=org_id,
             customer=customer,
-            subscription=subscription,
-            subscription_status="active",
+            subscription=sub.id,
+            subscription_status=sub.status,
             plan=PRO_PLAN,
             effective_from=at,
         ),
@@ -525,104 +547,64 @@ async def _provision(
                 subject=org_id,
                 actor=ACTOR,
                 reason=f"{event.type} {event.id}",
-                before=msgspec.to_builtins(org) if org else None,
+                before=before,
                 after=after,
             ),
         ),
     )
 
 
-async def _subscription(
-    client: stripe.StripeClient,
+async def _not_paid(
+    hooks: StripeWebhooks,
+    event: Event[CheckoutSession],
     org_id: str,
     customer: str,
-    version: CatalogVersion,
-    session_id: str,
-) -> str:
-    prices: dict[str, dict[str, Any]] = version.catalog["prices"]
-    ids = {p["id"] for p in prices.values()}
-    listing: Any = {"customer": customer, "limit": 100}
-    page = await stripe_call("list subscriptions", client.v1.subscriptions.list_async(listing))
-    for sub in page.data:
-        plain = sub.to_dict()
-        items = (plain.get("items") or {}).get("data") or []
-        owner = (plain.get("metadata") or {}).get("org_id")
-        ours = owner == org_id or (
-            owner is None and any((i.get("price") or {}).get("id") in ids for i in items)
-        )
-        if ours:  # made by an attempt whose answer was lost; never another org's
-            return str(plain["id"])
-    params: Any = {
-        "customer": customer,
-        "items": [
-            {"price": p["id"]}
-            if p["usage_type"] == "metered"
-            else {"price": p["id"], "quantity": 1}
-            for p in prices.values()
-        ],
-        "metadata": {"org_id": org_id, "catalog_version": str(version.version)},
-    }
-    key = f"sub:{org_id}:{version.version}"
-    created = await stripe_call(
-        "create subscription",
-        client.v1.subscriptions.create_async(params, {"idempotency_key": key}),
-    )
-    if created.status in ("canceled", "incomplete_expired"):
-        # Stripe replayed the subscription this key made before, since ended: a new checkout.
-        created = await stripe_call(
-            "create subscription",
-            client.v1.subscriptions.create_async(
-                params, {"idempotency_key": f"{key}:{session_id}"}
+    sub: subs.SubscriptionState,
+    before: Any,
+) -> WebhookResult:
+    """The subscription exists but is not paid (its first invoice could not be charged):
+    linked and shown with its status, the plan left as it was, alerted."""
+    result = await _finish(
+        hooks,
+        event,
+        f"not provisioned: {sub.id} is {sub.status}; plan unchanged",
+        org=OrgChange(
+            org_id=org_id, customer=customer, subscription=sub.id, subscription_status=sub.status
+        ),
+        audit=(
+            AuditEntry(
+                action="org.subscription",
+                subject=org_id,
+                actor=ACTOR,
+                reason=f"{event.type} {event.id}",
+                before=before,
+                after={"customer": customer, "subscription": sub.id, "status": sub.status},
             ),
-        )
-    return str(created.id)
-
-
-async def _welcome_credit(
-    client: stripe.StripeClient,
-    org_id: str,
-    customer: str,
-    version: CatalogVersion,
-    event_created: int,
-) -> str | None:
-    credit: dict[str, Any] | None = version.catalog.get("welcome_credit")
-    if not credit:
-        return None
-    listing: Any = {"customer": customer, "limit": 100}
-    page = await stripe_call(
-        "list credit grants", client.v1.billing.credit_grants.list_async(listing)
-    )
-    for grant in page.data:
-        metadata = grant.to_dict().get("metadata") or {}
-        if metadata.get("cp_welcome_credit") == org_id:
-            return str(grant.id)  # granted once per org, ever
-    params: Any = {
-        "customer": customer,
-        "name": credit["name"],
-        "category": "promotional",
-        "amount": {
-            "type": "monetary",
-            "monetary": {"currency": credit["currency"], "value": credit["amount_minor"]},
-        },
-        "applicability_config": {"scope": {"price_type": "metered"}},
-        "metadata": {"cp_welcome_credit": org_id},
-    }
-    if credit.get("expires_after_days"):
-        # From the event's time, so a retry sends the same parameters under the same key.
-        params["expires_at"] = event_created + int(credit["expires_after_days"]) * 86400
-    created = await stripe_call(
-        "create credit grant",
-        client.v1.billing.credit_grants.create_async(
-            params, {"idempotency_key": f"credit:{org_id}"}
         ),
     )
-    return str(created.id)
+    if not result.duplicate:
+        log.warning("webhook.not_paid", org=org_id, subscription=sub.id, status=sub.status)
+        await _alert(
+            hooks,
+            f"{sub.status}:{sub.id}",
+            f"Stripe subscription {sub.id} for org {org_id!r} is {sub.status} after checkout "
+            f"{event.data.object.id}: its invoice could not be paid, so the org was not moved "
+            "to the paid plan. It is when the invoice is paid (Stripe expires an incomplete "
+            "subscription after 23 hours); a new checkout with another card retries it.",
+        )
+    return result
 
 
-# customer.subscription.deleted ------------------------------------------------------------------
+# customer.subscription.updated / .deleted ----------------------------------------------------
 
 
-async def subscription_deleted(hooks: StripeWebhooks, event: Event[Subscription]) -> WebhookResult:
+async def subscription_changed(hooks: StripeWebhooks, event: Event[Subscription]) -> WebhookResult:
+    """Keep the org's subscription status current and its plan by the plan policy.
+
+    Decided by the subscription's own state, never by arrival order: with the Stripe billing
+    plugin the subscription is retrieved, so an old, redelivered or out-of-order event applies
+    the status Stripe holds now. Without it (a control plane whose billing plugin is not
+    Stripe, as in some tests) the event's own object is used, and then arrival order matters."""
     sub = event.data.object
     org_id = await hooks.storage.org_for_billing(subscription=sub.id, customer=None)
     if org_id is None:
@@ -631,27 +613,78 @@ async def subscription_deleted(hooks: StripeWebhooks, event: Event[Subscription]
         if (dup := await _duplicate(hooks, event)) is not None:
             return dup
         org = await hooks.storage.get_org(org_id)
-        if org is None or org.subscription != sub.id or org.subscription_status != "active":
+        if org is None or org.subscription != sub.id:
             return await _finish(hooks, event, "ignored: stale subscription")
-        at = sub.ended_at or sub.canceled_at or event.created
-        return await _finish(
-            hooks,
-            event,
-            f"free from {at}",
-            org=OrgChange(
-                org_id=org_id, subscription_status="canceled", plan=FREE_PLAN, effective_from=at
+        if isinstance(hooks.billing, StripeBilling):
+            state = await subs.retrieve(hooks.billing.client, sub.id)
+        else:
+            status = sub.status or (
+                "canceled" if event.type == "customer.subscription.deleted" else None
+            )
+            if status is None:
+                return await _unprocessable(
+                    hooks, event, Unusable("data.object.status", "required")
+                )
+            state = subs.SubscriptionState(
+                id=sub.id, status=status, ended_at=sub.ended_at, canceled_at=sub.canceled_at
+            )
+        return await _apply_status(hooks, event, org, state)
+
+
+async def _apply_status(
+    hooks: StripeWebhooks, event: Event[Subscription], org: Org, state: subs.SubscriptionState
+) -> WebhookResult:
+    policy = hooks.settings.plan_policy
+    ended_at = state.ended_at or state.canceled_at if state.status in subs.ENDED else None
+    steps = plan_steps(
+        policy,
+        org.plans,
+        state.status,
+        event.created,
+        ended_at=ended_at,
+        unpaid_since=state.unpaid_since,
+    )
+    if not steps and state.status == org.subscription_status:
+        return await _finish(hooks, event, f"unchanged: {state.id} is {state.status}")
+    if steps and is_paid(policy, state.status):
+        await _credit_on_payment(hooks, org, event.created)
+    plans = tuple(PlanPeriod(s.plan, s.effective_from) for s in steps)
+    outcome = ", ".join(f"{s.plan} from {s.effective_from}" for s in steps) or (
+        f"status {state.status}: plan unchanged"
+    )
+    return await _finish(
+        hooks,
+        event,
+        outcome,
+        org=OrgChange(org_id=org.org_id, subscription_status=state.status, plans=plans),
+        audit=(
+            AuditEntry(
+                action="org.subscription",
+                subject=org.org_id,
+                actor=ACTOR,
+                reason=f"{event.type} {event.id}",
+                before={
+                    "subscription": org.subscription,
+                    "status": org.subscription_status,
+                    "plan": plan_at(org.plans, event.created),
+                },
+                after={
+                    "status": state.status,
+                    "plans": [msgspec.to_builtins(p) for p in plans],
+                },
             ),
-            audit=(
-                AuditEntry(
-                    action="org.unsubscribed",
-                    subject=org_id,
-                    actor=ACTOR,
-                    reason=f"{event.type} {event.id}",
-                    before={"subscription": org.subscription, "plan": PRO_PLAN},
-                    after={"plan": FREE_PLAN, "effective_from": at},
-                ),
-            ),
-        )
+        ),
+    )
+
+
+async def _credit_on_payment(hooks: StripeWebhooks, org: Org, event_created: int) -> None:
+    """An org that becomes paid after an unpaid start gets its welcome credit then (once)."""
+    version = await hooks.storage.catalog_version()
+    if version is None or not isinstance(hooks.billing, StripeBilling) or not org.customer:
+        return
+    await subs.welcome_credit(
+        hooks.billing.client, org.org_id, org.customer, version, event_created
+    )
 
 
 # invoices ----------------------------------------------------------------------------------------
@@ -711,7 +744,8 @@ class _Route(Generic[T]):
 
 ROUTES: dict[str, _Route[Any]] = {
     "checkout.session.completed": _Route(Event[CheckoutSession], checkout_completed),
-    "customer.subscription.deleted": _Route(Event[Subscription], subscription_deleted),
+    "customer.subscription.updated": _Route(Event[Subscription], subscription_changed),
+    "customer.subscription.deleted": _Route(Event[Subscription], subscription_changed),
     "invoice.created": _Route(Event[Invoice], invoice_created),
     "invoice.finalized": _Route(Event[Invoice], invoice_finalized),
 }

@@ -178,6 +178,12 @@ class SQLCatalogWebhooks(SQLDriver, CatalogStore, WebhookStore):
                 )
                 if org.plan is not None:
                     await conn.execute("upsert_plan", org.org_id, org.effective_from, org.plan)
+                for period in org.plans:
+                    await conn.execute(
+                        "upsert_plan", org.org_id, period.effective_from, period.plan
+                    )
+                if org.plan is not None or org.plans:
+                    await conn.execute("release_org_buckets", org.org_id)
             if closed is not None:
                 await conn.execute(
                     "insert_closed_period",

@@ -81,6 +81,10 @@ class SQLOrgs(SQLDriver, OrgStore):
     async def orgs_without_customer(self, plan: str, at: int) -> list[str]:
         return [r["org_id"] for r in await self._all("plan_orgs_without_customer", plan, at)]
 
+    async def subscription_statuses(self) -> dict[str, int]:
+        rows = await self._all("org_subscription_statuses")
+        return {r["status"]: int(r["orgs"]) for r in rows}
+
 
 class SQLFlags(SQLDriver, FlagStore):
     """Runtime flags and the static layers' record."""
