@@ -458,6 +458,14 @@ def _check_plans(config: Config) -> None:
             f"plans: {FREE!r} (billable = false) and {PRO!r} (billable = true) are required: "
             "orgs no one gave a plan are free, and the Stripe webhooks provision pro"
         )
+    keys = [price.key for price in config.catalog.prices]
+    for i, entry in enumerate(config.plans):
+        for j, key in enumerate(entry.prices):
+            if key not in keys:
+                raise ConfigError(
+                    f"plans[{i}].prices[{j}]: no [[catalog.prices]] entry has key {key!r}"
+                    + _nearest(key, keys)
+                )
     legacy = config.legacy
     if isinstance(legacy, LegacyPluginConfig):
         for answer, plan in sorted(legacy.plan_map.items()):

@@ -74,7 +74,7 @@ from controlplane.parity import (
     window_problems,
 )
 from controlplane.parity_checker import CheckerStats, ParityChecker, policy_of
-from controlplane.plans import FREE, Plans
+from controlplane.plans import FREE, PRO, Plans
 from controlplane.rollup import LegacyPlans
 from controlplane.sender import Sender, SendStats
 
@@ -734,5 +734,6 @@ class ControlPlane:
             alerts_delivered=self.config.parity.alert.webhook_url is not None,
             true_up=true_up,
             reissue=reissue,
+            pro_prices=self.plans.prices(PRO),
         )
         return await receiver.receive(body, signature)

@@ -26,6 +26,7 @@ class PlanConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_onl
     name: str
     billable: bool  # usage of orgs on it is sent to the provider; else excluded (free_plan)
     entitlements: dict[str, str | int | bool] = {}  # stated in its capability tokens
+    prices: list[str] = []  # `[[catalog.prices]]` keys its subscriptions hold; [] for all
 
 
 DEFAULT_PLANS = [PlanConfig(name=FREE, billable=False), PlanConfig(name=PRO, billable=True)]
@@ -65,6 +66,11 @@ class Plans:
         """What `name` entitles an org to, as its capability tokens state it."""
         plan = self.by_name.get(name)
         return dict(plan.entitlements) if plan else {}
+
+    def prices(self, name: str) -> list[str]:
+        """The catalog price keys a subscription for `name` holds; empty for every price."""
+        plan = self.by_name.get(name)
+        return list(plan.prices) if plan else []
 
     def from_legacy(self, answer: str) -> str | None:
         """The configured plan the legacy biller's `answer` means; None when it means none

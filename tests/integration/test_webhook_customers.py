@@ -19,6 +19,7 @@ from structlog.testing import capture_logs
 
 from controlplane.config import Config
 from controlplane.core import ControlPlane
+from controlplane.errors import ConfigError
 from controlplane.interfaces import AuditEntry
 from controlplane.plugins.billing.stripe.webhooks import ALERTS, WebhookResult
 from stripe_emulator import StripeEmulator, serve_emulator
@@ -161,3 +162,48 @@ async def test_a_customer_set_on_another_org_is_refused_and_logged(setup: Setup)
     again = await setup.deliver(claim)  # a redelivery: the same answer, no second alert
     assert again.duplicate and again.outcome == result.outcome
     assert len(await setup.plane.storage.parity_alerts(ALERTS, limit=10)) == 1
+
+
+async def test_a_subscription_holds_the_prices_its_plan_names(
+    make_config: Callable[..., Config], clock: list[float]
+) -> None:
+    """`[[plans]] prices` names the catalog prices a pro subscription holds (here the metered
+    one alone); without it, every catalog price."""
+    emulator = StripeEmulator(seed=6)
+    async with serve_emulator(emulator):
+        config = make_config(
+            billing={"backend": "stripe", "api_key": API_KEY, "api_base": emulator.base_url},
+            stripe={"webhook_secret": SECRET},
+            catalog=CATALOG,
+            plans=[
+                {"name": "free", "billable": False},
+                {"name": "pro", "billable": True, "prices": ["pro_memory"]},
+            ],
+        )
+        async with ControlPlane(config, clock=lambda: clock[0]) as plane:
+            version = await plane.catalog_publish(actor="test")
+            assert version.version is not None
+            setup = Setup(emulator, plane)
+            customer = str((await setup.stripe.v1.customers.create_async(params={"name": "c"})).id)
+            answer = await setup.deliver(await setup.checkout_event("acme", customer))
+            assert answer.outcome.startswith("provisioned: sub_"), answer.outcome
+            params: Any = {"customer": customer}
+            (sub,) = (await setup.stripe.v1.subscriptions.list_async(params=params)).data
+            prices = {i["price"]["id"] for i in sub.to_dict()["items"]["data"]}
+            assert prices == {version.version.catalog["prices"]["pro_memory"]["id"]}
+            await setup.http.close_async()  # type: ignore[no-untyped-call]
+
+
+def test_a_plan_naming_a_price_the_catalog_lacks_is_refused(
+    make_config: Callable[..., Config],
+) -> None:
+    with pytest.raises(
+        ConfigError, match=r"plans\[1\]\.prices\[0\]: .*'pro_memori'.*did you mean 'pro_memory'"
+    ):
+        make_config(
+            catalog=CATALOG,
+            plans=[
+                {"name": "free", "billable": False},
+                {"name": "pro", "billable": True, "prices": ["pro_memori"]},
+            ],
+        )

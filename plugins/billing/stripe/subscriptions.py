@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -94,9 +95,15 @@ async def find_or_create(
     customer: str,
     version: CatalogVersion,
     session_id: str,
+    price_keys: Sequence[str] = (),
 ) -> SubscriptionState:
-    """The org's live subscription on `customer`, else a new one with every catalog price."""
-    prices: dict[str, dict[str, Any]] = version.catalog["prices"]
+    """The org's live subscription on `customer`, else a new one with the catalog prices
+    `price_keys` names (every catalog price when it names none: `[[plans]] prices`)."""
+    prices: dict[str, dict[str, Any]] = {
+        key: price
+        for key, price in version.catalog["prices"].items()
+        if not price_keys or key in price_keys
+    }
     ids = {p["id"] for p in prices.values()}
     listing: Any = {"customer": customer, "limit": 100}
     page = await stripe_call("list subscriptions", client.v1.subscriptions.list_async(listing))

@@ -75,7 +75,7 @@ import asyncio
 import dataclasses
 import re
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated, Any, Generic, TypeVar
 
 import msgspec
@@ -281,6 +281,7 @@ class StripeWebhooks(WebhookReceiver):
     alerts_delivered: bool  # alerts are POSTed (parity.alert.webhook_url), not only logged
     true_up: TrueUpCallback
     reissue: ReissueCallback
+    pro_prices: Sequence[str] = ()  # `[[plans]] prices` of pro: the catalog keys it holds
 
     async def receive(self, body: bytes, signature: str | None) -> WebhookResult:
         return await handle(self, body, signature)
@@ -511,7 +512,7 @@ async def _provision(
         pm = await subs.checkout_payment_method(client, session.setup_intent)
         if pm is not None:
             await subs.make_invoice_default(client, customer, pm)
-    sub = await subs.find_or_create(client, org_id, customer, version, session.id)
+    sub = await subs.find_or_create(client, org_id, customer, version, session.id, hooks.pro_prices)
     if pm is not None and sub.status in subs.AWAITING_PAYMENT:
         sub = await subs.retry_payment(client, sub, pm)  # a new card for an unpaid subscription
     policy = hooks.settings.plan_policy
