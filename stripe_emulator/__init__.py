@@ -65,7 +65,7 @@ from stripe_emulator.server import (
     serve_emulator,
     serve_emulator_in_thread,
 )
-from stripe_emulator.state import Faults, WebhookSettings
+from stripe_emulator.state import Faults, MeterValidation, WebhookSettings
 from stripe_emulator.webhooks import signature_header
 
 __all__ = [
@@ -74,6 +74,7 @@ __all__ = [
     "EmulatorServer",
     "Faults",
     "StripeEmulator",
+    "MeterValidation",
     "WebhookSettings",
     "main",
     "parse_form",
