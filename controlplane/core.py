@@ -801,3 +801,19 @@ class ControlPlane:
             reissue=reissue,
         )
         return await receiver.receive(body, signature)
+
+    async def stripe_thin_event(self, body: bytes, signature: str | None) -> WebhookResult:
+        """Verify and process one thin-event delivery from a Stripe event destination (see
+        :mod:`controlplane.plugins.billing.stripe.thin_events`): meter-event error reports
+        hold the sampled rows. Raises WebhookRejected for a bad signature."""
+        from controlplane.plugins.billing.stripe.thin_events import StripeThinEvents
+
+        receiver = StripeThinEvents(
+            storage=self.storage,
+            settings=self.config.stripe,
+            billing=self.billing,
+            now=self.now,
+            alerts_delivered=self.config.parity.alert.webhook_url is not None,
+            count_errors=self.metrics.provider_error,
+        )
+        return await receiver.receive(body, signature)

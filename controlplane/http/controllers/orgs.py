@@ -31,6 +31,8 @@ class OrgDetails(msgspec.Struct):
     updated_at: int
     subscription: str | None
     subscription_status: str | None
+    # the provider's code when it reported the customer missing (cleared when one is set)
+    customer_error: str | None
 
     @classmethod
     def of(cls, org: Org) -> OrgDetails:
@@ -52,6 +54,7 @@ def _details(org: Org) -> dict[str, Any]:
         "updated_at": org.updated_at,
         "subscription": org.subscription,
         "subscription_status": org.subscription_status,
+        "customer_error": org.customer_error,
     }
 
 
