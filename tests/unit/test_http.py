@@ -43,6 +43,7 @@ ACCESS = {
     ("GET", "/healthz"): (None, None),
     ("GET", "/readyz"): (None, None),
     ("POST", "/webhooks/stripe"): (None, None),  # its signature
+    ("POST", "/webhooks/stripe/thin"): (None, None),  # its signature
     ("POST", "/v1/orgs/{org_id:str}/capabilities"): ("require_scope", "admin"),
     ("GET", "/.well-known/jwks.json"): (None, None),  # public keys, for offline verification
     # the console (controlplane/http/console): a session cookie, its CSRF token on every form
@@ -59,6 +60,7 @@ OPEN_IN_SCHEMA = {  # no bearer token in the document
     ("get", "/metrics"),
     ("get", "/internal/usage-parity"),
     ("post", "/webhooks/stripe"),
+    ("post", "/webhooks/stripe/thin"),
     ("get", "/.well-known/jwks.json"),
 }
 
