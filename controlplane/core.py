@@ -73,6 +73,7 @@ from controlplane.parity import (
 )
 from controlplane.parity_checker import CheckerStats, ParityChecker, policy_of
 from controlplane.plans import FREE, Plans
+from controlplane.provider_errors import Released, release_provider_errors
 from controlplane.rollup import LegacyPlans
 from controlplane.sender import Sender, SendStats
 
@@ -415,6 +416,13 @@ class ControlPlane:
         """Ledger rows of buckets in [start, end), at most `limit`."""
         return await self.storage.ledger(
             org_id=org_id, state=state, start=start, end=end, limit=limit
+        )
+
+    async def release_provider_errors(self, org_id: str, *, actor: str, reason: str) -> Released:
+        """Re-issue the org's rows held for a provider error under new identifiers (see
+        :mod:`controlplane.provider_errors`); audited."""
+        return await release_provider_errors(
+            self.storage, org_id, at=self.now(), actor=actor, reason=reason
         )
 
     async def org(self, org_id: str) -> Org | None:

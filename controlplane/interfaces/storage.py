@@ -275,7 +275,8 @@ class SendStore(abc.ABC):
     async def reissue_rows(
         self, row_ids: Sequence[int], at: int, actor: str, detail: str
     ) -> list[NewRow]:
-        """For each row still `sent`: move it to `cancelled`/`reissued` with `detail` and
+        """For each row still `sent`, or `held` for a provider error (the provider reported
+        it invalid, so it never counted there): move it to `cancelled`/`reissued` with `detail` and
         append the next revision of its bucket with the same value, `pending`, each audited
         as ``ledger.reissued``, in one transaction; the rounding chains are re-derived. A
         reissued row no longer counts toward its bucket's ledger total (its usage lives on in

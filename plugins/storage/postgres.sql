@@ -268,12 +268,14 @@ WHERE org_id = $1 AND state = 'sent' AND bucket_start < $3
 ORDER BY id;
 
 -- name: reissuable
-SELECT id, identifier, org_id, meter, bucket_start, bucket_end, value_micros, quantity,
+-- Sent rows, and rows held for a provider error (reported invalid: never counted there).
+SELECT id, identifier, state, org_id, meter, bucket_start, bucket_end, value_micros, quantity,
        (SELECT max(r.revision) FROM ledger r
         WHERE r.org_id = l.org_id AND r.meter = l.meter AND r.bucket_start = l.bucket_start)
        AS last_revision
 FROM ledger l
-WHERE id = ANY($1::bigint[]) AND state = 'sent'
+WHERE id = ANY($1::bigint[])
+  AND (state = 'sent' OR (state = 'held' AND reason = 'provider_error'))
 ORDER BY id
 FOR UPDATE;
 

@@ -108,3 +108,23 @@ async def test_setting_the_customer_again_clears_the_flag(storage: Storage) -> N
     )
     org = await storage.get_org("a")
     assert org is not None and (org.customer, org.customer_error) == ("cus_a2", None)
+
+
+async def test_a_provider_error_row_is_re_issued_under_a_new_identifier(storage: Storage) -> None:
+    await pro(storage, "a")
+    (r0,) = await rows_of(storage, "a", 3 * UNIT)
+    await storage.sendable(0, 100, claim=claim("s"))
+    await storage.record_attempts([r0.id], NOW)
+    await storage.settle([decided(r0, RowState.SENT, customer="cus_a")], NOW, "s")
+    await storage.release_claims("s")
+    record, errors = report("evt_5", (r0.identifier, "meter_event_no_customer_defined"))
+    await storage.hold_provider_errors(record, errors, NOW + 1, "t")
+    (new,) = await storage.reissue_rows([r0.id], NOW + 2, "ops", "released: fixed")
+    assert new.identifier != r0.identifier and new.revision == r0.revision + 1
+    rows = by_id(await storage.ledger())
+    assert (rows[r0.id].state, rows[r0.id].reason) == (RowState.CANCELLED, Reason.REISSUED)
+    (fresh,) = [r for r in rows.values() if r.id != r0.id]
+    assert (fresh.state, fresh.quantity, fresh.value_micros) == (RowState.PENDING, 3, 3 * UNIT)
+    (audit,) = await storage.audit_log(action_prefix="ledger.reissued")
+    assert audit.before == {"state": "held", "quantity": 3}
+    assert await storage.reissue_rows([r0.id], NOW + 3, "ops", "again") == []

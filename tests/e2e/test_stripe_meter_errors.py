@@ -237,3 +237,41 @@ def test_a_bad_signature_is_refused_and_changes_nothing(stack: Stack) -> None:
     stack.emu.post("/_emulator/webhooks", json={"hold": False}).raise_for_status()
     stack.advance(0)
     assert stack.ledger("ghost")[0]["reason"] == "provider_error"
+
+
+def test_releasing_after_the_customer_is_fixed_bills_once_under_a_new_identifier(
+    stack: Stack,
+) -> None:
+    stack.org("ghost", "cus_unknown_to_stripe")
+    stack.api.post("/v1/events", json=[tick("g-1", "ghost", BUCKET + 5)]).raise_for_status()
+    stack.cli("rollup", "--until", str(BUCKET + HOUR))
+    stack.cli("send")
+    stack.advance(61)
+    (held,) = stack.ledger("ghost")
+    assert held["reason"] == "provider_error"
+    release = "/v1/orgs/ghost/release-provider-errors"
+    refused = stack.api.post(release, json={"reason": "try"})
+    assert refused.status_code == 409  # the customer is still flagged
+    assert stack.ledger("ghost") == [held]
+
+    real = str(stack.stripe.v1.customers.create({"name": "ghost"}).id)
+    stack.api.put("/v1/orgs/ghost", json={"customer": real, "reason": "fixed"}).raise_for_status()
+    assert stack.api.get("/v1/orgs/ghost").json()["customer_error"] is None
+    done = stack.api.post(release, json={"reason": "customer fixed"})
+    assert done.status_code == 200, done.text
+    body = done.json()
+    assert body["released"] == [held["identifier"]]
+    (new_id,) = body["reissued_as"]
+    assert new_id != held["identifier"]
+    stack.cli("send")
+    rows = {r["identifier"]: r for r in stack.ledger("ghost")}
+    assert (rows[held["identifier"]]["state"], rows[held["identifier"]]["reason"]) == (
+        "cancelled",
+        "reissued",
+    )
+    assert rows[new_id]["state"] == "sent"
+    summary = stack.stripe.v1.billing.meters.list().data[0]
+    totals = stack.stripe.v1.billing.meters.event_summaries.list(
+        summary.id, {"customer": real, "start_time": BUCKET, "end_time": BUCKET + HOUR}
+    ).data
+    assert totals[0].aggregated_value == rows[new_id]["quantity"] == held["quantity"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from litestar import Controller, HttpMethod, Request, Response, get, put, route
+from litestar import Controller, HttpMethod, Request, Response, get, post, put, route
 from litestar.params import FromPath, JSONBody
 
 from controlplane.errors import NotFound
@@ -13,6 +13,7 @@ from controlplane.http.guards import BEARER, actor, require_scope
 from controlplane.http.params import CP, Instant, seconds, strict_body
 from controlplane.http.problems import AUTH, BODY, documented
 from controlplane.interfaces import Org, PlanPeriod
+from controlplane.provider_errors import Released
 
 
 class OrgPut(msgspec.Struct, forbid_unknown_fields=True):
@@ -21,6 +22,10 @@ class OrgPut(msgspec.Struct, forbid_unknown_fields=True):
     effective_from: Instant | None = None
     reason: str | None = None
     force: bool = False  # a plan period before buckets already rolled up
+
+
+class ReleaseBody(msgspec.Struct, forbid_unknown_fields=True):
+    reason: str
 
 
 class OrgDetails(msgspec.Struct):
@@ -109,3 +114,23 @@ class OrgsController(Controller):
         if org is None:
             raise NotFound(f"no org {org_id!r}")
         return OrgDetails.of(org)
+
+    @post(
+        "/release-provider-errors",
+        opt={"scope": "admin"},
+        status_code=200,
+        summary="Re-issue the org's rows held for a provider error",
+        responses=documented(*AUTH, *BODY, 409),
+        before_request=strict_body(ReleaseBody),
+    )
+    async def release_provider_errors(
+        self,
+        request: Request[Any, Any, Any],
+        cp: CP,
+        org_id: FromPath[str],
+        data: JSONBody[ReleaseBody],
+    ) -> Released:
+        """Each `held`/`provider_error` row moves to `cancelled`/`reissued` and its usage to
+        the bucket's next revision, `pending`, under a new identifier (Stripe keeps the old one
+        and would answer it as a duplicate). 409 while the org's customer is flagged."""
+        return await cp.release_provider_errors(org_id, actor=actor(request), reason=data.reason)
