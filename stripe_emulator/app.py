@@ -324,6 +324,7 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v2/core/event_destinations", StripeEmulator.create_event_destination),
     Route("GET", "/v2/core/event_destinations", StripeEmulator.list_event_destinations),
     Route("GET", "/v2/core/event_destinations/{id}", StripeEmulator.retrieve_event_destination),
+    Route("GET", "/v2/core/events", StripeEmulator.list_v2_events),
     Route("GET", "/v2/core/events/{id}", StripeEmulator.retrieve_v2_event),
 )
 

@@ -1,7 +1,7 @@
 """Event destinations, thin (v2) events, and the meter-event error reports they carry.
 
 ``POST /v2/core/event_destinations``, ``GET /v2/core/event_destinations[/{id}]``,
-``GET /v2/core/events/{id}`` (JSON bodies, as the SDK sends v2 requests).
+``GET /v2/core/events[/{id}]`` (JSON bodies, as the SDK sends v2 requests).
 
 - Destinations (TE-8): ``name``, ``type`` (``webhook_endpoint`` only here), ``event_payload``
   (``thin``; ``snapshot`` is refused: the emulator's snapshot events go to
@@ -191,6 +191,22 @@ class ThinEventsMixin(EmulatorState):
     def list_event_destinations(self, request: ApiRequest) -> Json:
         items = list(reversed(self.event_destinations.values()))
         return {"data": items, "next_page_url": None, "previous_page_url": None}
+
+    def list_v2_events(self, request: ApiRequest) -> Json:
+        """``GET /v2/core/events``: newest first, by ``object_id`` (the related object) and
+        ``types``, at most ``limit`` (one page)."""
+        params = request.params
+        oldest = self.now() - EVENT_RETENTION_SECONDS
+        items = [e for i, e in reversed(self.v2_events.items()) if self._v2_created[i] >= oldest]
+        object_id = params.get("object_id")
+        if object_id:
+            items = [e for e in items if (e.get("related_object") or {}).get("id") == object_id]
+        types = params.get("types")
+        if types:
+            wanted = types if isinstance(types, list) else [types]
+            items = [e for e in items if e["type"] in wanted]
+        limit = int(params.get("limit") or 20)
+        return {"data": items[:limit], "next_page_url": None, "previous_page_url": None}
 
     def retrieve_v2_event(self, request: ApiRequest) -> Json:
         ident = request.args["id"]
