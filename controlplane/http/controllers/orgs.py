@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, HttpMethod, Request, Response, get, post, put, route
@@ -25,7 +25,7 @@ class OrgPut(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class ReleaseBody(msgspec.Struct, forbid_unknown_fields=True):
-    reason: str
+    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=1000)]
 
 
 class OrgDetails(msgspec.Struct):

@@ -42,7 +42,6 @@ event was never counted, so a new identifier cannot bill twice.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -95,7 +94,6 @@ class StripeThinEvents:
         if self.settings.event_destination_secret is None:
             raise ThinEventsNotConfigured()
         secret = reveal(self.settings.event_destination_secret, "stripe.event_destination_secret")
-        client = stripe_client(self.billing)
         try:
             stripe.WebhookSignature.verify_header(
                 body, signature or "", secret, tolerance=self.settings.webhook_tolerance_seconds
@@ -104,6 +102,9 @@ class StripeThinEvents:
             raise WebhookRejected(f"signature check failed: {exc.user_message or exc}") from None
         except UnicodeDecodeError:
             raise WebhookRejected("the body is not UTF-8") from None
+        # Verified above so that a bad signature and a body that is not a thin event are told
+        # apart; the SDK's parse verifies again, cheaply, and builds the typed notification.
+        client = stripe_client(self.billing)
         try:
             notification: Any = client.parse_event_notification(
                 body, signature, secret, tolerance=self.settings.webhook_tolerance_seconds
@@ -171,7 +172,7 @@ class StripeThinEvents:
 
 def _errors(full: Any) -> tuple[dict[str, int], list[ProviderError]]:
     """Counts by code, and every sampled error, from a fetched error-report event."""
-    data = json.loads(json.dumps(full.to_dict().get("data") or {}))
+    data: dict[str, Any] = full.to_dict().get("data") or {}
     counts: dict[str, int] = {}
     errors: list[ProviderError] = []
     for kind in (data.get("reason") or {}).get("error_types") or []:
