@@ -219,11 +219,13 @@ class PlanPolicyConfig(_Section, frozen=True):
 
 
 class StripeConfig(_Section, frozen=True):
-    """Stripe webhooks (`POST /webhooks/stripe`)."""
+    """Stripe webhooks (`POST /webhooks/stripe`) and thin events (`POST /webhooks/stripe/thin`)."""
 
     webhook_secret: Secret | None = None  # the endpoint's whsec_... signing secret
     webhook_tolerance_seconds: int = 300
     plan_policy: PlanPolicyConfig = PlanPolicyConfig()
+    # the event destination's whsec_... secret (thin events, `POST /webhooks/stripe/thin`)
+    event_destination_secret: Secret | None = None
 
 
 class LegacyPluginConfig(PluginConfig, kw_only=True, frozen=True):

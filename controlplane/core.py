@@ -75,6 +75,7 @@ from controlplane.parity import (
 )
 from controlplane.parity_checker import CheckerStats, ParityChecker, policy_of
 from controlplane.plans import FREE, PRO, Plans
+from controlplane.provider_errors import Released, release_provider_errors
 from controlplane.rollup import LegacyPlans
 from controlplane.sender import Sender, SendStats
 
@@ -347,6 +348,13 @@ class ControlPlane:
         """Ledger rows of buckets in [start, end), at most `limit`."""
         return await self.storage.ledger(
             org_id=org_id, state=state, start=start, end=end, limit=limit
+        )
+
+    async def release_provider_errors(self, org_id: str, *, actor: str, reason: str) -> Released:
+        """Re-issue the org's rows held for a provider error under new identifiers (see
+        :mod:`controlplane.provider_errors`); audited."""
+        return await release_provider_errors(
+            self.storage, org_id, at=self.now(), actor=actor, reason=reason
         )
 
     async def org(self, org_id: str) -> Org | None:
@@ -735,5 +743,21 @@ class ControlPlane:
             true_up=true_up,
             reissue=reissue,
             pro_prices=self.plans.prices(PRO),
+        )
+        return await receiver.receive(body, signature)
+
+    async def stripe_thin_event(self, body: bytes, signature: str | None) -> WebhookResult:
+        """Verify and process one thin-event delivery from a Stripe event destination (see
+        :mod:`controlplane.plugins.billing.stripe.thin_events`): meter-event error reports
+        hold the sampled rows. Raises WebhookRejected for a bad signature."""
+        from controlplane.plugins.billing.stripe.thin_events import StripeThinEvents
+
+        receiver = StripeThinEvents(
+            storage=self.storage,
+            settings=self.config.stripe,
+            billing=self.billing,
+            now=self.now,
+            alerts_delivered=self.config.parity.alert.webhook_url is not None,
+            count_errors=self.metrics.provider_error,
         )
         return await receiver.receive(body, signature)

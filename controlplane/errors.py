@@ -100,6 +100,10 @@ class FlagRefused(ControlPlaneError, ValueError):
         super().__init__(f"{rule}: {message}")
 
 
+class ReleaseRefused(ControlPlaneError, ValueError):
+    """The held rows cannot be released yet; nothing was changed."""
+
+
 class StorageError(ControlPlaneError):
     """The storage backend failed."""
 

@@ -36,7 +36,11 @@ class Reason(enum.StrEnum):
     TOO_OLD = "too_old"
     ROLLED_BACK = "rolled_back"
     REISSUED = "reissued"  # reached the provider after its invoice was finalized: sent again
+    PROVIDER_ERROR = "provider_error"  # accepted, then reported invalid by the provider
 
+
+CUSTOMER_NOT_FOUND = "meter_event_customer_not_found"
+"""The provider's error-report code that flags the org's customer mapping."""
 
 BILLABLE = "billable"
 EXCLUDING = (Reason.FREE_PLAN, Reason.BEFORE_BILL_FROM, Reason.TOO_OLD)

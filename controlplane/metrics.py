@@ -72,6 +72,13 @@ class Metrics:
             buckets=SEND_BUCKETS,
             registry=r,
         )
+        self.provider_errors = Counter(
+            "controlplane_provider_errors",
+            "Meter events the billing provider accepted, then reported invalid (Stripe error "
+            "reports and no-meter-found thin events), by the provider's error code.",
+            ["code"],
+            registry=r,
+        )
         for reason in REFUSALS:
             self.ingest_refused.labels(reason)
         for outcome in Outcome:
@@ -104,6 +111,9 @@ class Metrics:
 
     def refused(self, reason: str) -> None:
         self.ingest_refused.labels(reason).inc()
+
+    def provider_error(self, code: str, events: int) -> None:
+        self.provider_errors.labels(code).inc(events)
 
     def sent(self, outcome: Outcome, seconds: float) -> None:
         self.sends.labels(outcome.value).inc()

@@ -72,7 +72,7 @@ from stripe_emulator.server import (
     serve_emulator,
     serve_emulator_in_thread,
 )
-from stripe_emulator.state import Faults, WebhookSettings
+from stripe_emulator.state import Faults, MeterValidation, WebhookSettings
 from stripe_emulator.webhooks import signature_header
 
 __all__ = [
@@ -80,6 +80,7 @@ __all__ = [
     "EmulatedError",
     "EmulatorServer",
     "Faults",
+    "MeterValidation",
     "StripeEmulator",
     "WebhookSettings",
     "main",

@@ -33,6 +33,8 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+import msgspec
+
 from stripe_emulator import hooks
 from stripe_emulator.catalog import CatalogMixin
 from stripe_emulator.checkout import CheckoutMixin
@@ -55,6 +57,7 @@ from stripe_emulator.payment_methods import PaymentMethodsMixin
 from stripe_emulator.records import Reply, SavedResponse, error_reply, json_reply
 from stripe_emulator.state import EmulatorState
 from stripe_emulator.subscriptions import SubscriptionsMixin
+from stripe_emulator.thin_events import ThinEventsMixin
 from stripe_emulator.webhooks import EventsMixin
 
 Scope = MutableMapping[str, Any]
@@ -83,6 +86,7 @@ class StripeEmulator(
     CheckoutMixin,
     ClocksMixin,
     EventsMixin,
+    ThinEventsMixin,
     EmulatorState,
 ):
     """The emulated Stripe account: its objects, its memory windows, its clock and its faults.
@@ -139,7 +143,7 @@ class StripeEmulator(
         try:
             _authenticate(headers.get("authorization"))
             route, args = _route(method, path)
-            params = parse_form(body.decode("utf-8", "replace") if method == "POST" else query)
+            params = _params(method, path, query, body)
             if not self._take_token():
                 self.counters.rate_limited += 1
                 raise EmulatedError(
@@ -332,6 +336,11 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/test_helpers/test_clocks/{id}/advance", StripeEmulator.advance_test_clock),
     Route("GET", "/v1/events", StripeEmulator.list_events),
     Route("GET", "/v1/events/{id}", StripeEmulator.retrieve_event),
+    Route("POST", "/v2/core/event_destinations", StripeEmulator.create_event_destination),
+    Route("GET", "/v2/core/event_destinations", StripeEmulator.list_event_destinations),
+    Route("GET", "/v2/core/event_destinations/{id}", StripeEmulator.retrieve_event_destination),
+    Route("GET", "/v2/core/events", StripeEmulator.list_v2_events),
+    Route("GET", "/v2/core/events/{id}", StripeEmulator.retrieve_v2_event),
 )
 
 _EXACT: dict[tuple[str, str], Route] = {
@@ -356,6 +365,20 @@ def _route(method: str, path: str) -> tuple[Route, dict[str, str]]:
         f"Unrecognized request URL ({method}: {path}). The Stripe emulator supports only the "
         "endpoints the control plane uses.",
     )
+
+
+def _params(method: str, path: str, query: str, body: bytes) -> Json:
+    """The request's parameters: v2 POSTs carry JSON, v1 POSTs Stripe's form encoding, GETs
+    a query string."""
+    if method == "POST" and path.startswith("/v2/"):
+        try:
+            decoded = msgspec.json.decode(body) if body.strip() else {}
+        except msgspec.DecodeError:
+            raise EmulatedError(400, "The request body is not valid JSON.") from None
+        if not isinstance(decoded, dict):
+            raise EmulatedError(400, "The request body must be a JSON object.")
+        return decoded
+    return parse_form(body.decode("utf-8", "replace") if method == "POST" else query)
 
 
 def _authenticate(authorization: str | None) -> None:

@@ -11,7 +11,11 @@ from collections.abc import Sequence
 
 from stripe_emulator.app import StripeEmulator
 from stripe_emulator.server import DEFAULT_PORT, serve_emulator
-from stripe_emulator.state import DEFAULT_INVOICE_FINALIZE_DELAY
+from stripe_emulator.state import (
+    ASYNC_RULES,
+    DEFAULT_INVOICE_FINALIZE_DELAY,
+    MeterValidation,
+)
 
 
 def run(
@@ -27,6 +31,7 @@ def run(
     webhook_url: str | None = None,
     webhook_secret: str | None = None,
     invoice_finalize_delay: float | None = DEFAULT_INVOICE_FINALIZE_DELAY,
+    meter_validation: MeterValidation | None = None,
 ) -> None:
     """Serve an emulator until interrupted, printing each accepted meter event to stdout.
 
@@ -40,6 +45,7 @@ def run(
         seed=seed,
         log_events=log_events,
         invoice_finalize_delay=invoice_finalize_delay,
+        meter_validation=meter_validation,
     )
     if webhook_url:
         registered = emulator.add_webhook_endpoint(webhook_url, secret=webhook_secret)
@@ -91,8 +97,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=DEFAULT_INVOICE_FINALIZE_DELAY,
         help="seconds from invoice.created to automatic finalization (negative: never)",
     )
+    parser.add_argument(
+        "--sync-checks",
+        default="",
+        help="meter-event checks answered 400 instead of reported later, comma-separated: "
+        f"{', '.join(ASYNC_RULES)} (default: none, all reported asynchronously)",
+    )
+    parser.add_argument(
+        "--report-window", type=int, default=60, help="error-report window, seconds"
+    )
+    parser.add_argument(
+        "--summary-lag", type=float, default=0.0, help="seconds before summaries count an event"
+    )
     args = parser.parse_args(argv)
     try:
+        sync = [r for r in args.sync_checks.split(",") if r]
+        unknown = sorted(set(sync) - set(ASYNC_RULES))
+        if unknown:
+            raise ValueError(f"--sync-checks: unknown {unknown}; known: {list(ASYNC_RULES)}")
+        validation = MeterValidation(
+            report_window_seconds=args.report_window, summary_lag_seconds=args.summary_lag
+        )
+        for rule in sync:
+            setattr(validation, rule, "sync")
+        validation.check()
         run(
             args.host,
             args.port,
@@ -107,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             invoice_finalize_delay=(
                 None if args.invoice_finalize_delay < 0 else args.invoice_finalize_delay
             ),
+            meter_validation=validation,
         )
     except (ValueError, OSError) as exc:
         print(f"stripe-emulator: {exc}", file=sys.stderr)

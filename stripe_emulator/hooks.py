@@ -27,6 +27,11 @@ Test hooks, without auth (JSON bodies; errors are ``{"error": {...}}`` with a 4x
   ``will_retry``, ``duplicate``, ``redelivery``, ``signed_at``, ``at``, ``response``; plus
   ``pending`` and ``held``), ``POST /_emulator/webhook_endpoints`` ``{"url", "enabled_events",
   "secret"?, "api_version"?}`` (register with a chosen secret, e.g. the one in a config file).
+- ``GET``/``POST /_emulator/meter_validation`` (which meter-event checks are ``sync`` or
+  ``async``, ``report_window_seconds``, ``sample_size``, ``summary_lag_seconds``),
+  ``POST /_emulator/event_destinations`` ``{"url", "enabled_events"?, "secret"?}`` (a thin-event
+  destination with a chosen secret); ``POST /_emulator/events/{id}/redeliver`` also resends a
+  thin event.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import msgspec
 
 from stripe_emulator.errors import EmulatedError, Json
 from stripe_emulator.records import Reply, json_reply
+from stripe_emulator.thin_events import THIN_EVENT_TYPES
 
 if TYPE_CHECKING:
     from stripe_emulator.app import StripeEmulator
@@ -98,6 +104,19 @@ async def handle(
                 api_version=None if version is None else str(version),
             )
             return json_reply(200, endpoint, "")
+        if (method, path) == ("GET", "/_emulator/meter_validation"):
+            return json_reply(200, dataclasses.asdict(emulator.meter_validation), "")
+        if (method, path) == ("POST", "/_emulator/meter_validation"):
+            validation = emulator.set_meter_validation(**data)
+            return json_reply(200, dataclasses.asdict(validation), "")
+        if (method, path) == ("POST", "/_emulator/event_destinations"):
+            types = data.get("enabled_events", sorted(THIN_EVENT_TYPES))
+            if not isinstance(types, list):
+                raise ValueError("enabled_events must be a list of event types")
+            destination = emulator.add_event_destination(
+                str(data["url"]), [str(t) for t in types], secret=data.get("secret")
+            )
+            return json_reply(200, destination, "")
         if (method, path) == ("GET", "/_emulator/deliveries"):
             flags = dict(parse_qsl(query))
             records = [
@@ -151,6 +170,8 @@ async def handle(
             if (method, kind, action) == ("POST", "invoices", "finalize"):
                 return json_reply(200, emulator.finalize_invoice(ident), "")
             if (method, kind, action) == ("POST", "events", "redeliver"):
+                if ident in emulator.v2_events:
+                    return json_reply(200, {"queued": emulator.redeliver_thin(ident)}, "")
                 target = data.get("endpoint")
                 queued = emulator.redeliver(ident, None if target is None else str(target))
                 return json_reply(200, {"queued": queued}, "")

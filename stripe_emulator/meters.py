@@ -6,17 +6,22 @@ and ``/reactivate``; ``POST /v1/billing/meter_events``; ``POST
 /v1/billing/meters/{id}/event_summaries``.
 
 - A meter's ``event_name`` is unique among meters; formula ``sum``, ``count`` or ``last``.
-- Meter events: ``event_name`` must name an active meter; the payload must carry the meter's
-  customer key naming an existing customer and (except for ``count`` meters) its value key;
-  the value is a whole number (an integer string, may be negative, at most 15 digits);
-  ``timestamp`` within the past 35 days and at most 5 minutes ahead of the emulator clock;
-  ``identifier`` (generated when absent, at most 100 characters) unique for 24 hours: a second
-  event with it gets HTTP 400 ``An event already exists with identifier {id}.`` with header
-  ``Stripe-Should-Retry: false``. After 24 hours (emulator clock) the identifier is forgotten
-  and an event reusing it is accepted and counted again, which is the hazard the control
-  plane's ledger guards against. Real Stripe reports some of these (unknown meter or customer)
-  asynchronously through error reports; the emulator answers them synchronously with 400, using
-  the codes of Stripe's error-report enum (``no_meter``, ``meter_event_customer_not_found``...).
+- Meter events, answered 400 before anything is recorded (ME-1, ME-2, ME-5, ME-7, ME-8): a
+  missing ``event_name`` or ``payload``, a non-string payload value, a value that is not a
+  whole number (an integer string, may be negative, at most 15 digits), a ``timestamp`` outside
+  the past 35 days to 5 minutes ahead of the emulator clock; and a reused ``identifier``
+  (generated when absent, at most 100 characters) within 24 hours: HTTP 400 ``An event already
+  exists with identifier {id}.`` with ``Stripe-Should-Retry: false`` (third-party evidence, see
+  "Not sourced"). After 24 hours (emulator clock) the identifier is forgotten and an event
+  reusing it is accepted and counted again, which is the hazard the control plane's ledger
+  guards against.
+- No meter for ``event_name`` (``no_meter``), an inactive meter (``archived_meter``), no
+  customer key in the payload (``meter_event_no_customer_defined``) and an unknown customer
+  (``meter_event_customer_not_found``): by default answered 200 with the event's identifier
+  taken, counted in no summary and reported later in a thin event (ME-9, ME-15 to ME-18; see
+  :mod:`stripe_emulator.thin_events`). No Stripe source says which of these are checked
+  synchronously, so each is configurable (``MeterValidation``: ``sync`` answers 400 with the
+  code).
 - One concurrent call per customer per meter: a meter event that arrives while another for the
   same (event name, customer) is still being processed gets 429 ``lock_timeout``. Processing
   is atomic, so this can only happen while an injected latency is holding the first one.
@@ -24,7 +29,8 @@ and ``/reactivate``; ``POST /v1/billing/meter_events``; ``POST
   a cancelled event no longer counts in summaries.
 - Summaries aggregate non-cancelled events with timestamp in ``[start_time, end_time)`` for one
   customer by the meter's formula; both bounds must be minute-aligned (hour- or day-aligned with
-  ``value_grouping_window``). Unlike Stripe, they are immediately consistent.
+  ``value_grouping_window``). They are eventually consistent (SUM-1): an event counts once it
+  was received ``summary_lag_seconds`` ago on the emulator clock (0 by default).
 """
 
 from __future__ import annotations
@@ -175,31 +181,38 @@ class MetersMixin(EmulatorState):
                     f"payload[{key}]", f"Invalid payload: payload[{key}] must be a string."
                 )
         meter = self._meters_by_event.get(event_name)
-        if meter is None or not meter.active:
-            raise EmulatedError(
-                400,
-                f"No active meter was found that matches the event name '{event_name}'.",
-                param="event_name",
-                code="no_meter",
-            )
         now = self.now()
-        customer = payload.get(meter.customer_key)
-        if not customer:
-            raise EmulatedError(
-                400,
-                f"The payload is missing the key '{meter.customer_key}' that this meter uses to "
-                "map events to customers.",
-                param=f"payload[{meter.customer_key}]",
-                code="meter_event_no_customer_defined",
-            )
-        if customer not in self.customers:
-            raise EmulatedError(
-                400,
-                f"No such customer: '{customer}'",
-                param=f"payload[{meter.customer_key}]",
-                code="meter_event_customer_not_found",
-            )
-        value = _event_value(meter, payload)
+        invalid_as: tuple[str, str] | None = None  # (code, message) of an async failure
+        if meter is None or not meter.active:
+            code = "no_meter" if meter is None else "archived_meter"
+            message = f"No active meter was found that matches the event name '{event_name}'."
+            if meter is not None:
+                message = f"The meter for event name '{event_name}' is inactive (archived)."
+            if not self.meter_validation.is_async(code):
+                raise EmulatedError(400, message, param="event_name", code=code)
+            invalid_as = (code, message)
+        customer = ""
+        value = 0
+        if meter is not None and invalid_as is None:
+            customer = payload.get(meter.customer_key) or ""
+            if not customer:
+                code = "meter_event_no_customer_defined"
+                message = f"Customer mapping key {meter.customer_key} not found in payload."
+                if not self.meter_validation.is_async(code):
+                    raise EmulatedError(
+                        400, message, param=f"payload[{meter.customer_key}]", code=code
+                    )
+                invalid_as = (code, message)
+            elif customer not in self.customers:
+                code = "meter_event_customer_not_found"
+                message = f"No such customer: '{customer}'"
+                if not self.meter_validation.is_async(code):
+                    raise EmulatedError(
+                        400, message, param=f"payload[{meter.customer_key}]", code=code
+                    )
+                invalid_as = (code, message)
+        if meter is not None:
+            value = _event_value(meter, payload)
         timestamp = int_param(params, "timestamp")
         if timestamp is None:
             timestamp = int(now)
@@ -216,6 +229,23 @@ class MetersMixin(EmulatorState):
                 param="identifier",
                 headers=[("Stripe-Should-Retry", "false")],
             )
+        if invalid_as is not None:
+            # Accepted (its identifier is taken), never counted, reported in a thin event.
+            code, message = invalid_as
+            self._identifiers[identifier] = AcceptedEvent(
+                identifier,
+                meter.id if meter else "",
+                event_name,
+                customer,
+                value,
+                timestamp,
+                received_at=now,
+                invalid=code,
+            )
+            reported = meter.id if meter is not None and code != "no_meter" else None
+            self._report_invalid(reported, code, identifier, message, now)
+            return _meter_event_object(now, event_name, identifier, payload, timestamp)
+        assert meter is not None
         event = AcceptedEvent(
             identifier, meter.id, event_name, customer, value, timestamp, received_at=now
         )
@@ -229,15 +259,7 @@ class MetersMixin(EmulatorState):
         self._last_accepted[identifier] = now
         if self.log_events:
             self._log_event(event)
-        return {
-            "object": "billing.meter_event",
-            "created": int(now),
-            "event_name": event_name,
-            "identifier": identifier,
-            "livemode": False,
-            "payload": payload,
-            "timestamp": timestamp,
-        }
+        return _meter_event_object(now, event_name, identifier, payload, timestamp)
 
     def create_meter_event_adjustment(self, request: ApiRequest) -> Json:
         params = request.params
@@ -313,12 +335,13 @@ class MetersMixin(EmulatorState):
                 raise invalid(name, f"{name} must be aligned with {unit} boundaries.")
         if end <= start:
             raise invalid("end_time", "end_time must be after start_time.")
+        processed = self.now() - self.meter_validation.summary_lag_seconds
         bounds = [(start, end)] if not window else [(s, s + step) for s in range(start, end, step)]
         items = [
             {
                 "id": _summary_id(meter.id, customer, s, e),
                 "object": "billing.meter_event_summary",
-                "aggregated_value": self._aggregate(meter, customer, s, e),
+                "aggregated_value": self._aggregate(meter, customer, s, e, processed),
                 "end_time": e,
                 "livemode": False,
                 "meter": meter.id,
@@ -338,6 +361,20 @@ class MetersMixin(EmulatorState):
             f"identifier={event.identifier}{note}",
             flush=True,
         )
+
+
+def _meter_event_object(
+    now: float, event_name: str, identifier: str, payload: Json, timestamp: int
+) -> Json:
+    return {
+        "object": "billing.meter_event",
+        "created": int(now),
+        "event_name": event_name,
+        "identifier": identifier,
+        "livemode": False,
+        "payload": payload,
+        "timestamp": timestamp,
+    }
 
 
 def _event_value(meter: EmulatedMeter, payload: Json) -> int:

@@ -36,6 +36,8 @@ class Counters:
     webhook_failures: int = 0  # attempts answered otherwise or not at all
     webhooks_abandoned: int = 0  # deliveries that used up max_attempts
     webhook_duplicates: int = 0  # extra deliveries injected by duplicate_rate/_next
+    meter_events_invalid: int = 0  # answered 200, failed a check made asynchronously
+    thin_events_emitted: int = 0
 
 
 @dataclasses.dataclass(slots=True)
@@ -66,6 +68,7 @@ class AcceptedEvent:
     timestamp: int
     received_at: float
     cancelled: bool = False
+    invalid: str | None = None  # the error-report code of an event that failed async checks
 
 
 @dataclasses.dataclass(slots=True)

@@ -98,6 +98,42 @@ class WebhookSettings:
             raise ValueError("duplicate_next must not be negative")
 
 
+ASYNC_RULES = (
+    "no_meter",
+    "archived_meter",
+    "meter_event_no_customer_defined",
+    "meter_event_customer_not_found",
+)
+
+
+@dataclasses.dataclass(slots=True)
+class MeterValidation:
+    """Which meter-event checks answer 400 (``sync``) and which are reported later in thin
+    events (``async``, the default: no Stripe source says these are synchronous), the error
+    report's window and sample size, and the lag of meter event summaries; see the
+    ``thin_events`` module docstring."""
+
+    no_meter: str = "async"
+    archived_meter: str = "async"
+    meter_event_no_customer_defined: str = "async"
+    meter_event_customer_not_found: str = "async"
+    report_window_seconds: int = 60
+    sample_size: int = 3
+    summary_lag_seconds: float = 0.0
+
+    def check(self) -> None:
+        for rule in ASYNC_RULES:
+            if getattr(self, rule) not in ("sync", "async"):
+                raise ValueError(f"{rule} must be sync or async")
+        if self.report_window_seconds < 1 or self.sample_size < 1:
+            raise ValueError("report_window_seconds and sample_size must be at least 1")
+        if self.summary_lag_seconds < 0:
+            raise ValueError("summary_lag_seconds must not be negative")
+
+    def is_async(self, rule: str) -> bool:
+        return bool(getattr(self, rule) == "async")
+
+
 class EmulatorState:
     """The emulated Stripe account: its objects, its memory windows, its clock and its faults.
 
@@ -118,7 +154,10 @@ class EmulatorState:
         clock: Callable[[], float] = time.time,
         webhooks: WebhookSettings | None = None,
         invoice_finalize_delay: float | None = DEFAULT_INVOICE_FINALIZE_DELAY,
+        meter_validation: MeterValidation | None = None,
     ) -> None:
+        self._initial_validation = dataclasses.replace(meter_validation or MeterValidation())
+        self._initial_validation.check()
         self._initial_webhooks = dataclasses.replace(webhooks or WebhookSettings())
         self._initial_webhooks.check()
         if invoice_finalize_delay is not None and invoice_finalize_delay < 0:
@@ -189,6 +228,12 @@ class EmulatorState:
         self._outbox: list[tuple[float, int, EventDelivery]] = []  # heap by due time (monotonic)
         self._held: list[EventDelivery] = []
         self._sequence = 0
+        # thin events: destinations, v2 events, error reports being collected
+        self.meter_validation = dataclasses.replace(self._initial_validation)
+        self.event_destinations: dict[str, Json] = {}
+        self.v2_events: dict[str, Json] = {}
+        self._v2_created: dict[str, float] = {}
+        self._error_windows: dict[tuple[str | None, int], Any] = {}  # thin_events.ErrorWindow
 
     def now(self) -> float:
         """The emulator clock: real time plus the offset tests advance."""
@@ -259,6 +304,9 @@ class EmulatorState:
             checkout_sessions=len(self.checkout_sessions),
             stripe_events=len(self.stripe_events),
             webhook_endpoints=len(self.webhook_endpoints),
+            event_destinations=len(self.event_destinations),
+            v2_events=len(self.v2_events),
+            meter_validation=dataclasses.asdict(self.meter_validation),
             webhooks_pending=len(self._outbox) + self._sending,
             webhooks_held=len(self._held),
             webhooks=dataclasses.asdict(self.webhook_settings),
@@ -311,6 +359,7 @@ class EmulatorState:
             if session["status"] == "open" and session["expires_at"] <= now:
                 self._expire_session(session)
         self._run_collection(now)
+        self._emit_reports(now)
         self._reschedule()
 
     def _reschedule(self) -> None:
@@ -325,6 +374,7 @@ class EmulatorState:
                     for s in self.checkout_sessions.values()
                     if s["status"] == "open"
                 ),
+                self._reports_due_at(),
             ),
             default=math.inf,
         )
@@ -399,11 +449,20 @@ class EmulatorState:
             raise no_such("webhook endpoint", ident, "id", status=404)
         return endpoint
 
-    def _aggregate(self, meter: EmulatedMeter, customer: str, start: int, end: int) -> int:
+    def _aggregate(
+        self,
+        meter: EmulatedMeter,
+        customer: str,
+        start: int,
+        end: int,
+        received_by: float = math.inf,
+    ) -> int:
+        """By the meter's formula, over the non-cancelled events with timestamp in [start,
+        end) received by `received_by` (emulator time: what summaries have processed)."""
         events = [
             e
             for e in self.events.get((meter.id, customer), ())
-            if not e.cancelled and start <= e.timestamp < end
+            if not e.cancelled and start <= e.timestamp < end and e.received_at <= received_by
         ]
         if meter.formula == "count":
             return len(events)
@@ -527,3 +586,13 @@ class EmulatorState:
         def _apply_credits(self, invoice: Json) -> None: ...
 
         def _expire_session(self, session: Json, request: ApiRequest | None = None) -> Json: ...
+
+        def _enqueue(self, delivery: EventDelivery, delay: float = 0.0) -> None: ...
+
+        def _emit_reports(self, now: float) -> None: ...
+
+        def _reports_due_at(self) -> float: ...
+
+        def _report_invalid(
+            self, meter: str | None, code: str, identifier: str, message: str, now: float
+        ) -> None: ...

@@ -416,13 +416,16 @@ class EventsMixin(EmulatorState):
 
     async def _attempt(self, http: httpx.AsyncClient, delivery: EventDelivery) -> None:
         endpoint = self.webhook_endpoints.get(delivery.endpoint)
+        if endpoint is None and delivery.endpoint in self.event_destinations:
+            destination = self.event_destinations[delivery.endpoint]
+            endpoint = {"url": destination["webhook_endpoint"]["url"], **destination}
         secret = self._endpoint_secrets.get(delivery.endpoint)
         if endpoint is None or secret is None or endpoint["status"] != "enabled":
             return  # deleted or disabled since
         settings = self.webhook_settings
         delivery.attempts += 1
         signed_at = int(self.now())
-        event = self.stripe_events.get(delivery.event, {})
+        event = self.stripe_events.get(delivery.event) or self.v2_events.get(delivery.event, {})
         record: Json = {
             "event": delivery.event,
             "type": event.get("type"),

@@ -23,7 +23,7 @@ from controlplane.http.controllers.flags import FLAG_BODIES, FlagsController
 from controlplane.http.controllers.health import HealthController, MetricsController
 from controlplane.http.controllers.jobs import JobsController
 from controlplane.http.controllers.ofrep import OfrepController
-from controlplane.http.controllers.orgs import OrgPut, OrgsController
+from controlplane.http.controllers.orgs import OrgPut, OrgsController, ReleaseBody
 from controlplane.http.controllers.parity import ParityRunsController, UsageParityController
 from controlplane.http.controllers.usage import UsageController
 from controlplane.http.controllers.webhooks import WebhooksController
@@ -41,6 +41,7 @@ from controlplane.ratelimit import IngestLimiter
 BODIES: tuple[type[msgspec.Struct], ...] = (
     *FLAG_BODIES.values(),
     OrgPut,
+    ReleaseBody,
     *cutover.BODIES,
 )  # the JSON bodies `strict_body` checks
 

@@ -25,6 +25,7 @@ from controlplane.errors import (
     InvalidInput,
     NotFound,
     Problem,
+    ReleaseRefused,
     StorageError,
     Undecodable,
     UnsupportedMediaType,
@@ -76,6 +77,8 @@ def on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
         return problem(404, "Not found", exc.message)
     if isinstance(exc, FlagRefused):
         return problem(409, "Refused", exc.message, rule=exc.rule)
+    if isinstance(exc, ReleaseRefused):
+        return problem(409, "Refused", exc.message)
     if isinstance(exc, RateLimited):
         return problem(
             429, "Too many requests", str(exc), headers={"Retry-After": exc.retry_after_header}

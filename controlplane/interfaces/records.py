@@ -70,6 +70,7 @@ class Org(msgspec.Struct, frozen=True):
     updated_at: int
     subscription: str | None = None  # the provider subscription provisioned for it
     subscription_status: str | None = None  # Stripe's: "active", "incomplete", "past_due"...
+    customer_error: str | None = None  # the provider's code when it did not find `customer`
 
     def plan_at(self, when: int) -> str | None:
         """The plan in force at `when`, or None when no stored plan covers it."""
@@ -330,6 +331,22 @@ class WebhookRecord(msgspec.Struct, frozen=True):
     type: str
     created: int | None
     outcome: str  # what was done, e.g. "provisioned", "ignored: ...", "duplicate"
+
+
+class ProviderError(msgspec.Struct, frozen=True):
+    """One sampled error of a provider's error report: the meter event's identifier."""
+
+    identifier: str
+    code: str  # e.g. "meter_event_customer_not_found"
+    message: str = ""
+
+
+class HeldErrors(msgspec.Struct, frozen=True):
+    """What recording an error report changed."""
+
+    held: list[str]  # identifiers of the rows moved to held/provider_error
+    unmatched: list[str]  # sampled identifiers that are no row the provider has from us
+    flagged: list[str]  # orgs whose customer mapping was flagged
 
 
 class ClosedPeriod(msgspec.Struct, frozen=True):

@@ -17,6 +17,7 @@ AuditStore         the hash-chained audit log
 ParityStore        parity runs, mismatches, alerts
 CatalogStore       published catalog versions
 WebhookStore       processed webhook events, closed billing periods
+ProviderErrorStore the provider's error reports: rows held, customers flagged
 JobStore           scheduled job runs
 =================  =========================================================================
 """
@@ -38,6 +39,7 @@ from controlplane.interfaces.records import (
     DirtyBacklog,
     FlagGuard,
     FlagWrite,
+    HeldErrors,
     IngestResult,
     JobRun,
     LedgerCount,
@@ -47,6 +49,7 @@ from controlplane.interfaces.records import (
     OrgDrift,
     ParityAlert,
     ParityRun,
+    ProviderError,
     RollupPlanner,
     RuntimeFlag,
     SeamRows,
@@ -273,7 +276,8 @@ class SendStore(abc.ABC):
     async def reissue_rows(
         self, row_ids: Sequence[int], at: int, actor: str, detail: str
     ) -> list[NewRow]:
-        """For each row still `sent`: move it to `cancelled`/`reissued` with `detail` and
+        """For each row still `sent`, or `held` for a provider error (the provider reported
+        it invalid, so it never counted there): move it to `cancelled`/`reissued` with `detail` and
         append the next revision of its bucket with the same value, `pending`, each audited
         as ``ledger.reissued``, in one transaction; the rounding chains are re-derived. A
         reissued row no longer counts toward its bucket's ledger total (its usage lives on in
@@ -472,6 +476,23 @@ class JobStore(abc.ABC):
         or None when none did."""
 
 
+class ProviderErrorStore(abc.ABC):
+    """The provider's asynchronous error reports, applied to the ledger and the orgs."""
+
+    @abc.abstractmethod
+    async def hold_provider_errors(
+        self, record: WebhookRecord, errors: Sequence[ProviderError], at: int, actor: str
+    ) -> HeldErrors | None:
+        """Record the provider's error report `record` as processed and, in the same
+        transaction, move each reported row (by identifier) that reached the provider
+        (`sent`, or attempted and still `pending` or `held`) to `held`/`provider_error` with
+        the error's code as `detail`, audited as ``ledger.held``; a row already held for a
+        provider error is left alone. A ``meter_event_customer_not_found`` row also flags its
+        org's customer mapping (`Org.customer_error`, audited as ``org.customer_flagged``)
+        until a customer is set again. Returns None, changing nothing, when `record`'s event
+        was recorded before."""
+
+
 class Storage(
     StorageLifecycle,
     EventStore,
@@ -483,6 +504,7 @@ class Storage(
     ParityStore,
     CatalogStore,
     WebhookStore,
+    ProviderErrorStore,
     JobStore,
 ):
     """Durable state: every storage contract, implemented by one plugin class."""

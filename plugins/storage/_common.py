@@ -142,10 +142,12 @@ def check_bucket_bound(
 
 
 class Reissue(NamedTuple):
-    """A sent row to re-issue (the `reissuable` query's columns, by name)."""
+    """A sent (or provider_error) row to re-issue (the `reissuable` query's columns, by
+    name)."""
 
     id: int
     identifier: str
+    state: str
     org_id: str
     meter: str
     bucket_start: int
@@ -177,7 +179,7 @@ class Reissue(NamedTuple):
             subject=self.identifier,
             actor=actor,
             reason=detail,
-            before={"state": "sent", "quantity": self.quantity},
+            before={"state": self.state, "quantity": self.quantity},
             after={"state": "cancelled", "reissued_as": new.identifier},
         )
 

@@ -213,6 +213,7 @@ WHERE id = ANY($1::bigint[]) AND attempts > 0 AND state IN ('pending', 'held');
 -- name: settleable
 SELECT id FROM ledger
 WHERE id = ANY($1::bigint[]) AND state IN ('pending', 'held')
+  AND coalesce(reason, '') <> 'provider_error'
 ORDER BY id
 FOR UPDATE;
 
@@ -222,7 +223,8 @@ UPDATE ledger l SET state = t.state, reason = t.reason, detail = t.detail,
                     updated_at = $7, claimed_by = NULL, claim_expires = NULL
 FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[])
      AS t(id, state, reason, detail, provider_id, sent_at)
-WHERE l.id = t.id AND l.state IN ('pending', 'held');
+WHERE l.id = t.id AND l.state IN ('pending', 'held')
+  AND coalesce(l.reason, '') <> 'provider_error';
 
 -- name: row_chains
 SELECT DISTINCT org_id, meter FROM ledger WHERE id = ANY($1::bigint[]) ORDER BY org_id, meter;
@@ -266,12 +268,14 @@ WHERE org_id = $1 AND state = 'sent' AND bucket_start < $3
 ORDER BY id;
 
 -- name: reissuable
-SELECT id, identifier, org_id, meter, bucket_start, bucket_end, value_micros, quantity,
+-- Sent rows, and rows held for a provider error (reported invalid: never counted there).
+SELECT id, identifier, state, org_id, meter, bucket_start, bucket_end, value_micros, quantity,
        (SELECT max(r.revision) FROM ledger r
         WHERE r.org_id = l.org_id AND r.meter = l.meter AND r.bucket_start = l.bucket_start)
        AS last_revision
 FROM ledger l
-WHERE id = ANY($1::bigint[]) AND state = 'sent'
+WHERE id = ANY($1::bigint[])
+  AND (state = 'sent' OR (state = 'held' AND reason = 'provider_error'))
 ORDER BY id
 FOR UPDATE;
 
@@ -284,7 +288,7 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', $9, $10, $10);
 SELECT count(*) FROM ledger WHERE claimed_by IS NOT NULL AND claim_expires > $1;
 
 -- name: get_org
-SELECT org_id, customer, updated_at, subscription, subscription_status
+SELECT org_id, customer, updated_at, subscription, subscription_status, customer_error
 FROM orgs WHERE org_id = $1;
 
 -- name: org_plans
@@ -293,6 +297,8 @@ SELECT plan, effective_from FROM org_plans WHERE org_id = $1 ORDER BY effective_
 -- name: upsert_org
 INSERT INTO orgs (org_id, customer, updated_at) VALUES ($1, $2, $3)
 ON CONFLICT (org_id) DO UPDATE SET customer = coalesce(excluded.customer, orgs.customer),
+                                   customer_error = CASE WHEN excluded.customer IS NULL
+                                                         THEN orgs.customer_error END,
                                    updated_at = excluded.updated_at;
 
 -- name: release_org_buckets
@@ -493,3 +499,19 @@ SELECT name, checksum FROM schema_migrations;
 
 -- name: record_migration
 INSERT INTO schema_migrations (name, checksum, applied_at) VALUES ($1, $2, $3);
+
+-- name: provider_error_rows
+-- The reported rows the provider has from us: sent, or attempted and not yet settled.
+SELECT id, identifier, org_id, state, reason, detail FROM ledger
+WHERE identifier = ANY($1::text[])
+  AND (state = 'sent' OR (attempts > 0 AND state IN ('pending', 'held')))
+ORDER BY id
+FOR UPDATE;
+
+-- name: hold_provider_error
+UPDATE ledger SET state = 'held', reason = 'provider_error', detail = $2, updated_at = $3,
+                  claimed_by = NULL, claim_expires = NULL
+WHERE id = $1;
+
+-- name: flag_customer
+UPDATE orgs SET customer_error = $2, updated_at = $3 WHERE org_id = $1;

@@ -212,12 +212,13 @@ WHERE id = ?1 AND attempts > 0 AND state IN ('pending', 'held');
 
 -- name: settleable
 SELECT id FROM ledger
-WHERE id IN (SELECT value FROM json_each(?)) AND state IN ('pending', 'held');
+WHERE id IN (SELECT value FROM json_each(?)) AND state IN ('pending', 'held')
+  AND coalesce(reason, '') <> 'provider_error';
 
 -- name: settle_rows
 UPDATE ledger SET state = ?2, reason = ?3, detail = ?4, provider_id = coalesce(?5, provider_id),
                   sent_at = ?6, updated_at = ?7, claimed_by = NULL, claim_expires = NULL
-WHERE id = ?1 AND state IN ('pending', 'held');
+WHERE id = ?1 AND state IN ('pending', 'held') AND coalesce(reason, '') <> 'provider_error';
 
 -- name: row_chains
 SELECT DISTINCT org_id, meter FROM ledger WHERE id IN (SELECT value FROM json_each(?1))
@@ -235,7 +236,7 @@ ORDER BY id;
 UPDATE ledger SET quantity = ?2, updated_at = ?3 WHERE id = ?1;
 
 -- name: get_org
-SELECT org_id, customer, updated_at, subscription, subscription_status
+SELECT org_id, customer, updated_at, subscription, subscription_status, customer_error
 FROM orgs WHERE org_id = ?1;
 
 -- name: org_plans
@@ -244,6 +245,8 @@ SELECT plan, effective_from FROM org_plans WHERE org_id = ? ORDER BY effective_f
 -- name: upsert_org
 INSERT INTO orgs (org_id, customer, updated_at) VALUES (?, ?, ?)
 ON CONFLICT (org_id) DO UPDATE SET customer = coalesce(excluded.customer, orgs.customer),
+                                   customer_error = CASE WHEN excluded.customer IS NULL
+                                                         THEN orgs.customer_error END,
                                    updated_at = excluded.updated_at;
 
 -- name: release_org_buckets
@@ -460,12 +463,14 @@ WHERE org_id = ?1 AND state = 'sent' AND bucket_start < ?3
 ORDER BY id;
 
 -- name: reissuable
-SELECT id, identifier, org_id, meter, bucket_start, bucket_end, value_micros, quantity,
+-- Sent rows, and rows held for a provider error (reported invalid: never counted there).
+SELECT id, identifier, state, org_id, meter, bucket_start, bucket_end, value_micros, quantity,
        (SELECT max(r.revision) FROM ledger r
         WHERE r.org_id = l.org_id AND r.meter = l.meter AND r.bucket_start = l.bucket_start)
        AS last_revision
 FROM ledger l
-WHERE id IN (SELECT value FROM json_each(?)) AND state = 'sent'
+WHERE id IN (SELECT value FROM json_each(?))
+  AND (state = 'sent' OR (state = 'held' AND reason = 'provider_error'))
 ORDER BY id;
 
 -- name: live_claims
@@ -516,3 +521,18 @@ SELECT name, checksum FROM schema_migrations;
 
 -- name: record_migration
 INSERT INTO schema_migrations (name, checksum, applied_at) VALUES (?1, ?2, ?3);
+
+-- name: provider_error_rows
+-- The reported rows the provider has from us: sent, or attempted and not yet settled.
+SELECT id, identifier, org_id, state, reason, detail FROM ledger
+WHERE identifier IN (SELECT value FROM json_each(?1))
+  AND (state = 'sent' OR (attempts > 0 AND state IN ('pending', 'held')))
+ORDER BY id;
+
+-- name: hold_provider_error
+UPDATE ledger SET state = 'held', reason = 'provider_error', detail = ?2, updated_at = ?3,
+                  claimed_by = NULL, claim_expires = NULL
+WHERE id = ?1;
+
+-- name: flag_customer
+UPDATE orgs SET customer_error = ?2, updated_at = ?3 WHERE org_id = ?1;

@@ -42,7 +42,9 @@ def server(tmp_path: Path) -> Iterator[Server]:
     config = tmp_path / "cp.toml"
     config.write_text(
         base_config(tmp_path / "cp.db", scopes="ingest read admin parity")
-        + '\n[stripe]\nwebhook_secret = "whsec_fuzz"\n\n[parity]\nmeter = "gbs"\n'
+        + '\n[stripe]\nwebhook_secret = "whsec_fuzz"\n'
+        + 'event_destination_secret = "whsec_fuzz_thin"\n'
+        + '\n[parity]\nmeter = "gbs"\n'
     )
     server = Server(config, tmp_path / "server.log", "--no-scheduler")
     server.start()
@@ -83,6 +85,10 @@ checks.positive_data_acceptance.expected-statuses = [{quoted}, "400"]
 
 [[operations]]
 include-path = "/webhooks/stripe"
+checks.positive_data_acceptance.enabled = false
+
+[[operations]]
+include-path = "/webhooks/stripe/thin"
 checks.positive_data_acceptance.enabled = false
 """
     )

@@ -135,10 +135,20 @@ async def test_duplicate_when_identifier_arrived_under_another_key(
 async def test_rejected_for_unknown_customer(
     billing: StripeBilling, emulator: StripeEmulator, bucket: int
 ) -> None:
+    emulator.set_meter_validation(meter_event_customer_not_found="sync")
     delivery = await billing.send(event(bucket, customer="cus_missing"))
     assert delivery.outcome is Outcome.REJECTED
     assert delivery.message == "No such customer: 'cus_missing'"
     assert emulator.state()["requests"] == 1  # permanent: no retries
+
+
+async def test_unknown_customer_accepted_then_reported_by_default(
+    billing: StripeBilling, emulator: StripeEmulator, bucket: int
+) -> None:
+    delivery = await billing.send(event(bucket, customer="cus_missing"))
+    assert delivery.outcome is Outcome.ACCEPTED  # Stripe validates it later (ME-9, ME-16)
+    assert emulator.state()["meter_events_invalid"] == 1
+    assert emulator.state()["meter_events_accepted"] == 0
 
 
 async def test_rejected_for_too_old_timestamp(billing: StripeBilling, bucket: int) -> None:

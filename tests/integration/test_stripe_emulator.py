@@ -283,6 +283,7 @@ async def test_value_must_be_a_whole_number(
 async def test_unknown_event_name_and_customer_are_refused(
     client: stripe.StripeClient, emulator: StripeEmulator, base: int
 ) -> None:
+    emulator.set_meter_validation(no_meter="sync", meter_event_customer_not_found="sync")
     customer, _ = await setup_meter(client)
     with pytest.raises(stripe.InvalidRequestError) as no_meter:
         await post_event(client, customer, "1", base, "x", event_name="nope")
@@ -343,6 +344,7 @@ async def test_idempotency_keys_are_forgotten_after_24_hours(
 async def test_validation_errors_are_not_saved_under_the_key(
     client: stripe.StripeClient, emulator: StripeEmulator, base: int
 ) -> None:
+    emulator.set_meter_validation(no_meter="sync")
     customer, _ = await setup_meter(client)
     with pytest.raises(stripe.InvalidRequestError):
         await post_event(client, customer, "1", base, "e", event_name="later", key="k")

@@ -43,7 +43,9 @@ ACCESS = {
     ("GET", "/healthz"): (None, None),
     ("GET", "/readyz"): (None, None),
     ("POST", "/webhooks/stripe"): (None, None),  # its signature
+    ("POST", "/webhooks/stripe/thin"): (None, None),  # its signature
     ("POST", "/v1/orgs/{org_id:str}/capabilities"): ("require_scope", "admin"),
+    ("POST", "/v1/orgs/{org_id:str}/release-provider-errors"): ("require_scope", "admin"),
     ("GET", "/.well-known/jwks.json"): (None, None),  # public keys, for offline verification
     # the console (controlplane/http/console): a session cookie, its CSRF token on every form
     **{("GET", f"/console{p}"): ("console_session", "read") for p in CONSOLE_PAGES},
@@ -60,6 +62,7 @@ OPEN_IN_SCHEMA = {  # no bearer token in the document
     ("get", "/metrics"),
     ("get", "/internal/usage-parity"),
     ("post", "/webhooks/stripe"),
+    ("post", "/webhooks/stripe/thin"),
     ("get", "/.well-known/jwks.json"),
 }
 

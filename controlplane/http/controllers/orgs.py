@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
-from litestar import Controller, HttpMethod, Request, Response, get, put, route
+from litestar import Controller, HttpMethod, Request, Response, get, post, put, route
 from litestar.params import FromPath, JSONBody
 
 from controlplane.errors import NotFound
@@ -13,6 +13,7 @@ from controlplane.http.guards import BEARER, actor, require_scope
 from controlplane.http.params import CP, Instant, seconds, strict_body
 from controlplane.http.problems import AUTH, BODY, documented
 from controlplane.interfaces import Org, PlanPeriod
+from controlplane.provider_errors import Released
 
 
 class OrgPut(msgspec.Struct, forbid_unknown_fields=True):
@@ -23,6 +24,10 @@ class OrgPut(msgspec.Struct, forbid_unknown_fields=True):
     force: bool = False  # a plan period before buckets already rolled up
 
 
+class ReleaseBody(msgspec.Struct, forbid_unknown_fields=True):
+    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=1000)]
+
+
 class OrgDetails(msgspec.Struct):
     org_id: str
     customer: str | None
@@ -31,6 +36,8 @@ class OrgDetails(msgspec.Struct):
     updated_at: int
     subscription: str | None
     subscription_status: str | None
+    # the provider's code when it reported the customer missing (cleared when one is set)
+    customer_error: str | None
 
     @classmethod
     def of(cls, org: Org) -> OrgDetails:
@@ -52,6 +59,7 @@ def _details(org: Org) -> dict[str, Any]:
         "updated_at": org.updated_at,
         "subscription": org.subscription,
         "subscription_status": org.subscription_status,
+        "customer_error": org.customer_error,
     }
 
 
@@ -106,3 +114,23 @@ class OrgsController(Controller):
         if org is None:
             raise NotFound(f"no org {org_id!r}")
         return OrgDetails.of(org)
+
+    @post(
+        "/release-provider-errors",
+        opt={"scope": "admin"},
+        status_code=200,
+        summary="Re-issue the org's rows held for a provider error",
+        responses=documented(*AUTH, *BODY, 409),
+        before_request=strict_body(ReleaseBody),
+    )
+    async def release_provider_errors(
+        self,
+        request: Request[Any, Any, Any],
+        cp: CP,
+        org_id: FromPath[str],
+        data: JSONBody[ReleaseBody],
+    ) -> Released:
+        """Each `held`/`provider_error` row moves to `cancelled`/`reissued` and its usage to
+        the bucket's next revision, `pending`, under a new identifier (Stripe keeps the old one
+        and would answer it as a duplicate). 409 while the org's customer is flagged."""
+        return await cp.release_provider_errors(org_id, actor=actor(request), reason=data.reason)

@@ -1,4 +1,5 @@
-"""`POST /webhooks/stripe`: Stripe's webhook events, authenticated by their signature."""
+"""`POST /webhooks/stripe`: Stripe's webhook events; `POST /webhooks/stripe/thin`: thin events
+from a Stripe event destination. Both authenticated by their signature."""
 
 from __future__ import annotations
 
@@ -53,6 +54,43 @@ class WebhooksController(Controller):
             return problem(400, "Not a Stripe event", exc.message)
         except WebhookRejected as exc:
             log.warning("webhook.rejected", error=exc.message)
+            return problem(400, "Bad signature", exc.message)
+        receipt = WebhookReceipt(
+            received=True,
+            event=result.event_id,
+            type=result.type,
+            duplicate=result.duplicate,
+            outcome=result.outcome,
+        )
+        return Response(receipt, status_code=200)
+
+    @post(
+        "/stripe/thin",
+        status_code=200,
+        summary="Stripe thin events from an event destination (signed)",
+        responses=documented(400, 413, 503),
+    )
+    async def stripe_thin_event(
+        self,
+        request: Request[Any, Any, Any],
+        cp: CP,
+        signature: Annotated[
+            str | None, HeaderParameter(name="stripe-signature", description="t=...,v1=...")
+        ] = None,
+    ) -> Response[WebhookReceipt]:
+        """Authenticated by the `Stripe-Signature` header (HMAC-SHA256 over the raw body with
+        `stripe.event_destination_secret`, 300 s tolerance) and parsed with the SDK: 400 when
+        it does not verify or is not a v2 thin event, nothing done. A meter-event error report
+        (or no-meter-found) holds the sampled ledger rows as `provider_error`; a redelivered
+        event id is answered 200 with `duplicate: true` and changes nothing; 503 when Stripe
+        could not be asked for the full event (Stripe resends)."""
+        body = await request.body()
+        try:
+            result = await cp.stripe_thin_event(body, signature)
+        except NotAnEvent as exc:
+            return problem(400, "Not a Stripe thin event", exc.message)
+        except WebhookRejected as exc:
+            log.warning("thin_event.rejected", error=exc.message)
             return problem(400, "Bad signature", exc.message)
         receipt = WebhookReceipt(
             received=True,
