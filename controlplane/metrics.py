@@ -72,6 +72,12 @@ class Metrics:
             buckets=SEND_BUCKETS,
             registry=r,
         )
+        self.gauge_resets = Counter(
+            "controlplane_gauge_snapshot_resets",
+            "Gauge snapshots (level events) that disagreed with the level the deltas before "
+            "them added up to, and reset it (snapshots are authoritative).",
+            registry=r,
+        )
         for reason in REFUSALS:
             self.ingest_refused.labels(reason)
         for outcome in Outcome:

@@ -16,8 +16,9 @@ A plugin (`sqlite.py`, `postgres.py`) keeps its dialect and its driver, nothing 
   and the migration session (see :mod:`controlplane.migrations`).
 
 Modules: `driver` (the contract, the lifecycle's shared methods, the audit chain's append),
-`ledger` (usage, rollup, ledger reads, sending), `state` (orgs, flags, audit, jobs), `parity`
-(parity, catalog, webhooks): one mixin per storage contract, :class:`SQLStorage` all of them.
+`ledger` (usage, rollup, ledger reads, sending), `gauges` (gauge meters' series), `state`
+(orgs, flags, audit, jobs), `parity` (parity, catalog, webhooks): one mixin per storage
+contract, :class:`SQLStorage` all of them.
 
 Locks are named (:data:`CHAIN_LOCK` ...); every transaction that rewrites a rounding chain holds
 :data:`CHAIN_LOCK`, every audited write takes :data:`AUDIT_LOCK` before reading the chain's end.
@@ -36,6 +37,7 @@ from controlplane.plugins.storage.base.driver import (
     Row,
     SQLDriver,
 )
+from controlplane.plugins.storage.base.gauges import SQLGauges, gauge_touches, point_order
 from controlplane.plugins.storage.base.ledger import SQLEvents, SQLLedger, SQLSending
 from controlplane.plugins.storage.base.parity import SQLCatalogWebhooks, SQLParity
 from controlplane.plugins.storage.base.state import SQLAudit, SQLFlags, SQLJobs, SQLOrgs
@@ -44,6 +46,7 @@ from controlplane.plugins.storage.base.state import SQLAudit, SQLFlags, SQLJobs,
 class SQLStorage(
     SQLEvents,
     SQLLedger,
+    SQLGauges,
     SQLSending,
     SQLOrgs,
     SQLFlags,
@@ -66,4 +69,6 @@ __all__ = [
     "Row",
     "SQLDriver",
     "SQLStorage",
+    "gauge_touches",
+    "point_order",
 ]
