@@ -4,7 +4,8 @@ Each series (an org's repository, volume, seat pool) has a timeline: its points,
 time and then by `(source, event id)`, so any arrival order gives the same timeline. A
 `level` point sets the level (a snapshot: authoritative, it resets whatever the deltas before
 it added up to), a `delta` point changes it, a `state` point only updates the state fields,
-and an `end` point sets it to zero and clears the state. State fields carry over from the
+and an `end` point sets it to zero and clears the state. A level below zero (deltas that add
+up to less than nothing before a snapshot sets it right) bills nothing. State fields carry over from the
 last point that set them; the meter's `where` is read on them, and while it does not hold
 (or reads a field no point has set yet) the series bills nothing. A level holds until the
 next point, across buckets without events.
@@ -66,8 +67,9 @@ class Timeline:
         self.billed = self._billed()
 
     def _billed(self) -> int:
-        if self.level == 0 or self.where is None:
-            return self.level
+        # below zero (deltas before any snapshot that add up to less) is no usage
+        if self.level <= 0 or self.where is None:
+            return max(self.level, 0)
         try:
             return self.level if self.where(self.fields) else 0
         except ExpressionError:  # a state field no point has set yet: not billed
