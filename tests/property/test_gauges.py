@@ -175,10 +175,9 @@ def test_a_delta_stream_bills_what_the_snapshot_stream_bills(levels: list[int], 
     results = []
     for events in (snapshots, deltas):
         with tempfile.TemporaryDirectory() as folder:
-            clock = [end + HOUR]
 
             async def go(events: list[Event] = events, folder: str = folder) -> dict[int, int]:
-                async with plane(Path(folder), clock) as cp:
+                async with plane(Path(folder), [end + HOUR]) as cp:
                     await cp.ingest(as_events(start, events), "test")
                     await cp.rollup(until=end)
                     return await ledger_totals(cp)
