@@ -6,9 +6,9 @@ time and then by `(source, event id)`, so any arrival order gives the same timel
 it added up to), a `delta` point changes it, a `state` point only updates the state fields,
 and an `end` point sets it to zero and clears the state. A level below zero (deltas that add
 up to less than nothing before a snapshot sets it right) bills nothing. State fields carry
-over from the last point that set them; the meter's `where` is read on them, and while it does not hold
-(or reads a field no point has set yet) the series bills nothing. A level holds until the
-next point, across buckets without events.
+over from the last point that set them; the meter's `where` is read on them, and while it
+does not hold (or reads a field no point has set yet) the series bills nothing. A level holds
+until the next point, across buckets without events.
 
 Usage of a bucket is the integral of the billed level over it: level (integer pico-units)
 times milliseconds, summed exactly, then rounded once, half-even, to micro-units per series
