@@ -25,7 +25,7 @@ totals take the difference: corrections from the late point's bucket on, never a
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -42,7 +42,6 @@ from controlplane.interfaces import (
     UsageTotal,
 )
 from controlplane.meters import Evaluator, ExpressionError, Meter
-from controlplane.units import div_half_even
 
 _fields = msgspec.json.Decoder(dict[str, Any], float_hook=Decimal)
 _encode = msgspec.json.Encoder(decimal_format="number").encode
@@ -78,31 +77,22 @@ class Timeline:
     def apply(self, point: SeriesPoint, counted: bool) -> None:
         """Apply one point; `counted`: a snapshot's disagreement is counted (points being
         folded now, not those replayed again)."""
-        if point.mode == "end":
+        mode = point.mode
+        if mode == "level" and point.value is not None:
+            value = int(point.value)
+            if counted and self.deltas and self.known and value != self.level:
+                self.resets += 1
+            self.level, self.known, self.deltas = value, True, False
+        elif mode == "delta" and point.value is not None:
+            self.level += int(point.value)
+            self.known = self.deltas = True
+        elif mode == "end":
             self.level, self.known, self.deltas, self.fields = 0, False, False, {}
-        else:
-            if point.mode == "level" and point.value is not None:
-                value = int(point.value)
-                if counted and self.known and self.deltas and value != self.level:
-                    self.resets += 1
-                self.level, self.known, self.deltas = value, True, False
-            elif point.mode == "delta" and point.value is not None:
-                self.level += int(point.value)
-                self.known, self.deltas = True, True
-            if point.fields != "{}":
-                self.fields.update(_fields.decode(point.fields))
+            self.billed = 0
+            return
+        if point.fields != "{}":
+            self.fields.update(_fields.decode(point.fields))
         self.billed = self._billed()
-
-
-def _spread(acc: Acc, level: int, start_ms: int, end_ms: int, bucket_ms: int) -> None:
-    """Add `level` held over [start_ms, end_ms) to each bucket it covers."""
-    bucket = start_ms - start_ms % bucket_ms
-    while bucket < end_ms:
-        upto = bucket + bucket_ms
-        acc[bucket // 1000] = acc.get(bucket // 1000, 0) + level * (
-            min(upto, end_ms) - max(bucket, start_ms)
-        )
-        bucket = upto
 
 
 def integrate(
@@ -111,7 +101,7 @@ def integrate(
     start_ms: int,
     end_ms: int,
     bucket_seconds: int,
-    counted: Any = None,
+    counted: Callable[[SeriesPoint], bool] | None = None,
 ) -> Acc:
     """The billed level of `timeline`, from `start_ms`, through `points` (in timeline order,
     inside [start_ms, end_ms)), to `end_ms`: pico-unit milliseconds per bucket touched.
@@ -119,27 +109,39 @@ def integrate(
     acc: Acc = {}
     bucket_ms = bucket_seconds * 1000
     at = start_ms
-    for point in points:
-        if point.time_ms > at:
-            if timeline.billed:
-                _spread(acc, timeline.billed, at, point.time_ms, bucket_ms)
-            at = point.time_ms
-        timeline.apply(point, True if counted is None else counted(point))
-    if timeline.billed and end_ms > at:
-        _spread(acc, timeline.billed, at, end_ms, bucket_ms)
+    apply = timeline.apply
+    for point in [*points, None]:
+        upto = end_ms if point is None else point.time_ms
+        billed = timeline.billed
+        if upto > at:
+            if billed:  # the level held over [at, upto), spread over the buckets it covers
+                bucket = at - at % bucket_ms
+                while bucket < upto:
+                    end = bucket + bucket_ms
+                    key = bucket // 1000
+                    acc[key] = acc.get(key, 0) + billed * (
+                        (end if end < upto else upto) - (bucket if bucket > at else at)
+                    )
+                    bucket = end
+            at = upto
+        if point is not None:
+            apply(point, True if counted is None else counted(point))
     return acc
-
-
-def order(points: Iterable[SeriesPoint]) -> list[SeriesPoint]:
-    """Timeline order: by time, then by (source, event id): never by arrival."""
-    return sorted(points, key=lambda p: (p.time_ms, p.ord))
 
 
 def to_micros(acc: Acc, time_unit_seconds: int) -> dict[int, int]:
     """Pico-unit milliseconds per bucket as micro-units of (level x time unit), rounded
-    half-even once per bucket."""
+    half-even once per bucket (:func:`controlplane.units.div_half_even`, inlined: it runs
+    once per series and bucket)."""
     per = 10**9 * time_unit_seconds  # 10^12 picos x 10^3 ms / 10^6 micros x the time unit
-    return {bucket: div_half_even(v, per) for bucket, v in acc.items()}
+    out: dict[int, int] = {}
+    for bucket, v in acc.items():
+        quotient, remainder = divmod(v, per)
+        twice = 2 * remainder
+        if twice > per or (twice == per and quotient % 2):
+            quotient += 1
+        out[bucket] = quotient
+    return out
 
 
 def derive_series(
@@ -151,7 +153,9 @@ def derive_series(
     unit = meter.config.time_unit_seconds
     target = max(until, series.derived_to)
     target_ms, derived_ms = target * 1000, series.derived_to * 1000
-    points = order(p for p in series.points if p.time_ms < target_ms)
+    points = series.points  # in timeline order (the store's contract)
+    if points and points[-1].time_ms >= target_ms:
+        points = [p for p in points if p.time_ms < target_ms]
     if series.late:
 
         def folded(p: SeriesPoint) -> bool:
@@ -228,7 +232,7 @@ async def run(
     bucket_seconds: int,
     closed_before: int,
     org_id: str | None = None,
-    batch_series: int = 1000,
+    batch_series: int = 5000,
 ) -> GaugeStats:
     """Derive every due series of the gauge meters up to the last bucket closed before
     `closed_before`, `batch_series` series per transaction. Runs before the rollup's bucket

@@ -70,7 +70,7 @@ class GaugeSeries(msgspec.Struct, frozen=True):
     level: str  # exact decimal
     fields: str  # JSON object
     late: bool
-    points: list[SeriesPoint]
+    points: list[SeriesPoint]  # in timeline order: by time, then by `ord`
 
 
 class GaugeBatch(msgspec.Struct, frozen=True):

@@ -512,11 +512,13 @@ LIMIT $7
 FOR UPDATE;
 
 -- name: gauge_batch_points
-SELECT k.m AS meter, k.o AS org_id, k.s AS series,
-       p.time_ms, p.ord, p.seq, p.mode, p.value, p.fields
-FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) AS k(m, o, s, f)
+-- The points of each series from its `from` to $5 (ms), by the series' position (from 0) in
+-- the arrays, in timeline order.
+SELECT k.idx - 1 AS idx, p.time_ms, p.ord, p.seq, p.mode, p.value, p.fields
+FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) WITH ORDINALITY AS k(m, o, s, f, idx)
 JOIN gauge_points p ON p.meter = k.m AND p.org_id = k.o AND p.series = k.s
-                   AND p.time_ms >= k.f AND p.time_ms < $5;
+                   AND p.time_ms >= k.f AND p.time_ms < $5
+ORDER BY k.idx, p.time_ms, p.ord COLLATE "C";
 
 -- name: update_gauge_series
 UPDATE gauge_series g

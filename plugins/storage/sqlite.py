@@ -168,6 +168,11 @@ class SQLiteStorage(SQLStorage):
     def _array(self, values: Sequence[Any]) -> str:
         return _json.encode(list(values)).decode()  # read with json_each()
 
+    def _series_keys(self, columns: list[list[Any]]) -> tuple[Any, ...]:
+        """One JSON array of [meter, org, series, from] (read by position, no json_each
+        joined to another on its keys: that compares every pair)."""
+        return (self._array([list(key) for key in zip(*columns, strict=True)]),)
+
     @contextlib.asynccontextmanager
     async def _migrating(self) -> AsyncIterator[migrations.Session]:
         async with self._write_lock:

@@ -530,17 +530,14 @@ ORDER BY meter, org_id, series
 LIMIT ?7;
 
 -- name: gauge_batch_points
--- The points of each series (JSON arrays in the same order: meter, org, series, from ms)
--- from its `from` to ?5 (ms).
-SELECT m.value AS meter, o.value AS org_id, s.value AS series,
-       p.time_ms, p.ord, p.seq, p.mode, p.value, p.fields
-FROM json_each(?1) m
-JOIN json_each(?2) o ON o.key = m.key
-JOIN json_each(?3) s ON s.key = m.key
-JOIN json_each(?4) f ON f.key = m.key
+-- The points of each series (?1, a JSON array of [meter, org, series, from ms]) from its
+-- `from` to ?2 (ms), by the series' position in ?1, in timeline order.
+SELECT k.key AS idx, p.time_ms, p.ord, p.seq, p.mode, p.value, p.fields
+FROM json_each(?1) k
 CROSS JOIN gauge_points p
-    ON p.meter = m.value AND p.org_id = o.value AND p.series = s.value
-   AND p.time_ms >= f.value AND p.time_ms < ?5;
+    ON p.meter = k.value ->> 0 AND p.org_id = k.value ->> 1 AND p.series = k.value ->> 2
+   AND p.time_ms >= k.value ->> 3 AND p.time_ms < ?2
+ORDER BY k.key, p.time_ms, p.ord;
 
 -- name: update_gauge_series
 -- The points from the new `derived_to` on are not folded: the earliest is due next.

@@ -71,15 +71,11 @@ class SQLGauges(SQLDriver, GaugeStore):
                 first = -(2**62) if late[key] else r["derived_to"] * 1000
                 for column, value in zip(columns, (*key, first), strict=True):
                     column.append(value)
-            points: dict[Key, list[SeriesPoint]] = {k: [] for k in late}
+            points: list[list[SeriesPoint]] = [[] for _ in due]
             for p in await conn.fetch(
-                "gauge_batch_points", *(self._array(c) for c in columns), target * 1000
-            ):
-                points[(p["meter"], p["org_id"], p["series"])].append(
-                    SeriesPoint(
-                        p["time_ms"], p["ord"], p["seq"], p["mode"], p["value"], p["fields"]
-                    )
-                )
+                "gauge_batch_points", *self._series_keys(columns), target * 1000
+            ):  # by position: this runs once per point
+                points[p[0]].append(SeriesPoint(p[1], p[2], p[3], p[4], p[5], p[6]))
             batch = GaugeBatch(
                 until=until,
                 series=[
@@ -91,11 +87,10 @@ class SQLGauges(SQLDriver, GaugeStore):
                         folded_seq=r["folded_seq"],
                         level=str(r["level"]),
                         fields=r["fields"],
-                        late=late[key],
-                        points=points[key],
+                        late=late[(r["meter"], r["org_id"], r["series"])],
+                        points=points[i],
                     )
-                    for r in due
-                    for key in [(r["meter"], r["org_id"], r["series"])]
+                    for i, r in enumerate(due)
                 ],
             )
             plan = planner(batch)
@@ -125,6 +120,11 @@ class SQLGauges(SQLDriver, GaugeStore):
             return list(late), plan
 
         return await self._tx("gauge derivation", work)
+
+    def _series_keys(self, columns: list[list[Any]]) -> tuple[Any, ...]:
+        """Series keys (meter, org, series, from ms) as `gauge_batch_points` takes them:
+        here one list per column; a dialect may pass them otherwise."""
+        return tuple(self._array(c) for c in columns)
 
     async def gauge_series(self, meter: str | None = None) -> list[SeriesUpdate]:
         rows = await self._all("gauge_series", meter)
