@@ -117,7 +117,7 @@ class ControlPlane:
     ) -> None:
         self.config = config
         self.clock = clock
-        self.meters = MeterSet(config.meters)
+        self.meters = MeterSet(config.meters, config.rollup.bucket_seconds)
         self.static_flags = static_layers(config.flags)
         try:
             check_flags(resolve(self.static_flags, {}), config.rollup.bucket_seconds)

@@ -18,7 +18,7 @@ from typing import Any, Literal, NamedTuple
 import msgspec
 
 from controlplane.errors import ConfigError
-from controlplane.units import MAX_MICROS, to_micros
+from controlplane.units import MAX_MICROS, format_micros, to_micros
 
 Evaluator = Callable[[Mapping[str, Any]], Any]
 METER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -266,11 +266,14 @@ def _top_fields(source: str) -> tuple[str, ...]:
 class Meter:
     """A compiled meter: decides whether an event feeds it and with how much."""
 
-    __slots__ = ("_end", "_series", "_value", "_where", "config", "state_fields")
+    __slots__ = ("_end", "_series", "_value", "_where", "config", "max_level", "state_fields")
 
-    def __init__(self, config: MeterConfig, index: int = 0) -> None:
+    def __init__(self, config: MeterConfig, index: int = 0, bucket_seconds: int = 3600) -> None:
         where = f"meters[{index}] ({config.name})"
         self.config = config
+        # a gauge's level is bounded so that one series' bucket holds at most what one event
+        # of a `sum` meter may carry (10^12 units): its integral stays a storage integer
+        self.max_level = MAX_MICROS * max(config.time_unit_seconds, 1) // bucket_seconds
         self._series: Evaluator | None = None
         self._end: Evaluator | None = None
         self.state_fields: tuple[str, ...] = ()
@@ -351,7 +354,11 @@ class Meter:
             if mode == "state":
                 return GaugeReading(self.name, series, "state", None, fields)
             value = _number(self._value(data), "value")
-            _bounded(value)
+            if abs(_bounded(value)) > self.max_level:
+                raise ExpressionError(
+                    f"value: out of range: a level of at most {format_micros(self.max_level)} "
+                    f"(one bucket of it is {format_micros(MAX_MICROS)} units)"
+                )
             return GaugeReading(self.name, series, mode, value, fields)
         except ExpressionError as exc:
             raise ExpressionError(f"meter {self.config.name}: {exc}", exc.path) from exc
@@ -395,7 +402,7 @@ def _series_key(value: Any, source: str) -> str:
 class MeterSet:
     """All configured meters, indexed by the event type they read."""
 
-    def __init__(self, configs: list[MeterConfig]) -> None:
+    def __init__(self, configs: list[MeterConfig], bucket_seconds: int = 3600) -> None:
         for i, c in enumerate(configs):
             if not METER_NAME.fullmatch(c.name):
                 # ledger identifiers are `{org}:{meter}:{bucket}:{revision}`: a meter name
@@ -403,7 +410,7 @@ class MeterSet:
                 raise ConfigError(
                     f"meters[{i}].name: {c.name!r} must be letters, digits, '_', '.' or '-'"
                 )
-        self.meters = [Meter(c, i) for i, c in enumerate(configs)]
+        self.meters = [Meter(c, i, bucket_seconds) for i, c in enumerate(configs)]
         names = [m.name for m in self.meters]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

@@ -11,7 +11,7 @@ import pytest
 from controlplane import gauges
 from controlplane.errors import ConfigError, InvalidInput
 from controlplane.interfaces import GaugeSeries, SeriesPoint
-from controlplane.meters import Meter, MeterConfig, MeterSet
+from controlplane.meters import ExpressionError, Meter, MeterConfig, MeterSet
 from controlplane.units import MICROS, div_half_even
 from tests.gauge_helpers import GB, HOUR, METER, STORAGE_METER, at, ev, plane
 
@@ -183,3 +183,12 @@ def test_rounding_is_half_even_once_per_bucket() -> None:
     # 1 pico-unit held for one hour is 10^-12 unit-hours: 0 micro-units, not lost elsewhere
     acc = gauges.to_micros({0: 3_600_000}, HOUR)
     assert acc == {0: 0}
+
+
+def test_a_level_is_bounded_so_one_bucket_of_it_stays_a_storage_integer() -> None:
+    meters = MeterSet([MeterConfig(**{**STORAGE_METER, "time_unit_seconds": 1})], HOUR)
+    data = {"repo": "r", "bytes": 10**9 * 10**9, "visibility": "private"}  # 10^9 GB
+    with pytest.raises(ExpressionError, match=r"out of range: a level of at most 277777777\.7"):
+        meters.read("repo.snapshot", data)
+    (ok,) = meters.read("repo.snapshot", {**data, "bytes": 10**9 * 10**8})
+    assert ok.value == 10**8
