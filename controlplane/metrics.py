@@ -73,7 +73,7 @@ class Metrics:
             registry=r,
         )
         self.gauge_resets = Counter(
-            "controlplane_gauge_snapshot_resets",
+            "controlplane_series_snapshot_resets",
             "Gauge snapshots (level events) that disagreed with the level the deltas before "
             "them added up to, and reset it (snapshots are authoritative).",
             registry=r,
