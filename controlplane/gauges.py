@@ -52,47 +52,32 @@ Acc = dict[int, int]  # bucket start (s) -> pico-unit milliseconds
 
 
 class Timeline:
-    """A series' state while its points are applied in order."""
+    """A series' state at one instant: its level, whether a level was set (a snapshot that
+    disagrees with it resets it), whether deltas moved it since the last snapshot, its state
+    fields, and the snapshot resets counted on the way."""
 
-    __slots__ = ("billed", "deltas", "fields", "known", "level", "resets", "where")
+    __slots__ = ("deltas", "fields", "known", "level", "resets", "where")
 
     def __init__(self, where: Evaluator | None, level: int = 0, fields: str = "{}") -> None:
         self.where = where
         self.level = level
-        self.known = level != 0  # a level was set (a snapshot disagreeing with it resets it)
-        self.deltas = False  # deltas applied since the last snapshot
+        self.known = level != 0
+        self.deltas = False
         self.fields: dict[str, Any] = _fields.decode(fields)
         self.resets = 0
-        self.billed = self._billed()
 
-    def _billed(self) -> int:
-        # below zero (deltas before any snapshot that add up to less) is no usage
-        if self.level <= 0 or self.where is None:
-            return max(self.level, 0)
-        try:
-            return self.level if self.where(self.fields) else 0
-        except ExpressionError:  # a state field no point has set yet: not billed
-            return 0
 
-    def apply(self, point: SeriesPoint, counted: bool) -> None:
-        """Apply one point; `counted`: a snapshot's disagreement is counted (points being
-        folded now, not those replayed again)."""
-        mode = point.mode
-        if mode == "level" and point.value is not None:
-            value = int(point.value)
-            if counted and self.deltas and self.known and value != self.level:
-                self.resets += 1
-            self.level, self.known, self.deltas = value, True, False
-        elif mode == "delta" and point.value is not None:
-            self.level += int(point.value)
-            self.known = self.deltas = True
-        elif mode == "end":
-            self.level, self.known, self.deltas, self.fields = 0, False, False, {}
-            self.billed = 0
-            return
-        if point.fields != "{}":
-            self.fields.update(_fields.decode(point.fields))
-        self.billed = self._billed()
+def billed(level: int, fields: Mapping[str, Any], where: Evaluator | None) -> int:
+    """The level billed: none below zero (deltas before any snapshot that add up to less),
+    none while `where` does not hold or reads a state field no point has set yet."""
+    if level <= 0:
+        return 0
+    if where is None:
+        return level
+    try:
+        return level if where(fields) else 0
+    except ExpressionError:
+        return 0
 
 
 def integrate(
@@ -104,28 +89,49 @@ def integrate(
     counted: Callable[[SeriesPoint], bool] | None = None,
 ) -> Acc:
     """The billed level of `timeline`, from `start_ms`, through `points` (in timeline order,
-    inside [start_ms, end_ms)), to `end_ms`: pico-unit milliseconds per bucket touched.
-    `counted(point)` says whether a point's snapshot disagreement counts (default: all)."""
+    inside [start_ms, end_ms)), to `end_ms`: pico-unit milliseconds per bucket touched;
+    `timeline` is left at `end_ms`. `counted(point)` says whether a snapshot's disagreement
+    counts (default: all). One loop with local state: it runs once per point."""
     acc: Acc = {}
+    get = acc.get
     bucket_ms = bucket_seconds * 1000
+    where = timeline.where
+    level, known, deltas, fields = timeline.level, timeline.known, timeline.deltas, timeline.fields
+    resets = 0
+    held = billed(level, fields, where)
     at = start_ms
-    apply = timeline.apply
     for point in [*points, None]:
         upto = end_ms if point is None else point.time_ms
-        billed = timeline.billed
         if upto > at:
-            if billed:  # the level held over [at, upto), spread over the buckets it covers
+            if held:  # the level held over [at, upto), spread over the buckets it covers
                 bucket = at - at % bucket_ms
                 while bucket < upto:
                     end = bucket + bucket_ms
                     key = bucket // 1000
-                    acc[key] = acc.get(key, 0) + billed * (
+                    acc[key] = get(key, 0) + held * (
                         (end if end < upto else upto) - (bucket if bucket > at else at)
                     )
                     bucket = end
             at = upto
-        if point is not None:
-            apply(point, True if counted is None else counted(point))
+        if point is None:
+            break
+        mode, value = point.mode, point.value
+        if mode == "level" and value is not None:
+            new = int(value)
+            if deltas and known and new != level and (counted is None or counted(point)):
+                resets += 1
+            level, known, deltas = new, True, False
+        elif mode == "delta" and value is not None:
+            level += int(value)
+            known = deltas = True
+        elif mode == "end":
+            level, known, deltas, fields, held = 0, False, False, {}, 0
+            continue
+        if point.fields != "{}":
+            fields = {**fields, **_fields.decode(point.fields)}
+        held = billed(level, fields, where)
+    timeline.level, timeline.known, timeline.deltas, timeline.fields = level, known, deltas, fields
+    timeline.resets += resets
     return acc
 
 
@@ -147,8 +153,9 @@ def to_micros(acc: Acc, time_unit_seconds: int) -> dict[int, int]:
 def derive_series(
     series: GaugeSeries, meter: Meter, until: int, bucket_seconds: int
 ) -> tuple[dict[int, int], SeriesUpdate, int]:
-    """One series derived to `until`: micro-units to add per bucket, its new state, and how
-    many snapshots folded now reset a level the deltas before them disagreed with."""
+    """One series derived to `until`: micro-units to add per bucket (zeros included), its
+    new state, and how many snapshots folded now reset a level the deltas before them
+    disagreed with."""
     where = meter.state_filter
     unit = meter.config.time_unit_seconds
     target = max(until, series.derived_to)
@@ -193,7 +200,7 @@ def derive_series(
         fields=_encode(timeline.fields).decode(),
         active=timeline.level != 0,
     )
-    return {b: v for b, v in diff.items() if v}, update, timeline.resets
+    return diff, update, timeline.resets
 
 
 def derive(batch: GaugeBatch, meters: Mapping[str, Meter], bucket_seconds: int) -> GaugePlan:
@@ -208,7 +215,8 @@ def derive(batch: GaugeBatch, meters: Mapping[str, Meter], bucket_seconds: int) 
             continue
         diff, update, reset = derive_series(series, meter, batch.until, bucket_seconds)
         for bucket, micros in diff.items():
-            totals[(series.org_id, series.meter, bucket)] += micros
+            if micros:
+                totals[(series.org_id, series.meter, bucket)] += micros
         updates.append(update)
         resets += reset
     return GaugePlan(
