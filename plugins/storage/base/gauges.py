@@ -58,17 +58,17 @@ class SQLGauges(SQLDriver, GaugeStore):
             due = await conn.fetch("due_gauge_series", until, until * 1000, org_id, *start, limit)
             if not due:
                 return [], GaugePlan(totals=[], series=[])
-            late = {
-                (r["meter"], r["org_id"], r["series"]): r["pending_from"] is not None
-                and r["pending_from"] < r["derived_to"] * 1000
+            keys: list[Key] = [(r["meter"], r["org_id"], r["series"]) for r in due]
+            # a series with a point stored before the point it was derived to is replayed
+            # from its first point; the others go on from their state
+            late = [
+                r["pending_from"] is not None and r["pending_from"] < r["derived_to"] * 1000
                 for r in due
-            }
+            ]
             target = max(until, *(r["derived_to"] for r in due))
             columns: list[list[Any]] = [[], [], [], []]
-            for r in due:
-                key = (r["meter"], r["org_id"], r["series"])
-                # a late series is replayed from its first point; the others go on
-                first = -(2**62) if late[key] else r["derived_to"] * 1000
+            for key, r, replay in zip(keys, due, late, strict=True):
+                first = -(2**62) if replay else r["derived_to"] * 1000
                 for column, value in zip(columns, (*key, first), strict=True):
                     column.append(value)
             points: list[list[SeriesPoint]] = [[] for _ in due]
@@ -87,7 +87,7 @@ class SQLGauges(SQLDriver, GaugeStore):
                         folded_seq=r["folded_seq"],
                         level=str(r["level"]),
                         fields=r["fields"],
-                        late=late[(r["meter"], r["org_id"], r["series"])],
+                        late=late[i],
                         points=points[i],
                     )
                     for i, r in enumerate(due)
@@ -117,7 +117,7 @@ class SQLGauges(SQLDriver, GaugeStore):
                     for u in plan.series
                 ],
             )
-            return list(late), plan
+            return keys, plan
 
         return await self._tx("gauge derivation", work)
 
