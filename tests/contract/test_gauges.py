@@ -3,8 +3,11 @@ steps, late points, the state across a restart."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 from controlplane import gauges
-from controlplane.interfaces import GaugePoint, Storage, StoredEvent
+from controlplane.interfaces import GaugeBatch, GaugePlan, GaugePoint, Storage, StoredEvent
 from controlplane.meters import Meter, MeterConfig
 from tests.contract.conftest import Store
 from tests.contract.helpers import HOUR, UNIT, B, as_map, pro, roll
@@ -121,3 +124,28 @@ async def test_steps_page_through_series_and_filter_by_org(storage: Storage) -> 
         ("c", METER, B[0]): 2 * UNIT,
     }
     assert await derive(storage, B[2], batch=1) == 5  # every active series, one per step
+
+
+async def test_a_point_stored_while_a_derivation_runs_is_derived_next(store: Store) -> None:
+    """Ingest racing a derivation of the same series (another handle, as another replica):
+    the point is neither lost nor counted twice, whichever commits first."""
+    storage = await store.open(migrate=True)
+    other = await store.open()
+    await storage.insert_events([point("s1", "a", B[0], "level", 1)], HOUR)
+    racing: list[asyncio.Task[Any]] = []
+
+    def planner(batch: GaugeBatch) -> GaugePlan:
+        late = [point("late", "a", B[1], "delta", 2), point("next", "a", B[3] + 1800, "delta", 1)]
+        racing.append(asyncio.get_running_loop().create_task(other.insert_events(late, HOUR)))
+        return gauges.derive(batch, METERS, HOUR)
+
+    await storage.gauge_step(B[3], 100, planner)
+    await racing[0]
+    await derive(storage, B[5])
+    assert as_map(await storage.usage("a", METER, None, None)) == {
+        ("a", METER, B[0]): UNIT,
+        ("a", METER, B[1]): 3 * UNIT,
+        ("a", METER, B[2]): 3 * UNIT,
+        ("a", METER, B[3]): 3 * UNIT + UNIT // 2,
+        ("a", METER, B[4]): 4 * UNIT,
+    }
