@@ -149,6 +149,10 @@ def test_config_errors_name_the_meter_and_setting() -> None:
         MeterSet([MeterConfig(name="m", event_type="t", value="1", series="data.x")])
     with pytest.raises(ConfigError, match="time_unit_seconds"):
         MeterSet([MeterConfig(**{**STORAGE_METER, "time_unit_seconds": 0})])
+    with pytest.raises(ConfigError, match="'state' is for event_modes"):
+        MeterSet([MeterConfig(**{**STORAGE_METER, "mode": "state"})])
+    with pytest.raises(ConfigError, match=r"'repo\.snapshot' is `event_type` already"):
+        MeterSet([MeterConfig(**{**STORAGE_METER, "event_modes": {"repo.snapshot": "delta"}})])
     assert MeterConfig(**STORAGE_METER).provider_formula == "sum"
 
 
