@@ -441,7 +441,7 @@ def _check(config: Config) -> None:
         raise ConfigError("auth.tokens: token names must be unique")
     from controlplane.meters import MeterSet
 
-    MeterSet(config.meters)  # compiles every expression: errors name the meter
+    MeterSet(config.meters, config.rollup.bucket_seconds)  # compiles every expression
     _check_plans(config)
     _check_capabilities(config)
     _check_limits(config)

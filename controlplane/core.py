@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import msgspec
 import structlog
 
-from controlplane import audit, orgs, registry, rollup
+from controlplane import audit, gauges, orgs, registry, rollup
 from controlplane.capabilities import Issued, Keys
 from controlplane.config import Config, LegacyPluginConfig, backend_of
 from controlplane.cutover import Cutover
@@ -114,7 +114,7 @@ class ControlPlane:
     ) -> None:
         self.config = config
         self.clock = clock
-        self.meters = MeterSet(config.meters)
+        self.meters = MeterSet(config.meters, config.rollup.bucket_seconds)
         self.static_flags = static_layers(config.flags)
         try:
             check_flags(resolve(self.static_flags, {}), config.rollup.bucket_seconds)
@@ -475,8 +475,17 @@ class ControlPlane:
         async with self.storage.exclusive("rollup", wait=wait) as mine:
             if not mine:
                 return rollup.RollupStats(skipped="another process is rolling up")
+            # gauge usage first: the buckets it marks dirty are then folded like any other
+            derived = await gauges.run(
+                self.storage,
+                self.meters.gauges,
+                bucket_seconds=self.config.rollup.bucket_seconds,
+                closed_before=closed_before,
+                org_id=org_id,
+            )
+            self.metrics.gauge_resets.inc(derived.resets)
             legacy = await self._legacy_plans(closed_before, org_id)
-            return await rollup.run(
+            stats = await rollup.run(
                 self.storage,
                 bucket_seconds=self.config.rollup.bucket_seconds,
                 closed_before=closed_before,
@@ -485,6 +494,8 @@ class ControlPlane:
                 legacy=legacy,
                 plans=self.plans,
             )
+            stats.gauge_series, stats.gauge_resets = derived.series, derived.resets
+            return stats
 
     async def _legacy_plans(self, closed_before: int, org_id: str | None) -> LegacyPlans | None:
         """The legacy biller's plan for each org the rollup is about to bill without a stored

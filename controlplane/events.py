@@ -20,9 +20,10 @@ from typing import Annotated, Any, Literal, NamedTuple
 import msgspec
 
 from controlplane.errors import InvalidInput, Problem, Undecodable, UnsupportedMediaType
-from controlplane.interfaces import IngestResult, Storage, StoredEvent
-from controlplane.meters import ExpressionError, MeterSet
+from controlplane.interfaces import GaugePoint, IngestResult, Storage, StoredEvent
+from controlplane.meters import ExpressionError, GaugeReading, MeterSet
 from controlplane.times import iso, parse_time
+from controlplane.units import to_picos
 
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
@@ -283,6 +284,7 @@ class Ingestor:
         duplicates = 0
         encode = _data_encoder.encode
         measure = self.meters.measure
+        read = self.meters.read
         window = self.window()
         for index, item in enumerate(items):
             if isinstance(item, EventIn):
@@ -305,6 +307,7 @@ class Ingestor:
                 continue
             try:
                 values = measure(event.type, event.data)
+                points = tuple(_point(r) for r in read(event.type, event.data))
             except ExpressionError as exc:
                 problems.append(Problem(index=index, field=exc.path or "data", message=str(exc)))
                 continue
@@ -323,6 +326,7 @@ class Ingestor:
                     time_ms=time_ms,
                     data=encode(event.data),
                     values=values,
+                    points=points,
                 )
             )
         if problems:
@@ -358,6 +362,17 @@ class Ingestor:
             unmetered=sum(unmetered.values()),
             unmetered_types=dict(list(unmetered.items())[:UNMETERED_TYPES_SHOWN]),
         )
+
+
+def _point(reading: GaugeReading) -> GaugePoint:
+    value = None if reading.value is None else str(to_picos(reading.value))
+    return GaugePoint(
+        reading.meter,
+        reading.series,
+        reading.mode,
+        value,
+        _data_encoder.encode(reading.fields).decode(),
+    )
 
 
 def bucket_of(time_ms: int, bucket_seconds: int) -> int:

@@ -13,12 +13,12 @@ import operator
 import re
 from collections.abc import Callable, Mapping
 from decimal import Decimal, DivisionByZero, InvalidOperation
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 
 from controlplane.errors import ConfigError
-from controlplane.units import MAX_MICROS, to_micros
+from controlplane.units import MAX_MICROS, format_micros, to_micros
 
 Evaluator = Callable[[Mapping[str, Any]], Any]
 METER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -27,13 +27,17 @@ METER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 class ExpressionError(ValueError):
     """An expression could not be evaluated for one event (missing field, wrong type, ...)."""
 
-    def __init__(self, message: str, path: str | None = None) -> None:
+    def __init__(self, message: str, path: str | None = None, *, missing: bool = False) -> None:
         super().__init__(message)
         self.path = path  # the event field at fault (`data.memory_mb`), when there is one
+        self.missing = missing  # the field is absent (rather than of the wrong type)
 
 
 def _field_path(path: str) -> str | None:
     return path if path.startswith("data.") else None
+
+
+Mode = Literal["level", "delta", "state"]
 
 
 class MeterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -41,15 +45,31 @@ class MeterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
 
     name: str
     event_type: str
-    aggregation: Literal["sum", "count"] = "sum"
-    value: str | None = None  # required for `sum`
+    aggregation: Literal["sum", "count", "time_weighted"] = "sum"
+    value: str | None = None  # required for `sum` and `time_weighted`
     where: str | None = None
     unit: str = "unit"
     event_name: str | None = None  # the provider's meter event name; defaults to `name`
+    # time_weighted only:
+    series: str | None = None  # the expression naming the series an event belongs to
+    mode: Mode = "level"  # what `value` is for events of `event_type`
+    event_modes: dict[str, Mode] = {}  # more event types feeding the same series, by mode
+    end: str | None = None  # a condition on an event's data that ends its series
+    time_unit_seconds: int = 3600  # level x this many seconds is one unit
 
     @property
     def provider_event_name(self) -> str:
         return self.event_name or self.name
+
+    @property
+    def provider_formula(self) -> str:
+        """The provider meter's aggregation: a gauge sends each bucket's integral as a sum."""
+        return "count" if self.aggregation == "count" else "sum"
+
+    @property
+    def event_types(self) -> dict[str, Mode]:
+        """Every event type the meter reads, with the mode of its `value` (gauges)."""
+        return {self.event_type: self.mode, **self.event_modes}
 
 
 _ARITH: dict[type[ast.operator], Callable[[Decimal, Decimal], Decimal]] = {
@@ -84,7 +104,7 @@ def _field(path: tuple[str, ...]) -> Evaluator:
         value: Any = data
         for key in path:
             if not isinstance(value, Mapping) or key not in value:
-                raise ExpressionError(f"{dotted} is missing", dotted)
+                raise ExpressionError(f"{dotted} is missing", dotted, missing=True)
             value = value[key]
         return value
 
@@ -215,30 +235,96 @@ def _depth(tree: ast.AST) -> int:
     return deepest
 
 
+GAUGE_ONLY = ("series", "end", "event_modes")
+MAX_SERIES = 256  # characters of a series key
+
+
+class GaugeReading(NamedTuple):
+    """What one event says about one series of a gauge meter, fixed at ingest."""
+
+    meter: str
+    series: str
+    mode: str  # `level`, `delta`, `state` (state fields only) or `end`
+    value: Decimal | None  # the level or the change; None for `state` and `end`
+    fields: dict[str, Any]  # the event's top-level data fields the meter's `where` reads
+
+
+def _top_fields(source: str) -> tuple[str, ...]:
+    """The top-level `data` fields an expression reads (`data.a.b` reads `a`)."""
+    names: list[str] = []
+    for node in ast.walk(ast.parse(source, mode="eval")):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "data"
+            and node.attr not in names
+        ):
+            names.append(node.attr)
+    return tuple(names)
+
+
 class Meter:
     """A compiled meter: decides whether an event feeds it and with how much."""
 
-    __slots__ = ("_value", "_where", "config")
+    __slots__ = ("_end", "_series", "_value", "_where", "config", "max_level", "state_fields")
 
-    def __init__(self, config: MeterConfig, index: int = 0) -> None:
+    def __init__(self, config: MeterConfig, index: int = 0, bucket_seconds: int = 3600) -> None:
         where = f"meters[{index}] ({config.name})"
         self.config = config
+        # a gauge's level is bounded so that one series' bucket holds at most what one event
+        # of a `sum` meter may carry (10^12 units): its integral stays a storage integer
+        self.max_level = MAX_MICROS * max(config.time_unit_seconds, 1) // bucket_seconds
+        self._series: Evaluator | None = None
+        self._end: Evaluator | None = None
+        self.state_fields: tuple[str, ...] = ()
         try:
-            if config.aggregation == "sum":
+            if config.aggregation in ("sum", "time_weighted"):
                 if not config.value:
-                    raise ConfigError("`value` is required when aggregation is 'sum'")
+                    raise ConfigError(
+                        f"`value` is required when aggregation is {config.aggregation!r}"
+                    )
                 self._value: Evaluator | None = compile_expression(config.value)
             else:
                 if config.value:
                     raise ConfigError("`value` must be left out when aggregation is 'count'")
                 self._value = None
             self._where = compile_expression(config.where, boolean=True) if config.where else None
+            if config.aggregation == "time_weighted":
+                self._compile_gauge(config)
+            else:
+                for name in GAUGE_ONLY:
+                    if getattr(config, name):
+                        raise ConfigError(f"`{name}` is only for aggregation 'time_weighted'")
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc.message}") from exc
+
+    def _compile_gauge(self, config: MeterConfig) -> None:
+        if not config.series:
+            raise ConfigError("`series` is required when aggregation is 'time_weighted'")
+        if config.mode == "state":
+            raise ConfigError(
+                "`mode` of `event_type` is 'level' or 'delta'; 'state' is for event_modes"
+            )
+        if config.time_unit_seconds <= 0:
+            raise ConfigError("`time_unit_seconds` must be a positive number of seconds")
+        if config.event_type in config.event_modes:
+            raise ConfigError(f"event_modes: {config.event_type!r} is `event_type` already")
+        self._series = compile_expression(config.series)
+        self._end = compile_expression(config.end, boolean=True) if config.end else None
+        self.state_fields = _top_fields(config.where) if config.where else ()
 
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def state_filter(self) -> Evaluator | None:
+        """A gauge's `where`, read on its series' state fields."""
+        return self._where
+
+    @property
+    def is_gauge(self) -> bool:
+        return self.config.aggregation == "time_weighted"
 
     def measure(self, data: Mapping[str, Any]) -> int | None:
         """Micro-units this event adds, or None when the `where` filter leaves it out.
@@ -250,21 +336,73 @@ class Meter:
                 return None
             if self._value is None:
                 return to_micros(1)
-            try:
-                micros = to_micros(_number(self._value(data), "value"))
-            except ArithmeticError:  # far beyond what decimal arithmetic keeps exactly
-                micros = MAX_MICROS + 1
-            if abs(micros) > MAX_MICROS:
-                raise ExpressionError(f"value: out of range ({MAX_MICROS} micro-units at most)")
-            return micros
+            return _bounded(_number(self._value(data), "value"))
         except ExpressionError as exc:
             raise ExpressionError(f"meter {self.config.name}: {exc}", exc.path) from exc
+
+    def read(self, event_type: str, data: Mapping[str, Any]) -> GaugeReading:
+        """A gauge meter's reading of one event (its `where` applies later, to the series'
+        state). Raises ExpressionError naming the meter and field when the event does not fit:
+        no series, or a `level`/`delta` event without a numeric value."""
+        assert self._series is not None and self._value is not None
+        try:
+            series = _series_key(self._series(data), self.config.series or "")
+            fields = {k: data[k] for k in self.state_fields if k in data}
+            if self._end is not None and _holds(self._end, data):
+                return GaugeReading(self.name, series, "end", None, fields)
+            mode = self.config.event_types[event_type]
+            if mode == "state":
+                return GaugeReading(self.name, series, "state", None, fields)
+            value = _number(self._value(data), "value")
+            if abs(_bounded(value)) > self.max_level:
+                raise ExpressionError(
+                    f"value: out of range: a level of at most {format_micros(self.max_level)} "
+                    f"(one bucket of it is {format_micros(MAX_MICROS)} units)"
+                )
+            return GaugeReading(self.name, series, mode, value, fields)
+        except ExpressionError as exc:
+            raise ExpressionError(f"meter {self.config.name}: {exc}", exc.path) from exc
+
+
+def _bounded(value: Decimal) -> int:
+    """`value` in micro-units, refused past the bound one event may carry."""
+    try:
+        micros = to_micros(value)
+    except ArithmeticError:  # far beyond what decimal arithmetic keeps exactly
+        micros = MAX_MICROS + 1
+    if abs(micros) > MAX_MICROS:
+        raise ExpressionError(f"value: out of range ({MAX_MICROS} micro-units at most)")
+    return micros
+
+
+def _holds(condition: Evaluator, data: Mapping[str, Any]) -> bool:
+    """A condition on one event; one that reads a field the event lacks does not hold."""
+    try:
+        return bool(condition(data))
+    except ExpressionError as exc:
+        if exc.missing or "is missing" in str(exc):
+            return False
+        raise
+
+
+def _series_key(value: Any, source: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int | Decimal):
+        kind = "missing" if value is None else f"a {type(value).__name__}"
+        raise ExpressionError(
+            f"{source} (the series) is {kind}, not text or a number", _field_path(source)
+        )
+    key = str(value)
+    if not 0 < len(key) <= MAX_SERIES:
+        raise ExpressionError(
+            f"{source} (the series) must be 1 to {MAX_SERIES} characters", _field_path(source)
+        )
+    return key
 
 
 class MeterSet:
     """All configured meters, indexed by the event type they read."""
 
-    def __init__(self, configs: list[MeterConfig]) -> None:
+    def __init__(self, configs: list[MeterConfig], bucket_seconds: int = 3600) -> None:
         for i, c in enumerate(configs):
             if not METER_NAME.fullmatch(c.name):
                 # ledger identifiers are `{org}:{meter}:{bucket}:{revision}`: a meter name
@@ -272,21 +410,32 @@ class MeterSet:
                 raise ConfigError(
                     f"meters[{i}].name: {c.name!r} must be letters, digits, '_', '.' or '-'"
                 )
-        self.meters = [Meter(c, i) for i, c in enumerate(configs)]
+        self.meters = [Meter(c, i, bucket_seconds) for i, c in enumerate(configs)]
         names = [m.name for m in self.meters]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ConfigError(f"meters: duplicate meter names {dupes}")
         self.by_type: dict[str, list[Meter]] = {}
+        self.gauges_by_type: dict[str, list[Meter]] = {}
         for meter in self.meters:
-            self.by_type.setdefault(meter.config.event_type, []).append(meter)
+            if meter.is_gauge:
+                for event_type in meter.config.event_types:
+                    self.gauges_by_type.setdefault(event_type, []).append(meter)
+                    self.by_type.setdefault(event_type, [])
+            else:
+                self.by_type.setdefault(meter.config.event_type, []).append(meter)
         self.by_name = {m.name: m for m in self.meters}
+        self.gauges = {m.name: m for m in self.meters if m.is_gauge}
 
     def measure(self, event_type: str, data: Mapping[str, Any]) -> tuple[tuple[str, int], ...]:
-        """(meter, micro-units) for every meter this event feeds."""
+        """(meter, micro-units) for every `sum` or `count` meter this event feeds."""
         out = []
         for meter in self.by_type.get(event_type, ()):
             micros = meter.measure(data)
             if micros is not None:
                 out.append((meter.name, micros))
         return tuple(out)
+
+    def read(self, event_type: str, data: Mapping[str, Any]) -> tuple[GaugeReading, ...]:
+        """The reading of every gauge meter this event feeds."""
+        return tuple(m.read(event_type, data) for m in self.gauges_by_type.get(event_type, ()))

@@ -79,6 +79,12 @@ class Metrics:
             ["code"],
             registry=r,
         )
+        self.gauge_resets = Counter(
+            "controlplane_series_snapshot_resets",
+            "Gauge snapshots (level events) that disagreed with the level the deltas before "
+            "them added up to, and reset it (snapshots are authoritative).",
+            registry=r,
+        )
         for reason in REFUSALS:
             self.ingest_refused.labels(reason)
         for outcome in Outcome:

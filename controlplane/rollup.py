@@ -44,6 +44,8 @@ class RollupStats(msgspec.Struct):
     excluded: int = 0
     deferred_orgs: int = 0  # no stored plan, and the legacy biller could not answer
     held: int = 0  # buckets it cannot fold (see HeldBucket): alerted, the others rolled up
+    gauge_series: int = 0  # gauge series derived before the buckets were folded
+    gauge_resets: int = 0  # snapshots that reset a level the deltas before them disagreed with
 
 
 class LegacyPlans(msgspec.Struct, frozen=True):

@@ -40,3 +40,25 @@ def format_micros(micros: int) -> str:
 def floor_units(micros: int) -> int:
     """Whole billing units in `micros` micro-units, rounded toward minus infinity."""
     return micros // MICROS
+
+
+PICOS = 10**12
+"""A gauge's level is kept in integer pico-units (1 byte is 10^-9 GB, exactly); its integral
+over time, in pico-unit milliseconds, is integer arithmetic until one rounding per bucket."""
+_PICO = Decimal("1e-12")
+
+
+def to_picos(value: Decimal | int) -> int:
+    """Quantize an exact value to integer pico-units (half-even at the twelfth decimal)."""
+    if isinstance(value, int):
+        return value * PICOS
+    return int(value.quantize(_PICO, rounding=ROUND_HALF_EVEN).scaleb(12))
+
+
+def div_half_even(numerator: int, denominator: int) -> int:
+    """numerator / denominator (> 0) rounded half to even, exactly."""
+    quotient, remainder = divmod(numerator, denominator)
+    twice = 2 * remainder
+    if twice > denominator or (twice == denominator and quotient % 2):
+        quotient += 1
+    return quotient

@@ -39,6 +39,80 @@ class StoredEvent(msgspec.Struct, frozen=True, array_like=True):
     time_ms: int
     data: bytes  # the event's `data` object as JSON
     values: tuple[tuple[str, int], ...]  # (meter, micro-units) for each meter it feeds
+    points: tuple[GaugePoint, ...] = ()  # what it says to each gauge meter it feeds
+
+
+class GaugePoint(msgspec.Struct, frozen=True, array_like=True):
+    """One event's reading for one series of a gauge (`time_weighted`) meter, as stored."""
+
+    meter: str
+    series: str
+    mode: str  # `level`, `delta`, `state` (its fields only) or `end`
+    value: str | None  # the exact decimal level or change (None for `state` and `end`)
+    fields: str  # JSON object: the state fields the meter's `where` reads
+
+
+class SeriesPoint(msgspec.Struct, frozen=True, array_like=True):
+    """A stored gauge point read back for derivation; `seq` orders ingest, not time."""
+
+    time_ms: int
+    ord: str  # `source` and event id: orders points of the same millisecond by content
+    seq: int
+    mode: str
+    value: str | None
+    fields: str
+
+
+class GaugeSeries(msgspec.Struct, frozen=True):
+    """One series due for derivation: its state at `derived_to` and the points to fold.
+
+    Usage of every bucket before `derived_to` is in the bucket totals, derived from the
+    points with `seq <= folded_seq` and a time before `derived_to` (the folded ones). With
+    `late`, some point before `derived_to` is not folded: `points` are then every point
+    before the target, from the first; else those from `derived_to` on."""
+
+    meter: str
+    org_id: str
+    series: str
+    derived_to: int  # unix seconds, a bucket start
+    folded_seq: int
+    level: str  # exact decimal
+    fields: str  # JSON object
+    late: bool
+    points: list[SeriesPoint]  # in timeline order: by time, then by `ord`
+
+
+class GaugeBatch(msgspec.Struct, frozen=True):
+    """The series one derivation step takes, and the bucket start it derives up to."""
+
+    until: int
+    series: list[GaugeSeries]
+
+
+class SeriesUpdate(msgspec.Struct, frozen=True, array_like=True):
+    """A series' state after derivation (its pending time is read back by the store)."""
+
+    meter: str
+    org_id: str
+    series: str
+    derived_to: int
+    folded_seq: int
+    level: str
+    fields: str
+    active: bool  # a level other than zero: its buckets are derived without events
+
+
+class GaugePlan(msgspec.Struct, frozen=True):
+    """What one derivation step writes: micro-units added to bucket totals (whose (org,
+    bucket) become dirty), the series' new states, and snapshots that reset a level the
+    deltas before them disagreed with."""
+
+    totals: list[UsageTotal]
+    series: list[SeriesUpdate]
+    resets: int = 0
+
+
+GaugePlanner = Callable[[GaugeBatch], GaugePlan]
 
 
 class IngestResult(msgspec.Struct, frozen=True, omit_defaults=True):

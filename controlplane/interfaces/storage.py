@@ -10,6 +10,7 @@ contract           holds
 StorageLifecycle   start, close, migrations, ping, pinned settings, exclusive jobs
 EventStore         usage events and the bucket totals computed from them
 LedgerStore        the rollup's writes, ledger reads, the dirty backlog
+GaugeStore         gauge meters' series: their state, and the usage derived from them
 SendStore          claims, attempts, settlements, cancellations, re-issues, the seam
 OrgStore           orgs, customers, plan periods
 FlagStore          runtime flags, the static layers' record
@@ -39,6 +40,8 @@ from controlplane.interfaces.records import (
     DirtyBacklog,
     FlagGuard,
     FlagWrite,
+    GaugePlan,
+    GaugePlanner,
     HeldErrors,
     IngestResult,
     JobRun,
@@ -54,6 +57,7 @@ from controlplane.interfaces.records import (
     RuntimeFlag,
     SeamRows,
     SendItem,
+    SeriesUpdate,
     Settlement,
     StaticFlags,
     StoredEvent,
@@ -187,6 +191,31 @@ class LedgerStore(abc.ABC):
     async def late_rows(self, period: ClosedPeriod) -> list[LedgerRow]:
         """Rows of the period's org sent with a timestamp inside it whose first attempt came
         at or after the invoice was finalized: they reached the provider too late for it."""
+
+
+class GaugeStore(abc.ABC):
+    """Gauge (`time_weighted`) meters: each series' state and the points ingest stored for it
+    (:meth:`EventStore.insert_events` stores an event's points and marks their series due)."""
+
+    @abc.abstractmethod
+    async def gauge_step(
+        self,
+        until: int,
+        limit: int,
+        planner: GaugePlanner,
+        org_id: str | None = None,
+        after: tuple[str, str, str] | None = None,
+    ) -> tuple[list[tuple[str, str, str]], GaugePlan]:
+        """Take up to `limit` series due for derivation up to `until` (a bucket start), in
+        (meter, org, series) order after `after`, and of `org_id` when given: those with a
+        level other than zero derived to before `until`, and those with a point stored since
+        their last derivation at a time before `until`. Let `planner` derive them; in one
+        transaction, add its totals to the bucket totals, mark those (org, bucket) pairs
+        dirty and store each series' new state. Returns the keys taken, and the plan."""
+
+    @abc.abstractmethod
+    async def gauge_series(self, meter: str | None = None) -> list[SeriesUpdate]:
+        """Every stored series' state (of `meter` when given), in key order."""
 
 
 class SendStore(abc.ABC):
@@ -497,6 +526,7 @@ class Storage(
     StorageLifecycle,
     EventStore,
     LedgerStore,
+    GaugeStore,
     SendStore,
     OrgStore,
     FlagStore,

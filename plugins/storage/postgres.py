@@ -49,7 +49,14 @@ from controlplane.plugins.storage._common import (
     check_batch_alone,
     check_bucket_bound,
 )
-from controlplane.plugins.storage.base import Connection, DirtyBatch, Row, SQLStorage
+from controlplane.plugins.storage.base import (
+    Connection,
+    DirtyBatch,
+    Row,
+    SQLStorage,
+    gauge_touches,
+    point_order,
+)
 from controlplane.registry import PluginSpec, require
 from controlplane.secrets import Secret, check_url, reveal
 
@@ -274,6 +281,7 @@ class PostgresStorage(SQLStorage):
             dirty: set[tuple[str, int]] = set()
             fresh = [e for e in batch if (e.source, e.event_id) in pks]
             check_batch_alone(fresh, bucket_seconds)
+            await self._store_points(conn, fresh, bucket_seconds)
             added = bucket_sums(fresh, bucket_seconds)
             for e in fresh:
                 pk = pks[(e.source, e.event_id)]
@@ -303,6 +311,20 @@ class PostgresStorage(SQLStorage):
 
         accepted = await self._tx("ingest", work) if batch else 0
         return IngestResult(accepted=accepted, duplicates=len(events) - accepted)
+
+    async def _store_points(
+        self, conn: Connection, events: Sequence[StoredEvent], bucket_seconds: int
+    ) -> None:
+        """Gauge points, after their series' rows are locked (see migration 0006): a
+        derivation holding a series sees every point numbered below those it does not."""
+        rows = [
+            (p.meter, e.org_id, p.series, e.time_ms, point_order(e), p.mode, p.value, p.fields)
+            for e in events
+            for p in e.points
+        ]
+        if rows:
+            await conn.bulk("touch_gauge_series", gauge_touches(events, bucket_seconds))
+            await conn.bulk("insert_gauge_point", rows)
 
     # rollup -------------------------------------------------------------------------------
 

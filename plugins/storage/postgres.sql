@@ -515,3 +515,61 @@ WHERE id = $1;
 
 -- name: flag_customer
 UPDATE orgs SET customer_error = $2, updated_at = $3 WHERE org_id = $1;
+
+-- name: touch_gauge_series
+-- Ingest, before it stores the points: a series' first point starts it at its bucket; every
+-- point marks it due from its time (a point before `derived_to` is late). Sorted, so that
+-- concurrent batches and the derivation lock series rows in one order.
+INSERT INTO gauge_series (meter, org_id, series, derived_to, pending_from)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[])
+     AS u(m, o, s, d, t)
+ORDER BY m, o, s
+ON CONFLICT (meter, org_id, series) DO UPDATE
+SET pending_from = LEAST(gauge_series.pending_from, excluded.pending_from);
+
+-- name: insert_gauge_point
+INSERT INTO gauge_points (meter, org_id, series, time_ms, ord, mode, value, fields)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[],
+                     $7::text[], $8::text[]);
+
+-- name: due_gauge_series
+-- Locks the rows taken: an ingest storing points of one of them waits for the derivation.
+SELECT meter, org_id, series, derived_to, folded_seq, level, fields, pending_from
+FROM gauge_series
+WHERE ((active AND derived_to < $1) OR pending_from < $2)
+  AND ($3::text IS NULL OR org_id = $3)
+  AND (meter, org_id, series) > ($4::text, $5::text, $6::text)
+ORDER BY meter, org_id, series
+LIMIT $7
+FOR UPDATE;
+
+-- name: gauge_batch_points
+-- The points of each series from its `from` to $5 (ms), by the series' position (from 0) in
+-- the arrays, in timeline order.
+SELECT k.idx - 1 AS idx, p.time_ms, p.ord, p.seq, p.mode, p.value, p.fields
+FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) WITH ORDINALITY AS k(m, o, s, f, idx)
+JOIN gauge_points p ON p.meter = k.m AND p.org_id = k.o AND p.series = k.s
+                   AND p.time_ms >= k.f AND p.time_ms < $5
+ORDER BY k.idx, p.time_ms, p.ord COLLATE "C";
+
+-- name: update_gauge_series
+UPDATE gauge_series g
+SET derived_to = u.d, folded_seq = u.q, level = u.l, fields = u.f, active = u.a,
+    pending_from = (SELECT min(p.time_ms) FROM gauge_points p
+                    WHERE p.meter = u.m AND p.org_id = u.o AND p.series = u.s
+                      AND p.time_ms >= u.d * 1000)
+FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[],
+            $7::text[], $8::boolean[]) AS u(m, o, s, d, q, l, f, a)
+WHERE g.meter = u.m AND g.org_id = u.o AND g.series = u.s;
+
+-- name: add_gauge_totals
+-- Sorted by the caller in ingest's order (org, bucket, meter).
+INSERT INTO bucket_totals (org_id, meter, bucket_start, micros)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
+ON CONFLICT (org_id, bucket_start, meter)
+DO UPDATE SET micros = bucket_totals.micros + excluded.micros;
+
+-- name: gauge_series
+SELECT meter, org_id, series, derived_to, folded_seq, level, fields, active
+FROM gauge_series WHERE ($1::text IS NULL OR meter = $1)
+ORDER BY meter, org_id, series;

@@ -31,7 +31,14 @@ from controlplane.plugins.storage._common import (
     check_batch_alone,
     check_bucket_bound,
 )
-from controlplane.plugins.storage.base import Connection, DirtyBatch, Row, SQLStorage
+from controlplane.plugins.storage.base import (
+    Connection,
+    DirtyBatch,
+    Row,
+    SQLStorage,
+    gauge_touches,
+    point_order,
+)
 from controlplane.registry import PluginSpec
 from controlplane.units import MICROS
 
@@ -174,6 +181,11 @@ class SQLiteStorage(SQLStorage):
     def _array(self, values: Sequence[Any]) -> str:
         return _json.encode(list(values)).decode()  # read with json_each()
 
+    def _series_keys(self, columns: list[list[Any]]) -> tuple[Any, ...]:
+        """One JSON array of [meter, org, series, from] (read by position, no json_each
+        joined to another on its keys: that compares every pair)."""
+        return (self._array([list(key) for key in zip(*columns, strict=True)]),)
+
     @contextlib.asynccontextmanager
     async def _migrating(self) -> AsyncIterator[migrations.Session]:
         async with self._write_lock:
@@ -192,6 +204,7 @@ class SQLiteStorage(SQLStorage):
             next_pk = int(await conn.fetchval("max_event_pk")) + 1
             event_rows = []
             value_rows = []
+            point_rows = []
             dirty: set[tuple[str, int]] = set()
             fresh: list[StoredEvent] = []
             for e in events:
@@ -213,6 +226,21 @@ class SQLiteStorage(SQLStorage):
                 )
                 for meter, micros in e.values:
                     value_rows.append((next_pk, meter, e.org_id, bucket, micros))
+                order = point_order(e)
+                for p in e.points:
+                    point_rows.append(
+                        (
+                            p.meter,
+                            e.org_id,
+                            p.series,
+                            e.time_ms,
+                            order,
+                            next_pk,
+                            p.mode,
+                            p.value,
+                            p.fields,
+                        )
+                    )
                 dirty.add((e.org_id, bucket))
                 fresh.append(e)
                 next_pk += 1
@@ -221,6 +249,9 @@ class SQLiteStorage(SQLStorage):
                 await conn.executemany("insert_event", event_rows)
                 await conn.executemany("insert_meter_value", value_rows)
                 await conn.executemany("mark_dirty", sorted(dirty))
+                if point_rows:
+                    await conn.bulk("touch_gauge_series", gauge_touches(fresh, bucket_seconds))
+                    await conn.bulk("insert_gauge_point", point_rows)
                 await self._check_totals(conn, fresh, bucket_seconds)
             return len(event_rows)
 

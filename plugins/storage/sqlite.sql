@@ -30,13 +30,13 @@ ON CONFLICT (org_id, bucket_start) DO UPDATE SET held_reason = NULL
 WHERE held_reason IS NOT NULL;
 
 -- name: usage
-SELECT org_id, meter, bucket_start, sum(micros) AS value_micros
-FROM meter_values
+-- The totals ingest keeps with the events, and gauge meters' derived ones.
+SELECT org_id, meter, bucket_start, micros AS value_micros
+FROM bucket_totals
 WHERE (?1 IS NULL OR org_id = ?1)
   AND (?2 IS NULL OR meter = ?2)
   AND (?3 IS NULL OR bucket_start >= ?3)
   AND (?4 IS NULL OR bucket_start < ?4)
-GROUP BY org_id, meter, bucket_start
 ORDER BY org_id, meter, bucket_start;
 
 -- name: create_batch
@@ -536,3 +536,53 @@ WHERE id = ?1;
 
 -- name: flag_customer
 UPDATE orgs SET customer_error = ?2, updated_at = ?3 WHERE org_id = ?1;
+
+-- name: touch_gauge_series
+-- Ingest: a series' first point starts it at its bucket; every point stored marks it due
+-- from its time (a point before `derived_to` is late).
+INSERT INTO gauge_series (meter, org_id, series, derived_to, pending_from)
+VALUES (?1, ?2, ?3, ?4, ?5)
+ON CONFLICT (meter, org_id, series) DO UPDATE
+SET pending_from = min(coalesce(pending_from, excluded.pending_from), excluded.pending_from);
+
+-- name: insert_gauge_point
+INSERT INTO gauge_points (meter, org_id, series, time_ms, ord, seq, mode, value, fields)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9);
+
+-- name: due_gauge_series
+-- ?1 until (a bucket start), ?2 until in ms, ?3 org or null, ?4 ?5 ?6 the key to start after.
+SELECT meter, org_id, series, derived_to, folded_seq, level, fields, pending_from
+FROM gauge_series
+WHERE ((active AND derived_to < ?1) OR pending_from < ?2)
+  AND (?3 IS NULL OR org_id = ?3)
+  AND (meter, org_id, series) > (?4, ?5, ?6)
+ORDER BY meter, org_id, series
+LIMIT ?7;
+
+-- name: gauge_batch_points
+-- The points of each series (?1, a JSON array of [meter, org, series, from ms]) from its
+-- `from` to ?2 (ms), by the series' position in ?1, in timeline order.
+SELECT k.key AS idx, p.time_ms, p.ord, p.seq, p.mode, p.value, p.fields
+FROM json_each(?1) k
+CROSS JOIN gauge_points p
+    ON p.meter = k.value ->> 0 AND p.org_id = k.value ->> 1 AND p.series = k.value ->> 2
+   AND p.time_ms >= k.value ->> 3 AND p.time_ms < ?2
+ORDER BY k.key, p.time_ms, p.ord;
+
+-- name: update_gauge_series
+-- The points from the new `derived_to` on are not folded: the earliest is due next.
+UPDATE gauge_series
+SET derived_to = ?4, folded_seq = ?5, level = ?6, fields = ?7, active = ?8,
+    pending_from = (SELECT min(p.time_ms) FROM gauge_points p
+                    WHERE p.meter = ?1 AND p.org_id = ?2 AND p.series = ?3
+                      AND p.time_ms >= ?4 * 1000)
+WHERE meter = ?1 AND org_id = ?2 AND series = ?3;
+
+-- name: add_gauge_totals
+INSERT INTO bucket_totals (org_id, meter, bucket_start, micros) VALUES (?1, ?2, ?3, ?4)
+ON CONFLICT (meter, org_id, bucket_start) DO UPDATE SET micros = micros + excluded.micros;
+
+-- name: gauge_series
+SELECT meter, org_id, series, derived_to, folded_seq, level, fields, active
+FROM gauge_series WHERE (?1 IS NULL OR meter = ?1)
+ORDER BY meter, org_id, series;

@@ -187,7 +187,8 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
         ({"storage": {"backend": "sqlite", "pth": "x"}}, "(did you mean 'path'?)"),
         (
             {"meters": [{"name": "m", "event_type": "t", "aggregation": "summ"}]},
-            "meters[0].aggregation: Invalid enum value 'summ' (expected one of 'sum', 'count')",
+            "meters[0].aggregation: Invalid enum value 'summ' (expected one of 'sum', 'count', "
+            "'time_weighted')",
         ),
         ({"logging": {"level": "loud"}}, "(expected one of 'debug', 'info', 'warning', 'error')"),
         ({"plans": [{"name": "pro", "billable": True}]}, "plans: 'free' (billable = false) and"),

@@ -161,13 +161,13 @@ class _Publisher:
             else:
                 self.act("keep", "meter", m.name, found.id)
             return str(found.id)
-        self.act("create", "meter", m.name, f"event_name {event_name}, {m.aggregation}")
+        self.act("create", "meter", m.name, f"event_name {event_name}, {m.provider_formula}")
         if self.dry_run:
             return None
         params: Any = {
             "display_name": m.name,
             "event_name": event_name,
-            "default_aggregation": {"formula": m.aggregation},
+            "default_aggregation": {"formula": m.provider_formula},
         }
         created = await stripe_call(
             "create meter", self.client.v1.billing.meters.create_async(params=params)

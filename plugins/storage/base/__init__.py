@@ -16,8 +16,9 @@ A plugin (`sqlite.py`, `postgres.py`) keeps its dialect and its driver, nothing 
   and the migration session (see :mod:`controlplane.migrations`).
 
 Modules: `driver` (the contract, the lifecycle's shared methods, the audit chain's append),
-`ledger` (usage, rollup, ledger reads, sending), `state` (orgs, flags, audit, jobs), `parity`
-(parity, catalog, webhooks), `errors` (the provider's error reports): one mixin per storage
+`ledger` (usage, rollup, ledger reads, sending), `gauges` (gauge meters' series), `state`
+(orgs, flags, audit, jobs), `parity` (parity, catalog, webhooks), `errors` (the provider's error
+reports): one mixin per storage
 contract, :class:`SQLStorage` all of them.
 
 Locks are named (:data:`CHAIN_LOCK` ...); every transaction that rewrites a rounding chain holds
@@ -38,6 +39,7 @@ from controlplane.plugins.storage.base.driver import (
     SQLDriver,
 )
 from controlplane.plugins.storage.base.errors import SQLProviderErrors
+from controlplane.plugins.storage.base.gauges import SQLGauges, gauge_touches, point_order
 from controlplane.plugins.storage.base.ledger import SQLEvents, SQLLedger, SQLSending
 from controlplane.plugins.storage.base.parity import SQLCatalogWebhooks, SQLParity
 from controlplane.plugins.storage.base.state import SQLAudit, SQLFlags, SQLJobs, SQLOrgs
@@ -46,6 +48,7 @@ from controlplane.plugins.storage.base.state import SQLAudit, SQLFlags, SQLJobs,
 class SQLStorage(
     SQLEvents,
     SQLLedger,
+    SQLGauges,
     SQLSending,
     SQLOrgs,
     SQLFlags,
@@ -69,4 +72,6 @@ __all__ = [
     "Row",
     "SQLDriver",
     "SQLStorage",
+    "gauge_touches",
+    "point_order",
 ]
