@@ -250,6 +250,8 @@ class CapabilitiesConfig(_Section, frozen=True):
     audience: str = "controlplane"
     issuer: str = "controlplane"
     max_skew_seconds: int = 60
+    # event types that need a token once the control plane is the billing authority
+    required_for: list[str] = []
 
 
 class Config(_Section, frozen=True):

@@ -31,7 +31,7 @@ from controlplane.errors import (
     Problem,
 )
 from controlplane.events import Ingestor
-from controlplane.flags import FlagChange, Snapshot, resolve, set_flags
+from controlplane.flags import Authority, FlagChange, Snapshot, resolve, set_flags
 from controlplane.flags.resolve import static_layers
 from controlplane.flags.service import DEFAULT_MAX_EVENT_AGE_SECONDS, record_static
 from controlplane.flags.service import check as check_flags
@@ -131,6 +131,8 @@ class ControlPlane:
         if legacy is None and config.legacy is not None:
             legacy = _plugin("legacy", config.legacy)
         self.legacy = legacy
+        self.metrics = Metrics()  # this plane's own Prometheus registry
+        self.capability_keys = Keys(config.capabilities)
         self.ingestor = Ingestor(
             self.storage,
             self.meters,
@@ -140,6 +142,10 @@ class ControlPlane:
             max_ahead_seconds=config.server.event_time_max_ahead_seconds,
             unknown_types=config.events.unknown_types,
             clock=clock,
+            tokens=self.capability_keys if config.capabilities.keys else None,
+            required_for=config.capabilities.required_for,
+            enforcing=self._enforcing,
+            on_untokened=self.metrics.untokened,
         )
         self._migrate = migrate and create
         self._create = create  # false: read an existing database only (NoDatabase otherwise)
@@ -147,8 +153,6 @@ class ControlPlane:
         # org -> (the legacy biller's plan or None, when asked): see _legacy_plans
         self._legacy_plan_cache: dict[str, tuple[str | None, float]] = {}
         self._stack = contextlib.AsyncExitStack()
-        self.metrics = Metrics()  # this plane's own Prometheus registry
-        self.capability_keys = Keys(config.capabilities)
         self.plans = Plans(
             config.plans,
             config.legacy.plan_map if isinstance(config.legacy, LegacyPluginConfig) else None,
@@ -242,6 +246,11 @@ class ControlPlane:
             raise
         self.metrics.ingested(source, result)
         return result
+
+    async def _enforcing(self) -> bool:
+        """Whether `[capabilities] required_for` is enforced now: once the control plane is
+        the billing authority."""
+        return (await self.flags()).authority is Authority.CONTROLPLANE
 
     async def start_ingest(self) -> list[IngestSource]:
         """Start every `[[ingest]]` source with :meth:`ingest` as its sink (`serve` does; a

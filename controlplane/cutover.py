@@ -379,6 +379,28 @@ class Cutover:
             f"catalog version {version.version} published at {version.published_at}",
         )
 
+    async def _check_tokens(self) -> Check:
+        """No event of a `[capabilities] required_for` type came without a capability token
+        over the parity soak window: once live, such events would be refused."""
+        name = "capability_tokens_carried"
+        types = self.config.capabilities.required_for
+        if not types:
+            return Check(name, "n/a", "no [capabilities] required_for types are configured")
+        hours = self.config.cutover.parity_clean_hours
+        since = self.now() - hours * 3600
+        missing = await self.storage.untokened_events(types, since * 1000)
+        if missing:
+            return Check(
+                name,
+                "fail",
+                f"{missing} events of {', '.join(sorted(types))} in the last {hours} h carried "
+                "no capability token: they would be refused once the control plane is the "
+                "billing authority",
+            )
+        return Check(
+            name, "pass", f"every event of {', '.join(sorted(types))} in {hours} h had a token"
+        )
+
     async def preflight(self, at: int | None = None) -> Preflight:
         """Every precondition of a cutover at T (default: the current bill_from)."""
         current = await self.flags()
@@ -389,6 +411,7 @@ class Cutover:
             await self._check_parity(),
             await self._check_legacy(t),
             await self._check_catalog(),
+            await self._check_tokens(),
         ]
         return Preflight(at=t, checked_at=self.now(), ok=all(c.ok for c in checks), checks=checks)
 

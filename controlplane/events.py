@@ -13,12 +13,13 @@ from __future__ import annotations
 import io
 import itertools
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from decimal import Decimal
 from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 
+from controlplane.capabilities import Keys, Refused
 from controlplane.errors import InvalidInput, Problem, Undecodable, UnsupportedMediaType
 from controlplane.interfaces import GaugePoint, IngestResult, Storage, StoredEvent
 from controlplane.meters import ExpressionError, GaugeReading, MeterSet
@@ -42,6 +43,9 @@ class EventIn(msgspec.Struct, frozen=True):
     time: str | None = None
     ts: int | None = None
     data: dict[str, Any] = {}
+    # a capability token (controlplane.capabilities): its org's plan, signed; a CloudEvents
+    # extension attribute
+    captoken: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
 
 
 _batch_decoder = msgspec.json.Decoder(list[EventIn], float_hook=Decimal)
@@ -255,8 +259,16 @@ class Ingestor:
         max_ahead_seconds: int = 86_400,
         unknown_types: Literal["accept", "reject"] = "accept",
         clock: Callable[[], float] = time.time,
+        tokens: Keys | None = None,
+        required_for: Iterable[str] = (),
+        enforcing: Callable[[], Awaitable[bool]] | None = None,
+        on_untokened: Callable[[str, bool], None] | None = None,
     ) -> None:
         self.storage = storage
+        self.tokens = tokens  # verifies capability tokens (None: none are configured)
+        self.required_for = frozenset(required_for)  # types that need one, once enforcing
+        self.enforcing = enforcing  # whether the control plane is the billing authority now
+        self.on_untokened = on_untokened  # (type, refused): an event without a token
         self.unknown_types = unknown_types
         self.meters = meters
         self.bucket_seconds = bucket_seconds
@@ -269,8 +281,12 @@ class Ingestor:
         """The event times accepted now, in unix ms: from `earliest` to a little ahead."""
         return self.earliest * 1000, (int(self.clock()) + self.max_ahead_seconds) * 1000
 
-    def prepare(self, items: Sequence[Any], default_source: str) -> tuple[list[StoredEvent], int]:
+    def prepare(
+        self, items: Sequence[Any], default_source: str, *, enforce: bool = False
+    ) -> tuple[list[StoredEvent], int]:
         """Validate a whole batch. Returns the events to store and the in-batch duplicates.
+        With `enforce`, an event of a `required_for` type without a valid capability token is
+        refused; without, it is accepted and reported (`on_untokened`) as one that would be.
 
         Raises InvalidInput listing every bad event (index, field, why).
         """
@@ -311,6 +327,11 @@ class Ingestor:
             except ExpressionError as exc:
                 problems.append(Problem(index=index, field=exc.path or "data", message=str(exc)))
                 continue
+            try:
+                plan = self._plan(event, time_ms // 1000, enforce)
+            except Refused as exc:
+                problems.append(Problem(index=index, field="captoken", message=exc.message))
+                continue
             source = event.source or default_source
             key = (source, event.id)
             if key in seen:
@@ -327,11 +348,32 @@ class Ingestor:
                     data=encode(event.data),
                     values=values,
                     points=points,
+                    plan=plan[0] if plan else None,
+                    plan_issued_at=plan[1] if plan else None,
                 )
             )
         if problems:
             raise InvalidInput(problems)
         return out, duplicates
+
+    def _plan(self, event: EventIn, at: int, enforce: bool) -> tuple[str, int] | None:
+        """The plan (and when it was issued) a valid token on `event` states; None without
+        one. Raises Refused for a bad token, and for none on a `required_for` type when
+        `enforce` (the control plane is the billing authority)."""
+        if event.captoken is None:
+            if event.type in self.required_for:
+                if self.on_untokened is not None:
+                    self.on_untokened(event.type, enforce)
+                if enforce:
+                    raise Refused(
+                        f"events of type {event.type[:100]!r} need a capability token once the "
+                        "control plane is the billing authority ([capabilities] required_for)"
+                    )
+            return None
+        if self.tokens is None:
+            raise Refused("capability token: none can be verified here (no [[capabilities.keys]])")
+        claims = self.tokens.verify(event.captoken, org=event.subject, at=at)
+        return claims.plan, claims.issued_at
 
     def _unknown(self, event: EventIn) -> str:
         known = ", ".join(sorted(self.meters.by_type)) or "none"
@@ -351,7 +393,11 @@ class Ingestor:
     async def ingest(self, items: Sequence[Any], default_source: str) -> IngestResult:
         """Validate and store one batch, all or nothing; returns only after commit. The
         answer counts the events no meter reads (`unmetered`), listing their first types."""
-        events, in_batch_duplicates = self.prepare(items, default_source)
+        enforce = False
+        required = self.required_for and any(_type_of(i) in self.required_for for i in items)
+        if required and self.enforcing is not None:
+            enforce = await self.enforcing()
+        events, in_batch_duplicates = self.prepare(items, default_source, enforce=enforce)
         unmetered = self.unmetered(events)
         if not events:
             return IngestResult(accepted=0, duplicates=in_batch_duplicates)
@@ -372,6 +418,17 @@ def _point(reading: GaugeReading) -> GaugePoint:
         reading.mode,
         value,
         _data_encoder.encode(reading.fields).decode(),
+    )
+
+
+def _type_of(item: Any) -> Any:
+    """An item's `type` before it is validated (an EventIn, or a decoded mapping)."""
+    return (
+        item.type
+        if isinstance(item, EventIn)
+        else item.get("type")
+        if isinstance(item, dict)
+        else None
     )
 
 

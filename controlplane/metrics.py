@@ -72,6 +72,14 @@ class Metrics:
             buckets=SEND_BUCKETS,
             registry=r,
         )
+        self.untokened_events = Counter(
+            "controlplane_events_untokened",
+            "Events of a `[capabilities] required_for` type that carried no capability token: "
+            "refused (the control plane is the billing authority) or would_refuse (it is not "
+            "yet), by type.",
+            ["type", "outcome"],
+            registry=r,
+        )
         self.provider_errors = Counter(
             "controlplane_provider_errors",
             "Meter events the billing provider accepted, then reported invalid (Stripe error "
@@ -117,6 +125,11 @@ class Metrics:
 
     def refused(self, reason: str) -> None:
         self.ingest_refused.labels(reason).inc()
+
+    def untokened(self, event_type: str, refused: bool) -> None:
+        """An event of a required type without a token (types are configured: bounded)."""
+        outcome = "refused" if refused else "would_refuse"
+        self.untokened_events.labels(event_type[:100], outcome).inc()
 
     def provider_error(self, code: str, events: int) -> None:
         self.provider_errors.labels(code).inc(events)

@@ -40,6 +40,8 @@ class StoredEvent(msgspec.Struct, frozen=True, array_like=True):
     data: bytes  # the event's `data` object as JSON
     values: tuple[tuple[str, int], ...]  # (meter, micro-units) for each meter it feeds
     points: tuple[GaugePoint, ...] = ()  # what it says to each gauge meter it feeds
+    plan: str | None = None  # the plan its capability token states (verified at ingest)
+    plan_issued_at: int | None = None  # when that token was issued: the newest one wins
 
 
 class GaugePoint(msgspec.Struct, frozen=True, array_like=True):

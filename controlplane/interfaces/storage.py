@@ -130,6 +130,11 @@ class EventStore(abc.ABC):
         """Per-bucket totals computed from stored events (open and closed buckets)."""
 
     @abc.abstractmethod
+    async def untokened_events(self, types: Sequence[str], since_ms: int) -> int:
+        """Events of `types` stored with a time from `since_ms` (unix ms) on that carried no
+        capability token (for the cutover preflight)."""
+
+    @abc.abstractmethod
     async def usage_by_org(self, meter: str, start: int, end: int) -> dict[str, int]:
         """Per org, the exact sum (micro-units) of `meter` over buckets starting in
         [start, end), computed from stored events (never from the ledger). Orgs without

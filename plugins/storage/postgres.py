@@ -273,7 +273,13 @@ class PostgresStorage(SQLStorage):
         )
 
         async def work(conn: Connection) -> int:
-            stored = await conn.fetch("insert_events", *columns, int(time.time()))
+            stored = await conn.fetch(
+                "insert_events",
+                *columns,
+                int(time.time()),
+                [e.plan for e in batch],
+                [e.plan_issued_at for e in batch],
+            )
             if not stored:
                 return 0
             pks = {(r["source"], r["event_id"]): r["id"] for r in stored}

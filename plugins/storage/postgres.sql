@@ -32,10 +32,12 @@ ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 -- name: insert_events
 -- Batch arrays in; the events not stored before come back (concurrent duplicates wait for
 -- the other transaction, then are skipped).
-INSERT INTO usage_events (source, event_id, type, org_id, time_ms, data, received_at)
-SELECT s, e, t, o, ms, d, $7
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[])
-     AS b(s, e, t, o, ms, d)
+INSERT INTO usage_events (source, event_id, type, org_id, time_ms, data, received_at, plan,
+                          plan_issued_at)
+SELECT s, e, t, o, ms, d, $7, p, pi
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[],
+            $8::text[], $9::bigint[])
+     AS b(s, e, t, o, ms, d, p, pi)
 ON CONFLICT (source, event_id) DO NOTHING
 RETURNING id, source, event_id;
 
@@ -573,3 +575,7 @@ DO UPDATE SET micros = bucket_totals.micros + excluded.micros;
 SELECT meter, org_id, series, derived_to, folded_seq, level, fields, active
 FROM gauge_series WHERE ($1::text IS NULL OR meter = $1)
 ORDER BY meter, org_id, series;
+
+-- name: untokened_events
+-- Events of the given types stored from $2 (unix ms) on without a capability token.
+SELECT count(*) FROM usage_events WHERE type = ANY($1::text[]) AND time_ms >= $2 AND plan IS NULL;

@@ -222,6 +222,8 @@ class SQLiteStorage(SQLStorage):
                         e.time_ms,
                         e.data.decode(),
                         now,
+                        e.plan,
+                        e.plan_issued_at,
                     )
                 )
                 for meter, micros in e.values:

@@ -9,8 +9,9 @@ WHERE (source, event_id) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?));
 SELECT coalesce(max(id), 0) FROM usage_events;
 
 -- name: insert_event
-INSERT INTO usage_events (id, source, event_id, type, org_id, time_ms, data, received_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?);
+INSERT INTO usage_events (id, source, event_id, type, org_id, time_ms, data, received_at, plan,
+                          plan_issued_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
 
 -- name: insert_meter_value
 INSERT INTO meter_values (event_pk, meter, org_id, bucket_start, micros) VALUES (?, ?, ?, ?, ?);
@@ -586,3 +587,9 @@ ON CONFLICT (meter, org_id, bucket_start) DO UPDATE SET micros = micros + exclud
 SELECT meter, org_id, series, derived_to, folded_seq, level, fields, active
 FROM gauge_series WHERE (?1 IS NULL OR meter = ?1)
 ORDER BY meter, org_id, series;
+
+-- name: untokened_events
+-- Events of the given types (a JSON array) stored from ?2 (unix ms) on without a capability
+-- token.
+SELECT count(*) FROM usage_events
+WHERE type IN (SELECT value FROM json_each(?1)) AND time_ms >= ?2 AND plan IS NULL;

@@ -104,3 +104,22 @@ async def test_usage_filters_by_org_meter_and_bucket_window(storage: Storage) ->
         (None, None, B[10], B[20]),
     ]:
         assert as_map(await storage.usage(*query)) == expect(*query), query
+
+
+async def test_events_without_a_capability_token_are_counted_by_type_and_time(
+    storage: Storage,
+) -> None:
+    import msgspec
+
+    plain = event("e1", "a", B[0] + 1, 1)
+    tokened = msgspec.structs.replace(
+        event("e2", "a", B[0] + 2, 1), plan="pro", plan_issued_at=B[0]
+    )
+    other = msgspec.structs.replace(event("e3", "a", B[0] + 3, 1), type="other")
+    late = event("e4", "a", B[1] + 1, 1)
+    assert (await storage.insert_events([plain, tokened, other, late], HOUR)).accepted == 4
+    gbs = plain.type
+    assert await storage.untokened_events([gbs], B[0] * 1000) == 2  # e1, e4
+    assert await storage.untokened_events([gbs], B[1] * 1000) == 1  # e4 only
+    assert await storage.untokened_events([gbs, "other"], 0) == 3
+    assert await storage.untokened_events([], 0) == 0

@@ -28,7 +28,11 @@ async def client(
     make_config: Callable[..., Config], clock: list[float]
 ) -> AsyncIterator[AsyncTestClient[Any]]:
     config = make_config(
-        capabilities={"keys": [{"kid": "k1", "private_key": PEM}], "lifetime_seconds": 600},
+        capabilities={
+            "keys": [{"kid": "k1", "private_key": PEM}],
+            "lifetime_seconds": 600,
+            "required_for": ["sandbox.create"],
+        },
         plans=[
             {"name": "free", "billable": False},
             {"name": "pro", "billable": True, "entitlements": {"sandboxes": 10, "gpu": True}},
@@ -115,3 +119,84 @@ def test_the_cli_issues_the_token_alone_on_stdout(
     assert capsys.readouterr().err.splitlines() == [
         "error: capability tokens are not configured: no [[capabilities.keys]]"
     ]
+
+
+def _forged(token: str) -> str:
+    """The token with one character of its signature changed."""
+    head, _, signature = token.rpartition(".")
+    middle = len(signature) // 2
+    swapped = "A" if signature[middle] != "A" else "B"
+    return f"{head}.{signature[:middle]}{swapped}{signature[middle + 1 :]}"
+
+
+def sandbox(event_id: str, org: str, at: float, token: str | None = None) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "id": event_id,
+        "type": "sandbox.create",
+        "subject": org,
+        "ts": int(at) * 1000,
+        "data": {},
+    }
+    if token is not None:
+        event["captoken"] = token
+    return event
+
+
+async def test_ingest_verifies_an_events_token_and_refuses_a_bad_one_storing_nothing(
+    client: Any, clock: list[float]
+) -> None:
+    await client.put("/v1/orgs/acme", json={"plan": "pro", "effective_from": 0}, headers=AUTH)
+    token = (await client.post("/v1/orgs/acme/capabilities", headers=AUTH)).json()["token"]
+    r = await client.post("/v1/events", json=sandbox("e1", "acme", clock[0], token), headers=AUTH)
+    assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
+
+    for event, why in [
+        (sandbox("e2", "globex", clock[0], token), "issued for another org"),
+        (sandbox("e3", "acme", clock[0] + 3600, token), "expired"),
+        (sandbox("e4", "acme", clock[0], _forged(token)), "signature does not verify"),
+        (sandbox("e5", "acme", clock[0], "not.a.token"), "malformed"),
+    ]:
+        batch = [sandbox("ok", "acme", clock[0], token), event]  # one bad event: none stored
+        r = await client.post("/v1/events", json=batch, headers=AUTH)
+        assert r.status_code == 422, r.text
+        (problem,) = r.json()["errors"]
+        assert (problem["index"], problem["field"]) == (1, "captoken")
+        assert why in problem["message"] and token not in r.text
+    since = int(clock[0] - 3600) * 1000
+    assert await client.plane.storage.untokened_events(["sandbox.create"], since) == 0
+
+
+async def test_required_types_need_a_token_once_the_control_plane_is_the_authority(
+    client: Any, clock: list[float]
+) -> None:
+    from controlplane.flags import FlagChange
+
+    plane = client.plane
+    r = await client.post("/v1/events", json=sandbox("s1", "acme", clock[0]), headers=AUTH)
+    assert r.status_code == 200  # legacy is the authority: accepted, counted as would-refuse
+    report = await plane.cutover.preflight(int(clock[0]) // 3600 * 3600)
+    (check,) = [c for c in report.checks if c.name == "capability_tokens_carried"]
+    assert check.status == "fail" and "1 events of sandbox.create" in check.detail
+
+    change = [FlagChange("authority", "controlplane")]
+    await plane.set_flags(change, actor="t", reason="r", force=True)
+    r = await client.post("/v1/events", json=sandbox("s2", "acme", clock[0]), headers=AUTH)
+    assert r.status_code == 422
+    (problem,) = r.json()["errors"]
+    assert problem["field"] == "captoken" and "[capabilities] required_for" in problem["message"]
+    metrics = (await client.get("/metrics")).text
+    assert (
+        'controlplane_events_untokened_total{outcome="would_refuse",type="sandbox.create"} 1.0'
+        in metrics
+    )
+    assert (
+        'controlplane_events_untokened_total{outcome="refused",type="sandbox.create"} 1.0'
+        in metrics
+    )
+    # other types never need one
+    ok = await client.post(
+        "/v1/events",
+        json=[{**sandbox("t1", "acme", clock[0]), "type": "tick", "data": {"mb": 1, "s": 1}}],
+        headers=AUTH,
+    )
+    assert ok.status_code == 200, ok.text

@@ -55,6 +55,12 @@ class SQLEvents(SQLDriver, EventStore):
         rows = await self._all("usage", org_id, meter, start, end)
         return [from_row(UsageTotal, r) for r in rows]
 
+    async def untokened_events(self, types: Sequence[str], since_ms: int) -> int:
+        if not types:
+            return 0
+        (row,) = await self._all("untokened_events", self._array(sorted(types)), since_ms)
+        return int(row[0])
+
 
 class SQLLedger(SQLDriver, LedgerStore):
     """The rollup's step (its batch taken by the dialect) and the ledger's reads."""
