@@ -49,6 +49,7 @@ from stripe_emulator.errors import (
 from stripe_emulator.invoices import InvoicesMixin
 from stripe_emulator.meters import MetersMixin
 from stripe_emulator.params import ApiRequest, parse_form
+from stripe_emulator.previews import PreviewsMixin
 from stripe_emulator.records import Reply, SavedResponse, error_reply, json_reply
 from stripe_emulator.state import EmulatorState
 from stripe_emulator.subscriptions import SubscriptionsMixin
@@ -74,6 +75,7 @@ class StripeEmulator(
     CatalogMixin,
     SubscriptionsMixin,
     InvoicesMixin,
+    PreviewsMixin,
     CreditGrantsMixin,
     CheckoutMixin,
     EventsMixin,
@@ -300,6 +302,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/invoices", StripeEmulator.list_invoices),
     Route("GET", "/v1/invoices/{id}", StripeEmulator.retrieve_invoice),
     Route("POST", "/v1/invoices/{id}/finalize", StripeEmulator.finalize_invoice_request),
+    Route("POST", "/v1/invoices/create_preview", StripeEmulator.create_invoice_preview),
     Route("POST", "/v1/billing/credit_grants", StripeEmulator.create_credit_grant),
     Route("GET", "/v1/billing/credit_grants", StripeEmulator.list_credit_grants),
     Route("GET", "/v1/billing/credit_grants/{id}", StripeEmulator.retrieve_credit_grant),
