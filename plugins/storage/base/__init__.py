@@ -17,7 +17,7 @@ A plugin (`sqlite.py`, `postgres.py`) keeps its dialect and its driver, nothing 
 
 Modules: `driver` (the contract, the lifecycle's shared methods, the audit chain's append),
 `ledger` (usage, rollup, ledger reads, sending), `state` (orgs, flags, audit, jobs), `parity`
-(parity, catalog, webhooks): one mixin per storage contract, :class:`SQLStorage` all of them.
+(parity, catalog, webhooks), `money` (money parity): one mixin per storage contract, :class:`SQLStorage` all of them.
 
 Locks are named (:data:`CHAIN_LOCK` ...); every transaction that rewrites a rounding chain holds
 :data:`CHAIN_LOCK`, every audited write takes :data:`AUDIT_LOCK` before reading the chain's end.
@@ -37,6 +37,7 @@ from controlplane.plugins.storage.base.driver import (
     SQLDriver,
 )
 from controlplane.plugins.storage.base.ledger import SQLEvents, SQLLedger, SQLSending
+from controlplane.plugins.storage.base.money import SQLMoneyParity
 from controlplane.plugins.storage.base.parity import SQLCatalogWebhooks, SQLParity
 from controlplane.plugins.storage.base.state import SQLAudit, SQLFlags, SQLJobs, SQLOrgs
 
@@ -50,6 +51,7 @@ class SQLStorage(
     SQLAudit,
     SQLJobs,
     SQLParity,
+    SQLMoneyParity,
     SQLCatalogWebhooks,
     Storage,
 ):
