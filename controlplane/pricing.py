@@ -135,7 +135,9 @@ def price_period(
         lines.append(Line(p.key, p.meter, quantity, decimal_text(p.unit_minor), amount, credit))
     subtotal = sum(line.amount for line in lines)
     credited = sum(line.credit for line in lines)
-    return PricedInvoice(org_id, currency, start, end, lines, subtotal, credited, subtotal - credited)
+    return PricedInvoice(
+        org_id, currency, start, end, lines, subtotal, credited, subtotal - credited
+    )
 
 
 def decimal_text(value: Decimal) -> str:

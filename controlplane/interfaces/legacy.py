@@ -51,8 +51,8 @@ class LegacyInvoice(msgspec.Struct, frozen=True):
 class LegacySource(abc.ABC):
     """The legacy biller, as the control plane reads it: what it billed per org and window.
 
-    `usage` is required. `billed_until`, `plan` and `invoices` are optional capabilities: a plugin lists
-    the ones it can answer in :meth:`capabilities`, and the others raise
+    `usage` is required. `billed_until`, `plan` and `invoices` are optional capabilities: a
+    plugin lists the ones it can answer in :meth:`capabilities`, and the others raise
     :class:`CapabilityUnavailable`, never a made-up answer.
     """
 

@@ -27,9 +27,7 @@ API_KEY = "sk_test_emulator_pricing"
 def served() -> Iterator[tuple[StripeEmulator, stripe.StripeClient]]:
     emulator = StripeEmulator(seed=21)
     with serve_emulator_in_thread(emulator) as url:
-        client = stripe.StripeClient(
-            API_KEY, base_addresses={"api": url}, max_network_retries=0
-        )
+        client = stripe.StripeClient(API_KEY, base_addresses={"api": url}, max_network_retries=0)
         yield emulator, client
 
 

@@ -17,7 +17,8 @@ A plugin (`sqlite.py`, `postgres.py`) keeps its dialect and its driver, nothing 
 
 Modules: `driver` (the contract, the lifecycle's shared methods, the audit chain's append),
 `ledger` (usage, rollup, ledger reads, sending), `state` (orgs, flags, audit, jobs), `parity`
-(parity, catalog, webhooks), `money` (money parity): one mixin per storage contract, :class:`SQLStorage` all of them.
+(parity, catalog, webhooks), `money` (money parity): one mixin per storage contract,
+:class:`SQLStorage` all of them.
 
 Locks are named (:data:`CHAIN_LOCK` ...); every transaction that rewrites a rounding chain holds
 :data:`CHAIN_LOCK`, every audited write takes :data:`AUDIT_LOCK` before reading the chain's end.
