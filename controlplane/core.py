@@ -42,6 +42,7 @@ from controlplane.interfaces import (
     ClosedPeriod,
     IngestResult,
     IngestSource,
+    InvoicePreviewer,
     JobRun,
     LedgerCount,
     LegacyCapability,
@@ -63,6 +64,9 @@ from controlplane.ledger import LedgerRow, RowState
 from controlplane.ledger import Reason as LedgerReason
 from controlplane.meters import MeterSet
 from controlplane.metrics import Metrics
+from controlplane.money import configured_catalog, month_bounds
+from controlplane.money import window_problems as money_window_problems
+from controlplane.money_parity import MoneyParity
 from controlplane.parity import (
     CleanSince,
     Comparison,
@@ -733,6 +737,7 @@ class ControlPlane:
             flags=self.flags,
             set_flags=self.set_flags,
             parity_clean_since=self.parity_clean_since,
+            money_parity_clean=self.money_parity.last_closed,
         )
 
     async def parity_runs(
@@ -757,6 +762,37 @@ class ControlPlane:
         return clean_since(
             tail, newest[0].bucket_start if newest else None, self.config.rollup.bucket_seconds
         )
+
+    # money parity -------------------------------------------------------------------------
+
+    @property
+    def money_parity(self) -> MoneyParity:
+        """Money parity over this plane: the ledger priced with the catalog, against the legacy
+        biller's invoices and Stripe's previews (see :mod:`controlplane.money_parity`)."""
+        return MoneyParity(
+            storage=self.storage,
+            legacy=self.legacy,
+            previewer=self.billing if isinstance(self.billing, InvoicePreviewer) else None,
+            configured_catalog=configured_catalog(self.config.catalog),
+            tolerance=self.config.parity.money_tolerance,
+            clock=self.now,
+        )
+
+    def money_period(
+        self, period: str | None, start: int | None, end: int | None
+    ) -> tuple[int, int]:
+        """The billing period a request names: `period` (YYYY-MM, UTC) or `from` and `to`
+        (unix seconds on bucket boundaries), not both."""
+        if period is not None:
+            if start is not None or end is not None:
+                raise BadValue(
+                    [Problem(field="period", message="give `period` or `from` and `to`, not both")]
+                )
+            return month_bounds(period)
+        problems = money_window_problems(start, end, self.config.rollup.bucket_seconds)
+        if problems or start is None or end is None:
+            raise BadValue(problems)
+        return start, end
 
     # catalog and webhooks -----------------------------------------------------------------
 

@@ -28,7 +28,7 @@ import msgspec
 import structlog
 
 from controlplane.config import Config
-from controlplane.errors import FlagRefused, InvalidInput, Problem
+from controlplane.errors import BillingError, ConfigError, FlagRefused, InvalidInput, Problem
 from controlplane.flags import Authority, FlagChange, Snapshot
 from controlplane.flags.definitions import to_json
 from controlplane.flags.resolve import FlagValue
@@ -239,6 +239,8 @@ class Cutover:
     flags: Callable[[], Awaitable[Snapshot]]
     set_flags: SetFlags
     parity_clean_since: Callable[[], Awaitable[CleanSince]]
+    # checks the last closed month's invoices now: (clean?, detail); see money_parity
+    money_parity_clean: Callable[[], Awaitable[tuple[bool, str]]] | None = None
 
     async def _guard_problems(self, current: Snapshot, at: int) -> list[dict[str, str]]:
         candidate = _candidate(current, _live_values(at))
@@ -362,6 +364,18 @@ class Cutover:
             f"the legacy biller already billed up to {until}, past T {at}: pick a later T",
         )
 
+    async def _check_money_parity(self) -> Check:
+        name = "money_parity"
+        if not self.config.cutover.require_money_parity:
+            return Check(name, "n/a", "not required ([cutover] require_money_parity = false)")
+        if self.money_parity_clean is None:
+            return Check(name, "fail", "required, but money parity is not available here")
+        try:
+            clean, detail = await self.money_parity_clean()
+        except (LegacyError, BillingError, ConfigError, InvalidInput) as exc:
+            return Check(name, "fail", f"money parity could not be checked: {exc}")
+        return Check(name, "pass" if clean else "fail", detail)
+
     async def _check_catalog(self) -> Check:
         catalog = self.config.catalog
         if not catalog.prices and not catalog.products:
@@ -389,6 +403,7 @@ class Cutover:
             await self._check_parity(),
             await self._check_legacy(t),
             await self._check_catalog(),
+            await self._check_money_parity(),
         ]
         return Preflight(at=t, checked_at=self.now(), ok=all(c.ok for c in checks), checks=checks)
 
