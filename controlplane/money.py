@@ -5,7 +5,7 @@ Pure functions over integers in the currency's minor unit (cents); the I/O aroun
 counted as 0 on that side:
 
 - ``drift = controlplane - legacy`` in minor units; ``drift percent = |drift| / |legacy| x 100``,
-  rounded up to six decimals (0 when both are 0, undefined when only the legacy side is 0);
+  rounded up to four decimals (0 when both are 0, undefined when only the legacy side is 0);
 - **within tolerance**: on both sides and ``|drift| <= [parity] money_tolerance x |legacy|``
   (exact; the default tolerance 0 accepts no cent of drift);
 - an org on one side only is a mismatch; a run is **clean** when no org is a mismatch;
