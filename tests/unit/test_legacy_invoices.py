@@ -110,18 +110,18 @@ async def test_without_invoices_configured_the_plugins_say_so(legacy_db: Path) -
     http = HTTPLegacySource(HTTPLegacyConfig(url="http://127.0.0.1:9/usage"))
     try:
         assert LegacyCapability.INVOICES not in source.capabilities()
-        with pytest.raises(CapabilityUnavailable, match="set legacy.invoices_query"):
+        with pytest.raises(CapabilityUnavailable, match=r"set legacy\.invoices_query"):
             await source.invoices(START, END)
         assert LegacyCapability.INVOICES not in http.capabilities()
-        with pytest.raises(CapabilityUnavailable, match="set legacy.invoices_url"):
+        with pytest.raises(CapabilityUnavailable, match=r"set legacy\.invoices_url"):
             await http.invoices(START, END)
     finally:
         await source.close()
-    with pytest.raises(ConfigError, match="legacy.invoices_query: must use :start and :end"):
+    with pytest.raises(ConfigError, match=r"legacy\.invoices_query: must use :start and :end"):
         SQLLegacySource(
             SQLLegacyConfig(dsn="sqlite:///x.db", query=USAGE, invoices_query="SELECT 1")
         )
-    with pytest.raises(ConfigError, match="legacy.invoices_url: expected an http"):
+    with pytest.raises(ConfigError, match=r"legacy\.invoices_url: expected an http"):
         HTTPLegacySource(HTTPLegacyConfig(url="http://x/u", invoices_url="file:///x"))
 
 
