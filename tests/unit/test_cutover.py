@@ -198,6 +198,7 @@ async def test_preflight_passes_when_every_precondition_holds(ready: ControlPlan
         "parity_clean": "pass",
         "legacy_not_billed_from_t": "pass",
         "catalog_published": "pass",
+        "money_parity": "n/a",  # [cutover] require_money_parity is off
     }
 
 
