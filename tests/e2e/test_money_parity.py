@@ -76,8 +76,8 @@ hmac_secret = "{SECRET}"
 backend = "sql"
 dsn = "sqlite:///{legacy}"
 query = "SELECT org_id, 0 FROM invoices WHERE :start < :end"
-invoices_query = """SELECT org_id, cents FROM invoices
-                    WHERE period_start >= :start AND period_start < :end"""
+invoices_query = '''SELECT org_id, cents FROM invoices
+                    WHERE period_start >= :start AND period_start < :end'''
 
 [[catalog.products]]
 key = "pro"
