@@ -785,13 +785,13 @@ class ControlPlane:
         (unix seconds on bucket boundaries), not both."""
         if period is not None:
             if start is not None or end is not None:
-                raise BadValue(
+                raise InvalidInput(
                     [Problem(field="period", message="give `period` or `from` and `to`, not both")]
                 )
             return month_bounds(period)
         problems = money_window_problems(start, end, self.config.rollup.bucket_seconds)
         if problems or start is None or end is None:
-            raise BadValue(problems)
+            raise InvalidInput(problems)
         return start, end
 
     # catalog and webhooks -----------------------------------------------------------------

@@ -37,15 +37,17 @@ from controlplane.interfaces import (
 from controlplane.parity import Ratio, fmt, relative_micros, within
 from controlplane.pricing import Price, PricedInvoice, exponent, minor_units
 
-_PERIOD = re.compile(r"^(\d{4})-(\d{2})$")
+PERIOD_PATTERN = r"^[0-9]{4}-(0[1-9]|1[0-2])$"
+_PERIOD = re.compile(PERIOD_PATTERN)
 
 
 def month_bounds(period: str) -> tuple[int, int]:
     """A calendar month in UTC, ``YYYY-MM``, as [start, end) unix seconds."""
-    match = _PERIOD.match(period)
-    if match is None or not 1 <= int(match.group(2)) <= 12 or int(match.group(1)) < 1970:
+    if _PERIOD.match(period) is None:
         raise BadValue([Problem(field="period", message=f"{period!r} is not YYYY-MM (UTC month)")])
-    year, month = int(match.group(1)), int(match.group(2))
+    year, month = int(period[:4]), int(period[5:])
+    if year < 1970:
+        raise InvalidInput([Problem(field="period", message=f"{period}: before 1970")])
     start = calendar.timegm((year, month, 1, 0, 0, 0))
     end = calendar.timegm((year + month // 12, month % 12 + 1, 1, 0, 0, 0))
     return start, end

@@ -185,14 +185,16 @@ async def test_bad_requests_name_the_field_and_store_nothing(
     config = money_config(make_config, legacy_db(tmp_path / "legacy.db"))
     plane = ControlPlane(config, clock=lambda: clock[0])
     async with AsyncTestClient(app=create_app(config, cp=plane)) as client:
-        for params, field in (
-            ({"period": "2026-13"}, "period"),
-            ({"period": "2026-01", "from": T0}, "period"),
-            ({"from": T0 + 1, "to": FEB}, "from"),
-            ({"from": T0}, "to"),
+        for params, status, field in (
+            ({"period": "2026-13"}, 400, "period"),  # breaks the documented pattern
+            ({"period": "0001-01"}, 422, "period"),
+            ({"period": "2026-01", "from": T0}, 422, "period"),
+            ({"from": T0 + 1, "to": FEB}, 422, "from"),
+            ({"from": T0}, 422, "to"),
+            ({"from": FEB, "to": T0}, 422, "to"),
         ):
             r = await client.get(PATH, params=params, headers=AUTH)
-            assert r.status_code == 400, (params, r.text)
+            assert r.status_code == status, (params, r.text)
             assert r.json()["errors"][0]["field"] == field
         unauthorized = await client.get(PATH, params={"period": "2026-01"})
         reader = await client.get(

@@ -12,10 +12,9 @@ from litestar.params import FromQuery, PathParameter, QueryParameter
 
 from controlplane.errors import NotFound
 from controlplane.http.guards import BEARER, any_scope, parity_auth
-from controlplane.http.params import CP, MAX_ID, Limit
+from controlplane.http.params import CP, MAX_ID, From, Limit, To
 from controlplane.http.problems import AUTH, documented
-from controlplane.money import comparison_api, run_api
-from controlplane.times import MAX_SECONDS
+from controlplane.money import PERIOD_PATTERN, comparison_api, run_api
 
 # the answers: amounts are integers in the currency's minor unit (cents) -----------------------
 
@@ -146,19 +145,22 @@ class MoneyParityController(Controller):
 
     @get(
         summary="Per-org invoice amounts for a billing period: control plane, legacy, Stripe",
-        responses=documented(*AUTH, 400),
+        responses=documented(*AUTH, 400, 422),
     )
     async def money_parity(
         self,
         cp: CP,
         period: Annotated[
-            str | None, QueryParameter(description="YYYY-MM (UTC month)", max_length=7)
+            str | None,
+            QueryParameter(description="YYYY-MM (UTC month)", pattern=PERIOD_PATTERN),
         ] = None,
-        start: Annotated[int | None, QueryParameter(name="from", ge=0, le=MAX_SECONDS)] = None,
-        end: Annotated[int | None, QueryParameter(name="to", ge=0, le=MAX_SECONDS)] = None,
+        start: From = None,
+        end: To = None,
         lines: FromQuery[bool] = False,
     ) -> MoneyComparison:
-        """`period` (YYYY-MM) or `from` and `to` (unix seconds on bucket boundaries). Every
+        """`period` (YYYY-MM) or `from` and `to` (unix seconds on bucket boundaries); a
+        malformed `period` is 400, a period the app cannot take (both forms, a misaligned or
+        empty window) 422, each naming the field. Every
         call is stored as a run. Amounts are integers in the currency's minor unit. Taxes,
         discounts and proration are out of scope."""
         first, last = cp.money_period(period, start, end)
