@@ -135,6 +135,8 @@ class ParityConfig(_Section, frozen=True):
     interval_seconds: float = 300.0  # how often `serve` runs the checker
     backfill_buckets: int = 24  # on its first pass, the checker starts this many buckets back
     alert: ParityAlertConfig = ParityAlertConfig()
+    # money parity: per-org invoice drift still counted as agreeing (relative; 0: not a cent)
+    money_tolerance: Decimal = Decimal("0")
 
 
 class CatalogProductConfig(_Section, frozen=True):
@@ -179,6 +181,7 @@ class CutoverConfig(_Section, frozen=True):
     parity_clean_hours: int = 24  # parity must have been clean this long, up to now
     cancel_window_seconds: int = 86400  # rollback cancels rows sent less than this long ago
     sender_wait_seconds: float = 30.0  # rollback waits this long for send passes to stop
+    require_money_parity: bool = False  # preflight: the last closed month's invoices agree
 
 
 class AuditConfig(_Section, frozen=True):
@@ -527,6 +530,8 @@ def _check_parity(config: Config) -> None:
     parity = config.parity
     if parity.tolerance < 0:
         raise ConfigError("parity.tolerance: must be >= 0 (0.02 is 2 %)")
+    if parity.money_tolerance < 0 or not parity.money_tolerance.is_finite():
+        raise ConfigError("parity.money_tolerance: must be >= 0 (0.005 is 0.5 %)")
     for key in ("settle_seconds", "backfill_buckets"):
         if getattr(parity, key) < 0:
             raise ConfigError(f"parity.{key}: must be >= 0")

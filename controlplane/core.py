@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -44,6 +43,7 @@ from controlplane.interfaces import (
     ClosedPeriod,
     IngestResult,
     IngestSource,
+    InvoicePreviewer,
     JobRun,
     LedgerCount,
     LegacyCapability,
@@ -61,9 +61,11 @@ from controlplane.interfaces import (
     WebhookResult,
 )
 from controlplane.ledger import LedgerRow, RowState
-from controlplane.ledger import Reason as LedgerReason
 from controlplane.meters import MeterSet
 from controlplane.metrics import Metrics
+from controlplane.money import configured_catalog, month_bounds
+from controlplane.money import window_problems as money_window_problems
+from controlplane.money_parity import MoneyParity
 from controlplane.orgs import OrgUpdate
 from controlplane.parity import (
     CleanSince,
@@ -87,15 +89,6 @@ LEGACY_PLAN_LOOKUPS = 8  # legacy plan questions in flight at once
 def _plugin(kind: str, section: PluginConfig) -> Any:
     """The plugin of `kind` that a config section selects, built from that section."""
     return registry.spec_for(kind, backend_of(section)).factory(section)
-
-
-class RollbackPreview(msgspec.Struct, frozen=True):
-    """What a rollback with ``cancel_sent`` would do now (:meth:`ControlPlane.cancel_preview`)."""
-
-    to_cancel: list[LedgerRow]  # inside the cancel window: cancelled at the provider
-    to_cancel_count: int
-    credit_notes: list[LedgerRow]  # past it: manual credit notes
-    credit_notes_count: int
 
 
 class ControlPlane:
@@ -382,39 +375,6 @@ class ControlPlane:
         """Ledger rows per (state, reason); pairs without rows are absent."""
         return await self.storage.ledger_counts()
 
-    async def cancel_preview(self, limit: int = 100) -> RollbackPreview:
-        """What `cutover rollback --cancel-sent` would do now, changing nothing. The rows the
-        provider may have (sent, or attempted without a definite answer) from inside
-        ``[cutover] cancel_window_seconds`` are cancelled at the provider; older ones need
-        manual credit notes. Lists the newest `limit` of each, and counts them all."""
-        horizon = self.now() - self.config.cutover.cancel_window_seconds
-        cancel: deque[LedgerRow] = deque(maxlen=limit)
-        credit: deque[LedgerRow] = deque(maxlen=limit)
-        counts = [0, 0]
-        for state, attempted in (
-            (RowState.SENT, None),
-            (RowState.PENDING, True),
-            (RowState.HELD, True),
-        ):
-            after = 0
-            while rows := await self.storage.ledger(
-                state=state, attempted=attempted, after_id=after, limit=5000
-            ):
-                for row in rows:
-                    if row.state is RowState.HELD and row.reason != LedgerReason.AMBIGUOUS:
-                        continue  # the provider answered no: nothing to cancel there
-                    since = row.sent_at if row.state is RowState.SENT else row.first_attempt_at
-                    recent = since is not None and since > horizon
-                    (cancel if recent else credit).append(row)
-                    counts[0 if recent else 1] += 1
-                after = rows[-1].id
-        return RollbackPreview(
-            to_cancel=sorted(cancel, key=lambda r: -r.id),
-            to_cancel_count=counts[0],
-            credit_notes=sorted(credit, key=lambda r: -r.id),
-            credit_notes_count=counts[1],
-        )
-
     async def catalog(self, version: int | None = None) -> CatalogVersion | None:
         """A published catalog version; the newest when `version` is None."""
         return await self.storage.catalog_version(version)
@@ -696,6 +656,7 @@ class ControlPlane:
             flags=self.flags,
             set_flags=self.set_flags,
             parity_clean_since=self.parity_clean_since,
+            money_parity_clean=self.money_parity.last_closed,
         )
 
     async def parity_runs(
@@ -720,6 +681,37 @@ class ControlPlane:
         return clean_since(
             tail, newest[0].bucket_start if newest else None, self.config.rollup.bucket_seconds
         )
+
+    # money parity -------------------------------------------------------------------------
+
+    @property
+    def money_parity(self) -> MoneyParity:
+        """Money parity over this plane: the ledger priced with the catalog, against the legacy
+        biller's invoices and Stripe's previews (see :mod:`controlplane.money_parity`)."""
+        return MoneyParity(
+            storage=self.storage,
+            legacy=self.legacy,
+            previewer=self.billing if isinstance(self.billing, InvoicePreviewer) else None,
+            configured_catalog=configured_catalog(self.config.catalog),
+            tolerance=self.config.parity.money_tolerance,
+            clock=self.now,
+        )
+
+    def money_period(
+        self, period: str | None, start: int | None, end: int | None
+    ) -> tuple[int, int]:
+        """The billing period a request names: `period` (YYYY-MM, UTC) or `from` and `to`
+        (unix seconds on bucket boundaries), not both."""
+        if period is not None:
+            if start is not None or end is not None:
+                raise InvalidInput(
+                    [Problem(field="period", message="give `period` or `from` and `to`, not both")]
+                )
+            return month_bounds(period)
+        problems = money_window_problems(start, end, self.config.rollup.bucket_seconds)
+        if problems or start is None or end is None:
+            raise InvalidInput(problems)
+        return start, end
 
     # catalog and webhooks -----------------------------------------------------------------
 

@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Literal, Protocol
 
@@ -28,7 +29,7 @@ import msgspec
 import structlog
 
 from controlplane.config import Config
-from controlplane.errors import FlagRefused, InvalidInput, Problem
+from controlplane.errors import BillingError, ConfigError, FlagRefused, InvalidInput, Problem
 from controlplane.flags import Authority, FlagChange, Snapshot
 from controlplane.flags.definitions import to_json
 from controlplane.flags.resolve import FlagValue
@@ -127,6 +128,15 @@ class RollbackResult(msgspec.Struct, frozen=True):
     cancelled: list[RowNote]
     not_cancelled: list[RowNote]  # for manual credit notes
     senders_still_running: str | None = None  # why the lists may be incomplete
+
+
+class RollbackPreview(msgspec.Struct, frozen=True):
+    """What a rollback with ``cancel_sent`` would do now (:meth:`Cutover.cancel_preview`)."""
+
+    to_cancel: list[LedgerRow]  # inside the cancel window: cancelled at the provider
+    to_cancel_count: int
+    credit_notes: list[LedgerRow]  # past it: manual credit notes
+    credit_notes_count: int
 
 
 class CutoverStatus(msgspec.Struct, frozen=True):
@@ -239,6 +249,8 @@ class Cutover:
     flags: Callable[[], Awaitable[Snapshot]]
     set_flags: SetFlags
     parity_clean_since: Callable[[], Awaitable[CleanSince]]
+    # checks the last closed month's invoices now: (clean?, detail); see money_parity
+    money_parity_clean: Callable[[], Awaitable[tuple[bool, str]]] | None = None
 
     async def _guard_problems(self, current: Snapshot, at: int) -> list[dict[str, str]]:
         candidate = _candidate(current, _live_values(at))
@@ -362,6 +374,18 @@ class Cutover:
             f"the legacy biller already billed up to {until}, past T {at}: pick a later T",
         )
 
+    async def _check_money_parity(self) -> Check:
+        name = "money_parity"
+        if not self.config.cutover.require_money_parity:
+            return Check(name, "n/a", "not required ([cutover] require_money_parity = false)")
+        if self.money_parity_clean is None:
+            return Check(name, "fail", "required, but money parity is not available here")
+        try:
+            clean, detail = await self.money_parity_clean()
+        except (LegacyError, BillingError, ConfigError, InvalidInput) as exc:
+            return Check(name, "fail", f"money parity could not be checked: {exc}")
+        return Check(name, "pass" if clean else "fail", detail)
+
     async def _check_catalog(self) -> Check:
         catalog = self.config.catalog
         if not catalog.prices and not catalog.products:
@@ -401,6 +425,39 @@ class Cutover:
             name, "pass", f"every event of {', '.join(sorted(types))} in {hours} h had a token"
         )
 
+    async def cancel_preview(self, limit: int = 100) -> RollbackPreview:
+        """What `cutover rollback --cancel-sent` would do now, changing nothing. The rows the
+        provider may have (sent, or attempted without a definite answer) from inside
+        ``[cutover] cancel_window_seconds`` are cancelled at the provider; older ones need
+        manual credit notes. Lists the newest `limit` of each, and counts them all."""
+        horizon = self.now() - self.config.cutover.cancel_window_seconds
+        cancel: deque[LedgerRow] = deque(maxlen=limit)
+        credit: deque[LedgerRow] = deque(maxlen=limit)
+        counts = [0, 0]
+        for state, attempted in (
+            (RowState.SENT, None),
+            (RowState.PENDING, True),
+            (RowState.HELD, True),
+        ):
+            after = 0
+            while rows := await self.storage.ledger(
+                state=state, attempted=attempted, after_id=after, limit=5000
+            ):
+                for row in rows:
+                    if row.state is RowState.HELD and row.reason != Reason.AMBIGUOUS:
+                        continue  # the provider answered no: nothing to cancel there
+                    since = row.sent_at if row.state is RowState.SENT else row.first_attempt_at
+                    recent = since is not None and since > horizon
+                    (cancel if recent else credit).append(row)
+                    counts[0 if recent else 1] += 1
+                after = rows[-1].id
+        return RollbackPreview(
+            to_cancel=sorted(cancel, key=lambda r: -r.id),
+            to_cancel_count=counts[0],
+            credit_notes=sorted(credit, key=lambda r: -r.id),
+            credit_notes_count=counts[1],
+        )
+
     async def preflight(self, at: int | None = None) -> Preflight:
         """Every precondition of a cutover at T (default: the current bill_from)."""
         current = await self.flags()
@@ -412,6 +469,7 @@ class Cutover:
             await self._check_legacy(t),
             await self._check_catalog(),
             await self._check_tokens(),
+            await self._check_money_parity(),
         ]
         return Preflight(at=t, checked_at=self.now(), ok=all(c.ok for c in checks), checks=checks)
 

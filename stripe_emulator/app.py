@@ -54,6 +54,7 @@ from stripe_emulator.invoices import InvoicesMixin
 from stripe_emulator.meters import MetersMixin
 from stripe_emulator.params import ApiRequest, parse_form
 from stripe_emulator.payment_methods import PaymentMethodsMixin
+from stripe_emulator.previews import PreviewsMixin
 from stripe_emulator.records import Reply, SavedResponse, error_reply, json_reply
 from stripe_emulator.state import EmulatorState
 from stripe_emulator.subscriptions import SubscriptionsMixin
@@ -82,6 +83,7 @@ class StripeEmulator(
     SubscriptionsMixin,
     InvoicesMixin,
     CollectionMixin,
+    PreviewsMixin,
     CreditGrantsMixin,
     CheckoutMixin,
     ClocksMixin,
@@ -315,6 +317,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/invoices", StripeEmulator.list_invoices),
     Route("GET", "/v1/invoices/{id}", StripeEmulator.retrieve_invoice),
     Route("POST", "/v1/invoices/{id}/finalize", StripeEmulator.finalize_invoice_request),
+    Route("POST", "/v1/invoices/create_preview", StripeEmulator.create_invoice_preview),
     Route("POST", "/v1/invoices/{id}/pay", StripeEmulator.pay_invoice_request),
     Route("POST", "/v1/billing/credit_grants", StripeEmulator.create_credit_grant),
     Route("GET", "/v1/billing/credit_grants", StripeEmulator.list_credit_grants),

@@ -22,6 +22,7 @@ from controlplane.http.controllers.events import EventsController
 from controlplane.http.controllers.flags import FLAG_BODIES, FlagsController
 from controlplane.http.controllers.health import HealthController, MetricsController
 from controlplane.http.controllers.jobs import JobsController
+from controlplane.http.controllers.money import MoneyParityController, MoneyRunsController
 from controlplane.http.controllers.ofrep import OfrepController
 from controlplane.http.controllers.orgs import OrgPut, OrgsController, ReleaseBody
 from controlplane.http.controllers.parity import ParityRunsController, UsageParityController
@@ -93,6 +94,8 @@ def create_app(
             MetricsController,
             UsageParityController,
             ParityRunsController,
+            MoneyParityController,
+            MoneyRunsController,
             CatalogController,
             WebhooksController,
             cutover.CutoverController,

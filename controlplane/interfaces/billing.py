@@ -7,6 +7,8 @@ the core asks ``isinstance(billing, CatalogPublisher)``, never for a plugin's cl
 
 - :class:`CatalogPublisher`: make the provider's meters, products and prices match
   ``[catalog]`` and store the resolved ids as a catalog version;
+- :class:`InvoicePreviewer`: the provider's own preview of a subscription's upcoming invoice
+  (money parity's third number);
 - :class:`WebhookReceiver`: the provider's signed webhook deliveries, verified and applied.
   The core builds one from what it needs (storage, its config section, a clock, the billing
   plugin, and the callbacks :data:`TrueUpCallback` and :data:`ReissueCallback`).
@@ -122,6 +124,35 @@ class CatalogPublisher(abc.ABC):
         as a new version stamped `now()`, unless it equals the newest one. With `dry_run`
         the provider is only read and nothing is stored. (The config types sit above the
         contracts, hence `Any` here.)"""
+
+
+class PreviewLine(msgspec.Struct, frozen=True):
+    """One line of a provider's invoice preview, amounts in minor units."""
+
+    price: str  # the provider's price id
+    quantity: int
+    amount: int
+    credit: int
+
+
+class InvoicePreview(msgspec.Struct, frozen=True):
+    """The provider's preview of a subscription's upcoming invoice, in minor units."""
+
+    currency: str
+    period_start: int
+    period_end: int
+    subtotal: int
+    total: int
+    lines: list[PreviewLine]
+
+
+class InvoicePreviewer(abc.ABC):
+    """Optional capability of a :class:`Billing` plugin: preview a subscription's invoice."""
+
+    @abc.abstractmethod
+    async def preview_invoice(self, customer: str, subscription: str) -> InvoicePreview:
+        """The provider's preview of `subscription`'s invoice for its current period. Raises
+        BillingError when the provider refuses or fails."""
 
 
 WEBHOOK_ALERTS = "job:webhooks"

@@ -7,6 +7,8 @@ import enum
 from decimal import Decimal
 from typing import ClassVar
 
+import msgspec
+
 from controlplane.errors import ControlPlaneError
 
 
@@ -27,13 +29,30 @@ class CapabilityUnavailable(LegacyError, NotImplementedError):
 class LegacyCapability(enum.StrEnum):
     BILLED_UNTIL = "billed_until"
     PLAN = "plan"
+    INVOICES = "invoices"
+
+
+class LegacyInvoiceLine(msgspec.Struct, frozen=True):
+    """One line of a legacy invoice: what it is and its amount in minor units."""
+
+    description: str
+    amount_minor: int
+
+
+class LegacyInvoice(msgspec.Struct, frozen=True):
+    """What the legacy biller invoiced one org for a period: the total in minor units and,
+    when the source gives them, the lines (None: lines unknown)."""
+
+    org_id: str
+    total_minor: int
+    lines: list[LegacyInvoiceLine] | None = None
 
 
 class LegacySource(abc.ABC):
     """The legacy biller, as the control plane reads it: what it billed per org and window.
 
-    `usage` is required. `billed_until` and `plan` are optional capabilities: a plugin lists
-    the ones it can answer in :meth:`capabilities`, and the others raise
+    `usage` is required. `billed_until`, `plan` and `invoices` are optional capabilities: a
+    plugin lists the ones it can answer in :meth:`capabilities`, and the others raise
     :class:`CapabilityUnavailable`, never a made-up answer.
     """
 
@@ -63,3 +82,8 @@ class LegacySource(abc.ABC):
     async def plan(self, org_id: str) -> str | None:
         """The org's plan according to the legacy biller (None: it does not know the org)."""
         raise CapabilityUnavailable(self.name, LegacyCapability.PLAN)
+
+    async def invoices(self, start: int, end: int) -> dict[str, LegacyInvoice]:
+        """Per org, what the legacy biller invoiced for the billing period [start, end) (unix
+        seconds). Orgs it did not invoice are absent."""
+        raise CapabilityUnavailable(self.name, LegacyCapability.INVOICES)

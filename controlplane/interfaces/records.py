@@ -445,3 +445,40 @@ class OrgChange(msgspec.Struct, frozen=True):
     plan: str | None = None  # None: no new plan period
     effective_from: int = 0
     plans: tuple[PlanPeriod, ...] = ()  # further plan periods, each upserted by its start
+
+
+class MeterQuantity(msgspec.Struct, frozen=True):
+    """Whole units of one meter one org has in the ledger for a period (money parity)."""
+
+    org_id: str
+    meter: str
+    quantity: int
+
+
+class MoneyRun(msgspec.Struct, frozen=True):
+    """A stored money parity comparison of one billing period (amounts in minor units)."""
+
+    period_start: int
+    period_end: int
+    checked_at: int
+    currency: str
+    tolerance: str  # the [parity] money_tolerance it was judged with
+    orgs: int
+    mismatches: int
+    only_controlplane: int
+    only_legacy: int
+    stripe_findings: int  # orgs whose computed amount differs from Stripe's preview
+    controlplane_minor: int
+    legacy_minor: int | None  # None: no legacy invoices to compare with
+    clean: bool
+    id: int = 0
+
+
+class MoneyOrgResult(msgspec.Struct, frozen=True):
+    """One org of a stored money parity run (minor units; None: absent on that side)."""
+
+    org_id: str
+    controlplane_minor: int | None
+    legacy_minor: int | None
+    stripe_minor: int | None
+    within_tolerance: bool

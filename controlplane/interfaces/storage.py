@@ -16,6 +16,7 @@ OrgStore           orgs, customers, plan periods
 FlagStore          runtime flags, the static layers' record
 AuditStore         the hash-chained audit log
 ParityStore        parity runs, mismatches, alerts
+MoneyParityStore   billable ledger quantities per period, money parity runs
 CatalogStore       published catalog versions
 WebhookStore       processed webhook events, closed billing periods
 ProviderErrorStore the provider's error reports: rows held, customers flagged
@@ -46,7 +47,10 @@ from controlplane.interfaces.records import (
     IngestResult,
     JobRun,
     LedgerCount,
+    MeterQuantity,
     MigrationStatus,
+    MoneyOrgResult,
+    MoneyRun,
     Org,
     OrgChange,
     OrgDrift,
@@ -448,6 +452,29 @@ class ParityStore(abc.ABC):
         """Record a delivery attempt's outcome."""
 
 
+class MoneyParityStore(abc.ABC):
+    """Money parity: the ledger's billable quantities per period, and the stored runs."""
+
+    @abc.abstractmethod
+    async def ledger_quantities(self, start: int, end: int) -> list[MeterQuantity]:
+        """Per (org, meter), the whole units of ledger rows with bucket start in [start, end)
+        that some biller charges: every row (shadow's pending ones included) except rows
+        excluded as `free_plan` and rows cancelled as `reissued` (their usage lives on in a
+        later revision). Pairs summing to 0 are included; pairs without rows are absent."""
+
+    @abc.abstractmethod
+    async def record_money_run(self, run: MoneyRun, orgs: Sequence[MoneyOrgResult]) -> int:
+        """Store a run and its orgs in one transaction; returns the run's id."""
+
+    @abc.abstractmethod
+    async def money_runs(self, *, limit: int = 100) -> list[MoneyRun]:
+        """Stored runs, the newest period first (then the newest check)."""
+
+    @abc.abstractmethod
+    async def money_run(self, run_id: int) -> tuple[MoneyRun, list[MoneyOrgResult]] | None:
+        """One run with its orgs (by org id)."""
+
+
 class CatalogStore(abc.ABC):
     """Published price catalog versions."""
 
@@ -537,6 +564,7 @@ class Storage(
     FlagStore,
     AuditStore,
     ParityStore,
+    MoneyParityStore,
     CatalogStore,
     WebhookStore,
     ProviderErrorStore,

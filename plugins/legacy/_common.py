@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from controlplane.interfaces import LegacyError
+from controlplane.interfaces import LegacyError, LegacyInvoice, LegacyInvoiceLine
 
 EXACT_HINT = (
     "return an exact number: an integer, a decimal/numeric, or a decimal string "
@@ -76,3 +76,42 @@ def unix_seconds(value: Any, where: str) -> int | None:
     if number != number.to_integral_value():
         raise LegacyError(f"{where}: expected whole unix seconds, got {number}")
     return int(number)
+
+
+def minor(value: Any, where: str) -> int:
+    """An amount in whole minor units (cents): an integer or an integral decimal."""
+    number = exact(value, where)
+    if number != number.to_integral_value():
+        raise LegacyError(f"{where}: expected whole minor units (cents), got {number}")
+    return int(number)
+
+
+def invoices_from_rows(rows: Iterable[Sequence[Any]], source: str) -> dict[str, LegacyInvoice]:
+    """Legacy invoices from rows of (org id, total) or (org id, line description, amount):
+    with lines, an org's total is the sum of its lines. Amounts in whole minor units."""
+    totals: dict[str, int] = {}
+    lines: dict[str, list[LegacyInvoiceLine]] = {}
+    shape: int | None = None
+    for i, row in enumerate(rows):
+        if len(row) not in (2, 3) or (shape is not None and len(row) != shape):
+            raise LegacyError(
+                f"{source} row {i}: expected (org id, total) or (org id, description, amount) "
+                f"on every row, got {tuple(row)!r:.200}"
+            )
+        shape = len(row)
+        org = org_id(row[0], f"{source} row {i}, org id")
+        amount = minor(row[-1], f"{source} row {i} ({org}), amount")
+        if shape == 2:
+            if org in totals:
+                raise LegacyError(f"{source} row {i}: a second total for org {org!r}")
+            totals[org] = amount
+        else:
+            description = row[1]
+            if not isinstance(description, str):
+                raise LegacyError(f"{source} row {i} ({org}): the description must be text")
+            lines.setdefault(org, []).append(LegacyInvoiceLine(description, amount))
+            totals[org] = totals.get(org, 0) + amount
+    return {
+        org: LegacyInvoice(org, total, lines.get(org) if shape == 3 else None)
+        for org, total in totals.items()
+    }

@@ -9,7 +9,10 @@ The usage endpoint answers the window [from, to) (unix seconds) as a JSON array 
 object holding it under `rows`; each row is `[org_id, value]` or `{"org_id": ..., "value": ...}`.
 Values are read exactly: JSON numbers are decoded as decimals, never binary floats, and decimal
 strings are accepted. Optional: `billed_until_url` answering `{"billed_until": T | null}` and
-`plan_url` (with `{org}` in it) answering `{"plan": "..." | null}`, 404 for an unknown org.
+`plan_url` (with `{org}` in it) answering `{"plan": "..." | null}`, 404 for an unknown org, and
+`invoices_url` (GET {invoices_url}?from=START&to=END, the billing period) answering an array of
+invoices, or an object holding it under `invoices`: each `{"org_id": ..., "total": N}` with
+optional `"lines": [{"description": ..., "amount": N}, ...]`, amounts in whole minor units (cents).
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ from controlplane.interfaces import (
     CapabilityUnavailable,
     LegacyCapability,
     LegacyError,
+    LegacyInvoice,
+    LegacyInvoiceLine,
     LegacySource,
 )
-from controlplane.plugins.legacy._common import collect, unix_seconds
+from controlplane.plugins.legacy._common import collect, minor, org_id, unix_seconds
 from controlplane.registry import PluginSpec
 from controlplane.secrets import Secret, reveal
 
@@ -41,6 +46,7 @@ class HTTPLegacyConfig(LegacyPluginConfig, tag="http", tag_field="backend", froz
     token: Secret | None = None
     billed_until_url: str | None = None
     plan_url: str | None = None
+    invoices_url: str | None = None
     timeout_seconds: float = 30.0
 
 
@@ -70,7 +76,7 @@ class HTTPLegacySource(LegacySource):
     name = "http"
 
     def __init__(self, config: HTTPLegacyConfig) -> None:
-        for key in ("url", "billed_until_url", "plan_url"):
+        for key in ("url", "billed_until_url", "plan_url", "invoices_url"):
             value = getattr(config, key)
             if value is not None and not value.startswith(("http://", "https://")):
                 raise ConfigError(f"legacy.{key}: expected an http:// or https:// URL")
@@ -120,6 +126,8 @@ class HTTPLegacySource(LegacySource):
             found.add(LegacyCapability.BILLED_UNTIL)
         if self.config.plan_url:
             found.add(LegacyCapability.PLAN)
+        if self.config.invoices_url:
+            found.add(LegacyCapability.INVOICES)
         return frozenset(found)
 
     async def billed_until(self) -> int | None:
@@ -143,6 +151,47 @@ class HTTPLegacySource(LegacySource):
         if plan is not None and not isinstance(plan, str):
             raise LegacyError('legacy plan endpoint: expected {"plan": "..." | null}')
         return plan
+
+    async def invoices(self, start: int, end: int) -> dict[str, LegacyInvoice]:
+        if not self.config.invoices_url:
+            raise CapabilityUnavailable(
+                self.name, LegacyCapability.INVOICES, "set legacy.invoices_url"
+            )
+        body = await self._get(
+            self.config.invoices_url, "invoices endpoint", {"from": start, "to": end}
+        )
+        return invoices_of(body)
+
+
+def invoices_of(body: Any) -> dict[str, LegacyInvoice]:
+    """Legacy invoices from the invoices endpoint's JSON."""
+    where = "legacy invoices endpoint"
+    if isinstance(body, dict):
+        if "invoices" not in body:
+            raise LegacyError(f"{where}: expected an array, or an object with `invoices`")
+        body = body["invoices"]
+    if not isinstance(body, list):
+        raise LegacyError(f"{where}: `invoices` must be an array")
+    out: dict[str, LegacyInvoice] = {}
+    for i, item in enumerate(body):
+        if not isinstance(item, dict) or "org_id" not in item or "total" not in item:
+            raise LegacyError(f'{where} invoice {i}: expected {{"org_id", "total"}}')
+        org = org_id(item["org_id"], f"{where} invoice {i}, org_id")
+        if org in out:
+            raise LegacyError(f"{where} invoice {i}: a second invoice for org {org!r}")
+        total = minor(item["total"], f"{where} invoice {i} ({org}), total")
+        lines: list[LegacyInvoiceLine] | None = None
+        if item.get("lines") is not None:
+            if not isinstance(item["lines"], list):
+                raise LegacyError(f"{where} invoice {i} ({org}): `lines` must be an array")
+            lines = []
+            for j, line in enumerate(item["lines"]):
+                at = f"{where} invoice {i} ({org}), line {j}"
+                if not isinstance(line, dict) or not isinstance(line.get("description"), str):
+                    raise LegacyError(f'{at}: expected {{"description": "...", "amount": N}}')
+                lines.append(LegacyInvoiceLine(line["description"], minor(line.get("amount"), at)))
+        out[org] = LegacyInvoice(org, total, lines)
+    return out
 
 
 spec = PluginSpec(kind="legacy", name="http", config=HTTPLegacyConfig, factory=HTTPLegacySource)

@@ -8,8 +8,11 @@
 `query` takes `:start` and `:end` (unix seconds, the window [start, end)) and returns rows of
 (org id, value). Optional: `billed_until_query` (one value: unix seconds or a timestamptz, null
 when nothing is billed yet) and `plan_query` (takes `:org`, returns the plan; no row when the
-legacy biller does not know the org). Queries run in a read-only transaction; values must be
-exact (integer, numeric or decimal text), never binary floats.
+legacy biller does not know the org), and `invoices_query` (takes `:start` and `:end`, the billing
+period; returns (org id, total) rows, or (org id, line description, amount) rows whose amounts
+add up to the org's total; amounts in whole minor units, e.g. cents). Queries run in a
+read-only transaction; values must be exact (integer, numeric or decimal text), never binary
+floats.
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ from controlplane.interfaces import (
     CapabilityUnavailable,
     LegacyCapability,
     LegacyError,
+    LegacyInvoice,
     LegacySource,
 )
-from controlplane.plugins.legacy._common import collect, unix_seconds
+from controlplane.plugins.legacy._common import collect, invoices_from_rows, unix_seconds
 from controlplane.registry import PluginSpec, require
 from controlplane.secrets import Secret, check_url, reveal
 
@@ -44,6 +48,7 @@ class SQLLegacyConfig(LegacyPluginConfig, tag="sql", tag_field="backend", frozen
     query: str
     billed_until_query: str | None = None
     plan_query: str | None = None
+    invoices_query: str | None = None
     timeout_seconds: float = 30.0
 
 
@@ -77,6 +82,8 @@ class SQLLegacySource(LegacySource):
             )
         if config.plan_query is not None and "org" not in _uses(config.plan_query):
             raise ConfigError("legacy.plan_query: must use :org")
+        if config.invoices_query is not None and {"start", "end"} - _uses(config.invoices_query):
+            raise ConfigError("legacy.invoices_query: must use :start and :end (the period)")
         if config.timeout_seconds <= 0:
             raise ConfigError("legacy.timeout_seconds: must be > 0")
         self.config = config
@@ -168,6 +175,8 @@ class SQLLegacySource(LegacySource):
             found.add(LegacyCapability.BILLED_UNTIL)
         if self.config.plan_query:
             found.add(LegacyCapability.PLAN)
+        if self.config.invoices_query:
+            found.add(LegacyCapability.INVOICES)
         return frozenset(found)
 
     async def billed_until(self) -> int | None:
@@ -190,6 +199,15 @@ class SQLLegacySource(LegacySource):
         if value is not None and not isinstance(value, str):
             raise LegacyError(f"legacy plan_query: expected text, got {value!r}")
         return value
+
+    async def invoices(self, start: int, end: int) -> dict[str, LegacyInvoice]:
+        if not self.config.invoices_query:
+            raise CapabilityUnavailable(
+                self.name, LegacyCapability.INVOICES, "set legacy.invoices_query"
+            )
+        params = {"start": start, "end": end}
+        rows = await self._fetch(self.config.invoices_query, params, "invoices_query")
+        return invoices_from_rows(rows, "legacy invoices_query")
 
 
 spec = PluginSpec(kind="legacy", name="sql", config=SQLLegacyConfig, factory=SQLLegacySource)

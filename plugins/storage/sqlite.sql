@@ -593,3 +593,39 @@ ORDER BY meter, org_id, series;
 -- token.
 SELECT count(*) FROM usage_events
 WHERE type IN (SELECT value FROM json_each(?1)) AND time_ms >= ?2 AND plan IS NULL;
+
+-- name: ledger_quantities
+SELECT org_id, meter, sum(quantity) AS quantity FROM ledger
+WHERE bucket_start >= ?1 AND bucket_start < ?2
+  AND NOT (state = 'excluded' AND reason IS 'free_plan')
+  AND NOT (state = 'cancelled' AND reason IS 'reissued')
+GROUP BY org_id, meter
+ORDER BY org_id, meter;
+
+-- name: insert_money_run
+INSERT INTO money_parity_runs (period_start, period_end, checked_at, currency, tolerance, orgs,
+                               mismatches, only_controlplane, only_legacy, stripe_findings,
+                               controlplane_minor, legacy_minor, clean)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+RETURNING id;
+
+-- name: insert_money_org
+INSERT INTO money_parity_orgs (run_id, org_id, controlplane_minor, legacy_minor, stripe_minor,
+                               within_tolerance)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6);
+
+-- name: money_runs
+SELECT id, period_start, period_end, checked_at, currency, tolerance, orgs, mismatches,
+       only_controlplane, only_legacy, stripe_findings, controlplane_minor, legacy_minor, clean
+FROM money_parity_runs
+ORDER BY period_start DESC, checked_at DESC, id DESC
+LIMIT ?1;
+
+-- name: money_run
+SELECT id, period_start, period_end, checked_at, currency, tolerance, orgs, mismatches,
+       only_controlplane, only_legacy, stripe_findings, controlplane_minor, legacy_minor, clean
+FROM money_parity_runs WHERE id = ?1;
+
+-- name: money_run_orgs
+SELECT org_id, controlplane_minor, legacy_minor, stripe_minor, within_tolerance
+FROM money_parity_orgs WHERE run_id = ?1 ORDER BY org_id;

@@ -199,6 +199,7 @@ async def test_preflight_passes_when_every_precondition_holds(ready: ControlPlan
         "legacy_not_billed_from_t": "pass",
         "catalog_published": "pass",
         "capability_tokens_carried": "n/a",
+        "money_parity": "n/a",  # [cutover] require_money_parity is off
     }
 
 

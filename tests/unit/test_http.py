@@ -39,6 +39,9 @@ ACCESS = {
     ("GET", "/v1/parity/runs/{run_id:int}"): ("any_scope", ("read", "parity")),
     ("GET", "/v1/parity/clean-since"): ("any_scope", ("read", "parity")),
     ("GET", "/internal/usage-parity"): ("parity_auth", None),  # a token, or a signature
+    ("GET", "/internal/money-parity"): ("parity_auth", None),  # the same auth
+    ("GET", "/v1/parity/money-runs"): ("any_scope", ("read", "parity")),
+    ("GET", "/v1/parity/money-runs/{run_id:int}"): ("any_scope", ("read", "parity")),
     ("GET", "/metrics"): ("metrics_auth", None),  # a token only when configured
     ("GET", "/healthz"): (None, None),
     ("GET", "/readyz"): (None, None),
@@ -61,6 +64,7 @@ OPEN_IN_SCHEMA = {  # no bearer token in the document
     ("get", "/readyz"),
     ("get", "/metrics"),
     ("get", "/internal/usage-parity"),
+    ("get", "/internal/money-parity"),
     ("post", "/webhooks/stripe"),
     ("post", "/webhooks/stripe/thin"),
     ("get", "/.well-known/jwks.json"),

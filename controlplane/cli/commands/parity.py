@@ -1,9 +1,12 @@
-"""`controlplane parity`: usage parity with the legacy biller (a window, the checker, its runs)."""
+"""`controlplane parity`: usage parity with the legacy biller (a window, the checker, its runs)
+and money parity (`parity money`: what each biller would invoice for a billing period)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from controlplane.cli.common import (
     Subparsers,
@@ -36,12 +39,29 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         psub.add_parser("runs", parents=[common], help="the checker's runs and clean-since")
     )
     r.add_argument("--limit", type=int, default=24, help="newest N runs (default 24)")
+    m = json_option(
+        psub.add_parser(
+            "money",
+            parents=[common],
+            help="invoice amounts per org for a billing period; exit 1 on mismatch",
+        )
+    )
+    m.add_argument("--period", help="YYYY-MM (UTC month)")
+    m.add_argument(
+        "--from", dest="start", type=unix_time, help="unix seconds or RFC 3339 (with --to)"
+    )
+    m.add_argument(
+        "--to", dest="end", type=unix_time, help="unix seconds or RFC 3339 (with --from)"
+    )
+    m.add_argument("--lines", action="store_true", help="each org's invoice lines too")
     p.set_defaults(func=parity)
 
 
 async def parity(args: argparse.Namespace, config: Config) -> int:
     from controlplane.parity import comparison_api, run_api
 
+    if args.action == "money":
+        return await money(args, config)
     async with core(config, readonly=args.action != "checker") as cp:
         if args.action == "checker":
             stats = await cp.record("parity", cp.parity_check)
@@ -110,3 +130,79 @@ async def parity(args: argparse.Namespace, config: Config) -> int:
         print("no legacy source is configured ([legacy]): nothing was compared", file=sys.stderr)
         return 3
     return 1 if status == "mismatch" else 0
+
+
+async def money(args: argparse.Namespace, config: Config) -> int:
+    from controlplane.money import amount, comparison_api
+
+    async with core(config) as cp:
+        start, end = cp.money_period(args.period, args.start, args.end)
+        comparison, run_id = await cp.money_parity.check(start, end)
+    report = comparison_api(comparison, lines=args.lines, run_id=run_id)
+    status = report["summary"]["status"]
+    if args.json:
+        print_json(report)
+    else:
+        _money_table(report, amount)
+    if status == "no_legacy":
+        print("no legacy invoices to compare with: see the notes", file=sys.stderr)
+        return 3
+    return 1 if status == "mismatch" else 0
+
+
+def _money_table(report: dict[str, Any], amount: Callable[[int, str], str]) -> None:
+    currency = report["currency"]
+
+    def money(minor: int | None) -> str:
+        return "-" if minor is None else amount(minor, currency)
+
+    rows = [["org", "controlplane", "legacy", "drift", "drift %", "ok", "stripe", "finding"]]
+    for org in report["orgs"]:
+        ok = org["within_tolerance"]
+        stripe = org["stripe"]
+        rows.append(
+            [
+                org["org_id"],
+                money(org["controlplane_minor"]),
+                money(org["legacy_minor"]),
+                money(org["drift_minor"]),
+                org["drift_percent"] or ("-" if org["legacy_minor"] is None else "inf"),
+                "-" if ok is None else ("yes" if ok else "NO"),
+                "-" if stripe is None else money(stripe["subtotal_minor"]),
+                "-" if stripe is None else ("YES" if stripe["finding"] else "no"),
+            ]
+        )
+    if len(rows) > 1:
+        print_table(rows)
+        print()
+    for org in report["orgs"]:
+        lines = org.get("lines")
+        if not lines:
+            continue
+        print(f"{org['org_id']}:")
+        for line in lines["controlplane"]:
+            print(
+                f"  controlplane  {line['price']}: {line['quantity']} x "
+                f"{line['unit_amount_decimal']} = {money(line['amount_minor'])}"
+                + (f" (credit {money(line['credit_minor'])})" if line["credit_minor"] else "")
+            )
+        for line in lines["legacy"] or ():
+            print(f"  legacy        {line['description']}: {money(line['amount_minor'])}")
+        for line in lines["stripe"] or ():
+            print(
+                f"  stripe        {line['price']}: {line['quantity']} = "
+                f"{money(line['amount_minor'])}"
+            )
+    summary = report["summary"]
+    totals = summary["totals"]
+    print(
+        f"[{report['from']}, {report['to']}) {currency}: {summary['orgs']} orgs, "
+        f"{summary['mismatches']} mismatches (tolerance {report['tolerance']}), "
+        f"{summary['only_controlplane']} only on the control plane, {summary['only_legacy']} "
+        f"only legacy, {summary['stripe_findings']} Stripe findings; totals: control plane "
+        f"{money(totals['controlplane_minor'])}, legacy {money(totals['legacy_minor'])}"
+    )
+    for note in report["notes"]:
+        print(f"note: {note}")
+    print("taxes, discounts and proration are not priced")
+    print(f"status: {summary['status']} (run {report['run_id']})")

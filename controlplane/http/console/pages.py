@@ -117,7 +117,7 @@ def _watching_since(state: State) -> float | None:
 async def cutover_context(cp: ControlPlane) -> dict[str, Any]:
     """What the cutover page shows besides an action's result."""
     status = await cp.cutover.status(limit=20)
-    preview = await cp.cancel_preview()
+    preview = await cp.cutover.cancel_preview()
     return {
         "status": status,
         "flags": status.flags,

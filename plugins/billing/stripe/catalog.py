@@ -47,25 +47,13 @@ from controlplane.interfaces import (
     PublishResult,
 )
 from controlplane.meters import MeterConfig
+from controlplane.pricing import minor_units
 
 log = structlog.get_logger("catalog")
 T = TypeVar("T")
 
-# Stripe's zero-decimal and three-decimal currencies (docs.stripe.com/currencies).
-ZERO_DECIMAL = frozenset(
-    {"bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd", "vuv"}
-    | {"xaf", "xof", "xpf"}
-)
-THREE_DECIMAL = frozenset({"bhd", "jod", "kwd", "omr", "tnd"})
 MAX_DECIMALS = 12
 PRODUCT_PREFIX = "prod_cp_"
-
-
-def minor_units(amount: Decimal, currency: str) -> Decimal:
-    """`amount` in the currency's major unit as an exact amount of minor units."""
-    currency = currency.lower()
-    exponent = 0 if currency in ZERO_DECIMAL else 3 if currency in THREE_DECIMAL else 2
-    return amount.scaleb(exponent)
 
 
 def amount_params(amount: Decimal, currency: str, where: str) -> dict[str, Any]:

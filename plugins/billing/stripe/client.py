@@ -57,13 +57,17 @@ from controlplane.interfaces import (
     CatalogPublisher,
     CatalogStore,
     Delivery,
+    InvoicePreview,
+    InvoicePreviewer,
     MeterEvent,
     Outcome,
     PluginConfig,
+    PreviewLine,
     PublishResult,
 )
 from controlplane.meters import MeterConfig
 from controlplane.plugins.billing.stripe.catalog import publish as _publish
+from controlplane.plugins.billing.stripe.catalog import stripe_call
 from controlplane.registry import PluginSpec
 from controlplane.secrets import Secret, reveal
 
@@ -118,9 +122,9 @@ class _Failure:
     error: stripe.StripeError | None = None
 
 
-class StripeBilling(Billing, CatalogPublisher):
-    """Meter events, cancellations and meter totals on Stripe (or the Stripe emulator), and
-    the price catalog published to it."""
+class StripeBilling(Billing, CatalogPublisher, InvoicePreviewer):
+    """Meter events, cancellations and meter totals on Stripe (or the Stripe emulator), the
+    price catalog published to it, and its invoice previews."""
 
     name: ClassVar[str] = "stripe"
     max_event_age_seconds: ClassVar[int | None] = 35 * 86400
@@ -211,6 +215,34 @@ class StripeBilling(Billing, CatalogPublisher):
         if failure is None:
             return Delivery(Outcome.ACCEPTED, provider_id=_request_id(result, identifier))
         return _delivery(failure)
+
+    # -- InvoicePreviewer ----------------------------------------------------------------------
+
+    async def preview_invoice(self, customer: str, subscription: str) -> InvoicePreview:
+        """``invoices.create_preview`` of the subscription's current period."""
+        params: Any = {"customer": customer, "subscription": subscription}
+        invoice = await stripe_call(
+            "invoice preview", self.client.v1.invoices.create_preview_async(params=params)
+        )
+        lines: list[PreviewLine] = []
+        for line in invoice.lines.data:
+            details = line.pricing.price_details if line.pricing else None
+            lines.append(
+                PreviewLine(
+                    price=str(details.price) if details and details.price else "",
+                    quantity=int(line.quantity or 0),
+                    amount=int(line.amount),
+                    credit=sum(int(c.amount) for c in line.pretax_credit_amounts or ()),
+                )
+            )
+        return InvoicePreview(
+            currency=str(invoice.currency),
+            period_start=int(invoice.period_start),
+            period_end=int(invoice.period_end),
+            subtotal=int(invoice.subtotal),
+            total=int(invoice.total),
+            lines=lines,
+        )
 
     # -- CatalogPublisher -----------------------------------------------------------------------
 
