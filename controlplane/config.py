@@ -87,6 +87,15 @@ class JobsConfig(_Section, frozen=True):
     watch_interval_seconds: float = 60.0  # how often `serve` checks the jobs
 
 
+class ReconcileConfig(_Section, frozen=True):
+    """Reconciling the ledger with the provider's aggregates (`controlplane.reconcile`)."""
+
+    interval_seconds: float = 3600.0  # how often `serve` reconciles (0: never)
+    settle_seconds: int = 3600  # hours younger than this are not compared yet
+    window_hours: int = 48  # a scheduled pass compares the last N settled hours
+    tolerance_units: int = 0  # an alert when units short or over exceed it
+
+
 class RollupConfig(_Section, frozen=True):
     bucket_seconds: int = 3600
     grace_seconds: int = 600
@@ -279,6 +288,7 @@ class Config(_Section, frozen=True):
     rate_limit: RateLimitConfig = RateLimitConfig()
     jobs: JobsConfig = JobsConfig()
     capabilities: CapabilitiesConfig = CapabilitiesConfig()
+    reconcile: ReconcileConfig = ReconcileConfig()
     source: str = ""  # the file it was read from
 
     @property

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import msgspec
 import structlog
 
-from controlplane import audit, gauges, orgs, registry, rollup
+from controlplane import audit, gauges, orgs, reconcile, registry, rollup
 from controlplane.capabilities import Issued, Keys
 from controlplane.config import Config, LegacyPluginConfig, backend_of
 from controlplane.cutover import Cutover
@@ -49,12 +49,14 @@ from controlplane.interfaces import (
     LegacyCapability,
     LegacyError,
     LegacySource,
+    MeterSummaries,
     MigrationStatus,
     Org,
     OrgDrift,
     ParityRun,
     PluginConfig,
     PublishResult,
+    ReconcileRun,
     Storage,
     TrueUp,
     UsageTotal,
@@ -63,8 +65,7 @@ from controlplane.interfaces import (
 from controlplane.ledger import LedgerRow, RowState
 from controlplane.meters import MeterSet
 from controlplane.metrics import Metrics
-from controlplane.money import configured_catalog, month_bounds
-from controlplane.money import window_problems as money_window_problems
+from controlplane.money import configured_catalog
 from controlplane.money_parity import MoneyParity
 from controlplane.orgs import OrgUpdate
 from controlplane.parity import (
@@ -697,21 +698,44 @@ class ControlPlane:
             clock=self.now,
         )
 
-    def money_period(
-        self, period: str | None, start: int | None, end: int | None
-    ) -> tuple[int, int]:
-        """The billing period a request names: `period` (YYYY-MM, UTC) or `from` and `to`
-        (unix seconds on bucket boundaries), not both."""
-        if period is not None:
-            if start is not None or end is not None:
-                raise InvalidInput(
-                    [Problem(field="period", message="give `period` or `from` and `to`, not both")]
-                )
-            return month_bounds(period)
-        problems = money_window_problems(start, end, self.config.rollup.bucket_seconds)
-        if problems or start is None or end is None:
-            raise InvalidInput(problems)
-        return start, end
+    # reconciliation ---------------------------------------------------------------------
+
+    @property
+    def reconciles(self) -> bool:
+        """Whether the billing plugin reads the provider's aggregates (reconciliation)."""
+        return isinstance(self.billing, MeterSummaries)
+
+    async def reconcile(self, start: int, end: int, org_id: str | None = None) -> ReconcileRun:
+        """Reconcile the ledger's sent rows with the provider's aggregates over [start, end)
+        (see :mod:`controlplane.reconcile`); stored, counted and alerted."""
+        if not isinstance(self.billing, MeterSummaries):
+            why = "the billing plugin cannot read the provider's aggregates (backend stripe)"
+            raise ConfigError(f"reconcile: {why}")
+        settings = self.config.reconcile
+        run = await reconcile.reconcile(
+            self.storage,
+            self.storage,
+            self.billing,
+            {m.name: m.provider_event_name for m in self.config.meters},
+            start=start,
+            end=end,
+            now=self.now(),
+            settle_seconds=settings.settle_seconds,
+            org_id=org_id,
+        )
+        self.metrics.reconciled(run)
+        webhook = self.config.parity.alert.webhook_url is not None  # delivered, else logged
+        await reconcile.alert(self.storage, run, settings.tolerance_units, pending=webhook)
+        return run
+
+    async def reconcile_pass(self) -> ReconcileRun:
+        """The scheduled pass: the last `[reconcile] window_hours` settled hours."""
+        settled = (self.now() - self.config.reconcile.settle_seconds) // 3600 * 3600
+        return await self.reconcile(settled - self.config.reconcile.window_hours * 3600, settled)
+
+    async def reconcile_runs(self, limit: int = 50) -> list[ReconcileRun]:
+        """Stored reconciliations, the newest first."""
+        return await self.storage.reconcile_runs(limit=limit)
 
     # catalog and webhooks -----------------------------------------------------------------
 

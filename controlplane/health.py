@@ -26,6 +26,7 @@ import structlog
 
 from controlplane.interfaces import WEBHOOK_ALERTS, ParityAlert
 from controlplane.parity_checker import ACTIVE_STATES, deliver_pending
+from controlplane.reconcile import RECONCILE_ALERTS
 from controlplane.rollup import HELD_ALERTS
 
 if TYPE_CHECKING:
@@ -71,11 +72,14 @@ class WatchStats(msgspec.Struct):
     failed: int = 0
 
 
-def scheduled_jobs(config: Config, *, legacy: bool) -> dict[str, float]:
-    """The jobs `serve` runs and their intervals in seconds (parity only with a legacy source)."""
+def scheduled_jobs(config: Config, *, legacy: bool, reconcile: bool = False) -> dict[str, float]:
+    """The jobs `serve` runs and their intervals in seconds (parity only with a legacy source,
+    reconcile only with a billing plugin that reads the provider's aggregates)."""
     jobs = {"rollup": config.rollup.interval_seconds, "send": config.sender.interval_seconds}
     if legacy:
         jobs["parity"] = config.parity.interval_seconds
+    if reconcile and config.reconcile.interval_seconds > 0:
+        jobs["reconcile"] = config.reconcile.interval_seconds
     return jobs
 
 
@@ -91,7 +95,8 @@ async def statuses(
     config = cp.config.jobs
     limit = max(config.alert_after_failures, COUNTED_FAILURES)
     out: list[JobStatus] = []
-    for job, interval in scheduled_jobs(cp.config, legacy=cp.legacy is not None).items():
+    jobs = scheduled_jobs(cp.config, legacy=cp.legacy is not None, reconcile=cp.reconciles)
+    for job, interval in jobs.items():
         last_success = await cp.storage.last_job_success(job)
         runs = await cp.storage.job_runs(job, limit)
         failures = 0
@@ -177,8 +182,10 @@ async def watch(cp: ControlPlane, *, watching_since: float | None) -> WatchStats
             continue  # another process raised it this very second
         stats.alerts += 1
         log.warning("jobs.alert", job=status.job, dedup_key=alert.dedup_key, text=alert.text)
-    keys = [alert_key(j) for j in scheduled_jobs(cp.config, legacy=cp.legacy is not None)]
-    for key in [*keys, HELD_ALERTS, WEBHOOK_ALERTS]:  # and the alerts jobs raise on their own
+    jobs = scheduled_jobs(cp.config, legacy=cp.legacy is not None, reconcile=cp.reconciles)
+    keys = [alert_key(j) for j in jobs]
+    # and the alerts the jobs raise on their own
+    for key in [*keys, HELD_ALERTS, WEBHOOK_ALERTS, RECONCILE_ALERTS]:
         delivered, failed = await deliver_pending(
             cp.storage, cp.config.parity.alert, key, cp.now, kind="jobs"
         )

@@ -10,9 +10,9 @@ over replicas. ``GET /metrics`` serves them followed by the values read at scrap
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from controlplane.interfaces import IngestResult, Outcome
+from controlplane.interfaces import IngestResult, Outcome, ReconcileRun
 
 SEND_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 REFUSALS = ("too_large", "rate_limited")
@@ -72,6 +72,23 @@ class Metrics:
             buckets=SEND_BUCKETS,
             registry=r,
         )
+        self.reconcile_short = Gauge(
+            "controlplane_reconcile_units_short",
+            "Units the ledger sent that the provider did not hold (under billing), in the "
+            "newest reconciliation.",
+            registry=r,
+        )
+        self.reconcile_over = Gauge(
+            "controlplane_reconcile_units_over",
+            "Units the provider held that the ledger did not send (double billing), in the "
+            "newest reconciliation.",
+            registry=r,
+        )
+        self.reconcile_clean_at = Gauge(
+            "controlplane_reconcile_last_clean_timestamp_seconds",
+            "When the newest clean reconciliation ran (unix seconds; 0: none yet).",
+            registry=r,
+        )
         self.untokened_events = Counter(
             "controlplane_events_untokened",
             "Events of a `[capabilities] required_for` type that carried no capability token: "
@@ -125,6 +142,12 @@ class Metrics:
 
     def refused(self, reason: str) -> None:
         self.ingest_refused.labels(reason).inc()
+
+    def reconciled(self, run: ReconcileRun) -> None:
+        self.reconcile_short.set(run.units_short)
+        self.reconcile_over.set(run.units_over)
+        if run.clean:
+            self.reconcile_clean_at.set(run.checked_at)
 
     def untokened(self, event_type: str, refused: bool) -> None:
         """An event of a required type without a token (types are configured: bounded)."""

@@ -417,3 +417,20 @@ def run_api(run: MoneyRun) -> dict[str, Any]:
         "controlplane_minor": run.controlplane_minor,
         "legacy_minor": run.legacy_minor,
     }
+
+
+def period_of(
+    period: str | None, start: int | None, end: int | None, bucket_seconds: int
+) -> tuple[int, int]:
+    """The billing period a request names: `period` (YYYY-MM, UTC) or `from` and `to`
+    (unix seconds on bucket boundaries), not both. Raises InvalidInput naming the field."""
+    if period is not None:
+        if start is not None or end is not None:
+            raise InvalidInput(
+                [Problem(field="period", message="give `period` or `from` and `to`, not both")]
+            )
+        return month_bounds(period)
+    problems = window_problems(start, end, bucket_seconds)
+    if problems or start is None or end is None:
+        raise InvalidInput(problems)
+    return start, end

@@ -23,9 +23,17 @@ class Jobs:
         self.scheduler = AsyncIOScheduler(timezone="UTC")
         self.started_at: float | None = None  # when this process began running the jobs
         common: dict[str, Any] = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
-        runs = {"rollup": self.rollup, "send": self.send, "parity": self.parity}
+        runs = {
+            "rollup": self.rollup,
+            "send": self.send,
+            "parity": self.parity,
+            "reconcile": self.reconcile,
+        }
         # One list of jobs and intervals, which the health checks judge them by.
-        for job, every in health.scheduled_jobs(cp.config, legacy=cp.legacy is not None).items():
+        jobs = health.scheduled_jobs(
+            cp.config, legacy=cp.legacy is not None, reconcile=cp.reconciles
+        )
+        for job, every in jobs.items():
             self.scheduler.add_job(runs[job], "interval", seconds=every, id=job, **common)
         watch = cp.config.jobs.watch_interval_seconds
         self.scheduler.add_job(self.watch, "interval", seconds=watch, id="watch", **common)
@@ -43,6 +51,10 @@ class Jobs:
     async def parity(self) -> None:
         with contextlib.suppress(Exception):
             await self.cp.record("parity", self.cp.parity_check)
+
+    async def reconcile(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.cp.record("reconcile", self.cp.reconcile_pass)
 
     async def watch(self) -> None:
         """Alert on failing or stale jobs; not itself recorded as a job run."""

@@ -34,6 +34,7 @@ from controlplane.cli.commands import (
     migrate,
     orgs,
     parity,
+    reconcile,
     serve,
     stripe_emulator,
     token,
@@ -54,6 +55,7 @@ GROUPS = [
     capability,
     demo,
     parity,
+    reconcile,
     catalog,
     stripe_emulator,
 ]

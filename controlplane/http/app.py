@@ -26,6 +26,7 @@ from controlplane.http.controllers.money import MoneyParityController, MoneyRuns
 from controlplane.http.controllers.ofrep import OfrepController
 from controlplane.http.controllers.orgs import OrgPut, OrgsController, ReleaseBody
 from controlplane.http.controllers.parity import ParityRunsController, UsageParityController
+from controlplane.http.controllers.reconciliation import ReconciliationController
 from controlplane.http.controllers.usage import UsageController
 from controlplane.http.controllers.webhooks import WebhooksController
 from controlplane.http.middleware import request_id_middleware
@@ -96,6 +97,7 @@ def create_app(
             ParityRunsController,
             MoneyParityController,
             MoneyRunsController,
+            ReconciliationController,
             CatalogController,
             WebhooksController,
             cutover.CutoverController,

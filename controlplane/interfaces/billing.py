@@ -126,6 +126,19 @@ class CatalogPublisher(abc.ABC):
         contracts, hence `Any` here.)"""
 
 
+class MeterSummaries(abc.ABC):
+    """Optional capability of a :class:`Billing` plugin: the provider's own aggregates of the
+    meter events it holds (what it will invoice), for reconciling the ledger with them."""
+
+    @abc.abstractmethod
+    async def hourly_usage(
+        self, customer: str, event_name: str, start: int, end: int
+    ) -> dict[int, int]:
+        """Whole units the provider holds for `customer` on the meter of `event_name`, per
+        hour of the events' timestamps in [start, end) (hour-aligned unix seconds): hour start
+        -> units, hours holding none left out."""
+
+
 class PreviewLine(msgspec.Struct, frozen=True):
     """One line of a provider's invoice preview, amounts in minor units."""
 

@@ -482,3 +482,34 @@ class MoneyOrgResult(msgspec.Struct, frozen=True):
     legacy_minor: int | None
     stripe_minor: int | None
     within_tolerance: bool
+
+
+class Finding(msgspec.Struct, frozen=True):
+    """One (org, customer, meter, hour) where the provider's aggregate and the units the ledger
+    sent differ: `short` (the provider holds fewer: under billing) or `over` (more: double
+    billing). `ledger` and `provider` are whole units; `hour` the timestamps' hour sent."""
+
+    org_id: str
+    customer: str
+    meter: str
+    hour: int
+    ledger: int
+    provider: int
+    status: str  # "short" | "over"
+
+
+class ReconcileRun(msgspec.Struct, frozen=True):
+    """A stored reconciliation of the ledger's sent rows with the provider's aggregates over
+    [start, end) (hours older than the settle period), with its findings."""
+
+    checked_at: int
+    start: int
+    end: int
+    org_id: str | None  # one org's, or every org's (None)
+    customers: int  # (customer, meter) pairs read at the provider
+    hours: int  # (org, customer, meter, hour) cells compared
+    units_short: int
+    units_over: int
+    clean: bool
+    findings: list[Finding]
+    id: int = 0

@@ -17,6 +17,7 @@ FlagStore          runtime flags, the static layers' record
 AuditStore         the hash-chained audit log
 ParityStore        parity runs, mismatches, alerts
 MoneyParityStore   billable ledger quantities per period, money parity runs
+ReconcileStore     reconciliations of the ledger with the provider's aggregates
 CatalogStore       published catalog versions
 WebhookStore       processed webhook events, closed billing periods
 ProviderErrorStore the provider's error reports: rows held, customers flagged
@@ -57,6 +58,7 @@ from controlplane.interfaces.records import (
     ParityAlert,
     ParityRun,
     ProviderError,
+    ReconcileRun,
     RollupPlanner,
     RuntimeFlag,
     SeamRows,
@@ -475,6 +477,18 @@ class MoneyParityStore(abc.ABC):
         """One run with its orgs (by org id)."""
 
 
+class ReconcileStore(abc.ABC):
+    """Reconciliations of the ledger with the provider's books (controlplane.reconcile)."""
+
+    @abc.abstractmethod
+    async def record_reconcile_run(self, run: ReconcileRun) -> int:
+        """Store a run with its findings; returns its id."""
+
+    @abc.abstractmethod
+    async def reconcile_runs(self, *, limit: int = 50) -> list[ReconcileRun]:
+        """Stored runs, the newest check first."""
+
+
 class CatalogStore(abc.ABC):
     """Published price catalog versions."""
 
@@ -565,6 +579,7 @@ class Storage(
     AuditStore,
     ParityStore,
     MoneyParityStore,
+    ReconcileStore,
     CatalogStore,
     WebhookStore,
     ProviderErrorStore,

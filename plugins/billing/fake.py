@@ -11,7 +11,14 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable
 
-from controlplane.interfaces import Billing, Delivery, MeterEvent, Outcome, PluginConfig
+from controlplane.interfaces import (
+    Billing,
+    Delivery,
+    MeterEvent,
+    MeterSummaries,
+    Outcome,
+    PluginConfig,
+)
 from controlplane.registry import PluginSpec
 
 
@@ -19,7 +26,7 @@ class FakeBillingConfig(PluginConfig, tag="fake", tag_field="backend", frozen=Tr
     rate_limit: float | None = None
 
 
-class FakeBilling(Billing):
+class FakeBilling(Billing, MeterSummaries):
     name = "fake"
     max_event_age_seconds = 35 * 86400
 
@@ -52,6 +59,17 @@ class FakeBilling(Billing):
 
     def reject_customer(self, customer: str) -> None:
         self._rejected_customers.add(customer)
+
+    async def hourly_usage(
+        self, customer: str, event_name: str, start: int, end: int
+    ) -> dict[int, int]:
+        out: dict[int, int] = collections.Counter()
+        for ident, ev in self.events.items():
+            if ident in self.cancelled or ev.customer != customer or ev.event_name != event_name:
+                continue
+            if start <= ev.timestamp < end:
+                out[ev.timestamp - ev.timestamp % 3600] += ev.value
+        return {hour: units for hour, units in out.items() if units}
 
     def totals(self) -> dict[tuple[str, str], int]:
         """Delivered, not cancelled, value per (customer, event name)."""

@@ -629,3 +629,14 @@ FROM money_parity_runs WHERE id = ?1;
 -- name: money_run_orgs
 SELECT org_id, controlplane_minor, legacy_minor, stripe_minor, within_tolerance
 FROM money_parity_orgs WHERE run_id = ?1 ORDER BY org_id;
+
+-- name: insert_reconcile_run
+INSERT INTO reconcile_runs (checked_at, start_at, end_at, org_id, customers, hours, units_short,
+                            units_over, clean, findings)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+RETURNING id;
+
+-- name: reconcile_runs
+SELECT id, checked_at, start_at AS start, end_at AS "end", org_id, customers, hours, units_short,
+       units_over, clean, findings
+FROM reconcile_runs ORDER BY checked_at DESC, id DESC LIMIT ?1;

@@ -240,3 +240,19 @@ async def test_parity_alerts_in_any_of_several_states(storage: Storage, states: 
         await storage.record_parity_run(run(B[i], clean=False), [], alert(B[i], state=state))
     found = await storage.parity_alerts("gbs", states=states)
     assert sorted(a.state for a in found) == sorted(states)
+
+
+async def test_reconciliation_runs_are_stored_with_their_findings(storage: Storage) -> None:
+    from controlplane.interfaces import Finding, ReconcileRun
+
+    short = Finding("a", "cus_a", "gbs", 7200, ledger=5, provider=3, status="short")
+    over = Finding("b", "cus_b", "gbs", 10800, ledger=0, provider=2, status="over")
+    first = ReconcileRun(100, 0, 3600, None, 1, 1, 0, 0, True, [])
+    second = ReconcileRun(200, 3600, 14400, "a", 2, 3, 2, 2, False, [short, over])
+    ids = [await storage.record_reconcile_run(first), await storage.record_reconcile_run(second)]
+    assert ids[0] < ids[1]
+    assert await storage.reconcile_runs(limit=10) == [
+        msgspec.structs.replace(second, id=ids[1]),
+        msgspec.structs.replace(first, id=ids[0]),
+    ]
+    assert len(await storage.reconcile_runs(limit=1)) == 1

@@ -101,6 +101,7 @@ def test_the_cutover_howto_runs_as_written(tmp_path: Path) -> None:
         [
             (0, ["controlplane "]),  # the virtualenv is active
             (0, ["stage: shadow", "published catalog version 1"]),
+            (3, ["no legacy"]),  # parity check and parity money: the example has no [legacy]
             (0, ["cutover at T = ", "change: authority legacy -> controlplane"]),
             (1, ["parity_clean", "FAIL", "NOT ready"]),  # no [legacy] in the example
             (2, ["error: cutover.preflight"]),  # refused: nothing changed

@@ -43,6 +43,7 @@ SECTIONS = {
     "audit": config_mod.AuditConfig,
     "capabilities": config_mod.CapabilitiesConfig,
     "capabilities.keys": config_mod.CapabilityKeyConfig,
+    "reconcile": config_mod.ReconcileConfig,
 }
 
 

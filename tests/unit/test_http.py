@@ -42,6 +42,8 @@ ACCESS = {
     ("GET", "/internal/money-parity"): ("parity_auth", None),  # the same auth
     ("GET", "/v1/parity/money-runs"): ("any_scope", ("read", "parity")),
     ("GET", "/v1/parity/money-runs/{run_id:int}"): ("any_scope", ("read", "parity")),
+    ("GET", "/v1/reconciliation"): ("require_scope", "read"),
+    ("GET", "/v1/reconciliation/runs"): ("require_scope", "read"),
     ("GET", "/metrics"): ("metrics_auth", None),  # a token only when configured
     ("GET", "/healthz"): (None, None),
     ("GET", "/readyz"): (None, None),

@@ -133,10 +133,10 @@ async def parity(args: argparse.Namespace, config: Config) -> int:
 
 
 async def money(args: argparse.Namespace, config: Config) -> int:
-    from controlplane.money import amount, comparison_api
+    from controlplane.money import amount, comparison_api, period_of
 
     async with core(config) as cp:
-        start, end = cp.money_period(args.period, args.start, args.end)
+        start, end = period_of(args.period, args.start, args.end, config.rollup.bucket_seconds)
         comparison, run_id = await cp.money_parity.check(start, end)
     report = comparison_api(comparison, lines=args.lines, run_id=run_id)
     status = report["summary"]["status"]

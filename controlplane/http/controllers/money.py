@@ -14,7 +14,7 @@ from controlplane.errors import NotFound
 from controlplane.http.guards import BEARER, any_scope, parity_auth
 from controlplane.http.params import CP, MAX_ID, From, Limit, To
 from controlplane.http.problems import AUTH, documented
-from controlplane.money import PERIOD_PATTERN, comparison_api, run_api
+from controlplane.money import PERIOD_PATTERN, comparison_api, period_of, run_api
 
 # the answers: amounts are integers in the currency's minor unit (cents) -----------------------
 
@@ -163,7 +163,7 @@ class MoneyParityController(Controller):
         empty window) 422, each naming the field. Every
         call is stored as a run. Amounts are integers in the currency's minor unit. Taxes,
         discounts and proration are out of scope."""
-        first, last = cp.money_period(period, start, end)
+        first, last = period_of(period, start, end, cp.config.rollup.bucket_seconds)
         comparison, run_id = await cp.money_parity.check(first, last)
         return msgspec.convert(
             comparison_api(comparison, lines=lines, run_id=run_id), MoneyComparison

@@ -60,6 +60,7 @@ from controlplane.interfaces import (
     InvoicePreview,
     InvoicePreviewer,
     MeterEvent,
+    MeterSummaries,
     Outcome,
     PluginConfig,
     PreviewLine,
@@ -122,7 +123,7 @@ class _Failure:
     error: stripe.StripeError | None = None
 
 
-class StripeBilling(Billing, CatalogPublisher, InvoicePreviewer):
+class StripeBilling(Billing, CatalogPublisher, InvoicePreviewer, MeterSummaries):
     """Meter events, cancellations and meter totals on Stripe (or the Stripe emulator), the
     price catalog published to it, and its invoice previews."""
 
@@ -216,6 +217,18 @@ class StripeBilling(Billing, CatalogPublisher, InvoicePreviewer):
             return Delivery(Outcome.ACCEPTED, provider_id=_request_id(result, identifier))
         return _delivery(failure)
 
+    # -- MeterSummaries ------------------------------------------------------------------------
+
+    async def hourly_usage(
+        self, customer: str, event_name: str, start: int, end: int
+    ) -> dict[int, int]:
+        """Stripe's meter event summaries with ``value_grouping_window=hour``, every page."""
+        out: dict[int, int] = {}
+        for hour, value in await self._summaries(customer, event_name, start, end, "hour"):
+            if value:
+                out[hour] = value
+        return out
+
     # -- InvoicePreviewer ----------------------------------------------------------------------
 
     async def preview_invoice(self, customer: str, subscription: str) -> InvoicePreview:
@@ -270,9 +283,20 @@ class StripeBilling(Billing, CatalogPublisher, InvoicePreviewer):
 
         Raises BillingError when Stripe cannot answer or has no such meter.
         """
+        return sum(v for _, v in await self._summaries(customer, event_name, start, end, None))
+
+    async def _summaries(
+        self, customer: str, event_name: str, start: int, end: int, window: str | None
+    ) -> list[tuple[int, int]]:
+        """(start time, whole units) of every summary Stripe has for the window, every page.
+        ``aggregated_value`` is a JSON number, read through its shortest decimal form (exact
+        for whole values below 2**53); a fractional one is an error, as meter event values are
+        whole."""
         meter_id = await self._meter_id(event_name)
         client = self.client
         params: Any = {"customer": customer, "start_time": start, "end_time": end, "limit": 100}
+        if window is not None:
+            params["value_grouping_window"] = window
         page, failure = await self._attempts(
             lambda: client.v1.billing.meters.event_summaries.list_async(meter_id, params=params),
             what="event_summaries",
@@ -283,12 +307,13 @@ class StripeBilling(Billing, CatalogPublisher, InvoicePreviewer):
                 f"Stripe meter event summaries: {failure.message}"
             ) from failure.error
         assert page is not None
-        total = Decimal(0)
+        out: list[tuple[int, int]] = []
         async for summary in page.auto_paging_iter():
-            total += Decimal(str(summary.aggregated_value))
-        if total != total.to_integral_value():
-            raise BillingError(f"Stripe reported a fractional total {total} for {event_name}")
-        return int(total)
+            value = Decimal(str(summary.aggregated_value))
+            if value != value.to_integral_value():
+                raise BillingError(f"Stripe reported a fractional total {value} for {event_name}")
+            out.append((int(summary.start_time), int(value)))
+        return out
 
     # -- internals ------------------------------------------------------------------------------
 

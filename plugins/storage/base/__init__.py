@@ -18,7 +18,8 @@ A plugin (`sqlite.py`, `postgres.py`) keeps its dialect and its driver, nothing 
 Modules: `driver` (the contract, the lifecycle's shared methods, the audit chain's append),
 `ledger` (usage, rollup, ledger reads, sending), `gauges` (gauge meters' series), `state`
 (orgs, flags, audit, jobs), `parity` (parity, catalog, webhooks), `errors` (the provider's error
-reports), `money` (money parity): one mixin per storage contract, :class:`SQLStorage` all of them.
+reports), `money` (money parity), `reconcile` (reconciliation runs): one mixin per storage
+contract, :class:`SQLStorage` all of them.
 
 Locks are named (:data:`CHAIN_LOCK` ...); every transaction that rewrites a rounding chain holds
 :data:`CHAIN_LOCK`, every audited write takes :data:`AUDIT_LOCK` before reading the chain's end.
@@ -42,6 +43,7 @@ from controlplane.plugins.storage.base.gauges import SQLGauges, gauge_touches, p
 from controlplane.plugins.storage.base.ledger import SQLEvents, SQLLedger, SQLSending
 from controlplane.plugins.storage.base.money import SQLMoneyParity
 from controlplane.plugins.storage.base.parity import SQLCatalogWebhooks, SQLParity
+from controlplane.plugins.storage.base.reconcile import SQLReconcile
 from controlplane.plugins.storage.base.state import SQLAudit, SQLFlags, SQLJobs, SQLOrgs
 
 
@@ -56,6 +58,7 @@ class SQLStorage(
     SQLJobs,
     SQLParity,
     SQLMoneyParity,
+    SQLReconcile,
     SQLCatalogWebhooks,
     SQLProviderErrors,
     Storage,
