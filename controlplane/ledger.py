@@ -79,6 +79,7 @@ class NewRow(msgspec.Struct, frozen=True):
     state: RowState
     reason: str | None = None
     detail: str | None = None
+    plan_source: str | None = None  # the plan authority chain's link: token, stored, legacy...
 
     @property
     def identifier(self) -> str:
@@ -111,6 +112,7 @@ class LedgerRow(msgspec.Struct, frozen=True):
     attempt_timestamp: int | None = None
     attempt_key: str | None = None  # the idempotency key
     last_attempt_at: int | None = None
+    plan_source: str | None = None  # which link of the plan authority chain priced it
 
     def to_api(self) -> dict[str, object]:
         """The row as the API shows it: `value` as an exact decimal string."""

@@ -64,8 +64,10 @@ def plan_revisions(
 ) -> RollupPlan:
     """Decide the revisions for one batch of closed dirty buckets (pure).
 
-    The org's plan at the bucket's start decides the row's segment: the plan stored here,
-    else the legacy biller's answer (`legacy_plans`, mapped through `plans`), else `free`.
+    The plan authority chain decides the row's segment, and the row records which link did
+    (`plan_source`): the plan of the newest capability token among the bucket's events
+    (`batch.token_plans`), else the org's plan stored here at the bucket's start, else the
+    legacy biller's answer (`legacy_plans`, mapped through `plans`), else `free`.
     Rows of a plan that is not billable are excluded at once (``free_plan``), with a rounding
     carry of their own. A bucket whose plan is none of `plans` is held, never guessed. The
     boundary T is left to the sender: it may still move until rows are sent, and an excluded
@@ -96,7 +98,9 @@ def plan_revisions(
         if (org_id, bucket_start) in held:
             continue
         org = batch.orgs.get(org_id)
-        billable, why = _billable(plans, org_id, org.plan_at(bucket_start) if org else None, legacy)
+        token = batch.token_plans.get((org_id, bucket_start))
+        stored = org.plan_at(bucket_start) if org else None
+        billable, why, source = _billable(plans, org_id, token, stored, legacy)
         if billable is None:
             held[(org_id, bucket_start)] = HeldBucket(org_id, bucket_start, why)
             continue
@@ -122,6 +126,7 @@ def plan_revisions(
                 quantity=quantity,
                 state=RowState.EXCLUDED if reason else RowState.PENDING,
                 reason=reason,
+                plan_source=source,
             )
         )
     carries = [carry(*chain, *chains[chain]) for chain in sorted(touched)]
@@ -129,27 +134,42 @@ def plan_revisions(
 
 
 def _billable(
-    plans: Plans, org_id: str, stored: str | None, legacy: Mapping[str, str]
-) -> tuple[bool | None, str]:
-    """Whether the org's usage in a bucket is billed (None: its plan is unknown), and why."""
+    plans: Plans,
+    org_id: str,
+    token: str | None,
+    stored: str | None,
+    legacy: Mapping[str, str],
+) -> tuple[bool | None, str, str]:
+    """Whether the org's usage in a bucket is billed (None: its plan is unknown), why, and
+    the plan authority chain's link that decided: ``token`` (the newest capability token
+    among the bucket's events), ``stored`` (the org's plan history here), ``legacy`` (the
+    legacy biller's answer, mapped), else ``default`` (free)."""
     known = ", ".join(plans.names)
+    if token is not None:
+        why = (
+            f"org {org_id!r}'s capability token states plan {token!r}, which is not configured "
+            f"(plans: {known})"
+        )
+        return plans.is_billable(token), why, "token"
     if stored is not None:
         why = (
             f"org {org_id!r} is on plan {stored!r}, which is not configured (plans: {known}): "
             "set its plan (`controlplane orgs set`)"
         )
-        return plans.is_billable(stored), why
+        return plans.is_billable(stored), why, "stored"
     answer = legacy.get(org_id)
     if answer is None:
-        return plans.is_billable(FREE), ""
+        return plans.is_billable(FREE), "", "default"
     plan = plans.from_legacy(answer)
     if plan is None:
-        return None, (
+        return (
+            None,
             f"the legacy biller says org {org_id!r} is on plan {answer!r}, which maps to no "
             f"configured plan (plans: {known}): add it to [legacy] plan_map, or set the "
-            "org's plan (`controlplane orgs set`)"
+            "org's plan (`controlplane orgs set`)",
+            "legacy",
         )
-    return plans.is_billable(plan), ""
+    return plans.is_billable(plan), "", "legacy"
 
 
 def carry(org_id: str, meter: str, chain: str, exact: int, whole: int) -> Carry:

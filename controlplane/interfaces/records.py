@@ -177,6 +177,8 @@ class RollupBatch(msgspec.Struct, frozen=True):
     revisions: dict[tuple[str, str, int], int]  # (org, meter, bucket) -> highest revision
     carries: list[Carry]
     orgs: dict[str, Org]
+    # (org, bucket) -> the plan the newest capability token among its events states
+    token_plans: dict[tuple[str, int], str] = {}
 
 
 class HeldBucket(msgspec.Struct, frozen=True):

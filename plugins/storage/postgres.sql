@@ -113,11 +113,11 @@ ORDER BY o.org_id, p.effective_from;
 
 -- name: insert_rows
 INSERT INTO ledger (identifier, org_id, meter, bucket_start, bucket_end, revision,
-                    value_micros, quantity, state, reason, created_at, updated_at)
-SELECT i, o, m, bs, be, r, v, q, s, rs, $11, $11
+                    value_micros, quantity, state, reason, plan_source, created_at, updated_at)
+SELECT i, o, m, bs, be, r, v, q, s, rs, ps, $12, $12
 FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::integer[],
-            $7::bigint[], $8::bigint[], $9::text[], $10::text[])
-     AS t(i, o, m, bs, be, r, v, q, s, rs);
+            $7::bigint[], $8::bigint[], $9::text[], $10::text[], $11::text[])
+     AS t(i, o, m, bs, be, r, v, q, s, rs, ps);
 
 -- name: upsert_carries
 INSERT INTO carries (org_id, meter, segment, exact_micros, quantity)
@@ -142,7 +142,7 @@ WHERE d.org_id = b.org_id AND d.bucket_start = b.bucket_start AND d.mark = b.mar
 SELECT id, identifier, org_id, meter, bucket_start, bucket_end, revision, value_micros,
        quantity, state, reason, detail, attempts, first_attempt_at, provider_id,
        created_at, updated_at, sent_at, attempt_customer, attempt_timestamp, attempt_key,
-       last_attempt_at
+       last_attempt_at, plan_source
 FROM ledger
 WHERE ($1::text IS NULL OR org_id = $1)
   AND ($2::text IS NULL OR state = $2)
@@ -178,7 +178,7 @@ RETURNING l.id, l.identifier, l.org_id, l.meter, l.bucket_start, l.bucket_end, l
           l.value_micros, l.quantity, l.state, l.reason, l.detail, l.attempts,
           l.first_attempt_at, l.provider_id, l.created_at, l.updated_at, l.sent_at,
           l.attempt_customer, l.attempt_timestamp, l.attempt_key, l.last_attempt_at,
-          (SELECT customer FROM orgs WHERE org_id = l.org_id) AS customer;
+          l.plan_source, (SELECT customer FROM orgs WHERE org_id = l.org_id) AS customer;
 
 -- name: release_claims
 UPDATE ledger SET claimed_by = NULL, claim_expires = NULL WHERE claimed_by = $1;
@@ -261,7 +261,7 @@ WHERE id = ANY($1::bigint[]);
 SELECT id, identifier, org_id, meter, bucket_start, bucket_end, revision, value_micros,
        quantity, state, reason, detail, attempts, first_attempt_at, provider_id,
        created_at, updated_at, sent_at, attempt_customer, attempt_timestamp, attempt_key,
-       last_attempt_at
+       last_attempt_at, plan_source
 FROM ledger
 WHERE org_id = $1 AND state = 'sent' AND bucket_start < $3
   AND coalesce(attempt_timestamp, bucket_start) >= $2
@@ -626,3 +626,13 @@ RETURNING id;
 SELECT id, checked_at, start_at AS start, end_at AS "end", org_id, customers, hours, units_short,
        units_over, clean, findings
 FROM reconcile_runs ORDER BY checked_at DESC, id DESC LIMIT $1;
+
+-- name: batch_token_plans
+-- Per dirty (org, bucket), the plans of the capability tokens its events carried ($3: the
+-- bucket length); the newest issued wins.
+SELECT b.org_id, b.bucket_start, e.plan, e.plan_issued_at
+FROM unnest($1::text[], $2::bigint[]) AS b(org_id, bucket_start)
+JOIN usage_events e
+  ON e.org_id = b.org_id AND e.time_ms >= b.bucket_start * 1000
+ AND e.time_ms < (b.bucket_start + $3) * 1000
+WHERE e.plan IS NOT NULL;

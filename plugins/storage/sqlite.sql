@@ -117,8 +117,8 @@ ORDER BY o.org_id, p.effective_from;
 
 -- name: insert_rows
 INSERT INTO ledger (identifier, org_id, meter, bucket_start, bucket_end, revision,
-                    value_micros, quantity, state, reason, created_at, updated_at)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11);
+                    value_micros, quantity, state, reason, plan_source, created_at, updated_at)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12);
 
 -- name: insert_reissue
 INSERT INTO ledger (identifier, org_id, meter, bucket_start, bucket_end, revision,
@@ -143,7 +143,7 @@ WHERE (org_id, bucket_start) IN (SELECT org_id, bucket_start FROM temp.rollup_ba
 SELECT id, identifier, org_id, meter, bucket_start, bucket_end, revision, value_micros,
        quantity, state, reason, detail, attempts, first_attempt_at, provider_id,
        created_at, updated_at, sent_at, attempt_customer, attempt_timestamp, attempt_key,
-       last_attempt_at
+       last_attempt_at, plan_source
 FROM ledger
 WHERE (?1 IS NULL OR org_id = ?1)
   AND (?2 IS NULL OR state = ?2)
@@ -173,7 +173,8 @@ WHERE id IN (
 RETURNING id, identifier, org_id, meter, bucket_start, bucket_end, revision, value_micros,
           quantity, state, reason, detail, attempts, first_attempt_at, provider_id,
           created_at, updated_at, sent_at, attempt_customer, attempt_timestamp, attempt_key,
-          last_attempt_at, (SELECT customer FROM orgs WHERE orgs.org_id = ledger.org_id) AS customer;
+          last_attempt_at, plan_source,
+          (SELECT customer FROM orgs WHERE orgs.org_id = ledger.org_id) AS customer;
 
 -- name: release_claims
 UPDATE ledger SET claimed_by = NULL, claim_expires = NULL WHERE claimed_by = ?;
@@ -455,7 +456,7 @@ WHERE id = ?1 AND (state = 'sent' OR (attempts > 0 AND state IN ('pending', 'hel
 SELECT id, identifier, org_id, meter, bucket_start, bucket_end, revision, value_micros,
        quantity, state, reason, detail, attempts, first_attempt_at, provider_id,
        created_at, updated_at, sent_at, attempt_customer, attempt_timestamp, attempt_key,
-       last_attempt_at
+       last_attempt_at, plan_source
 FROM ledger
 WHERE org_id = ?1 AND state = 'sent' AND bucket_start < ?3
   AND coalesce(attempt_timestamp, bucket_start) >= ?2
@@ -640,3 +641,13 @@ RETURNING id;
 SELECT id, checked_at, start_at AS start, end_at AS "end", org_id, customers, hours, units_short,
        units_over, clean, findings
 FROM reconcile_runs ORDER BY checked_at DESC, id DESC LIMIT ?1;
+
+-- name: batch_token_plans
+-- Per dirty (org, bucket), the plans of the capability tokens its events carried (?1: the
+-- bucket length); the newest issued wins.
+SELECT b.org_id, b.bucket_start, e.plan, e.plan_issued_at
+FROM temp.rollup_batch b
+CROSS JOIN usage_events e
+    ON e.org_id = b.org_id AND e.time_ms >= b.bucket_start * 1000
+   AND e.time_ms < (b.bucket_start + ?1) * 1000
+WHERE e.plan IS NOT NULL;

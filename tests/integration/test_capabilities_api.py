@@ -15,7 +15,7 @@ from litestar.testing import AsyncTestClient
 from controlplane.config import Config
 from controlplane.core import ControlPlane
 from controlplane.http.app import create_app
-from tests.conftest import READ_TOKEN, TOKEN
+from tests.conftest import READ_TOKEN, TOKEN, tick
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 READ = {"Authorization": f"Bearer {READ_TOKEN}"}
@@ -200,3 +200,30 @@ async def test_required_types_need_a_token_once_the_control_plane_is_the_authori
         headers=AUTH,
     )
     assert ok.status_code == 200, ok.text
+
+
+async def test_the_plan_authority_chain_prices_a_bucket_by_its_newest_token_first(
+    client: Any, clock: list[float]
+) -> None:
+    """A token's plan outranks the plan stored here, which outranks the default; each row
+    says which link priced it (`plan_source`)."""
+    plane = client.plane
+    await client.put("/v1/orgs/acme", json={"plan": "pro", "effective_from": 0}, headers=AUTH)
+    token = (await client.post("/v1/orgs/acme/capabilities", headers=AUTH)).json()["token"]
+    await client.put("/v1/orgs/acme", json={"plan": "free", "effective_from": 0}, headers=AUTH)
+    await client.put("/v1/orgs/initech", json={"plan": "pro", "effective_from": 0}, headers=AUTH)
+    at = int(clock[0])
+    events = [
+        {**tick("a1", "acme", at), "captoken": token},  # stored free, token pro
+        tick("g1", "globex", at),  # nothing stored: the default, free
+        tick("i1", "initech", at),  # stored pro
+    ]
+    r = await client.post("/v1/events", json=events, headers=AUTH)
+    assert r.status_code == 200, r.text
+    await plane.rollup(until=at - at % 3600 + 3600)
+    rows = (await client.get("/v1/ledger", headers=AUTH)).json()["rows"]
+    assert {(row["org_id"], row["state"], row["plan_source"]) for row in rows} == {
+        ("acme", "pending", "token"),
+        ("globex", "excluded", "default"),
+        ("initech", "pending", "stored"),
+    }

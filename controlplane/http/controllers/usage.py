@@ -50,6 +50,7 @@ class LedgerEntry(msgspec.Struct):
     attempt_timestamp: int | None
     attempt_key: str | None
     last_attempt_at: int | None
+    plan_source: str | None
     value: str
 
     @classmethod

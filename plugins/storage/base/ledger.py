@@ -107,6 +107,10 @@ class SQLLedger(SQLDriver, LedgerStore):
                 from_row(Carry, r) for r in await conn.fetch("batch_carries", *batch.org_args)
             ]
             orgs = orgs_with_plans(await conn.fetch("batch_orgs", *batch.org_args))
+            newest: dict[tuple[str, int], tuple[int, str]] = {}
+            for r in await conn.fetch("batch_token_plans", *batch.bucket_args, bucket_seconds):
+                key, claim = (r["org_id"], r["bucket_start"]), (r["plan_issued_at"], r["plan"])
+                newest[key] = max(newest.get(key, claim), claim)
             plan = planner(
                 RollupBatch(
                     totals=totals,
@@ -114,6 +118,7 @@ class SQLLedger(SQLDriver, LedgerStore):
                     revisions=revisions,
                     carries=carries,
                     orgs=orgs,
+                    token_plans={key: claim[1] for key, claim in newest.items()},
                 )
             )
             await conn.bulk(
@@ -130,6 +135,7 @@ class SQLLedger(SQLDriver, LedgerStore):
                         r.quantity,
                         r.state.value,
                         r.reason,
+                        r.plan_source,
                     )
                     for r in plan.rows
                 ],
