@@ -41,6 +41,7 @@ from controlplane.interfaces import (
     CapabilityUnavailable,
     LegacyError,
     LegacySource,
+    MeterSummaries,
     Outcome,
     Storage,
 )
@@ -49,6 +50,7 @@ from controlplane.meters import MeterSet
 from controlplane.parity import CleanSince
 from controlplane.parity_checker import settled_end
 from controlplane.plans import Plans
+from controlplane.reconcile import clean_since
 from controlplane.times import iso
 from controlplane.units import format_micros
 
@@ -143,6 +145,7 @@ class CutoverStatus(msgspec.Struct, frozen=True):
     stage: Stage
     flags: dict[str, Any]
     history: list[dict[str, Any]]  # cutover.* audit entries, newest first
+    reconciled_clean_since: int | None = None  # the unbroken series of clean reconciliations
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,6 +461,29 @@ class Cutover:
             credit_notes_count=counts[1],
         )
 
+    async def _check_reconciled(self) -> Check:
+        """After a rollback, the provider's books must agree with the ledger before the
+        control plane bills again: the newest reconciliation after the rollback is clean."""
+        name = "reconciled_since_rollback"
+        rollbacks = await self.storage.audit_log(action_prefix="cutover.rollback", limit=1)
+        if not rollbacks:
+            return Check(name, "n/a", "no rollback: nothing sent before to reconcile")
+        if not isinstance(self.billing, MeterSummaries):
+            return Check(name, "warn", "cannot tell: the billing plugin cannot reconcile")
+        runs = await self.storage.reconcile_runs(limit=200)
+        if not runs or runs[0].checked_at < rollbacks[0].at:
+            return Check(
+                name, "fail", "no reconciliation since the rollback: run `controlplane reconcile`"
+            )
+        if not runs[0].clean:
+            return Check(
+                name,
+                "fail",
+                f"the newest reconciliation found {runs[0].units_short} "
+                f"units short and {runs[0].units_over} over at the provider",
+            )
+        return Check(name, "pass", f"reconciled clean since {iso(clean_since(runs))}")
+
     async def preflight(self, at: int | None = None) -> Preflight:
         """Every precondition of a cutover at T (default: the current bill_from)."""
         current = await self.flags()
@@ -469,6 +495,7 @@ class Cutover:
             await self._check_legacy(t),
             await self._check_catalog(),
             await self._check_tokens(),
+            await self._check_reconciled(),
             await self._check_money_parity(),
         ]
         return Preflight(at=t, checked_at=self.now(), ok=all(c.ok for c in checks), checks=checks)
@@ -632,6 +659,7 @@ class Cutover:
         return CutoverStatus(
             stage=stage_of(snapshot, history),
             flags=snapshot.to_api(),
+            reconciled_clean_since=clean_since(await self.storage.reconcile_runs(limit=200)),
             history=[
                 {
                     "id": r.id,

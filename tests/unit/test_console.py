@@ -188,3 +188,29 @@ async def test_the_orgs_page_issues_a_capability_token_once_and_lists_digests(
         again = (await client.get("/console/orgs?org=acme")).text
         assert token not in again  # shown once
         assert record.after["digest"] in again.split('id="issued"')[1]
+
+
+async def test_the_overview_shows_the_newest_reconciliation_and_its_findings(
+    console: tuple[AsyncTestClient, ControlPlane],  # type: ignore[type-arg]
+    clock: list[float],
+    fake_billing: FakeBilling,
+) -> None:
+    client, cp = console
+    await sign_in(client, TOKEN)
+    page = (await client.get("/console/")).text
+    assert "No reconciliation run stored yet" in page
+    t = T0 + 4 * HOUR
+    await cp.set_org("o1", customer="cus_1", plan="pro", actor="t", effective_from=0)
+    await cp.ingest([tick("a", "o1", t + 5, mb=1024, s=3600)], "http")
+    await cp.rollup(until=t + HOUR)
+    await cp.cutover.execute(t, actor="ops", reason="go", force=True)
+    await cp.send()
+    (row,) = await cp.storage.ledger(org_id="o1")
+    fake_billing.cancelled.add(row.identifier)  # cancelled at the provider, unknown here
+    run = await cp.reconcile(t, t + HOUR)
+    assert run.units_short == row.quantity
+    page = (await client.get("/console/")).text
+    summary = page.split('id="last-reconciliation"')[1].split("</p>")[0]
+    assert "mismatch" in summary and f"{row.quantity} units short" in summary
+    findings = page.split('id="reconcile-findings"')[1].split("</table>")[0]
+    assert "cus_1" in findings and "short" in findings

@@ -199,6 +199,7 @@ async def test_preflight_passes_when_every_precondition_holds(ready: ControlPlan
         "legacy_not_billed_from_t": "pass",
         "catalog_published": "pass",
         "capability_tokens_carried": "n/a",
+        "reconciled_since_rollback": "n/a",
         "money_parity": "n/a",  # [cutover] require_money_parity is off
     }
 
@@ -465,3 +466,20 @@ async def test_stages(ready: ControlPlane) -> None:
     assert (await ready.cutover.status()).stage == "live"
     await ready.cutover.rollback(actor="t", reason="back")
     assert (await ready.cutover.status()).stage == "rolled_back"
+
+
+async def test_a_second_cutover_needs_a_clean_reconciliation_since_the_rollback(
+    ready: ControlPlane,
+) -> None:
+    def check(report: Any) -> Any:
+        return {c.name: c for c in report.checks}["reconciled_since_rollback"]
+
+    assert check(await ready.cutover.preflight(T)).status == "n/a"  # a first cutover
+    await ready.cutover.execute(T, actor="ops", reason="go", force=True)
+    await ready.cutover.rollback(actor="ops", reason="back")
+    failed = check(await ready.cutover.preflight(T))
+    assert failed.status == "fail" and "no reconciliation since the rollback" in failed.detail
+    run = await ready.reconcile(T - HOUR, T)
+    passed = check(await ready.cutover.preflight(T))
+    assert run.clean and passed.status == "pass" and "reconciled clean since" in passed.detail
+    assert (await ready.cutover.status()).reconciled_clean_since == T - HOUR

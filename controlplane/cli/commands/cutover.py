@@ -113,6 +113,7 @@ async def cutover_cmd(args: argparse.Namespace, config: Config) -> int:
         return 0
     print(f"stage: {status.stage}")
     print(f"legacy_bill_until: {flag_text('bill_from', status.flags['legacy_bill_until'])}")
+    print(f"reconciled clean since: {when(status.reconciled_clean_since)}")
     if status.history:
         rows = [["at", "step", "T", "by", "forced", "reason"]]
         for e in status.history:

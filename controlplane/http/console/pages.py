@@ -23,6 +23,7 @@ from controlplane.http.console.session import Session, console_session, current
 from controlplane.http.params import CP
 from controlplane.ledger import RowState
 from controlplane.parity import comparison_api
+from controlplane.reconcile import clean_since as reconcile_clean_since
 from controlplane.times import parse_instant
 from controlplane.units import format_micros
 
@@ -146,6 +147,7 @@ class ConsolePages(Controller):
         status = await cp.cutover.status(limit=5)
         jobs = await job_health.statuses(cp, now=cp.clock(), watching_since=_watching_since(state))
         runs = await cp.parity_runs(limit=1)
+        reconciled = await cp.reconcile_runs(limit=50)
         return render(
             request,
             session,
@@ -158,6 +160,9 @@ class ConsolePages(Controller):
             clean=await cp.parity_clean_since(),
             legacy=cp.legacy is not None,
             meter=cp.config.parity.meter,
+            reconciles=cp.reconciles,
+            reconciled=reconciled[0] if reconciled else None,
+            reconciled_clean_since=reconcile_clean_since(reconciled),
         )
 
     @get("/parity")
