@@ -94,44 +94,18 @@ class PreviewsMixin(EmulatorState):
         return invoice
 
     def _preview_line(self, item: Json, start: int, end: int, quantity: int) -> Json:
+        """An invoice line as the subscription's invoices make it, priced (a preview line
+        has no invoice and a temporary id)."""
         price = item["price"]
         unit = Decimal(price["unit_amount_decimal"])
         amount = int((unit * quantity).quantize(Decimal(1), rounding=ROUND_HALF_UP))
         product = self.products.get(price["product"], {})
         return {
+            **self._line(item, start, end, quantity),
             "id": self._new_id("il_tmp", 24),
-            "object": "line_item",
             "amount": amount,
-            "currency": price["currency"],
             "description": f"{quantity} \u00d7 {product.get('name', price['product'])}",
-            "discount_amounts": [],
-            "discountable": True,
-            "discounts": [],
-            "invoice": None,
-            "livemode": False,
-            "metadata": {},
-            "parent": {
-                "invoice_item_details": None,
-                "subscription_item_details": {
-                    "invoice_item": None,
-                    "proration": False,
-                    "proration_details": {"credited_items": None},
-                    "subscription": item["subscription"],
-                    "subscription_item": item["id"],
-                },
-                "type": "subscription_item_details",
-            },
-            "period": {"end": end, "start": start},
-            "pretax_credit_amounts": [],
-            "pricing": {
-                "price_details": {"price": price["id"], "product": price["product"]},
-                "type": "price_details",
-                "unit_amount_decimal": price["unit_amount_decimal"],
-            },
-            "quantity": quantity,
-            "subscription": item["subscription"],
             "subtotal": amount,
-            "taxes": [],
         }
 
     def _preview_credits(self, invoice: Json, *, at: int) -> None:
