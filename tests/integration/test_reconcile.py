@@ -196,3 +196,27 @@ def test_random_drops_and_extras_are_reported_exactly(
         assert f.status == ("short" if f.provider < f.ledger else "over")
         if f.ledger:
             assert f.org_id == orgs[f.customer]
+
+
+async def test_events_stripe_drops_asynchronously_are_found_short(stack: Stack) -> None:
+    """Stripe answers 200 for a customer it does not know and counts the event nowhere (its
+    error report samples only a few identifiers): the reconciler finds every such hour."""
+    now = int(time.time()) // HOUR * HOUR
+    hours = [now - 4 * HOUR, now - 3 * HOUR]
+    plane = stack.plane
+    await plane.set_org("o2", customer="cus_unknown_here", plan="pro", actor="t", effective_from=0)
+    await plane.ingest([tick(f"u{h}", "o2", h + 5, mb=1024, s=180) for h in hours], "http")
+    await plane.rollup(until=max(hours) + HOUR)
+    changes = [
+        FlagChange("authority", "controlplane"),
+        FlagChange("bill_from", min(hours)),
+        FlagChange("shadow", False),
+    ]
+    await plane.set_flags(changes, actor="t", reason="go")
+    await plane.send()
+    assert len(await plane.storage.ledger(state=RowState.SENT)) == 2  # Stripe answered 200
+    run = await plane.reconcile(now - 6 * HOUR, now)
+    assert [(f.org_id, f.hour, f.ledger, f.provider, f.status) for f in run.findings] == [
+        ("o2", hours[0], 180, 0, "short"),
+        ("o2", hours[1], 180, 0, "short"),
+    ]

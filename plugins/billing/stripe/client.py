@@ -222,9 +222,21 @@ class StripeBilling(Billing, CatalogPublisher, InvoicePreviewer, MeterSummaries)
     async def hourly_usage(
         self, customer: str, event_name: str, start: int, end: int
     ) -> dict[int, int]:
-        """Stripe's meter event summaries with ``value_grouping_window=hour``, every page."""
+        """Stripe's meter event summaries with ``value_grouping_window=hour``, every page. A
+        customer Stripe does not know (``resource_missing`` on `customer`) holds nothing."""
         out: dict[int, int] = {}
-        for hour, value in await self._summaries(customer, event_name, start, end, "hour"):
+        try:
+            summaries = await self._summaries(customer, event_name, start, end, "hour")
+        except BillingError as exc:
+            cause = exc.__cause__
+            if (
+                isinstance(cause, stripe.InvalidRequestError)
+                and cause.code == "resource_missing"
+                and cause.param == "customer"
+            ):
+                return {}
+            raise
+        for hour, value in summaries:
             if value:
                 out[hour] = value
         return out
