@@ -3,8 +3,8 @@ webhooks from outside the process.
 
 Test hooks, without auth (JSON bodies; errors are ``{"error": {...}}`` with a 4xx):
 
-- ``GET /_emulator/state``: counters, see :meth:`StripeEmulator.state`; ``?identifiers=1`` adds
-  every identifier's acceptance count.
+- ``GET /_emulator/state``: counters, see :meth:`StripeEmulator.state`, and the serving
+  process's ``pid``; ``?identifiers=1`` adds every identifier's acceptance count.
 - ``POST /_emulator/clock`` ``{"advance": seconds}``: what falls due on the way happens
   (period ends, automatic finalizations, session expiries).
 - ``POST /_emulator/faults``, ``POST /_emulator/reset``.
@@ -37,6 +37,7 @@ Test hooks, without auth (JSON bodies; errors are ``{"error": {...}}`` with a 4x
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
@@ -70,7 +71,9 @@ async def handle(
         if (method, path) == ("GET", "/_emulator/state"):
             flags = dict(parse_qsl(query))
             wanted = flags.get("identifiers", "").lower() in ("1", "true", "yes")
-            return json_reply(200, emulator.state(identifiers=wanted), "")
+            # `pid`: which process answers (a launcher tells its own emulator from another's)
+            state = {**emulator.state(identifiers=wanted), "pid": os.getpid()}
+            return json_reply(200, state, "")
         if (method, path) == ("POST", "/_emulator/clock"):
             emulator.advance(float(data.get("advance", 0)))
             return json_reply(200, {"now": emulator.now(), "offset": emulator.clock_offset}, "")
