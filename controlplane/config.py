@@ -94,6 +94,9 @@ class ReconcileConfig(_Section, frozen=True):
     settle_seconds: int = 3600  # hours younger than this are not compared yet
     window_hours: int = 48  # a scheduled pass compares the last N settled hours
     tolerance_units: int = 0  # an alert when units short or over exceed it
+    # after a scheduled pass: "report" leaves repairs to a person (`reconcile repair`),
+    # "resend" re-issues the rows the provider lacks (see controlplane.reconcile)
+    repair: Literal["report", "resend"] = "report"
 
 
 class RollupConfig(_Section, frozen=True):

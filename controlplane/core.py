@@ -56,7 +56,6 @@ from controlplane.interfaces import (
     ParityRun,
     PluginConfig,
     PublishResult,
-    ReconcileRun,
     Storage,
     TrueUp,
     UsageTotal,
@@ -705,37 +704,12 @@ class ControlPlane:
         """Whether the billing plugin reads the provider's aggregates (reconciliation)."""
         return isinstance(self.billing, MeterSummaries)
 
-    async def reconcile(self, start: int, end: int, org_id: str | None = None) -> ReconcileRun:
-        """Reconcile the ledger's sent rows with the provider's aggregates over [start, end)
-        (see :mod:`controlplane.reconcile`); stored, counted and alerted."""
-        if not isinstance(self.billing, MeterSummaries):
-            why = "the billing plugin cannot read the provider's aggregates (backend stripe)"
-            raise ConfigError(f"reconcile: {why}")
-        settings = self.config.reconcile
-        run = await reconcile.reconcile(
-            self.storage,
-            self.storage,
-            self.billing,
-            {m.name: m.provider_event_name for m in self.config.meters},
-            start=start,
-            end=end,
-            now=self.now(),
-            settle_seconds=settings.settle_seconds,
-            org_id=org_id,
+    @property
+    def reconciler(self) -> reconcile.Reconciler:
+        """Reconciliation runs, the scheduled pass and repairs (:mod:`controlplane.reconcile`)."""
+        return reconcile.Reconciler(
+            self.storage, self.billing, self.config, now=self.now, count=self.metrics.reconciled
         )
-        self.metrics.reconciled(run)
-        webhook = self.config.parity.alert.webhook_url is not None  # delivered, else logged
-        await reconcile.alert(self.storage, run, settings.tolerance_units, pending=webhook)
-        return run
-
-    async def reconcile_pass(self) -> ReconcileRun:
-        """The scheduled pass: the last `[reconcile] window_hours` settled hours."""
-        settled = (self.now() - self.config.reconcile.settle_seconds) // 3600 * 3600
-        return await self.reconcile(settled - self.config.reconcile.window_hours * 3600, settled)
-
-    async def reconcile_runs(self, limit: int = 50) -> list[ReconcileRun]:
-        """Stored reconciliations, the newest first."""
-        return await self.storage.reconcile_runs(limit=limit)
 
     # catalog and webhooks -----------------------------------------------------------------
 

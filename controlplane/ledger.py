@@ -37,6 +37,7 @@ class Reason(enum.StrEnum):
     ROLLED_BACK = "rolled_back"
     REISSUED = "reissued"  # reached the provider after its invoice was finalized: sent again
     PROVIDER_ERROR = "provider_error"  # accepted, then reported invalid by the provider
+    PROVIDER_MISSING = "provider_missing"  # sent, and absent from the provider's aggregates
 
 
 CUSTOMER_NOT_FOUND = "meter_event_customer_not_found"

@@ -17,37 +17,78 @@ over    the provider holds more (an event made outside the control plane, or
 
 Each run is stored with its findings; ``clean`` when none. What it cannot see: usage changed at
 the provider after the run read it, customers with no sent rows in the window, and hours older
-than the provider keeps summaries for. Findings are reported (metrics, alert, API, CLI), never
-repaired silently.
+than the provider keeps summaries for.
+
+Every finding is attributed, when it can be, to the hour's own rows (the fewest whose
+quantities make up the difference; the provider counts whole events) and given a remedy:
+
+============  ==========================================================================
+held          short: the rows the provider lacks move to `held`/`provider_missing` (they
+              are not billed; the run after sees the hour clean)
+found         over: rows held as `provider_missing` or `ambiguous` that the provider holds
+              after all move back to `sent`
+cancel        over: rows the ledger cancelled (a rollback, a re-issue) that the provider
+              still holds, inside its cancel window: a repair cancels them again
+credit_note   over, past the cancel window, or usage the ledger never sent: listed for a
+              credit note
+unattributed  short, and no set of the hour's rows makes up the difference: for a person
+============  ==========================================================================
+
+`held` and `found` are applied by the run itself, each row audited (``ledger.held``,
+``ledger.found``): they make the ledger say what the provider holds. A **repair** (``[reconcile]
+repair = "resend"`` after each scheduled run, or ``controlplane reconcile repair --apply``)
+re-issues the `provider_missing` rows under new identifiers (the provider keeps the old ones:
+a resend under one would be answered "already exists" and bill nothing), so exactly the
+missing units are sent once, and cancels the `cancel` findings of the newest run; it is one
+audited action (``reconcile.repaired``) and re-running it does nothing more. The scheduled
+repair re-issues only rows held for at least ``settle_seconds`` (a hold a later run did not
+undo as `found`).
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Mapping
+import enum
+from collections.abc import Callable, Mapping, Sequence
+from itertools import combinations
 
 import msgspec
 import structlog
 
-from controlplane.errors import InvalidInput, Problem
+from controlplane.config import Config
+from controlplane.errors import ConfigError, InvalidInput, Problem
 from controlplane.interfaces import (
+    AuditEntry,
+    Billing,
     Finding,
-    LedgerStore,
     MeterSummaries,
+    Outcome,
     ParityAlert,
     ParityStore,
     ReconcileRun,
     ReconcileStore,
+    RowMove,
+    Storage,
 )
-from controlplane.ledger import RowState
+from controlplane.ledger import LedgerRow, Reason, RowState
 
 log = structlog.get_logger("reconcile")
 
 HOUR = 3600
-PAGE = 5000
 RECONCILE_ALERTS = "job:reconcile:findings"  # delivered by the job watcher
 
 Cell = tuple[str, str, str, int]  # org, customer, meter, hour
+ACTOR = "reconciler"
+MAX_ATTRIBUTED_ROWS = 16  # an hour's rows searched for the set that makes up a difference
+
+
+class Remedy(enum.StrEnum):
+    """What the ledger does about a finding (see the module docstring)."""
+
+    HELD = "held"
+    FOUND = "found"
+    CANCEL = "cancel"
+    CREDIT_NOTE = "credit_note"
+    UNATTRIBUTED = "unattributed"
 
 
 def window_problems(start: int | None, end: int | None) -> list[Problem]:
@@ -88,8 +129,93 @@ def compare(
     return findings, len(cells)
 
 
+def rows_making_up(rows: Sequence[LedgerRow], units: int) -> list[LedgerRow] | None:
+    """The fewest of `rows` whose quantities sum to `units`, preferring the newest (the
+    provider counts whole events, so a difference is some set of them), oldest first; None
+    when no set does or there are too many rows to search."""
+    live = [r for r in rows if r.quantity]
+    if units == 0 or len(live) > MAX_ATTRIBUTED_ROWS:
+        return None
+    for size in range(1, len(live) + 1):
+        for chosen in combinations(reversed(live), size):
+            if sum(r.quantity for r in chosen) == units:
+                return sorted(chosen, key=lambda r: r.id)
+    return None
+
+
+_UNSENT = (Reason.PROVIDER_MISSING, Reason.AMBIGUOUS)
+
+
+def attribute(
+    finding: Finding, rows: Sequence[LedgerRow], *, now: int, cancel_window: int
+) -> Finding:
+    """The finding with its remedy and the rows it moves (pure; see the module docstring);
+    `rows` are the hour's rows of the finding's (org, meter) called for its customer."""
+
+    def given(remedy: Remedy, chosen: Sequence[LedgerRow] = ()) -> Finding:
+        ids = [r.identifier for r in chosen]
+        return msgspec.structs.replace(finding, remedy=remedy.value, rows=ids)
+
+    if finding.status == "short":
+        sent = [r for r in rows if r.state is RowState.SENT]
+        chosen = rows_making_up(sent, finding.ledger - finding.provider)
+        return given(Remedy.HELD, chosen) if chosen else given(Remedy.UNATTRIBUTED)
+    excess = finding.provider - finding.ledger
+    unsent = [r for r in rows if r.state is RowState.HELD and r.reason in _UNSENT]
+    if chosen := rows_making_up(unsent, excess):
+        return given(Remedy.FOUND, chosen)
+    cancelled = [r for r in rows if r.state is RowState.CANCELLED and r.attempts]
+    if chosen := rows_making_up(cancelled, excess):
+        # the provider's cancel window runs from receipt, which is no earlier than the
+        # first attempt: inside it counted from there, inside it for sure
+        recent = all((r.first_attempt_at or 0) > now - cancel_window for r in chosen)
+        return given(Remedy.CANCEL if recent else Remedy.CREDIT_NOTE, chosen)
+    return given(Remedy.CREDIT_NOTE)
+
+
+def moves(finding: Finding, rows: Sequence[LedgerRow]) -> list[RowMove]:
+    """The ledger moves of a `held` or `found` finding, each with its audit record."""
+    chosen = [r for r in rows if r.identifier in finding.rows]
+    when = f"hour {finding.hour}, customer {finding.customer}"
+    if finding.remedy == Remedy.HELD:
+        detail = (
+            f"the provider holds {finding.provider} of the {finding.ledger} units sent ({when})"
+        )
+        to: tuple[RowState, str | None, str] = (RowState.HELD, Reason.PROVIDER_MISSING, "held")
+    elif finding.remedy == Remedy.FOUND:
+        detail = f"the provider holds it after all ({when}): {finding.provider} units"
+        to = (RowState.SENT, None, "found")
+    else:
+        return []
+    state, reason, action = to
+    return [
+        RowMove(
+            row_id=r.id,
+            expect_state=r.state.value,
+            expect_reason=r.reason,
+            state=state.value,
+            reason=reason,
+            detail=detail,
+            audit=AuditEntry(
+                action=f"ledger.{action}",
+                subject=r.identifier,
+                actor=ACTOR,
+                reason=detail,
+                before={"state": r.state.value, "reason": r.reason},
+                after={"state": state.value, "reason": reason, "quantity": r.quantity},
+            ),
+        )
+        for r in chosen
+    ]
+
+
+async def _hour_rows(runs: ReconcileStore, f: Finding) -> list[LedgerRow]:
+    if not f.org_id:  # usage at the provider for a customer no row of the window went to
+        return []
+    return await runs.stamped_rows(f.org_id, f.meter, f.customer, f.hour, f.hour + HOUR)
+
+
 async def reconcile(
-    ledger: LedgerStore,
     runs: ReconcileStore,
     provider: MeterSummaries,
     event_names: Mapping[str, str],
@@ -98,31 +224,34 @@ async def reconcile(
     end: int,
     now: int,
     settle_seconds: int,
+    cancel_window: int,
     org_id: str | None = None,
 ) -> ReconcileRun:
-    """Reconcile [start, end) up to the last settled hour; store and return the run.
-    `event_names` maps each meter to the provider's event name."""
+    """Reconcile [start, end) up to the last settled hour; attribute each finding, apply its
+    `held` and `found` moves, store and return the run. `event_names` maps each meter to the
+    provider's event name; `cancel_window` is how long after receipt the provider cancels."""
     problems = window_problems(start, end)
     if problems:
         raise InvalidInput(problems)
     settled = (now - settle_seconds) // HOUR * HOUR
     end = min(end, settled)
-    cells: Counter[Cell] = Counter()
-    after = 0
-    while end > start and (
-        rows := await ledger.ledger(org_id=org_id, state=RowState.SENT, after_id=after, limit=PAGE)
-    ):
-        for row in rows:
-            stamp, customer = row.attempt_timestamp, row.attempt_customer
-            if stamp is not None and customer is not None and start <= stamp < end:
-                cells[(row.org_id, customer, row.meter, stamp - stamp % HOUR)] += row.quantity
-        after = rows[-1].id
+    cells: dict[Cell, int] = {}
+    if end > start:
+        for c in await runs.sent_cells(start, end, org_id):
+            cells[(c.org_id, c.customer, c.meter, c.hour)] = c.units
     pairs = sorted({(customer, meter) for _, customer, meter, _ in cells})
     held: dict[tuple[str, str], dict[int, int]] = {}
     for customer, meter in pairs:
         name = event_names.get(meter, meter)
         held[(customer, meter)] = await provider.hourly_usage(customer, name, start, end)
     findings, compared = compare(cells, held) if end > start else ([], 0)
+    attributed, to_move = [], []
+    for finding in findings:
+        rows = await _hour_rows(runs, finding)
+        attributed.append(attribute(finding, rows, now=now, cancel_window=cancel_window))
+        to_move += moves(attributed[-1], rows)
+    await runs.move_rows(to_move, now)
+    findings = attributed
     run = ReconcileRun(
         checked_at=now,
         start=start,
@@ -182,3 +311,169 @@ def run_api(run: ReconcileRun) -> dict[str, object]:
     out: dict[str, object] = msgspec.to_builtins(run)
     out["status"] = "clean" if run.clean else "mismatch"
     return out
+
+
+class Repair(msgspec.Struct, frozen=True):
+    """What a repair did, or (not `applied`) would do."""
+
+    applied: bool
+    run_id: int | None  # the newest run, whose `cancel` and `credit_note` findings it took
+    reissued: list[str]  # the `provider_missing` rows re-issued...
+    reissued_as: list[str]  # ...as these new pending rows, in the same order
+    cancelled: list[str]  # cancelled again at the provider
+    not_cancelled: list[str]  # the provider refused the cancel: for a credit note
+    credit_notes: list[Finding]  # over at the provider, past any cancel: for a credit note
+    repaired_before: bool = False  # the run's cancels were made by an earlier repair
+
+
+class Reconciler:
+    """Reconciliation over the storage contracts and the billing plugin: runs, the scheduled
+    pass (with its repair when ``repair = "resend"``) and repairs."""
+
+    def __init__(
+        self,
+        store: Storage,
+        billing: Billing | None,
+        config: Config,
+        *,
+        now: Callable[[], int],
+        count: Callable[[ReconcileRun], None],
+    ) -> None:
+        self.store, self.billing, self.config, self.now, self.count = (
+            store,
+            billing,
+            config,
+            now,
+            count,
+        )
+        self.settings = config.reconcile
+        self.event_names = {m.name: m.provider_event_name for m in config.meters}
+
+    def _provider(self) -> MeterSummaries:
+        if not isinstance(self.billing, MeterSummaries):
+            why = "the billing plugin cannot read the provider's aggregates (backend stripe)"
+            raise ConfigError(f"reconcile: {why}")
+        return self.billing
+
+    async def run(self, start: int, end: int, org_id: str | None = None) -> ReconcileRun:
+        """Reconcile [start, end) (see the module docstring); stored, counted and alerted."""
+        run = await reconcile(
+            self.store,
+            self._provider(),
+            self.event_names,
+            start=start,
+            end=end,
+            now=self.now(),
+            settle_seconds=self.settings.settle_seconds,
+            cancel_window=self.config.cutover.cancel_window_seconds,
+            org_id=org_id,
+        )
+        self.count(run)
+        webhook = self.config.parity.alert.webhook_url is not None  # delivered, else logged
+        await alert(self.store, run, self.settings.tolerance_units, pending=webhook)
+        return run
+
+    async def scheduled(self) -> ReconcileRun:
+        """The scheduled pass: the last `window_hours` settled hours, then, with ``repair =
+        "resend"``, a repair of the rows held for at least `settle_seconds`."""
+        settled = (self.now() - self.settings.settle_seconds) // HOUR * HOUR
+        run = await self.run(settled - self.settings.window_hours * HOUR, settled)
+        if self.settings.repair == "resend":
+            held_before = self.now() - self.settings.settle_seconds
+            await self.repair(apply=True, actor=ACTOR, held_before=held_before)
+        return run
+
+    async def runs(self, limit: int = 50) -> list[ReconcileRun]:
+        """Stored reconciliations, the newest first."""
+        return await self.store.reconcile_runs(limit=limit)
+
+    async def repair(self, *, apply: bool, actor: str, held_before: int | None = None) -> Repair:
+        """Re-issue the `provider_missing` rows (held at or before `held_before`, when given)
+        and cancel again the newest run's `cancel` findings; list its `credit_note` ones. Not
+        `apply`: what it would do, changing nothing. One audited action; re-running it does
+        nothing more."""
+        at = self.now()
+        held = [
+            r
+            for r in await self._held_missing()
+            if held_before is None or r.updated_at <= held_before
+        ]
+        newest = await self.store.reconcile_runs(limit=1)
+        run = newest[0] if newest else None
+        findings = run.findings if run else []
+        to_cancel = [f for f in findings if f.remedy == Remedy.CANCEL]
+        before = run is not None and await self._repaired(run)
+        if before:
+            to_cancel = []
+        listed = [f for f in findings if f.remedy == Remedy.CREDIT_NOTE]
+        if not apply:
+            ids = [i for f in to_cancel for i in f.rows]
+            run_id = run.id if run else None
+            return Repair(False, run_id, [r.identifier for r in held], [], ids, [], listed, before)
+        new = await self.store.reissue_rows(
+            [r.id for r in held], at, actor, "missing at the provider (reconciliation)"
+        )
+        cancelled, refused = await self._cancel(to_cancel)
+        result = Repair(
+            True,
+            run.id if run else None,
+            [r.identifier for r in held],
+            [n.identifier for n in new],
+            cancelled,
+            refused,
+            listed,
+            before,
+        )
+        if held or to_cancel:
+            await self.store.append_audit([_repair_audit(result, actor)], at)
+        log.info("reconcile.repaired", reissued=len(new), cancelled=len(cancelled))
+        return result
+
+    async def _held_missing(self) -> list[LedgerRow]:
+        rows: list[LedgerRow] = []
+        after = 0
+        while page := await self.store.ledger(state=RowState.HELD, after_id=after, limit=5000):
+            rows += [r for r in page if r.reason == Reason.PROVIDER_MISSING]
+            after = page[-1].id
+        return rows
+
+    async def _repaired(self, run: ReconcileRun) -> bool:
+        """Whether an earlier repair took this run's findings."""
+        done = await self.store.audit_log(action_prefix="reconcile.repaired", limit=200)
+        return any(r.subject == _run_subject(run.id) for r in done)
+
+    async def _cancel(self, findings: Sequence[Finding]) -> tuple[list[str], list[str]]:
+        cancelled: list[str] = []
+        refused: list[str] = []
+        if self.billing is None:
+            return cancelled, [i for f in findings for i in f.rows]
+        for f in findings:
+            for identifier in f.rows:
+                name = self.event_names.get(f.meter, f.meter)
+                delivery = await self.billing.cancel(name, identifier)
+                ok = delivery.outcome in (Outcome.ACCEPTED, Outcome.DUPLICATE)
+                (cancelled if ok else refused).append(identifier)
+        return cancelled, refused
+
+
+def _run_subject(run_id: int | None) -> str:
+    return f"reconcile run {run_id}" if run_id is not None else "reconcile"
+
+
+def _repair_audit(repair: Repair, actor: str) -> AuditEntry:
+    return AuditEntry(
+        action="reconcile.repaired",
+        subject=_run_subject(repair.run_id),
+        actor=actor,
+        reason="reconciliation repair",
+        before={
+            "provider_missing": repair.reissued,
+            "to_cancel": repair.cancelled + repair.not_cancelled,
+        },
+        after={
+            "reissued_as": repair.reissued_as,
+            "cancelled": repair.cancelled,
+            "not_cancelled": repair.not_cancelled,
+            "credit_notes": len(repair.credit_notes),
+        },
+    )

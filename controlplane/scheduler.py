@@ -54,7 +54,7 @@ class Jobs:
 
     async def reconcile(self) -> None:
         with contextlib.suppress(Exception):
-            await self.cp.record("reconcile", self.cp.reconcile_pass)
+            await self.cp.record("reconcile", self.cp.reconciler.scheduled)
 
     async def watch(self) -> None:
         """Alert on failing or stale jobs; not itself recorded as a job run."""

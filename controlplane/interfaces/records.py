@@ -498,6 +498,36 @@ class Finding(msgspec.Struct, frozen=True):
     ledger: int
     provider: int
     status: str  # "short" | "over"
+    # what the ledger does about it (controlplane.reconcile): `held` (short: the rows the
+    # provider lacks, now held as provider_missing), `found` (over: held or attempted rows the
+    # provider holds after all, now sent), `cancel` (over: cancelled rows the provider still
+    # holds, cancelled again by a repair), `credit_note` (over: past the cancel window), or
+    # `unattributed` (no set of the hour's rows accounts for the units: for a person)
+    remedy: str = "unattributed"
+    rows: list[str] = []  # the identifiers of the rows the remedy moves
+
+
+class SentCell(msgspec.Struct, frozen=True):
+    """The units the ledger sent for one (org, customer, meter, hour of the timestamp sent)."""
+
+    org_id: str
+    customer: str
+    meter: str
+    hour: int
+    units: int
+
+
+class RowMove(msgspec.Struct, frozen=True):
+    """A ledger row moved by what the provider's books show, only from the state and reason
+    it was read in (`expect_state`, `expect_reason`), with its audit record."""
+
+    row_id: int
+    expect_state: str
+    expect_reason: str | None
+    state: str
+    reason: str | None
+    detail: str
+    audit: AuditEntry
 
 
 class ReconcileRun(msgspec.Struct, frozen=True):

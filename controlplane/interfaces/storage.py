@@ -60,9 +60,11 @@ from controlplane.interfaces.records import (
     ProviderError,
     ReconcileRun,
     RollupPlanner,
+    RowMove,
     RuntimeFlag,
     SeamRows,
     SendItem,
+    SentCell,
     SeriesUpdate,
     Settlement,
     StaticFlags,
@@ -487,6 +489,25 @@ class ReconcileStore(abc.ABC):
     @abc.abstractmethod
     async def reconcile_runs(self, *, limit: int = 50) -> list[ReconcileRun]:
         """Stored runs, the newest check first."""
+
+    @abc.abstractmethod
+    async def sent_cells(self, start: int, end: int, org_id: str | None) -> list[SentCell]:
+        """The units sent per (org, customer, meter, hour of the timestamp sent), for rows in
+        state `sent` whose timestamp sent is in [start, end) (one org's, or every org's)."""
+
+    @abc.abstractmethod
+    async def stamped_rows(
+        self, org_id: str, meter: str, customer: str, start: int, end: int
+    ) -> list[LedgerRow]:
+        """The rows of (org, meter), in any state, called for `customer` with a timestamp in
+        [start, end), oldest first."""
+
+    @abc.abstractmethod
+    async def move_rows(self, moves: Sequence[RowMove], at: int) -> list[int]:
+        """Apply each move whose row is still in its expected state and reason, with its
+        audit record, in one transaction; returns the ids of the rows moved. A row moved
+        between `sent` and `held` keeps its quantity (attempted rows are frozen in their
+        rounding chain)."""
 
 
 class CatalogStore(abc.ABC):

@@ -215,7 +215,7 @@ WHERE id = ANY($1::bigint[]) AND attempts > 0 AND state IN ('pending', 'held');
 -- name: settleable
 SELECT id FROM ledger
 WHERE id = ANY($1::bigint[]) AND state IN ('pending', 'held')
-  AND coalesce(reason, '') <> 'provider_error'
+  AND coalesce(reason, '') NOT IN ('provider_error', 'provider_missing')
 ORDER BY id
 FOR UPDATE;
 
@@ -226,7 +226,7 @@ UPDATE ledger l SET state = t.state, reason = t.reason, detail = t.detail,
 FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[])
      AS t(id, state, reason, detail, provider_id, sent_at)
 WHERE l.id = t.id AND l.state IN ('pending', 'held')
-  AND coalesce(l.reason, '') <> 'provider_error';
+  AND coalesce(l.reason, '') NOT IN ('provider_error', 'provider_missing');
 
 -- name: row_chains
 SELECT DISTINCT org_id, meter FROM ledger WHERE id = ANY($1::bigint[]) ORDER BY org_id, meter;
@@ -277,7 +277,7 @@ SELECT id, identifier, state, org_id, meter, bucket_start, bucket_end, value_mic
        AS last_revision
 FROM ledger l
 WHERE id = ANY($1::bigint[])
-  AND (state = 'sent' OR (state = 'held' AND reason = 'provider_error'))
+  AND (state = 'sent' OR (state = 'held' AND reason IN ('provider_error', 'provider_missing')))
 ORDER BY id
 FOR UPDATE;
 
@@ -626,6 +626,35 @@ RETURNING id;
 SELECT id, checked_at, start_at AS start, end_at AS "end", org_id, customers, hours, units_short,
        units_over, clean, findings
 FROM reconcile_runs ORDER BY checked_at DESC, id DESC LIMIT $1;
+
+-- name: sent_cells
+-- Units sent per (org, customer, meter, hour of the timestamp sent) in [$1, $2);
+-- $3: one org's rows, or every org's (NULL).
+SELECT org_id, attempt_customer AS customer, meter,
+       attempt_timestamp - attempt_timestamp % 3600 AS hour, sum(quantity)::bigint AS units
+FROM ledger
+WHERE state = 'sent' AND attempt_timestamp >= $1 AND attempt_timestamp < $2
+  AND attempt_customer IS NOT NULL AND ($3::text IS NULL OR org_id = $3)
+GROUP BY org_id, attempt_customer, meter, attempt_timestamp - attempt_timestamp % 3600;
+
+-- name: stamped_rows
+-- The rows of one (org, meter) called for `customer` with a timestamp in [$4, $5).
+SELECT id, identifier, org_id, meter, bucket_start, bucket_end, revision, value_micros,
+       quantity, state, reason, detail, attempts, first_attempt_at, provider_id,
+       created_at, updated_at, sent_at, attempt_customer, attempt_timestamp, attempt_key,
+       last_attempt_at, plan_source
+FROM ledger
+WHERE org_id = $1 AND meter = $2 AND attempt_customer = $3
+  AND attempt_timestamp >= $4 AND attempt_timestamp < $5
+ORDER BY id;
+
+-- name: move_row
+-- A row moved by what the provider's books show, only from the state (and reason) it was
+-- read in: $6, $7.
+UPDATE ledger SET state = $2, reason = $3, detail = $4, updated_at = $5,
+                  sent_at = CASE WHEN $2 = 'sent' THEN coalesce(sent_at, $5) ELSE sent_at END
+WHERE id = $1 AND state = $6 AND coalesce(reason, '') = coalesce($7, '')
+RETURNING id;
 
 -- name: batch_token_plans
 -- Per dirty (org, bucket), the plans of the capability tokens its events carried ($3: the

@@ -215,12 +215,13 @@ WHERE id = ?1 AND attempts > 0 AND state IN ('pending', 'held');
 -- name: settleable
 SELECT id FROM ledger
 WHERE id IN (SELECT value FROM json_each(?)) AND state IN ('pending', 'held')
-  AND coalesce(reason, '') <> 'provider_error';
+  AND coalesce(reason, '') NOT IN ('provider_error', 'provider_missing');
 
 -- name: settle_rows
 UPDATE ledger SET state = ?2, reason = ?3, detail = ?4, provider_id = coalesce(?5, provider_id),
                   sent_at = ?6, updated_at = ?7, claimed_by = NULL, claim_expires = NULL
-WHERE id = ?1 AND state IN ('pending', 'held') AND coalesce(reason, '') <> 'provider_error';
+WHERE id = ?1 AND state IN ('pending', 'held')
+  AND coalesce(reason, '') NOT IN ('provider_error', 'provider_missing');
 
 -- name: row_chains
 SELECT DISTINCT org_id, meter FROM ledger WHERE id IN (SELECT value FROM json_each(?1))
@@ -472,7 +473,7 @@ SELECT id, identifier, state, org_id, meter, bucket_start, bucket_end, value_mic
        AS last_revision
 FROM ledger l
 WHERE id IN (SELECT value FROM json_each(?))
-  AND (state = 'sent' OR (state = 'held' AND reason = 'provider_error'))
+  AND (state = 'sent' OR (state = 'held' AND reason IN ('provider_error', 'provider_missing')))
 ORDER BY id;
 
 -- name: live_claims
@@ -641,6 +642,35 @@ RETURNING id;
 SELECT id, checked_at, start_at AS start, end_at AS "end", org_id, customers, hours, units_short,
        units_over, clean, findings
 FROM reconcile_runs ORDER BY checked_at DESC, id DESC LIMIT ?1;
+
+-- name: sent_cells
+-- Units sent per (org, customer, meter, hour of the timestamp sent) in [?1, ?2);
+-- ?3: one org's rows, or every org's (NULL).
+SELECT org_id, attempt_customer AS customer, meter,
+       attempt_timestamp - attempt_timestamp % 3600 AS hour, sum(quantity) AS units
+FROM ledger
+WHERE state = 'sent' AND attempt_timestamp >= ?1 AND attempt_timestamp < ?2
+  AND attempt_customer IS NOT NULL AND (?3 IS NULL OR org_id = ?3)
+GROUP BY org_id, attempt_customer, meter, attempt_timestamp - attempt_timestamp % 3600;
+
+-- name: stamped_rows
+-- The rows of one (org, meter) called for `customer` with a timestamp in [?4, ?5).
+SELECT id, identifier, org_id, meter, bucket_start, bucket_end, revision, value_micros,
+       quantity, state, reason, detail, attempts, first_attempt_at, provider_id,
+       created_at, updated_at, sent_at, attempt_customer, attempt_timestamp, attempt_key,
+       last_attempt_at, plan_source
+FROM ledger
+WHERE org_id = ?1 AND meter = ?2 AND attempt_customer = ?3
+  AND attempt_timestamp >= ?4 AND attempt_timestamp < ?5
+ORDER BY id;
+
+-- name: move_row
+-- A row moved by what the provider's books show, only from the state (and reason) it was
+-- read in: ?6, ?7.
+UPDATE ledger SET state = ?2, reason = ?3, detail = ?4, updated_at = ?5,
+                  sent_at = CASE WHEN ?2 = 'sent' THEN coalesce(sent_at, ?5) ELSE sent_at END
+WHERE id = ?1 AND state = ?6 AND coalesce(reason, '') = coalesce(?7, '')
+RETURNING id;
 
 -- name: batch_token_plans
 -- Per dirty (org, bucket), the plans of the capability tokens its events carried (?1: the

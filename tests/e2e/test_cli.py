@@ -58,6 +58,8 @@ READ_ONLY = [
     ["audit", "verify"],
     ["parity", "check", "--from", str(T), "--to", str(T + 3600)],
     ["parity", "runs"],
+    ["reconcile", "--runs"],
+    ["reconcile", "repair"],  # a preview
 ]
 
 

@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import msgspec
 import pytest
 import stripe
 from hypothesis import given, settings
@@ -21,8 +22,9 @@ from controlplane.config import Config
 from controlplane.core import ControlPlane
 from controlplane.flags import FlagChange
 from controlplane.http.app import create_app
-from controlplane.ledger import RowState
-from controlplane.reconcile import compare
+from controlplane.interfaces import AuditEntry, Finding, RowMove
+from controlplane.ledger import LedgerRow, RowState
+from controlplane.reconcile import Reconciler, attribute, compare, rows_making_up
 from stripe_emulator import StripeEmulator, serve_emulator
 from tests.conftest import READ_TOKEN, tick
 
@@ -92,7 +94,7 @@ async def test_stripes_changes_are_found_with_their_exact_units(stack: Stack) ->
     now = int(time.time()) // HOUR * HOUR
     hours = [now - 5 * HOUR, now - 4 * HOUR, now - 3 * HOUR]
     customer = await send_usage(stack, hours)  # 180 units an hour
-    clean = await stack.plane.reconcile(now - 6 * HOUR, now)
+    clean = await stack.plane.reconciler.run(now - 6 * HOUR, now)
     assert clean.clean and clean.hours == 3 and clean.customers == 1
 
     rows = {r.bucket_start: r for r in await stack.plane.storage.ledger(state=RowState.SENT)}
@@ -110,14 +112,14 @@ async def test_stripes_changes_are_found_with_their_exact_units(stack: Stack) ->
     }
     await stack.stripe.v1.billing.meter_events.create_async(params=extra)
 
-    run = await stack.plane.reconcile(now - 6 * HOUR, now)
+    run = await stack.plane.reconciler.run(now - 6 * HOUR, now)
     assert not run.clean
     assert [(f.org_id, f.hour, f.ledger, f.provider, f.status) for f in run.findings] == [
         ("o1", hours[0], 180, 0, "short"),
         ("o1", hours[2], 180, 187, "over"),
     ]
     assert (run.units_short, run.units_over) == (180, 7)
-    assert [r.id for r in await stack.plane.reconcile_runs()] == [run.id, clean.id]
+    assert [r.id for r in await stack.plane.reconciler.runs()] == [run.id, clean.id]
     metrics = stack.plane.metrics
     assert metrics.reconcile_short._value.get() == 180
     (alert, *_) = await stack.plane.storage.parity_alerts("job:reconcile:findings", limit=5)
@@ -127,7 +129,7 @@ async def test_stripes_changes_are_found_with_their_exact_units(stack: Stack) ->
 async def test_hours_younger_than_the_settle_period_are_not_compared(stack: Stack) -> None:
     now = int(time.time()) // HOUR * HOUR
     await send_usage(stack, [now - HOUR])  # inside the settle hour: not yet comparable
-    run = await stack.plane.reconcile(now - 3 * HOUR, now + HOUR)
+    run = await stack.plane.reconciler.run(now - 3 * HOUR, now + HOUR)
     assert (run.end, run.hours, run.clean) == (now - HOUR, 0, True)  # the settled hours only
 
 
@@ -149,7 +151,7 @@ async def test_the_api_runs_and_lists_reconciliations(stack: Stack) -> None:
             0,
             window["from"],
         )
-        found = await stack.plane.reconcile(now - 6 * HOUR, now)
+        found = await stack.plane.reconciler.run(now - 6 * HOUR, now)
         runs = (await client.get("/v1/reconciliation/runs", headers=auth)).json()
         assert [run["id"] for run in runs["runs"]] == [found.id, r.json()["id"]]
         assert runs["runs"][0]["hours"] == 1 and runs["clean_since"] == window["from"]
@@ -215,8 +217,151 @@ async def test_events_stripe_drops_asynchronously_are_found_short(stack: Stack) 
     await plane.set_flags(changes, actor="t", reason="go")
     await plane.send()
     assert len(await plane.storage.ledger(state=RowState.SENT)) == 2  # Stripe answered 200
-    run = await plane.reconcile(now - 6 * HOUR, now)
+    run = await plane.reconciler.run(now - 6 * HOUR, now)
     assert [(f.org_id, f.hour, f.ledger, f.provider, f.status) for f in run.findings] == [
         ("o2", hours[0], 180, 0, "short"),
         ("o2", hours[1], 180, 0, "short"),
     ]
+
+
+async def test_a_repair_sends_exactly_the_missing_units_once(stack: Stack) -> None:
+    """A meter event cancelled in Stripe's dashboard: the run holds that row as
+    `provider_missing` (the hour reconciles clean after); a repair re-issues it under a new
+    identifier, so Stripe holds the hour's units once more, and a second repair does nothing."""
+    now = int(time.time()) // HOUR * HOUR
+    hours = [now - 5 * HOUR, now - 4 * HOUR]
+    await send_usage(stack, hours)
+    plane, reconciler = stack.plane, stack.plane.reconciler
+    lost = next(r for r in await plane.storage.ledger() if r.bucket_start == hours[0])
+    cancel: Any = {
+        "event_name": "memory_gb_seconds",
+        "type": "cancel",
+        "cancel": {"identifier": lost.identifier},
+    }
+    await stack.stripe.v1.billing.meter_event_adjustments.create_async(params=cancel)
+
+    run = await reconciler.run(now - 6 * HOUR, now)
+    (finding,) = run.findings
+    assert (finding.status, finding.remedy, finding.rows) == ("short", "held", [lost.identifier])
+    held = next(r for r in await plane.storage.ledger() if r.id == lost.id)
+    assert (held.state, held.reason, held.quantity) == (RowState.HELD, "provider_missing", 180)
+    assert (await reconciler.run(now - 6 * HOUR, now)).clean  # what the ledger says is billed
+
+    preview = await reconciler.repair(apply=False, actor="t")
+    assert (preview.applied, preview.reissued, preview.reissued_as) == (
+        False,
+        [lost.identifier],
+        [],
+    )
+    assert next(r for r in await plane.storage.ledger() if r.id == lost.id).state is RowState.HELD
+    done = await reconciler.repair(apply=True, actor="t")
+    assert done.reissued == [lost.identifier] and len(done.reissued_as) == 1
+    await plane.send()
+    (again,) = [r for r in await plane.storage.ledger() if r.identifier == done.reissued_as[0]]
+    assert (again.state, again.quantity, again.attempt_timestamp) == (RowState.SENT, 180, hours[0])
+    after = await reconciler.run(now - 6 * HOUR, now)
+    assert after.clean and after.hours == 2
+    assert (await reconciler.repair(apply=True, actor="t")).reissued == []
+    audit = await plane.storage.audit_log(action_prefix="reconcile.repaired")
+    assert len(audit) == 1 and audit[0].after["reissued_as"] == done.reissued_as
+
+
+async def test_over_at_stripe_is_found_cancelled_again_or_listed(stack: Stack) -> None:
+    """Three ways Stripe holds more than the ledger sent: a row the ledger held as ambiguous
+    arrived after all (`found`: sent again in the ledger), a row the ledger cancelled is still
+    counted (`cancel`: a repair cancels it once), usage recorded by something else (listed
+    for a credit note)."""
+    now = int(time.time()) // HOUR * HOUR
+    hours = [now - 5 * HOUR, now - 4 * HOUR, now - 3 * HOUR]
+    customer = await send_usage(stack, hours)
+    plane, reconciler = stack.plane, stack.plane.reconciler
+    rows = {r.bucket_start: r for r in await plane.storage.ledger()}
+    timeout = RowMove(
+        rows[hours[0]].id,
+        "sent",
+        None,
+        "held",
+        "ambiguous",
+        "timed out",
+        AuditEntry(action="ledger.held", subject=rows[hours[0]].identifier, actor="t"),
+    )
+    assert await plane.storage.move_rows([timeout], now) == [rows[hours[0]].id]
+    await plane.storage.cancel_rows([rows[hours[1]].id], now, "t", "rolled_back")  # not at Stripe
+    extra: Any = {
+        "event_name": "memory_gb_seconds",
+        "payload": {"stripe_customer_id": customer, "value": "7"},
+        "timestamp": hours[2] + 60,
+        "identifier": "made-elsewhere-2",
+    }
+    await stack.stripe.v1.billing.meter_events.create_async(params=extra)
+
+    run = await reconciler.run(now - 6 * HOUR, now)
+    assert [(f.hour, f.status, f.remedy, f.rows) for f in run.findings] == [
+        (hours[0], "over", "found", [rows[hours[0]].identifier]),
+        (hours[1], "over", "cancel", [rows[hours[1]].identifier]),
+        (hours[2], "over", "credit_note", []),
+    ]
+    assert next(r for r in await plane.storage.ledger() if r.bucket_start == hours[0]).state == (
+        RowState.SENT
+    )
+    done = await reconciler.repair(apply=True, actor="t")
+    assert (done.cancelled, done.not_cancelled) == ([rows[hours[1]].identifier], [])
+    assert [(f.hour, f.provider - f.ledger) for f in done.credit_notes] == [(hours[2], 7)]
+    assert (await reconciler.repair(apply=True, actor="t")).repaired_before
+
+    after = await reconciler.run(now - 6 * HOUR, now)
+    assert [(f.hour, f.remedy) for f in after.findings] == [(hours[2], "credit_note")]
+    again = await reconciler.repair(apply=True, actor="t")  # a new run: nothing to cancel
+    assert (again.cancelled, again.reissued) == ([], [])
+
+
+def test_attribution_takes_the_fewest_newest_rows_that_make_up_the_difference() -> None:
+    def row(i: int, quantity: int, state: RowState = RowState.SENT) -> LedgerRow:
+        return LedgerRow(
+            i, f"r{i}", "o", "m", 0, HOUR, i, 0, quantity, state, None, None, 1, 0, None, 0, 0
+        )
+
+    rows = [row(1, 5), row(2, 3), row(3, 2), row(4, 5)]
+    assert [r.id for r in rows_making_up(rows, 5) or []] == [4]
+    assert [r.id for r in rows_making_up(rows, 8) or []] == [2, 4]
+    assert rows_making_up(rows, 16) is None and rows_making_up(rows, 0) is None
+    short = Finding("o", "c", "m", 0, ledger=15, provider=10, status="short")
+    assert attribute(short, rows, now=0, cancel_window=HOUR).rows == ["r4"]
+    unattributable = Finding("o", "c", "m", 0, ledger=15, provider=4, status="short")
+    assert attribute(unattributable, rows, now=0, cancel_window=HOUR).remedy == "unattributed"
+    old = [row(5, 4, RowState.CANCELLED)]
+    over = Finding("o", "c", "m", 0, ledger=15, provider=19, status="over")
+    assert attribute(over, old, now=0, cancel_window=HOUR).remedy == "cancel"
+    assert attribute(over, old, now=2 * HOUR, cancel_window=HOUR).remedy == "credit_note"
+
+
+async def test_with_repair_resend_a_scheduled_pass_resends_what_an_earlier_one_held(
+    stack: Stack,
+) -> None:
+    """`repair = "resend"`: a row held as missing is re-issued by the first scheduled pass at
+    least `settle_seconds` after the hold (a run in between would have found it, had Stripe's
+    summaries only been late), never by the pass that held it."""
+    now = int(time.time()) // HOUR * HOUR
+    hours = [now - 5 * HOUR]
+    await send_usage(stack, hours)
+    plane = stack.plane
+    (lost,) = await plane.storage.ledger()
+    cancel: Any = {
+        "event_name": "memory_gb_seconds",
+        "type": "cancel",
+        "cancel": {"identifier": lost.identifier},
+    }
+    await stack.stripe.v1.billing.meter_event_adjustments.create_async(params=cancel)
+    settings = msgspec.structs.replace(plane.config.reconcile, repair="resend")
+    config = msgspec.structs.replace(plane.config, reconcile=settings)
+    clock = [time.time()]
+    reconciler = Reconciler(
+        plane.storage, plane.billing, config, now=lambda: int(clock[0]), count=lambda _: None
+    )
+    first = await reconciler.scheduled()
+    assert [f.remedy for f in first.findings] == ["held"]
+    assert [r.state for r in await plane.storage.ledger()] == [RowState.HELD]  # not yet
+    clock[0] += HOUR
+    assert (await reconciler.scheduled()).clean
+    states = sorted((r.state, r.reason) for r in await plane.storage.ledger())
+    assert states == [(RowState.CANCELLED, "reissued"), (RowState.PENDING, None)]

@@ -479,7 +479,7 @@ async def test_a_second_cutover_needs_a_clean_reconciliation_since_the_rollback(
     await ready.cutover.rollback(actor="ops", reason="back")
     failed = check(await ready.cutover.preflight(T))
     assert failed.status == "fail" and "no reconciliation since the rollback" in failed.detail
-    run = await ready.reconcile(T - HOUR, T)
+    run = await ready.reconciler.run(T - HOUR, T)
     passed = check(await ready.cutover.preflight(T))
     assert run.clean and passed.status == "pass" and "reconciled clean since" in passed.detail
     assert (await ready.cutover.status()).reconciled_clean_since == T - HOUR

@@ -39,12 +39,24 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--org", help="one org's rows only")
     p.add_argument("--runs", action="store_true", help="list the stored runs instead")
     p.set_defaults(func=reconcile)
+    actions = p.add_subparsers(dest="action", metavar="{repair}")
+    r = json_option(
+        actions.add_parser(
+            "repair",
+            parents=[common],
+            help="re-issue the rows the provider lacks and cancel what it holds twice "
+            "(shows what it would do; --apply does it)",
+        )
+    )
+    r.add_argument("--apply", action="store_true", help="do it (audited); without: a preview")
+    r.add_argument("--actor", default="cli", help="who, for the audit log (default: cli)")
+    r.set_defaults(func=repair)
 
 
 async def reconcile(args: argparse.Namespace, config: Config) -> int:
     async with core(config, readonly=args.runs) as cp:
         if args.runs:
-            runs = await cp.reconcile_runs()
+            runs = await cp.reconciler.runs()
             since = clean_since(runs)
             if args.json:
                 print_json({"clean_since": since, "runs": [run_api(r) for r in runs]})
@@ -67,11 +79,11 @@ async def reconcile(args: argparse.Namespace, config: Config) -> int:
                 print_table(rows)
             return 0
         if args.start is None and args.end is None and args.org is None:
-            run = await cp.reconcile_pass()
+            run = await cp.reconciler.scheduled()
         else:
             if args.start is None or args.end is None:
                 raise InvalidInput("--from and --to: give both, or neither")
-            run = await cp.reconcile(args.start, args.end, org_id=args.org)
+            run = await cp.reconciler.run(args.start, args.end, org_id=args.org)
     if args.json:
         print_json(run_api(run))
     else:
@@ -81,7 +93,7 @@ async def reconcile(args: argparse.Namespace, config: Config) -> int:
 
 def show(run: ReconcileRun) -> None:
     if run.findings:
-        rows = [["org", "customer", "meter", "hour", "ledger", "provider", "status"]]
+        rows = [["org", "customer", "meter", "hour", "ledger", "provider", "status", "remedy"]]
         for f in run.findings:
             rows.append(
                 [
@@ -92,6 +104,7 @@ def show(run: ReconcileRun) -> None:
                     str(f.ledger),
                     str(f.provider),
                     f.status,
+                    f.remedy,
                 ]
             )
         print_table(rows)
@@ -102,3 +115,36 @@ def show(run: ReconcileRun) -> None:
         f"org-hours compared; {run.units_short} units short at the provider (under billing), "
         f"{run.units_over} over (double billing): {verdict} (run {run.id})"
     )
+
+
+async def repair(args: argparse.Namespace, config: Config) -> int:
+    async with core(config, readonly=not args.apply) as cp:
+        done = await cp.reconciler.repair(apply=args.apply, actor=args.actor)
+    if args.json:
+        print_json(done)
+        return 0
+    verb = "re-issued" if done.applied else "would re-issue"
+    print(f"{verb} {len(done.reissued)} rows missing at the provider", end="")
+    print(f" as {', '.join(done.reissued_as)}" if done.reissued_as else "")
+    if done.repaired_before:
+        print(f"run {done.run_id}: its cancels were made by an earlier repair")
+    elif done.applied:
+        print(f"cancelled again at the provider: {len(done.cancelled)}", end="")
+        print(
+            f"; refused (for a credit note): {', '.join(done.not_cancelled)}"
+            if done.not_cancelled
+            else ""
+        )
+    else:
+        print(f"would cancel again at the provider: {len(done.cancelled)}")
+    if done.credit_notes:
+        print(f"\nfor a credit note (run {done.run_id}):")
+        rows = [["org", "customer", "meter", "hour", "units over"]]
+        for f in done.credit_notes:
+            rows.append(
+                [f.org_id or "-", f.customer, f.meter, when(f.hour), str(f.provider - f.ledger)]
+            )
+        print_table(rows)
+    if not done.applied:
+        print("\nnothing changed: run with --apply to repair")
+    return 0

@@ -147,7 +147,7 @@ class ConsolePages(Controller):
         status = await cp.cutover.status(limit=5)
         jobs = await job_health.statuses(cp, now=cp.clock(), watching_since=_watching_since(state))
         runs = await cp.parity_runs(limit=1)
-        reconciled = await cp.reconcile_runs(limit=50)
+        reconciled = await cp.reconciler.runs(limit=50)
         return render(
             request,
             session,

@@ -69,9 +69,9 @@ class ReconciliationController(Controller):
         problems = window_problems(start, end)
         if problems or start is None or end is None:
             raise InvalidInput(problems)
-        return Reconciliation.of(await cp.reconcile(start, end, org_id=org))
+        return Reconciliation.of(await cp.reconciler.run(start, end, org_id=org))
 
     @get("/runs", summary="Stored reconciliations, newest first", responses=documented(*AUTH, 400))
     async def runs(self, cp: CP, limit: Limit = 50) -> ReconcileRuns:
-        runs = await cp.reconcile_runs(limit)
+        runs = await cp.reconciler.runs(limit)
         return ReconcileRuns(clean_since(runs), [Reconciliation.of(r) for r in runs])

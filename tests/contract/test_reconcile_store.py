@@ -1,0 +1,97 @@
+"""What the reconciler relies on: the units sent per hour of the timestamp sent, an hour's
+rows called for a customer, and rows moved by what the provider's books show (only from the
+state they were read in, each audited)."""
+
+from __future__ import annotations
+
+from controlplane.interfaces import Attempt, AuditEntry, RowMove, SentCell, Storage
+from controlplane.ledger import LedgerRow, Reason, RowState
+from tests.contract.helpers import HOUR, NOW, UNIT, B, by_id, claim, event, pro, roll, settlement
+
+
+async def sent_rows(storage: Storage, stamps: dict[int, int]) -> list[LedgerRow]:
+    """Org `a`'s rows of one bucket each (value 1 unit, then 2...), every one called for
+    `cus_a` with the timestamp `stamps[i]` and sent except those whose stamp is negative."""
+    await pro(storage, "a")
+    await storage.insert_events(
+        [event(f"e{i}", "a", B[i] + 1, (i + 1) * UNIT) for i in range(len(stamps))], HOUR
+    )
+    await roll(storage)
+    rows = await storage.ledger(org_id="a")
+    await storage.sendable(0, 100, claim=claim("s"))
+    for row in rows:
+        stamp = abs(stamps[row.bucket_start])
+        series = {row.id: Attempt("cus_a", stamp, row.identifier)}
+        await storage.record_attempts([row.id], NOW, claim("s"), series=series)
+    sent = [r for r in rows if stamps[r.bucket_start] >= 0]
+    await storage.settle([settlement(r, RowState.SENT, customer="cus_a") for r in sent], NOW, "s")
+    await storage.release_claims("s")
+    return await storage.ledger(org_id="a")
+
+
+def move(row: LedgerRow, state: RowState, reason: str | None) -> RowMove:
+    detail = "by the provider's books"
+    audit = AuditEntry(
+        action=f"ledger.{state.value}", subject=row.identifier, actor="t", reason=detail
+    )
+    return RowMove(row.id, row.state.value, row.reason, state.value, reason, detail, audit)
+
+
+async def test_sent_units_are_summed_per_hour_of_the_timestamp_sent(storage: Storage) -> None:
+    # bucket 1's row was stamped into bucket 0's hour (a correction), bucket 3's never sent
+    stamps = {B[0]: B[0], B[1]: B[0] + 120, B[2]: B[2] + 59, B[3]: -B[3]}
+    await sent_rows(storage, stamps)
+    cells = await storage.sent_cells(B[0], B[3] + HOUR, None)
+    assert sorted(cells, key=lambda c: c.hour) == [
+        SentCell("a", "cus_a", "gbs", B[0], 3),
+        SentCell("a", "cus_a", "gbs", B[2], 3),
+    ]
+    assert await storage.sent_cells(B[1], B[2], None) == []  # [start, end) of the stamps
+    assert await storage.sent_cells(B[0], B[4], "b") == []
+    assert len(await storage.sent_cells(B[0], B[4], "a")) == 2
+
+
+async def test_stamped_rows_are_an_hours_rows_in_any_state(storage: Storage) -> None:
+    stamps = {B[0]: B[0], B[1]: B[0] + 120, B[2]: B[2], B[3]: -(B[0] + 5)}
+    rows = await sent_rows(storage, stamps)
+    hour = await storage.stamped_rows("a", "gbs", "cus_a", B[0], B[0] + HOUR)
+    assert [r.bucket_start for r in hour] == [B[0], B[1], B[3]]
+    assert [r.state for r in hour] == [RowState.SENT, RowState.SENT, RowState.PENDING]
+    assert await storage.stamped_rows("a", "gbs", "cus_b", B[0], B[0] + HOUR) == []
+    assert len(rows) == 4
+
+
+async def test_rows_move_only_from_the_state_they_were_read_in(storage: Storage) -> None:
+    r0, r1, r2 = await sent_rows(storage, {B[0]: B[0], B[1]: B[1], B[2]: B[2]})
+    moved = await storage.move_rows(
+        [move(r0, RowState.HELD, Reason.PROVIDER_MISSING), move(r1, RowState.HELD, "x")], NOW
+    )
+    assert moved == [r0.id, r1.id]
+    rows = by_id(await storage.ledger())
+    assert (rows[r0.id].state, rows[r0.id].reason) == (RowState.HELD, "provider_missing")
+    assert rows[r0.id].quantity == r0.quantity and rows[r0.id].detail == "by the provider's books"
+    # read before the move: its expected state is gone, nothing happens (nor any audit)
+    assert await storage.move_rows([move(r0, RowState.HELD, Reason.AMBIGUOUS)], NOW) == []
+    back = await storage.move_rows([move(rows[r0.id], RowState.SENT, None)], NOW + 5)
+    assert back == [r0.id]
+    assert by_id(await storage.ledger())[r0.id].state is RowState.SENT
+    audit = await storage.audit_log(action_prefix="ledger.", limit=20)
+    assert [(a.action, a.subject) for a in audit if a.actor == "t"] == [
+        ("ledger.sent", r0.identifier),
+        ("ledger.held", r1.identifier),
+        ("ledger.held", r0.identifier),
+    ]
+    assert r2.state is RowState.SENT
+
+
+async def test_rows_held_as_provider_missing_are_reissued_not_resent(storage: Storage) -> None:
+    (r0,) = await sent_rows(storage, {B[0]: B[0]})
+    await storage.move_rows([move(r0, RowState.HELD, Reason.PROVIDER_MISSING)], NOW)
+    # never picked by a sender, never settled by a late answer
+    assert await storage.sendable(0, 100, claim=claim("s2")) == []
+    await storage.settle([settlement(r0, RowState.SENT)], NOW, "s2")
+    assert by_id(await storage.ledger())[r0.id].state is RowState.HELD
+    (new,) = await storage.reissue_rows([r0.id], NOW, "t", "missing at the provider")
+    rows = by_id(await storage.ledger())
+    assert (rows[r0.id].state, rows[r0.id].reason) == (RowState.CANCELLED, Reason.REISSUED)
+    assert (new.quantity, new.revision, new.state) == (r0.quantity, 2, RowState.PENDING)
