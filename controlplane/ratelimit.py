@@ -1,4 +1,7 @@
-"""Per-token rate limit on ingest (``POST /v1/events``): one token bucket of *events* per
+"""Rate limits: the calls the product makes to a provider (:class:`RateLimiter`, shared by the
+sender and the reconciler), and the events a bearer token may ingest (:class:`Bucket`).
+
+Per-token rate limit on ingest (``POST /v1/events``): one token bucket of *events* per
 bearer token name.
 
 A bucket holds at most ``burst_events`` and refills at ``events_per_second``. A request is
@@ -15,6 +18,8 @@ it decides when to answer, never what is billed.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import math
 import time
 from collections.abc import Callable
@@ -104,3 +109,27 @@ class IngestLimiter:
         bucket = self._bucket(token)
         if bucket is not None:
             bucket.take(events, self.clock())
+
+
+class RateLimiter:
+    """At most `rate` call starts in any sliding one-second window (with a small margin for
+    network jitter, so the provider's own window never sees more)."""
+
+    MARGIN = 1.05
+
+    def __init__(self, rate: float | None) -> None:
+        self.capacity = max(1, int(rate)) if rate else 0
+        self.window = self.capacity / rate * self.MARGIN if rate else 0.0
+        self._starts: collections.deque[float] = collections.deque()
+        self._lock = asyncio.Lock()
+
+    async def wait(self) -> None:
+        if not self.capacity:
+            return
+        async with self._lock:
+            while len(self._starts) >= self.capacity:
+                wait = self._starts[0] + self.window - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                self._starts.popleft()
+            self._starts.append(time.monotonic())

@@ -47,6 +47,7 @@ undo as `found`).
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import Callable, Mapping, Sequence
 from itertools import combinations
@@ -70,6 +71,7 @@ from controlplane.interfaces import (
     Storage,
 )
 from controlplane.ledger import LedgerRow, Reason, RowState
+from controlplane.ratelimit import RateLimiter
 
 log = structlog.get_logger("reconcile")
 
@@ -78,6 +80,8 @@ RECONCILE_ALERTS = "job:reconcile:findings"  # delivered by the job watcher
 
 Cell = tuple[str, str, str, int]  # org, customer, meter, hour
 ACTOR = "reconciler"
+READERS = 8  # summary reads in flight at once
+SUMMARIES_PAGE = 100  # summaries per page read (Stripe's largest `limit`)
 MAX_ATTRIBUTED_ROWS = 16  # an hour's rows searched for the set that makes up a difference
 
 
@@ -225,11 +229,14 @@ async def reconcile(
     now: int,
     settle_seconds: int,
     cancel_window: int,
+    rate: float | None = None,
     org_id: str | None = None,
 ) -> ReconcileRun:
     """Reconcile [start, end) up to the last settled hour; attribute each finding, apply its
     `held` and `found` moves, store and return the run. `event_names` maps each meter to the
-    provider's event name; `cancel_window` is how long after receipt the provider cancels."""
+    provider's event name; `cancel_window` is how long after receipt the provider cancels;
+    `rate` the calls per second the billing plugin allows (the reads stay inside it, at most
+    `READERS` in flight)."""
     problems = window_problems(start, end)
     if problems:
         raise InvalidInput(problems)
@@ -240,10 +247,17 @@ async def reconcile(
         for c in await runs.sent_cells(start, end, org_id):
             cells[(c.org_id, c.customer, c.meter, c.hour)] = c.units
     pairs = sorted({(customer, meter) for _, customer, meter, _ in cells})
-    held: dict[tuple[str, str], dict[int, int]] = {}
-    for customer, meter in pairs:
-        name = event_names.get(meter, meter)
-        held[(customer, meter)] = await provider.hourly_usage(customer, name, start, end)
+    limiter, readers = RateLimiter(rate), asyncio.Semaphore(READERS)
+    pages = -(-(end - start) // HOUR // SUMMARIES_PAGE)  # one summary an hour, 100 a page
+
+    async def read(customer: str, meter: str) -> dict[int, int]:
+        async with readers:
+            for _ in range(pages):  # the plugin pages on its own: each page is one call
+                await limiter.wait()
+            return await provider.hourly_usage(customer, event_names.get(meter, meter), start, end)
+
+    read_all = await asyncio.gather(*(read(customer, meter) for customer, meter in pairs))
+    held = dict(zip(pairs, read_all, strict=True))
     findings, compared = compare(cells, held) if end > start else ([], 0)
     attributed, to_move = [], []
     for finding in findings:
@@ -355,6 +369,9 @@ class Reconciler:
             raise ConfigError(f"reconcile: {why}")
         return self.billing
 
+    def _provider_rate(self) -> float | None:
+        return self.billing.rate_limit if self.billing is not None else None
+
     async def run(self, start: int, end: int, org_id: str | None = None) -> ReconcileRun:
         """Reconcile [start, end) (see the module docstring); stored, counted and alerted."""
         run = await reconcile(
@@ -366,6 +383,7 @@ class Reconciler:
             now=self.now(),
             settle_seconds=self.settings.settle_seconds,
             cancel_window=self.config.cutover.cancel_window_seconds,
+            rate=self._provider_rate(),
             org_id=org_id,
         )
         self.count(run)

@@ -25,7 +25,6 @@ A sender that dies leaves claims that lapse; another sender then takes the rows 
 from __future__ import annotations
 
 import asyncio
-import collections
 import itertools
 import os
 import socket
@@ -55,6 +54,7 @@ from controlplane.interfaces import (
 from controlplane.invoices import reissue_late
 from controlplane.ledger import Reason, RowState
 from controlplane.meters import MeterSet
+from controlplane.ratelimit import RateLimiter
 
 log = structlog.get_logger("sender")
 
@@ -69,30 +69,6 @@ class SendStats(msgspec.Struct):
     retry: int = 0
     ambiguous: int = 0
     calls: int = 0
-
-
-class RateLimiter:
-    """At most `rate` call starts in any sliding one-second window (with a small margin for
-    network jitter, so the provider's own window never sees more)."""
-
-    MARGIN = 1.05
-
-    def __init__(self, rate: float | None) -> None:
-        self.capacity = max(1, int(rate)) if rate else 0
-        self.window = self.capacity / rate * self.MARGIN if rate else 0.0
-        self._starts: collections.deque[float] = collections.deque()
-        self._lock = asyncio.Lock()
-
-    async def wait(self) -> None:
-        if not self.capacity:
-            return
-        async with self._lock:
-            while len(self._starts) >= self.capacity:
-                wait = self._starts[0] + self.window - time.monotonic()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                self._starts.popleft()
-            self._starts.append(time.monotonic())
 
 
 class Sender:

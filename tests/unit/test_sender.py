@@ -12,7 +12,7 @@ from controlplane.interfaces import ClosedPeriod, Outcome, WebhookRecord
 from controlplane.invoices import reissue_late
 from controlplane.ledger import RowState
 from controlplane.plugins.billing.fake import FakeBilling
-from controlplane.sender import RateLimiter
+from controlplane.ratelimit import RateLimiter
 from tests.conftest import HOUR, T0, tick
 
 
