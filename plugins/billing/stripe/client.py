@@ -144,6 +144,7 @@ class StripeBilling(Billing, CatalogPublisher, InvoicePreviewer, MeterSummaries)
         self._http: stripe.HTTPXClient | None = None
         self._api_key = ""
         self._meter_ids: dict[str, str] = {}
+        self._meters_read = asyncio.Lock()  # concurrent first reads list the meters once
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -331,21 +332,26 @@ class StripeBilling(Billing, CatalogPublisher, InvoicePreviewer, MeterSummaries)
 
     async def _meter_id(self, event_name: str) -> str:
         if event_name not in self._meter_ids:
-            client = self.client
-            page, failure = await self._attempts(
-                lambda: client.v1.billing.meters.list_async(params={"limit": 100}),
-                what="meters",
-                identifier=None,
-            )
-            if failure is not None:
-                raise BillingError(f"Stripe meters: {failure.message}") from failure.error
-            assert page is not None
-            async for meter in page.auto_paging_iter():
-                self._meter_ids.setdefault(meter.event_name, meter.id)
+            async with self._meters_read:
+                if event_name not in self._meter_ids:
+                    await self._read_meters()
         try:
             return self._meter_ids[event_name]
         except KeyError:
             raise BillingError(f"Stripe has no meter with event_name {event_name!r}") from None
+
+    async def _read_meters(self) -> None:
+        client = self.client
+        page, failure = await self._attempts(
+            lambda: client.v1.billing.meters.list_async(params={"limit": 100}),
+            what="meters",
+            identifier=None,
+        )
+        if failure is not None:
+            raise BillingError(f"Stripe meters: {failure.message}") from failure.error
+        assert page is not None
+        async for meter in page.auto_paging_iter():
+            self._meter_ids.setdefault(meter.event_name, meter.id)
 
     async def _attempts(
         self, call: Callable[[], Awaitable[T]], *, what: str, identifier: str | None
