@@ -213,4 +213,4 @@ async def test_the_overview_shows_the_newest_reconciliation_and_its_findings(
     summary = page.split('id="last-reconciliation"')[1].split("</p>")[0]
     assert "mismatch" in summary and f"{row.quantity} units short" in summary
     findings = page.split('id="reconcile-findings"')[1].split("</table>")[0]
-    assert "cus_1" in findings and "short" in findings
+    assert "cus_1" in findings and "short" in findings and "<td>held</td>" in findings
