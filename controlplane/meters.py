@@ -63,8 +63,11 @@ class MeterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
 
     @property
     def provider_formula(self) -> str:
-        """The provider meter's aggregation: a gauge sends each bucket's integral as a sum."""
-        return "count" if self.aggregation == "count" else "sum"
+        """The provider meter's aggregation: always `sum`. The product sends one meter event per
+        bucket revision holding the bucket's total (a count meter's count, a gauge's
+        integral), so the provider must add those values up; its `count` would count one per
+        bucket revision, whatever the bucket held."""
+        return "sum"
 
     @property
     def event_types(self) -> dict[str, Mode]:

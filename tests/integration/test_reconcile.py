@@ -20,6 +20,7 @@ from litestar.testing import AsyncTestClient
 from controlplane.cli import main
 from controlplane.config import Config
 from controlplane.core import ControlPlane
+from controlplane.errors import ConfigError
 from controlplane.flags import FlagChange
 from controlplane.http.app import create_app
 from controlplane.interfaces import AuditEntry, Finding, RowMove
@@ -403,3 +404,65 @@ def test_a_dropped_set_of_rows_is_attributed_to_rows_holding_exactly_its_units(
     chosen = [r for r in rows if r.identifier in finding.rows]
     assert sum(r.quantity for r in chosen) == sent - held
     assert len(chosen) <= len([r for r in rows if r.id in dropped and r.quantity])
+
+
+async def test_a_count_meter_is_billed_every_event_it_counted(stack: Stack) -> None:
+    """The product sends one meter event per bucket holding the bucket's count, so the Stripe
+    meter it publishes must sum those values: a `count` formula at Stripe would count one per
+    bucket, whatever the bucket held (under billing)."""
+    plane = stack.plane
+    (calls,) = [m for m in plane.config.meters if m.aggregation == "count"]
+    params: Any = {
+        "display_name": "API calls",
+        "event_name": calls.provider_event_name,
+        "default_aggregation": {"formula": calls.provider_formula},  # as `catalog publish` does
+    }
+    await stack.stripe.v1.billing.meters.create_async(params=params)
+    now = int(time.time()) // HOUR * HOUR
+    hour = now - 3 * HOUR
+    customer = str((await stack.stripe.v1.customers.create_async(params={"name": "c"})).id)
+    await plane.set_org("o3", customer=customer, plan="pro", actor="t", effective_from=0)
+    await plane.ingest(
+        [
+            {"id": f"c{i}", "type": "call", "subject": "o3", "ts": (hour + i) * 1000, "data": {}}
+            for i in range(3)
+        ],
+        "http",
+    )
+    await plane.rollup(until=hour + HOUR)
+    changes = [
+        FlagChange("authority", "controlplane"),
+        FlagChange("bill_from", hour),
+        FlagChange("shadow", False),
+    ]
+    await plane.set_flags(changes, actor="t", reason="go")
+    await plane.send()
+    (row,) = await plane.storage.ledger(state=RowState.SENT)
+    assert row.quantity == 3
+    assert stack.emulator.meter_total(calls.provider_event_name, customer, hour, hour + HOUR) == 3
+    assert (await plane.reconciler.run(hour, hour + HOUR)).clean
+
+
+async def test_publishing_refuses_a_stripe_meter_that_counts_events(
+    stack: Stack, make_config: Callable[..., Config]
+) -> None:
+    """A `count` meter published by an earlier version bills one unit per bucket: publishing
+    says so and what to do (a formula cannot change), and publishes nothing."""
+    params: Any = {
+        "display_name": "API calls",
+        "event_name": "calls",
+        "default_aggregation": {"formula": "count"},
+    }
+    await stack.stripe.v1.billing.meters.create_async(params=params)
+    catalog = {
+        "products": [{"key": "pro", "name": "Pro"}],
+        "prices": [
+            {"key": "calls", "product": "pro", "lookup_key": "calls_v1", "meter": "calls",
+             "unit_amount": "0.01"},
+        ],
+    }  # fmt: skip
+    config = make_config(billing=msgspec.to_builtins(stack.plane.config.billing), catalog=catalog)
+    async with ControlPlane(config) as plane:
+        with pytest.raises(ConfigError, match=r"meters\.calls: .* aggregates with `count`"):
+            await plane.catalog_publish(actor="t")
+        assert await plane.storage.catalog_version() is None

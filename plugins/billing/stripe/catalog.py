@@ -4,8 +4,11 @@
 
 `publish` is idempotent. It finds each object before it creates anything:
 
-- meters by `event_name` (every configured `[[meters]]` entry; formula from `aggregation`);
-  an inactive one is reactivated;
+- meters by `event_name` (every configured `[[meters]]` entry), created with the `sum`
+  formula: the product sends one event per bucket revision holding its total, so Stripe must
+  add the values up. An existing meter with another formula (an earlier version published
+  `count` meters that way, billing one unit per bucket) is refused with what to do, since a
+  meter's formula cannot be changed; an inactive one is reactivated;
 - products by id: Stripe products have no lookup key, so each gets the deterministic id
   ``prod_cp_<key>`` (a custom id is allowed on create, and a second create with it fails);
   a changed name is updated in place (a name moves no money);
@@ -139,6 +142,15 @@ class _Publisher:
         event_name = m.provider_event_name
         found = existing.get(event_name)
         if found is not None:
+            formula = found.default_aggregation.formula
+            if formula != m.provider_formula:
+                raise ConfigError(
+                    f"meters.{m.name}: Stripe meter {found.id} (event_name {event_name}) "
+                    f"aggregates with `{formula}`, but the product sends per-bucket totals that "
+                    f"must be summed; a meter's formula cannot change: set `event_name` to a "
+                    f"new name so that publishing creates a `{m.provider_formula}` meter, "
+                    "and deactivate the old one"
+                )
             if found.status == "inactive":
                 self.act("reactivate", "meter", m.name, f"{found.id} ({event_name})")
                 if not self.dry_run:
