@@ -38,6 +38,7 @@ class Reason(enum.StrEnum):
     REISSUED = "reissued"  # reached the provider after its invoice was finalized: sent again
     PROVIDER_ERROR = "provider_error"  # accepted, then reported invalid by the provider
     PROVIDER_MISSING = "provider_missing"  # sent, and absent from the provider's aggregates
+    OFFSET = "offset"  # handed back by a rollback through an offsetting row (`offsets_id`)
 
 
 CUSTOMER_NOT_FOUND = "meter_event_customer_not_found"
@@ -45,13 +46,16 @@ CUSTOMER_NOT_FOUND = "meter_event_customer_not_found"
 
 BILLABLE = "billable"
 EXCLUDING = (Reason.FREE_PLAN, Reason.BEFORE_BILL_FROM, Reason.TOO_OLD)
-UNBILLED = (*EXCLUDING, Reason.ROLLED_BACK, Reason.REISSUED)
+UNBILLED = (*EXCLUDING, Reason.ROLLED_BACK, Reason.REISSUED, Reason.OFFSET)
 
 
-def segment(reason: str | None) -> str:
+def segment(reason: str | None, offsets: int | None = None) -> str:
     """The rounding chain a row belongs to: rows billed here never share a carry with rows
     excluded by rule, or handed back to the legacy biller by a rollback, so no fraction of a
-    unit moves between billed and unbilled usage (nor into the next cutover)."""
+    unit moves between billed and unbilled usage (nor into the next cutover). An offsetting
+    row (`offsets` the row it takes back) shares the chain of the row it offsets."""
+    if offsets is not None:
+        return Reason.OFFSET
     return reason if reason in UNBILLED else BILLABLE
 
 
@@ -114,6 +118,7 @@ class LedgerRow(msgspec.Struct, frozen=True):
     attempt_key: str | None = None  # the idempotency key
     last_attempt_at: int | None = None
     plan_source: str | None = None  # which link of the plan authority chain priced it
+    offsets_id: int | None = None  # an offsetting row: the row it takes back at the provider
 
     def to_api(self) -> dict[str, object]:
         """The row as the API shows it: `value` as an exact decimal string."""

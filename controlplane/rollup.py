@@ -218,6 +218,7 @@ class ChainMember(msgspec.Struct, frozen=True):
     reason: str | None
     attempts: int
     held: bool  # another live claimant holds it: it may be about to send its quantity
+    offsets_id: int | None = None  # an offsetting row (its chain: the row it offsets)
 
 
 _MOVABLE = frozenset({RowState.PENDING, RowState.HELD, RowState.EXCLUDED})
@@ -237,10 +238,11 @@ def rechain(
     """
     segments: dict[str, list[ChainRow]] = {BILLABLE: []}
     for r in rows:
-        frozen = r.state not in _MOVABLE or r.attempts > 0 or r.held
+        # an offsetting row holds exactly its row's negative, whatever its chain's carry
+        frozen = r.state not in _MOVABLE or r.attempts > 0 or r.held or r.offsets_id is not None
         if r.state is RowState.EXCLUDED:
             frozen = False  # never sent: its units may move
-        segments.setdefault(segment(r.reason), []).append(
+        segments.setdefault(segment(r.reason, r.offsets_id), []).append(
             ChainRow(r.id, r.value_micros, r.quantity, frozen)
         )
     changed: dict[int, int] = {}

@@ -325,6 +325,30 @@ class SendStore(abc.ABC):
         reissued row no longer counts toward its bucket's ledger total (its usage lives on in
         the new revision). Returns the revisions appended."""
 
+    @abc.abstractmethod
+    async def offset_rows(
+        self, row_ids: Sequence[int], at: int, actor: str, detail: str
+    ) -> list[LedgerRow]:
+        """For each row still `sent` that reached the provider and has no offset yet, append
+        the next revision of its bucket holding its negative value and quantity, `pending`,
+        naming it (`offsets_id`) and called as it was (its customer and timestamp, under its
+        own identifier), audited ``ledger.offset_appended``, in one transaction. The row stays
+        `sent` until the provider takes its offset (:meth:`complete_offsets`). An offsetting
+        row moves no usage: it never counts toward its bucket's ledger total, keeps its
+        quantity, and shares the rounding chain of the row it offsets. Returns the rows
+        appended."""
+
+    @abc.abstractmethod
+    async def complete_offsets(self, settlements: Sequence[Settlement], at: int, actor: str) -> int:
+        """The provider took these offsetting rows: each one still `pending` moves to `sent`
+        and the row it offsets (still `sent`) to `cancelled`/`offset`, audited as
+        ``ledger.offset``, in one transaction; the rounding chains are re-derived. Returns
+        the offsets completed."""
+
+    @abc.abstractmethod
+    async def unsent_offsets(self) -> list[LedgerRow]:
+        """Offsetting rows still `pending` (their call failed or was never answered)."""
+
 
 class OrgStore(abc.ABC):
     """Orgs: their provider customer and plan periods."""

@@ -95,7 +95,10 @@ FROM unnest($1::text[], $2::bigint[]) AS b(org_id, bucket_start)
 JOIN bucket_totals t ON t.org_id = b.org_id AND t.bucket_start = b.bucket_start;
 
 -- name: batch_ledger
-SELECT l.org_id, l.meter, l.bucket_start, sum(l.value_micros)::bigint AS value_micros,
+-- An offset moves no usage (it takes a sent row back at the provider): its value is not
+-- counted, its revision is.
+SELECT l.org_id, l.meter, l.bucket_start,
+       sum(CASE WHEN l.offsets_id IS NULL THEN l.value_micros ELSE 0 END)::bigint AS value_micros,
        max(l.revision) AS revision
 FROM unnest($1::text[], $2::bigint[]) AS b(org_id, bucket_start)
 JOIN ledger l ON l.org_id = b.org_id AND l.bucket_start = b.bucket_start
@@ -142,7 +145,7 @@ WHERE d.org_id = b.org_id AND d.bucket_start = b.bucket_start AND d.mark = b.mar
 SELECT id, identifier, org_id, meter, bucket_start, bucket_end, revision, value_micros,
        quantity, state, reason, detail, attempts, first_attempt_at, provider_id,
        created_at, updated_at, sent_at, attempt_customer, attempt_timestamp, attempt_key,
-       last_attempt_at, plan_source
+       last_attempt_at, plan_source, offsets_id
 FROM ledger
 WHERE ($1::text IS NULL OR org_id = $1)
   AND ($2::text IS NULL OR state = $2)
@@ -233,7 +236,7 @@ SELECT DISTINCT org_id, meter FROM ledger WHERE id = ANY($1::bigint[]) ORDER BY 
 
 -- name: chain_rows
 -- `held`: another live claimant holds the row; it may be about to send its quantity.
-SELECT id, value_micros, quantity, state, reason, attempts,
+SELECT id, value_micros, quantity, state, reason, attempts, offsets_id,
        coalesce(claimed_by <> $3 AND claim_expires > $4, false) AS held
 FROM ledger
 WHERE org_id = $1 AND meter = $2
@@ -250,23 +253,26 @@ WHERE l.id = t.id;
 SELECT id, identifier, quantity, state FROM ledger
 WHERE id = ANY($1::bigint[])
   AND (state = 'sent' OR (attempts > 0 AND state IN ('pending', 'held')))
+  AND offsets_id IS NULL  -- cancelling an offset would bill its row again
 ORDER BY id
 FOR UPDATE;
 
 -- name: cancel_rows
 UPDATE ledger SET state = 'cancelled', reason = $2, detail = $3, updated_at = $4
-WHERE id = ANY($1::bigint[]);
+WHERE id = ANY($1::bigint[])
+  AND offsets_id IS NULL;
 
 -- name: late_rows
 SELECT id, identifier, org_id, meter, bucket_start, bucket_end, revision, value_micros,
        quantity, state, reason, detail, attempts, first_attempt_at, provider_id,
        created_at, updated_at, sent_at, attempt_customer, attempt_timestamp, attempt_key,
-       last_attempt_at, plan_source
+       last_attempt_at, plan_source, offsets_id
 FROM ledger
 WHERE org_id = $1 AND state = 'sent' AND bucket_start < $3
   AND coalesce(attempt_timestamp, bucket_start) >= $2
   AND coalesce(attempt_timestamp, bucket_start) < $3
   AND first_attempt_at >= $4
+  AND offsets_id IS NULL
 ORDER BY id;
 
 -- name: reissuable
@@ -278,6 +284,7 @@ SELECT id, identifier, state, org_id, meter, bucket_start, bucket_end, value_mic
 FROM ledger l
 WHERE id = ANY($1::bigint[])
   AND (state = 'sent' OR (state = 'held' AND reason IN ('provider_error', 'provider_missing')))
+  AND offsets_id IS NULL
 ORDER BY id
 FOR UPDATE;
 
@@ -285,6 +292,48 @@ FOR UPDATE;
 INSERT INTO ledger (identifier, org_id, meter, bucket_start, bucket_end, revision,
                     value_micros, quantity, state, detail, created_at, updated_at)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', $9, $10, $10);
+
+-- name: offsettable
+-- Sent rows that reached the provider (an attempt was made) and have no offset yet.
+SELECT id, identifier, state, org_id, meter, bucket_start, bucket_end, value_micros, quantity,
+       attempt_customer, attempt_timestamp,
+       (SELECT max(r.revision) FROM ledger r
+        WHERE r.org_id = l.org_id AND r.meter = l.meter AND r.bucket_start = l.bucket_start)
+       AS last_revision
+FROM ledger l
+WHERE id = ANY($1::bigint[]) AND state = 'sent' AND attempts > 0 AND offsets_id IS NULL
+  AND NOT EXISTS (SELECT 1 FROM ledger o WHERE o.offsets_id = l.id)
+ORDER BY id
+FOR UPDATE;
+
+-- name: insert_offset
+-- It is called as its row was: the same customer and timestamp (the same hour, the same
+-- billing period), under its own identifier.
+INSERT INTO ledger (identifier, org_id, meter, bucket_start, bucket_end, revision,
+                    value_micros, quantity, state, detail, offsets_id, created_at, updated_at,
+                    attempt_customer, attempt_timestamp, attempt_key)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', $9, $10,
+        $11, $11, $12, $13, $1)
+RETURNING id, identifier, org_id, meter, bucket_start, bucket_end, revision, value_micros,
+          quantity, state, reason, detail, attempts, first_attempt_at, provider_id,
+          created_at, updated_at, sent_at, attempt_customer, attempt_timestamp, attempt_key,
+          last_attempt_at, plan_source, offsets_id;
+
+-- name: pending_offsets
+-- Offsetting rows still pending, with the row each offsets (still sent).
+SELECT o.id, o.identifier, o.quantity, o.offsets_id, r.identifier AS original
+FROM ledger o JOIN ledger r ON r.id = o.offsets_id
+WHERE o.id = ANY($1::bigint[]) AND o.state = 'pending' AND r.state = 'sent'
+ORDER BY o.id
+FOR UPDATE OF o;
+
+-- name: unsent_offsets
+-- Offsets appended and not yet settled (a call failed or was never answered): sent again.
+SELECT id, identifier, org_id, meter, bucket_start, bucket_end, revision, value_micros,
+       quantity, state, reason, detail, attempts, first_attempt_at, provider_id,
+       created_at, updated_at, sent_at, attempt_customer, attempt_timestamp, attempt_key,
+       last_attempt_at, plan_source, offsets_id
+FROM ledger WHERE offsets_id IS NOT NULL AND state = 'pending' ORDER BY id;
 
 -- name: live_claims
 SELECT count(*) FROM ledger WHERE claimed_by IS NOT NULL AND claim_expires > $1;
@@ -585,6 +634,7 @@ SELECT org_id, meter, sum(quantity)::bigint AS quantity FROM ledger
 WHERE bucket_start >= $1 AND bucket_start < $2
   AND NOT (state = 'excluded' AND reason IS NOT DISTINCT FROM 'free_plan')
   AND NOT (state = 'cancelled' AND reason IS NOT DISTINCT FROM 'reissued')
+  AND offsets_id IS NULL  -- an offset moves no usage
 GROUP BY org_id, meter
 ORDER BY org_id, meter;
 
@@ -628,12 +678,14 @@ SELECT id, checked_at, start_at AS start, end_at AS "end", org_id, customers, ho
 FROM reconcile_runs ORDER BY checked_at DESC, id DESC LIMIT $1;
 
 -- name: sent_cells
--- Units sent per (org, customer, meter, hour of the timestamp sent) in [$1, $2);
+-- Units at the provider per (org, customer, meter, hour of the timestamp sent): rows sent,
+-- and rows an offset cancelled (the provider holds both the row and its offset) in [$1, $2);
 -- $3: one org's rows, or every org's (NULL).
 SELECT org_id, attempt_customer AS customer, meter,
        attempt_timestamp - attempt_timestamp % 3600 AS hour, sum(quantity)::bigint AS units
 FROM ledger
-WHERE state = 'sent' AND attempt_timestamp >= $1 AND attempt_timestamp < $2
+WHERE state IN ('sent', 'cancelled') AND (state = 'sent' OR reason = 'offset')
+  AND attempt_timestamp >= $1 AND attempt_timestamp < $2
   AND attempt_customer IS NOT NULL AND ($3::text IS NULL OR org_id = $3)
 GROUP BY org_id, attempt_customer, meter, attempt_timestamp - attempt_timestamp % 3600;
 
@@ -642,7 +694,7 @@ GROUP BY org_id, attempt_customer, meter, attempt_timestamp - attempt_timestamp 
 SELECT id, identifier, org_id, meter, bucket_start, bucket_end, revision, value_micros,
        quantity, state, reason, detail, attempts, first_attempt_at, provider_id,
        created_at, updated_at, sent_at, attempt_customer, attempt_timestamp, attempt_key,
-       last_attempt_at, plan_source
+       last_attempt_at, plan_source, offsets_id
 FROM ledger
 WHERE org_id = $1 AND meter = $2 AND attempt_customer = $3
   AND attempt_timestamp >= $4 AND attempt_timestamp < $5

@@ -96,7 +96,10 @@ CROSS JOIN bucket_totals t
     ON t.meter = m.meter AND t.org_id = b.org_id AND t.bucket_start = b.bucket_start;
 
 -- name: batch_ledger
-SELECT l.org_id, l.meter, l.bucket_start, sum(l.value_micros) AS value_micros,
+-- An offset moves no usage (it takes a sent row back at the provider): its value is not
+-- counted, its revision is.
+SELECT l.org_id, l.meter, l.bucket_start,
+       sum(CASE WHEN l.offsets_id IS NULL THEN l.value_micros ELSE 0 END) AS value_micros,
        max(l.revision) AS revision
 FROM temp.rollup_batch b
 CROSS JOIN temp.rollup_meters m
@@ -143,7 +146,7 @@ WHERE (org_id, bucket_start) IN (SELECT org_id, bucket_start FROM temp.rollup_ba
 SELECT id, identifier, org_id, meter, bucket_start, bucket_end, revision, value_micros,
        quantity, state, reason, detail, attempts, first_attempt_at, provider_id,
        created_at, updated_at, sent_at, attempt_customer, attempt_timestamp, attempt_key,
-       last_attempt_at, plan_source
+       last_attempt_at, plan_source, offsets_id
 FROM ledger
 WHERE (?1 IS NULL OR org_id = ?1)
   AND (?2 IS NULL OR state = ?2)
@@ -229,7 +232,7 @@ ORDER BY org_id, meter;
 
 -- name: chain_rows
 -- `held`: another live claimant holds the row; it may be about to send its quantity.
-SELECT id, value_micros, quantity, state, reason, attempts,
+SELECT id, value_micros, quantity, state, reason, attempts, offsets_id,
        coalesce(claimed_by <> ?3 AND claim_expires > ?4, 0) AS held
 FROM ledger
 WHERE org_id = ?1 AND meter = ?2
@@ -447,22 +450,25 @@ ORDER BY org_id, period_start;
 SELECT id, identifier, quantity, state FROM ledger
 WHERE id IN (SELECT value FROM json_each(?))
   AND (state = 'sent' OR (attempts > 0 AND state IN ('pending', 'held')))
+  AND offsets_id IS NULL  -- cancelling an offset would bill its row again
 ORDER BY id;
 
 -- name: cancel_rows
 UPDATE ledger SET state = 'cancelled', reason = ?2, detail = ?3, updated_at = ?4
-WHERE id = ?1 AND (state = 'sent' OR (attempts > 0 AND state IN ('pending', 'held')));
+WHERE id = ?1 AND (state = 'sent' OR (attempts > 0 AND state IN ('pending', 'held')))
+  AND offsets_id IS NULL;
 
 -- name: late_rows
 SELECT id, identifier, org_id, meter, bucket_start, bucket_end, revision, value_micros,
        quantity, state, reason, detail, attempts, first_attempt_at, provider_id,
        created_at, updated_at, sent_at, attempt_customer, attempt_timestamp, attempt_key,
-       last_attempt_at, plan_source
+       last_attempt_at, plan_source, offsets_id
 FROM ledger
 WHERE org_id = ?1 AND state = 'sent' AND bucket_start < ?3
   AND coalesce(attempt_timestamp, bucket_start) >= ?2
   AND coalesce(attempt_timestamp, bucket_start) < ?3
   AND first_attempt_at >= ?4
+  AND offsets_id IS NULL
 ORDER BY id;
 
 -- name: reissuable
@@ -474,7 +480,49 @@ SELECT id, identifier, state, org_id, meter, bucket_start, bucket_end, value_mic
 FROM ledger l
 WHERE id IN (SELECT value FROM json_each(?))
   AND (state = 'sent' OR (state = 'held' AND reason IN ('provider_error', 'provider_missing')))
+  AND offsets_id IS NULL
 ORDER BY id;
+
+-- name: offsettable
+-- Sent rows that reached the provider (an attempt was made) and have no offset yet.
+SELECT id, identifier, state, org_id, meter, bucket_start, bucket_end, value_micros, quantity,
+       attempt_customer, attempt_timestamp,
+       (SELECT max(r.revision) FROM ledger r
+        WHERE r.org_id = l.org_id AND r.meter = l.meter AND r.bucket_start = l.bucket_start)
+       AS last_revision
+FROM ledger l
+WHERE id IN (SELECT value FROM json_each(?))
+  AND state = 'sent' AND attempts > 0 AND offsets_id IS NULL
+  AND NOT EXISTS (SELECT 1 FROM ledger o WHERE o.offsets_id = l.id)
+ORDER BY id;
+
+-- name: insert_offset
+-- It is called as its row was: the same customer and timestamp (the same hour, the same
+-- billing period), under its own identifier.
+INSERT INTO ledger (identifier, org_id, meter, bucket_start, bucket_end, revision,
+                    value_micros, quantity, state, detail, offsets_id, created_at, updated_at,
+                    attempt_customer, attempt_timestamp, attempt_key)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, ?10,
+        ?11, ?11, ?12, ?13, ?1)
+RETURNING id, identifier, org_id, meter, bucket_start, bucket_end, revision, value_micros,
+          quantity, state, reason, detail, attempts, first_attempt_at, provider_id,
+          created_at, updated_at, sent_at, attempt_customer, attempt_timestamp, attempt_key,
+          last_attempt_at, plan_source, offsets_id;
+
+-- name: pending_offsets
+-- Offsetting rows still pending, with the row each offsets (still sent).
+SELECT o.id, o.identifier, o.quantity, o.offsets_id, r.identifier AS original
+FROM ledger o JOIN ledger r ON r.id = o.offsets_id
+WHERE o.id IN (SELECT value FROM json_each(?)) AND o.state = 'pending' AND r.state = 'sent'
+ORDER BY o.id;
+
+-- name: unsent_offsets
+-- Offsets appended and not yet settled (a call failed or was never answered): sent again.
+SELECT id, identifier, org_id, meter, bucket_start, bucket_end, revision, value_micros,
+       quantity, state, reason, detail, attempts, first_attempt_at, provider_id,
+       created_at, updated_at, sent_at, attempt_customer, attempt_timestamp, attempt_key,
+       last_attempt_at, plan_source, offsets_id
+FROM ledger WHERE offsets_id IS NOT NULL AND state = 'pending' ORDER BY id;
 
 -- name: live_claims
 SELECT count(*) FROM ledger WHERE claimed_by IS NOT NULL AND claim_expires > ?;
@@ -601,6 +649,7 @@ SELECT org_id, meter, sum(quantity) AS quantity FROM ledger
 WHERE bucket_start >= ?1 AND bucket_start < ?2
   AND NOT (state = 'excluded' AND reason IS 'free_plan')
   AND NOT (state = 'cancelled' AND reason IS 'reissued')
+  AND offsets_id IS NULL  -- an offset moves no usage
 GROUP BY org_id, meter
 ORDER BY org_id, meter;
 
@@ -644,12 +693,14 @@ SELECT id, checked_at, start_at AS start, end_at AS "end", org_id, customers, ho
 FROM reconcile_runs ORDER BY checked_at DESC, id DESC LIMIT ?1;
 
 -- name: sent_cells
--- Units sent per (org, customer, meter, hour of the timestamp sent) in [?1, ?2);
+-- Units at the provider per (org, customer, meter, hour of the timestamp sent): rows sent,
+-- and rows an offset cancelled (the provider holds both the row and its offset) in [?1, ?2);
 -- ?3: one org's rows, or every org's (NULL).
 SELECT org_id, attempt_customer AS customer, meter,
        attempt_timestamp - attempt_timestamp % 3600 AS hour, sum(quantity) AS units
 FROM ledger
-WHERE state = 'sent' AND attempt_timestamp >= ?1 AND attempt_timestamp < ?2
+WHERE state IN ('sent', 'cancelled') AND (state = 'sent' OR reason = 'offset')
+  AND attempt_timestamp >= ?1 AND attempt_timestamp < ?2
   AND attempt_customer IS NOT NULL AND (?3 IS NULL OR org_id = ?3)
 GROUP BY org_id, attempt_customer, meter, attempt_timestamp - attempt_timestamp % 3600;
 
@@ -658,7 +709,7 @@ GROUP BY org_id, attempt_customer, meter, attempt_timestamp - attempt_timestamp 
 SELECT id, identifier, org_id, meter, bucket_start, bucket_end, revision, value_micros,
        quantity, state, reason, detail, attempts, first_attempt_at, provider_id,
        created_at, updated_at, sent_at, attempt_customer, attempt_timestamp, attempt_key,
-       last_attempt_at, plan_source
+       last_attempt_at, plan_source, offsets_id
 FROM ledger
 WHERE org_id = ?1 AND meter = ?2 AND attempt_customer = ?3
   AND attempt_timestamp >= ?4 AND attempt_timestamp < ?5

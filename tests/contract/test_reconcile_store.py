@@ -95,3 +95,43 @@ async def test_rows_held_as_provider_missing_are_reissued_not_resent(storage: St
     rows = by_id(await storage.ledger())
     assert (rows[r0.id].state, rows[r0.id].reason) == (RowState.CANCELLED, Reason.REISSUED)
     assert (new.quantity, new.revision, new.state) == (r0.quantity, 2, RowState.PENDING)
+
+
+async def test_offsetting_a_sent_row_appends_its_negative_and_moves_no_usage(
+    storage: Storage,
+) -> None:
+    r0, r1 = await sent_rows(storage, {B[0]: B[0] + 60, B[1]: B[1]})
+    (offset,) = await storage.offset_rows([r0.id, r0.id], NOW, "t", "rolled back")
+    assert (offset.offsets_id, offset.revision, offset.state) == (r0.id, 2, RowState.PENDING)
+    assert (offset.value_micros, offset.quantity) == (-r0.value_micros, -r0.quantity)
+    # called as its row was: the same customer and timestamp, under its own identifier
+    assert (offset.attempt_customer, offset.attempt_timestamp, offset.attempt_key) == (
+        "cus_a",
+        B[0] + 60,
+        offset.identifier,
+    )
+    assert by_id(await storage.ledger())[r0.id].state is RowState.SENT  # until Stripe takes it
+    assert await storage.offset_rows([r0.id, offset.id], NOW, "t", "again") == []  # one offset
+    assert [r.id for r in await storage.unsent_offsets()] == [offset.id]
+    # the bucket's usage is unchanged: a late event adds only its own value
+    await storage.insert_events([event("late", "a", B[0] + 9, UNIT)], HOUR)
+    await roll(storage)
+    late = [r for r in await storage.ledger() if r.id > offset.id]
+    assert [(r.bucket_start, r.value_micros, r.revision) for r in late] == [(B[0], UNIT, 3)]
+
+    taken = settlement(offset, RowState.SENT, customer="cus_a", provider_id="mev_o")
+    assert await storage.complete_offsets([taken], NOW, "t") == 1
+    assert await storage.complete_offsets([taken], NOW, "t") == 0  # once
+    rows = by_id(await storage.ledger())
+    assert (rows[r0.id].state, rows[r0.id].reason) == (RowState.CANCELLED, Reason.OFFSET)
+    assert (rows[offset.id].state, rows[offset.id].quantity) == (RowState.SENT, -r0.quantity)
+    assert rows[r1.id].state is RowState.SENT and await storage.unsent_offsets() == []
+    # the provider holds both the row and its offset: the hour nets to zero
+    assert [c.units for c in await storage.sent_cells(B[0], B[0] + HOUR, "a")] == [0]
+    # an offset is never cancelled (that would bill its row again)
+    assert await storage.cancel_rows([offset.id], NOW, "t", "rolled_back") == 0
+    audit = await storage.audit_log(action_prefix="ledger.offset")
+    assert [(a.action, a.subject) for a in audit] == [
+        ("ledger.offset", r0.identifier),
+        ("ledger.offset_appended", offset.identifier),
+    ]

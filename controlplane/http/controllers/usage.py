@@ -51,6 +51,7 @@ class LedgerEntry(msgspec.Struct):
     attempt_key: str | None
     last_attempt_at: int | None
     plan_source: str | None
+    offsets_id: int | None  # an offsetting row (a rollback's): the id of the row it takes back
     value: str
 
     @classmethod

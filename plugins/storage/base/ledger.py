@@ -390,3 +390,95 @@ class SQLSending(SQLDriver, SendStore):
             return new
 
         return await self._tx("reissue rows", work, CHAIN_LOCK)
+
+    async def offset_rows(
+        self, row_ids: Sequence[int], at: int, actor: str, detail: str
+    ) -> list[LedgerRow]:
+        async def work(conn: Connection) -> list[LedgerRow]:
+            new: list[LedgerRow] = []
+            for old in await conn.fetch("offsettable", self._array(sorted(row_ids))):
+                offset = NewRow(
+                    org_id=old["org_id"],
+                    meter=old["meter"],
+                    bucket_start=old["bucket_start"],
+                    bucket_end=old["bucket_end"],
+                    revision=int(old["last_revision"]) + 1,
+                    value_micros=-old["value_micros"],
+                    quantity=-old["quantity"],
+                    state=RowState.PENDING,
+                )
+                (row,) = await conn.fetch(
+                    "insert_offset",
+                    offset.identifier,
+                    offset.org_id,
+                    offset.meter,
+                    offset.bucket_start,
+                    offset.bucket_end,
+                    offset.revision,
+                    offset.value_micros,
+                    offset.quantity,
+                    f"offsets {old['identifier']}: {detail}",
+                    old["id"],
+                    at,
+                    old["attempt_customer"],
+                    old["attempt_timestamp"],
+                )
+                new.append(ledger_row(row))
+            await self._append_audit(
+                conn,
+                [
+                    AuditEntry(
+                        action="ledger.offset_appended",
+                        subject=row.identifier,
+                        actor=actor,
+                        reason=detail,
+                        after={"offsets_id": row.offsets_id, "quantity": row.quantity},
+                    )
+                    for row in new
+                ],
+                at,
+            )
+            return new
+
+        return await self._tx("offset rows", work)
+
+    async def complete_offsets(self, settlements: Sequence[Settlement], at: int, actor: str) -> int:
+        async def work(conn: Connection) -> int:
+            ids = self._array(sorted(s.row_id for s in settlements))
+            pending = {r["id"]: r for r in await conn.fetch("pending_offsets", ids)}
+            moving = [s for s in settlements if s.row_id in pending]
+            if not moving:
+                return 0
+            rows = [(s.row_id, "sent", None, s.detail, s.provider_id, at) for s in moving]
+            await conn.bulk("settle_rows", rows, at)
+            originals = [pending[s.row_id] for s in moving]
+            for o in originals:
+                why = f"offset by {o['identifier']}"
+                await conn.bulk("cancel_rows", [(o["offsets_id"],)], Reason.OFFSET.value, why, at)
+            await self._append_audit(
+                conn,
+                [
+                    AuditEntry(
+                        action="ledger.offset",
+                        subject=o["original"],
+                        actor=actor,
+                        reason="handed back to the legacy biller by an offset in its open period",
+                        before={"state": "sent", "quantity": -o["quantity"]},
+                        after={
+                            "state": "cancelled",
+                            "reason": "offset",
+                            "offset_by": o["identifier"],
+                        },
+                    )
+                    for o in originals
+                ],
+                at,
+            )
+            # the rows leave the billable chain for the offset one, where they net to 0
+            await self._requantify(conn, [o["offsets_id"] for o in originals], at, "")
+            return len(moving)
+
+        return await self._tx("complete offsets", work, CHAIN_LOCK)
+
+    async def unsent_offsets(self) -> list[LedgerRow]:
+        return [ledger_row(r) for r in await self._all("unsent_offsets")]
