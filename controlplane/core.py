@@ -34,6 +34,7 @@ from controlplane.flags import Authority, FlagChange, Snapshot, resolve, set_fla
 from controlplane.flags.resolve import static_layers
 from controlplane.flags.service import DEFAULT_MAX_EVENT_AGE_SECONDS, record_static
 from controlplane.flags.service import check as check_flags
+from controlplane.handback import HandBack
 from controlplane.interfaces import (
     AuditEntry,
     AuditRecord,
@@ -657,7 +658,13 @@ class ControlPlane:
             set_flags=self.set_flags,
             parity_clean_since=self.parity_clean_since,
             money_parity_clean=self.money_parity.last_closed,
+            hand_back=lambda actor: self.hand_back.run(actor),
         )
+
+    @property
+    def hand_back(self) -> HandBack:
+        """What a rollback hands back to the legacy biller (:mod:`controlplane.handback`)."""
+        return HandBack(self.storage, self.billing, self.meters, self.config, self.now)
 
     async def parity_runs(
         self, *, limit: int = 100, start: int | None = None, end: int | None = None

@@ -8,9 +8,10 @@
   ``bill_from = T`` and ``shadow = false`` in one transaction, with one audit group that also
   holds the ``cutover.execute`` record.
 - :meth:`~Cutover.rollback` sets ``authority = legacy`` and ``shadow = true`` (one
-  transaction, audited ``cutover.rollback``) and, with ``cancel_sent``, cancels at the
-  provider the rows sent less than ``[cutover] cancel_window_seconds`` ago, listing the others
-  for manual credit notes.
+  transaction, audited ``cutover.rollback``) and, with ``cancel_sent``, hands back what the
+  provider may hold (:mod:`controlplane.handback`): cancelled inside ``[cutover]
+  cancel_window_seconds``, offset in its open billing period past it, else listed for a credit
+  note.
 - :meth:`~Cutover.status` derives the stage (``shadow``, ``armed``, ``live``,
   ``rolled_back``) from the flags and the audit history.
 """
@@ -21,7 +22,6 @@ import asyncio
 import dataclasses
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Literal, Protocol
 
@@ -42,17 +42,16 @@ from controlplane.interfaces import (
     LegacyError,
     LegacySource,
     MeterSummaries,
-    Outcome,
     Storage,
 )
-from controlplane.ledger import LedgerRow, Reason, RowState
+from controlplane.ledger import LedgerRow, RowState
 from controlplane.meters import MeterSet
 from controlplane.parity import CleanSince
 from controlplane.parity_checker import settled_end
 from controlplane.plans import Plans
 from controlplane.reconcile import clean_since
+from controlplane.reversal import CreditNote, HandedBack, RowNote
 from controlplane.times import iso
-from controlplane.units import format_micros
 
 log = structlog.get_logger("cutover")
 
@@ -114,31 +113,13 @@ class Plan(msgspec.Struct, frozen=True):
     problems: list[dict[str, str]]  # guard refusals execute would meet now
 
 
-class RowNote(msgspec.Struct, frozen=True):
-    identifier: str
-    org_id: str
-    meter: str
-    bucket_start: int
-    quantity: int
-    value: str
-    sent_at: int | None
-    note: str | None = None
-
-
 class RollbackResult(msgspec.Struct, frozen=True):
     flags: dict[str, Any]
-    cancelled: list[RowNote]
-    not_cancelled: list[RowNote]  # for manual credit notes
+    cancelled: list[RowNote]  # cancelled at the provider: the legacy biller bills them
+    not_cancelled: list[RowNote]  # still at the provider: a credit note, or reconciliation
+    offset: list[RowNote] = []  # offset in their open billing period: the legacy biller bills them
+    credit_notes: list[CreditNote] = []  # the rows listed, per customer, invoice and meter
     senders_still_running: str | None = None  # why the lists may be incomplete
-
-
-class RollbackPreview(msgspec.Struct, frozen=True):
-    """What a rollback with ``cancel_sent`` would do now (:meth:`Cutover.cancel_preview`)."""
-
-    to_cancel: list[LedgerRow]  # inside the cancel window: cancelled at the provider
-    to_cancel_count: int
-    credit_notes: list[LedgerRow]  # past it: manual credit notes
-    credit_notes_count: int
 
 
 class CutoverStatus(msgspec.Struct, frozen=True):
@@ -206,19 +187,6 @@ def _at(current: Snapshot, at: int | None) -> int:
 # execute and rollback -------------------------------------------------------------------------
 
 
-def _note(row: Any, note: str | None) -> RowNote:
-    return RowNote(
-        identifier=row.identifier,
-        org_id=row.org_id,
-        meter=row.meter,
-        bucket_start=row.bucket_start,
-        quantity=row.quantity,
-        value=format_micros(row.value_micros),
-        sent_at=row.sent_at,
-        note=note,
-    )
-
-
 # status ---------------------------------------------------------------------------------------
 
 
@@ -254,6 +222,8 @@ class Cutover:
     parity_clean_since: Callable[[], Awaitable[CleanSince]]
     # checks the last closed month's invoices now: (clean?, detail); see money_parity
     money_parity_clean: Callable[[], Awaitable[tuple[bool, str]]] | None = None
+    # hands back what the provider may hold after a rollback (controlplane.handback)
+    hand_back: Callable[[str], Awaitable[HandedBack]] | None = None
 
     async def _guard_problems(self, current: Snapshot, at: int) -> list[dict[str, str]]:
         candidate = _candidate(current, _live_values(at))
@@ -428,39 +398,6 @@ class Cutover:
             name, "pass", f"every event of {', '.join(sorted(types))} in {hours} h had a token"
         )
 
-    async def cancel_preview(self, limit: int = 100) -> RollbackPreview:
-        """What `cutover rollback --cancel-sent` would do now, changing nothing. The rows the
-        provider may have (sent, or attempted without a definite answer) from inside
-        ``[cutover] cancel_window_seconds`` are cancelled at the provider; older ones need
-        manual credit notes. Lists the newest `limit` of each, and counts them all."""
-        horizon = self.now() - self.config.cutover.cancel_window_seconds
-        cancel: deque[LedgerRow] = deque(maxlen=limit)
-        credit: deque[LedgerRow] = deque(maxlen=limit)
-        counts = [0, 0]
-        for state, attempted in (
-            (RowState.SENT, None),
-            (RowState.PENDING, True),
-            (RowState.HELD, True),
-        ):
-            after = 0
-            while rows := await self.storage.ledger(
-                state=state, attempted=attempted, after_id=after, limit=5000
-            ):
-                for row in rows:
-                    if row.state is RowState.HELD and row.reason != Reason.AMBIGUOUS:
-                        continue  # the provider answered no: nothing to cancel there
-                    since = row.sent_at if row.state is RowState.SENT else row.first_attempt_at
-                    recent = since is not None and since > horizon
-                    (cancel if recent else credit).append(row)
-                    counts[0 if recent else 1] += 1
-                after = rows[-1].id
-        return RollbackPreview(
-            to_cancel=sorted(cancel, key=lambda r: -r.id),
-            to_cancel_count=counts[0],
-            credit_notes=sorted(credit, key=lambda r: -r.id),
-            credit_notes_count=counts[1],
-        )
-
     async def _check_reconciled(self) -> Check:
         """After a rollback, the provider's books must agree with the ledger before the
         control plane bills again: the newest reconciliation after the rollback is clean."""
@@ -535,7 +472,8 @@ class Cutover:
     async def rollback(
         self, *, actor: str, reason: str, cancel_sent: bool = False
     ) -> RollbackResult:
-        """Authority back to legacy and shadow on; with `cancel_sent`, cancel recent sends."""
+        """Authority back to legacy and shadow on; with `cancel_sent`, hand back what the
+        provider may hold (cancel, offset, or list for a credit note)."""
         before = await self.flags()
         entry = AuditEntry(
             action="cutover.rollback",
@@ -555,62 +493,17 @@ class Cutover:
         )
         log.info("cutover.rolled_back", actor=actor, cancel_sent=cancel_sent)
         waiting = await self._await_senders()
-        cancelled: list[RowNote] = []
-        kept: list[RowNote] = []
-        if not cancel_sent:
-            return RollbackResult(snapshot.to_api(), cancelled, kept, waiting)
-        window = self.config.cutover.cancel_window_seconds
-        async for row in self._rows_at_provider():
-            attempted = row.state is not RowState.SENT  # attempted, outcome unknown
-            unknown = "attempted without a definite answer (it may never have arrived); "
-            since = row.first_attempt_at if attempted else row.sent_at
-            if since is None or since <= self.now() - window:
-                what = "first attempted" if attempted else "sent"
-                why = (
-                    "kept with the rows that carry its fraction"
-                    if not row.attempts
-                    else "the provider cannot cancel"
-                )
-                kept.append(
-                    _note(
-                        row,
-                        (unknown if attempted else "") + f"{what} more than {window} s ago: {why}",
-                    )
-                )
-                continue
-            if not row.attempts:  # sent without a call (below one unit): nothing to cancel there
-                never = "never delivered (below one unit): handed back without a call"
-                if await self.storage.cancel_rows(
-                    [row.id], self.now(), actor, Reason.ROLLED_BACK.value, never
-                ):
-                    cancelled.append(_note(row, never))
-                continue
-            if self.billing is None:
-                kept.append(_note(row, "no billing backend configured"))
-                continue
-            meter = self.meters.by_name.get(row.meter)
-            event_name = meter.config.provider_event_name if meter else row.meter
-            delivery = await self.billing.cancel(event_name, row.identifier)
-            if delivery.outcome in (Outcome.ACCEPTED, Outcome.DUPLICATE):
-                moved = await self.storage.cancel_rows(
-                    [row.id],
-                    self.now(),
-                    actor,
-                    Reason.ROLLED_BACK.value,
-                    "cancelled at the provider",
-                )
-                if moved:
-                    cancelled.append(_note(row, None))
-                    continue
-            kept.append(
-                _note(
-                    row,
-                    (unknown if attempted else "")
-                    + f"provider {delivery.outcome.value}: {delivery.message or 'no detail'}",
-                )
-            )
-        log.info("cutover.cancelled", cancelled=len(cancelled), not_cancelled=len(kept))
-        return RollbackResult(snapshot.to_api(), cancelled, kept, waiting)
+        if not cancel_sent or self.hand_back is None:
+            return RollbackResult(snapshot.to_api(), [], [], senders_still_running=waiting)
+        done = await self.hand_back(actor)
+        return RollbackResult(
+            snapshot.to_api(),
+            done.cancelled,
+            done.not_cancelled,
+            done.offset,
+            done.credit_notes,
+            waiting,
+        )
 
     async def _rows(
         self, state: RowState, attempted: bool | None = None, page: int = 5000
@@ -623,19 +516,6 @@ class Cutover:
             for row in rows:
                 yield row
             after = rows[-1].id
-
-    async def _rows_at_provider(self) -> AsyncIterator[LedgerRow]:
-        """Every row the provider may have: sent, or attempted without a definite answer (still
-        pending, or held as `ambiguous`; not rows the provider refused)."""
-        for state, attempted in (
-            (RowState.SENT, None),
-            (RowState.PENDING, True),
-            (RowState.HELD, True),
-        ):
-            async for row in self._rows(state, attempted):
-                if row.state is RowState.HELD and row.reason != Reason.AMBIGUOUS:
-                    continue  # the provider answered no (or the row waits for a customer)
-                yield row
 
     async def _await_senders(self) -> str | None:
         """Wait for send passes that read the flags before the rollback: each stops before its

@@ -18,7 +18,8 @@ from controlplane.cli.common import (
 from controlplane.config import Config
 
 if TYPE_CHECKING:
-    from controlplane.cutover import Preflight, RowNote
+    from controlplane.cutover import Preflight
+    from controlplane.reversal import CreditNote, RowNote
 
 AT = "T: unix seconds or RFC 3339 (2026-01-01T00:00:00Z)"
 
@@ -103,7 +104,9 @@ async def cutover_cmd(args: argparse.Namespace, config: Config) -> int:
             else:
                 print("rolled back: authority legacy, shadow yes")
                 _rows("cancelled at the provider", result.cancelled)
-                _rows("NOT cancelled (issue a credit note for each)", result.not_cancelled)
+                _rows("offset in their open billing period", result.offset)
+                _rows("NOT handed back (still at the provider)", result.not_cancelled)
+                _credit_notes(result.credit_notes)
                 if result.senders_still_running:
                     print(f"WARNING: {result.senders_still_running}")
             return 1 if result.senders_still_running else 0
@@ -153,6 +156,27 @@ def _rows(title: str, rows: list[RowNote]) -> None:
                 r.value,
                 when(r.sent_at),
                 r.note or "",
+            ]
+        )
+    print_table(table)
+
+
+def _credit_notes(notes: list[CreditNote]) -> None:
+    if not notes:
+        return
+    print("credit notes to issue (per customer, invoice and meter):")
+    table = [["org", "customer", "invoice", "meter", "quantity", "rows", "amount"]]
+    for c in notes:
+        amount = "no price" if c.amount_minor is None else f"{c.amount_minor} {c.currency} minor"
+        table.append(
+            [
+                c.org_id,
+                c.customer or "-",
+                c.invoice_id or "find it at Stripe",
+                c.meter,
+                str(c.quantity),
+                str(c.rows),
+                amount,
             ]
         )
     print_table(table)

@@ -118,13 +118,15 @@ def _watching_since(state: State) -> float | None:
 async def cutover_context(cp: ControlPlane) -> dict[str, Any]:
     """What the cutover page shows besides an action's result."""
     status = await cp.cutover.status(limit=20)
-    preview = await cp.cutover.cancel_preview()
+    preview = await cp.hand_back.preview()
     return {
         "status": status,
         "flags": status.flags,
         "t": status.flags["legacy_bill_until"] or status.flags["flags"]["bill_from"]["value"],
         "to_cancel": [r.to_api() for r in preview.to_cancel],
         "to_cancel_count": preview.to_cancel_count,
+        "to_offset": [r.to_api() for r in preview.to_offset],
+        "to_offset_count": preview.to_offset_count,
         "credit_notes": [r.to_api() for r in preview.credit_notes],
         "credit_notes_count": preview.credit_notes_count,
         "cancel_window": cp.config.cutover.cancel_window_seconds,

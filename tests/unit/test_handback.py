@@ -1,0 +1,170 @@
+"""Handing rows back after a rollback: the decision per row (pure), the credit notes' sums,
+and an offset the provider refuses or does not answer (the fake billing plugin with an
+invoice preview)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from decimal import Decimal
+
+import pytest
+
+from controlplane.config import Config
+from controlplane.core import ControlPlane
+from controlplane.flags import FlagChange
+from controlplane.interfaces import (
+    ClosedPeriod,
+    InvoicePreview,
+    InvoicePreviewer,
+    OrgChange,
+    Outcome,
+    WebhookRecord,
+)
+from controlplane.ledger import LedgerRow, Reason, RowState
+from controlplane.plugins.billing.fake import FakeBilling
+from controlplane.pricing import Price
+from controlplane.reversal import MAX_OFFSET_AGE, Way, credit_notes, way_back
+from tests.conftest import HOUR, tick
+
+NOW = 1_800_000_000
+DAY = 86400
+T = 1_799_000_000 // HOUR * HOUR
+
+
+def row(
+    *,
+    sent_at: int | None = NOW - 2 * DAY,
+    stamp: int = NOW - 2 * DAY,
+    state: RowState = RowState.SENT,
+    attempts: int = 1,
+    quantity: int = 5,
+) -> LedgerRow:
+    return LedgerRow(
+        1, "o:m:0:1", "o", "m", stamp, stamp + HOUR, 1, quantity * 1_000_000, quantity, state,
+        None, None, attempts, sent_at, None, 0, 0, sent_at=sent_at, attempt_customer="cus",
+        attempt_timestamp=stamp,
+    )  # fmt: skip
+
+
+OPEN = (NOW - 10 * DAY, NOW + 20 * DAY)
+
+
+@pytest.mark.parametrize(
+    ("kind", "given", "open_period", "closed", "way"),
+    [
+        ("inside the window", row(sent_at=NOW - HOUR), OPEN, [], Way.CANCEL),
+        ("past it, open period", row(), OPEN, [], Way.OFFSET),
+        ("past it, period unknown", row(), None, [], Way.CREDIT_NOTE),
+        ("past it, before the open period", row(stamp=NOW - 11 * DAY), OPEN, [], Way.CREDIT_NOTE),
+        ("older than Stripe takes", row(stamp=NOW - MAX_OFFSET_AGE), (0, NOW + DAY), [],
+         Way.CREDIT_NOTE),
+        ("finalized", row(), OPEN, [ClosedPeriod("in_1", "o", NOW - 3 * DAY, NOW - DAY, NOW)],
+         Way.CREDIT_NOTE),
+        ("attempted, no answer", row(state=RowState.PENDING), OPEN, [], Way.KEEP),
+        ("never delivered, recent", row(sent_at=NOW - HOUR, attempts=0), OPEN, [],
+         Way.HAND_BACK),
+        ("never delivered, old", row(attempts=0), OPEN, [], Way.KEEP),
+    ],
+)  # fmt: skip
+def test_each_row_is_handed_back_the_way_stripe_allows(
+    kind: str,
+    given: LedgerRow,
+    open_period: tuple[int, int] | None,
+    closed: list[ClosedPeriod],
+    way: Way,
+) -> None:
+    decided = way_back(given, now=NOW, cancel_window=DAY, open_period=open_period, closed=closed)
+    assert decided.way is way, kind
+    if closed:
+        assert decided.invoice_id == "in_1" and "in_1" in (decided.note or "")
+
+
+def test_credit_notes_sum_per_customer_invoice_and_meter_at_the_catalog_price() -> None:
+    a, b = row(quantity=3), row(quantity=4)
+    notes = credit_notes(
+        [(a, "in_1"), (b, "in_1"), (row(quantity=2), None)],
+        {"m": Price("memory", "usd", Decimal("2.5"), meter="m")},
+    )
+    assert [(n.invoice_id, n.quantity, n.rows, n.amount_minor) for n in notes] == [
+        (None, 2, 1, 5),  # the invoice is not known here
+        ("in_1", 7, 2, 18),  # 7 x 2.5 = 17.5 cents, rounded half up as Stripe rounds a line
+    ]
+    assert credit_notes([(a, None)], {})[0].amount_minor is None
+
+
+class PreviewingBilling(FakeBilling, InvoicePreviewer):
+    """The fake plugin, with the current billing period of every subscription."""
+
+    period = (0, 2**40)
+
+    async def preview_invoice(self, customer: str, subscription: str) -> InvoicePreview:
+        return InvoicePreview("usd", *self.period, subtotal=0, total=0, lines=[])
+
+
+@pytest.fixture
+async def sent_long_ago(
+    make_config: Callable[..., Config], clock: list[float]
+) -> AsyncIterator[tuple[ControlPlane, PreviewingBilling]]:
+    """o1 (customer cus_1, subscription sub_1) with one row sent two days ago."""
+    billing = PreviewingBilling()
+    clock[0] = T + 2 * HOUR
+    cp = ControlPlane(make_config(), billing=billing, clock=lambda: clock[0])
+    async with cp:
+        await cp.set_org("o1", customer="cus_1", plan="pro", actor="t", effective_from=0)
+        await cp.storage.record_webhook(
+            WebhookRecord("evt_1", "checkout.session.completed", None, "provisioned"),
+            T,
+            org=OrgChange("o1", subscription="sub_1", subscription_status="active"),
+        )
+        await cp.ingest([tick("a", "o1", T + 5)], "http")
+        await cp.rollup()
+        await cp.set_flags(
+            [
+                FlagChange("authority", "controlplane"),
+                FlagChange("bill_from", T),
+                FlagChange("shadow", False),
+            ],
+            actor="t",
+            reason="go",
+        )
+        assert (await cp.send()).sent == 1
+        clock[0] += 2 * DAY
+        yield cp, billing
+
+
+async def test_an_offset_the_provider_refuses_leaves_its_row_billed_and_listed(
+    sent_long_ago: tuple[ControlPlane, PreviewingBilling],
+) -> None:
+    cp, billing = sent_long_ago
+    billing.fail_next(Outcome.REJECTED)
+    result = await cp.cutover.rollback(actor="ops", reason="bad", cancel_sent=True)
+    assert result.offset == [] and result.cancelled == []
+    (kept,) = result.not_cancelled
+    assert "refused its offset" in (kept.note or "")
+    (note,) = result.credit_notes
+    assert (note.org_id, note.customer, note.quantity) == ("o1", "cus_1", kept.quantity)
+    rows = await cp.storage.ledger()
+    original = next(r for r in rows if r.offsets_id is None)
+    offset = next(r for r in rows if r.offsets_id is not None)
+    assert original.state is RowState.SENT  # the legacy biller skips it: billed once
+    assert (offset.state, offset.reason) == (RowState.HELD, Reason.PROVIDER_REJECTED)
+    again = await cp.cutover.rollback(actor="ops", reason="again", cancel_sent=True)
+    assert again.offset == [] and len(billing.calls) == 2  # no second offset for the row
+
+
+async def test_an_unanswered_offset_is_sent_again_by_the_next_rollback(
+    sent_long_ago: tuple[ControlPlane, PreviewingBilling],
+) -> None:
+    cp, billing = sent_long_ago
+    billing.fail_next(Outcome.AMBIGUOUS)
+    first = await cp.cutover.rollback(actor="ops", reason="bad", cancel_sent=True)
+    (kept,) = first.not_cancelled
+    assert "not answered" in (kept.note or "") and first.offset == []
+    assert [r.state for r in await cp.storage.ledger()] == [RowState.SENT, RowState.PENDING]
+    second = await cp.cutover.rollback(actor="ops", reason="retry", cancel_sent=True)
+    assert [r.note for r in second.offset] == ["offset sent again"]
+    offsets = [c for c in billing.calls if c.value < 0]
+    assert len(offsets) == 2 and len({c.identifier for c in offsets}) == 1  # the same event
+    states = sorted((r.state, r.reason) for r in await cp.storage.ledger())
+    assert states == [(RowState.CANCELLED, Reason.OFFSET), (RowState.SENT, None)]
+    assert billing.totals() == {("cus_1", "memory_gb_seconds"): 0}
