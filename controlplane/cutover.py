@@ -29,7 +29,15 @@ import msgspec
 import structlog
 
 from controlplane.config import Config
-from controlplane.errors import BillingError, ConfigError, FlagRefused, InvalidInput, Problem
+from controlplane.errors import (
+    BadValue,
+    BillingError,
+    ConfigError,
+    ControlPlaneError,
+    FlagRefused,
+    InvalidInput,
+    Problem,
+)
 from controlplane.flags import Authority, FlagChange, Snapshot
 from controlplane.flags.definitions import to_json
 from controlplane.flags.resolve import FlagValue
@@ -51,6 +59,7 @@ from controlplane.parity_checker import settled_end
 from controlplane.plans import Plans
 from controlplane.reconcile import clean_since
 from controlplane.reversal import CreditNote, HandedBack, RowNote
+from controlplane.seam import Seam, seam_of, window_problems
 from controlplane.times import iso
 
 log = structlog.get_logger("cutover")
@@ -532,6 +541,25 @@ class Cutover:
                 )
             await asyncio.sleep(0.2)
         return None
+
+    async def seam(self, start: int | None, end: int | None, org_id: str | None = None) -> Seam:
+        """Who bills which buckets in `[start, end)` (bucket-aligned; BadValue naming the field
+        otherwise): `legacy_bill_until` and, per org, the ranges the control plane bills (see
+        :mod:`controlplane.seam`). The flags are read before and after the ranges, and the
+        read is repeated if they moved in between, so both halves hold at one moment."""
+        bucket = self.config.rollup.bucket_seconds
+        problems = window_problems(start, end, bucket)
+        if problems or start is None or end is None:
+            raise BadValue(problems)
+        for _ in range(5):
+            before = await self.flags()
+            billed = await self.storage.billed_ranges(start, end, bucket, org_id)
+            after = await self.flags()
+            if after.values == before.values:
+                return seam_of(
+                    start, end, bucket, after.authority.value, after.legacy_bill_until, billed
+                )
+        raise ControlPlaneError("the flags kept changing while the seam was read; retry")
 
     async def status(self, limit: int = 50) -> CutoverStatus:
         snapshot = await self.flags()

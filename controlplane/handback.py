@@ -6,7 +6,10 @@ offsetting row) takes the way :func:`controlplane.reversal.way_back` decides: ha
 without a call, cancelled at the provider, offset in its open billing period, listed for a
 credit note, or kept for reconciliation. A row is handed back (`cancelled`) only once the
 provider will not bill it, so the legacy biller, which bills every bucket the control plane
-no longer bills, never bills one twice.
+no longer bills, never bills one twice. A bucket goes back whole or not at all: the legacy
+biller bills an org's bucket whole or skips it (the seam), so when one of its rows stays at
+the provider (a credit note, an unanswered call), every row of it is kept, or the part handed
+back would be billed by no one.
 
 An offset is appended first (`pending`, its row still `sent`), attempted, and completed only
 when the provider took it: then its row becomes `cancelled`/`offset` in the same transaction.
@@ -73,6 +76,10 @@ class HandBack:
         self._customers: dict[str, str] = {}
 
     async def run(self, actor: str) -> HandedBack:
+        """Hand back every bucket whose rows at the provider can all be handed back; keep
+        (and list) every row of the others. The legacy biller bills a bucket whole or not at
+        all, so a bucket partly handed back would leave the part handed back billed by no
+        one."""
         cancelled: list[RowNote] = []
         offset: list[RowNote] = []
         kept: list[RowNote] = []
@@ -80,28 +87,24 @@ class HandBack:
         for pending in await self.storage.unsent_offsets():  # from an earlier rollback
             why = await self._send_offset(pending, actor)
             (kept if why else offset).append(note_of(pending, why or "offset sent again"))
+        now = self.now()
+        staying = await self._staying(now)
         async for row in self._rows_at_provider():
-            decision = await self._decide(row)
-            if decision.way is Way.OFFSET:
-                if self.billing is None:
-                    kept.append(note_of(row, "no billing backend configured"))
-                    continue
-                for new in await self.storage.offset_rows(
-                    [row.id], self.now(), actor, "rolled back past the cancel window"
-                ):
-                    why = await self._send_offset(new, actor)
-                    if why is None:
-                        offset.append(note_of(row, f"offset by {new.identifier}"))
-                    else:
-                        kept.append(note_of(row, why))
-                        listed.append((row, None))
-            elif decision.way in (Way.HAND_BACK, Way.CANCEL):
-                why = await self._cancel(row, decision, actor)
-                (kept if why else cancelled).append(note_of(row, why or decision.note))
-            else:
+            decision = await self._decide(row, now)
+            if decision.way in (Way.CREDIT_NOTE, Way.KEEP):
                 kept.append(note_of(row, decision.note))
                 if decision.way is Way.CREDIT_NOTE:
                     listed.append((row, decision.invoice_id))
+            elif (row.org_id, row.bucket_start) in staying:
+                kept.append(note_of(row, "kept with its bucket: another of its rows stays billed"))
+            elif decision.way is Way.OFFSET:
+                why = await self._offset(row, actor)
+                (kept if why else offset).append(note_of(row, why or "offset"))
+                if why:
+                    listed.append((row, None))
+            else:
+                why = await self._cancel(row, decision, actor)
+                (kept if why else cancelled).append(note_of(row, why or decision.note))
         log.info(
             "cutover.handed_back", cancelled=len(cancelled), offset=len(offset), kept=len(kept)
         )
@@ -114,11 +117,13 @@ class HandBack:
             w: deque(maxlen=limit) for w in (Way.CANCEL, Way.OFFSET, Way.CREDIT_NOTE)
         }
         counts = dict.fromkeys(ways, 0)
+        now = self.now()
+        staying = await self._staying(now)
         async for row in self._rows_at_provider():
-            way = (await self._decide(row)).way
-            way = (
-                Way.CANCEL if way is Way.HAND_BACK else Way.CREDIT_NOTE if way is Way.KEEP else way
-            )
+            decided = (await self._decide(row, now)).way
+            if (row.org_id, row.bucket_start) in staying:
+                decided = Way.KEEP  # kept with its bucket
+            way = {Way.HAND_BACK: Way.CANCEL, Way.KEEP: Way.CREDIT_NOTE}.get(decided, decided)
             ways[way].append(row)
             counts[way] += 1
 
@@ -136,12 +141,21 @@ class HandBack:
 
     # -- the decision's inputs ----------------------------------------------------------------
 
-    async def _decide(self, row: LedgerRow) -> Decision:
+    async def _staying(self, now: int) -> set[tuple[str, int]]:
+        """The (org, bucket) pairs with a row that stays at the provider: billed here still,
+        so every row of theirs is kept."""
+        return {
+            (row.org_id, row.bucket_start)
+            async for row in self._rows_at_provider()
+            if (await self._decide(row, now)).way in (Way.CREDIT_NOTE, Way.KEEP)
+        }
+
+    async def _decide(self, row: LedgerRow, now: int) -> Decision:
         if row.org_id not in self._closed:
             self._closed[row.org_id] = await self.storage.closed_periods([row.org_id])
         return way_back(
             row,
-            now=self.now(),
+            now=now,
             cancel_window=self.window,
             open_period=await self._open_period(row),
             closed=self._closed[row.org_id],
@@ -222,6 +236,17 @@ class HandBack:
             [row.id], self.now(), actor, Reason.ROLLED_BACK.value, detail
         )
         return None if moved else "moved meanwhile"
+
+    async def _offset(self, row: LedgerRow, actor: str) -> str | None:
+        """Offset `row`; None when the provider took the offset, else why not."""
+        if self.billing is None:
+            return "no billing backend configured"
+        new = await self.storage.offset_rows(
+            [row.id], self.now(), actor, "rolled back past the cancel window"
+        )
+        if not new:
+            return "moved meanwhile"
+        return await self._send_offset(new[0], actor)
 
     async def _send_offset(self, offset: LedgerRow, actor: str) -> str | None:
         """Send an offsetting row as its row was called; None when the provider took it (and

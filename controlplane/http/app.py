@@ -27,6 +27,7 @@ from controlplane.http.controllers.ofrep import OfrepController
 from controlplane.http.controllers.orgs import OrgPut, OrgsController, ReleaseBody
 from controlplane.http.controllers.parity import ParityRunsController, UsageParityController
 from controlplane.http.controllers.reconciliation import ReconciliationController
+from controlplane.http.controllers.seam import SeamController
 from controlplane.http.controllers.usage import UsageController
 from controlplane.http.controllers.webhooks import WebhooksController
 from controlplane.http.middleware import request_id_middleware
@@ -101,6 +102,7 @@ def create_app(
             CatalogController,
             WebhooksController,
             cutover.CutoverController,
+            SeamController,
             OfrepController,
             CapabilitiesController,
             JwksController,

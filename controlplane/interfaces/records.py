@@ -252,6 +252,15 @@ class SeamRows(msgspec.Struct, frozen=True):
     excluded_before_bill_from: int
 
 
+class BilledRange(msgspec.Struct, frozen=True):
+    """Consecutive buckets `[start, end)` of one org that the control plane bills: each has a
+    ledger row in state `sent` (any meter) (see :meth:`SendStore.billed_ranges`)."""
+
+    org_id: str
+    start: int
+    end: int
+
+
 SeamReader = Callable[[int], Awaitable[SeamRows]]
 """What the ledger holds from a bucket start on (see :meth:`SendStore.seam`)."""
 

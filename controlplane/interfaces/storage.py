@@ -36,6 +36,7 @@ from controlplane.interfaces.records import (
     Attempt,
     AuditEntry,
     AuditRecord,
+    BilledRange,
     CatalogVersion,
     Claim,
     ClosedPeriod,
@@ -267,6 +268,15 @@ class SendStore(abc.ABC):
         """What the ledger holds for buckets starting at or after `bucket_start`, for the
         rules that keep the cutover seam: rows the provider may have, rows excluded as
         before `bill_from`."""
+
+    @abc.abstractmethod
+    async def billed_ranges(
+        self, start: int, end: int, bucket_seconds: int, org_id: str | None = None
+    ) -> list[BilledRange]:
+        """The buckets starting in [start, end) (bucket-aligned) that the control plane bills:
+        those with at least one ledger row in state `sent`, of any meter. Per org (`org_id`
+        alone when given), consecutive buckets are one range `[start, end)`; a bucket without
+        such a row breaks a range. Ordered by org, then start."""
 
     @abc.abstractmethod
     async def record_attempts(

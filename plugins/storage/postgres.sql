@@ -192,6 +192,27 @@ SELECT count(*) FILTER (WHERE state IN ('sent', 'cancelled') OR attempts > 0) AS
        count(*) FILTER (WHERE state = 'excluded' AND reason = 'before_bill_from') AS excluded
 FROM ledger WHERE bucket_start >= $1;
 
+-- name: billed_ranges
+-- Per org, the runs of consecutive buckets in [$1, $2) with a row in state `sent` (any meter;
+-- not an offset),
+-- each as [start, end): within a run, a bucket's start less $3 (the bucket size) times its
+-- rank in the org is the same number (gaps and islands).
+WITH billed AS (
+    SELECT DISTINCT org_id, bucket_start FROM ledger
+    WHERE state = 'sent' AND offsets_id IS NULL  -- an offset hands its bucket back
+      AND bucket_start >= $1::bigint AND bucket_start < $2::bigint
+      AND ($4::text IS NULL OR org_id = $4)
+), runs AS (
+    SELECT org_id, bucket_start,
+           bucket_start - $3::bigint * row_number() OVER (PARTITION BY org_id
+                                                          ORDER BY bucket_start) AS run
+    FROM billed
+)
+SELECT org_id, min(bucket_start) AS start, max(bucket_start) + $3::bigint AS "end"
+FROM runs
+GROUP BY org_id, run
+ORDER BY org_id, start;
+
 -- name: record_attempts
 -- $5, $6, $7: each row's customer, timestamp and idempotency key for this call (nulls: kept).
 UPDATE ledger l SET attempts = l.attempts + 1,

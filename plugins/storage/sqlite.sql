@@ -188,6 +188,27 @@ SELECT coalesce(sum(state IN ('sent', 'cancelled') OR attempts > 0), 0) AS reach
        coalesce(sum(state = 'excluded' AND reason = 'before_bill_from'), 0) AS excluded
 FROM ledger WHERE bucket_start >= ?1;
 
+-- name: billed_ranges
+-- Per org, the runs of consecutive buckets in [?1, ?2) with a row in state `sent` (any meter;
+-- not an offset),
+-- each as [start, end): within a run, a bucket's start less ?3 (the bucket size) times its
+-- rank in the org is the same number (gaps and islands).
+WITH billed AS (
+    SELECT DISTINCT org_id, bucket_start FROM ledger
+    WHERE state = 'sent' AND offsets_id IS NULL  -- an offset hands its bucket back
+      AND bucket_start >= ?1 AND bucket_start < ?2
+      AND (?4 IS NULL OR org_id = ?4)
+), runs AS (
+    SELECT org_id, bucket_start,
+           bucket_start - ?3 * row_number() OVER (PARTITION BY org_id ORDER BY bucket_start)
+               AS run
+    FROM billed
+)
+SELECT org_id, min(bucket_start) AS start, max(bucket_start) + ?3 AS "end"
+FROM runs
+GROUP BY org_id, run
+ORDER BY org_id, start;
+
 -- name: record_attempts
 -- ?1 the row ids; ?5, ?6, ?7 (JSON arrays in the same order): each row's customer, timestamp
 -- and idempotency key for this call (nulls: kept).

@@ -33,6 +33,7 @@ ACCESS = {
     ("POST", "/v1/cutover/preflight"): ("require_scope", "admin"),
     ("POST", "/v1/cutover/execute"): ("require_scope", "admin"),
     ("POST", "/v1/cutover/rollback"): ("require_scope", "admin"),
+    ("GET", "/v1/seam"): ("require_scope", "read"),
     ("POST", "/ofrep/v1/evaluate/flags"): ("require_scope", "read"),
     ("POST", "/ofrep/v1/evaluate/flags/{key:str}"): ("require_scope", "read"),
     ("GET", "/v1/parity/runs"): ("any_scope", ("read", "parity")),

@@ -12,7 +12,8 @@ from litestar.openapi import ResponseSpec
 from litestar.params import PathParameter
 
 from controlplane import ofrep
-from controlplane.errors import Undecodable
+from controlplane.core import ControlPlane
+from controlplane.errors import BadValue, Undecodable
 from controlplane.events import scan_json
 from controlplane.http.guards import BEARER, require_scope
 from controlplane.http.openapi import OfrepOperation
@@ -30,7 +31,7 @@ class OfrepEvaluation(msgspec.Struct, kw_only=True):
 
     key: str
     value: Any = msgspec.UNSET  # absent, not null, when the flag has no value
-    reason: str  # STATIC or DISABLED
+    reason: str  # STATIC, DISABLED, or TARGETING_MATCH (per org)
     variant: str
     metadata: OfrepMetadata
 
@@ -47,7 +48,10 @@ class OfrepErrorBody(msgspec.Struct):
 
 def _ofrep_documented(*statuses: int) -> dict[int, ResponseSpec]:
     out = documented(*statuses)
-    for status, description in ((400, "Invalid context or JSON"), (404, "Unknown flag key")):
+    for status, description in (
+        (400, "Invalid context or JSON; no org for the per-org flag"),
+        (404, "Unknown flag key"),
+    ):
         out[status] = ResponseSpec(
             data_container=OfrepErrorBody, description=description, generate_examples=False
         )
@@ -68,6 +72,22 @@ def _error(exc: ofrep.OfrepError) -> Response[Any]:
     return Response(exc.body, status_code=exc.status)
 
 
+async def _per_org(cp: ControlPlane, body: bytes, key: str | None = None) -> dict[str, Any] | None:
+    """The per-org flag for the context's org (None without one); the window's problems are
+    an INVALID_CONTEXT answer."""
+    query = ofrep.org_query(body, cp.config.rollup.bucket_seconds, key)
+    if query.org is None:
+        return None
+    try:
+        seam = await cp.cutover.seam(query.start, query.end, query.org)
+    except BadValue as exc:
+        details = "; ".join(f"context.{p.field}: {p.message}" for p in exc.problems)
+        error = {"key": key, "errorCode": "INVALID_CONTEXT", "errorDetails": details}
+        raise ofrep.OfrepError(400, error) from None
+    ranges = [(r.start, r.end) for r in seam.ranges_of(query.org)]
+    return ofrep.evaluate_ranges(query.org, seam.legacy_bill_until, ranges)
+
+
 class OfrepController(Controller):
     """Evaluation needs a token with the `read` scope."""
 
@@ -80,7 +100,7 @@ class OfrepController(Controller):
     @post(
         "/{key:str}",
         status_code=200,
-        summary="OFREP: evaluate one flag",
+        summary="OFREP: evaluate one flag (controlplane_billed_ranges: per org, from the context)",
         responses=_ofrep_documented(*AUTH, 400, 404, 413),
         operation_class=OfrepOperation,
     )
@@ -91,15 +111,21 @@ class OfrepController(Controller):
         key: Annotated[str, PathParameter(schema_extra={"enum": list(ofrep.KEYS)})],
     ) -> Response[OfrepEvaluation]:
         try:
-            _ofrep_check(await request.body(), key)
-            evaluation = ofrep.evaluate(await cp.flags(), key)
+            body = await request.body()
+            _ofrep_check(body, key)
+            if key == ofrep.ORG_KEY:
+                evaluation = await _per_org(cp, body, key)
+                if evaluation is None:
+                    raise ofrep.missing_org(key)
+            else:
+                evaluation = ofrep.evaluate(await cp.flags(), key)
         except ofrep.OfrepError as exc:
             return _error(exc)
         return Response(msgspec.convert(evaluation, OfrepEvaluation), status_code=200)
 
     @post(
         status_code=200,
-        summary="OFREP: evaluate every flag (ETag, If-None-Match)",
+        summary="OFREP: evaluate every flag (ETag, If-None-Match); the per-org one with an org",
         responses={
             **_ofrep_documented(*AUTH, 400, 413),
             304: ResponseSpec(None, description="Not modified: the ETag matches If-None-Match"),
@@ -108,10 +134,12 @@ class OfrepController(Controller):
     )
     async def ofrep_flags(self, request: Request[Any, Any, Any], cp: CP) -> Response[OfrepBulk]:
         try:
-            _ofrep_check(await request.body())
+            raw = await request.body()
+            _ofrep_check(raw)
+            per_org = await _per_org(cp, raw)
         except ofrep.OfrepError as exc:
             return _error(exc)
-        body, etag = ofrep.bulk(await cp.flags())
+        body, etag = ofrep.bulk(await cp.flags(), per_org)
         if request.headers.get("if-none-match") == etag:
             not_modified: Response[Any] = Response(None, status_code=304, headers={"ETag": etag})
             return not_modified

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from controlplane.interfaces import (
     Attempt,
     AuditEntry,
+    BilledRange,
     Carry,
     Claim,
     ClosedPeriod,
@@ -239,6 +240,12 @@ class SQLSending(SQLDriver, SendStore):
 
     async def seam(self, bucket_start: int) -> SeamRows:
         return await self._read("read", lambda conn: read_seam(conn, bucket_start))
+
+    async def billed_ranges(
+        self, start: int, end: int, bucket_seconds: int, org_id: str | None = None
+    ) -> list[BilledRange]:
+        rows = await self._all("billed_ranges", start, end, bucket_seconds, org_id)
+        return [from_row(BilledRange, r) for r in rows]
 
     async def record_attempts(
         self,
