@@ -409,24 +409,38 @@ class Cutover:
 
     async def _check_reconciled(self) -> Check:
         """After a rollback, the provider's books must agree with the ledger before the
-        control plane bills again: the newest reconciliation after the rollback is clean."""
+        control plane bills again: the newest reconciliation of every org since the rollback,
+        from the rolled-back T on, is clean."""
         name = "reconciled_since_rollback"
         rollbacks = await self.storage.audit_log(action_prefix="cutover.rollback", limit=1)
         if not rollbacks:
             return Check(name, "n/a", "no rollback: nothing sent before to reconcile")
         if not isinstance(self.billing, MeterSummaries):
             return Check(name, "warn", "cannot tell: the billing plugin cannot reconcile")
+        rollback = rollbacks[0]
         runs = await self.storage.reconcile_runs(limit=200)
-        if not runs or runs[0].checked_at < rollbacks[0].at:
-            return Check(
-                name, "fail", "no reconciliation since the rollback: run `controlplane reconcile`"
-            )
-        if not runs[0].clean:
+        since = [r for r in runs if r.org_id is None and r.checked_at >= rollback.at]
+        if not since:
             return Check(
                 name,
                 "fail",
-                f"the newest reconciliation found {runs[0].units_short} "
-                f"units short and {runs[0].units_over} over at the provider",
+                "no reconciliation of every org since the rollback: run `controlplane reconcile`",
+            )
+        newest = since[0]
+        t = int(rollback.subject) if rollback.subject.isdigit() else None
+        if t is not None and newest.start > t:
+            return Check(
+                name,
+                "fail",
+                f"the newest reconciliation starts at {iso(newest.start)}, after the rolled-back "
+                f"T {iso(t)}: reconcile from T (`controlplane reconcile --from {t} --to ...`)",
+            )
+        if not newest.clean:
+            return Check(
+                name,
+                "fail",
+                f"the newest reconciliation found {newest.units_short} "
+                f"units short and {newest.units_over} over at the provider",
             )
         return Check(name, "pass", f"reconciled clean since {iso(clean_since(runs))}")
 

@@ -7,7 +7,10 @@ window is counted per (org, customer, meter, hour of its timestamp): the custome
 timestamp are those of its first attempt, which every retry reuses (``attempt_customer``,
 ``attempt_timestamp``), so a correction stamped into a later period is matched where it was
 sent. For every (customer, meter) with such rows, the provider's hourly aggregates are read
-once (paged) and compared cell by cell:
+once (paged) and compared cell by cell, except cells with a call made within the settle period
+(a backlog sent at a cutover, a repair, an offset: the aggregates may not show it yet), which
+wait for a later run. Rows a rollback cancelled count 0 but bring their cell into the run, so a
+cancel the provider did not apply shows as units over:
 
 ======  ===================================================================
 short   the provider holds fewer units than the ledger sent: under billing
@@ -243,9 +246,13 @@ async def reconcile(
     settled = (now - settle_seconds) // HOUR * HOUR
     end = min(end, settled)
     cells: dict[Cell, int] = {}
+    unsettled: set[tuple[str, str, int]] = set()  # (customer, meter, hour) called too recently
     if end > start:
         for c in await runs.sent_cells(start, end, org_id):
-            cells[(c.org_id, c.customer, c.meter, c.hour)] = c.units
+            if c.last_attempt_at is not None and c.last_attempt_at > now - settle_seconds:
+                unsettled.add((c.customer, c.meter, c.hour))
+            else:
+                cells[(c.org_id, c.customer, c.meter, c.hour)] = c.units
     pairs = sorted({(customer, meter) for _, customer, meter, _ in cells})
     limiter, readers = RateLimiter(rate), asyncio.Semaphore(READERS)
     pages = -(-(end - start) // HOUR // SUMMARIES_PAGE)  # one summary an hour, 100 a page
@@ -257,7 +264,10 @@ async def reconcile(
             return await provider.hourly_usage(customer, event_names.get(meter, meter), start, end)
 
     read_all = await asyncio.gather(*(read(customer, meter) for customer, meter in pairs))
-    held = dict(zip(pairs, read_all, strict=True))
+    held = {
+        (customer, meter): {h: u for h, u in hours.items() if (customer, meter, h) not in unsettled}
+        for (customer, meter), hours in zip(pairs, read_all, strict=True)
+    }
     findings, compared = compare(cells, held) if end > start else ([], 0)
     attributed, to_move = [], []
     for finding in findings:

@@ -524,6 +524,7 @@ class SentCell(msgspec.Struct, frozen=True):
     meter: str
     hour: int
     units: int
+    last_attempt_at: int | None = None  # the newest call made for the cell's rows
 
 
 class RowMove(msgspec.Struct, frozen=True):

@@ -374,8 +374,11 @@ ON CONFLICT (org_id) DO UPDATE SET customer = coalesce(excluded.customer, orgs.c
                                    updated_at = excluded.updated_at;
 
 -- name: release_org_buckets
--- The org's plan changed: the rollup tries the buckets it held (an unknown plan) again.
-UPDATE dirty_buckets SET held_reason = NULL WHERE org_id = $1 AND held_reason IS NOT NULL;
+-- The org's plan changed: the rollup tries the buckets it held (an unknown plan) again. Every
+-- one of the org's dirty buckets gets a new mark, as ingest gives one: a rollup step that read
+-- the plan before this commits neither holds nor clears them (its marks no longer match), so
+-- the next step rolls them up with the new plan.
+UPDATE dirty_buckets SET held_reason = NULL, mark = nextval('dirty_marks') WHERE org_id = $1;
 
 -- name: upsert_plan
 INSERT INTO org_plans (org_id, effective_from, plan) VALUES ($1, $2, $3)
@@ -699,13 +702,16 @@ SELECT id, checked_at, start_at AS start, end_at AS "end", org_id, customers, ho
 FROM reconcile_runs ORDER BY checked_at DESC, id DESC LIMIT $1;
 
 -- name: sent_cells
--- Units at the provider per (org, customer, meter, hour of the timestamp sent): rows sent,
--- and rows an offset cancelled (the provider holds both the row and its offset) in [$1, $2);
--- $3: one org's rows, or every org's (NULL).
+-- Units at the provider per (org, customer, meter, hour of the timestamp sent) in [$1, $2):
+-- rows sent, and rows an offset cancelled (the provider holds both the row and its offset).
+-- Rows a rollback cancelled count 0 but bring their cell (and customer) into the run, so a
+-- cancel the provider did not apply shows as units over. $3: one org's rows, or all (NULL).
 SELECT org_id, attempt_customer AS customer, meter,
-       attempt_timestamp - attempt_timestamp % 3600 AS hour, sum(quantity)::bigint AS units
+       attempt_timestamp - attempt_timestamp % 3600 AS hour,
+       sum(CASE WHEN state = 'sent' OR reason = 'offset' THEN quantity ELSE 0 END)::bigint AS units,
+       max(last_attempt_at) AS last_attempt_at
 FROM ledger
-WHERE state IN ('sent', 'cancelled') AND (state = 'sent' OR reason = 'offset')
+WHERE state IN ('sent', 'cancelled') AND (state = 'sent' OR reason IN ('offset', 'rolled_back'))
   AND attempt_timestamp >= $1 AND attempt_timestamp < $2
   AND attempt_customer IS NOT NULL AND ($3::text IS NULL OR org_id = $3)
 GROUP BY org_id, attempt_customer, meter, attempt_timestamp - attempt_timestamp % 3600;

@@ -714,13 +714,16 @@ SELECT id, checked_at, start_at AS start, end_at AS "end", org_id, customers, ho
 FROM reconcile_runs ORDER BY checked_at DESC, id DESC LIMIT ?1;
 
 -- name: sent_cells
--- Units at the provider per (org, customer, meter, hour of the timestamp sent): rows sent,
--- and rows an offset cancelled (the provider holds both the row and its offset) in [?1, ?2);
--- ?3: one org's rows, or every org's (NULL).
+-- Units at the provider per (org, customer, meter, hour of the timestamp sent) in [?1, ?2):
+-- rows sent, and rows an offset cancelled (the provider holds both the row and its offset).
+-- Rows a rollback cancelled count 0 but bring their cell (and customer) into the run, so a
+-- cancel the provider did not apply shows as units over. ?3: one org's rows, or all (NULL).
 SELECT org_id, attempt_customer AS customer, meter,
-       attempt_timestamp - attempt_timestamp % 3600 AS hour, sum(quantity) AS units
+       attempt_timestamp - attempt_timestamp % 3600 AS hour,
+       sum(CASE WHEN state = 'sent' OR reason = 'offset' THEN quantity ELSE 0 END) AS units,
+       max(last_attempt_at) AS last_attempt_at
 FROM ledger
-WHERE state IN ('sent', 'cancelled') AND (state = 'sent' OR reason = 'offset')
+WHERE state IN ('sent', 'cancelled') AND (state = 'sent' OR reason IN ('offset', 'rolled_back'))
   AND attempt_timestamp >= ?1 AND attempt_timestamp < ?2
   AND attempt_customer IS NOT NULL AND (?3 IS NULL OR org_id = ?3)
 GROUP BY org_id, attempt_customer, meter, attempt_timestamp - attempt_timestamp % 3600;

@@ -33,10 +33,15 @@ API_KEY = "sk_test_reconcile"
 HOUR = 3600
 
 
+def settle(stack: Stack) -> None:
+    """An hour passes: the calls made so far are older than the settle period."""
+    stack.clock[0] += HOUR
+
+
 class Stack:
-    def __init__(self, emulator: StripeEmulator, plane: ControlPlane) -> None:
+    def __init__(self, emulator: StripeEmulator, plane: ControlPlane, clock: list[float]) -> None:
         assert emulator.base_url is not None
-        self.emulator, self.plane = emulator, plane
+        self.emulator, self.plane, self.clock = emulator, plane, clock
         self.http = stripe.HTTPXClient(timeout=5)
         self.stripe = stripe.StripeClient(
             API_KEY,
@@ -60,8 +65,9 @@ async def stack(make_config: Callable[..., Config]) -> AsyncIterator[Stack]:
             },
             reconcile={"settle_seconds": HOUR},
         )
-        async with ControlPlane(config) as plane:
-            made = Stack(emulator, plane)
+        clock = [time.time()]
+        async with ControlPlane(config, clock=lambda: clock[0]) as plane:
+            made = Stack(emulator, plane, clock)
             params: Any = {
                 "display_name": "GB-seconds",
                 "event_name": "memory_gb_seconds",
@@ -95,6 +101,7 @@ async def test_stripes_changes_are_found_with_their_exact_units(stack: Stack) ->
     now = int(time.time()) // HOUR * HOUR
     hours = [now - 5 * HOUR, now - 4 * HOUR, now - 3 * HOUR]
     customer = await send_usage(stack, hours)  # 180 units an hour
+    settle(stack)
     clean = await stack.plane.reconciler.run(now - 6 * HOUR, now)
     assert clean.clean and clean.hours == 3 and clean.customers == 1
 
@@ -138,6 +145,7 @@ async def test_the_api_runs_and_lists_reconciliations(stack: Stack) -> None:
     now = int(time.time()) // HOUR * HOUR
     hours = [now - 4 * HOUR]
     await send_usage(stack, hours)
+    settle(stack)
     auth = {"Authorization": f"Bearer {READ_TOKEN}"}
     async with AsyncTestClient(app=create_app(stack.plane.config, cp=stack.plane)) as client:
         bad = await client.get("/v1/reconciliation", params={"from": 5, "to": now}, headers=auth)
@@ -217,6 +225,7 @@ async def test_events_stripe_drops_asynchronously_are_found_short(stack: Stack) 
     ]
     await plane.set_flags(changes, actor="t", reason="go")
     await plane.send()
+    settle(stack)
     assert len(await plane.storage.ledger(state=RowState.SENT)) == 2  # Stripe answered 200
     run = await plane.reconciler.run(now - 6 * HOUR, now)
     assert [(f.org_id, f.hour, f.ledger, f.provider, f.status) for f in run.findings] == [
@@ -232,6 +241,7 @@ async def test_a_repair_sends_exactly_the_missing_units_once(stack: Stack) -> No
     now = int(time.time()) // HOUR * HOUR
     hours = [now - 5 * HOUR, now - 4 * HOUR]
     await send_usage(stack, hours)
+    settle(stack)
     plane, reconciler = stack.plane, stack.plane.reconciler
     lost = next(r for r in await plane.storage.ledger() if r.bucket_start == hours[0])
     cancel: Any = {
@@ -258,6 +268,7 @@ async def test_a_repair_sends_exactly_the_missing_units_once(stack: Stack) -> No
     done = await reconciler.repair(apply=True, actor="t")
     assert done.reissued == [lost.identifier] and len(done.reissued_as) == 1
     await plane.send()
+    settle(stack)
     (again,) = [r for r in await plane.storage.ledger() if r.identifier == done.reissued_as[0]]
     assert (again.state, again.quantity, again.attempt_timestamp) == (RowState.SENT, 180, hours[0])
     after = await reconciler.run(now - 6 * HOUR, now)
@@ -275,6 +286,7 @@ async def test_over_at_stripe_is_found_cancelled_again_or_listed(stack: Stack) -
     now = int(time.time()) // HOUR * HOUR
     hours = [now - 5 * HOUR, now - 4 * HOUR, now - 3 * HOUR]
     customer = await send_usage(stack, hours)
+    settle(stack)
     plane, reconciler = stack.plane, stack.plane.reconciler
     rows = {r.bucket_start: r for r in await plane.storage.ledger()}
     timeout = RowMove(
@@ -345,6 +357,7 @@ async def test_with_repair_resend_a_scheduled_pass_resends_what_an_earlier_one_h
     now = int(time.time()) // HOUR * HOUR
     hours = [now - 5 * HOUR]
     await send_usage(stack, hours)
+    settle(stack)
     plane = stack.plane
     (lost,) = await plane.storage.ledger()
     cancel: Any = {
@@ -355,7 +368,7 @@ async def test_with_repair_resend_a_scheduled_pass_resends_what_an_earlier_one_h
     await stack.stripe.v1.billing.meter_event_adjustments.create_async(params=cancel)
     settings = msgspec.structs.replace(plane.config.reconcile, repair="resend")
     config = msgspec.structs.replace(plane.config, reconcile=settings)
-    clock = [time.time()]
+    clock = stack.clock
     reconciler = Reconciler(
         plane.storage, plane.billing, config, now=lambda: int(clock[0]), count=lambda _: None
     )
@@ -437,6 +450,7 @@ async def test_a_count_meter_is_billed_every_event_it_counted(stack: Stack) -> N
     ]
     await plane.set_flags(changes, actor="t", reason="go")
     await plane.send()
+    settle(stack)
     (row,) = await plane.storage.ledger(state=RowState.SENT)
     assert row.quantity == 3
     assert stack.emulator.meter_total(calls.provider_event_name, customer, hour, hour + HOUR) == 3
@@ -466,3 +480,46 @@ async def test_publishing_refuses_a_stripe_meter_that_counts_events(
         with pytest.raises(ConfigError, match=r"meters\.calls: .* aggregates with `count`"):
             await plane.catalog_publish(actor="t")
         assert await plane.storage.catalog_version() is None
+
+
+async def test_a_cancel_stripe_did_not_apply_is_found_though_no_row_of_its_customer_is_sent(
+    stack: Stack,
+) -> None:
+    """The ledger cancelled every row of a customer (a rollback) but Stripe still counts them:
+    the cancelled rows bring their cells into the run, so the units show as over."""
+    now = int(time.time()) // HOUR * HOUR
+    hours = [now - 5 * HOUR, now - 4 * HOUR]
+    await send_usage(stack, hours)
+    plane = stack.plane
+    ids = [r.id for r in await plane.storage.ledger()]
+    assert await plane.storage.cancel_rows(ids, plane.now(), "t", "rolled_back") == 2
+    settle(stack)
+    run = await plane.reconciler.run(now - 6 * HOUR, now)
+    assert [(f.hour, f.ledger, f.provider, f.status, f.remedy) for f in run.findings] == [
+        (hours[0], 0, 180, "over", "cancel"),
+        (hours[1], 0, 180, "over", "cancel"),
+    ]
+
+
+async def test_cells_called_within_the_settle_period_wait_for_a_later_run(stack: Stack) -> None:
+    """Stripe's summaries are eventually consistent: a backlog sent at a cutover is compared
+    only once its calls are older than the settle period, whatever the hour it was stamped."""
+    now = int(time.time()) // HOUR * HOUR
+    hours = [now - 5 * HOUR]
+    plane = stack.plane
+    await plane.set_org("o2", customer="cus_unknown_here", plan="pro", actor="t", effective_from=0)
+    await plane.ingest([tick("u", "o2", hours[0] + 5, mb=1024, s=180)], "http")
+    await plane.rollup(until=hours[0] + HOUR)
+    changes = [
+        FlagChange("authority", "controlplane"),
+        FlagChange("bill_from", hours[0]),
+        FlagChange("shadow", False),
+    ]
+    await plane.set_flags(changes, actor="t", reason="go")
+    await plane.send()  # Stripe answers 200 and counts it nowhere
+    early = await plane.reconciler.run(now - 6 * HOUR, now)
+    assert (early.clean, early.hours) == (True, 0)
+    assert [r.state for r in await plane.storage.ledger()] == [RowState.SENT]  # nothing held
+    settle(stack)
+    later = await plane.reconciler.run(now - 6 * HOUR, now)
+    assert [(f.hour, f.status, f.remedy) for f in later.findings] == [(hours[0], "short", "held")]

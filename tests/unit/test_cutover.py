@@ -478,7 +478,12 @@ async def test_a_second_cutover_needs_a_clean_reconciliation_since_the_rollback(
     await ready.cutover.execute(T, actor="ops", reason="go", force=True)
     await ready.cutover.rollback(actor="ops", reason="back")
     failed = check(await ready.cutover.preflight(T))
-    assert failed.status == "fail" and "no reconciliation since the rollback" in failed.detail
+    assert failed.status == "fail" and "no reconciliation of every org since" in failed.detail
+    await ready.reconciler.run(T - HOUR, T, org_id="o1")  # one org's: not enough
+    assert check(await ready.cutover.preflight(T)).status == "fail"
+    await ready.reconciler.run(T + HOUR, T + 2 * HOUR)  # not from the rolled-back T
+    late = check(await ready.cutover.preflight(T))
+    assert late.status == "fail" and "after the rolled-back T" in late.detail
     run = await ready.reconciler.run(T - HOUR, T)
     passed = check(await ready.cutover.preflight(T))
     assert run.clean and passed.status == "pass" and "reconciled clean since" in passed.detail
