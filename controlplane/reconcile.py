@@ -153,6 +153,12 @@ def rows_making_up(rows: Sequence[LedgerRow], units: int) -> list[LedgerRow] | N
 _UNSENT = (Reason.PROVIDER_MISSING, Reason.AMBIGUOUS)
 
 
+def restamped(row: LedgerRow) -> bool:
+    """Whether the row's calls were repeated under a later timestamp (a new idempotency key):
+    where the provider holds it, at the first timestamp or the last, is not known here."""
+    return row.attempt_key is not None and row.attempt_key != row.identifier
+
+
 def attribute(
     finding: Finding, rows: Sequence[LedgerRow], *, now: int, cancel_window: int
 ) -> Finding:
@@ -164,7 +170,9 @@ def attribute(
         return msgspec.structs.replace(finding, remedy=remedy.value, rows=ids)
 
     if finding.status == "short":
-        sent = [r for r in rows if r.state is RowState.SENT]
+        # a re-stamped row (its call repeated with a later timestamp) answered "already
+        # exists" is held by the provider at its earlier timestamp: never taken as missing
+        sent = [r for r in rows if r.state is RowState.SENT and not restamped(r)]
         chosen = rows_making_up(sent, finding.ledger - finding.provider)
         return given(Remedy.HELD, chosen) if chosen else given(Remedy.UNATTRIBUTED)
     excess = finding.provider - finding.ledger

@@ -83,6 +83,12 @@ def way_back(
             f"attempted without a definite answer (it may never have arrived), {past}: "
             "reconciliation settles whether the provider holds it",
         )
+    if row.attempt_key is not None and row.attempt_key != row.identifier:
+        return Decision(
+            Way.CREDIT_NOTE,
+            f"{past}, its calls re-stamped into a later period: which invoice holds it is not "
+            "known here",
+        )
     stamp = row.attempt_timestamp if row.attempt_timestamp is not None else row.bucket_start
     final = next((p for p in closed if p.period_start <= stamp < p.period_end), None)
     if final is not None:

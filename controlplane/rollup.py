@@ -312,10 +312,17 @@ async def run(
 
 async def _alert_held(storage: Storage, bucket: HeldBucket) -> None:
     """A held bucket is billed by nobody until someone acts: say so where operators look."""
+    out_of_range = "a bucket may hold" in bucket.reason
+    until = (
+        "an event for it brings the total back in range"
+        if out_of_range
+        else "the org's plan is one of [[plans]] (`controlplane orgs set ORG --plan ...` "
+        "releases it)"
+    )
     text = (
         f"Rollup holds org {bucket.org_id!r}, bucket {bucket.bucket_start}: {bucket.reason}. "
-        "Its usage is stored but reaches no ledger row until an event for it brings the "
-        "total back in range; the other buckets are rolled up."
+        f"Its usage is stored but reaches no ledger row until {until}; the other buckets are "
+        "rolled up."
     )
     log.error(
         "rollup.bucket_held", org=bucket.org_id, bucket=bucket.bucket_start, reason=bucket.reason

@@ -562,7 +562,7 @@ FROM dirty_buckets WHERE bucket_start <= $1;
 -- name: insert_alert
 INSERT INTO parity_alerts (meter, bucket_start, dedup_key, text, state, created_at)
 VALUES ($1, $2, $3, $4, $5, $6)
-ON CONFLICT (meter, bucket_start) DO NOTHING
+ON CONFLICT (meter, bucket_start, dedup_key) DO NOTHING
 RETURNING id;
 
 -- name: create_schema_migrations

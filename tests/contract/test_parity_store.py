@@ -234,6 +234,19 @@ async def test_record_alert_stores_a_jobs_alert_once(storage: Storage) -> None:
     assert [(a.id, a.attempts, a.sent_at) for a in found] == [(alert_id, 1, NOW)]
 
 
+async def test_alerts_of_one_bucket_with_other_keys_are_other_incidents(storage: Storage) -> None:
+    """Two orgs' buckets held at the same hour: one alert each (their keys name the org)."""
+    first = msgspec.structs.replace(alert(B[3], meter="job:held"), dedup_key="held:o1:b3")
+    second = msgspec.structs.replace(first, dedup_key="held:o2:b3", text="o2 held")
+    ids = [await storage.record_alert(first), await storage.record_alert(second)]
+    assert None not in ids and ids[0] != ids[1]
+    assert await storage.record_alert(first) is None  # the same incident again: once
+    assert sorted(a.dedup_key for a in await storage.parity_alerts("job:held")) == [
+        "held:o1:b3",
+        "held:o2:b3",
+    ]
+
+
 @pytest.mark.parametrize("states", [["logged"], ["sent", "logged", "pending"]])
 async def test_parity_alerts_in_any_of_several_states(storage: Storage, states: list[str]) -> None:
     for i, state in enumerate(("pending", "sent", "logged", "suppressed")):

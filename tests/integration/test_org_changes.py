@@ -19,7 +19,7 @@ from controlplane.flags import FlagChange
 from controlplane.interfaces import AuditEntry, Outcome
 from controlplane.ledger import RowState
 from controlplane.plugins.billing.fake import FakeBilling
-from controlplane.rollup import RollupStats
+from controlplane.rollup import HELD_ALERTS, RollupStats
 from tests.conftest import HOUR, T0, tick
 
 
@@ -122,6 +122,8 @@ async def test_fixing_an_unknown_plan_releases_the_buckets_the_rollup_held(
     await cp.ingest([tick("o3-e", "o3", T0 + 4 * HOUR + 5)], "http")
     held = await cp.rollup(until=T0 + 5 * HOUR)
     assert held.held == 1 and held.rows == 0
+    (alert,) = await cp.storage.parity_alerts(HELD_ALERTS)
+    assert "until the org's plan is one of [[plans]]" in alert.text  # what releases it
     assert await cp.rollup(until=T0 + 5 * HOUR) == RollupStats()  # passed by, not retried
     await cp.set_org("o3", customer=None, plan="pro", actor="t", effective_from=0)
     again = await cp.rollup(until=T0 + 5 * HOUR)

@@ -523,3 +523,13 @@ async def test_cells_called_within_the_settle_period_wait_for_a_later_run(stack:
     settle(stack)
     later = await plane.reconciler.run(now - 6 * HOUR, now)
     assert [(f.hour, f.status, f.remedy) for f in later.findings] == [(hours[0], "short", "held")]
+
+
+def test_a_restamped_row_is_never_taken_as_missing() -> None:
+    """A row whose call was repeated with a later timestamp (its period finalized meanwhile)
+    and answered "already exists" is held by Stripe at its first timestamp: the hour it was
+    last stamped in looks short, but re-issuing it would bill it twice."""
+    row = LedgerRow(1, "o:m:0:1", "o", "m", 0, HOUR, 1, 0, 5, RowState.SENT, None, None, 2, 0,
+                    None, 0, 0, attempt_key="o:m:0:1@7200")  # fmt: skip
+    short = Finding("o", "c", "m", 7200, ledger=5, provider=0, status="short")
+    assert attribute(short, [row], now=0, cancel_window=HOUR).remedy == "unattributed"

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 
+import msgspec
 import pytest
 
 from controlplane.config import Config
@@ -64,6 +65,8 @@ OPEN = (NOW - 10 * DAY, NOW + 20 * DAY)
         ("never delivered, recent", row(sent_at=NOW - HOUR, attempts=0), OPEN, [],
          Way.HAND_BACK),
         ("never delivered, old", row(attempts=0), OPEN, [], Way.KEEP),
+        ("re-stamped into a later period", msgspec.structs.replace(row(), attempt_key="k@1"),
+         OPEN, [], Way.CREDIT_NOTE),
     ],
 )  # fmt: skip
 def test_each_row_is_handed_back_the_way_stripe_allows(
