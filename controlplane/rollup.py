@@ -66,8 +66,9 @@ def plan_revisions(
 
     The plan authority chain decides the row's segment, and the row records which link did
     (`plan_source`): the plan of the newest capability token among the bucket's events
-    (`batch.token_plans`), else the org's plan stored here at the bucket's start, else the
-    legacy biller's answer (`legacy_plans`, mapped through `plans`), else `free`.
+    (`batch.token_plans`) unless it was issued before the stored plan period in force took
+    effect (the store is newer then), else the org's plan stored here at the bucket's start,
+    else the legacy biller's answer (`legacy_plans`, mapped through `plans`), else `free`.
     Rows of a plan that is not billable are excluded at once (``free_plan``), with a rounding
     carry of their own. A bucket whose plan is none of `plans` is held, never guessed. The
     boundary T is left to the sender: it may still move until rows are sent, and an excluded
@@ -99,7 +100,11 @@ def plan_revisions(
             continue
         org = batch.orgs.get(org_id)
         token = batch.token_plans.get((org_id, bucket_start))
-        stored = org.plan_at(bucket_start) if org else None
+        period = org.period_at(bucket_start) if org else None
+        stored = period.plan if period else None
+        issued = batch.token_issued.get((org_id, bucket_start))
+        if period and issued is not None and issued < period.effective_from:
+            token = None  # issued before the stored plan changed: the store is newer
         billable, why, source = _billable(plans, org_id, token, stored, legacy)
         if billable is None:
             held[(org_id, bucket_start)] = HeldBucket(org_id, bucket_start, why)

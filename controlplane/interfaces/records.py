@@ -150,10 +150,15 @@ class Org(msgspec.Struct, frozen=True):
 
     def plan_at(self, when: int) -> str | None:
         """The plan in force at `when`, or None when no stored plan covers it."""
-        current: str | None = None
+        period = self.period_at(when)
+        return period.plan if period else None
+
+    def period_at(self, when: int) -> PlanPeriod | None:
+        """The stored plan period in force at `when`, or None when none covers it."""
+        current: PlanPeriod | None = None
         for period in self.plans:
             if period.effective_from <= when:
-                current = period.plan
+                current = period
         return current
 
 
@@ -177,8 +182,10 @@ class RollupBatch(msgspec.Struct, frozen=True):
     revisions: dict[tuple[str, str, int], int]  # (org, meter, bucket) -> highest revision
     carries: list[Carry]
     orgs: dict[str, Org]
-    # (org, bucket) -> the plan the newest capability token among its events states
+    # (org, bucket) -> the plan the newest capability token among its events states, and when
+    # that token was issued
     token_plans: dict[tuple[str, int], str] = {}
+    token_issued: dict[tuple[str, int], int] = {}
 
 
 class HeldBucket(msgspec.Struct, frozen=True):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from controlplane.interfaces import Carry, ChainRow, Org, PlanPeriod, RollupBatch, UsageTotal
 from controlplane.ledger import Reason, RowState, identifier
 from controlplane.plans import PlanConfig, Plans
@@ -192,3 +194,23 @@ def test_legacy_answers_map_through_plan_map_and_an_unmapped_one_is_held() -> No
     assert plan.rows == [] and len(plan.held) == 1
     assert "plan 'platinum', which maps to no configured plan" in plan.held[0].reason
     assert "[legacy] plan_map" in plan.held[0].reason
+
+
+def test_a_token_issued_before_the_stored_plan_changed_does_not_outrank_it() -> None:
+    """The org upgraded at 11:55 (stored `pro` from then); the bucket's events still carry a
+    `free` token issued at 11:50: the store is newer, so the bucket is billed. A token issued
+    after the change still outranks the store."""
+    upgraded = {"o": Org("o", "cus", plans=[PlanPeriod("free", 0), PlanPeriod("pro", 100)],
+                         updated_at=100)}  # fmt: skip
+
+    def decided(issued: int) -> tuple[RowState, str | None]:
+        given = msgspec.structs.replace(
+            batch({3600: MICROS}, orgs=upgraded),
+            token_plans={("o", 3600): "free"},
+            token_issued={("o", 3600): issued},
+        )
+        (row,) = plan_revisions(given, 3600).rows
+        return row.state, row.plan_source
+
+    assert decided(issued=50) == (RowState.PENDING, "stored")
+    assert decided(issued=150) == (RowState.EXCLUDED, "token")

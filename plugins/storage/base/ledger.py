@@ -120,6 +120,7 @@ class SQLLedger(SQLDriver, LedgerStore):
                     carries=carries,
                     orgs=orgs,
                     token_plans={key: claim[1] for key, claim in newest.items()},
+                    token_issued={key: claim[0] for key, claim in newest.items()},
                 )
             )
             await conn.bulk(
