@@ -43,8 +43,8 @@ async def test_sent_units_are_summed_per_hour_of_the_timestamp_sent(storage: Sto
     await sent_rows(storage, stamps)
     cells = await storage.sent_cells(B[0], B[3] + HOUR, None)
     assert sorted(cells, key=lambda c: c.hour) == [
-        SentCell("a", "cus_a", "gbs", B[0], 3),
-        SentCell("a", "cus_a", "gbs", B[2], 3),
+        SentCell("a", "cus_a", "gbs", B[0], 3, last_attempt_at=NOW),
+        SentCell("a", "cus_a", "gbs", B[2], 3, last_attempt_at=NOW),
     ]
     assert await storage.sent_cells(B[1], B[2], None) == []  # [start, end) of the stamps
     assert await storage.sent_cells(B[0], B[4], "b") == []
