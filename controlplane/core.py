@@ -658,7 +658,7 @@ class ControlPlane:
             set_flags=self.set_flags,
             parity_clean_since=self.parity_clean_since,
             money_parity_clean=self.money_parity.last_closed,
-            hand_back=lambda actor: self.hand_back.run(actor),
+            hand_back=lambda actor, create: self.hand_back.run(actor, create_credit_notes=create),
         )
 
     @property

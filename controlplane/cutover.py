@@ -127,7 +127,8 @@ class RollbackResult(msgspec.Struct, frozen=True):
     cancelled: list[RowNote]  # cancelled at the provider: the legacy biller bills them
     not_cancelled: list[RowNote]  # still at the provider: a credit note, or reconciliation
     offset: list[RowNote] = []  # offset in their open billing period: the legacy biller bills them
-    credit_notes: list[CreditNote] = []  # the rows listed, per customer, invoice and meter
+    credit_notes: list[CreditNote] = []  # per customer, invoice and meter: issued, or to issue
+    credited: list[RowNote] = []  # credited on their invoice: the legacy biller bills them
     senders_still_running: str | None = None  # why the lists may be incomplete
 
 
@@ -232,7 +233,7 @@ class Cutover:
     # checks the last closed month's invoices now: (clean?, detail); see money_parity
     money_parity_clean: Callable[[], Awaitable[tuple[bool, str]]] | None = None
     # hands back what the provider may hold after a rollback (controlplane.handback)
-    hand_back: Callable[[str], Awaitable[HandedBack]] | None = None
+    hand_back: Callable[[str, bool], Awaitable[HandedBack]] | None = None
 
     async def _guard_problems(self, current: Snapshot, at: int) -> list[dict[str, str]]:
         candidate = _candidate(current, _live_values(at))
@@ -493,7 +494,12 @@ class Cutover:
         return report, snapshot
 
     async def rollback(
-        self, *, actor: str, reason: str, cancel_sent: bool = False
+        self,
+        *,
+        actor: str,
+        reason: str,
+        cancel_sent: bool = False,
+        create_credit_notes: bool = False,
     ) -> RollbackResult:
         """Authority back to legacy and shadow on; with `cancel_sent`, hand back what the
         provider may hold (cancel, offset, or list for a credit note)."""
@@ -504,7 +510,7 @@ class Cutover:
             actor=actor,
             reason=reason,
             before=before.to_api(),
-            after={"cancel_sent": cancel_sent},
+            after={"cancel_sent": cancel_sent, "create_credit_notes": create_credit_notes},
         )
         snapshot = await self.set_flags(
             [FlagChange("authority", Authority.LEGACY.value), FlagChange("shadow", True)],
@@ -518,13 +524,14 @@ class Cutover:
         waiting = await self._await_senders()
         if not cancel_sent or self.hand_back is None:
             return RollbackResult(snapshot.to_api(), [], [], senders_still_running=waiting)
-        done = await self.hand_back(actor)
+        done = await self.hand_back(actor, create_credit_notes)
         return RollbackResult(
             snapshot.to_api(),
             done.cancelled,
             done.not_cancelled,
             done.offset,
             done.credit_notes,
+            done.credited,
             waiting,
         )
 

@@ -20,6 +20,7 @@ timestamp) by the next rollback with ``--cancel-sent``.
 
 from __future__ import annotations
 
+import hashlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -32,6 +33,7 @@ from controlplane.interfaces import (
     AuditEntry,
     Billing,
     ClosedPeriod,
+    CreditNotes,
     InvoicePreviewer,
     MeterEvent,
     Outcome,
@@ -43,6 +45,7 @@ from controlplane.meters import MeterSet
 from controlplane.money import price_list
 from controlplane.pricing import Price
 from controlplane.reversal import (
+    CreditNote,
     Decision,
     HandedBack,
     RollbackPreview,
@@ -75,11 +78,12 @@ class HandBack:
         self._open: dict[str, tuple[int, int] | None] = {}  # per org, with its customer:
         self._customers: dict[str, str] = {}
 
-    async def run(self, actor: str) -> HandedBack:
+    async def run(self, actor: str, *, create_credit_notes: bool = False) -> HandedBack:
         """Hand back every bucket whose rows at the provider can all be handed back; keep
         (and list) every row of the others. The legacy biller bills a bucket whole or not at
         all, so a bucket partly handed back would leave the part handed back billed by no
-        one."""
+        one. With `create_credit_notes`, rows on a known finalized invoice are credited there
+        first (per invoice and meter) and handed back with it."""
         cancelled: list[RowNote] = []
         offset: list[RowNote] = []
         kept: list[RowNote] = []
@@ -88,11 +92,13 @@ class HandBack:
             why = await self._send_offset(pending, actor)
             (kept if why else offset).append(note_of(pending, why or "offset sent again"))
         now = self.now()
-        staying = await self._staying(now)
+        credit = create_credit_notes and isinstance(self.billing, CreditNotes)
+        staying, groups = await self._staying(now, credit)
+        credited, issued, refused = await self._credit(groups, staying, actor)
         async for row in self._rows_at_provider():
             decision = await self._decide(row, now)
             if decision.way in (Way.CREDIT_NOTE, Way.KEEP):
-                kept.append(note_of(row, decision.note))
+                kept.append(note_of(row, refused.get(row.id, decision.note)))
                 if decision.way is Way.CREDIT_NOTE:
                     listed.append((row, decision.invoice_id))
             elif (row.org_id, row.bucket_start) in staying:
@@ -106,9 +112,60 @@ class HandBack:
                 why = await self._cancel(row, decision, actor)
                 (kept if why else cancelled).append(note_of(row, why or decision.note))
         log.info(
-            "cutover.handed_back", cancelled=len(cancelled), offset=len(offset), kept=len(kept)
+            "cutover.handed_back",
+            cancelled=len(cancelled),
+            offset=len(offset),
+            credited=len(credited),
+            kept=len(kept),
         )
-        return HandedBack(cancelled, offset, kept, credit_notes(listed, await self._prices()))
+        notes = issued + credit_notes(listed, await self._prices())
+        return HandedBack(cancelled, offset, kept, notes, credited)
+
+    async def _credit(
+        self,
+        groups: dict[tuple[str, str, str], list[LedgerRow]],
+        staying: set[tuple[str, int]],
+        actor: str,
+    ) -> tuple[list[RowNote], list[CreditNote], dict[int, str]]:
+        """Credit each (org, invoice, meter) group's units on its invoice and hand its rows
+        back; a group the provider refuses stays billed here (its buckets with it): why, per
+        row."""
+        credited: list[RowNote] = []
+        issued: list[CreditNote] = []
+        refused: dict[int, str] = {}
+        for (org_id, invoice, meter), rows in sorted(groups.items()):
+            quantity = sum(r.quantity for r in rows)
+            ids = sorted(r.id for r in rows)
+            key = "credit:" + hashlib.sha256(f"{invoice}:{meter}:{ids}".encode()).hexdigest()
+            assert isinstance(self.billing, CreditNotes)
+            try:
+                if quantity <= 0:
+                    raise BillingError(f"{quantity} units: nothing a credit note can take off")
+                noted = await self.billing.credit_usage(
+                    invoice,
+                    self._event_name(meter),
+                    quantity,
+                    memo="usage billed by the legacy biller after a rollback",
+                    key=key,
+                )
+            except BillingError as exc:
+                # they stay billed here, and so does every row of their buckets: the rows
+                # themselves are kept and listed with the others in the pass that follows
+                staying.update((r.org_id, r.bucket_start) for r in rows)
+                refused.update((r.id, f"credit note on {invoice} not issued: {exc}") for r in rows)
+                log.warning("handback.credit_note_refused", invoice=invoice, error=str(exc))
+                continue
+            detail = f"credit note {noted.credit_note} on invoice {invoice}"
+            await self.storage.cancel_rows(ids, self.now(), actor, Reason.CREDITED.value, detail)
+            credited += [note_of(r, detail) for r in rows]
+            customer = rows[0].attempt_customer
+            issued.append(
+                CreditNote(
+                    org_id, customer, invoice, meter, quantity, len(rows), noted.amount,
+                    noted.currency, issued=noted.credit_note,
+                )
+            )  # fmt: skip
+        return credited, issued, refused
 
     async def preview(self, limit: int = 100) -> RollbackPreview:
         """What :meth:`run` would do now, changing nothing (the newest `limit` rows of each
@@ -118,7 +175,7 @@ class HandBack:
         }
         counts = dict.fromkeys(ways, 0)
         now = self.now()
-        staying = await self._staying(now)
+        staying, _ = await self._staying(now)
         async for row in self._rows_at_provider():
             decided = (await self._decide(row, now)).way
             if (row.org_id, row.bucket_start) in staying:
@@ -141,14 +198,21 @@ class HandBack:
 
     # -- the decision's inputs ----------------------------------------------------------------
 
-    async def _staying(self, now: int) -> set[tuple[str, int]]:
-        """The (org, bucket) pairs with a row that stays at the provider: billed here still,
-        so every row of theirs is kept."""
-        return {
-            (row.org_id, row.bucket_start)
-            async for row in self._rows_at_provider()
-            if (await self._decide(row, now)).way in (Way.CREDIT_NOTE, Way.KEEP)
-        }
+    async def _staying(
+        self, now: int, credit: bool = False
+    ) -> tuple[set[tuple[str, int]], dict[tuple[str, str, str], list[LedgerRow]]]:
+        """The (org, bucket) pairs with a row that stays at the provider, billed here still,
+        so every row of theirs is kept; and, when `credit`, the rows a credit note on their
+        known invoice can hand back instead, per (org, invoice, meter)."""
+        staying: set[tuple[str, int]] = set()
+        groups: dict[tuple[str, str, str], list[LedgerRow]] = {}
+        async for row in self._rows_at_provider():
+            decision = await self._decide(row, now)
+            if decision.way is Way.CREDIT_NOTE and credit and decision.invoice_id:
+                groups.setdefault((row.org_id, decision.invoice_id, row.meter), []).append(row)
+            elif decision.way in (Way.CREDIT_NOTE, Way.KEEP):
+                staying.add((row.org_id, row.bucket_start))
+        return staying, groups
 
     async def _decide(self, row: LedgerRow, now: int) -> Decision:
         if row.org_id not in self._closed:

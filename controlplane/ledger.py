@@ -39,6 +39,7 @@ class Reason(enum.StrEnum):
     PROVIDER_ERROR = "provider_error"  # accepted, then reported invalid by the provider
     PROVIDER_MISSING = "provider_missing"  # sent, and absent from the provider's aggregates
     OFFSET = "offset"  # handed back by a rollback through an offsetting row (`offsets_id`)
+    CREDITED = "credited"  # handed back by a rollback through a credit note on its invoice
 
 
 CUSTOMER_NOT_FOUND = "meter_event_customer_not_found"
@@ -46,7 +47,7 @@ CUSTOMER_NOT_FOUND = "meter_event_customer_not_found"
 
 BILLABLE = "billable"
 EXCLUDING = (Reason.FREE_PLAN, Reason.BEFORE_BILL_FROM, Reason.TOO_OLD)
-UNBILLED = (*EXCLUDING, Reason.ROLLED_BACK, Reason.REISSUED, Reason.OFFSET)
+UNBILLED = (*EXCLUDING, Reason.ROLLED_BACK, Reason.REISSUED, Reason.OFFSET, Reason.CREDITED)
 
 
 def segment(reason: str | None, offsets: int | None = None) -> str:

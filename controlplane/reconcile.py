@@ -151,6 +151,9 @@ def rows_making_up(rows: Sequence[LedgerRow], units: int) -> list[LedgerRow] | N
 
 
 _UNSENT = (Reason.PROVIDER_MISSING, Reason.AMBIGUOUS)
+# cancelled rows the provider should no longer hold (it holds offset and credited ones still,
+# and re-issued ones were never counted or counted in a finalized period)
+_CANCELLED_HERE = (Reason.ROLLED_BACK,)
 
 
 def restamped(row: LedgerRow) -> bool:
@@ -179,7 +182,11 @@ def attribute(
     unsent = [r for r in rows if r.state is RowState.HELD and r.reason in _UNSENT]
     if chosen := rows_making_up(unsent, excess):
         return given(Remedy.FOUND, chosen)
-    cancelled = [r for r in rows if r.state is RowState.CANCELLED and r.attempts]
+    cancelled = [
+        r
+        for r in rows
+        if r.state is RowState.CANCELLED and r.attempts and r.reason in _CANCELLED_HERE
+    ]
     if chosen := rows_making_up(cancelled, excess):
         # the provider's cancel window runs from receipt, which is no earlier than the
         # first attempt: inside it counted from there, inside it for sure

@@ -122,6 +122,7 @@ class CreditNote(msgspec.Struct, frozen=True):
     rows: int
     amount_minor: int | None  # None: no published price charges this meter
     currency: str | None
+    issued: str | None = None  # the provider's credit note, once created (the amount is its)
 
 
 def credit_notes(
@@ -176,7 +177,8 @@ class HandedBack(msgspec.Struct, frozen=True):
     cancelled: list[RowNote]  # cancelled at the provider (or never delivered): legacy bills them
     offset: list[RowNote]  # offset in their open period (the note names the offset): the same
     not_cancelled: list[RowNote]  # still at the provider: a credit note, or reconciliation
-    credit_notes: list[CreditNote]  # the rows listed for credit notes, per customer and invoice
+    credit_notes: list[CreditNote]  # per customer, invoice and meter: issued, or to issue
+    credited: list[RowNote] = []  # handed back through a credit note on their invoice
 
 
 class RollbackPreview(msgspec.Struct, frozen=True):

@@ -41,6 +41,7 @@ from stripe_emulator.checkout import CheckoutMixin
 from stripe_emulator.clocks import ClocksMixin
 from stripe_emulator.collection import CollectionMixin
 from stripe_emulator.credit_grants import CreditGrantsMixin
+from stripe_emulator.credit_notes import CreditNotesMixin
 from stripe_emulator.customers import CustomersMixin
 from stripe_emulator.errors import (
     MESSAGE_LOCK_TIMEOUT,
@@ -85,6 +86,7 @@ class StripeEmulator(
     CollectionMixin,
     PreviewsMixin,
     CreditGrantsMixin,
+    CreditNotesMixin,
     CheckoutMixin,
     ClocksMixin,
     EventsMixin,
@@ -319,6 +321,11 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/invoices/{id}/finalize", StripeEmulator.finalize_invoice_request),
     Route("POST", "/v1/invoices/create_preview", StripeEmulator.create_invoice_preview),
     Route("POST", "/v1/invoices/{id}/pay", StripeEmulator.pay_invoice_request),
+    Route("GET", "/v1/invoices/{id}/lines", StripeEmulator.list_invoice_lines),
+    Route("POST", "/v1/credit_notes", StripeEmulator.create_credit_note),
+    Route("GET", "/v1/credit_notes", StripeEmulator.list_credit_notes),
+    Route("GET", "/v1/credit_notes/preview", StripeEmulator.preview_credit_note),
+    Route("GET", "/v1/credit_notes/{id}", StripeEmulator.retrieve_credit_note),
     Route("POST", "/v1/billing/credit_grants", StripeEmulator.create_credit_grant),
     Route("GET", "/v1/billing/credit_grants", StripeEmulator.list_credit_grants),
     Route("GET", "/v1/billing/credit_grants/{id}", StripeEmulator.retrieve_credit_grant),

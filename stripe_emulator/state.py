@@ -212,6 +212,9 @@ class EmulatorState:
         self.invoices: dict[str, Json] = {}
         self._auto_finalize: dict[str, int] = {}  # draft invoice id -> when it finalizes
         self.credit_grants: dict[str, Json] = {}
+        self.credit_notes: dict[str, Json] = {}
+        self._credited_lines: dict[str, list[Any]] = {}  # line id -> [way, quantity, amount]
+        self._credit_note_sequence: dict[str, int] = {}  # invoice id -> credit notes so far
         self._grant_balance: dict[str, int] = {}  # credit grant id -> what is left of it
         self.checkout_sessions: dict[str, Json] = {}
         self._setup_data: dict[str, Json] = {}  # session id -> its setup_intent_data
@@ -551,6 +554,8 @@ class EmulatorState:
         def finalize_invoice(
             self, invoice_id: str, request: ApiRequest | None = None, *, collect: bool = True
         ) -> Json: ...
+
+        def _refresh_usage(self, invoice: Json) -> None: ...
 
         _incomplete_until: dict[str, int]
 

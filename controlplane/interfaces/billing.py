@@ -139,6 +139,29 @@ class MeterSummaries(abc.ABC):
         -> units, hours holding none left out."""
 
 
+class CreditNoted(msgspec.Struct, frozen=True):
+    """A credit note the provider issued for usage on a finalized invoice, minor units."""
+
+    credit_note: str  # the provider's id
+    invoice: str
+    quantity: int
+    amount: int
+    currency: str
+
+
+class CreditNotes(abc.ABC):
+    """Optional capability of a :class:`Billing` plugin: credit usage a finalized invoice
+    billed (the last resort of a rollback, for usage neither cancel nor offset can reach)."""
+
+    @abc.abstractmethod
+    async def credit_usage(
+        self, invoice: str, event_name: str, quantity: int, *, memo: str, key: str
+    ) -> CreditNoted:
+        """Credit `quantity` units of the invoice's metered line of `event_name`'s meter,
+        once per `key` (the idempotency key). Raises BillingError when the provider refuses
+        (an invoice not open or paid, no such line, more than it holds...)."""
+
+
 class PreviewLine(msgspec.Struct, frozen=True):
     """One line of a provider's invoice preview, amounts in minor units."""
 

@@ -715,15 +715,17 @@ FROM reconcile_runs ORDER BY checked_at DESC, id DESC LIMIT ?1;
 
 -- name: sent_cells
 -- Units at the provider per (org, customer, meter, hour of the timestamp sent) in [?1, ?2):
--- rows sent, and rows an offset cancelled (the provider holds both the row and its offset).
+-- rows sent, and rows an offset or a credit note handed back (the provider holds them still).
 -- Rows a rollback cancelled count 0 but bring their cell (and customer) into the run, so a
 -- cancel the provider did not apply shows as units over. ?3: one org's rows, or all (NULL).
 SELECT org_id, attempt_customer AS customer, meter,
        attempt_timestamp - attempt_timestamp % 3600 AS hour,
-       sum(CASE WHEN state = 'sent' OR reason = 'offset' THEN quantity ELSE 0 END) AS units,
+       sum(CASE WHEN state = 'sent' OR reason IN ('offset', 'credited') THEN quantity
+                ELSE 0 END) AS units,
        max(last_attempt_at) AS last_attempt_at
 FROM ledger
-WHERE state IN ('sent', 'cancelled') AND (state = 'sent' OR reason IN ('offset', 'rolled_back'))
+WHERE state IN ('sent', 'cancelled')
+  AND (state = 'sent' OR reason IN ('offset', 'credited', 'rolled_back'))
   AND attempt_timestamp >= ?1 AND attempt_timestamp < ?2
   AND attempt_customer IS NOT NULL AND (?3 IS NULL OR org_id = ?3)
 GROUP BY org_id, attempt_customer, meter, attempt_timestamp - attempt_timestamp % 3600;

@@ -147,3 +147,57 @@ async def test_rows_past_the_cancel_window_are_offset_in_their_open_period(
     assert (again.cancelled, again.offset, again.not_cancelled) == ([], [], [])
     audit = await cp.storage.audit_log(action_prefix="ledger.offset")
     assert sorted(a.action for a in audit) == ["ledger.offset"] * 3 + ["ledger.offset_appended"] * 3
+
+
+async def deliver(cp: ControlPlane, emulator: StripeEmulator, event_type: str) -> None:
+    """Stripe's newest event of `event_type`, signed and delivered to the control plane."""
+    (event,) = [e for e in reversed(list(emulator.stripe_events.values()))
+                if e["type"] == event_type][:1]  # fmt: skip
+    body = json.dumps(event)
+    header = stripe.WebhookSignature.generate_signature_header(body, SECRET, int(time.time()))
+    await cp.stripe_webhook(body.encode(), header)
+
+
+async def test_usage_on_a_finalized_invoice_is_credited_there_and_handed_back(
+    live: tuple[Live, str, int],
+) -> None:
+    """The period closed and its invoice was finalized (and paid) before the rollback: no
+    cancel nor offset can reach that usage. With `--credit-notes create`, one credit note per
+    invoice and meter takes exactly its units off (credited to the customer's balance, the
+    invoice being paid), and the rows go back to the legacy biller."""
+    made, customer, first = live
+    cp, emulator = made.cp, made.emulator
+    org = await cp.storage.get_org("acme")
+    assert org is not None and org.subscription is not None
+    made.advance(26 * HOUR)
+    closed = emulator.close_period(org.subscription, at="now")  # the period ends here
+    invoice = emulator.finalize_invoice(closed["id"])
+    await deliver(cp, emulator, "invoice.finalized")
+    rows = await cp.storage.ledger(org_id="acme", state=RowState.SENT)
+    units = sum(r.quantity for r in rows)
+    assert invoice["status"] == "paid" and units > 0
+
+    listed = await cp.cutover.rollback(actor="ops", reason="first look", cancel_sent=True)
+    (note,) = listed.credit_notes
+    assert (note.invoice_id, note.quantity, note.issued) == (invoice["id"], units, None)
+    assert [r.state for r in await cp.storage.ledger(org_id="acme")] == [RowState.SENT] * 3
+
+    done = await cp.cutover.rollback(
+        actor="ops", reason="credit them", cancel_sent=True, create_credit_notes=True
+    )
+    assert done.not_cancelled == [], done.not_cancelled[0].note
+    (issued,) = done.credit_notes
+    assert (issued.invoice_id, issued.quantity, issued.rows) == (invoice["id"], units, 3)
+    (credit_note,) = emulator.credit_notes.values()
+    assert credit_note["id"] == issued.issued and credit_note["amount"] == issued.amount_minor
+    assert credit_note["lines"]["data"][0]["quantity"] == units
+    assert credit_note["type"] == "post_payment"  # paid: credited to the customer's balance
+    assert emulator.customers[customer]["balance"] == -credit_note["amount"]
+    states = {(r.state, r.reason) for r in await cp.storage.ledger(org_id="acme")}
+    assert states == {(RowState.CANCELLED, Reason.CREDITED)}
+    seam = await cp.cutover.seam(first, first + 3 * HOUR)
+    assert all(seam.legacy_bills("acme", first + h * HOUR) for h in range(3))  # legacy's again
+    again = await cp.cutover.rollback(
+        actor="ops", reason="again", cancel_sent=True, create_credit_notes=True
+    )
+    assert again.credit_notes == [] and len(emulator.credit_notes) == 1

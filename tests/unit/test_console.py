@@ -208,6 +208,7 @@ async def test_the_overview_shows_the_newest_reconciliation_and_its_findings(
     await cp.send()
     (row,) = await cp.storage.ledger(org_id="o1")
     fake_billing.cancelled.add(row.identifier)  # cancelled at the provider, unknown here
+    clock[0] += HOUR  # the call is older than the settle period
     run = await cp.reconciler.run(t, t + HOUR)
     assert run.units_short == row.quantity
     page = (await client.get("/console/")).text

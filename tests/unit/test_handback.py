@@ -12,9 +12,12 @@ import pytest
 
 from controlplane.config import Config
 from controlplane.core import ControlPlane
+from controlplane.errors import BillingError
 from controlplane.flags import FlagChange
 from controlplane.interfaces import (
     ClosedPeriod,
+    CreditNoted,
+    CreditNotes,
     InvoicePreview,
     InvoicePreviewer,
     OrgChange,
@@ -171,3 +174,46 @@ async def test_an_unanswered_offset_is_sent_again_by_the_next_rollback(
     states = sorted((r.state, r.reason) for r in await cp.storage.ledger())
     assert states == [(RowState.CANCELLED, Reason.OFFSET), (RowState.SENT, None)]
     assert billing.totals() == {("cus_1", "memory_gb_seconds"): 0}
+
+
+class CreditingBilling(PreviewingBilling, CreditNotes):
+    """The fake provider, refusing every credit note (say, the invoice was voided)."""
+
+    async def credit_usage(
+        self, invoice: str, event_name: str, quantity: int, *, memo: str, key: str
+    ) -> CreditNoted:
+        raise BillingError(f"invoice {invoice} is void")
+
+
+async def test_a_credit_note_the_provider_refuses_leaves_the_usage_billed_and_listed(
+    make_config: Callable[..., Config], clock: list[float]
+) -> None:
+    billing = CreditingBilling()
+    clock[0] = T + 2 * HOUR
+    async with ControlPlane(make_config(), billing=billing, clock=lambda: clock[0]) as cp:
+        await cp.set_org("o1", customer="cus_1", plan="pro", actor="t", effective_from=0)
+        await cp.ingest([tick("a", "o1", T + 5)], "http")
+        await cp.rollup()
+        await cp.set_flags(
+            [
+                FlagChange("authority", "controlplane"),
+                FlagChange("bill_from", T),
+                FlagChange("shadow", False),
+            ],
+            actor="t",
+            reason="go",
+        )
+        assert (await cp.send()).sent == 1
+        period = ClosedPeriod("in_1", "o1", T, T + DAY, T + DAY)
+        await cp.storage.record_webhook(
+            WebhookRecord("evt_f", "invoice.finalized", None, "closed"), T + DAY, closed=period
+        )
+        clock[0] += 2 * DAY
+        result = await cp.cutover.rollback(
+            actor="ops", reason="bad", cancel_sent=True, create_credit_notes=True
+        )
+        (kept,) = result.not_cancelled
+        assert "credit note on in_1 not issued: invoice in_1 is void" in (kept.note or "")
+        (note,) = result.credit_notes
+        assert (note.invoice_id, note.issued) == ("in_1", None)
+        assert [r.state for r in await cp.storage.ledger()] == [RowState.SENT]  # billed here

@@ -46,7 +46,17 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     x = json_option(xsub.add_parser("rollback", parents=[common], help="authority back to legacy"))
     x.add_argument("--reason", required=True, help="why, for the audit log")
     x.add_argument(
-        "--cancel-sent", action="store_true", help="cancel at the provider rows sent < 24 h ago"
+        "--cancel-sent",
+        action="store_true",
+        help="hand back what the provider holds: cancel rows sent < 24 h ago, offset older "
+        "ones in their open billing period, list the rest for credit notes",
+    )
+    x.add_argument(
+        "--credit-notes",
+        choices=["list", "create"],
+        default="list",
+        help="with --cancel-sent: 'create' issues the credit notes on the finalized invoices "
+        "(and hands their usage back); default 'list'",
     )
     x.add_argument("--actor", default="cli", help="who, for the audit log (default: cli)")
     p.set_defaults(func=cutover_cmd)
@@ -97,7 +107,10 @@ async def cutover_cmd(args: argparse.Namespace, config: Config) -> int:
             return 0
         if args.action == "rollback":
             result = await cp.cutover.rollback(
-                actor=args.actor, reason=args.reason, cancel_sent=args.cancel_sent
+                actor=args.actor,
+                reason=args.reason,
+                cancel_sent=args.cancel_sent,
+                create_credit_notes=args.credit_notes == "create",
             )
             if args.json:
                 print_json(result)
@@ -105,6 +118,7 @@ async def cutover_cmd(args: argparse.Namespace, config: Config) -> int:
                 print("rolled back: authority legacy, shadow yes")
                 _rows("cancelled at the provider", result.cancelled)
                 _rows("offset in their open billing period", result.offset)
+                _rows("credited on their invoice", result.credited)
                 _rows("NOT handed back (still at the provider)", result.not_cancelled)
                 _credit_notes(result.credit_notes)
                 if result.senders_still_running:
@@ -164,8 +178,8 @@ def _rows(title: str, rows: list[RowNote]) -> None:
 def _credit_notes(notes: list[CreditNote]) -> None:
     if not notes:
         return
-    print("credit notes to issue (per customer, invoice and meter):")
-    table = [["org", "customer", "invoice", "meter", "quantity", "rows", "amount"]]
+    print("credit notes (per customer, invoice and meter):")
+    table = [["org", "customer", "invoice", "meter", "quantity", "rows", "amount", "issued"]]
     for c in notes:
         amount = "no price" if c.amount_minor is None else f"{c.amount_minor} {c.currency} minor"
         table.append(
@@ -177,6 +191,7 @@ def _credit_notes(notes: list[CreditNote]) -> None:
                 str(c.quantity),
                 str(c.rows),
                 amount,
+                c.issued or "to issue",
             ]
         )
     print_table(table)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 from litestar import Controller, Request, get, post
@@ -32,6 +32,9 @@ class CutoverExecuteBody(msgspec.Struct, forbid_unknown_fields=True):
 class CutoverRollbackBody(msgspec.Struct, forbid_unknown_fields=True):
     reason: Reason
     cancel_sent: bool = False
+    # with cancel_sent: "create" credits, on its finalized invoice, usage no cancel or offset
+    # can reach (and hands it back); "list" only lists it
+    credit_notes: Literal["list", "create"] = "list"
 
 
 BODIES = (CutoverPlanBody, CutoverPreflightBody, CutoverExecuteBody, CutoverRollbackBody)
@@ -105,5 +108,8 @@ class CutoverController(Controller):
         self, request: Request[Any, Any, Any], cp: CP, data: JSONBody[CutoverRollbackBody]
     ) -> RollbackResult:
         return await cp.cutover.rollback(
-            actor=actor(request), reason=data.reason, cancel_sent=data.cancel_sent
+            actor=actor(request),
+            reason=data.reason,
+            cancel_sent=data.cancel_sent,
+            create_credit_notes=data.credit_notes == "create",
         )

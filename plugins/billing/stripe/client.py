@@ -56,6 +56,8 @@ from controlplane.interfaces import (
     Billing,
     CatalogPublisher,
     CatalogStore,
+    CreditNoted,
+    CreditNotes,
     Delivery,
     InvoicePreview,
     InvoicePreviewer,
@@ -69,6 +71,7 @@ from controlplane.interfaces import (
 from controlplane.meters import MeterConfig
 from controlplane.plugins.billing.stripe.catalog import publish as _publish
 from controlplane.plugins.billing.stripe.catalog import stripe_call
+from controlplane.plugins.billing.stripe.credit_notes import credit_usage as _credit_usage
 from controlplane.registry import PluginSpec
 from controlplane.secrets import Secret, reveal
 
@@ -123,7 +126,7 @@ class _Failure:
     error: stripe.StripeError | None = None
 
 
-class StripeBilling(Billing, CatalogPublisher, InvoicePreviewer, MeterSummaries):
+class StripeBilling(Billing, CatalogPublisher, CreditNotes, InvoicePreviewer, MeterSummaries):
     """Meter events, cancellations and meter totals on Stripe (or the Stripe emulator), the
     price catalog published to it, and its invoice previews."""
 
@@ -286,6 +289,16 @@ class StripeBilling(Billing, CatalogPublisher, InvoicePreviewer, MeterSummaries)
         return await _publish(
             self.client, store, catalog, meters, actor=actor, dry_run=dry_run, now=now
         )
+
+    # -- CreditNotes ----------------------------------------------------------------------------
+
+    async def credit_usage(
+        self, invoice: str, event_name: str, quantity: int, *, memo: str, key: str
+    ) -> CreditNoted:
+        """A credit note for `quantity` units of the invoice's metered line (see
+        :mod:`.credit_notes`)."""
+        meter_id = await self._meter_id(event_name)
+        return await _credit_usage(self.client, meter_id, invoice, quantity, memo=memo, key=key)
 
     # -- meter totals (the parity checks) -------------------------------------------------------
 
