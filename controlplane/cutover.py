@@ -30,7 +30,6 @@ import structlog
 
 from controlplane.config import Config
 from controlplane.errors import (
-    BadValue,
     BillingError,
     ConfigError,
     ControlPlaneError,
@@ -564,14 +563,14 @@ class Cutover:
         return None
 
     async def seam(self, start: int | None, end: int | None, org_id: str | None = None) -> Seam:
-        """Who bills which buckets in `[start, end)` (bucket-aligned; BadValue naming the field
+        """Who bills which buckets in `[start, end)` (bucket-aligned; InvalidInput naming the field
         otherwise): `legacy_bill_until` and, per org, the ranges the control plane bills (see
         :mod:`controlplane.seam`). The flags are read before and after the ranges, and the
         read is repeated if they moved in between, so both halves hold at one moment."""
         bucket = self.config.rollup.bucket_seconds
         problems = window_problems(start, end, bucket)
         if problems or start is None or end is None:
-            raise BadValue(problems)
+            raise InvalidInput(problems)
         for _ in range(5):
             before = await self.flags()
             billed = await self.storage.billed_ranges(start, end, bucket, org_id)

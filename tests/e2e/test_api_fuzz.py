@@ -5,13 +5,16 @@ token holding every scope) through schemathesis's examples, coverage and fuzzing
 every check runs: no 5xx, each status code, content type, header and body as the document
 says, schema-valid requests not refused as malformed, invalid ones not accepted.
 
-Two allowances, both for rules no OpenAPI document can state:
+Allowances for rules no OpenAPI document can state:
 
 - a schema-valid request may be answered 422: the app's semantic checks (a meter that cannot
   evaluate an event, a cutover at an unaligned T, an org change with neither customer nor
   plan). 400 stays reserved for requests that break the schema, and is a failure here.
 - `/internal/usage-parity` may answer 400 to a schema-valid window (`to` must come after
   `from`), and a Stripe webhook cannot be signed by a fuzzer, so its positive-data check is off.
+- OFREP's single-flag evaluation answers 400 `TARGETING_KEY_MISSING` for a per-org flag
+  evaluated without an org, as the OFREP specification has it (open-feature/protocol
+  `service/openapi.yaml`: 400 "Bad evaluation request", an `evaluationFailure`).
 
 A failure prints schemathesis's report, with a `curl` line and a seed to replay it
 (`CP_FUZZ_SEED=<seed>`). `CP_FUZZ_EXAMPLES` raises the examples per operation.
@@ -81,6 +84,10 @@ positive_data_acceptance.expected-statuses = [{quoted}]
 
 [[operations]]
 include-path = "/internal/usage-parity"
+checks.positive_data_acceptance.expected-statuses = [{quoted}, "400"]
+
+[[operations]]
+include-path = "/ofrep/v1/evaluate/flags/{{key}}"
 checks.positive_data_acceptance.expected-statuses = [{quoted}, "400"]
 
 [[operations]]

@@ -87,11 +87,11 @@ async def test_the_seam_answers_ranges_and_legacy_bill_until(client: Any) -> Non
         ({"from": T0 + HOUR, "to": T0 + HOUR}, "to"),
     ],
 )
-async def test_a_bad_window_is_a_400_naming_the_field(
+async def test_a_bad_window_is_a_422_naming_the_field(
     client: Any, params: dict[str, int], field: str
 ) -> None:
     r = await client.get("/v1/seam", params=params, headers=READ)
-    assert r.status_code == 400, r.text
+    assert r.status_code == 422, r.text
     assert [e["field"] for e in r.json()["errors"]] == [field]
 
 

@@ -25,7 +25,7 @@ class SeamController(Controller):
 
     @get(
         summary="Per org, the bucket ranges the control plane bills, and legacy_bill_until",
-        responses=documented(*AUTH, 400),
+        responses=documented(*AUTH, 400, 422),
     )
     async def seam(self, cp: CP, start: From = None, end: To = None, org: Org = None) -> Seam:
         """`from` and `to` (required) are unix seconds on bucket boundaries, `from` before
