@@ -13,7 +13,7 @@ from litestar.params import PathParameter
 
 from controlplane import ofrep
 from controlplane.core import ControlPlane
-from controlplane.errors import BadValue, Undecodable
+from controlplane.errors import InvalidInput, Undecodable
 from controlplane.events import scan_json
 from controlplane.http.guards import BEARER, require_scope
 from controlplane.http.openapi import OfrepOperation
@@ -80,7 +80,7 @@ async def _per_org(cp: ControlPlane, body: bytes, key: str | None = None) -> dic
         return None
     try:
         seam = await cp.cutover.seam(query.start, query.end, query.org)
-    except BadValue as exc:
+    except InvalidInput as exc:
         details = "; ".join(f"context.{p.field}: {p.message}" for p in exc.problems)
         error = {"key": key, "errorCode": "INVALID_CONTEXT", "errorDetails": details}
         raise ofrep.OfrepError(400, error) from None
