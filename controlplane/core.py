@@ -521,7 +521,7 @@ class ControlPlane:
         if self.billing is None:
             return SendStats(skipped="no billing backend configured")
         return await self.sender().run(
-            flags, now=self.clock(), org_id=org_id, until=until, recheck=self.flags
+            flags, clock=self.clock, org_id=org_id, until=until, recheck=self.flags
         )
 
     async def verify_audit(

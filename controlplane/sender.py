@@ -101,7 +101,7 @@ class Sender:
         self,
         flags: Snapshot,
         *,
-        now: float | None = None,
+        clock: Callable[[], float] = time.time,
         org_id: str | None = None,
         until: int | None = None,
         recheck: Callable[[], Awaitable[Snapshot]] | None = None,
@@ -109,7 +109,9 @@ class Sender:
         """One pass over everything sendable (optionally one org, buckets before `until`).
 
         `recheck` reads the flags again before each group of calls: a pass stops as soon as
-        sending is switched off (a rollback), not at its end."""
+        sending is switched off (a rollback), not at its end. `clock` is read at each read of
+        rows, before each group of calls (the attempts' time) and at each settlement (when
+        a row was sent): a long pass records when its calls were made, not when it began."""
         stats = SendStats()
         if flags.shadow:
             stats.skipped = "shadow is on"
@@ -123,7 +125,7 @@ class Sender:
             log.warning("sender.skipped", reason=stats.skipped)
             return stats
         try:
-            await self._pass(stats, flags, bill_from, now, org_id, until, recheck)
+            await self._pass(stats, flags, bill_from, clock, org_id, until, recheck)
         finally:
             await self.storage.release_claims(self.claimant)
         if stats.sent or stats.held or stats.excluded or stats.retry or stats.ambiguous:
@@ -135,7 +137,7 @@ class Sender:
         stats: SendStats,
         flags: Snapshot,
         bill_from: int,
-        now: float | None,
+        clock: Callable[[], float],
         org_id: str | None,
         until: int | None,
         recheck: Callable[[], Awaitable[Snapshot]] | None,
@@ -156,8 +158,7 @@ class Sender:
         after_id = 0
         blocked: set[Lane] = set()  # lanes with a transient failure: they wait for next pass
         while True:
-            at = int(now if now is not None else time.time())
-            read_clock = time.monotonic()
+            at = int(clock())
             claim = Claim(self.claimant, at, at + self.claim_seconds)
             items = await self.storage.sendable(
                 after_id, self.batch_size, org_id, until, claim=claim
@@ -165,7 +166,7 @@ class Sender:
             if not items:
                 break
             calls, known = await self._calls(items)
-            batch = _Batch(at, read_clock, calls, versions_of(flags), known)
+            batch = _Batch(at, clock, calls, versions_of(flags), known)
             decided, deliver = self._triage(items, bill_from, batch)
             exclusions = [s for s in decided if s.state is RowState.EXCLUDED]
             if exclusions:
@@ -348,7 +349,7 @@ class Sender:
                     return  # the rest of this lane waits for the next pass
 
         await asyncio.gather(*(lane(q) for q in lanes.values()))
-        await self._settle(results, stats, at)
+        await self._settle(results, stats, batch.now())  # when they were sent, at the latest
         sent_ids = {r.row_id for r in results if r.state is RowState.SENT}
         if sent_ids:
             await self._reissue_late([i for i in items if i.row.id in sent_ids], batch)
@@ -476,14 +477,14 @@ class _Batch(msgspec.Struct, frozen=True):
     per read, for triage and for the calls)."""
 
     at: int
-    read_clock: float  # time.monotonic() at the read
+    clock: Callable[[], float]  # the pass's clock (claims are renewed from it)
     calls: dict[int, _Call]
     flag_versions: dict[str, int]  # of the pass's flags: attempts are recorded only under them
     known_invoices: frozenset[str]  # finalized invoices known at the read
 
     def now(self) -> int:
         """The pass's clock now (claims are renewed from it)."""
-        return self.at + int(time.monotonic() - self.read_clock)
+        return int(self.clock())
 
 
 Lane = tuple[str, str]  # (customer, meter): one call in flight at a time

@@ -203,8 +203,10 @@ class LedgerStore(abc.ABC):
 
     @abc.abstractmethod
     async def late_rows(self, period: ClosedPeriod) -> list[LedgerRow]:
-        """Rows of the period's org sent with a timestamp inside it whose first attempt came
-        at or after the invoice was finalized: they reached the provider too late for it."""
+        """Rows of the period's org sent with a timestamp inside it that reached the provider
+        after the invoice was finalized: every attempt came at or after it, or the provider
+        accepted (rather than answered "already exists" to) an attempt made at or after it.
+        They reached the provider too late for the invoice."""
 
 
 class GaugeStore(abc.ABC):

@@ -292,7 +292,8 @@ FROM ledger
 WHERE org_id = $1 AND state = 'sent' AND bucket_start < $3
   AND coalesce(attempt_timestamp, bucket_start) >= $2
   AND coalesce(attempt_timestamp, bucket_start) < $3
-  AND first_attempt_at >= $4
+  -- every attempt after the finalization, or the one accepted (it arrived then) after it
+  AND (first_attempt_at >= $4 OR (provider_id IS NOT NULL AND last_attempt_at >= $4))
   AND offsets_id IS NULL
 ORDER BY id;
 

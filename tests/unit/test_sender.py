@@ -244,3 +244,49 @@ async def test_a_row_in_flight_when_its_invoice_is_finalized_is_re_issued_by_the
     assert (again.revision, again.state) == (2, RowState.SENT)
     assert [c.timestamp for c in fake_billing.calls] == [T0, T0 + HOUR]
     assert first.identifier in fake_billing.cancelled
+
+
+async def test_a_retry_stripe_accepted_after_the_finalization_is_re_issued(
+    cp: ControlPlane, clock: list[float], fake_billing: FakeBilling
+) -> None:
+    """The first call came in the invoice's draft hour and failed (nothing applied); the
+    retry, after Stripe finalized the invoice but before its webhook, was accepted: it
+    arrived then, on no invoice. The webhook re-issues it, though its first attempt came
+    before the finalization."""
+    await live(cp)
+    await cp.ingest([tick("e1", "o1", T0 + 5)], "http")
+    await cp.rollup()
+    fake_billing.fail_next(Outcome.RETRY)
+    assert (await cp.send()).retry == 1
+    finalized = int(clock[0]) + 60
+    clock[0] += 120  # Stripe finalized the invoice meanwhile
+    assert (await cp.send()).sent == 1
+    (row,) = await cp.storage.ledger()
+    assert row.first_attempt_at is not None and row.first_attempt_at < finalized
+    assert row.last_attempt_at is not None and row.last_attempt_at >= finalized
+    period = ClosedPeriod("in_1", "o1", T0 - HOUR, T0 + HOUR, finalized)
+    await finalize(cp, finalized)
+    (new,) = await reissue_late(
+        cp.storage, cp.billing, cp.meters, period, at=cp.now(), actor="webhooks"
+    )
+    assert new.revision == 2
+
+
+async def test_a_pass_records_each_call_and_sending_at_the_clock_of_the_moment(
+    cp: ControlPlane, clock: list[float], fake_billing: FakeBilling
+) -> None:
+    """A long pass: its calls are recorded when made, and its rows as sent when settled, not
+    at the time the pass began."""
+    await live(cp)
+    await cp.ingest([tick("e1", "o1", T0 + 5)], "http")
+    await cp.rollup()
+    began = int(clock[0])
+
+    def slow(event: Any) -> Outcome:
+        clock[0] += 300  # the call itself is made later in the pass
+        return Outcome.ACCEPTED
+
+    fake_billing.decide = slow
+    assert (await cp.send()).sent == 1
+    (row,) = await cp.storage.ledger()
+    assert row.sent_at is not None and row.sent_at >= began + 300
