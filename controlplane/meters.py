@@ -221,7 +221,105 @@ def compile_expression(source: str, *, boolean: bool = False) -> Evaluator:
         raise ConfigError(f"expression nested too deeply ({len(source)} characters)") from None
     if (depth := _depth(tree)) > MAX_DEPTH:
         raise ConfigError(f"expression nested {depth} levels deep; at most {MAX_DEPTH}")
-    return _compile(tree.body, source, boolean)
+    exact = _compile(tree.body, source, boolean)
+    return _with_fast_path(exact, tree.body, source)
+
+
+class _Slow(Exception):
+    """A value the fast path does not take: the exact evaluator decides."""
+
+
+def _fast_number(value: Any) -> Decimal:
+    kind = type(value)
+    if kind is Decimal:
+        return value  # type: ignore[no-any-return]
+    if kind is int:
+        return Decimal(value)
+    raise _Slow
+
+
+def _fast_comparable(value: Any) -> Any:
+    kind = type(value)
+    if kind is Decimal or kind is str:
+        return value
+    if kind is int:
+        return Decimal(value)
+    raise _Slow
+
+
+def _with_fast_path(exact: Evaluator, node: ast.AST, source: str) -> Evaluator:
+    """`exact`, fronted by the same expression compiled once into one plain Python function
+    (as the standard library's dataclasses generate their methods): the common case, every
+    field present and an integer or decimal, runs without an evaluator call per node. The
+    generated code is built only from the node types :func:`_compile` accepted, field names
+    (identifiers) and numeric constants kept in its namespace; it computes with the same
+    Decimal operations in the same order. Anything it does not take (a missing field, text
+    where a number belongs, a float, a division by zero) goes to `exact`, which gives the
+    same answer or the same error as before."""
+    constants: dict[str, Any] = {}
+
+    def const(value: Any) -> str:
+        name = f"_k{len(constants)}"
+        constants[name] = value
+        return name
+
+    def gen(n: ast.AST, number: bool) -> str:
+        if isinstance(n, ast.Constant):
+            if isinstance(n.value, str):
+                return const(n.value)
+            return const(Decimal(ast.get_source_segment(source, n) or str(n.value)))
+        if isinstance(n, ast.Attribute):
+            read = "data" + "".join(f"[{p!r}]" for p in reversed(_attribute_path(n)))
+            return f"_num({read})" if number else f"_cmp({read})"
+        if isinstance(n, ast.BinOp):
+            symbol = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}[type(n.op)]
+            return f"({gen(n.left, True)} {symbol} {gen(n.right, True)})"
+        if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub | ast.UAdd):
+            sign = -1 if isinstance(n.op, ast.USub) else 1
+            return f"({sign} * {gen(n.operand, True)})"
+        if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.Not):
+            return f"(not {gen(n.operand, False)})"
+        if isinstance(n, ast.BoolOp):
+            joiner = " and " if isinstance(n.op, ast.And) else " or "
+            return "bool(" + joiner.join(gen(v, False) for v in n.values) + ")"
+        if isinstance(n, ast.Compare):
+            terms = [gen(n.left, False), *(gen(c, False) for c in n.comparators)]
+            symbols = {ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.Eq: "==",
+                       ast.NotEq: "!="}  # fmt: skip
+            # every term is read before any is compared, as the exact evaluator does
+            names = [f"_t{i}" for i in range(len(terms))]
+            chain = " and ".join(
+                f"{names[i]} {symbols[type(op)]} {names[i + 1]}" for i, op in enumerate(n.ops)
+            )
+            return f"(lambda {', '.join(names)}: {chain})({', '.join(terms)})"
+        raise _Slow  # never reached: _compile accepted only the nodes above
+
+    if isinstance(node, ast.Attribute):
+        body = "data" + "".join(f"[{p!r}]" for p in reversed(_attribute_path(node)))
+    else:
+        body = gen(node, True)
+    namespace: dict[str, Any] = {"_num": _fast_number, "_cmp": _fast_comparable, **constants}
+    exec(f"def fast(data):\n    return {body}\n", namespace)
+    fast = namespace["fast"]
+
+    def evaluate(data: Mapping[str, Any]) -> Any:
+        try:
+            return fast(data)
+        except Exception:  # the exact evaluator says what it is, or takes it after all
+            return exact(data)
+
+    if hasattr(exact, "path"):  # a lone field: its path names it in errors
+        evaluate.path = exact.path  # type: ignore[attr-defined]
+    return evaluate
+
+
+def _attribute_path(node: ast.Attribute) -> list[str]:
+    parts: list[str] = []
+    cur: ast.AST = node
+    while isinstance(cur, ast.Attribute):
+        parts.append(cur.attr)
+        cur = cur.value
+    return parts
 
 
 MAX_DEPTH = 32
