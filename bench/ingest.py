@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +96,12 @@ class ServerRun(msgspec.Struct):
 
 
 async def _post_all(
-    base: str, token: str, bodies: list[bytes], sizes: list[int], clients: int
+    base: str,
+    token: str,
+    bodies: list[bytes],
+    sizes: list[int],
+    clients: int,
+    on_done: Callable[[int], None] | None = None,
 ) -> tuple[int, int, list[float]]:
     queue = iter(range(len(bodies)))
     accepted = duplicates = 0
@@ -116,6 +122,8 @@ async def _post_all(
                     raise RuntimeError(f"batch {n}: accepted {body} of {sizes[n]}")
                 accepted += body["accepted"]
                 duplicates += body["duplicates"]
+                if on_done is not None:
+                    on_done(body["accepted"])
 
     await asyncio.gather(*(client() for _ in range(clients)))
     return accepted, duplicates, latencies

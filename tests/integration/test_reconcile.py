@@ -342,7 +342,7 @@ def test_attribution_takes_the_fewest_newest_rows_that_make_up_the_difference() 
     assert attribute(short, rows, now=0, cancel_window=HOUR).rows == ["r4"]
     unattributable = Finding("o", "c", "m", 0, ledger=15, provider=4, status="short")
     assert attribute(unattributable, rows, now=0, cancel_window=HOUR).remedy == "unattributed"
-    old = [row(5, 4, RowState.CANCELLED)]
+    old = [msgspec.structs.replace(row(5, 4, RowState.CANCELLED), reason="rolled_back")]
     over = Finding("o", "c", "m", 0, ledger=15, provider=19, status="over")
     assert attribute(over, old, now=0, cancel_window=HOUR).remedy == "cancel"
     assert attribute(over, old, now=2 * HOUR, cancel_window=HOUR).remedy == "credit_note"
