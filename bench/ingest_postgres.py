@@ -70,7 +70,14 @@ async def _raw(dsn: str, events: list[dict[str, Any]], batch: int) -> float:
         with Stopwatch() as sw:
             for event_rows, value_rows, totals_rows, dirty in prepared:
                 async with conn.transaction():
-                    await conn.copy_records_to_table("usage_events", records=event_rows)
+                    await conn.copy_records_to_table(
+                        "usage_events",
+                        records=event_rows,
+                        columns=[
+                            "id", "source", "event_id", "type", "org_id", "time_ms", "data",
+                            "received_at",
+                        ],
+                    )  # fmt: skip
                     await conn.copy_records_to_table(
                         "meter_values",
                         records=value_rows,

@@ -19,7 +19,9 @@
 Also measured in this process, for scale: the product's per-org query and the legacy query
 alone (sqlite3, the same SQL), and the GROUP BY over every meter value that the per-bucket
 totals replace. Checks that every answer is `clean`, lists every org, and that both totals
-equal the total computed here. Prints p50/p99/max; target p99 <= 100 ms.
+equal the total computed here. Prints p50/p99/max and, last, the ratio of the legacy
+query's p99 to the endpoint's (all buckets, every org; target >= 0.67: the endpoint within
+1.5x the legacy query it has to run anyway).
 """
 
 from __future__ import annotations
@@ -43,7 +45,16 @@ from typing import Any
 import httpx
 import msgspec
 
-from bench._common import BUCKET_SECONDS, METER, METER_CONFIG, T0, Stopwatch, connect, machine
+from bench._common import (
+    BUCKET_SECONDS,
+    METER,
+    METER_CONFIG,
+    T0,
+    Stopwatch,
+    connect,
+    machine,
+    ratio_line,
+)
 from controlplane import config as config_mod
 from controlplane.core import ControlPlane
 from controlplane.logs import configure
@@ -168,13 +179,20 @@ def fill(
             events.append((pk, "bench", f"run-{pk}", "usage_tick", org, started * 1000, data, now))
             values.append((pk, METER, org, bucket, value))
             dirty.add((org, bucket))
-        conn.executemany("INSERT INTO usage_events VALUES (?, ?, ?, ?, ?, ?, ?, ?)", events)
+        conn.executemany(
+            "INSERT INTO usage_events (id, source, event_id, type, org_id, time_ms, data,"
+            " received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            events,
+        )
         conn.executemany(
             "INSERT INTO meter_values (event_pk, meter, org_id, bucket_start, micros)"
             " VALUES (?, ?, ?, ?, ?)",
             values,
         )
-        conn.executemany("INSERT OR IGNORE INTO dirty_buckets VALUES (?, ?)", sorted(dirty))
+        conn.executemany(
+            "INSERT OR IGNORE INTO dirty_buckets (org_id, bucket_start) VALUES (?, ?)",
+            sorted(dirty),
+        )
         legacy.executemany(
             "INSERT INTO sandbox_runs (org_id, memory_mb, started_at, ended_at)"
             " VALUES (?, ?, ?, ?)",
@@ -331,8 +349,10 @@ def main(argv: list[str] | None = None) -> int:
         total = sum(totals.values())
         print(f"  filled {events:,} events and {events:,} legacy runs in {sw.seconds:.1f} s\n")
 
-        for label, values in raw_queries(db, legacy_db, start, end, 30).items():
+        raw = raw_queries(db, legacy_db, start, end, 30)
+        for label, values in raw.items():
             print(summary(label, values))
+        legacy_runs = next(v for k, v in raw.items() if k.startswith("legacy query"))
 
         config_file = work / "server.toml"
         config_file.write_text(_toml(raw))
@@ -382,12 +402,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"{format_micros(total)} GB-s as computed here"
             )
         p99 = _ms(full, 0.99)
-        verdict = "met" if p99 <= TARGET_P99_MS else "MISSED"
         print(
-            f"TARGET endpoint p99 {p99:.1f} ms over all {args.buckets} buckets, "
-            f"{_ms(hourly, 0.99):.1f} ms for one bucket (target <= {TARGET_P99_MS:.0f} ms "
-            f"over all buckets: {verdict})"
+            f"  endpoint p99 {p99:.1f} ms over all {args.buckets} buckets (the first round's "
+            f"target <= {TARGET_P99_MS:.0f} ms: {'met' if p99 <= TARGET_P99_MS else 'MISSED'}), "
+            f"{_ms(hourly, 0.99):.1f} ms for one bucket"
         )
+        ratio = _ms(legacy_runs, 0.99) / p99
+        print(ratio_line("legacy query p99 / endpoint p99 (all buckets, every org)", ratio, 0.67))
         return 1 if problems else 0
     finally:
         if proc is not None:

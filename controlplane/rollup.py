@@ -149,19 +149,29 @@ def _billable(
     the plan authority chain's link that decided: ``token`` (the newest capability token
     among the bucket's events), ``stored`` (the org's plan history here), ``legacy`` (the
     legacy biller's answer, mapped), else ``default`` (free)."""
-    known = ", ".join(plans.names)
+    # the reasons are only written for a bucket held: most buckets are billed or excluded
     if token is not None:
+        billable = plans.is_billable(token)
         why = (
-            f"org {org_id!r}'s capability token states plan {token!r}, which is not configured "
-            f"(plans: {known})"
+            ""
+            if billable is not None
+            else (
+                f"org {org_id!r}'s capability token states plan {token!r}, which is not configured "
+                f"(plans: {', '.join(plans.names)})"
+            )
         )
-        return plans.is_billable(token), why, "token"
+        return billable, why, "token"
     if stored is not None:
+        billable = plans.is_billable(stored)
         why = (
-            f"org {org_id!r} is on plan {stored!r}, which is not configured (plans: {known}): "
-            "set its plan (`controlplane orgs set`)"
+            ""
+            if billable is not None
+            else (
+                f"org {org_id!r} is on plan {stored!r}, which is not configured (plans: "
+                f"{', '.join(plans.names)}): set its plan (`controlplane orgs set`)"
+            )
         )
-        return plans.is_billable(stored), why, "stored"
+        return billable, why, "stored"
     answer = legacy.get(org_id)
     if answer is None:
         return plans.is_billable(FREE), "", "default"
@@ -170,8 +180,8 @@ def _billable(
         return (
             None,
             f"the legacy biller says org {org_id!r} is on plan {answer!r}, which maps to no "
-            f"configured plan (plans: {known}): add it to [legacy] plan_map, or set the "
-            "org's plan (`controlplane orgs set`)",
+            f"configured plan (plans: {', '.join(plans.names)}): add it to [legacy] plan_map, "
+            "or set the org's plan (`controlplane orgs set`)",
             "legacy",
         )
     return plans.is_billable(plan), "", "legacy"

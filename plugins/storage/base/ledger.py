@@ -94,14 +94,15 @@ class SQLLedger(SQLDriver, LedgerStore):
             batch = await self._take_dirty(conn, last_start, org_id, limit, allowed)
             if not batch.buckets:
                 return 0, []
+            # read by name; built directly, as these are the rollup's bulk of rows
             totals = [
-                from_row(UsageTotal, r)
+                UsageTotal(r["org_id"], r["meter"], r["bucket_start"], r["value_micros"])
                 for r in await conn.fetch("batch_totals", *batch.bucket_args)
             ]
             ledger_sums: list[UsageTotal] = []
             revisions: dict[tuple[str, str, int], int] = {}
             for r in await conn.fetch("batch_ledger", *batch.bucket_args):
-                total = from_row(UsageTotal, r)
+                total = UsageTotal(r["org_id"], r["meter"], r["bucket_start"], r["value_micros"])
                 ledger_sums.append(total)
                 revisions[(total.org_id, total.meter, total.bucket_start)] = r["revision"]
             carries = [
