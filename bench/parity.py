@@ -349,10 +349,10 @@ def main(argv: list[str] | None = None) -> int:
         total = sum(totals.values())
         print(f"  filled {events:,} events and {events:,} legacy runs in {sw.seconds:.1f} s\n")
 
-        raw = raw_queries(db, legacy_db, start, end, 30)
-        for label, values in raw.items():
+        queries = raw_queries(db, legacy_db, start, end, 30)
+        for label, values in queries.items():
             print(summary(label, values))
-        legacy_runs = next(v for k, v in raw.items() if k.startswith("legacy query"))
+        legacy_runs = next(v for k, v in queries.items() if k.startswith("legacy query"))
 
         config_file = work / "server.toml"
         config_file.write_text(_toml(raw))

@@ -66,13 +66,13 @@ def identifier(i: int, t: int) -> str:
     return f"o{i}:{METER}:{t}:1"
 
 
-def planted(customers: int, start: int) -> set[tuple[str, int, int, int, str]]:
+def planted(customers: int, hours: int, start: int) -> set[tuple[str, int, int, int, str]]:
     """The findings the run must report: (org, hour, ledger, provider, status)."""
     out = set()
     for i in range(0, customers, 1000):
         t = start + SHORT_HOUR * HOUR
         out.add((f"o{i}", t, units(i, SHORT_HOUR), 0, "short"))
-        if i + 1 < customers:
+        if i + 1 < customers and hours > OVER_HOUR:
             t = start + OVER_HOUR * HOUR
             q = units(i + 1, OVER_HOUR)
             out.add((f"o{i + 1}", t, q, q + EXTRA, "over"))
@@ -95,13 +95,13 @@ def fill_emulator(customers: int, hours: int, start: int) -> StripeEmulator:
             if i % 1000 == 0 and h == SHORT_HOUR:
                 continue  # never reached Stripe
             record(i, start + h * HOUR, units(i, h), identifier(i, start + h * HOUR))
-        if i % 1000 == 1:
+        if i % 1000 == 1 and hours > OVER_HOUR:
             record(i, start + OVER_HOUR * HOUR + 60, EXTRA, f"elsewhere-{i}")
     return emulator
 
 
 def fill_ledger(db: Path, customers: int, hours: int, start: int) -> None:
-    sent_at = int(time.time())
+    sent_at = int(time.time()) - 2 * HOUR  # called longer ago than the settle period
     rows = [
         (
             identifier(i, t),
@@ -213,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         help="customers read again at Stripe's test-mode limit, 25 calls/s (0: skip)",
     )
     args = parser.parse_args(argv)
-    if not 1 <= args.hours <= 100 or args.customers < 2:
-        parser.error("--hours must be 1..100 (one page of summaries), --customers at least 2")
+    if not SHORT_HOUR < args.hours <= 100 or args.customers < 2:
+        parser.error("--hours must be 4..100 (one page of summaries), --customers at least 2")
     configure(config_mod.LoggingConfig(level="error"))  # the run alerts: planted
     now = int(time.time()) // HOUR * HOUR
     start = now - (args.hours + 6) * HOUR
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run, calls, seconds = asyncio.run(reconcile(db, url, 1e9, start, end))
         found = {(f.org_id, f.hour, f.ledger, f.provider, f.status) for f in run.findings}
-        expected = planted(args.customers, start)
+        expected = planted(args.customers, args.hours, start)
         if found != expected:
             print(f"  WRONG findings: {len(found ^ expected)} differ from the planted ones")
             return 1
