@@ -465,6 +465,7 @@ class ControlPlane:
                 plans=self.plans,
             )
             stats.gauge_series, stats.gauge_resets = derived.series, derived.resets
+            self.metrics.unplanned_rows.inc(stats.unplanned)
             return stats
 
     async def _legacy_plans(self, closed_before: int, org_id: str | None) -> LegacyPlans | None:

@@ -58,6 +58,7 @@ from controlplane.parity_checker import settled_end
 from controlplane.plans import Plans
 from controlplane.reconcile import clean_since
 from controlplane.reversal import CreditNote, HandedBack, RowNote
+from controlplane.rollup import DEFAULT_SOURCE
 from controlplane.seam import Seam, seam_of, window_problems
 from controlplane.times import iso
 
@@ -297,6 +298,29 @@ class Cutover:
         plans = ", ".join(self.plans.billable)
         return Check(name, "pass", f"every org on a billable plan ({plans}) has a customer")
 
+    async def _check_planned(self) -> Check:
+        """Usage excluded as free only by default (no plan from any source) over the parity
+        window: it may be meant, or an org nobody set a plan for."""
+        name = "usage_has_a_plan"
+        since = self.now() - self.config.cutover.parity_clean_hours * 3600
+        orgs: set[str] = set()
+        after = 0
+        while rows := await self.storage.ledger(
+            state=RowState.EXCLUDED, start=since, after_id=after, limit=5000
+        ):
+            orgs.update(r.org_id for r in rows if r.plan_source == DEFAULT_SOURCE)
+            after = rows[-1].id
+        if orgs:
+            shown = ", ".join(sorted(orgs)[:20]) + (" ..." if len(orgs) > 20 else "")
+            return Check(
+                name,
+                "warn",
+                f"{len(orgs)} orgs' usage since {iso(since)} is free only because no plan came "
+                f"from any source (token, stored, legacy): {shown}; set their plans "
+                "(`controlplane orgs set`) if any should be billed",
+            )
+        return Check(name, "pass", f"every org's usage since {iso(since)} has a plan")
+
     async def _check_parity(self) -> Check:
         hours = self.config.cutover.parity_clean_hours
         if self.legacy is None:
@@ -451,6 +475,7 @@ class Cutover:
         checks = [
             await self._check_t(current, t),
             await self._check_customers(),
+            await self._check_planned(),
             await self._check_parity(),
             await self._check_legacy(t),
             await self._check_catalog(),

@@ -110,6 +110,12 @@ class Metrics:
             "them added up to, and reset it (snapshots are authoritative).",
             registry=r,
         )
+        self.unplanned_rows = Counter(
+            "controlplane_rollup_unplanned_rows",
+            "Ledger rows excluded as free only because their org has no plan from any source "
+            "(no capability token, no plan stored here, no legacy biller's answer).",
+            registry=r,
+        )
         for reason in REFUSALS:
             self.ingest_refused.labels(reason)
         for outcome in Outcome:

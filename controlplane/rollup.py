@@ -44,6 +44,7 @@ class RollupStats(msgspec.Struct):
     excluded: int = 0
     deferred_orgs: int = 0  # no stored plan, and the legacy biller could not answer
     held: int = 0  # buckets it cannot fold (see HeldBucket): alerted, the others rolled up
+    unplanned: int = 0  # rows excluded as free only by default: no token, stored or legacy plan
     gauge_series: int = 0  # gauge series derived before the buckets were folded
     gauge_resets: int = 0  # snapshots that reset a level the deltas before them disagreed with
 
@@ -174,7 +175,7 @@ def _billable(
         return billable, why, "stored"
     answer = legacy.get(org_id)
     if answer is None:
-        return plans.is_billable(FREE), "", "default"
+        return plans.is_billable(FREE), "", DEFAULT_SOURCE
     plan = plans.from_legacy(answer)
     if plan is None:
         return (
@@ -311,6 +312,7 @@ async def run(
         stats.rows += len(rows)
         stats.pending += sum(1 for r in rows if r.state is RowState.PENDING)
         stats.excluded += sum(1 for r in rows if r.state is RowState.EXCLUDED)
+        stats.unplanned += sum(1 for r in rows if r.plan_source == DEFAULT_SOURCE)
     if stats.buckets or stats.held:
         log.info(
             "rollup.done",
@@ -318,6 +320,7 @@ async def run(
             rows=stats.rows,
             pending=stats.pending,
             excluded=stats.excluded,
+            unplanned=stats.unplanned,
             deferred_orgs=stats.deferred_orgs,
             held=stats.held,
             seconds=round(time.monotonic() - started, 3),
@@ -354,6 +357,7 @@ async def _alert_held(storage: Storage, bucket: HeldBucket) -> None:
     )
 
 
+DEFAULT_SOURCE = "default"  # the plan chain's last link: no plan from any source, so `free`
 HELD_ALERTS = "job:rollup:held"  # delivered by the job watcher, apart from job health alerts
 
 

@@ -195,6 +195,7 @@ async def test_preflight_passes_when_every_precondition_holds(ready: ControlPlan
     assert {c.name: c.status for c in report.checks} == {
         "t_valid": "pass",
         "billable_orgs_have_customer": "pass",
+        "usage_has_a_plan": "pass",
         "parity_clean": "pass",
         "legacy_not_billed_from_t": "pass",
         "catalog_published": "pass",
@@ -488,3 +489,19 @@ async def test_a_second_cutover_needs_a_clean_reconciliation_since_the_rollback(
     passed = check(await ready.cutover.preflight(T))
     assert run.clean and passed.status == "pass" and "reconciled clean since" in passed.detail
     assert (await ready.cutover.status()).reconciled_clean_since == T - HOUR
+
+
+async def test_usage_free_only_by_default_is_named_by_the_rollup_and_preflight(
+    ready: ControlPlane, clock: list[float]
+) -> None:
+    """An org with usage and no plan from any source (no token, none stored, no legacy
+    answer) is excluded as free: counted by the rollup and its metric, and named by preflight
+    as a warning (it may be meant)."""
+    at = int(clock[0]) - 2 * HOUR
+    bucket = at - at % HOUR
+    await ready.ingest([tick("n1", "nobody", bucket + 5)], "http")
+    stats = await ready.rollup(until=bucket + HOUR)
+    assert (stats.excluded, stats.unplanned) == (1, 1)
+    assert ready.metrics.unplanned_rows._value.get() == 1
+    check = by_name(await ready.cutover.preflight(T))["usage_has_a_plan"]
+    assert check.status == "warn" and "nobody" in check.detail
