@@ -13,7 +13,9 @@ import datetime as dt
 import hashlib
 import os
 import platform
+import signal
 import sqlite3
+import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -203,3 +205,13 @@ class Stopwatch:
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self.started
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a `controlplane serve` started by a benchmark: SIGINT, then kill after 30 s."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

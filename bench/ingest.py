@@ -28,7 +28,6 @@ import asyncio
 import hashlib
 import secrets
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -54,6 +53,7 @@ from bench._common import (
     process_cpu_seconds,
     ratio_line,
     rows_for,
+    stop_server,
 )
 
 TARGET = 0.5
@@ -171,12 +171,7 @@ def run_server(
         client_cpu = time.process_time() - client_before
         cpu_after = process_cpu_seconds(proc.pid)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
         log.close()
     cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
     return ServerRun(sw.seconds, accepted, duplicates, latencies, cpu, client_cpu)

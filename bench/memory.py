@@ -18,7 +18,6 @@ import asyncio
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench._common import Workload, machine, ratio_line
+from bench._common import Workload, machine, ratio_line, stop_server
 from bench.ingest import _config, _free_port, _post_all, _wait_ready, prepare
 
 TARGET_MB = 150.0
@@ -90,12 +89,7 @@ def one_run(work: Path, bodies: list[bytes], sizes: list[int], clients: int) -> 
         sampler.done.set()
         sampler.join()
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
         log.close()
     total = sum(sizes)
     if accepted != total:

@@ -31,7 +31,6 @@ import asyncio
 import hashlib
 import secrets
 import shutil
-import signal
 import sqlite3
 import statistics
 import subprocess
@@ -54,6 +53,7 @@ from bench._common import (
     connect,
     machine,
     ratio_line,
+    stop_server,
 )
 from controlplane import config as config_mod
 from controlplane.core import ControlPlane
@@ -412,12 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if problems else 0
     finally:
         if proc is not None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_server(proc)
         if args.keep:
             print(f"  kept {work}")
         else:

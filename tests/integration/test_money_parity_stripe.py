@@ -6,13 +6,11 @@ over the real SDK; a difference between the pricing and the preview is its own f
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import stripe
 from litestar.testing import AsyncTestClient
@@ -25,6 +23,7 @@ from controlplane.money import month_bounds, month_of
 from controlplane.pricing import line_amount
 from stripe_emulator import StripeEmulator, serve_emulator_in_thread
 from tests.conftest import HOUR, TOKEN, tick
+from tests.stripe_helpers import provision
 
 API_KEY = "sk_test_money_parity"
 SECRET = "whsec_money_parity"
@@ -77,25 +76,7 @@ async def test_stripe_preview_is_the_third_number_and_a_difference_is_a_finding(
         async with ControlPlane(config, clock=lambda: int(clock[0])) as cp:
             await cp.catalog_publish(actor="test")
             # provision `acme` the way Stripe does it: a setup checkout, its signed webhook
-            customer = (await client.v1.customers.create_async(params={"name": "Acme"})).id
-            session = await client.v1.checkout.sessions.create_async(
-                params={
-                    "mode": "setup",
-                    "currency": "usd",
-                    "customer": customer,
-                    "client_reference_id": "acme",
-                    "success_url": "https://example.com/done",
-                }
-            )
-            emulator.complete_checkout(session.id)
-            listing: Any = {"type": "checkout.session.completed"}
-            (event,) = [e.to_dict() for e in (await client.v1.events.list_async(listing)).data]
-            body = json.dumps(event)
-            header = stripe.WebhookSignature.generate_signature_header(
-                body, SECRET, int(time.time())
-            )
-            result = await cp.stripe_webhook(body.encode(), header)
-            assert result.outcome.startswith("provisioned: sub_"), result.outcome
+            await provision(cp, client, emulator, "acme", SECRET)
             org = await cp.storage.get_org("acme")
             assert org is not None and org.subscription is not None
 

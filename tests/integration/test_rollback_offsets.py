@@ -8,7 +8,6 @@ finds the books agree, and a second rollback does nothing more."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -22,6 +21,7 @@ from controlplane.flags import FlagChange
 from controlplane.ledger import Reason, RowState
 from stripe_emulator import StripeEmulator, serve_emulator
 from tests.conftest import HOUR, tick
+from tests.stripe_helpers import deliver, provision
 
 API_KEY = "sk_test_rollback_offsets"
 SECRET = "whsec_rollback_offsets"
@@ -64,26 +64,7 @@ async def live(make_config: Callable[..., Config]) -> AsyncIterator[tuple[Live, 
         )
         async with ControlPlane(config, clock=lambda: int(clock[0])) as cp:
             await cp.catalog_publish(actor="test")
-            customer = str((await client.v1.customers.create_async(params={"name": "A"})).id)
-            session = await client.v1.checkout.sessions.create_async(
-                params={
-                    "mode": "setup",
-                    "currency": "usd",
-                    "customer": customer,
-                    "client_reference_id": "acme",
-                    "success_url": "https://example.com/done",
-                }
-            )
-            emulator.complete_checkout(session.id)
-            listing: Any = {"type": "checkout.session.completed"}
-            (event,) = [e.to_dict() for e in (await client.v1.events.list_async(listing)).data]
-            body = json.dumps(event)
-            header = stripe.WebhookSignature.generate_signature_header(
-                body, SECRET, int(time.time())
-            )
-            assert (await cp.stripe_webhook(body.encode(), header)).outcome.startswith(
-                "provisioned"
-            )
+            customer = await provision(cp, client, emulator, "acme", SECRET)
             first = (int(clock[0]) // HOUR + 1) * HOUR
             made = Live(cp, emulator, clock)
             made.advance(first + 4 * HOUR - int(clock[0]))
@@ -149,13 +130,11 @@ async def test_rows_past_the_cancel_window_are_offset_in_their_open_period(
     assert sorted(a.action for a in audit) == ["ledger.offset"] * 3 + ["ledger.offset_appended"] * 3
 
 
-async def deliver(cp: ControlPlane, emulator: StripeEmulator, event_type: str) -> None:
-    """Stripe's newest event of `event_type`, signed and delivered to the control plane."""
-    (event,) = [e for e in reversed(list(emulator.stripe_events.values()))
-                if e["type"] == event_type][:1]  # fmt: skip
-    body = json.dumps(event)
-    header = stripe.WebhookSignature.generate_signature_header(body, SECRET, int(time.time()))
-    await cp.stripe_webhook(body.encode(), header)
+def newest(emulator: StripeEmulator, event_type: str) -> dict[str, Any]:
+    """Stripe's newest event of `event_type`."""
+    return next(
+        e for e in reversed(list(emulator.stripe_events.values())) if e["type"] == event_type
+    )
 
 
 async def test_usage_on_a_finalized_invoice_is_credited_there_and_handed_back(
@@ -172,7 +151,7 @@ async def test_usage_on_a_finalized_invoice_is_credited_there_and_handed_back(
     made.advance(26 * HOUR)
     closed = emulator.close_period(org.subscription, at="now")  # the period ends here
     invoice = emulator.finalize_invoice(closed["id"])
-    await deliver(cp, emulator, "invoice.finalized")
+    await deliver(cp, newest(emulator, "invoice.finalized"), SECRET)
     rows = await cp.storage.ledger(org_id="acme", state=RowState.SENT)
     units = sum(r.quantity for r in rows)
     assert invoice["status"] == "paid" and units > 0

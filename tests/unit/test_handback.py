@@ -107,34 +107,37 @@ class PreviewingBilling(FakeBilling, InvoicePreviewer):
         return InvoicePreview("usd", *self.period, subtotal=0, total=0, lines=[])
 
 
+async def send_one_row(cp: ControlPlane, clock: list[float]) -> None:
+    """o1 (customer cus_1, subscription sub_1) with one row sent, then two days pass."""
+    await cp.set_org("o1", customer="cus_1", plan="pro", actor="t", effective_from=0)
+    await cp.storage.record_webhook(
+        WebhookRecord("evt_1", "checkout.session.completed", None, "provisioned"),
+        T,
+        org=OrgChange("o1", subscription="sub_1", subscription_status="active"),
+    )
+    await cp.ingest([tick("a", "o1", T + 5)], "http")
+    await cp.rollup()
+    await cp.set_flags(
+        [
+            FlagChange("authority", "controlplane"),
+            FlagChange("bill_from", T),
+            FlagChange("shadow", False),
+        ],
+        actor="t",
+        reason="go",
+    )
+    assert (await cp.send()).sent == 1
+    clock[0] += 2 * DAY
+
+
 @pytest.fixture
 async def sent_long_ago(
     make_config: Callable[..., Config], clock: list[float]
 ) -> AsyncIterator[tuple[ControlPlane, PreviewingBilling]]:
-    """o1 (customer cus_1, subscription sub_1) with one row sent two days ago."""
     billing = PreviewingBilling()
     clock[0] = T + 2 * HOUR
-    cp = ControlPlane(make_config(), billing=billing, clock=lambda: clock[0])
-    async with cp:
-        await cp.set_org("o1", customer="cus_1", plan="pro", actor="t", effective_from=0)
-        await cp.storage.record_webhook(
-            WebhookRecord("evt_1", "checkout.session.completed", None, "provisioned"),
-            T,
-            org=OrgChange("o1", subscription="sub_1", subscription_status="active"),
-        )
-        await cp.ingest([tick("a", "o1", T + 5)], "http")
-        await cp.rollup()
-        await cp.set_flags(
-            [
-                FlagChange("authority", "controlplane"),
-                FlagChange("bill_from", T),
-                FlagChange("shadow", False),
-            ],
-            actor="t",
-            reason="go",
-        )
-        assert (await cp.send()).sent == 1
-        clock[0] += 2 * DAY
+    async with ControlPlane(make_config(), billing=billing, clock=lambda: clock[0]) as cp:
+        await send_one_row(cp, clock)
         yield cp, billing
 
 
@@ -191,24 +194,11 @@ async def test_a_credit_note_the_provider_refuses_leaves_the_usage_billed_and_li
     billing = CreditingBilling()
     clock[0] = T + 2 * HOUR
     async with ControlPlane(make_config(), billing=billing, clock=lambda: clock[0]) as cp:
-        await cp.set_org("o1", customer="cus_1", plan="pro", actor="t", effective_from=0)
-        await cp.ingest([tick("a", "o1", T + 5)], "http")
-        await cp.rollup()
-        await cp.set_flags(
-            [
-                FlagChange("authority", "controlplane"),
-                FlagChange("bill_from", T),
-                FlagChange("shadow", False),
-            ],
-            actor="t",
-            reason="go",
-        )
-        assert (await cp.send()).sent == 1
+        await send_one_row(cp, clock)
         period = ClosedPeriod("in_1", "o1", T, T + DAY, T + DAY)
         await cp.storage.record_webhook(
             WebhookRecord("evt_f", "invoice.finalized", None, "closed"), T + DAY, closed=period
         )
-        clock[0] += 2 * DAY
         result = await cp.cutover.rollback(
             actor="ops", reason="bad", cancel_sent=True, create_credit_notes=True
         )
