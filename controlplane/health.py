@@ -25,6 +25,7 @@ import msgspec
 import structlog
 
 from controlplane.interfaces import WEBHOOK_ALERTS, ParityAlert
+from controlplane.invoices import UNSURE_ALERTS
 from controlplane.parity_checker import ACTIVE_STATES, deliver_pending
 from controlplane.reconcile import RECONCILE_ALERTS
 from controlplane.rollup import HELD_ALERTS
@@ -185,7 +186,7 @@ async def watch(cp: ControlPlane, *, watching_since: float | None) -> WatchStats
     jobs = scheduled_jobs(cp.config, legacy=cp.legacy is not None, reconcile=cp.reconciles)
     keys = [alert_key(j) for j in jobs]
     # and the alerts the jobs raise on their own
-    for key in [*keys, HELD_ALERTS, WEBHOOK_ALERTS, RECONCILE_ALERTS]:
+    for key in [*keys, HELD_ALERTS, WEBHOOK_ALERTS, RECONCILE_ALERTS, UNSURE_ALERTS]:
         delivered, failed = await deliver_pending(
             cp.storage, cp.config.parity.alert, key, cp.now, kind="jobs"
         )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import structlog
 
-from controlplane.interfaces import Billing, ClosedPeriod, Outcome, Storage
+from controlplane.interfaces import Billing, ClosedPeriod, Outcome, ParityAlert, Storage
 from controlplane.ledger import NewRow
 from controlplane.meters import MeterSet
 
@@ -30,7 +30,9 @@ async def reissue_late(
     actor: str,
 ) -> list[NewRow]:
     """Re-issue the rows that reached the provider after `period`'s invoice was finalized.
-    Returns the revisions appended (the sender delivers them)."""
+    Returns the revisions appended (the sender delivers them). Rows whose arrival cannot be
+    placed before or after the finalization are alerted, never guessed (:func:`alert_unsure`)."""
+    await alert_unsure(storage, period, at)
     late = await storage.late_rows(period)
     if not late:
         return []
@@ -62,3 +64,36 @@ async def reissue_late(
         cancelled_at_provider=cancelled,
     )
     return new
+
+
+UNSURE_ALERTS = "job:invoices:unsure"  # delivered by the job watcher
+
+
+async def alert_unsure(storage: Storage, period: ClosedPeriod, at: int) -> None:
+    """Rows answered "already exists" by a call made after the invoice was finalized while an
+    earlier call came before: the first may have arrived in time (on the invoice) or not (on
+    no invoice). Re-issuing could bill them twice, leaving them could bill them never: say
+    which, once per invoice, for a person to compare the invoice's metered quantity with
+    them."""
+    unsure = await storage.unsure_rows(period)
+    if not unsure:
+        return
+    shown = ", ".join(r.identifier for r in unsure[:10]) + (" ..." if len(unsure) > 10 else "")
+    text = (
+        f"{len(unsure)} rows of org {period.org_id!r} stamped in the period of invoice "
+        f"{period.invoice_id} were answered 'already exists' by a call made after it was "
+        f"finalized (at {period.finalized_at}), an earlier call having come before: whether "
+        f"the invoice carries them is not known here. Compare its metered quantity with "
+        f"these rows, then credit or re-issue by hand: {shown}"
+    )
+    log.warning("invoices.unsure", invoice=period.invoice_id, rows=len(unsure))
+    await storage.record_alert(
+        ParityAlert(
+            meter=UNSURE_ALERTS,
+            bucket_start=period.period_start,
+            dedup_key=f"{UNSURE_ALERTS}:{period.invoice_id}",
+            text=text,
+            state="pending",
+            created_at=at,
+        )
+    )

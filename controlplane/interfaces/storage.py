@@ -208,6 +208,13 @@ class LedgerStore(abc.ABC):
         accepted (rather than answered "already exists" to) an attempt made at or after it.
         They reached the provider too late for the invoice."""
 
+    @abc.abstractmethod
+    async def unsure_rows(self, period: ClosedPeriod) -> list[LedgerRow]:
+        """Rows of the period's org sent with a timestamp inside it, answered "already
+        exists" by an attempt made at or after the invoice was finalized while an earlier
+        attempt came before it: whether they reached the provider in time for the invoice
+        cannot be told from the ledger."""
+
 
 class GaugeStore(abc.ABC):
     """Gauge (`time_weighted`) meters: each series' state and the points ingest stored for it

@@ -297,6 +297,21 @@ WHERE org_id = $1 AND state = 'sent' AND bucket_start < $3
   AND offsets_id IS NULL
 ORDER BY id;
 
+-- name: unsure_rows
+-- Sent with a timestamp in the period, answered "already exists" by a call made at or after
+-- the finalization while an earlier call came before it: on the invoice or not, unknown.
+SELECT id, identifier, org_id, meter, bucket_start, bucket_end, revision, value_micros,
+       quantity, state, reason, detail, attempts, first_attempt_at, provider_id,
+       created_at, updated_at, sent_at, attempt_customer, attempt_timestamp, attempt_key,
+       last_attempt_at, plan_source, offsets_id
+FROM ledger
+WHERE org_id = $1 AND state = 'sent' AND bucket_start < $3
+  AND coalesce(attempt_timestamp, bucket_start) >= $2
+  AND coalesce(attempt_timestamp, bucket_start) < $3
+  AND first_attempt_at < $4 AND last_attempt_at >= $4 AND provider_id IS NULL
+  AND offsets_id IS NULL
+ORDER BY id;
+
 -- name: reissuable
 -- Sent rows, and rows held for a provider error (reported invalid: never counted there).
 SELECT id, identifier, state, org_id, meter, bucket_start, bucket_end, value_micros, quantity,

@@ -9,7 +9,7 @@ import pytest
 from controlplane.core import ControlPlane
 from controlplane.flags import FlagChange
 from controlplane.interfaces import ClosedPeriod, Outcome, WebhookRecord
-from controlplane.invoices import reissue_late
+from controlplane.invoices import UNSURE_ALERTS, reissue_late
 from controlplane.ledger import RowState
 from controlplane.plugins.billing.fake import FakeBilling
 from controlplane.ratelimit import RateLimiter
@@ -290,3 +290,25 @@ async def test_a_pass_records_each_call_and_sending_at_the_clock_of_the_moment(
     assert (await cp.send()).sent == 1
     (row,) = await cp.storage.ledger()
     assert row.sent_at is not None and row.sent_at >= began + 300
+
+
+async def test_a_row_whose_arrival_straddles_the_finalization_is_alerted_not_guessed(
+    cp: ControlPlane, clock: list[float], fake_billing: FakeBilling
+) -> None:
+    """The first call reached Stripe but its answer was lost (before the finalization); the
+    retry, after it, was answered "already exists". On the invoice or not cannot be told:
+    neither re-issued (it may be billed already) nor left silent."""
+    await live(cp)
+    await cp.ingest([tick("e1", "o1", T0 + 5)], "http")
+    await cp.rollup()
+    fake_billing.fail_next(Outcome.AMBIGUOUS)  # applied, the answer lost
+    assert (await cp.send()).ambiguous == 1
+    finalized = int(clock[0]) + 60
+    clock[0] += 120
+    assert (await cp.send()).sent == 1  # "already exists"
+    period = ClosedPeriod("in_1", "o1", T0 - HOUR, T0 + HOUR, finalized)
+    await finalize(cp, finalized)
+    new = await reissue_late(cp.storage, cp.billing, cp.meters, period, at=cp.now(), actor="w")
+    assert new == []
+    (alert,) = await cp.storage.parity_alerts(UNSURE_ALERTS)
+    assert "in_1" in alert.text and "o1:gbs:" in alert.text

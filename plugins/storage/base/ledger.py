@@ -201,14 +201,14 @@ class SQLLedger(SQLDriver, LedgerStore):
         return [LedgerCount(r["state"], r["reason"], r["rows"]) for r in rows]
 
     async def late_rows(self, period: ClosedPeriod) -> list[LedgerRow]:
-        rows = await self._all(
-            "late_rows",
-            period.org_id,
-            period.period_start,
-            period.period_end,
-            period.finalized_at,
-        )
-        return [ledger_row(r) for r in rows]
+        return await self._period_rows("late_rows", period)
+
+    async def unsure_rows(self, period: ClosedPeriod) -> list[LedgerRow]:
+        return await self._period_rows("unsure_rows", period)
+
+    async def _period_rows(self, query: str, period: ClosedPeriod) -> list[LedgerRow]:
+        args = (period.org_id, period.period_start, period.period_end, period.finalized_at)
+        return [ledger_row(r) for r in await self._all(query, *args)]
 
 
 class SQLSending(SQLDriver, SendStore):
