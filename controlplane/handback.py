@@ -212,6 +212,15 @@ class HandBack:
                 groups.setdefault((row.org_id, decision.invoice_id, row.meter), []).append(row)
             elif decision.way in (Way.CREDIT_NOTE, Way.KEEP):
                 staying.add((row.org_id, row.bucket_start))
+        # a group with a row in a bucket that stays is not credited (its bucket stays billed
+        # here, whole); that keeps its other buckets too, which may keep other groups
+        while dropped := [
+            key
+            for key, rows in groups.items()
+            if any((r.org_id, r.bucket_start) in staying for r in rows)
+        ]:
+            for key in dropped:
+                staying.update((r.org_id, r.bucket_start) for r in groups.pop(key))
         return staying, groups
 
     async def _decide(self, row: LedgerRow, now: int) -> Decision:
@@ -339,7 +348,11 @@ class HandBack:
                 customer=customer,
                 quantity=offset.quantity,
             )
-            await self.storage.complete_offsets([taken], self.now(), actor)
+            if not await self.storage.complete_offsets([taken], self.now(), actor):
+                return (
+                    f"offset {offset.identifier} taken by the provider, but the row it offsets "
+                    "is no longer sent here (moved meanwhile): for a person to settle"
+                )
             return None
         if delivery.outcome is Outcome.REJECTED:
             audit: dict[str, Any] = {"state": "held", "reason": "provider_rejected"}

@@ -81,7 +81,8 @@ async def alert_unsure(storage: Storage, period: ClosedPeriod, at: int) -> None:
     shown = ", ".join(r.identifier for r in unsure[:10]) + (" ..." if len(unsure) > 10 else "")
     text = (
         f"{len(unsure)} rows of org {period.org_id!r} stamped in the period of invoice "
-        f"{period.invoice_id} were answered 'already exists' by a call made after it was "
+        f"{period.invoice_id} were answered 'already exists' (or with an earlier call's "
+        "replayed answer) by a call made after it was "
         f"finalized (at {period.finalized_at}), an earlier call having come before: whether "
         f"the invoice carries them is not known here. Compare its metered quantity with "
         f"these rows, then credit or re-issue by hand: {shown}"

@@ -174,8 +174,13 @@ def attribute(
 
     if finding.status == "short":
         # a re-stamped row (its call repeated with a later timestamp) answered "already
-        # exists" is held by the provider at its earlier timestamp: never taken as missing
-        sent = [r for r in rows if r.state is RowState.SENT and not restamped(r)]
+        # exists" is held by the provider at its earlier timestamp, and an offset goes with its
+        # row: neither is taken as missing
+        sent = [
+            r
+            for r in rows
+            if r.state is RowState.SENT and not restamped(r) and r.offsets_id is None
+        ]
         chosen = rows_making_up(sent, finding.ledger - finding.provider)
         return given(Remedy.HELD, chosen) if chosen else given(Remedy.UNATTRIBUTED)
     excess = finding.provider - finding.ledger

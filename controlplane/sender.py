@@ -325,11 +325,17 @@ class Sender:
                     detail = (
                         "provider already had this identifier"
                         if outcome is Outcome.DUPLICATE
+                        else "provider replayed its answer to an earlier call"
+                        if delivery.replayed
                         else None
                     )
                     if call.detail is not None:
                         detail = call.detail + (f"; {detail}" if detail else "")
-                    results.append(_decide(item, RowState.SENT, None, detail, delivery.provider_id))
+                    # a provider id marks the row accepted by its last call (late_rows reads
+                    # it): not when the event arrived with an earlier one
+                    arrived_now = outcome is Outcome.ACCEPTED and not delivery.replayed
+                    provider_id = delivery.provider_id if arrived_now else None
+                    results.append(_decide(item, RowState.SENT, None, detail, provider_id))
                 elif outcome is Outcome.REJECTED:
                     results.append(
                         _decide(item, RowState.HELD, Reason.PROVIDER_REJECTED, delivery.message)

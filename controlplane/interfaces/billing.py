@@ -52,6 +52,9 @@ class Delivery(msgspec.Struct, frozen=True):
     message: str | None = None
     provider_id: str | None = None
     retry_after: float | None = None
+    # ACCEPTED with the provider's saved answer to an earlier call under the same key: the
+    # event arrived with that earlier call, not this one
+    replayed: bool = False
 
 
 class Billing(abc.ABC):

@@ -205,15 +205,16 @@ class LedgerStore(abc.ABC):
     async def late_rows(self, period: ClosedPeriod) -> list[LedgerRow]:
         """Rows of the period's org sent with a timestamp inside it that reached the provider
         after the invoice was finalized: every attempt came at or after it, or the provider
-        accepted (rather than answered "already exists" to) an attempt made at or after it.
+        accepted first-hand (not "already exists", not a replayed answer) an attempt made at
+        or after it.
         They reached the provider too late for the invoice."""
 
     @abc.abstractmethod
     async def unsure_rows(self, period: ClosedPeriod) -> list[LedgerRow]:
         """Rows of the period's org sent with a timestamp inside it, answered "already
-        exists" by an attempt made at or after the invoice was finalized while an earlier
-        attempt came before it: whether they reached the provider in time for the invoice
-        cannot be told from the ledger."""
+        exists" (or with an earlier call's replayed answer) by an attempt made at or after the
+        invoice was finalized while an earlier attempt came before it: whether they reached
+        the provider in time for the invoice cannot be told from the ledger."""
 
 
 class GaugeStore(abc.ABC):

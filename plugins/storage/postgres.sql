@@ -164,6 +164,7 @@ WITH picked AS (
     WHERE l.id > $1
       AND (l.state = 'pending'
            OR (l.state = 'held' AND l.reason = 'no_customer' AND o.customer IS NOT NULL))
+      AND l.offsets_id IS NULL  -- a rollback sends its offsets, and completes them
       AND ($3::text IS NULL OR l.org_id = $3)
       AND ($4::bigint IS NULL OR l.bucket_start < $4)
       AND NOT EXISTS (

@@ -113,6 +113,9 @@ async def test_offsetting_a_sent_row_appends_its_negative_and_moves_no_usage(
     assert by_id(await storage.ledger())[r0.id].state is RowState.SENT  # until Stripe takes it
     assert await storage.offset_rows([r0.id, offset.id], NOW, "t", "again") == []  # one offset
     assert [r.id for r in await storage.unsent_offsets()] == [offset.id]
+    # only a rollback sends an offset (and completes it): never a sender
+    assert offset.id not in [i.row.id for i in await storage.sendable(0, 100, claim=claim("x"))]
+    await storage.release_claims("x")
     # the bucket's usage is unchanged: a late event adds only its own value
     await storage.insert_events([event("late", "a", B[0] + 9, UNIT)], HOUR)
     await roll(storage)

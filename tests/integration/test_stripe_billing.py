@@ -101,6 +101,7 @@ async def test_same_send_again_is_replayed_not_counted_twice(
     # same Idempotency-Key and params: Stripe replays the saved first answer
     assert again.outcome is Outcome.ACCEPTED
     assert again.provider_id == first.provider_id
+    assert again.replayed and not first.replayed  # it arrived with the first call
     assert counted(emulator, bucket) == 42
     assert emulator.state()["idempotent_replays"] == 1
 

@@ -207,3 +207,46 @@ async def test_a_credit_note_the_provider_refuses_leaves_the_usage_billed_and_li
         (note,) = result.credit_notes
         assert (note.invoice_id, note.issued) == ("in_1", None)
         assert [r.state for r in await cp.storage.ledger()] == [RowState.SENT]  # billed here
+
+
+class IssuingBilling(PreviewingBilling, CreditNotes):
+    """The fake provider, issuing every credit note asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.issued: list[tuple[str, int]] = []
+
+    async def credit_usage(
+        self, invoice: str, event_name: str, quantity: int, *, memo: str, key: str
+    ) -> CreditNoted:
+        self.issued.append((invoice, quantity))
+        return CreditNoted(f"cn_{len(self.issued)}", invoice, quantity, quantity, "usd")
+
+
+async def test_no_credit_note_for_a_row_whose_bucket_stays_billed_here(
+    make_config: Callable[..., Config], clock: list[float]
+) -> None:
+    """Row 1 of a bucket is on a finalized invoice; its late correction went out stamped into
+    a period Stripe does not say is open, so it can only be listed: the bucket stays billed
+    here, whole, so row 1 is not credited either (the legacy biller skips the bucket:
+    credited, it would be billed by no one)."""
+    billing = IssuingBilling()
+    billing.period = (0, T + DAY)  # the customer's open period ends where row 2 is stamped
+    clock[0] = T + 2 * HOUR
+    async with ControlPlane(make_config(), billing=billing, clock=lambda: clock[0]) as cp:
+        await send_one_row(cp, clock)
+        period = ClosedPeriod("in_1", "o1", T, T + DAY, T + DAY)
+        await cp.storage.record_webhook(
+            WebhookRecord("evt_f", "invoice.finalized", None, "closed"), T + DAY, closed=period
+        )
+        await cp.ingest([tick("b", "o1", T + 7, mb=4096, s=100)], "http")  # late, same bucket
+        await cp.rollup()
+        assert (await cp.send()).sent == 1  # stamped into the current period
+        clock[0] += 2 * DAY
+        result = await cp.cutover.rollback(
+            actor="ops", reason="bad", cancel_sent=True, create_credit_notes=True
+        )
+        assert billing.issued == [] and result.credited == []
+        assert {r.state for r in await cp.storage.ledger()} == {RowState.SENT}
+        seam = await cp.cutover.seam(T, T + HOUR)
+        assert not seam.legacy_bills("o1", T)  # billed here, whole, once

@@ -8,7 +8,7 @@ import pytest
 
 from controlplane.core import ControlPlane
 from controlplane.flags import FlagChange
-from controlplane.interfaces import ClosedPeriod, Outcome, WebhookRecord
+from controlplane.interfaces import ClosedPeriod, Delivery, Outcome, WebhookRecord
 from controlplane.invoices import UNSURE_ALERTS, reissue_late
 from controlplane.ledger import RowState
 from controlplane.plugins.billing.fake import FakeBilling
@@ -312,3 +312,38 @@ async def test_a_row_whose_arrival_straddles_the_finalization_is_alerted_not_gue
     assert new == []
     (alert,) = await cp.storage.parity_alerts(UNSURE_ALERTS)
     assert "in_1" in alert.text and "o1:gbs:" in alert.text
+
+
+async def test_an_answer_replayed_after_the_finalization_is_not_taken_for_a_late_arrival(
+    cp: ControlPlane, clock: list[float], fake_billing: FakeBilling, monkeypatch: Any
+) -> None:
+    """Stripe keeps the answer of a call for its idempotency key: the first call arrived
+    before the finalization (its answer lost), the retry after it is answered 200 with that
+    saved answer. The event is on the invoice or not as the first call was: never re-issued
+    (that could bill it twice), alerted instead."""
+    sent = fake_billing.send
+
+    async def replaying(event: Any) -> Delivery:
+        delivery = await sent(event)
+        if delivery.outcome is Outcome.DUPLICATE:  # the same key: Stripe replays its answer
+            return Delivery(Outcome.ACCEPTED, provider_id=event.identifier, replayed=True)
+        return delivery
+
+    monkeypatch.setattr(fake_billing, "send", replaying)
+    await live(cp)
+    await cp.ingest([tick("e1", "o1", T0 + 5)], "http")
+    await cp.rollup()
+    fake_billing.fail_next(Outcome.AMBIGUOUS)  # applied, the answer lost
+    assert (await cp.send()).ambiguous == 1
+    finalized = int(clock[0]) + 60
+    clock[0] += 120
+    assert (await cp.send()).sent == 1
+    (row,) = await cp.storage.ledger()
+    assert row.provider_id is None and "replayed" in (row.detail or "")
+    period = ClosedPeriod("in_1", "o1", T0 - HOUR, T0 + HOUR, finalized)
+    await finalize(cp, finalized)
+    assert (
+        await reissue_late(cp.storage, cp.billing, cp.meters, period, at=cp.now(), actor="w") == []
+    )
+    (alert,) = await cp.storage.parity_alerts(UNSURE_ALERTS)
+    assert row.identifier in alert.text

@@ -199,7 +199,15 @@ class StripeBilling(Billing, CatalogPublisher, CreditNotes, InvoicePreviewer, Me
             identifier=event.identifier,
         )
         if failure is None:
-            return Delivery(Outcome.ACCEPTED, provider_id=_request_id(result, event.identifier))
+            response = getattr(result, "last_response", None)
+            replayed = response is not None and (
+                (_header(response.headers, "idempotent-replayed") or "").lower() == "true"
+            )
+            return Delivery(
+                Outcome.ACCEPTED,
+                provider_id=_request_id(result, event.identifier),
+                replayed=replayed,
+            )
         return _delivery(failure)
 
     async def cancel(self, event_name: str, identifier: str) -> Delivery:
