@@ -16,6 +16,7 @@
     │   ├── MigrationError                the schema and the code disagree
     │   └── NoDatabase                    a read-only command found no database to read
     └── BillingError                      the billing provider failed unclassifiably
+        └── BillingUnanswered             no definite answer: the call may have been applied
 
 Each error's docstring is its default message.
 """
@@ -122,3 +123,8 @@ class NoDatabase(StorageError):
 
 class BillingError(ControlPlaneError):
     """The billing provider failed."""
+
+
+class BillingUnanswered(BillingError):
+    """The billing provider gave no definite answer: the call may or may not have been
+    applied."""

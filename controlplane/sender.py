@@ -1,9 +1,12 @@
 """Sender: deliver pending ledger rows to the billing provider, at most once each.
 
-Runs only when the flags say the control plane bills (shadow off, authority `controlplane`)
-and a boundary T (`bill_from`) is set. Per row, in order of decision:
+Sends when the flags say the control plane bills (shadow off, authority `controlplane`) and a
+boundary T (`bill_from`) is set. A bucket billed here (it has a `sent` row, of any meter) is the
+control plane's whole, whatever the flags say since (a rollback that kept it, a later T): the
+legacy biller skips it (the seam), so its corrections are sent even while the flags send
+nothing else, and never excluded as before T. Per row, in order of decision:
 
-- bucket before T                       -> `excluded` / `before_bill_from`
+- bucket before T, not billed here      -> `excluded` / `before_bill_from`
 - older than the provider accepts        -> `excluded` / `too_old` (no call)
 - org has no provider customer           -> `held` / `no_customer` (pending again once it has one)
 - attempted before, longer ago than the
@@ -113,19 +116,19 @@ class Sender:
         rows, before each group of calls (the attempts' time) and at each settlement (when
         a row was sent): a long pass records when its calls were made, not when it began."""
         stats = SendStats()
+        bill_from = flags.bill_from
         if flags.shadow:
             stats.skipped = "shadow is on"
-            return stats
-        if not flags.sending:
+        elif not flags.sending:
             stats.skipped = f"authority is {flags.authority.value}"
-            return stats
-        bill_from = flags.bill_from
-        if bill_from is None:
+        elif bill_from is None:
             stats.skipped = "bill_from is not set"
             log.warning("sender.skipped", reason=stats.skipped)
-            return stats
         try:
-            await self._pass(stats, flags, bill_from, clock, org_id, until, recheck)
+            if stats.skipped:  # only the corrections of buckets billed here
+                await self._pass(stats, flags, None, clock, org_id, until, None)
+            else:
+                await self._pass(stats, flags, bill_from, clock, org_id, until, recheck)
         finally:
             await self.storage.release_claims(self.claimant)
         if stats.sent or stats.held or stats.excluded or stats.retry or stats.ambiguous:
@@ -136,12 +139,14 @@ class Sender:
         self,
         stats: SendStats,
         flags: Snapshot,
-        bill_from: int,
+        bill_from: int | None,
         clock: Callable[[], float],
         org_id: str | None,
         until: int | None,
         recheck: Callable[[], Awaitable[Snapshot]] | None,
     ) -> None:
+        """One pass from T, or (`bill_from` None) over the buckets billed here only."""
+
         async def still_sending() -> bool:
             if recheck is None:
                 return True
@@ -161,7 +166,13 @@ class Sender:
             at = int(clock())
             claim = Claim(self.claimant, at, at + self.claim_seconds)
             items = await self.storage.sendable(
-                after_id, self.batch_size, org_id, until, claim=claim
+                after_id,
+                self.batch_size,
+                org_id,
+                until,
+                claim=claim,
+                billed_only=bill_from is None,
+                billed_before=bill_from,
             )
             if not items:
                 break
@@ -188,7 +199,7 @@ class Sender:
     def _triage(
         self,
         items: Sequence[SendItem],
-        bill_from: int,
+        bill_from: int | None,
         batch: _Batch,
     ) -> tuple[list[Settlement], list[SendItem]]:
         now = batch.at
@@ -202,7 +213,7 @@ class Sender:
             # age is that timestamp's, not its bucket's.
             timestamp = call.attempt.timestamp if call.attempt else row.bucket_start
             unbillable: tuple[Reason, str | None] | None = None
-            if row.bucket_start < bill_from:
+            if bill_from is not None and row.bucket_start < bill_from and not item.billed:
                 unbillable = (Reason.BEFORE_BILL_FROM, None)
             elif max_age is not None and timestamp < now - max_age + CLOCK_SKEW_MARGIN:
                 days = max_age // 86400

@@ -71,7 +71,10 @@ FLAGS: dict[str, FlagSpec] = {
             default=True,
             env=("SHADOW",),
             parse=parse_bool,
-            description="compute everything, send nothing",
+            description=(
+                "compute everything, send nothing (but the corrections of buckets already "
+                "billed here, which the legacy biller skips)"
+            ),
         ),
         FlagSpec(
             name="bill_from",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import msgspec
@@ -147,8 +147,7 @@ class CreditNoted(msgspec.Struct, frozen=True):
 
     credit_note: str  # the provider's id
     invoice: str
-    quantity: int
-    amount: int
+    amounts: dict[str, int]  # per provider event name, what its line was credited
     currency: str
 
 
@@ -158,11 +157,14 @@ class CreditNotes(abc.ABC):
 
     @abc.abstractmethod
     async def credit_usage(
-        self, invoice: str, event_name: str, quantity: int, *, memo: str, key: str
+        self, invoice: str, lines: Mapping[str, int], *, memo: str, key: str
     ) -> CreditNoted:
-        """Credit `quantity` units of the invoice's metered line of `event_name`'s meter,
-        once per `key` (the idempotency key). Raises BillingError when the provider refuses
-        (an invoice not open or paid, no such line, more than it holds...)."""
+        """Credit, in one credit note, `lines[event_name]` units of the invoice's metered line
+        of each event name's meter: all of them, or none. Once per `key`: a note issued
+        under it before (an answer lost, even past the provider's idempotency window) is
+        returned, not issued again. Raises BillingUnanswered without a definite answer, and
+        BillingError when the provider refuses (an invoice not open or paid, no such line,
+        more than it holds...)."""
 
 
 class PreviewLine(msgspec.Struct, frozen=True):

@@ -238,6 +238,7 @@ class SendItem(msgspec.Struct, frozen=True):
 
     row: LedgerRow
     customer: str | None
+    billed: bool = False  # its bucket has a sent row: billed here, whole (when asked)
 
 
 class Settlement(msgspec.Struct, frozen=True):

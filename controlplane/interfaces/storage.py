@@ -255,10 +255,15 @@ class SendStore(abc.ABC):
         until: int | None = None,
         *,
         claim: Claim,
+        billed_only: bool = False,
+        billed_before: int | None = None,
     ) -> list[SendItem]:
         """Claim and return the rows the sender may act on, by id: `pending`, and
         `held`/`no_customer` rows whose org now has a customer. Optionally one org, and
-        buckets starting before `until`.
+        buckets starting before `until`; with `billed_only`, only rows of buckets billed
+        here (a row of any meter `sent`, not an offset). Each item says whether its bucket
+        is billed here (`billed`) when `billed_only`, or its bucket starts before
+        `billed_before`; past it, `billed` is False.
 
         Rows claimed by another live claimant are skipped, and so is every row of an
         (org, meter) another claimant is working on: one sender per rounding chain and per
@@ -338,8 +343,10 @@ class SendStore(abc.ABC):
     async def reissue_rows(
         self, row_ids: Sequence[int], at: int, actor: str, detail: str
     ) -> list[NewRow]:
-        """For each row still `sent`, or `held` for a provider error (the provider reported
-        it invalid, so it never counted there): move it to `cancelled`/`reissued` with `detail` and
+        """For each row still `sent`, `held` for a provider error (the provider reported it
+        invalid, so it never counted there), or `cancelled` at the provider by a rollback
+        (`rolled_back`, attempted) whose bucket then stayed billed here: move it to
+        `cancelled`/`reissued` with `detail` and
         append the next revision of its bucket with the same value, `pending`, each audited
         as ``ledger.reissued``, in one transaction; the rounding chains are re-derived. A
         reissued row no longer counts toward its bucket's ledger total (its usage lives on in
@@ -349,7 +356,8 @@ class SendStore(abc.ABC):
     async def offset_rows(
         self, row_ids: Sequence[int], at: int, actor: str, detail: str
     ) -> list[LedgerRow]:
-        """For each row still `sent` that reached the provider and has no offset yet, append
+        """For each row still `sent` that reached the provider and has no offset but undone
+        ones (an offset itself is offset only to undo it), append
         the next revision of its bucket holding its negative value and quantity, `pending`,
         naming it (`offsets_id`) and called as it was (its customer and timestamp, under its
         own identifier), audited ``ledger.offset_appended``, in one transaction. The row stays
@@ -362,8 +370,9 @@ class SendStore(abc.ABC):
     async def complete_offsets(self, settlements: Sequence[Settlement], at: int, actor: str) -> int:
         """The provider took these offsetting rows: each one still `pending` moves to `sent`
         and the row it offsets (still `sent`) to `cancelled`/`offset`, audited as
-        ``ledger.offset``, in one transaction; the rounding chains are re-derived. Returns
-        the offsets completed."""
+        ``ledger.offset``, in one transaction; the rounding chains are re-derived. When the
+        row it offsets is itself an offset, that offset is undone: the row it took off is
+        `sent` again, audited as ``ledger.offset_undone``. Returns the offsets completed."""
 
     @abc.abstractmethod
     async def unsent_offsets(self) -> list[LedgerRow]:

@@ -158,7 +158,9 @@ LIMIT $5;
 
 -- name: sendable
 -- Claim transactions run one at a time (an advisory lock), so the lane test below is exact;
--- SKIP LOCKED passes over rows a settling transaction holds.
+-- SKIP LOCKED passes over rows a settling transaction holds. `billed`: the row's bucket has
+-- a sent row (asked only with $8, or for buckets before $9, T: past it the sender need not
+-- know).
 WITH picked AS (
     SELECT l.id FROM ledger l LEFT JOIN orgs o ON o.org_id = l.org_id
     WHERE l.id > $1
@@ -167,6 +169,10 @@ WITH picked AS (
       AND l.offsets_id IS NULL  -- a rollback sends its offsets, and completes them
       AND ($3::text IS NULL OR l.org_id = $3)
       AND ($4::bigint IS NULL OR l.bucket_start < $4)
+      AND ($8::boolean IS NULL OR EXISTS (  -- $8: only rows of buckets billed here
+            SELECT 1 FROM ledger s
+            WHERE s.org_id = l.org_id AND s.bucket_start = l.bucket_start
+              AND s.state = 'sent' AND s.offsets_id IS NULL))
       AND NOT EXISTS (
             SELECT 1 FROM ledger c
             WHERE c.org_id = l.org_id AND c.meter = l.meter AND c.claimed_by IS NOT NULL
@@ -182,7 +188,11 @@ RETURNING l.id, l.identifier, l.org_id, l.meter, l.bucket_start, l.bucket_end, l
           l.value_micros, l.quantity, l.state, l.reason, l.detail, l.attempts,
           l.first_attempt_at, l.provider_id, l.created_at, l.updated_at, l.sent_at,
           l.attempt_customer, l.attempt_timestamp, l.attempt_key, l.last_attempt_at,
-          l.plan_source, (SELECT customer FROM orgs WHERE org_id = l.org_id) AS customer;
+          l.plan_source, (SELECT customer FROM orgs WHERE org_id = l.org_id) AS customer,
+          ((l.bucket_start < $9::bigint OR $8::boolean IS NOT NULL) AND EXISTS (
+              SELECT 1 FROM ledger s
+              WHERE s.org_id = l.org_id AND s.bucket_start = l.bucket_start
+                AND s.state = 'sent' AND s.offsets_id IS NULL)) AS billed;
 
 -- name: release_claims
 UPDATE ledger SET claimed_by = NULL, claim_expires = NULL WHERE claimed_by = $1;
@@ -314,14 +324,16 @@ WHERE org_id = $1 AND state = 'sent' AND bucket_start < $3
 ORDER BY id;
 
 -- name: reissuable
--- Sent rows, and rows held for a provider error (reported invalid: never counted there).
+-- Sent rows, rows held for a provider error (reported invalid: never counted there), and
+-- rows a rollback cancelled at the provider (restored when their bucket stays billed here).
 SELECT id, identifier, state, org_id, meter, bucket_start, bucket_end, value_micros, quantity,
        (SELECT max(r.revision) FROM ledger r
         WHERE r.org_id = l.org_id AND r.meter = l.meter AND r.bucket_start = l.bucket_start)
        AS last_revision
 FROM ledger l
 WHERE id = ANY($1::bigint[])
-  AND (state = 'sent' OR (state = 'held' AND reason IN ('provider_error', 'provider_missing')))
+  AND (state = 'sent' OR (state = 'held' AND reason IN ('provider_error', 'provider_missing'))
+       OR (state = 'cancelled' AND reason = 'rolled_back' AND attempts > 0))
   AND offsets_id IS NULL
 ORDER BY id
 FOR UPDATE;
@@ -332,15 +344,16 @@ INSERT INTO ledger (identifier, org_id, meter, bucket_start, bucket_end, revisio
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', $9, $10, $10);
 
 -- name: offsettable
--- Sent rows that reached the provider (an attempt was made) and have no offset yet.
+-- Sent rows that reached the provider (an attempt was made) with no offset but undone ones;
+-- an offset itself is offset only to undo it.
 SELECT id, identifier, state, org_id, meter, bucket_start, bucket_end, value_micros, quantity,
        attempt_customer, attempt_timestamp,
        (SELECT max(r.revision) FROM ledger r
         WHERE r.org_id = l.org_id AND r.meter = l.meter AND r.bucket_start = l.bucket_start)
        AS last_revision
 FROM ledger l
-WHERE id = ANY($1::bigint[]) AND state = 'sent' AND attempts > 0 AND offsets_id IS NULL
-  AND NOT EXISTS (SELECT 1 FROM ledger o WHERE o.offsets_id = l.id)
+WHERE id = ANY($1::bigint[]) AND state = 'sent' AND attempts > 0
+  AND NOT EXISTS (SELECT 1 FROM ledger o WHERE o.offsets_id = l.id AND o.state <> 'cancelled')
 ORDER BY id
 FOR UPDATE;
 
@@ -359,11 +372,22 @@ RETURNING id, identifier, org_id, meter, bucket_start, bucket_end, revision, val
 
 -- name: pending_offsets
 -- Offsetting rows still pending, with the row each offsets (still sent).
-SELECT o.id, o.identifier, o.quantity, o.offsets_id, r.identifier AS original
+SELECT o.id, o.identifier, o.quantity, o.offsets_id, r.identifier AS original,
+       r.offsets_id AS undoes  -- set when the offset undoes an offset
 FROM ledger o JOIN ledger r ON r.id = o.offsets_id
 WHERE o.id = ANY($1::bigint[]) AND o.state = 'pending' AND r.state = 'sent'
 ORDER BY o.id
 FOR UPDATE OF o;
+
+-- name: cancel_offset
+-- An offset undone by its own offset: it no longer takes its row off the provider's total.
+UPDATE ledger SET state = 'cancelled', reason = 'offset', detail = $2, updated_at = $3
+WHERE id = $1 AND state = 'sent' AND offsets_id IS NOT NULL;
+
+-- name: reinstate_offset
+-- The row an undone offset took off is billed here again.
+UPDATE ledger SET state = 'sent', reason = NULL, detail = $2, updated_at = $3
+WHERE id = $1 AND state = 'cancelled' AND reason = 'offset';
 
 -- name: unsent_offsets
 -- Offsets appended and not yet settled (a call failed or was never answered): sent again.

@@ -158,7 +158,8 @@ ORDER BY id
 LIMIT ?5;
 
 -- name: sendable
--- Claims the rows it returns (in no particular order).
+-- Claims the rows it returns (in no particular order); `billed`: the row's bucket has a sent
+-- row (asked only with ?8, or for buckets before ?9, T: past it the sender need not know).
 UPDATE ledger SET claimed_by = ?5, claim_expires = ?7
 WHERE id IN (
     SELECT l.id FROM ledger l LEFT JOIN orgs o ON o.org_id = l.org_id
@@ -168,6 +169,10 @@ WHERE id IN (
       AND l.offsets_id IS NULL  -- a rollback sends its offsets, and completes them
       AND (?3 IS NULL OR l.org_id = ?3)
       AND (?4 IS NULL OR l.bucket_start < ?4)
+      AND (?8 IS NULL OR EXISTS (  -- ?8: only rows of buckets billed here
+            SELECT 1 FROM ledger s INDEXED BY ledger_billed_buckets
+            WHERE s.org_id = l.org_id AND s.bucket_start = l.bucket_start
+              AND s.state = 'sent' AND s.offsets_id IS NULL))
       AND NOT EXISTS (
             SELECT 1 FROM ledger c INDEXED BY ledger_claims
             WHERE c.org_id = l.org_id AND c.meter = l.meter AND c.claimed_by IS NOT NULL
@@ -178,7 +183,11 @@ RETURNING id, identifier, org_id, meter, bucket_start, bucket_end, revision, val
           quantity, state, reason, detail, attempts, first_attempt_at, provider_id,
           created_at, updated_at, sent_at, attempt_customer, attempt_timestamp, attempt_key,
           last_attempt_at, plan_source,
-          (SELECT customer FROM orgs WHERE orgs.org_id = ledger.org_id) AS customer;
+          (SELECT customer FROM orgs WHERE orgs.org_id = ledger.org_id) AS customer,
+          EXISTS (SELECT 1 FROM ledger s INDEXED BY ledger_billed_buckets
+                  WHERE s.org_id = ledger.org_id AND s.bucket_start = ledger.bucket_start
+                    AND s.state = 'sent' AND s.offsets_id IS NULL)
+          AND coalesce(?8 IS NOT NULL OR ledger.bucket_start < ?9, 0) AS billed;
 
 -- name: release_claims
 UPDATE ledger SET claimed_by = NULL, claim_expires = NULL WHERE claimed_by = ?;
@@ -477,7 +486,8 @@ ORDER BY id;
 
 -- name: cancel_rows
 UPDATE ledger SET state = 'cancelled', reason = ?2, detail = ?3, updated_at = ?4
-WHERE id = ?1 AND (state = 'sent' OR (attempts > 0 AND state IN ('pending', 'held')))
+WHERE id = ?1 AND (state = 'sent' OR (attempts > 0 AND state IN ('pending', 'held'))
+                   OR (state = 'cancelled' AND reason = 'rolled_back'))
   AND offsets_id IS NULL;
 
 -- name: late_rows
@@ -510,19 +520,22 @@ WHERE org_id = ?1 AND state = 'sent' AND bucket_start < ?3
 ORDER BY id;
 
 -- name: reissuable
--- Sent rows, and rows held for a provider error (reported invalid: never counted there).
+-- Sent rows, rows held for a provider error (reported invalid: never counted there), and
+-- rows a rollback cancelled at the provider (restored when their bucket stays billed here).
 SELECT id, identifier, state, org_id, meter, bucket_start, bucket_end, value_micros, quantity,
        (SELECT max(r.revision) FROM ledger r
         WHERE r.org_id = l.org_id AND r.meter = l.meter AND r.bucket_start = l.bucket_start)
        AS last_revision
 FROM ledger l
 WHERE id IN (SELECT value FROM json_each(?))
-  AND (state = 'sent' OR (state = 'held' AND reason IN ('provider_error', 'provider_missing')))
+  AND (state = 'sent' OR (state = 'held' AND reason IN ('provider_error', 'provider_missing'))
+       OR (state = 'cancelled' AND reason = 'rolled_back' AND attempts > 0))
   AND offsets_id IS NULL
 ORDER BY id;
 
 -- name: offsettable
--- Sent rows that reached the provider (an attempt was made) and have no offset yet.
+-- Sent rows that reached the provider (an attempt was made) with no offset but undone ones;
+-- an offset itself is offset only to undo it.
 SELECT id, identifier, state, org_id, meter, bucket_start, bucket_end, value_micros, quantity,
        attempt_customer, attempt_timestamp,
        (SELECT max(r.revision) FROM ledger r
@@ -530,8 +543,8 @@ SELECT id, identifier, state, org_id, meter, bucket_start, bucket_end, value_mic
        AS last_revision
 FROM ledger l
 WHERE id IN (SELECT value FROM json_each(?))
-  AND state = 'sent' AND attempts > 0 AND offsets_id IS NULL
-  AND NOT EXISTS (SELECT 1 FROM ledger o WHERE o.offsets_id = l.id)
+  AND state = 'sent' AND attempts > 0
+  AND NOT EXISTS (SELECT 1 FROM ledger o WHERE o.offsets_id = l.id AND o.state <> 'cancelled')
 ORDER BY id;
 
 -- name: insert_offset
@@ -549,10 +562,21 @@ RETURNING id, identifier, org_id, meter, bucket_start, bucket_end, revision, val
 
 -- name: pending_offsets
 -- Offsetting rows still pending, with the row each offsets (still sent).
-SELECT o.id, o.identifier, o.quantity, o.offsets_id, r.identifier AS original
+SELECT o.id, o.identifier, o.quantity, o.offsets_id, r.identifier AS original,
+       r.offsets_id AS undoes  -- set when the offset undoes an offset
 FROM ledger o JOIN ledger r ON r.id = o.offsets_id
 WHERE o.id IN (SELECT value FROM json_each(?)) AND o.state = 'pending' AND r.state = 'sent'
 ORDER BY o.id;
+
+-- name: cancel_offset
+-- An offset undone by its own offset: it no longer takes its row off the provider's total.
+UPDATE ledger SET state = 'cancelled', reason = 'offset', detail = ?2, updated_at = ?3
+WHERE id = ?1 AND state = 'sent' AND offsets_id IS NOT NULL;
+
+-- name: reinstate_offset
+-- The row an undone offset took off is billed here again.
+UPDATE ledger SET state = 'sent', reason = NULL, detail = ?2, updated_at = ?3
+WHERE id = ?1 AND state = 'cancelled' AND reason = 'offset';
 
 -- name: unsent_offsets
 -- Offsets appended and not yet settled (a call failed or was never answered): sent again.

@@ -138,3 +138,47 @@ async def test_offsetting_a_sent_row_appends_its_negative_and_moves_no_usage(
         ("ledger.offset", r0.identifier),
         ("ledger.offset_appended", offset.identifier),
     ]
+
+
+async def test_an_offset_undone_by_its_own_offset_bills_its_row_again(storage: Storage) -> None:
+    (r0,) = await sent_rows(storage, {B[0]: B[0] + 60})
+    (offset,) = await storage.offset_rows([r0.id], NOW, "t", "rolled back")
+    await storage.record_attempts([offset.id], NOW)
+    taken = settlement(offset, RowState.SENT, customer="cus_a", provider_id="mev_o")
+    assert await storage.complete_offsets([taken], NOW, "t") == 1
+    (undo,) = await storage.offset_rows([offset.id], NOW, "t", "its bucket stays")
+    assert (undo.offsets_id, undo.quantity, undo.revision) == (offset.id, r0.quantity, 3)
+    assert (undo.attempt_customer, undo.attempt_timestamp) == ("cus_a", B[0] + 60)
+    done = settlement(undo, RowState.SENT, customer="cus_a", provider_id="mev_u")
+    assert await storage.complete_offsets([done], NOW, "t") == 1
+    rows = by_id(await storage.ledger())
+    assert (rows[r0.id].state, rows[r0.id].reason) == (RowState.SENT, None)  # billed here again
+    assert (rows[offset.id].state, rows[offset.id].reason) == (RowState.CANCELLED, Reason.OFFSET)
+    assert rows[undo.id].state is RowState.SENT
+    # the provider holds the row, its offset and the offset's: the hour holds the row's units
+    assert [c.units for c in await storage.sent_cells(B[0], B[0] + HOUR, "a")] == [r0.quantity]
+    # the bucket's usage is unchanged (a late event adds only its own value) ...
+    await storage.insert_events([event("late", "a", B[0] + 9, UNIT)], HOUR)
+    await roll(storage)
+    late = [r for r in await storage.ledger() if r.id > undo.id]
+    assert [(r.value_micros, r.revision) for r in late] == [(UNIT, 4)]
+    # ... and a later rollback can offset the row again
+    (again,) = await storage.offset_rows([r0.id], NOW, "t", "rolled back again")
+    assert again.quantity == -r0.quantity
+    (undone,) = await storage.audit_log(action_prefix="ledger.offset_undone")
+    assert undone.subject == offset.identifier
+
+
+async def test_a_row_a_rollback_cancelled_can_be_reissued(storage: Storage) -> None:
+    """Cancelled at the provider by a rollback whose bucket then stayed billed here: its
+    units are billed again under the bucket's next revision. Rows credited stay as they
+    are (the provider still counts them)."""
+    r0, r1 = await sent_rows(storage, {B[0]: B[0], B[1]: B[1]})
+    await storage.cancel_rows([r0.id], NOW, "t", Reason.ROLLED_BACK.value, "cancelled")
+    await storage.cancel_rows([r1.id], NOW, "t", Reason.CREDITED.value, "credit note")
+    (new,) = await storage.reissue_rows([r0.id, r1.id], NOW, "t", "its bucket stays")
+    assert (new.bucket_start, new.quantity, new.revision) == (B[0], r0.quantity, 2)
+    rows = by_id(await storage.ledger())
+    assert (rows[r0.id].state, rows[r0.id].reason) == (RowState.CANCELLED, Reason.REISSUED)
+    assert (rows[r1.id].state, rows[r1.id].reason) == (RowState.CANCELLED, Reason.CREDITED)
+    assert await storage.reissue_rows([r0.id], NOW, "t", "again") == []  # once

@@ -18,6 +18,7 @@ import stripe
 from controlplane.config import Config
 from controlplane.core import ControlPlane
 from controlplane.flags import FlagChange
+from controlplane.interfaces import CreditNotes
 from controlplane.ledger import Reason, RowState
 from stripe_emulator import StripeEmulator, serve_emulator
 from tests.conftest import HOUR, tick
@@ -142,7 +143,7 @@ async def test_usage_on_a_finalized_invoice_is_credited_there_and_handed_back(
 ) -> None:
     """The period closed and its invoice was finalized (and paid) before the rollback: no
     cancel nor offset can reach that usage. With `--credit-notes create`, one credit note per
-    invoice and meter takes exactly its units off (credited to the customer's balance, the
+    invoice (a line per meter) takes exactly its units off (credited to the customer's balance, the
     invoice being paid), and the rows go back to the legacy biller."""
     made, customer, first = live
     cp, emulator = made.cp, made.emulator
@@ -180,3 +181,12 @@ async def test_usage_on_a_finalized_invoice_is_credited_there_and_handed_back(
         actor="ops", reason="again", cancel_sent=True, create_credit_notes=True
     )
     assert again.credit_notes == [] and len(emulator.credit_notes) == 1
+    # a credit asked again under the note's key (an answer lost, Stripe's idempotency keys
+    # long gone) finds the note by its metadata instead of issuing a second one
+    billing = cp.billing
+    assert isinstance(billing, CreditNotes)
+    key = credit_note["metadata"]["controlplane_key"]
+    event_name = cp.meters.by_name[issued.meter].config.provider_event_name
+    found = await billing.credit_usage(invoice["id"], {event_name: 1}, memo="again", key=key)
+    assert found.credit_note == credit_note["id"] and len(emulator.credit_notes) == 1
+    assert found.amounts == {event_name: credit_note["amount"]}

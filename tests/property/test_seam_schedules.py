@@ -2,8 +2,10 @@
 is billed exactly once across both billers.
 
 A schedule is a soak, then one to three cycles of (cutover at the next bucket boundary, some
-hours live, rollback with or without cancelling, the provider's cancels landing or refused,
-some hours of the legacy biller again). Usage arrives every hour, some of it late. The legacy
+hours live, rollback with or without cancelling, the provider's cancels and offsets all
+landing, some of them refused, or every cancel refused, some hours of the legacy biller again).
+A refusal inside a bucket whose other rows were taken back already must leave the bucket
+billed here, whole. Usage arrives every hour, some of it late. The legacy
 biller (tests/legacy_biller.py) follows the contract, reading the core's seam before each of its
 runs. What the control plane billed is what the provider double holds per hour (its events not
 cancelled), checked to be the ledger's `sent` rows. A second cutover at or before rows already
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ from controlplane.interfaces import (
     Delivery,
     InvoicePreview,
     InvoicePreviewer,
+    MeterEvent,
     OrgChange,
     Outcome,
     WebhookRecord,
@@ -39,7 +43,7 @@ from tests.legacy_biller import SimulatedLegacy
 HOUR = 3600
 ORGS = ("a", "b", "c")
 
-Cycle = tuple[int, int, bool, bool]  # hours live, hours after, cancel_sent, cancels land
+Cycle = tuple[int, int, bool, int]  # hours live, hours after, cancel_sent, refusals
 
 
 class OpenPeriodBilling(FakeBilling, InvoicePreviewer):
@@ -50,7 +54,14 @@ class OpenPeriodBilling(FakeBilling, InvoicePreviewer):
         return InvoicePreview("usd", 0, 2**40, subtotal=0, total=0, lines=[])
 
 
-CYCLE = st.tuples(st.integers(1, 30), st.integers(1, 20), st.booleans(), st.booleans())
+CYCLE = st.tuples(st.integers(1, 30), st.integers(1, 20), st.booleans(), st.integers(0, 2))
+LAND, SOME_REFUSED, CANCELS_REFUSED = range(3)
+
+
+def refused(refusals: int, identifier: str) -> bool:
+    """Whether the provider refuses a call taking `identifier` back (a cancel, or an offset
+    of it): none, about half of them (by identifier), or every cancel."""
+    return refusals == SOME_REFUSED and zlib.crc32(identifier.encode()) % 2 == 1
 
 
 class Schedule:
@@ -60,6 +71,7 @@ class Schedule:
         self.plane, self.fake, self.clock = plane, fake, clock
         self.seed = usage_seed
         self.usage: set[tuple[str, int]] = set()
+        self.units: dict[tuple[str, int], int] = {}  # per (org, bucket): the usage's units
         self.legacy = SimulatedLegacy(self.read, since=T0)
         self.hour = T0
         self.n = 0
@@ -73,6 +85,7 @@ class Schedule:
         self.n += 1
         await self.plane.ingest([tick(f"e{self.n}", org, bucket + 7, s=120)], "http")
         self.usage.add((org, bucket))
+        self.units[(org, bucket)] = self.units.get((org, bucket), 0) + 120
 
     async def hours(self, count: int) -> None:
         for _ in range(count):
@@ -107,7 +120,7 @@ async def replay(
         run = Schedule(plane, fake, clock, usage_seed)
         await run.hours(soak)
         earlier: int | None = None
-        for live, after, cancel_sent, cancels_land in cycles:
+        for live, after, cancel_sent, refusals in cycles:
             t = run.hour  # the next boundary: after all the legacy biller billed
             if earlier is not None and (await plane.storage.seam(earlier)).reached:
                 plan = await plane.cutover.plan(earlier)
@@ -115,11 +128,20 @@ async def replay(
             await plane.cutover.execute(t, actor="ops", reason="go", force=True)
             await run.hours(live)
 
-            async def refuse(event_name: str, identifier: str) -> Delivery:
-                return Delivery(Outcome.REJECTED, "refused by the provider")
+            async def cancel(
+                event_name: str, identifier: str, refusals: int = refusals
+            ) -> Delivery:
+                if refusals == CANCELS_REFUSED or refused(refusals, identifier):
+                    return Delivery(Outcome.REJECTED, "refused by the provider")
+                return await FakeBilling.cancel(fake, event_name, identifier)
 
-            fake.cancel = FakeBilling.cancel.__get__(fake) if cancels_land else refuse  # type: ignore[method-assign]
+            def offsets(event: MeterEvent, refusals: int = refusals) -> Outcome | None:
+                offset = event.value < 0 and refused(refusals, event.identifier)
+                return Outcome.REJECTED if offset else None
+
+            fake.cancel, fake.decide = cancel, offsets  # type: ignore[method-assign]
             await plane.cutover.rollback(actor="ops", reason="undo", cancel_sent=cancel_sent)
+            fake.decide = None
             await run.hours(after)
             earlier = t
         clock[0] += 3 * HOUR
@@ -127,16 +149,18 @@ async def replay(
         await run.legacy.run(plane.now(), run.usage)
 
         sent = await plane.storage.ledger(state=RowState.SENT, limit=100_000)
-        held: set[tuple[str, int]] = set()
+        held: dict[tuple[str, int], int] = {}
         for org in ORGS:
             hours = await fake.hourly_usage(f"cus_{org}", "memory_gb_seconds", T0, run.hour)
-            held |= {(org, h) for h, units in hours.items() if units > 0}
+            held |= {(org, h): units for h, units in hours.items() if units > 0}
+        # a bucket billed here is billed whole: none of its units handed back alone
+        assert held == {bucket: run.units[bucket] for bucket in held}, "billed in part"
         billed = [r for r in sent if r.offsets_id is None]  # an offset hands its row back
-        assert held == {(r.org_id, r.bucket_start) for r in billed if r.quantity > 0}
-        assert {(r.org_id, r.bucket_start) for r in billed} == held  # no sent row below a unit
+        assert set(held) == {(r.org_id, r.bucket_start) for r in billed if r.quantity > 0}
+        assert {(r.org_id, r.bucket_start) for r in billed} == set(held)  # none below a unit
         legacy = set(run.legacy.billed)
-        assert held & legacy == set(), "billed twice"
-        assert held | legacy == run.usage, "billed by neither"
+        assert set(held) & legacy == set(), "billed twice"
+        assert set(held) | legacy == run.usage, "billed by neither"
 
 
 @settings(

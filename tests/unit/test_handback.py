@@ -4,7 +4,7 @@ invoice preview)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from decimal import Decimal
 
 import msgspec
@@ -12,7 +12,7 @@ import pytest
 
 from controlplane.config import Config
 from controlplane.core import ControlPlane
-from controlplane.errors import BillingError
+from controlplane.errors import BillingError, BillingUnanswered
 from controlplane.flags import FlagChange
 from controlplane.interfaces import (
     ClosedPeriod,
@@ -20,6 +20,7 @@ from controlplane.interfaces import (
     CreditNotes,
     InvoicePreview,
     InvoicePreviewer,
+    MeterEvent,
     OrgChange,
     Outcome,
     WebhookRecord,
@@ -183,7 +184,7 @@ class CreditingBilling(PreviewingBilling, CreditNotes):
     """The fake provider, refusing every credit note (say, the invoice was voided)."""
 
     async def credit_usage(
-        self, invoice: str, event_name: str, quantity: int, *, memo: str, key: str
+        self, invoice: str, lines: Mapping[str, int], *, memo: str, key: str
     ) -> CreditNoted:
         raise BillingError(f"invoice {invoice} is void")
 
@@ -214,13 +215,13 @@ class IssuingBilling(PreviewingBilling, CreditNotes):
 
     def __init__(self) -> None:
         super().__init__()
-        self.issued: list[tuple[str, int]] = []
+        self.issued: list[tuple[str, dict[str, int]]] = []
 
     async def credit_usage(
-        self, invoice: str, event_name: str, quantity: int, *, memo: str, key: str
+        self, invoice: str, lines: Mapping[str, int], *, memo: str, key: str
     ) -> CreditNoted:
-        self.issued.append((invoice, quantity))
-        return CreditNoted(f"cn_{len(self.issued)}", invoice, quantity, quantity, "usd")
+        self.issued.append((invoice, dict(lines)))
+        return CreditNoted(f"cn_{len(self.issued)}", invoice, dict(lines), "usd")
 
 
 async def test_no_credit_note_for_a_row_whose_bucket_stays_billed_here(
@@ -250,3 +251,136 @@ async def test_no_credit_note_for_a_row_whose_bucket_stays_billed_here(
         assert {r.state for r in await cp.storage.ledger()} == {RowState.SENT}
         seam = await cp.cutover.seam(T, T + HOUR)
         assert not seam.legacy_bills("o1", T)  # billed here, whole, once
+
+
+# -- a bucket goes back whole ------------------------------------------------------------------
+
+
+def refuse_offsets(of: str) -> Callable[[MeterEvent], Outcome | None]:
+    """The provider refuses every offset of event name `of` (say, its meter was deactivated)."""
+    return lambda e: Outcome.REJECTED if e.value < 0 and e.event_name == of else None
+
+
+async def test_a_refused_offset_bills_again_the_row_its_bucket_already_cancelled(
+    sent_long_ago: tuple[ControlPlane, PreviewingBilling], clock: list[float]
+) -> None:
+    """Row 1 of a bucket is past the cancel window, its late correction (row 2) inside it.
+    Row 2's cancel is taken, then row 1's offset refused: the bucket stays billed here, so
+    row 2's units are billed again (re-issued under the next revision, sent at once)."""
+    cp, billing = sent_long_ago
+    await cp.ingest([tick("late", "o1", T + 7, mb=2048, s=10)], "http")
+    await cp.rollup()
+    assert (await cp.send()).sent == 1
+    before = billing.totals()
+    billing.decide = refuse_offsets("memory_gb_seconds")
+    result = await cp.cutover.rollback(actor="ops", reason="bad", cancel_sent=True)
+    assert result.cancelled == [] and result.offset == []
+    assert billing.totals() == before  # Stripe bills the bucket whole, still
+    rows = await cp.storage.ledger(org_id="o1")
+    states = [(r.revision, r.state, r.reason, r.quantity) for r in rows]
+    first, late = rows[0].quantity, rows[1].quantity
+    assert states == [
+        (1, RowState.SENT, None, first),
+        (2, RowState.CANCELLED, Reason.REISSUED, late),  # cancelled at Stripe
+        (3, RowState.HELD, Reason.PROVIDER_REJECTED, -first),  # row 1's refused offset
+        (4, RowState.SENT, None, late),  # row 2's units, billed again
+    ]
+    assert any("billed here again as o1:gbs:" in (k.note or "") for k in result.not_cancelled)
+    seam = await cp.cutover.seam(T, T + HOUR)
+    assert not seam.legacy_bills("o1", T)  # billed here, whole, once
+    calls = len(billing.calls)
+    again = await cp.cutover.rollback(actor="ops", reason="again", cancel_sent=True)
+    assert again.cancelled == [] and again.offset == [] and len(billing.calls) == calls
+
+
+async def test_a_refused_offset_undoes_the_offset_taken_for_another_meter(
+    sent_long_ago: tuple[ControlPlane, PreviewingBilling], clock: list[float]
+) -> None:
+    """Two meters' rows of one bucket, both past the cancel window: the first meter's offset
+    is taken, the second's refused. The first is undone by an offset of its own, its row
+    billed here again, so the bucket stays billed here whole."""
+    cp, billing = sent_long_ago
+    call = {"id": "c1", "type": "call", "subject": "o1", "ts": (T + 9) * 1000, "data": {}}
+    clock[0] -= 2 * DAY
+    await cp.ingest([call], "http")
+    clock[0] += HOUR
+    await cp.rollup()
+    assert (await cp.send()).sent == 1
+    clock[0] += 2 * DAY
+    before = billing.totals()
+    billing.decide = refuse_offsets("calls")
+    result = await cp.cutover.rollback(actor="ops", reason="bad", cancel_sent=True)
+    assert result.cancelled == [] and result.offset == []
+    assert billing.totals() == before
+    rows = {(r.meter, r.revision): r for r in await cp.storage.ledger(org_id="o1")}
+    gbs, offset, undo = rows[("gbs", 1)], rows[("gbs", 2)], rows[("gbs", 3)]
+    assert (gbs.state, gbs.reason) == (RowState.SENT, None)  # billed here again
+    assert (offset.state, offset.reason, offset.offsets_id) == (
+        RowState.CANCELLED, Reason.OFFSET, gbs.id
+    )  # fmt: skip
+    assert (undo.state, undo.offsets_id, undo.quantity) == (RowState.SENT, offset.id, gbs.quantity)
+    assert (rows[("calls", 2)].state, rows[("calls", 1)].state) == (RowState.HELD, RowState.SENT)
+    (undone,) = await cp.storage.audit_log(action_prefix="ledger.offset_undone")
+    assert undone.subject == offset.identifier
+    seam = await cp.cutover.seam(T, T + HOUR)
+    assert not seam.legacy_bills("o1", T)
+
+
+async def test_one_credit_note_per_invoice_with_a_line_per_meter(
+    make_config: Callable[..., Config], clock: list[float]
+) -> None:
+    """Two meters of one bucket on a finalized invoice are credited by one note (one call:
+    issued whole or not at all), so one meter's note can never be refused after another's
+    was issued, leaving the bucket half handed back."""
+    billing = IssuingBilling()
+    clock[0] = T + 2 * HOUR
+    async with ControlPlane(make_config(), billing=billing, clock=lambda: clock[0]) as cp:
+        await send_one_row(cp, clock)
+        call = {"id": "c1", "type": "call", "subject": "o1", "ts": (T + 9) * 1000, "data": {}}
+        await cp.ingest([call], "http")
+        await cp.rollup()
+        assert (await cp.send()).sent == 1
+        clock[0] += 2 * DAY
+        period = ClosedPeriod("in_1", "o1", T, T + DAY, T + DAY)
+        await cp.storage.record_webhook(
+            WebhookRecord("evt_f", "invoice.finalized", None, "closed"), T + DAY, closed=period
+        )
+        result = await cp.cutover.rollback(
+            actor="ops", reason="bad", cancel_sent=True, create_credit_notes=True
+        )
+        rows = await cp.storage.ledger(org_id="o1")
+        units = {r.meter: r.quantity for r in rows}
+        assert billing.issued == [("in_1", {"calls": units["calls"], "memory_gb_seconds": 20})]
+        assert {(n.meter, n.quantity, n.issued) for n in result.credit_notes} == {
+            ("calls", units["calls"], "cn_1"),
+            ("gbs", 20, "cn_1"),
+        }
+        assert {(r.state, r.reason) for r in rows} == {(RowState.CANCELLED, Reason.CREDITED)}
+
+
+class SilentBilling(PreviewingBilling, CreditNotes):
+    """The fake provider, whose credit note calls all go unanswered."""
+
+    async def credit_usage(
+        self, invoice: str, lines: Mapping[str, int], *, memo: str, key: str
+    ) -> CreditNoted:
+        raise BillingUnanswered("connection dropped")
+
+
+async def test_a_credit_note_without_an_answer_keeps_its_rows_for_the_next_run(
+    make_config: Callable[..., Config], clock: list[float]
+) -> None:
+    billing = SilentBilling()
+    clock[0] = T + 2 * HOUR
+    async with ControlPlane(make_config(), billing=billing, clock=lambda: clock[0]) as cp:
+        await send_one_row(cp, clock)
+        period = ClosedPeriod("in_1", "o1", T, T + DAY, T + DAY)
+        await cp.storage.record_webhook(
+            WebhookRecord("evt_f", "invoice.finalized", None, "closed"), T + DAY, closed=period
+        )
+        result = await cp.cutover.rollback(
+            actor="ops", reason="bad", cancel_sent=True, create_credit_notes=True
+        )
+        (kept,) = result.not_cancelled
+        assert "credit note on in_1 no answer: connection dropped" in (kept.note or "")
+        assert [r.state for r in await cp.storage.ledger()] == [RowState.SENT]

@@ -347,3 +347,31 @@ async def test_an_answer_replayed_after_the_finalization_is_not_taken_for_a_late
     )
     (alert,) = await cp.storage.parity_alerts(UNSURE_ALERTS)
     assert row.identifier in alert.text
+
+
+async def test_a_bucket_billed_here_gets_its_corrections_whatever_the_flags_say_since(
+    cp: ControlPlane, clock: list[float], fake_billing: FakeBilling
+) -> None:
+    """The legacy biller skips a bucket the control plane bills (the seam), so a late
+    correction for it is sent by the control plane after a rollback that kept it (shadow
+    on) and after a later cutover (its bucket before the new T): else billed by no one."""
+    await live(cp)
+    await cp.ingest([tick("e1", "o1", T0 + 5)], "http")
+    await cp.rollup()
+    assert (await cp.send()).sent == 1
+    await cp.cutover.rollback(actor="ops", reason="undo")  # the bucket stays billed here
+    await cp.ingest([tick("e2", "o1", T0 + 6, s=40), tick("e3", "o1", T0 + HOUR + 1)], "http")
+    clock[0] += 2 * HOUR
+    await cp.rollup()
+    stats = await cp.send()
+    assert stats.skipped == "shadow is on" and stats.sent == 1  # the correction only
+    assert (fake_billing.calls[-1].timestamp, fake_billing.calls[-1].value) == (T0, 40)
+    (legacy,) = [r for r in await cp.storage.ledger() if r.bucket_start == T0 + HOUR]
+    assert legacy.state is RowState.PENDING  # the legacy biller's bucket: nothing sent
+    # a second cutover later: the kept bucket's next correction is sent, the other excluded
+    await cp.cutover.execute(T0 + 2 * HOUR, actor="ops", reason="again", force=True)
+    await cp.ingest([tick("e4", "o1", T0 + 7, s=60)], "http")
+    await cp.rollup()
+    stats = await cp.send()
+    assert (stats.sent, stats.excluded) == (1, 1)
+    assert fake_billing.totals() == {("cus_1", "memory_gb_seconds"): 20 + 40 + 60}

@@ -43,7 +43,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any, ClassVar, TypeVar
 
@@ -301,12 +301,12 @@ class StripeBilling(Billing, CatalogPublisher, CreditNotes, InvoicePreviewer, Me
     # -- CreditNotes ----------------------------------------------------------------------------
 
     async def credit_usage(
-        self, invoice: str, event_name: str, quantity: int, *, memo: str, key: str
+        self, invoice: str, lines: Mapping[str, int], *, memo: str, key: str
     ) -> CreditNoted:
-        """A credit note for `quantity` units of the invoice's metered line (see
+        """One credit note for `lines` units of the invoice's metered lines (see
         :mod:`.credit_notes`)."""
-        meter_id = await self._meter_id(event_name)
-        return await _credit_usage(self.client, meter_id, invoice, quantity, memo=memo, key=key)
+        meter_ids = {name: await self._meter_id(name) for name in lines}
+        return await _credit_usage(self.client, meter_ids, invoice, lines, memo=memo, key=key)
 
     # -- meter totals (the parity checks) -------------------------------------------------------
 

@@ -222,16 +222,30 @@ class SQLSending(SQLDriver, SendStore):
         until: int | None = None,
         *,
         claim: Claim,
+        billed_only: bool = False,
+        billed_before: int | None = None,
     ) -> list[SendItem]:
         async def work(conn: Connection) -> list[Row]:
             return await conn.fetch(
-                "sendable", after_id, limit, org_id, until, claim.claimant, claim.at, claim.until
+                "sendable",
+                after_id,
+                limit,
+                org_id,
+                until,
+                claim.claimant,
+                claim.at,
+                claim.until,
+                True if billed_only else None,
+                billed_before,
             )
 
         # claim transactions run one at a time, so the test of the lanes in use is exact
         rows = await self._tx("claim", work, CLAIM_LOCK)
         rows.sort(key=lambda r: r["id"])
-        return [SendItem(row=ledger_row(r), customer=r["customer"]) for r in rows]
+        return [
+            SendItem(row=ledger_row(r), customer=r["customer"], billed=bool(r["billed"]))
+            for r in rows
+        ]
 
     async def release_claims(self, claimant: str) -> None:
         await self._tx("release claims", lambda conn: conn.execute("release_claims", claimant))
@@ -461,29 +475,20 @@ class SQLSending(SQLDriver, SendStore):
             rows = [(s.row_id, "sent", None, s.detail, s.provider_id, at) for s in moving]
             await conn.bulk("settle_rows", rows, at)
             originals = [pending[s.row_id] for s in moving]
+            audit: list[AuditEntry] = []
             for o in originals:
                 why = f"offset by {o['identifier']}"
-                await conn.bulk("cancel_rows", [(o["offsets_id"],)], Reason.OFFSET.value, why, at)
-            await self._append_audit(
-                conn,
-                [
-                    AuditEntry(
-                        action="ledger.offset",
-                        subject=o["original"],
-                        actor=actor,
-                        reason="handed back to the legacy biller by an offset in its open period",
-                        before={"state": "sent", "quantity": -o["quantity"]},
-                        after={
-                            "state": "cancelled",
-                            "reason": "offset",
-                            "offset_by": o["identifier"],
-                        },
+                if o["undoes"] is None:
+                    await conn.bulk(
+                        "cancel_rows", [(o["offsets_id"],)], Reason.OFFSET.value, why, at
                     )
-                    for o in originals
-                ],
-                at,
-            )
-            # the rows leave the billable chain for the offset one, where they net to 0
+                    audit.append(_offset_record(o, actor))
+                else:  # an offset's offset: the row the first one took off is billed again
+                    await conn.execute("cancel_offset", o["offsets_id"], why, at)
+                    await conn.execute("reinstate_offset", o["undoes"], f"{why}, undone", at)
+                    audit.append(_undone_record(o, actor))
+            await self._append_audit(conn, audit, at)
+            # the rows leave (or rejoin) the billable chain
             await self._requantify(conn, [o["offsets_id"] for o in originals], at, "")
             return len(moving)
 
@@ -491,3 +496,25 @@ class SQLSending(SQLDriver, SendStore):
 
     async def unsent_offsets(self) -> list[LedgerRow]:
         return [ledger_row(r) for r in await self._all("unsent_offsets")]
+
+
+def _offset_record(o: Row, actor: str) -> AuditEntry:
+    return AuditEntry(
+        action="ledger.offset",
+        subject=o["original"],
+        actor=actor,
+        reason="handed back to the legacy biller by an offset in its open period",
+        before={"state": "sent", "quantity": -o["quantity"]},
+        after={"state": "cancelled", "reason": "offset", "offset_by": o["identifier"]},
+    )
+
+
+def _undone_record(o: Row, actor: str) -> AuditEntry:
+    return AuditEntry(
+        action="ledger.offset_undone",
+        subject=o["original"],
+        actor=actor,
+        reason="its bucket stays billed here (another of its rows could not be handed back)",
+        before={"state": "sent", "quantity": -o["quantity"]},
+        after={"state": "cancelled", "reason": "offset", "undone_by": o["identifier"]},
+    )
