@@ -38,6 +38,7 @@ from collections.abc import AsyncIterator, Callable
 import msgspec
 import structlog
 
+from controlplane import moves
 from controlplane.config import Config
 from controlplane.errors import BillingError, BillingUnanswered, InvalidInput
 from controlplane.interfaces import (
@@ -69,7 +70,6 @@ from controlplane.reversal import (
     note_of,
     way_back,
 )
-from controlplane.sender import sent_record
 
 log = structlog.get_logger("handback")
 
@@ -409,7 +409,7 @@ class HandBack:
                 customer=customer,
                 quantity=again.quantity,
             )
-            audited = msgspec.structs.replace(sent, audit=sent_record(sent, actor))
+            audited = msgspec.structs.replace(sent, audit=moves.sent(sent, actor))
             await self.storage.settle([audited], self.now())
         note = f"handed back, then billed here again as {again.identifier}; {why}"
         return failure, note_of(row, note if failure is None else f"{note}; {failure.why}")

@@ -39,11 +39,11 @@ from collections.abc import Awaitable, Callable, Sequence
 import msgspec
 import structlog
 
+from controlplane import moves
 from controlplane.flags.resolve import Snapshot
 from controlplane.flags.service import versions_of
 from controlplane.interfaces import (
     Attempt,
-    AuditEntry,
     Billing,
     Claim,
     ClosedPeriod,
@@ -260,7 +260,7 @@ class Sender:
     async def _settle(self, decided: list[Settlement], stats: SendStats, at: int) -> None:
         if not decided:
             return
-        await self.storage.settle(audited(decided, self.actor), at, self.claimant)
+        await self.storage.settle(moves.audited(decided, self.actor), at, self.claimant)
         for s in decided:
             if s.state is RowState.SENT:
                 stats.sent += 1
@@ -518,29 +518,6 @@ def _interleave(items: Sequence[SendItem]) -> list[SendItem]:
         lanes[_lane(item)].append(item)
     waves = itertools.zip_longest(*lanes.values())
     return [item for wave in waves for item in wave if item is not None]
-
-
-def sent_record(settlement: Settlement, actor: str) -> AuditEntry:
-    """The audit record of a row moved to `sent`: who sent it, its quantity, the customer it
-    was sent for and the provider's id for it."""
-    return AuditEntry(
-        action="ledger.sent",
-        subject=settlement.identifier,
-        actor=actor,
-        after={
-            "quantity": settlement.quantity,
-            "customer": settlement.customer,
-            "provider_id": settlement.provider_id,
-        },
-    )
-
-
-def audited(settlements: Sequence[Settlement], actor: str) -> list[Settlement]:
-    """The decisions with their audit records: every move to `sent` is audited."""
-    return [
-        msgspec.structs.replace(s, audit=sent_record(s, actor)) if s.state is RowState.SENT else s
-        for s in settlements
-    ]
 
 
 def _decide(

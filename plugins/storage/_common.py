@@ -13,7 +13,6 @@ import msgspec
 from controlplane.errors import FlagRefused, InvalidInput, Problem
 from controlplane.events import bucket_of
 from controlplane.interfaces import (
-    AuditEntry,
     AuditRecord,
     FlagsChanged,
     Org,
@@ -142,8 +141,8 @@ def check_bucket_bound(
 
 
 class Reissue(NamedTuple):
-    """A sent (or provider_error) row to re-issue (the `reissuable` query's columns, by
-    name)."""
+    """A row to re-issue: sent, held for a provider error, or cancelled by a rollback (the
+    `reissuable` query's columns, by name)."""
 
     id: int
     identifier: str
@@ -171,16 +170,6 @@ class Reissue(NamedTuple):
             quantity=self.quantity,
             state=RowState.PENDING,
             detail=f"re-issues {self.identifier}: {detail}",
-        )
-
-    def audit(self, new: NewRow, actor: str, detail: str) -> AuditEntry:
-        return AuditEntry(
-            action="ledger.reissued",
-            subject=self.identifier,
-            actor=actor,
-            reason=detail,
-            before={"state": self.state, "quantity": self.quantity},
-            after={"state": "cancelled", "reissued_as": new.identifier},
         )
 
 

@@ -6,7 +6,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from controlplane import rollup, sender
+from controlplane import moves, rollup
 from controlplane.interfaces import (
     AuditEntry,
     Claim,
@@ -82,7 +82,7 @@ def settlement(
         customer=customer,
         quantity=row.quantity,
     )
-    return sender.audited([decided], actor)[0]
+    return moves.audited([decided], actor)[0]
 
 
 async def pro(storage: Storage, *orgs: str, customer: bool = True, since: int = 0) -> None:

@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+import msgspec
+
 from controlplane.cli.common import (
     Subparsers,
     core,
@@ -34,8 +36,6 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
 
 async def catalog(args: argparse.Namespace, config: Config) -> int:
-    from controlplane.plugins.billing.stripe.catalog import catalog_api
-
     async with core(config, readonly=args.action == "show") as cp:
         if args.action == "show":
             found = await cp.catalog(args.version)
@@ -46,9 +46,9 @@ async def catalog(args: argparse.Namespace, config: Config) -> int:
                 print(missing, file=sys.stderr)
                 return 1
             if args.json:
-                print_json(catalog_api(found))
+                print_json(found)
             else:
-                show(catalog_api(found))
+                show(msgspec.to_builtins(found))
             return 0
         result = await cp.catalog_publish(actor=args.actor, dry_run=args.dry_run)
     if args.json:

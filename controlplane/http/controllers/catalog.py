@@ -12,7 +12,6 @@ from controlplane.errors import NotFound
 from controlplane.http.guards import BEARER, require_scope
 from controlplane.http.params import CP, MAX_ID
 from controlplane.http.problems import AUTH, documented
-from controlplane.plugins.billing.stripe.catalog import catalog_api
 
 
 class PublishedCatalog(msgspec.Struct):
@@ -44,4 +43,6 @@ class CatalogController(Controller):
         found = await cp.catalog(version)
         if found is None and version is not None:
             raise NotFound(f"no catalog version {version}")
-        return msgspec.convert(catalog_api(found), PublishedCatalog)
+        if found is None:
+            return PublishedCatalog(None, None, None, None, None)
+        return msgspec.convert(msgspec.to_builtins(found), PublishedCatalog)

@@ -46,7 +46,6 @@ from controlplane.interfaces import (
     AuditEntry,
     CatalogAction,
     CatalogStore,
-    CatalogVersion,
     PublishResult,
 )
 from controlplane.meters import MeterConfig
@@ -358,21 +357,3 @@ async def publish(
     )
     log.info("catalog.published", version=version.version, actor=actor)
     return PublishResult(publisher.actions, dry_run, True, version)
-
-
-def catalog_api(version: CatalogVersion | None) -> dict[str, Any]:
-    if version is None:
-        return {
-            "version": None,
-            "published_at": None,
-            "actor": None,
-            "digest": None,
-            "catalog": None,
-        }
-    return {
-        "version": version.version,
-        "published_at": version.published_at,
-        "actor": version.actor,
-        "digest": version.digest,
-        "catalog": version.catalog,
-    }

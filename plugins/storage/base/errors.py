@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from controlplane import moves
 from controlplane.interfaces import AuditEntry, HeldErrors, ProviderError, WebhookRecord
 from controlplane.interfaces.storage import ProviderErrorStore
 from controlplane.ledger import CUSTOMER_NOT_FOUND, Reason
@@ -44,31 +45,18 @@ class SQLProviderErrors(SQLDriver, ProviderErrorStore):
                 error = by_identifier[row["identifier"]]
                 await conn.execute("hold_provider_error", row["id"], error.code, at)
                 held.append(row["identifier"])
+                before = {"state": row["state"], "reason": row["reason"]}
                 audit.append(
-                    AuditEntry(
-                        action="ledger.held",
-                        subject=row["identifier"],
-                        actor=actor,
-                        reason=why,
-                        before={"state": row["state"], "reason": row["reason"]},
-                        after={
-                            "state": "held",
-                            "reason": Reason.PROVIDER_ERROR.value,
-                            "code": error.code,
-                            "message": error.message,
-                        },
+                    moves.provider_error_held(
+                        row["identifier"], before, error.code, error.message, actor, why
                     )
                 )
                 if error.code == CUSTOMER_NOT_FOUND and row["org_id"] not in flagged:
                     await conn.execute("flag_customer", row["org_id"], error.code, at)
                     flagged.append(row["org_id"])
                     audit.append(
-                        AuditEntry(
-                            action="org.customer_flagged",
-                            subject=row["org_id"],
-                            actor=actor,
-                            reason=why,
-                            after={"customer_error": error.code, "identifier": row["identifier"]},
+                        moves.customer_flagged(
+                            row["org_id"], error.code, row["identifier"], actor, why
                         )
                     )
             await self._append_audit(conn, audit, at)

@@ -8,6 +8,7 @@ import abc
 import time
 from collections.abc import Mapping, Sequence
 
+from controlplane import moves
 from controlplane.interfaces import (
     Attempt,
     AuditEntry,
@@ -359,14 +360,7 @@ class SQLSending(SQLDriver, SendStore):
             await self._append_audit(
                 conn,
                 [
-                    AuditEntry(
-                        action="ledger.cancelled",
-                        subject=r["identifier"],
-                        actor=actor,
-                        reason=reason,
-                        before={"state": r["state"]},
-                        after={"state": "cancelled", "quantity": r["quantity"]},
-                    )
+                    moves.cancelled(r["identifier"], r["state"], r["quantity"], actor, reason)
                     for r in found
                 ],
                 at,
@@ -405,7 +399,12 @@ class SQLSending(SQLDriver, SendStore):
                 new.append(row)
             await self._append_audit(
                 conn,
-                [old.audit(row, actor, detail) for old, row in zip(found, new, strict=True)],
+                [
+                    moves.reissued(
+                        old.identifier, old.state, old.quantity, row.identifier, actor, detail
+                    )
+                    for old, row in zip(found, new, strict=True)
+                ],
                 at,
             )
             if found:
@@ -450,12 +449,8 @@ class SQLSending(SQLDriver, SendStore):
             await self._append_audit(
                 conn,
                 [
-                    AuditEntry(
-                        action="ledger.offset_appended",
-                        subject=row.identifier,
-                        actor=actor,
-                        reason=detail,
-                        after={"offsets_id": row.offsets_id, "quantity": row.quantity},
+                    moves.offset_appended(
+                        row.identifier, row.offsets_id or 0, row.quantity, actor, detail
                     )
                     for row in new
                 ],
@@ -482,11 +477,13 @@ class SQLSending(SQLDriver, SendStore):
                     await conn.bulk(
                         "cancel_rows", [(o["offsets_id"],)], Reason.OFFSET.value, why, at
                     )
-                    audit.append(_offset_record(o, actor))
+                    audit.append(moves.offset(o["original"], o["identifier"], o["quantity"], actor))
                 else:  # an offset's offset: the row the first one took off is billed again
                     await conn.execute("cancel_offset", o["offsets_id"], why, at)
                     await conn.execute("reinstate_offset", o["undoes"], f"{why}, undone", at)
-                    audit.append(_undone_record(o, actor))
+                    audit.append(
+                        moves.offset_undone(o["original"], o["identifier"], o["quantity"], actor)
+                    )
             await self._append_audit(conn, audit, at)
             # the rows leave (or rejoin) the billable chain
             await self._requantify(conn, [o["offsets_id"] for o in originals], at, "")
@@ -496,25 +493,3 @@ class SQLSending(SQLDriver, SendStore):
 
     async def unsent_offsets(self) -> list[LedgerRow]:
         return [ledger_row(r) for r in await self._all("unsent_offsets")]
-
-
-def _offset_record(o: Row, actor: str) -> AuditEntry:
-    return AuditEntry(
-        action="ledger.offset",
-        subject=o["original"],
-        actor=actor,
-        reason="handed back to the legacy biller by an offset in its open period",
-        before={"state": "sent", "quantity": -o["quantity"]},
-        after={"state": "cancelled", "reason": "offset", "offset_by": o["identifier"]},
-    )
-
-
-def _undone_record(o: Row, actor: str) -> AuditEntry:
-    return AuditEntry(
-        action="ledger.offset_undone",
-        subject=o["original"],
-        actor=actor,
-        reason="its bucket stays billed here (another of its rows could not be handed back)",
-        before={"state": "sent", "quantity": -o["quantity"]},
-        after={"state": "cancelled", "reason": "offset", "undone_by": o["identifier"]},
-    )
