@@ -71,7 +71,10 @@ def plan_revisions(
     effect (the store is newer then), else the org's plan stored here at the bucket's start,
     else the legacy biller's answer (`legacy_plans`, mapped through `plans`), else `free`.
     Rows of a plan that is not billable are excluded at once (``free_plan``), with a rounding
-    carry of their own. A bucket whose plan is none of `plans` is held, never guessed. The
+    carry of their own. A negative revision (usage taken back) goes to the chain that holds
+    the units, billed or free, whatever the plan in force now (a plan changed since, a newer
+    token): else it would refund usage never billed, or keep billing usage taken back. A
+    bucket whose plan is none of `plans` is held, never guessed. The
     boundary T is left to the sender: it may still move until rows are sent, and an excluded
     row is final.
     """
@@ -111,6 +114,12 @@ def plan_revisions(
             held[(org_id, bucket_start)] = HeldBucket(org_id, bucket_start, why)
             continue
         reason = None if billable else Reason.FREE_PLAN
+        if diff < 0:  # take the units back from the chain that holds them, whatever the plan now
+            free = batch.ledger_free.get(key, 0)
+            if reason is None and free >= -diff > written.get(key, 0) - free:
+                reason = Reason.FREE_PLAN
+            elif reason is Reason.FREE_PLAN and free < -diff <= written.get(key, 0) - free:
+                reason = None
         chain = (org_id, meter, segment(reason))
         so_far = chains.get(chain)
         if so_far is None:

@@ -99,6 +99,8 @@ JOIN bucket_totals t ON t.org_id = b.org_id AND t.bucket_start = b.bucket_start;
 -- counted, its revision is.
 SELECT l.org_id, l.meter, l.bucket_start,
        sum(CASE WHEN l.offsets_id IS NULL THEN l.value_micros ELSE 0 END)::bigint AS value_micros,
+       sum(CASE WHEN l.offsets_id IS NULL AND l.reason = 'free_plan' THEN l.value_micros
+                ELSE 0 END)::bigint AS free_micros,  -- written in the free plan's chain
        max(l.revision) AS revision
 FROM unnest($1::text[], $2::bigint[]) AS b(org_id, bucket_start)
 JOIN ledger l ON l.org_id = b.org_id AND l.bucket_start = b.bucket_start

@@ -100,6 +100,8 @@ CROSS JOIN bucket_totals t
 -- counted, its revision is.
 SELECT l.org_id, l.meter, l.bucket_start,
        sum(CASE WHEN l.offsets_id IS NULL THEN l.value_micros ELSE 0 END) AS value_micros,
+       sum(CASE WHEN l.offsets_id IS NULL AND l.reason = 'free_plan' THEN l.value_micros
+                ELSE 0 END) AS free_micros,  -- written in the free plan's chain
        max(l.revision) AS revision
 FROM temp.rollup_batch b
 CROSS JOIN temp.rollup_meters m

@@ -214,3 +214,33 @@ def test_a_token_issued_before_the_stored_plan_changed_does_not_outrank_it() -> 
 
     assert decided(issued=50) == (RowState.PENDING, "stored")
     assert decided(issued=150) == (RowState.EXCLUDED, "token")
+
+
+def test_usage_taken_back_leaves_the_chain_that_holds_it_whatever_the_plan_now() -> None:
+    """A bucket billed 10 units as pro whose plan now resolves to free (a newer token, a
+    forced plan period) goes down to 6: the -4 is taken off the billed chain (refunded, as
+    billed), not written to the free chain (the customer would keep paying 10). And the
+    mirror: units written free and taken back while pro now are not refunded."""
+    b = 0
+    billed = RollupBatch(
+        totals=[UsageTotal("o1", "gbs", b, 6 * MICROS)],
+        ledger_sums=[UsageTotal("o1", "gbs", b, 10 * MICROS)],
+        revisions={("o1", "gbs", b): 1},
+        carries=[Carry("o1", "gbs", "billable", 10 * MICROS, 10)],
+        orgs={"o1": Org("o1", "cus_1", [PlanPeriod("pro", 0)], 0)},
+        token_plans={("o1", b): "free"},
+    )
+    (row,) = plan_revisions(billed, 3600).rows
+    assert (row.state, row.reason, row.quantity) == (RowState.PENDING, None, -4)
+    free = msgspec.structs.replace(
+        billed,
+        ledger_free={("o1", "gbs", b): 10 * MICROS},
+        carries=[Carry("o1", "gbs", Reason.FREE_PLAN, 10 * MICROS, 10)],
+        token_plans={("o1", b): "pro"},
+    )
+    (row,) = plan_revisions(free, 3600).rows
+    assert (row.state, row.reason, row.quantity) == (RowState.EXCLUDED, Reason.FREE_PLAN, -4)
+    # usage added keeps following the plan now
+    more = msgspec.structs.replace(free, totals=[UsageTotal("o1", "gbs", b, 12 * MICROS)])
+    (row,) = plan_revisions(more, 3600).rows
+    assert (row.state, row.quantity) == (RowState.PENDING, 2)

@@ -102,10 +102,14 @@ class SQLLedger(SQLDriver, LedgerStore):
             ]
             ledger_sums: list[UsageTotal] = []
             revisions: dict[tuple[str, str, int], int] = {}
+            free: dict[tuple[str, str, int], int] = {}
             for r in await conn.fetch("batch_ledger", *batch.bucket_args):
                 total = UsageTotal(r["org_id"], r["meter"], r["bucket_start"], r["value_micros"])
                 ledger_sums.append(total)
-                revisions[(total.org_id, total.meter, total.bucket_start)] = r["revision"]
+                at_bucket = (total.org_id, total.meter, total.bucket_start)
+                revisions[at_bucket] = r["revision"]
+                if r["free_micros"]:
+                    free[at_bucket] = r["free_micros"]
             carries = [
                 from_row(Carry, r) for r in await conn.fetch("batch_carries", *batch.org_args)
             ]
@@ -118,6 +122,7 @@ class SQLLedger(SQLDriver, LedgerStore):
                 RollupBatch(
                     totals=totals,
                     ledger_sums=ledger_sums,
+                    ledger_free=free,
                     revisions=revisions,
                     carries=carries,
                     orgs=orgs,
