@@ -2,8 +2,9 @@
 usage already rolled up.
 
 A plan period starting before buckets already rolled up under another plan is refused unless
-forced (``effective_from`` names them): those buckets keep the plan they were rolled up under,
-and only their later corrections follow the new plan. A new customer bills everything sent
+forced (``effective_from`` names them): those buckets keep the plan they were rolled up under;
+usage added to them later follows the new plan, usage taken back leaves the rounding chain that
+holds it (billed or free). A new customer bills everything sent
 from now on, corrections of earlier buckets included; a retry of a call already made goes to
 the customer it was made for. Every change is audited (``org.set``).
 """
@@ -16,7 +17,7 @@ from controlplane.errors import InvalidInput, Problem
 from controlplane.interfaces import AuditEntry, LedgerStore, Org, OrgStore, PlanPeriod
 from controlplane.plans import Plans
 
-ROWS_TO_TELL = 10_000  # ledger rows read to tell whether a plan change is retroactive
+PAGE = 10_000  # ledger rows read at a time to tell whether a plan change is retroactive
 
 
 class OrgUpdate(msgspec.Struct, frozen=True):
@@ -53,8 +54,11 @@ async def set_org(
     notes: list[str] = []
     rolled: list[int] = []
     if plan is not None:
-        rows = await ledger.ledger(org_id=org_id, start=start, limit=ROWS_TO_TELL)
-        buckets = [r.bucket_start for r in rows]
+        buckets: list[int] = []
+        after = 0
+        while rows := await ledger.ledger(org_id=org_id, start=start, after_id=after, limit=PAGE):
+            buckets += [r.bucket_start for r in rows]
+            after = rows[-1].id
         rolled = _rolled_under_another_plan(before, org_id, plan, start, buckets)
         if rolled:
             what = (
@@ -64,8 +68,9 @@ async def set_org(
             if not force:
                 message = (
                     f"{what}; start the plan after {rolled[-1]}, or force it: those buckets "
-                    "keep the plan they were rolled up under, and only their later "
-                    "corrections follow the new plan"
+                    "keep the plan they were rolled up under (usage taken back from them "
+                    "leaves the chain that billed it), and only usage added later follows "
+                    "the new plan"
                 )
                 raise InvalidInput([Problem(field="effective_from", message=message)])
             notes.append(

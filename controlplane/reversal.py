@@ -65,9 +65,10 @@ def way_back(
     is its customer's current billing period [start, end) as the provider says it, None when
     unknown; `closed` the org's finalized periods."""
     attempted = row.state is not RowState.SENT
-    since = row.first_attempt_at if attempted else row.sent_at
+    # the provider's window runs from its receipt: the first attempt, when one was made
+    since = row.first_attempt_at if row.first_attempt_at is not None else row.sent_at
     recent = since is not None and since > now - cancel_window
-    what = "first attempted" if attempted else "sent"
+    what = "first attempted" if attempted or row.first_attempt_at != row.sent_at else "sent"
     past = f"{what} more than {cancel_window} s ago"
     if not row.attempts:  # sent without a call: below one unit
         if recent:

@@ -153,6 +153,7 @@ class Reissue(NamedTuple):
     bucket_end: int
     value_micros: int
     quantity: int
+    plan_source: str | None
     last_revision: int  # of its bucket
 
     def next(self, detail: str, taken: dict[tuple[str, str, int], int]) -> NewRow:
@@ -170,6 +171,7 @@ class Reissue(NamedTuple):
             quantity=self.quantity,
             state=RowState.PENDING,
             detail=f"re-issues {self.identifier}: {detail}",
+            plan_source=self.plan_source,
         )
 
 

@@ -127,8 +127,8 @@ VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12);
 
 -- name: insert_reissue
 INSERT INTO ledger (identifier, org_id, meter, bucket_start, bucket_end, revision,
-                    value_micros, quantity, state, detail, created_at, updated_at)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, ?10, ?10);
+                    value_micros, quantity, state, detail, created_at, updated_at, plan_source)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, ?10, ?10, ?11);
 
 -- name: upsert_carries
 INSERT INTO carries (org_id, meter, segment, exact_micros, quantity) VALUES (?1, ?2, ?3, ?4, ?5)
@@ -525,6 +525,7 @@ ORDER BY id;
 -- Sent rows, rows held for a provider error (reported invalid: never counted there), and
 -- rows a rollback cancelled at the provider (restored when their bucket stays billed here).
 SELECT id, identifier, state, org_id, meter, bucket_start, bucket_end, value_micros, quantity,
+       plan_source,
        (SELECT max(r.revision) FROM ledger r
         WHERE r.org_id = l.org_id AND r.meter = l.meter AND r.bucket_start = l.bucket_start)
        AS last_revision

@@ -95,6 +95,8 @@ async def test_rows_held_as_provider_missing_are_reissued_not_resent(storage: St
     rows = by_id(await storage.ledger())
     assert (rows[r0.id].state, rows[r0.id].reason) == (RowState.CANCELLED, Reason.REISSUED)
     assert (new.quantity, new.revision, new.state) == (r0.quantity, 2, RowState.PENDING)
+    (stored,) = [r for r in await storage.ledger() if r.identifier == new.identifier]
+    assert stored.plan_source == r0.plan_source is not None  # the plan it was billed under
 
 
 async def test_offsetting_a_sent_row_appends_its_negative_and_moves_no_usage(

@@ -58,6 +58,8 @@ OPEN = (NOW - 10 * DAY, NOW + 20 * DAY)
     ("kind", "given", "open_period", "closed", "way"),
     [
         ("inside the window", row(sent_at=NOW - HOUR), OPEN, [], Way.CANCEL),
+        ("answered inside it, first received before", msgspec.structs.replace(
+            row(sent_at=NOW - HOUR), first_attempt_at=NOW - 2 * DAY), OPEN, [], Way.OFFSET),
         ("past it, open period", row(), OPEN, [], Way.OFFSET),
         ("past it, period unknown", row(), None, [], Way.CREDIT_NOTE),
         ("past it, before the open period", row(stamp=NOW - 11 * DAY), OPEN, [], Way.CREDIT_NOTE),

@@ -400,6 +400,7 @@ class SQLSending(SQLDriver, SendStore):
                     row.quantity,
                     row.detail,
                     at,
+                    row.plan_source,
                 )
                 new.append(row)
             await self._append_audit(
