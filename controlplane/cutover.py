@@ -46,6 +46,7 @@ from controlplane.interfaces import (
     AuditRecord,
     Billing,
     CapabilityUnavailable,
+    Claim,
     LegacyError,
     LegacySource,
     MeterSummaries,
@@ -61,6 +62,8 @@ from controlplane.reversal import CreditNote, HandedBack, RowNote
 from controlplane.rollup import DEFAULT_SOURCE
 from controlplane.seam import Seam, seam_of, window_problems
 from controlplane.times import iso
+
+HAND_BACK_HOLD_SECONDS = 6 * 3600  # released at its end; lapses if the process dies
 
 log = structlog.get_logger("cutover")
 
@@ -545,10 +548,20 @@ class Cutover:
             extra_audit=[entry],
         )
         log.info("cutover.rolled_back", actor=actor, cancel_sent=cancel_sent)
-        waiting = await self._await_senders()
         if not cancel_sent or self.hand_back is None:
+            waiting = await self._await_senders()
             return RollbackResult(snapshot.to_api(), [], [], senders_still_running=waiting)
-        done = await self.hand_back(actor, create_credit_notes)
+        # While the hand-back works, no sender may send a correction of a bucket billed here
+        # (one that stays would then be split): hold them all, then wait for the passes that
+        # took rows before the hold.
+        now = int(self.now())
+        hold = Claim(f"rollback:{uuid.uuid4().hex[:8]}", now, now + HAND_BACK_HOLD_SECONDS)
+        await self.storage.hold_billed_buckets(hold)
+        try:
+            waiting = await self._await_senders(other_than=hold.claimant)
+            done = await self.hand_back(actor, create_credit_notes)
+        finally:
+            await self.storage.release_claims(hold.claimant)
         return RollbackResult(
             snapshot.to_api(),
             done.cancelled,
@@ -571,13 +584,13 @@ class Cutover:
                 yield row
             after = rows[-1].id
 
-    async def _await_senders(self) -> str | None:
+    async def _await_senders(self, other_than: str | None = None) -> str | None:
         """Wait for send passes that read the flags before the rollback: each stops before its
         next group of calls, and its claims go when it ends. None when none is left; else why
         the lists may miss rows a sender still delivers."""
         limit = self.config.cutover.sender_wait_seconds
         deadline = time.monotonic() + limit
-        while held := await self.storage.live_claims(int(self.now())):
+        while held := await self.storage.live_claims(int(self.now()), other_than):
             if time.monotonic() >= deadline:
                 log.warning("cutover.senders_still_running", rows=held, waited_seconds=limit)
                 return (

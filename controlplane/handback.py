@@ -86,6 +86,7 @@ class _Found(msgspec.Struct):
     decided: list[tuple[LedgerRow, Decision]]
     unsent_offsets: list[LedgerRow]  # offsets whose call failed or went unanswered
     offset_pending: set[int] = set()  # the rows they offset
+    offsets: set[int] = set()  # offsetting rows the provider took
     refused: set[int] = set()  # rows whose offset the provider refused
     handed: set[Bucket] = set()  # buckets a rollback handed back rows of, by a call
 
@@ -131,7 +132,18 @@ class HandBack:
         with it."""
         found = await self._find(self.now())
         credit = create_credit_notes and isinstance(self.billing, CreditNotes)
-        staying, groups = _staying(found, credit)
+        waiting: dict[Bucket, str] = {}  # buckets an unanswered offset keeps here
+        for offset in found.unsent_offsets:
+            bucket = (offset.org_id, offset.bucket_start)
+            if offset.offsets_id in found.offsets:
+                waiting[bucket] = f"{offset.identifier} (undoing an offset) waits for an answer"
+            elif await self._finalized(offset):
+                waiting[bucket] = (
+                    f"offset {offset.identifier} was attempted without an answer before its "
+                    "invoice was finalized: whether the invoice carries its row is not known "
+                    "here; reconciliation (the hour's summary) settles it"
+                )
+        staying, groups = _staying(found, credit, waiting)
         out = _Report()
         for group, rows in sorted(groups.items()):
             await self._credit(group, rows, staying, actor, out)
@@ -151,7 +163,12 @@ class HandBack:
             elif row.id not in found.offset_pending:  # else its offset is the step
                 buckets[bucket].append((row, decision))
         for offset in found.unsent_offsets:
-            buckets[(offset.org_id, offset.bucket_start)].append((offset, Decision(Way.OFFSET)))
+            bucket = (offset.org_id, offset.bucket_start)
+            if await self._finalized(offset):
+                # called before the invoice was finalized, unanswered: on it or not, unknown
+                out.kept.append(note_of(offset, f"not sent again: {staying[bucket]}"))
+                continue
+            buckets[bucket].append((offset, Decision(Way.OFFSET)))
         for bucket in found.handed.intersection(staying):
             buckets.setdefault(bucket, [])  # handed back in part by an earlier rollback
         for bucket, steps in sorted(buckets.items()):
@@ -241,10 +258,9 @@ class HandBack:
             return
         out.cancelled += cancelled
         out.offset += offset
-        if unanswered is not None:
-            log.warning(
-                "handback.unfinished", org_id=bucket[0], bucket=bucket[1], why=unanswered.why
-            )
+        if unanswered is not None and (cancelled or offset):
+            # taken back in part, the rest unanswered: billed by no one until the next run
+            await self._alert_split(bucket, [unanswered.why], finished=False)
 
     async def _step(self, row: LedgerRow, decision: Decision, actor: str) -> _Failed | None:
         """Take `row` back from the provider; None when done."""
@@ -282,10 +298,14 @@ class HandBack:
         )
         return None if moved else _Failed("moved meanwhile", definite=True)
 
-    async def _send_offset(self, offset: LedgerRow, actor: str) -> _Failed | None:
-        """Send an offsetting row as its row was called; None when the provider took it (and
-        its row is handed back, or billed again when it undoes an offset)."""
-        customer, stamp = offset.attempt_customer, offset.attempt_timestamp
+    async def _send_offset(
+        self, offset: LedgerRow, actor: str, stamp: int | None = None
+    ) -> _Failed | None:
+        """Send an offsetting row as its row was called (or at `stamp`); None when the
+        provider took it (and its row is handed back, or billed again when it undoes an
+        offset)."""
+        customer = offset.attempt_customer
+        stamp = offset.attempt_timestamp if stamp is None else stamp
         if customer is None or stamp is None:
             why = "the row it offsets was never called with a customer and timestamp"
             return _Failed(why, definite=True)
@@ -392,7 +412,7 @@ class HandBack:
     ) -> tuple[_Failed | None, RowNote]:
         """Re-issue a row the provider cancelled, and send the new revision now."""
         detail = f"billed here again, its bucket stays: {why}"
-        new = await self.storage.reissue_rows([row.id], self.now(), actor, detail)
+        new = await self.storage.reissue_rows([row.id], self.now(), actor, detail, handed_back=True)
         customer = row.attempt_customer
         if not new or customer is None:
             return _Failed(f"{row.identifier} moved meanwhile", True), note_of(row, detail)
@@ -423,7 +443,7 @@ class HandBack:
         )
         if not new:
             return _Failed(f"{offset.identifier} moved meanwhile", True), note_of(row, why)
-        failure = await self._send_offset(new[0], actor)
+        failure = await self._send_offset(new[0], actor, await self._stamp(row))
         note = f"offset, then billed here again ({new[0].identifier} undoes it); {why}"
         return failure, note_of(row, note if failure is None else f"{note}; {failure.why}")
 
@@ -432,17 +452,33 @@ class HandBack:
         outside its customer's open period (then now, inside it)."""
         stamp = row.attempt_timestamp if row.attempt_timestamp is not None else row.bucket_start
         period = await self._open_period(row)
+        if await self._finalized(row):
+            stamp = self.now()  # its invoice is final: into the current period, as the sender
         if period is None or period[0] <= stamp < period[1]:
             return stamp
         return max(period[0], min(self.now(), period[1] - 1))
 
-    async def _alert_split(self, bucket: Bucket, failures: list[str]) -> None:
+    async def _finalized(self, row: LedgerRow) -> bool:
+        """Whether the row's timestamp lies in a period whose invoice was finalized."""
+        if row.org_id not in self._closed:
+            self._closed[row.org_id] = await self.storage.closed_periods([row.org_id])
+        stamp = row.attempt_timestamp if row.attempt_timestamp is not None else row.bucket_start
+        return any(p.period_start <= stamp < p.period_end for p in self._closed[row.org_id])
+
+    async def _alert_split(
+        self, bucket: Bucket, failures: list[str], finished: bool = True
+    ) -> None:
         org_id, start = bucket
+        what = (
+            "could not hand back org {org}'s bucket {start} whole, and could not bill again at "
+            "the provider what it had taken back of it"
+            if finished
+            else "handed back part of org {org}'s bucket {start}, the rest unanswered"
+        ).format(org=repr(org_id), start=start)
         text = (
-            f"The rollback could not hand back org {org_id!r}'s bucket {start} whole, and could "
-            "not bill again at the provider what it had taken back of it, so that part is "
-            "billed by no one (the legacy biller skips the bucket). Run the rollback with "
-            f"--cancel-sent again, or re-issue by hand: {'; '.join(failures)}"
+            f"The rollback {what}, so that part is billed by no one (the legacy biller skips "
+            "the bucket). Run the rollback with --cancel-sent again, or settle by hand: "
+            f"{'; '.join(failures)}"
         )
         log.error("handback.split", org_id=org_id, bucket=start, failures=failures)
         await self.storage.record_alert(
@@ -477,7 +513,8 @@ class HandBack:
         for row in rows:
             quantities[row.meter] += row.quantity
         ids = sorted(r.id for r in rows)
-        key = "credit:" + hashlib.sha256(f"{invoice}:{ids}".encode()).hexdigest()
+        # one key per invoice: whatever rows a later run finds, it finds this run's note
+        key = "credit:" + hashlib.sha256(f"{org_id}:{invoice}".encode()).hexdigest()
         lines = {self._event_name(m): q for m, q in sorted(quantities.items())}
         try:
             if any(q <= 0 for q in lines.values()):
@@ -488,8 +525,18 @@ class HandBack:
                 memo="usage billed by the legacy biller after a rollback",
                 key=key,
             )
+            if noted.quantities != lines:
+                raise BillingError(
+                    f"credit note {noted.credit_note}, issued on it by an earlier rollback, "
+                    f"credits {noted.quantities} while these rows hold {lines}: settle by hand"
+                )
         except BillingError as exc:
-            answered = "no answer" if isinstance(exc, BillingUnanswered) else "not issued"
+            answered = (
+                "no answer (a note may have been issued: run the rollback again, it finds "
+                "the note; do not issue one by hand)"
+                if isinstance(exc, BillingUnanswered)
+                else "not issued"
+            )
             why = f"credit note on {invoice} {answered}: {exc}"
             for row in rows:
                 staying[(row.org_id, row.bucket_start)] = why
@@ -533,6 +580,8 @@ class HandBack:
                 elif row.offsets_id is not None:  # an offset: taking it back bills its row again
                     if row.state is RowState.HELD and row.reason == Reason.PROVIDER_REJECTED:
                         found.refused.add(row.offsets_id)
+                    elif row.state is RowState.SENT:
+                        found.offsets.add(row.id)
                 elif row.state is not RowState.HELD or row.reason == Reason.AMBIGUOUS:
                     found.decided.append((row, await self._decide(row, now)))
         return found
@@ -595,17 +644,22 @@ class HandBack:
         return found.config.provider_event_name if found else meter
 
 
-def _staying(found: _Found, credit: bool) -> tuple[dict[Bucket, str], dict[Group, list[LedgerRow]]]:
+def _staying(
+    found: _Found, credit: bool, waiting: dict[Bucket, str] | None = None
+) -> tuple[dict[Bucket, str], dict[Group, list[LedgerRow]]]:
     """The buckets that stay billed here (with why): a row of theirs stays at the provider, so
     every row of theirs is kept. When `credit`, the rows a credit note on their known invoice
     hands back instead, per (org, invoice): only for buckets whose rows at the provider all
-    sit on that one invoice (one call hands them back whole, or none)."""
-    staying: dict[Bucket, str] = {}
+    sit on that one invoice (one call hands them back whole, or none). `waiting`: buckets an
+    unanswered offset keeps."""
+    staying: dict[Bucket, str] = dict(waiting or {})
     groups: dict[Group, list[LedgerRow]] = defaultdict(list)
     called: set[Bucket] = set()  # buckets with rows handed back otherwise
     for row, decision in found.decided:
         bucket = (row.org_id, row.bucket_start)
-        if decision.way is Way.CREDIT_NOTE and credit and decision.invoice_id:
+        if row.id in found.offset_pending:
+            called.add(bucket)  # its offset may have been applied: never credited as well
+        elif decision.way is Way.CREDIT_NOTE and credit and decision.invoice_id:
             groups[(row.org_id, decision.invoice_id)].append(row)
         elif decision.way in (Way.CREDIT_NOTE, Way.KEEP):
             staying.setdefault(bucket, f"{row.identifier} stays billed at the provider")

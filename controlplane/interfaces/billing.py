@@ -147,6 +147,7 @@ class CreditNoted(msgspec.Struct, frozen=True):
 
     credit_note: str  # the provider's id
     invoice: str
+    quantities: dict[str, int]  # per provider event name, the units its line was credited
     amounts: dict[str, int]  # per provider event name, what its line was credited
     currency: str
 
@@ -162,9 +163,9 @@ class CreditNotes(abc.ABC):
         """Credit, in one credit note, `lines[event_name]` units of the invoice's metered line
         of each event name's meter: all of them, or none. Once per `key`: a note issued
         under it before (an answer lost, even past the provider's idempotency window) is
-        returned, not issued again. Raises BillingUnanswered without a definite answer, and
-        BillingError when the provider refuses (an invoice not open or paid, no such line,
-        more than it holds...)."""
+        returned as it is (its quantities may differ from `lines`), not issued again. Raises
+        BillingUnanswered without a definite answer, and BillingError when the provider
+        refuses (an invoice not open or paid, no such line, more than it holds...)."""
 
 
 class PreviewLine(msgspec.Struct, frozen=True):

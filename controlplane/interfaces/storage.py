@@ -266,7 +266,8 @@ class SendStore(abc.ABC):
         `billed_before`; past it, `billed` is False.
 
         Rows claimed by another live claimant are skipped, and so is every row of an
-        (org, meter) another claimant is working on: one sender per rounding chain and per
+        (org, meter) another claimant is working on, and of a bucket another claimant holds
+        (:meth:`hold_billed_buckets`): one sender per rounding chain and per
         provider lane. A claim lapses at `claim.until`; a dead sender's rows are then taken
         over."""
 
@@ -275,8 +276,15 @@ class SendStore(abc.ABC):
         """Drop every claim `claimant` still holds (the end of a sender pass)."""
 
     @abc.abstractmethod
-    async def live_claims(self, at: int) -> int:
-        """Rows a sender holds a claim on that lasts past `at` (a send pass in progress)."""
+    async def live_claims(self, at: int, other_than: str | None = None) -> int:
+        """Rows a sender holds a claim on that lasts past `at` (a send pass in progress), but
+        those of claimant `other_than`."""
+
+    @abc.abstractmethod
+    async def hold_billed_buckets(self, claim: Claim) -> None:
+        """Hold every bucket billed here (claim its `sent` rows, those no other live claimant
+        holds) for `claim.claimant` until `claim.until` or :meth:`release_claims`: no
+        :meth:`sendable` returns a row of a bucket another claimant holds."""
 
     @abc.abstractmethod
     async def seam(self, bucket_start: int) -> SeamRows:
@@ -341,11 +349,18 @@ class SendStore(abc.ABC):
 
     @abc.abstractmethod
     async def reissue_rows(
-        self, row_ids: Sequence[int], at: int, actor: str, detail: str
+        self,
+        row_ids: Sequence[int],
+        at: int,
+        actor: str,
+        detail: str,
+        *,
+        handed_back: bool = False,
     ) -> list[NewRow]:
         """For each row still `sent`, `held` for a provider error (the provider reported it
-        invalid, so it never counted there), or `cancelled` at the provider by a rollback
-        (`rolled_back`, attempted) whose bucket then stayed billed here: move it to
+        invalid, so it never counted there), or, with `handed_back`, `cancelled` at the
+        provider by a rollback (`rolled_back`, attempted) whose bucket then stayed billed
+        here: move it to
         `cancelled`/`reissued` with `detail` and
         append the next revision of its bucket with the same value, `pending`, each audited
         as ``ledger.reissued``, in one transaction; the rounding chains are re-derived. A

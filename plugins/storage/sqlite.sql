@@ -175,6 +175,11 @@ WHERE id IN (
             SELECT 1 FROM ledger s INDEXED BY ledger_billed_buckets
             WHERE s.org_id = l.org_id AND s.bucket_start = l.bucket_start
               AND s.state = 'sent' AND s.offsets_id IS NULL))
+      AND NOT EXISTS (  -- a bucket a rollback's hand-back holds
+            SELECT 1 FROM ledger h INDEXED BY ledger_billed_buckets
+            WHERE h.org_id = l.org_id AND h.bucket_start = l.bucket_start
+              AND h.state = 'sent' AND h.offsets_id IS NULL AND h.claimed_by IS NOT NULL
+              AND h.claimed_by <> ?5 AND h.claim_expires > ?6)
       AND NOT EXISTS (
             SELECT 1 FROM ledger c INDEXED BY ledger_claims
             WHERE c.org_id = l.org_id AND c.meter = l.meter AND c.claimed_by IS NOT NULL
@@ -523,16 +528,16 @@ ORDER BY id;
 
 -- name: reissuable
 -- Sent rows, rows held for a provider error (reported invalid: never counted there), and
--- rows a rollback cancelled at the provider (restored when their bucket stays billed here).
+-- with ?2, rows a rollback cancelled at the provider (billed again: their bucket stays here).
 SELECT id, identifier, state, org_id, meter, bucket_start, bucket_end, value_micros, quantity,
        plan_source,
        (SELECT max(r.revision) FROM ledger r
         WHERE r.org_id = l.org_id AND r.meter = l.meter AND r.bucket_start = l.bucket_start)
        AS last_revision
 FROM ledger l
-WHERE id IN (SELECT value FROM json_each(?))
+WHERE id IN (SELECT value FROM json_each(?1))
   AND (state = 'sent' OR (state = 'held' AND reason IN ('provider_error', 'provider_missing'))
-       OR (state = 'cancelled' AND reason = 'rolled_back' AND attempts > 0))
+       OR (?2 AND state = 'cancelled' AND reason = 'rolled_back' AND attempts > 0))
   AND offsets_id IS NULL
 ORDER BY id;
 
@@ -571,15 +576,23 @@ FROM ledger o JOIN ledger r ON r.id = o.offsets_id
 WHERE o.id IN (SELECT value FROM json_each(?)) AND o.state = 'pending' AND r.state = 'sent'
 ORDER BY o.id;
 
+-- name: offset_target
+-- The row a taken offset takes off: handed back, only while it is still sent.
+UPDATE ledger SET state = 'cancelled', reason = 'offset', detail = ?2, updated_at = ?3
+WHERE id = ?1 AND state = 'sent' AND offsets_id IS NULL
+RETURNING id;
+
 -- name: cancel_offset
 -- An offset undone by its own offset: it no longer takes its row off the provider's total.
 UPDATE ledger SET state = 'cancelled', reason = 'offset', detail = ?2, updated_at = ?3
-WHERE id = ?1 AND state = 'sent' AND offsets_id IS NOT NULL;
+WHERE id = ?1 AND state = 'sent' AND offsets_id IS NOT NULL
+RETURNING id;
 
 -- name: reinstate_offset
 -- The row an undone offset took off is billed here again.
 UPDATE ledger SET state = 'sent', reason = NULL, detail = ?2, updated_at = ?3
-WHERE id = ?1 AND state = 'cancelled' AND reason = 'offset';
+WHERE id = ?1 AND state = 'cancelled' AND reason = 'offset'
+RETURNING id;
 
 -- name: unsent_offsets
 -- Offsets appended and not yet settled (a call failed or was never answered): sent again.
@@ -590,7 +603,15 @@ SELECT id, identifier, org_id, meter, bucket_start, bucket_end, revision, value_
 FROM ledger WHERE offsets_id IS NOT NULL AND state = 'pending' ORDER BY id;
 
 -- name: live_claims
-SELECT count(*) FROM ledger WHERE claimed_by IS NOT NULL AND claim_expires > ?;
+SELECT count(*) FROM ledger
+WHERE claimed_by IS NOT NULL AND claim_expires > ?1 AND claimed_by <> coalesce(?2, '');
+
+-- name: hold_billed_buckets
+-- A rollback's hand-back holds every bucket billed here (its sent rows): no sender takes a row
+-- of one until the hand-back ends (a correction sent meanwhile would split the bucket).
+UPDATE ledger SET claimed_by = ?1, claim_expires = ?2
+WHERE state = 'sent' AND offsets_id IS NULL
+  AND (claimed_by IS NULL OR claim_expires <= ?3 OR claimed_by = ?1);
 
 -- name: org_subscription_statuses
 -- Orgs with a provider subscription, by its status.

@@ -178,9 +178,27 @@ async def test_a_row_a_rollback_cancelled_can_be_reissued(storage: Storage) -> N
     r0, r1 = await sent_rows(storage, {B[0]: B[0], B[1]: B[1]})
     await storage.cancel_rows([r0.id], NOW, "t", Reason.ROLLED_BACK.value, "cancelled")
     await storage.cancel_rows([r1.id], NOW, "t", Reason.CREDITED.value, "credit note")
-    (new,) = await storage.reissue_rows([r0.id, r1.id], NOW, "t", "its bucket stays")
+    # only when asked: a repair or a late invoice never re-issues what a rollback handed back
+    assert await storage.reissue_rows([r0.id, r1.id], NOW, "t", "missing") == []
+    (new,) = await storage.reissue_rows(
+        [r0.id, r1.id], NOW, "t", "its bucket stays", handed_back=True
+    )
     assert (new.bucket_start, new.quantity, new.revision) == (B[0], r0.quantity, 2)
     rows = by_id(await storage.ledger())
     assert (rows[r0.id].state, rows[r0.id].reason) == (RowState.CANCELLED, Reason.REISSUED)
     assert (rows[r1.id].state, rows[r1.id].reason) == (RowState.CANCELLED, Reason.CREDITED)
-    assert await storage.reissue_rows([r0.id], NOW, "t", "again") == []  # once
+    assert await storage.reissue_rows([r0.id], NOW, "t", "again", handed_back=True) == []
+
+
+async def test_two_rows_of_one_bucket_are_offset_in_one_call(storage: Storage) -> None:
+    (r0,) = await sent_rows(storage, {B[0]: B[0]})
+    await storage.insert_events([event("late", "a", B[0] + 9, UNIT)], HOUR)
+    await roll(storage)
+    (r1,) = [r for r in await storage.ledger() if r.id != r0.id]
+    await storage.sendable(0, 100, claim=claim("s"))
+    series = {r1.id: Attempt("cus_a", B[0], r1.identifier)}
+    await storage.record_attempts([r1.id], NOW, claim("s"), series=series)
+    await storage.settle([settlement(r1, RowState.SENT, customer="cus_a")], NOW, "s")
+    offsets = await storage.offset_rows([r0.id, r1.id], NOW, "t", "rolled back")
+    assert sorted(o.revision for o in offsets) == [3, 4]
+    assert sorted(o.offsets_id or 0 for o in offsets) == [r0.id, r1.id]

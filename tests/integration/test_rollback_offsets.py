@@ -190,3 +190,4 @@ async def test_usage_on_a_finalized_invoice_is_credited_there_and_handed_back(
     found = await billing.credit_usage(invoice["id"], {event_name: 1}, memo="again", key=key)
     assert found.credit_note == credit_note["id"] and len(emulator.credit_notes) == 1
     assert found.amounts == {event_name: credit_note["amount"]}
+    assert found.quantities == {event_name: credit_note["lines"]["data"][0]["quantity"]}

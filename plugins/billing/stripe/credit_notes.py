@@ -80,12 +80,10 @@ def _key_of(note: stripe.CreditNote) -> str | None:
 
 
 def _noted(note: stripe.CreditNote, invoice: str, line_of: Mapping[str, str]) -> CreditNoted:
-    amounts = {
-        line_of[str(line.invoice_line_item)]: line.amount
-        for line in note.lines.data
-        if str(line.invoice_line_item) in line_of
-    }
-    return CreditNoted(note.id, invoice, amounts, note.currency)
+    lines = [line for line in note.lines.data if str(line.invoice_line_item) in line_of]
+    quantities = {line_of[str(line.invoice_line_item)]: line.quantity or 0 for line in lines}
+    amounts = {line_of[str(line.invoice_line_item)]: line.amount for line in lines}
+    return CreditNoted(note.id, invoice, quantities, amounts, note.currency)
 
 
 def _error(what: str, exc: stripe.StripeError) -> BillingError:

@@ -256,9 +256,15 @@ class SQLSending(SQLDriver, SendStore):
     async def release_claims(self, claimant: str) -> None:
         await self._tx("release claims", lambda conn: conn.execute("release_claims", claimant))
 
-    async def live_claims(self, at: int) -> int:
-        (row,) = await self._all("live_claims", at)
+    async def live_claims(self, at: int, other_than: str | None = None) -> int:
+        (row,) = await self._all("live_claims", at, other_than)
         return int(row[0])
+
+    async def hold_billed_buckets(self, claim: Claim) -> None:
+        async def work(conn: Connection) -> None:
+            await conn.execute("hold_billed_buckets", claim.claimant, claim.until, claim.at)
+
+        await self._tx("hold billed buckets", work, CLAIM_LOCK)
 
     async def seam(self, bucket_start: int) -> SeamRows:
         return await self._read("read", lambda conn: read_seam(conn, bucket_start))
@@ -377,10 +383,16 @@ class SQLSending(SQLDriver, SendStore):
         return await self._tx("cancel rows", work, CHAIN_LOCK)
 
     async def reissue_rows(
-        self, row_ids: Sequence[int], at: int, actor: str, detail: str
+        self,
+        row_ids: Sequence[int],
+        at: int,
+        actor: str,
+        detail: str,
+        *,
+        handed_back: bool = False,
     ) -> list[NewRow]:
         async def work(conn: Connection) -> list[NewRow]:
-            rows = await conn.fetch("reissuable", self._array(sorted(row_ids)))
+            rows = await conn.fetch("reissuable", self._array(sorted(row_ids)), handed_back)
             found = [Reissue(**dict(r)) for r in rows]
             new: list[NewRow] = []
             taken: dict[tuple[str, str, int], int] = {}
@@ -424,13 +436,16 @@ class SQLSending(SQLDriver, SendStore):
     ) -> list[LedgerRow]:
         async def work(conn: Connection) -> list[LedgerRow]:
             new: list[LedgerRow] = []
+            taken: dict[tuple[str, str, int], int] = {}  # revisions given in this call
             for old in await conn.fetch("offsettable", self._array(sorted(row_ids))):
+                bucket = (old["org_id"], old["meter"], old["bucket_start"])
+                revision = taken[bucket] = taken.get(bucket, int(old["last_revision"])) + 1
                 offset = NewRow(
                     org_id=old["org_id"],
                     meter=old["meter"],
                     bucket_start=old["bucket_start"],
                     bucket_end=old["bucket_end"],
-                    revision=int(old["last_revision"]) + 1,
+                    revision=revision,
                     value_micros=-old["value_micros"],
                     quantity=-old["quantity"],
                     state=RowState.PENDING,
@@ -464,7 +479,7 @@ class SQLSending(SQLDriver, SendStore):
             )
             return new
 
-        return await self._tx("offset rows", work)
+        return await self._tx("offset rows", work, CHAIN_LOCK)
 
     async def complete_offsets(self, settlements: Sequence[Settlement], at: int, actor: str) -> int:
         async def work(conn: Connection) -> int:
@@ -475,25 +490,24 @@ class SQLSending(SQLDriver, SendStore):
                 return 0
             rows = [(s.row_id, "sent", None, s.detail, s.provider_id, at) for s in moving]
             await conn.bulk("settle_rows", rows, at)
-            originals = [pending[s.row_id] for s in moving]
             audit: list[AuditEntry] = []
-            for o in originals:
+            for o in (pending[s.row_id] for s in moving):
                 why = f"offset by {o['identifier']}"
                 if o["undoes"] is None:
-                    await conn.bulk(
-                        "cancel_rows", [(o["offsets_id"],)], Reason.OFFSET.value, why, at
-                    )
-                    audit.append(moves.offset(o["original"], o["identifier"], o["quantity"], actor))
-                else:  # an offset's offset: the row the first one took off is billed again
-                    await conn.execute("cancel_offset", o["offsets_id"], why, at)
-                    await conn.execute("reinstate_offset", o["undoes"], f"{why}, undone", at)
+                    if await conn.fetch("offset_target", o["offsets_id"], why, at):
+                        audit.append(
+                            moves.offset(o["original"], o["identifier"], o["quantity"], actor)
+                        )
+                # an offset's offset: the row the first one took off is billed again
+                elif await conn.fetch("cancel_offset", o["offsets_id"], why, at):
+                    await conn.fetch("reinstate_offset", o["undoes"], f"{why}, undone", at)
                     audit.append(
                         moves.offset_undone(o["original"], o["identifier"], o["quantity"], actor)
                     )
             await self._append_audit(conn, audit, at)
             # the rows leave (or rejoin) the billable chain
-            await self._requantify(conn, [o["offsets_id"] for o in originals], at, "")
-            return len(moving)
+            await self._requantify(conn, [pending[s.row_id]["offsets_id"] for s in moving], at, "")
+            return len(audit)
 
         return await self._tx("complete offsets", work, CHAIN_LOCK)
 
