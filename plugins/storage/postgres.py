@@ -41,7 +41,7 @@ from urllib.parse import urlsplit
 import structlog
 
 from controlplane import migrations, sql
-from controlplane.errors import ConfigError, StorageError
+from controlplane.errors import ConfigError, StorageError, TransientStorageError
 from controlplane.events import bucket_of
 from controlplane.interfaces import IngestResult, StorageConfig, StoredEvent
 from controlplane.plugins.storage._common import (
@@ -240,11 +240,14 @@ class PostgresStorage(SQLStorage):
         except self._errors as exc:
             raise StorageError(f"cannot take the {job} lock: {exc}") from exc
         try:
-            if wait:
-                await conn.execute(Q["advisory_lock"], key)
-                held = True
-            else:
-                held = bool(await conn.fetchval(Q["try_advisory_lock"], key))
+            try:
+                if wait:
+                    await conn.execute(Q["advisory_lock"], key)
+                    held = True
+                else:
+                    held = bool(await conn.fetchval(Q["try_advisory_lock"], key))
+            except self._errors as exc:  # a timeout: another replica's pass runs long
+                raise TransientStorageError(f"cannot take the {job} lock: {exc}") from exc
             try:
                 yield held
             finally:

@@ -168,7 +168,8 @@ class SQLCatalogWebhooks(SQLDriver, CatalogStore, WebhookStore):
             if org is not None:
                 await conn.execute("upsert_org", org.org_id, org.customer, at)
                 row = await conn.fetchrow("org_subscription", org.org_id)
-                subscription, status = (row[0], row[1]) if row else (None, None)
+                subscription = row["subscription"] if row else None
+                status = row["subscription_status"] if row else None
                 await conn.execute(
                     "set_org_subscription",
                     org.subscription or subscription,
