@@ -47,7 +47,6 @@ from controlplane.interfaces import (
     Billing,
     ClosedPeriod,
     CreditNotes,
-    Delivery,
     InvoicePreviewer,
     MeterEvent,
     Outcome,
@@ -310,17 +309,9 @@ class HandBack:
             why = "the row it offsets was never called with a customer and timestamp"
             return _Failed(why, definite=True)
         key = offset.attempt_key or offset.identifier
-        failure, delivery = await self._deliver(offset, customer, stamp, key, actor)
-        if failure is not None or delivery is None:
+        failure, taken = await self._deliver(offset, customer, stamp, key, actor)
+        if taken is None:
             return failure
-        taken = Settlement(
-            offset.id,
-            offset.identifier,
-            RowState.SENT,
-            provider_id=delivery.provider_id,
-            customer=customer,
-            quantity=offset.quantity,
-        )
         if not await self.storage.complete_offsets([taken], self.now(), actor):
             why = (
                 f"offset {offset.identifier} taken by the provider, but the row it offsets "
@@ -331,9 +322,10 @@ class HandBack:
 
     async def _deliver(
         self, row: LedgerRow, customer: str, stamp: int, key: str, actor: str
-    ) -> tuple[_Failed | None, Delivery | None]:
-        """Call the provider for `row` now (an attempt recorded first). The provider's
-        acceptance is returned for the caller to settle; a refusal holds the row."""
+    ) -> tuple[_Failed | None, Settlement | None]:
+        """Call the provider for `row` now (an attempt recorded first). When the provider
+        took it, the row's move to `sent` is returned for the caller to settle; a refusal
+        holds the row."""
         assert self.billing is not None
         event = MeterEvent(
             identifier=row.identifier,
@@ -349,7 +341,14 @@ class HandBack:
         delivery = await self.billing.send(event)
         message = delivery.message or "no detail"
         if delivery.outcome in _TAKEN:
-            return None, delivery
+            return None, Settlement(
+                row.id,
+                row.identifier,
+                RowState.SENT,
+                provider_id=delivery.provider_id,
+                customer=customer,
+                quantity=row.quantity,
+            )
         if delivery.outcome is Outcome.REJECTED:
             refused = Settlement(
                 row.id,
@@ -419,18 +418,9 @@ class HandBack:
         rows = await self._bucket_rows((row.org_id, row.bucket_start))
         again = next(r for r in rows if r.identifier == new[0].identifier)
         stamp = await self._stamp(row)
-        failure, delivery = await self._deliver(again, customer, stamp, again.identifier, actor)
-        if delivery is not None:
-            sent = Settlement(
-                again.id,
-                again.identifier,
-                RowState.SENT,
-                provider_id=delivery.provider_id,
-                customer=customer,
-                quantity=again.quantity,
-            )
-            audited = msgspec.structs.replace(sent, audit=moves.sent(sent, actor))
-            await self.storage.settle([audited], self.now())
+        failure, sent = await self._deliver(again, customer, stamp, again.identifier, actor)
+        if sent is not None:
+            await self.storage.settle(moves.audited([sent], actor), self.now())
         note = f"handed back, then billed here again as {again.identifier}; {why}"
         return failure, note_of(row, note if failure is None else f"{note}; {failure.why}")
 

@@ -183,6 +183,16 @@ async def test_an_unanswered_offset_is_sent_again_by_the_next_rollback(
     assert billing.totals() == {("cus_1", "memory_gb_seconds"): 0}
 
 
+async def finalized(cp: ControlPlane, at: int = T + DAY, recorded: float | None = None) -> None:
+    """o1's invoice in_1, for [T, T + DAY), was finalized at `at`; the webhook says so (at
+    `recorded`, by default then)."""
+    period = ClosedPeriod("in_1", "o1", T, T + DAY, at)
+    when = int(at if recorded is None else recorded)
+    await cp.storage.record_webhook(
+        WebhookRecord("evt_f", "invoice.finalized", None, "closed"), when, closed=period
+    )
+
+
 class CreditingBilling(PreviewingBilling, CreditNotes):
     """The fake provider, refusing every credit note (say, the invoice was voided)."""
 
@@ -199,10 +209,7 @@ async def test_a_credit_note_the_provider_refuses_leaves_the_usage_billed_and_li
     clock[0] = T + 2 * HOUR
     async with ControlPlane(make_config(), billing=billing, clock=lambda: clock[0]) as cp:
         await send_one_row(cp, clock)
-        period = ClosedPeriod("in_1", "o1", T, T + DAY, T + DAY)
-        await cp.storage.record_webhook(
-            WebhookRecord("evt_f", "invoice.finalized", None, "closed"), T + DAY, closed=period
-        )
+        await finalized(cp)
         result = await cp.cutover.rollback(
             actor="ops", reason="bad", cancel_sent=True, create_credit_notes=True
         )
@@ -239,10 +246,7 @@ async def test_no_credit_note_for_a_row_whose_bucket_stays_billed_here(
     clock[0] = T + 2 * HOUR
     async with ControlPlane(make_config(), billing=billing, clock=lambda: clock[0]) as cp:
         await send_one_row(cp, clock)
-        period = ClosedPeriod("in_1", "o1", T, T + DAY, T + DAY)
-        await cp.storage.record_webhook(
-            WebhookRecord("evt_f", "invoice.finalized", None, "closed"), T + DAY, closed=period
-        )
+        await finalized(cp)
         await cp.ingest([tick("b", "o1", T + 7, mb=4096, s=100)], "http")  # late, same bucket
         await cp.rollup()
         assert (await cp.send()).sent == 1  # stamped into the current period
@@ -344,10 +348,7 @@ async def test_one_credit_note_per_invoice_with_a_line_per_meter(
         await cp.rollup()
         assert (await cp.send()).sent == 1
         clock[0] += 2 * DAY
-        period = ClosedPeriod("in_1", "o1", T, T + DAY, T + DAY)
-        await cp.storage.record_webhook(
-            WebhookRecord("evt_f", "invoice.finalized", None, "closed"), T + DAY, closed=period
-        )
+        await finalized(cp)
         result = await cp.cutover.rollback(
             actor="ops", reason="bad", cancel_sent=True, create_credit_notes=True
         )
@@ -377,10 +378,7 @@ async def test_a_credit_note_without_an_answer_keeps_its_rows_for_the_next_run(
     clock[0] = T + 2 * HOUR
     async with ControlPlane(make_config(), billing=billing, clock=lambda: clock[0]) as cp:
         await send_one_row(cp, clock)
-        period = ClosedPeriod("in_1", "o1", T, T + DAY, T + DAY)
-        await cp.storage.record_webhook(
-            WebhookRecord("evt_f", "invoice.finalized", None, "closed"), T + DAY, closed=period
-        )
+        await finalized(cp)
         result = await cp.cutover.rollback(
             actor="ops", reason="bad", cancel_sent=True, create_credit_notes=True
         )
@@ -453,10 +451,7 @@ async def test_a_bucket_whose_undo_offset_is_unanswered_stays_billed_here_whole(
         billing.decide = decide
         await cp.cutover.rollback(actor="ops", reason="bad", cancel_sent=True)
         billing.decide = None
-        period = ClosedPeriod("in_1", "o1", T, T + DAY, clock[0])
-        await cp.storage.record_webhook(
-            WebhookRecord("evt_f", "invoice.finalized", None, "closed"), clock[0], closed=period
-        )
+        await finalized(cp, int(clock[0]))
         billing.period = (T + DAY, T + 31 * DAY)
         second = await cp.cutover.rollback(
             actor="ops", reason="again", cancel_sent=True, create_credit_notes=True
@@ -495,10 +490,7 @@ async def test_a_credit_note_whose_answer_was_lost_is_found_by_the_next_run(
     clock[0] = T + 2 * HOUR
     async with ControlPlane(make_config(), billing=billing, clock=lambda: clock[0]) as cp:
         await send_one_row(cp, clock)
-        period = ClosedPeriod("in_1", "o1", T, T + DAY, T + DAY)
-        await cp.storage.record_webhook(
-            WebhookRecord("evt_f", "invoice.finalized", None, "closed"), T + DAY, closed=period
-        )
+        await finalized(cp)
         first = await cp.cutover.rollback(
             actor="ops", reason="bad", cancel_sent=True, create_credit_notes=True
         )
