@@ -196,10 +196,10 @@ RETURNING l.id, l.identifier, l.org_id, l.meter, l.bucket_start, l.bucket_end, l
           l.first_attempt_at, l.provider_id, l.created_at, l.updated_at, l.sent_at,
           l.attempt_customer, l.attempt_timestamp, l.attempt_key, l.last_attempt_at,
           l.plan_source, (SELECT customer FROM orgs WHERE org_id = l.org_id) AS customer,
-          ((l.bucket_start < $9::bigint OR $8::boolean IS NOT NULL) AND EXISTS (
+          CASE WHEN $8::boolean IS NOT NULL OR l.bucket_start < $9::bigint THEN EXISTS (
               SELECT 1 FROM ledger s
               WHERE s.org_id = l.org_id AND s.bucket_start = l.bucket_start
-                AND s.state = 'sent' AND s.offsets_id IS NULL)) AS billed;
+                AND s.state = 'sent' AND s.offsets_id IS NULL) ELSE false END AS billed;
 
 -- name: release_claims
 UPDATE ledger SET claimed_by = NULL, claim_expires = NULL WHERE claimed_by = $1;

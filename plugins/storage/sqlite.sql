@@ -191,10 +191,10 @@ RETURNING id, identifier, org_id, meter, bucket_start, bucket_end, revision, val
           created_at, updated_at, sent_at, attempt_customer, attempt_timestamp, attempt_key,
           last_attempt_at, plan_source,
           (SELECT customer FROM orgs WHERE orgs.org_id = ledger.org_id) AS customer,
-          EXISTS (SELECT 1 FROM ledger s INDEXED BY ledger_billed_buckets
-                  WHERE s.org_id = ledger.org_id AND s.bucket_start = ledger.bucket_start
-                    AND s.state = 'sent' AND s.offsets_id IS NULL)
-          AND coalesce(?8 IS NOT NULL OR ledger.bucket_start < ?9, 0) AS billed;
+          CASE WHEN ?8 IS NOT NULL OR ledger.bucket_start < ?9 THEN EXISTS (
+              SELECT 1 FROM ledger s INDEXED BY ledger_billed_buckets
+              WHERE s.org_id = ledger.org_id AND s.bucket_start = ledger.bucket_start
+                AND s.state = 'sent' AND s.offsets_id IS NULL) ELSE 0 END AS billed;
 
 -- name: release_claims
 UPDATE ledger SET claimed_by = NULL, claim_expires = NULL WHERE claimed_by = ?;
