@@ -34,6 +34,7 @@ from controlplane.errors import (
     ConfigError,
     ControlPlaneError,
     FlagRefused,
+    HandBackBusy,
     InvalidInput,
     Problem,
 )
@@ -556,7 +557,8 @@ class Cutover:
         # took rows before the hold.
         now = int(self.now())
         hold = Claim(f"rollback:{uuid.uuid4().hex[:8]}", now, now + HAND_BACK_HOLD_SECONDS)
-        await self.storage.hold_billed_buckets(hold)
+        if not await self.storage.hold_billed_buckets(hold):
+            raise HandBackBusy()
         try:
             waiting = await self._await_senders(other_than=hold.claimant)
             done = await self.hand_back(actor, create_credit_notes)

@@ -11,6 +11,7 @@
     │   └── UnsupportedMediaType          a body of a content type the endpoint does not read
     ├── NotFound (LookupError)            the thing asked for does not exist
     ├── FlagRefused (ValueError)          a flag change broke a rule; no flag was changed
+    ├── HandBackBusy                      another rollback is handing back: run it again later
     ├── StorageError                      the storage plugin failed
     │   ├── TransientStorageError         the same call may succeed when retried
     │   ├── MigrationError                the schema and the code disagree
@@ -99,6 +100,11 @@ class FlagRefused(ControlPlaneError, ValueError):
     def __init__(self, rule: str, message: str) -> None:
         self.rule = rule
         super().__init__(f"{rule}: {message}")
+
+
+class HandBackBusy(ControlPlaneError):
+    """Rolled back, but another rollback is handing back what the provider holds: run this one
+    again once that one ended (its hold lapses by itself if its process died)."""
 
 
 class ReleaseRefused(ControlPlaneError, ValueError):

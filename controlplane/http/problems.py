@@ -22,6 +22,7 @@ from controlplane.errors import (
     ConfigError,
     ControlPlaneError,
     FlagRefused,
+    HandBackBusy,
     InvalidInput,
     NotFound,
     Problem,
@@ -77,7 +78,7 @@ def on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
         return problem(404, "Not found", exc.message)
     if isinstance(exc, FlagRefused):
         return problem(409, "Refused", exc.message, rule=exc.rule)
-    if isinstance(exc, ReleaseRefused):
+    if isinstance(exc, ReleaseRefused | HandBackBusy):
         return problem(409, "Refused", exc.message)
     if isinstance(exc, RateLimited):
         return problem(

@@ -281,10 +281,11 @@ class SendStore(abc.ABC):
         those of claimant `other_than`."""
 
     @abc.abstractmethod
-    async def hold_billed_buckets(self, claim: Claim) -> None:
-        """Hold every bucket billed here (claim its `sent` rows, those no other live claimant
-        holds) for `claim.claimant` until `claim.until` or :meth:`release_claims`: no
-        :meth:`sendable` returns a row of a bucket another claimant holds."""
+    async def hold_billed_buckets(self, claim: Claim) -> bool:
+        """Hold every bucket billed here (claim its `sent` rows) for `claim.claimant` until
+        `claim.until` or :meth:`release_claims`: no :meth:`sendable` returns a row of a bucket
+        another claimant holds. False, holding nothing, when another live claimant holds
+        some already (another hand-back runs)."""
 
     @abc.abstractmethod
     async def seam(self, bucket_start: int) -> SeamRows:

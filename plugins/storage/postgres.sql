@@ -419,6 +419,12 @@ FROM ledger WHERE offsets_id IS NOT NULL AND state = 'pending' ORDER BY id;
 SELECT count(*) FROM ledger
 WHERE claimed_by IS NOT NULL AND claim_expires > $1 AND claimed_by <> coalesce($2, '');
 
+-- name: held_by_others
+-- Sent rows another live claimant holds: only a hand-back holds sent rows.
+SELECT count(*) AS held FROM ledger
+WHERE state = 'sent' AND offsets_id IS NULL AND claimed_by IS NOT NULL
+  AND claimed_by <> $1 AND claim_expires > $2;
+
 -- name: hold_billed_buckets
 -- A rollback's hand-back holds every bucket billed here (its sent rows): no sender takes a row
 -- of one until the hand-back ends (a correction sent meanwhile would split the bucket).

@@ -535,3 +535,26 @@ async def test_two_late_rows_of_one_bucket_are_re_issued_as_two_new_revisions(
     new = await storage.reissue_rows([first.id, correction.id], NOW + 20, "webhooks", "late")
     assert [(r.revision, r.value_micros) for r in new] == [(3, UNIT), (4, 2 * UNIT)]
     assert await roll(storage) == []  # the bucket's ledger total is still its usage
+
+
+async def test_a_hand_back_holds_the_buckets_billed_here_from_every_sender(
+    storage: Storage,
+) -> None:
+    """While a rollback hands back, no sender takes a row of a bucket billed here, of any
+    meter (a sent correction would split the bucket), nor of a lane it holds; other orgs'
+    rows stay free; a second hold is refused while the first lives."""
+    await pro(storage, "a", "b")
+    (sent,) = await lane_rows(storage, "a", UNIT)
+    await storage.sendable(0, 100, claim=claim("s"))
+    await storage.record_attempts([sent.id], NOW, claim("s"))
+    await storage.settle([settlement(sent, RowState.SENT)], NOW, "s")
+    await storage.release_claims("s")
+    await lane_rows(storage, "a", UNIT, meter="calls")  # the bucket's other meter, pending
+    (free,) = await lane_rows(storage, "b", UNIT)
+    assert await storage.hold_billed_buckets(Claim("rollback:1", NOW, NOW + HOUR))
+    assert not await storage.hold_billed_buckets(Claim("rollback:2", NOW, NOW + HOUR))
+    assert ids(await storage.sendable(0, 100, claim=claim("s"))) == [free.id]
+    await storage.release_claims("s")
+    await storage.release_claims("rollback:1")
+    items = await storage.sendable(0, 100, claim=claim("s"), billed_only=True)
+    assert [(i.row.meter, i.row.bucket_start, i.billed) for i in items] == [("calls", B[0], True)]

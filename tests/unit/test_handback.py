@@ -12,9 +12,10 @@ import pytest
 
 from controlplane.config import Config
 from controlplane.core import ControlPlane
-from controlplane.errors import BillingError, BillingUnanswered
+from controlplane.errors import BillingError, BillingUnanswered, HandBackBusy
 from controlplane.flags import FlagChange
 from controlplane.interfaces import (
+    Claim,
     ClosedPeriod,
     CreditNoted,
     CreditNotes,
@@ -531,3 +532,19 @@ async def test_a_row_whose_offset_went_unanswered_before_its_invoice_is_not_cred
         assert any("not known here" in (k.note or "") for k in second.not_cancelled)
         states = [(r.state, r.offsets_id is None) for r in await cp.storage.ledger()]
         assert states == [(RowState.SENT, True), (RowState.PENDING, False)]
+
+
+async def test_a_second_hand_back_waits_for_the_first(
+    sent_long_ago: tuple[ControlPlane, PreviewingBilling], clock: list[float]
+) -> None:
+    """Two rollbacks handing back at once would act twice on the same buckets (one's offset
+    taken for the other's refusal): the second is refused while the first holds them."""
+    cp, billing = sent_long_ago
+    now = int(clock[0])
+    assert await cp.storage.hold_billed_buckets(Claim("rollback:first", now, now + 600))
+    with pytest.raises(HandBackBusy):
+        await cp.cutover.rollback(actor="ops", reason="again", cancel_sent=True)
+    assert billing.calls[-1].value > 0  # no call made for the second
+    await cp.storage.release_claims("rollback:first")
+    result = await cp.cutover.rollback(actor="ops", reason="again", cancel_sent=True)
+    assert [n.note for n in result.offset] == ["offset"]

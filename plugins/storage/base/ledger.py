@@ -260,11 +260,15 @@ class SQLSending(SQLDriver, SendStore):
         (row,) = await self._all("live_claims", at, other_than)
         return int(row[0])
 
-    async def hold_billed_buckets(self, claim: Claim) -> None:
-        async def work(conn: Connection) -> None:
+    async def hold_billed_buckets(self, claim: Claim) -> bool:
+        async def work(conn: Connection) -> bool:
+            (row,) = await conn.fetch("held_by_others", claim.claimant, claim.at)
+            if row["held"]:
+                return False
             await conn.execute("hold_billed_buckets", claim.claimant, claim.until, claim.at)
+            return True
 
-        await self._tx("hold billed buckets", work, CLAIM_LOCK)
+        return await self._tx("hold billed buckets", work, CLAIM_LOCK)
 
     async def seam(self, bucket_start: int) -> SeamRows:
         return await self._read("read", lambda conn: read_seam(conn, bucket_start))
