@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 import uuid
@@ -64,7 +65,7 @@ from controlplane.rollup import DEFAULT_SOURCE
 from controlplane.seam import Seam, seam_of, window_problems
 from controlplane.times import iso
 
-HAND_BACK_HOLD_SECONDS = 6 * 3600  # released at its end; lapses if the process dies
+HAND_BACK_HOLD_SECONDS = 300  # renewed while the hand-back runs; lapses soon after a crash
 
 log = structlog.get_logger("cutover")
 
@@ -540,30 +541,42 @@ class Cutover:
             before=before.to_api(),
             after={"cancel_sent": cancel_sent, "create_credit_notes": create_credit_notes},
         )
-        snapshot = await self.set_flags(
-            [FlagChange("authority", Authority.LEGACY.value), FlagChange("shadow", True)],
-            actor=actor,
-            reason=reason,
-            via="rollback",
-            group_id=uuid.uuid4().hex,
-            extra_audit=[entry],
-        )
-        log.info("cutover.rolled_back", actor=actor, cancel_sent=cancel_sent)
-        if not cancel_sent or self.hand_back is None:
-            waiting = await self._await_senders()
-            return RollbackResult(snapshot.to_api(), [], [], senders_still_running=waiting)
-        # While the hand-back works, no sender may send a correction of a bucket billed here
-        # (one that stays would then be split): hold them all, then wait for the passes that
-        # took rows before the hold.
-        now = int(self.now())
-        hold = Claim(f"rollback:{uuid.uuid4().hex[:8]}", now, now + HAND_BACK_HOLD_SECONDS)
-        if not await self.storage.hold_billed_buckets(hold):
-            raise HandBackBusy()
+        hold: Claim | None = None
+        if cancel_sent and self.hand_back is not None:
+            # While the hand-back works, no sender may send a correction of a bucket billed
+            # here (one that stays would then be split): hold them all, before the flags flip.
+            now = int(self.now())
+            claimant = f"rollback:{uuid.uuid4().hex[:8]}"
+            hold = Claim(claimant, now, now + HAND_BACK_HOLD_SECONDS)
+            if not await self.storage.hold_billed_buckets(hold):
+                raise HandBackBusy()
         try:
+            snapshot = await self.set_flags(
+                [FlagChange("authority", Authority.LEGACY.value), FlagChange("shadow", True)],
+                actor=actor,
+                reason=reason,
+                via="rollback",
+                group_id=uuid.uuid4().hex,
+                extra_audit=[entry],
+            )
+            log.info("cutover.rolled_back", actor=actor, cancel_sent=cancel_sent)
+            if hold is None or self.hand_back is None:
+                waiting = await self._await_senders()
+                return RollbackResult(snapshot.to_api(), [], [], senders_still_running=waiting)
             waiting = await self._await_senders(other_than=hold.claimant)
-            done = await self.hand_back(actor, create_credit_notes)
+            # what a pass in flight sent meanwhile is held too, once that pass ended
+            await self._hold_again(hold.claimant)
+            waiting = await self._await_senders(other_than=hold.claimant) or waiting
+            renewing = asyncio.create_task(self._renew(hold.claimant))
+            try:
+                done = await self.hand_back(actor, create_credit_notes)
+            finally:
+                renewing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renewing
         finally:
-            await self.storage.release_claims(hold.claimant)
+            if hold is not None:
+                await self.storage.release_claims(hold.claimant)
         return RollbackResult(
             snapshot.to_api(),
             done.cancelled,
@@ -585,6 +598,16 @@ class Cutover:
             for row in rows:
                 yield row
             after = rows[-1].id
+
+    async def _hold_again(self, claimant: str) -> None:
+        now = int(self.now())
+        await self.storage.hold_billed_buckets(Claim(claimant, now, now + HAND_BACK_HOLD_SECONDS))
+
+    async def _renew(self, claimant: str) -> None:
+        """Keep a hand-back's hold alive while it runs (it lapses soon after a crash)."""
+        while True:
+            await asyncio.sleep(HAND_BACK_HOLD_SECONDS / 5)
+            await self._hold_again(claimant)
 
     async def _await_senders(self, other_than: str | None = None) -> str | None:
         """Wait for send passes that read the flags before the rollback: each stops before its

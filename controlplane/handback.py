@@ -32,6 +32,7 @@ when the provider took it: then its row becomes `cancelled`/`offset` in the same
 from __future__ import annotations
 
 import hashlib
+import uuid
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable
 
@@ -99,6 +100,7 @@ class _Report(msgspec.Struct):
     listed: list[tuple[LedgerRow, str | None]] = []  # for a credit note, with its invoice
     handed: set[int] = set()  # rows credited
     refused: dict[int, str] = {}  # rows whose credit note was not issued: why
+    unanswered: set[int] = set()  # rows whose credit note may have been issued
 
 
 class _Failed(msgspec.Struct, frozen=True):
@@ -123,6 +125,7 @@ class HandBack:
         self._closed: dict[str, list[ClosedPeriod]] = {}
         self._open: dict[str, tuple[int, int] | None] = {}  # per org, with its customer:
         self._customers: dict[str, str] = {}
+        self._run = uuid.uuid4().hex[:8]  # a split found by a later run is alerted again
 
     async def run(self, actor: str, *, create_credit_notes: bool = False) -> HandedBack:
         """Hand back every bucket whose rows at the provider can all be handed back; keep
@@ -153,7 +156,7 @@ class HandBack:
                 continue  # credited
             if decision.way in (Way.CREDIT_NOTE, Way.KEEP):
                 out.kept.append(note_of(row, out.refused.get(row.id, decision.note)))
-                if decision.way is Way.CREDIT_NOTE:
+                if decision.way is Way.CREDIT_NOTE and row.id not in out.unanswered:
                     out.listed.append((row, decision.invoice_id))
             elif bucket in staying:
                 out.kept.append(note_of(row, f"kept with its bucket: {staying[bucket]}"))
@@ -475,7 +478,7 @@ class HandBack:
             ParityAlert(
                 meter=SPLIT_ALERTS,
                 bucket_start=start,
-                dedup_key=f"{SPLIT_ALERTS}:{org_id}:{start}",
+                dedup_key=f"{SPLIT_ALERTS}:{org_id}:{start}:{self._run}",
                 text=text,
                 state="pending",
                 created_at=self.now(),
@@ -503,8 +506,9 @@ class HandBack:
         for row in rows:
             quantities[row.meter] += row.quantity
         ids = sorted(r.id for r in rows)
-        # one key per invoice: whatever rows a later run finds, it finds this run's note
-        key = "credit:" + hashlib.sha256(f"{org_id}:{invoice}".encode()).hexdigest()
+        # the rows' key: a later run finds this note for them, and refuses to credit other
+        # rows on an invoice that has a note of ours (which units it took is not known)
+        key = "credit:" + hashlib.sha256(f"{invoice}:{ids}".encode()).hexdigest()
         lines = {self._event_name(m): q for m, q in sorted(quantities.items())}
         try:
             if any(q <= 0 for q in lines.values()):
@@ -531,6 +535,8 @@ class HandBack:
             for row in rows:
                 staying[(row.org_id, row.bucket_start)] = why
                 out.refused[row.id] = why
+                if isinstance(exc, BillingUnanswered):
+                    out.unanswered.add(row.id)  # not listed "to issue": it may exist
             log.warning("handback.credit_note_refused", invoice=invoice, error=str(exc))
             return
         detail = f"credit note {noted.credit_note} on invoice {invoice}"

@@ -17,6 +17,7 @@ import stripe
 
 from controlplane.config import Config
 from controlplane.core import ControlPlane
+from controlplane.errors import BillingError
 from controlplane.flags import FlagChange
 from controlplane.interfaces import CreditNotes
 from controlplane.ledger import Reason, RowState
@@ -191,3 +192,7 @@ async def test_usage_on_a_finalized_invoice_is_credited_there_and_handed_back(
     assert found.credit_note == credit_note["id"] and len(emulator.credit_notes) == 1
     assert found.amounts == {event_name: credit_note["amount"]}
     assert found.quantities == {event_name: credit_note["lines"]["data"][0]["quantity"]}
+    # other rows on an invoice that has a note of ours: which units it took is not known here
+    with pytest.raises(BillingError, match="issued by an earlier rollback for other rows"):
+        await billing.credit_usage(invoice["id"], {event_name: 1}, memo="x", key="credit:other")
+    assert len(emulator.credit_notes) == 1

@@ -14,9 +14,10 @@ CN-10) goes to the customer's balance (``credit_amount``), applied to their next
 The caller's key is both the idempotency key and the note's ``metadata[controlplane_key]``:
 before creating, the invoice's notes are listed (``GET /v1/credit_notes?invoice=``, CN-14) and
 a note with that key is returned instead, so a run after a lost answer, even past Stripe's 24
-hours of idempotency keys, issues nothing twice. A call Stripe may have applied without
-answering (a dropped connection, a 5xx, an idempotency conflict) raises
-:class:`~controlplane.errors.BillingUnanswered`.
+hours of idempotency keys, issues nothing twice; a note with another key of ours (other rows,
+whose units it took off are not known here) refuses the credit, for a person to settle. A
+call Stripe may have applied without answering (a dropped connection, a 5xx, an idempotency
+conflict) raises :class:`~controlplane.errors.BillingUnanswered`.
 """
 
 from __future__ import annotations
@@ -51,8 +52,14 @@ async def credit_usage(
     try:
         notes = await client.v1.credit_notes.list_async(params={"invoice": invoice, "limit": 100})
         async for earlier in notes.auto_paging_iter():
-            if _key_of(earlier) == key and earlier.status != "void":
+            found = _key_of(earlier) if earlier.status != "void" else None
+            if found == key:
                 return _noted(earlier, invoice, line_of)
+            if found is not None:  # which rows it took off is not known here
+                raise BillingError(
+                    f"credit note {earlier.id} on {invoice} was issued by an earlier rollback "
+                    "for other rows: settle these by hand"
+                )
         params: Any = {
             "invoice": invoice,
             "lines": [
