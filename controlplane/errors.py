@@ -103,8 +103,8 @@ class FlagRefused(ControlPlaneError, ValueError):
 
 
 class HandBackBusy(ControlPlaneError):
-    """Rolled back, but another rollback is handing back what the provider holds: run this one
-    again once that one ended (its hold lapses by itself if its process died)."""
+    """Another rollback is handing back what the provider holds; nothing was changed: run
+    this one again once that one ended (its hold lapses by itself if its process died)."""
 
 
 class ReleaseRefused(ControlPlaneError, ValueError):
