@@ -22,8 +22,11 @@ one. So the hand-back acts per bucket (every meter's rows, every revision):
   here, whole: a cancelled row is re-issued under its bucket's next revision and sent at
   once, an offset is undone by an offset of its own (:meth:`HandBack._restore`). When a call
   goes unanswered, what was done stays done and the bucket is finished by the next rollback
-  with ``--cancel-sent`` (the unanswered offset is sent again under the same identifier).
-  A restore that fails raises a ``job:rollback:split`` alert naming the bucket.
+  with ``--cancel-sent`` (the unanswered offset is sent again under the same identifier,
+  unless its invoice was finalized since: then the bucket stays, for reconciliation). A
+  restore that fails, or a bucket left part handed back, raises a ``job:rollback:split``
+  alert naming the bucket. The rollback holds every bucket billed here meanwhile, so no
+  sender sends a correction of one (``Cutover.rollback``).
 
 An offset is appended first (`pending`, its row still `sent`), attempted, and completed only
 when the provider took it: then its row becomes `cancelled`/`offset` in the same transaction.
