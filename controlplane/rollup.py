@@ -114,38 +114,59 @@ def plan_revisions(
             held[(org_id, bucket_start)] = HeldBucket(org_id, bucket_start, why)
             continue
         reason = None if billable else Reason.FREE_PLAN
-        if diff < 0:  # take the units back from the chain that holds them, whatever the plan now
-            free = batch.ledger_free.get(key, 0)
-            if reason is None and free >= -diff > written.get(key, 0) - free:
-                reason = Reason.FREE_PLAN
-            elif reason is Reason.FREE_PLAN and free < -diff <= written.get(key, 0) - free:
-                reason = None
-        chain = (org_id, meter, segment(reason))
-        so_far = chains.get(chain)
-        if so_far is None:
-            so_far = chains[chain] = [0, 0]
-        so_far[0] += diff
-        quantity = floor_units(so_far[0]) - so_far[1]
-        if diff >= 0:
-            quantity = max(0, quantity)  # a chain that owes units pays them back (requantify)
-        so_far[1] += quantity
-        touched.add(chain)
-        rows.append(
-            NewRow(
-                org_id=org_id,
-                meter=meter,
-                bucket_start=bucket_start,
-                bucket_end=bucket_start + bucket_seconds,
-                revision=batch.revisions.get(key, 0) + 1,
-                value_micros=diff,
-                quantity=quantity,
-                state=RowState.EXCLUDED if reason else RowState.PENDING,
-                reason=reason,
-                plan_source=source,
+        parts = [(reason, diff, source)]
+        if diff < 0:
+            held_in = batch.ledger_chains.get(key, {})
+            parts = _taken_back(
+                -diff, reason, source, held_in.get(BILLABLE, 0), held_in.get(Reason.FREE_PLAN, 0)
             )
-        )
+        revision = batch.revisions.get(key, 0)
+        for reason, value, why in parts:
+            revision += 1
+            chain = (org_id, meter, segment(reason))
+            so_far = chains.get(chain)
+            if so_far is None:
+                so_far = chains[chain] = [0, 0]
+            so_far[0] += value
+            quantity = floor_units(so_far[0]) - so_far[1]
+            if value >= 0:
+                quantity = max(0, quantity)  # a chain that owes units pays them back
+            so_far[1] += quantity
+            touched.add(chain)
+            rows.append(
+                NewRow(
+                    org_id=org_id,
+                    meter=meter,
+                    bucket_start=bucket_start,
+                    bucket_end=bucket_start + bucket_seconds,
+                    revision=revision,
+                    value_micros=value,
+                    quantity=quantity,
+                    state=RowState.EXCLUDED if reason else RowState.PENDING,
+                    reason=reason,
+                    plan_source=why,
+                )
+            )
     carries = [carry(*chain, *chains[chain]) for chain in sorted(touched)]
     return RollupPlan(rows=rows, carries=carries, held=list(held.values()))
+
+
+def _taken_back(
+    taken: int, reason: Reason | None, source: str, billed: int, free: int
+) -> list[tuple[Reason | None, int, str]]:
+    """Usage taken back from a bucket (`taken` micro-units) as rows of the chains that hold
+    it, whatever the plan in force now (`reason`, decided by `source`): the billed chain
+    gives back at most what it holds (`billed`), the free plan's chain the rest (units
+    written free, or never billed here: handed back, before T). The plan's chain now goes
+    first; a row in the other says so (`plan_source` ``ledger``)."""
+    if reason is None:
+        from_billed = min(taken, max(0, billed))
+    else:  # the free chain first, as far as it holds
+        from_billed = min(taken - min(taken, max(0, free)), max(0, billed))
+    parts = [(None, -from_billed), (Reason.FREE_PLAN, from_billed - taken)]
+    if reason is not None:
+        parts.reverse()
+    return [(r, value, source if r == reason else LEDGER_SOURCE) for r, value in parts if value]
 
 
 def _billable(
@@ -367,6 +388,7 @@ async def _alert_held(storage: Storage, bucket: HeldBucket) -> None:
 
 
 DEFAULT_SOURCE = "default"  # the plan chain's last link: no plan from any source, so `free`
+LEDGER_SOURCE = "ledger"  # usage taken back from the chain holding it, not the plan's now
 HELD_ALERTS = "job:rollup:held"  # delivered by the job watcher, apart from job health alerts
 
 

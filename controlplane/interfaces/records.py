@@ -186,8 +186,8 @@ class RollupBatch(msgspec.Struct, frozen=True):
     # that token was issued
     token_plans: dict[tuple[str, int], str] = {}
     token_issued: dict[tuple[str, int], int] = {}
-    # (org, meter, bucket) -> the part of `ledger_sums` written in the free plan's chain
-    ledger_free: dict[tuple[str, str, int], int] = {}
+    # (org, meter, bucket) -> `ledger_sums` per rounding chain (segment) holding it
+    ledger_chains: dict[tuple[str, str, int], dict[str, int]] = {}
 
 
 class HeldBucket(msgspec.Struct, frozen=True):

@@ -95,17 +95,15 @@ FROM unnest($1::text[], $2::bigint[]) AS b(org_id, bucket_start)
 JOIN bucket_totals t ON t.org_id = b.org_id AND t.bucket_start = b.bucket_start;
 
 -- name: batch_ledger
--- An offset moves no usage (it takes a sent row back at the provider): its value is not
--- counted, its revision is.
-SELECT l.org_id, l.meter, l.bucket_start,
+-- Per reason (the rounding chain the rows are in). An offset moves no usage (it takes a sent
+-- row back at the provider): its value is not counted, its revision is.
+SELECT l.org_id, l.meter, l.bucket_start, l.reason,
        sum(CASE WHEN l.offsets_id IS NULL THEN l.value_micros ELSE 0 END)::bigint AS value_micros,
-       sum(CASE WHEN l.offsets_id IS NULL AND l.reason = 'free_plan' THEN l.value_micros
-                ELSE 0 END)::bigint AS free_micros,  -- written in the free plan's chain
        max(l.revision) AS revision
 FROM unnest($1::text[], $2::bigint[]) AS b(org_id, bucket_start)
 JOIN ledger l ON l.org_id = b.org_id AND l.bucket_start = b.bucket_start
 WHERE NOT (l.state = 'cancelled' AND l.reason = 'reissued')  -- its usage is in the reissue
-GROUP BY l.org_id, l.bucket_start, l.meter;
+GROUP BY l.org_id, l.bucket_start, l.meter, l.reason;
 
 -- name: batch_carries
 SELECT org_id, meter, segment, exact_micros, quantity FROM carries WHERE org_id = ANY($1::text[]);

@@ -96,19 +96,17 @@ CROSS JOIN bucket_totals t
     ON t.meter = m.meter AND t.org_id = b.org_id AND t.bucket_start = b.bucket_start;
 
 -- name: batch_ledger
--- An offset moves no usage (it takes a sent row back at the provider): its value is not
--- counted, its revision is.
-SELECT l.org_id, l.meter, l.bucket_start,
+-- Per reason (the rounding chain the rows are in). An offset moves no usage (it takes a sent
+-- row back at the provider): its value is not counted, its revision is.
+SELECT l.org_id, l.meter, l.bucket_start, l.reason,
        sum(CASE WHEN l.offsets_id IS NULL THEN l.value_micros ELSE 0 END) AS value_micros,
-       sum(CASE WHEN l.offsets_id IS NULL AND l.reason = 'free_plan' THEN l.value_micros
-                ELSE 0 END) AS free_micros,  -- written in the free plan's chain
        max(l.revision) AS revision
 FROM temp.rollup_batch b
 CROSS JOIN temp.rollup_meters m
 CROSS JOIN ledger l
     ON l.org_id = b.org_id AND l.meter = m.meter AND l.bucket_start = b.bucket_start
 WHERE NOT (l.state = 'cancelled' AND l.reason = 'reissued')  -- its usage is in the reissue
-GROUP BY l.org_id, l.meter, l.bucket_start;
+GROUP BY l.org_id, l.meter, l.bucket_start, l.reason;
 
 -- name: batch_carries
 SELECT c.org_id, c.meter, c.segment, c.exact_micros, c.quantity

@@ -160,8 +160,11 @@ class Pipeline:
         self.plans: dict[str, dict[int, str]] = defaultdict(dict)
         self.rows: dict[int, LedgerRow] = {}
         self.ambiguous_applied: set[str] = set()
-        # buckets a rollback handed back to the legacy biller: never delivered again
+        # buckets a rollback handed back to the legacy biller (no row of the org's bucket
+        # left sent: the legacy biller bills it): never delivered again
         self.handed_back: set[tuple[str, str, int]] = set()
+        # buckets the provider has seen a row of before a rollback (a later T lies after them)
+        self.seen: set[int] = set()
         # (org, meter) with rows a rollback could not cancel: both billers have them, the
         # rollback listed them for credit notes, so their billable chain no longer adds up
         self.listed: set[tuple[str, str]] = set()
@@ -197,9 +200,13 @@ class Pipeline:
             return conn.execute(sql).fetchall()
 
     def settle_snapshot(
-        self, expect_unchanged: bool, rollback: bool = False
+        self,
+        expect_unchanged: bool,
+        rollback: bool = False,
+        except_buckets: set[tuple[str, int]] | None = None,
     ) -> dict[int, LedgerRow]:
-        """Check the rows against the previous step and remember them."""
+        """Check the rows against the previous step and remember them (`except_buckets`:
+        (org, bucket) pairs whose rows may change all the same)."""
         now = {r.id: r for r in self.ledger()}
         for row_id, before in self.rows.items():
             after = now.get(row_id)
@@ -225,7 +232,8 @@ class Pipeline:
                 and (before.state is RowState.SENT or before.attempts > 0)
             )
             assert cancelled or after.state in ALLOWED_MOVES[before.state], (before, after)
-            if expect_unchanged and not cancelled:
+            excepted = (before.org_id, before.bucket_start) in (except_buckets or set())
+            if expect_unchanged and not cancelled and not excepted:
                 assert (after.state, after.reason, after.attempts) == (
                     before.state,
                     before.reason,
@@ -255,9 +263,16 @@ class Pipeline:
         self.settle_snapshot(expect_unchanged=True, rollback=True)
         flags = self.run(self.cp.flags())
         assert (flags.authority.value, flags.shadow) == ("legacy", True)
+        kept = {
+            (r.org_id, r.bucket_start)
+            for r in self.rows.values()
+            if r.state is RowState.SENT and r.offsets_id is None
+        }
         for r in self.rows.values():
             if r.state is RowState.SENT or r.state is RowState.CANCELLED or r.attempts:
-                self.handed_back.add((r.org_id, r.meter, r.bucket_start))
+                self.seen.add(r.bucket_start)
+                if (r.org_id, r.bucket_start) not in kept:  # a kept bucket stays billed here
+                    self.handed_back.add((r.org_id, r.meter, r.bucket_start))
         # Rows that may have reached the provider and stay (listed for credit notes, or
         # refused by it) keep their quantities after others left: their chain is settled by
         # hand, and only promises it never goes negative.
@@ -425,12 +440,15 @@ class Pipeline:
         send()
         calls = self.fake.log[calls_before:]
         sending = flags.sending and flags.bill_from is not None
-        previous = self.settle_snapshot(expect_unchanged=not sending)
-        if not sending:
-            assert calls == [], "the provider was called while shadow or legacy"
-            return
-        bill_from = flags.bill_from
-        assert bill_from is not None
+        # a bucket with a sent row is billed here whole, whatever the flags say: the legacy
+        # biller skips it, so its corrections are sent while nothing else is
+        billed = {
+            (r.org_id, r.bucket_start)
+            for r in self.rows.values()
+            if r.state is RowState.SENT and r.offsets_id is None
+        }
+        previous = self.settle_snapshot(expect_unchanged=not sending, except_buckets=billed)
+        bill_from = flags.bill_from if sending else None
         now = self.clock[0]
         by_ident = {r.identifier: r for r in self.rows.values()}
         answers: dict[str, list[Outcome]] = defaultdict(list)
@@ -440,7 +458,10 @@ class Pipeline:
             assert called_row.state is RowState.PENDING or (
                 called_row.state is RowState.HELD and called_row.reason == Reason.NO_CUSTOMER
             ), f"called for a {called_row.state}/{called_row.reason} row {row.identifier}"
-            assert row.bucket_start >= bill_from, f"delivered before bill_from: {row}"
+            if bill_from is None or row.bucket_start < bill_from:
+                assert (row.org_id, row.bucket_start) in billed, (
+                    f"delivered while shadow or legacy, or before bill_from: {row}"
+                )
             assert (row.org_id, row.meter, row.bucket_start) not in self.handed_back, (
                 f"delivered a bucket a rollback handed back to the legacy biller: {row}"
             )
@@ -468,8 +489,10 @@ class Pipeline:
             got = answers.get(row.identifier, [])
             move = (row.state, row.reason)
             why = f"{before.state}/{before.reason} -> {move}: {row}, provider answered {got}"
+            kept = (row.org_id, row.bucket_start) in billed
             if move == (RowState.EXCLUDED, Reason.BEFORE_BILL_FROM):
-                assert row.bucket_start < bill_from and not got, why
+                assert bill_from is not None and row.bucket_start < bill_from, why
+                assert not kept and not got, why
             elif move == (RowState.EXCLUDED, Reason.TOO_OLD):
                 assert row.bucket_start < now - MAX_AGE + CLOCK_SKEW_MARGIN and not got, why
             elif move == (RowState.HELD, Reason.NO_CUSTOMER):
@@ -479,7 +502,7 @@ class Pipeline:
             elif move == (RowState.HELD, Reason.PROVIDER_REJECTED):
                 assert got and got[-1] is Outcome.REJECTED, why
             elif move == (RowState.SENT, None):
-                assert row.bucket_start >= bill_from, why
+                assert kept or (bill_from is not None and row.bucket_start >= bill_from), why
                 if row.quantity == 0:
                     assert not got, why
                 else:
@@ -495,8 +518,8 @@ class Pipeline:
         self.settle_snapshot(expect_unchanged=True)
         flags = self.run(self.cp.flags())
         bill_from = flags.bill_from if flags.bill_from is not None else self.bucket_now - 8 * HOUR
-        if self.handed_back:  # a cutover after a rollback starts after what it handed back
-            bill_from = max(bill_from, max(b for _o, _m, b in self.handed_back) + HOUR)
+        if self.seen:  # a cutover after a rollback starts after what the provider saw
+            bill_from = max(bill_from, max(self.seen) + HOUR)
         self.run(
             self.cp.set_flags(
                 [

@@ -216,31 +216,54 @@ def test_a_token_issued_before_the_stored_plan_changed_does_not_outrank_it() -> 
     assert decided(issued=150) == (RowState.EXCLUDED, "token")
 
 
+def taken_back(
+    plan: str, total: int, chains: dict[str, int], carries: dict[str, int]
+) -> list[tuple[RowState, str | None, int, str | None]]:
+    """Bucket 0 of org o1, written per chain as `chains` (units), its usage now `total`
+    units, the plan in force now `plan`: the rows the rollup writes."""
+    written = sum(chains.values())
+    batch = RollupBatch(
+        totals=[UsageTotal("o1", "gbs", 0, total * MICROS)],
+        ledger_sums=[UsageTotal("o1", "gbs", 0, written * MICROS)],
+        revisions={("o1", "gbs", 0): 1},
+        carries=[Carry("o1", "gbs", c, u * MICROS, u) for c, u in carries.items()],
+        orgs={"o1": Org("o1", "cus_1", [PlanPeriod("pro", 0)], 0)},
+        token_plans={("o1", 0): plan},
+        ledger_chains={("o1", "gbs", 0): {c: u * MICROS for c, u in chains.items()}},
+    )
+    return [
+        (r.state, r.reason, r.quantity, r.plan_source) for r in plan_revisions(batch, 3600).rows
+    ]
+
+
 def test_usage_taken_back_leaves_the_chain_that_holds_it_whatever_the_plan_now() -> None:
     """A bucket billed 10 units as pro whose plan now resolves to free (a newer token, a
     forced plan period) goes down to 6: the -4 is taken off the billed chain (refunded, as
     billed), not written to the free chain (the customer would keep paying 10). And the
     mirror: units written free and taken back while pro now are not refunded."""
-    b = 0
-    billed = RollupBatch(
-        totals=[UsageTotal("o1", "gbs", b, 6 * MICROS)],
-        ledger_sums=[UsageTotal("o1", "gbs", b, 10 * MICROS)],
-        revisions={("o1", "gbs", b): 1},
-        carries=[Carry("o1", "gbs", "billable", 10 * MICROS, 10)],
-        orgs={"o1": Org("o1", "cus_1", [PlanPeriod("pro", 0)], 0)},
-        token_plans={("o1", b): "free"},
-    )
-    (row,) = plan_revisions(billed, 3600).rows
-    assert (row.state, row.reason, row.quantity) == (RowState.PENDING, None, -4)
-    free = msgspec.structs.replace(
-        billed,
-        ledger_free={("o1", "gbs", b): 10 * MICROS},
-        carries=[Carry("o1", "gbs", Reason.FREE_PLAN, 10 * MICROS, 10)],
-        token_plans={("o1", b): "pro"},
-    )
-    (row,) = plan_revisions(free, 3600).rows
-    assert (row.state, row.reason, row.quantity) == (RowState.EXCLUDED, Reason.FREE_PLAN, -4)
-    # usage added keeps following the plan now
-    more = msgspec.structs.replace(free, totals=[UsageTotal("o1", "gbs", b, 12 * MICROS)])
-    (row,) = plan_revisions(more, 3600).rows
-    assert (row.state, row.quantity) == (RowState.PENDING, 2)
+    billed, free = {"billable": 10}, {Reason.FREE_PLAN: 10}
+    assert taken_back("free", 6, billed, billed) == [(RowState.PENDING, None, -4, "ledger")]
+    assert taken_back("pro", 6, free, free) == [(RowState.EXCLUDED, Reason.FREE_PLAN, -4, "ledger")]
+    assert taken_back("pro", 6, billed, billed) == [(RowState.PENDING, None, -4, "token")]
+
+
+def test_usage_taken_back_past_one_chain_is_split_between_the_chains_holding_it() -> None:
+    """3 units billed and 3 free (usage added after a plan change follows the plan), down to
+    1: 5 taken back, never more off a chain than it holds, the plan's chain now first."""
+    both = {"billable": 3, Reason.FREE_PLAN: 3}
+    assert taken_back("pro", 1, both, both) == [
+        (RowState.PENDING, None, -3, "token"),
+        (RowState.EXCLUDED, Reason.FREE_PLAN, -2, "ledger"),
+    ]
+    assert taken_back("free", 1, both, both) == [
+        (RowState.EXCLUDED, Reason.FREE_PLAN, -3, "token"),
+        (RowState.PENDING, None, -2, "ledger"),
+    ]
+    # units a rollback handed back are billed here by no chain: never refunded
+    handed = {Reason.ROLLED_BACK: 4, Reason.FREE_PLAN: 2}
+    assert taken_back("free", 2, handed, {Reason.FREE_PLAN: 2}) == [
+        (RowState.EXCLUDED, Reason.FREE_PLAN, -4, "token")
+    ]
+    assert taken_back("pro", 2, handed, {Reason.FREE_PLAN: 2}) == [
+        (RowState.EXCLUDED, Reason.FREE_PLAN, -4, "ledger")
+    ]

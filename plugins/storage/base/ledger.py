@@ -26,7 +26,7 @@ from controlplane.interfaces import (
     UsageTotal,
 )
 from controlplane.interfaces.storage import EventStore, LedgerStore, SendStore
-from controlplane.ledger import LedgerRow, NewRow, Reason, RowState
+from controlplane.ledger import LedgerRow, NewRow, Reason, RowState, segment
 from controlplane.plugins.storage._common import (
     Reissue,
     check_flags_unchanged,
@@ -100,16 +100,18 @@ class SQLLedger(SQLDriver, LedgerStore):
                 UsageTotal(r["org_id"], r["meter"], r["bucket_start"], r["value_micros"])
                 for r in await conn.fetch("batch_totals", *batch.bucket_args)
             ]
-            ledger_sums: list[UsageTotal] = []
+            sums: dict[tuple[str, str, int], int] = {}
             revisions: dict[tuple[str, str, int], int] = {}
-            free: dict[tuple[str, str, int], int] = {}
+            chains: dict[tuple[str, str, int], dict[str, int]] = {}
             for r in await conn.fetch("batch_ledger", *batch.bucket_args):
-                total = UsageTotal(r["org_id"], r["meter"], r["bucket_start"], r["value_micros"])
-                ledger_sums.append(total)
-                at_bucket = (total.org_id, total.meter, total.bucket_start)
-                revisions[at_bucket] = r["revision"]
-                if r["free_micros"]:
-                    free[at_bucket] = r["free_micros"]
+                at_bucket = (r["org_id"], r["meter"], r["bucket_start"])
+                sums[at_bucket] = sums.get(at_bucket, 0) + r["value_micros"]
+                revisions[at_bucket] = max(revisions.get(at_bucket, 0), r["revision"])
+                if r["value_micros"]:
+                    by_chain = chains.setdefault(at_bucket, {})
+                    chain = segment(r["reason"])
+                    by_chain[chain] = by_chain.get(chain, 0) + r["value_micros"]
+            ledger_sums = [UsageTotal(*at_bucket, value) for at_bucket, value in sums.items()]
             carries = [
                 from_row(Carry, r) for r in await conn.fetch("batch_carries", *batch.org_args)
             ]
@@ -122,7 +124,7 @@ class SQLLedger(SQLDriver, LedgerStore):
                 RollupBatch(
                     totals=totals,
                     ledger_sums=ledger_sums,
-                    ledger_free=free,
+                    ledger_chains=chains,
                     revisions=revisions,
                     carries=carries,
                     orgs=orgs,
