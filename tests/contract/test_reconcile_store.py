@@ -4,9 +4,30 @@ state they were read in, each audited)."""
 
 from __future__ import annotations
 
-from controlplane.interfaces import Attempt, AuditEntry, RowMove, SentCell, Storage
+from controlplane.interfaces import (
+    Attempt,
+    AuditEntry,
+    RollupBatch,
+    RollupPlan,
+    RowMove,
+    SentCell,
+    Storage,
+)
 from controlplane.ledger import LedgerRow, Reason, RowState
-from tests.contract.helpers import HOUR, NOW, UNIT, B, by_id, claim, event, pro, roll, settlement
+from tests.contract.helpers import (
+    HOUR,
+    NOW,
+    UNIT,
+    B,
+    by_id,
+    claim,
+    entry,
+    event,
+    plan,
+    pro,
+    roll,
+    settlement,
+)
 
 
 async def sent_rows(storage: Storage, stamps: dict[int, int]) -> list[LedgerRow]:
@@ -202,3 +223,26 @@ async def test_two_rows_of_one_bucket_are_offset_in_one_call(storage: Storage) -
     offsets = await storage.offset_rows([r0.id, r1.id], NOW, "t", "rolled back")
     assert sorted(o.revision for o in offsets) == [3, 4]
     assert sorted(o.offsets_id or 0 for o in offsets) == [r0.id, r1.id]
+
+
+async def test_the_rollup_reads_what_a_bucket_holds_per_rounding_chain(storage: Storage) -> None:
+    """Usage taken back leaves the chains that hold it (billed, free, handed back): the
+    rollup step is given the bucket's ledger value per chain, offsets moving none."""
+    (r0,) = await sent_rows(storage, {B[0]: B[0]})  # 1 unit, billed
+    await storage.set_org(
+        "a", customer=None, plan="free", effective_from=0, at=NOW, audit=entry("org.set", "a")
+    )
+    await storage.insert_events([event("f", "a", B[0] + 2, 2 * UNIT)], HOUR)
+    await roll(storage)  # 2 units written free
+    (offset,) = await storage.offset_rows([r0.id], NOW, "t", "rolled back")
+    seen: list[RollupBatch] = []
+
+    def spy(batch: RollupBatch) -> RollupPlan:
+        seen.append(batch)
+        return plan(batch)
+
+    await storage.insert_events([event("g", "a", B[0] + 3, UNIT)], HOUR)
+    await storage.rollup_step(NOW, HOUR, 1000, spy)
+    (batch,) = seen
+    assert batch.ledger_chains[("a", "gbs", B[0])] == {"billable": UNIT, "free_plan": 2 * UNIT}
+    assert batch.revisions[("a", "gbs", B[0])] == offset.revision

@@ -193,7 +193,7 @@ async def test_a_row_sent_after_stripe_finalized_its_invoice_is_re_issued_into_t
     finalized = int(clock[0]) - 60  # by Stripe's clock, a minute before the send
     assert (await cp.send()).sent == 1
     period = ClosedPeriod("in_1", "o1", T0 - HOUR, T0 + HOUR, finalized)
-    await finalize(cp, finalized)
+    await finalize(cp, period.finalized_at)
     (new,) = await reissue_late(
         cp.storage, cp.billing, cp.meters, period, at=cp.now(), actor="webhooks"
     )
@@ -230,7 +230,7 @@ async def test_a_row_in_flight_when_its_invoice_is_finalized_is_re_issued_by_the
 
     async def webhook_meanwhile(event: Any) -> Any:
         delivery = await send(event)
-        await finalize(cp, finalized)
+        await finalize(cp, period.finalized_at)
         assert (
             await reissue_late(cp.storage, cp.billing, cp.meters, period, at=cp.now(), actor="w")
             == []
@@ -265,7 +265,7 @@ async def test_a_retry_stripe_accepted_after_the_finalization_is_re_issued(
     assert row.first_attempt_at is not None and row.first_attempt_at < finalized
     assert row.last_attempt_at is not None and row.last_attempt_at >= finalized
     period = ClosedPeriod("in_1", "o1", T0 - HOUR, T0 + HOUR, finalized)
-    await finalize(cp, finalized)
+    await finalize(cp, period.finalized_at)
     (new,) = await reissue_late(
         cp.storage, cp.billing, cp.meters, period, at=cp.now(), actor="webhooks"
     )
@@ -292,22 +292,28 @@ async def test_a_pass_records_each_call_and_sending_at_the_clock_of_the_moment(
     assert row.sent_at is not None and row.sent_at >= began + 300
 
 
+async def straddling(cp: ControlPlane, clock: list[float], fake: FakeBilling) -> ClosedPeriod:
+    """o1's row: its first call reached Stripe but the answer was lost, then the invoice of
+    its period was finalized, then its retry was answered; the period (finalized at)."""
+    await live(cp)
+    await cp.ingest([tick("e1", "o1", T0 + 5)], "http")
+    await cp.rollup()
+    fake.fail_next(Outcome.AMBIGUOUS)  # applied, the answer lost
+    assert (await cp.send()).ambiguous == 1
+    finalized = int(clock[0]) + 60
+    clock[0] += 120
+    assert (await cp.send()).sent == 1  # "already exists", or the first call's answer
+    return ClosedPeriod("in_1", "o1", T0 - HOUR, T0 + HOUR, finalized)
+
+
 async def test_a_row_whose_arrival_straddles_the_finalization_is_alerted_not_guessed(
     cp: ControlPlane, clock: list[float], fake_billing: FakeBilling
 ) -> None:
     """The first call reached Stripe but its answer was lost (before the finalization); the
     retry, after it, was answered "already exists". On the invoice or not cannot be told:
     neither re-issued (it may be billed already) nor left silent."""
-    await live(cp)
-    await cp.ingest([tick("e1", "o1", T0 + 5)], "http")
-    await cp.rollup()
-    fake_billing.fail_next(Outcome.AMBIGUOUS)  # applied, the answer lost
-    assert (await cp.send()).ambiguous == 1
-    finalized = int(clock[0]) + 60
-    clock[0] += 120
-    assert (await cp.send()).sent == 1  # "already exists"
-    period = ClosedPeriod("in_1", "o1", T0 - HOUR, T0 + HOUR, finalized)
-    await finalize(cp, finalized)
+    period = await straddling(cp, clock, fake_billing)
+    await finalize(cp, period.finalized_at)
     new = await reissue_late(cp.storage, cp.billing, cp.meters, period, at=cp.now(), actor="w")
     assert new == []
     (alert,) = await cp.storage.parity_alerts(UNSURE_ALERTS)
@@ -330,18 +336,10 @@ async def test_an_answer_replayed_after_the_finalization_is_not_taken_for_a_late
         return delivery
 
     monkeypatch.setattr(fake_billing, "send", replaying)
-    await live(cp)
-    await cp.ingest([tick("e1", "o1", T0 + 5)], "http")
-    await cp.rollup()
-    fake_billing.fail_next(Outcome.AMBIGUOUS)  # applied, the answer lost
-    assert (await cp.send()).ambiguous == 1
-    finalized = int(clock[0]) + 60
-    clock[0] += 120
-    assert (await cp.send()).sent == 1
+    period = await straddling(cp, clock, fake_billing)
     (row,) = await cp.storage.ledger()
     assert row.provider_id is None and "replayed" in (row.detail or "")
-    period = ClosedPeriod("in_1", "o1", T0 - HOUR, T0 + HOUR, finalized)
-    await finalize(cp, finalized)
+    await finalize(cp, period.finalized_at)
     assert (
         await reissue_late(cp.storage, cp.billing, cp.meters, period, at=cp.now(), actor="w") == []
     )
